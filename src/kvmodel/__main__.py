@@ -1,0 +1,3 @@
+from kvmodel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""_util layer (see DESIGN.md)."""

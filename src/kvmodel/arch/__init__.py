@@ -1,0 +1,1 @@
+"""arch layer (see DESIGN.md)."""

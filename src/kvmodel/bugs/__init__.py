@@ -1,0 +1,1 @@
+"""bugs layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""hw layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""kvm layer (see DESIGN.md)."""
