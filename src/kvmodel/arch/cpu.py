@@ -1,0 +1,349 @@
+"""The bare-metal CPU: working state, memory accesses, and the run loop.
+
+`Cpu` is the private, mutable working copy the arch core steps (the TLC
+`TLCStateMut` idea in STYLE.md): one instruction is a handful of list and
+attribute updates. Each instruction boundary checks for events only when
+something asked for attention (`attn`), so a plain loop costs one attribute
+test per instruction.
+
+Order of work at a boundary follows SDM 6.9 Table 6-2 (see priority.py):
+debug traps of the previous instruction, NMI, maskable interrupt, code
+breakpoint; fetch, decode and execution faults then come from running the
+instruction itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvmodel.arch import deliver
+from kvmodel.arch.apic import Apic
+from kvmodel.arch.decode import Decoded, decode
+from kvmodel.arch.events import Event, EventType, Vec
+from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
+from kvmodel.arch.priority import Source
+from kvmodel.arch.regs import (
+    BREAKPOINT_LEN, CODE_SELECTOR, DATA_SELECTOR, DR6_BS, DR6_RESET, DR7_RESET, IF, RF,
+    RFLAGS_FIXED, RSP, TF, BreakpointRw, Mode, Shadow,
+)  # fmt: skip
+from kvmodel.errors import ModelLimit
+
+PAGE_SHIFT = 12
+
+
+class External(IntEnum):
+    """What arrives on the CPU's pins from outside."""
+
+    NMI = 0
+    INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """An external event arriving after `after` retired instructions or when RIP is `at_rip`."""
+
+    event: External
+    vector: int = Vec.NMI
+    after: int | None = None
+    at_rip: int | None = None
+
+
+class Stop(IntEnum):
+    HALTED = 0  # halted with nothing left that could wake it
+    SHUTDOWN = 1
+    BUDGET = 2  # the step budget ran out
+
+
+_NEVER = 1 << 62
+
+
+class Cpu:
+    """One logical processor at CPL 0 with flat segments."""
+
+    __slots__ = (
+        "mode", "addr_mask", "regs", "rip", "rflags", "cs", "ss", "cr0", "cr2", "cr3", "cr4",
+        "efer", "idtr_base", "idtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
+        "nmi_blocked", "nmi_latched", "shadow", "shadow_prev", "pending_dbg", "db_hits",
+        "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
+        "exec_bps", "data_bps", "icache", "code_pages", "trace", "record_instructions",
+        "sti_blocks_nmi", "attn", "scheduled", "next_after",
+    )  # fmt: skip
+
+    def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
+                 sti_blocks_nmi: bool = True, record_instructions: bool = False):
+        self.mode = mode
+        self.addr_mask = (1 << mode.value) - 1
+        self.regs = [0] * (16 if mode is Mode.LONG64 else 8)
+        self.rip = 0
+        self.rflags = RFLAGS_FIXED
+        self.cs = CODE_SELECTOR
+        self.ss = DATA_SELECTOR
+        self.cr0 = 0x80000011  # PG, ET, PE
+        self.cr2 = 0
+        self.cr3 = 0
+        self.cr4 = 0x20 if mode is Mode.LONG64 else 0  # PAE in long mode
+        self.efer = 0xD00 if mode is Mode.LONG64 else 0  # NXE, LMA, LME
+        self.idtr_base = 0
+        self.idtr_limit = 0xFFFF
+        self.tr_base = 0
+        self.dr = [0, 0, 0, 0]
+        self.dr6 = DR6_RESET
+        self.dr7 = DR7_RESET
+        self.apic = Apic()
+        self.nmi_blocked = False
+        self.nmi_latched = False
+        self.shadow = Shadow.NONE
+        self.shadow_prev = Shadow.NONE
+        self.pending_dbg = 0  # DR6 bits of debug traps waiting for the next boundary
+        self.db_hits = 0  # data breakpoints hit by the current instruction or delivery
+        self.halted = False
+        self.shutdown = False
+        self.retired = 0
+        self.mem = mem
+        self.mem_size = len(mem)
+        self.not_present = not_present
+        self.exec_bps: dict[int, int] = {}
+        self.data_bps: tuple[tuple[int, int, int, bool], ...] = ()
+        self.slow_mem = bool(not_present)
+        self.icache: dict[int, Decoded] = {}
+        self.code_pages: set[int] = set()
+        self.trace: list[Observation] = []
+        self.record_instructions = record_instructions
+        self.sti_blocks_nmi = sti_blocks_nmi
+        self.attn = True
+        self.scheduled: list[Scheduled] = []
+        self.next_after = _NEVER
+
+    # -- registers ---------------------------------------------------------
+
+    @property
+    def sp(self) -> int:
+        return self.regs[RSP]
+
+    # -- memory --------------------------------------------------------------
+
+    def read(self, addr: int, size: int, access: Access = Access.READ) -> int:
+        """Little-endian read of `size` bytes; raises Fault(#PF) on a not-present page."""
+        addr &= self.addr_mask
+        end = addr + size
+        if self.slow_mem or end > self.mem_size:
+            self._check(addr, size, access)
+        return int.from_bytes(self.mem[addr:end], "little")
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        addr &= self.addr_mask
+        end = addr + size
+        if self.slow_mem or end > self.mem_size:
+            self._check(addr, size, Access.WRITE)
+        self.mem[addr:end] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self.code_pages and (addr >> PAGE_SHIFT in self.code_pages
+                                or (end - 1) >> PAGE_SHIFT in self.code_pages):
+            self.icache.clear()  # self-modifying code: decode again
+            self.code_pages.clear()
+
+    def check_write(self, addr: int, size: int) -> None:
+        """Raise the fault a write would raise, without writing or matching breakpoints."""
+        addr &= self.addr_mask
+        for page in range(addr >> PAGE_SHIFT, ((addr + size - 1) >> PAGE_SHIFT) + 1):
+            if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
+                raise self.page_fault(max(addr, page << PAGE_SHIFT), Access.WRITE)
+
+    def fetch_bytes(self, addr: int, size: int) -> bytes:
+        """Up to `size` code bytes at addr, stopping before a not-present page."""
+        out = bytearray()
+        while len(out) < size:
+            page = (addr + len(out)) >> PAGE_SHIFT
+            if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
+                break
+            start = addr + len(out)
+            out += self.mem[start:min(addr + size, (page + 1) << PAGE_SHIFT)]
+        return bytes(out)
+
+    def _check(self, addr: int, size: int, access: Access) -> None:
+        end = addr + size
+        for page in range(addr >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
+            if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
+                raise self.page_fault(max(addr, page << PAGE_SHIFT), access)
+        for lo, hi, bit, write_only in self.data_bps:
+            if addr < hi and lo < end and (access is Access.WRITE or not write_only):
+                self.db_hits |= bit
+
+    def page_fault(self, addr: int, access: Access) -> Fault:
+        """#PF for a not-present page (SDM 4.7): P=0, W/R, U/S=0 at CPL 0, I/D."""
+        code = 2 if access is Access.WRITE else 0
+        if access is Access.FETCH and self.efer & 0x800:  # I/D needs PAE paging with NXE
+            code |= 0x10
+        return Fault(Vec.PF, code, cr2=addr)
+
+    # -- debug registers -----------------------------------------------------
+
+    def update_breakpoints(self) -> None:
+        """Derive the breakpoint lookups from DR0-DR3 and DR7 (SDM 17.2.4, 17.2.5)."""
+        exec_bps: dict[int, int] = {}
+        data_bps = []
+        for n in range(4):
+            if not (self.dr7 >> (2 * n)) & 3:
+                continue
+            rw = BreakpointRw((self.dr7 >> (16 + 4 * n)) & 3)
+            length = BREAKPOINT_LEN[(self.dr7 >> (18 + 4 * n)) & 3]
+            addr = self.dr[n] & ~(length - 1) & self.addr_mask
+            if rw is BreakpointRw.EXECUTE:  # LEN must be 00b: the address is exact
+                key = self.dr[n] & self.addr_mask
+                exec_bps[key] = exec_bps.get(key, 0) | (1 << n)
+            elif rw is BreakpointRw.IO:
+                raise ModelLimit("I/O breakpoints (DR7 R/W=10b) are not modelled", self.rip)
+            else:
+                data_bps.append((addr, addr + length, 1 << n, rw is BreakpointRw.WRITE))
+        self.exec_bps = exec_bps
+        self.data_bps = tuple(data_bps)
+        self.slow_mem = bool(self.not_present or self.data_bps)
+        self.attn = True
+
+    # -- external events -----------------------------------------------------
+
+    def schedule(self, events: list[Scheduled]) -> None:
+        self.scheduled = list(events)
+        self._update_next_after()
+
+    def _update_next_after(self) -> None:
+        afters = [s.after for s in self.scheduled if s.after is not None]
+        self.next_after = min(afters) if afters else _NEVER
+        self.attn = True
+
+    def raise_nmi(self) -> ArrivalFate:
+        """NMI pin: one NMI is latched while NMIs are blocked, more are lost (SDM 6.7.1)."""
+        self.attn = True
+        if self.nmi_latched:
+            return ArrivalFate.DROPPED
+        self.nmi_latched = True
+        return ArrivalFate.LATCHED if self.nmi_blocked else ArrivalFate.PENDING
+
+    def raise_interrupt(self, vector: int) -> ArrivalFate:
+        self.attn = True
+        if self.apic.irr >> vector & 1:
+            return ArrivalFate.MERGED
+        self.apic.request(vector)
+        return ArrivalFate.PENDING
+
+    def _arrive(self, s: Scheduled) -> None:
+        self.scheduled.remove(s)
+        if s.event is External.NMI:
+            fate = self.raise_nmi()
+        else:
+            fate = self.raise_interrupt(s.vector)
+        name = "nmi" if s.event is External.NMI else "interrupt"
+        self.trace.append(Arrival(name, s.vector, self.retired, self.rip, fate))
+        self._update_next_after()
+
+    def _fire_due(self) -> None:
+        for s in list(self.scheduled):
+            if (s.after is not None and self.retired >= s.after) or s.at_rip == self.rip:
+                self._arrive(s)
+
+    def _fire_while_halted(self) -> bool:
+        """Time passes in HLT: the next event scheduled by count arrives now."""
+        by_count = [s for s in self.scheduled if s.after is not None]
+        if not by_count:
+            return False
+        self._arrive(min(by_count, key=lambda s: s.after))
+        return True
+
+    # -- instruction boundary ------------------------------------------------
+
+    def pending_source(self) -> Source | None:
+        """Highest-priority event due at this boundary (SDM 6.9 Table 6-2), if any."""
+        shadow = self.shadow
+        if self.pending_dbg and shadow is not Shadow.MOV_SS:
+            return Source.DEBUG_TRAP
+        if self.nmi_latched and not self.nmi_blocked and not (
+            shadow is Shadow.MOV_SS or (shadow is Shadow.STI and self.sti_blocks_nmi)
+        ):
+            return Source.NMI
+        if self.rflags & IF and shadow is Shadow.NONE and self.apic.pending_vector() is not None:
+            return Source.INTR
+        if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
+            return Source.CODE_BREAKPOINT
+        return None
+
+    def boundary(self) -> bool:
+        """Deliver what is due before the next instruction; False when nothing can run."""
+        while not self.shutdown:
+            if self.scheduled:
+                self._fire_due()
+            source = self.pending_source()
+            if source is not None:
+                self._take(source)
+                continue
+            if self.halted and not self.shutdown and self._fire_while_halted():
+                continue
+            break
+        self.shadow_prev = self.shadow
+        self.shadow = Shadow.NONE
+        if self.halted or self.shutdown:
+            return False
+        self.attn = bool(
+            self.pending_dbg or self.nmi_latched or self.apic.irr or self.shadow_prev
+            or self.exec_bps or any(s.at_rip is not None for s in self.scheduled)
+        )
+        return True
+
+    def _take(self, source: Source) -> None:
+        if source is Source.DEBUG_TRAP:
+            bits, self.pending_dbg = self.pending_dbg, 0
+            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)
+        elif source is Source.NMI:
+            self.nmi_latched = False
+            event = Event(Vec.NMI, EventType.NMI, self.rip)
+        elif source is Source.INTR:
+            event = Event(self.apic.acknowledge(), EventType.EXT_INT, self.rip)
+        else:
+            bits = self.exec_bps[self.rip]
+            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)
+        deliver.deliver(self, event)
+
+    # -- the run loop --------------------------------------------------------
+
+    def run(self, max_steps: int) -> Stop:
+        """Run until halted for good, shut down, or `max_steps` instructions were tried."""
+        icache = self.icache
+        steps = 0
+        while steps < max_steps:
+            if (self.attn or self.retired >= self.next_after) and not self.boundary():
+                return Stop.SHUTDOWN if self.shutdown else Stop.HALTED
+            steps += 1
+            rip = self.rip
+            flags = self.rflags
+            if flags & RF:
+                self.rflags = flags & ~RF  # RF lasts one instruction (SDM 17.3.1.1)
+            try:
+                insn = icache.get(rip) or decode(self, rip)
+                software_event = insn.execute(self)
+            except Fault as fault:
+                self.fault(fault, rip)
+                continue
+            self.retired += 1
+            if self.record_instructions:
+                self.trace.append(Retire(rip, insn.text, self.retired))
+            if self.db_hits:
+                self.pending_dbg |= self.db_hits  # data breakpoints trap (SDM 17.2.4)
+                self.db_hits = 0
+                self.attn = True
+            if software_event is not None:
+                deliver.deliver(self, software_event)
+            elif flags & TF:
+                self.pending_dbg |= DR6_BS  # single-step trap (SDM 17.3.1.4)
+                self.attn = True
+            if self.halted:
+                self.trace.append(Halt(rip, self.retired))
+                self.attn = True
+        return Stop.SHUTDOWN if self.shutdown else Stop.BUDGET
+
+    def fault(self, fault: Fault, rip: int) -> None:
+        """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
+        self.db_hits = 0  # the faulting instruction's accesses do not count
+        if fault.cr2 is not None:
+            self.cr2 = fault.cr2
+        deliver.deliver(self, Event(fault.vector, EventType.HW_EXCEPTION, rip,
+                                    error_code=fault.error_code, push_rf=True))

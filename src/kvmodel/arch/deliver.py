@@ -1,0 +1,173 @@
+"""Event delivery through the IDT in IA-32e and 32-bit protected mode.
+
+SDM 6.12 (gates), 6.14 (64-bit delivery and frame), 6.15 (exception
+classes and the double-fault rules), 6.7.1 (NMI blocking), 17.3.1 (RF, TF).
+
+A delivery either completes (frame pushed, handler entered) or raises a
+second exception; `deliver` then applies SDM Table 6-5 until one delivery
+completes or the processor shuts down. A fault during delivery returns to
+the instruction that raised a software event, else to the event's return
+address (SDM 26.5.1.1 states the same for injected events).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvmodel.arch.events import (
+    DfOutcome, Event, EventType, Vec, df_class, double_fault_outcome, has_error_code,
+)  # fmt: skip
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.observe import Delivery, Shutdown
+from kvmodel.arch.regs import (
+    CODE_SELECTOR, DR7_GD, IF, NT, RF, RSP, TF, Mode, Shadow,
+)  # fmt: skip
+from kvmodel.errors import ModelLimit
+
+if TYPE_CHECKING:
+    from kvmodel.arch.cpu import Cpu
+
+INTERRUPT_GATE = 0xE  # 32-bit gate in protected mode, 64-bit gate in IA-32e mode
+TRAP_GATE = 0xF
+TASK_GATE = 0x5
+GATES_16BIT = (0x6, 0x7)
+TSS_IST1 = 0x24  # 64-bit TSS: IST slot k at 0x24 + 8*(k-1) (SDM 7.7 Figure 7-11)
+
+
+def deliver(cpu: Cpu, event: Event) -> None:
+    """Deliver `event`, escalating nested faults by SDM 6.15 Table 6-5."""
+    while True:
+        try:
+            _deliver_once(cpu, event)
+            return
+        except Fault as fault:
+            cpu.db_hits = 0  # the aborted delivery's pushes do not count
+            if fault.cr2 is not None:
+                cpu.cr2 = fault.cr2  # CR2 is written when #PF is detected, even if it becomes #DF
+            resume = event.insn_rip if event.insn_rip is not None else event.rip
+            first = df_class(event.vector, event.type)
+            second = df_class(fault.vector, EventType.HW_EXCEPTION)
+            outcome = double_fault_outcome(first, second)
+            if outcome is DfOutcome.SHUTDOWN:
+                _shutdown(cpu, event, fault.vector)
+                return
+            if outcome is DfOutcome.DOUBLE_FAULT:
+                event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0)
+            else:
+                event = Event(fault.vector, EventType.HW_EXCEPTION, resume,
+                              error_code=fault.error_code, push_rf=True)
+
+
+def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
+    """Triple fault (SDM 6.15 Interrupt 8): shutdown is final in this model."""
+    cpu.shutdown = True
+    cpu.halted = False
+    cpu.attn = True
+    cpu.trace.append(Shutdown(event.rip, cpu.retired, event.vector, second))
+
+
+def _deliver_once(cpu: Cpu, event: Event) -> None:
+    if event.type is EventType.NMI:
+        cpu.nmi_blocked = True  # blocking starts with delivery, even if it faults (SDM 27.1)
+    ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
+    idt_error = event.vector * 8 + 2 + ext
+    if cpu.mode is Mode.LONG64:
+        handler, gate_type, ist, selector = _read_gate64(cpu, event.vector, idt_error)
+    else:
+        handler, gate_type, selector = _read_gate32(cpu, event.vector, idt_error)
+        ist = 0
+    if selector & 0xFFFC == 0:
+        raise Fault(Vec.GP, ext)
+    if selector & 0xFFFC != CODE_SELECTOR:
+        raise Fault(Vec.GP, (selector & 0xFFFC) | ext)
+
+    pushed_flags = cpu.rflags | RF if event.push_rf else cpu.rflags
+    error_code = event.error_code if has_error_code(event.vector, event.type) else None
+    if cpu.mode is Mode.LONG64:
+        rsp, frame = _push_frame64(cpu, event, ist, pushed_flags, error_code)
+    else:
+        rsp, frame = _push_frame32(cpu, event, pushed_flags, error_code)
+
+    # Success: only now does the processor state change (SDM 6.12.1.2).
+    cpu.regs[RSP] = rsp
+    cpu.rip = handler
+    cpu.cs = selector
+    cleared = TF | NT | RF | (IF if gate_type == INTERRUPT_GATE else 0)
+    cpu.rflags &= ~cleared
+    cpu.shadow = Shadow.NONE
+    cpu.halted = False
+    if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION:
+        cpu.dr6 |= event.dr6  # DR6 is sticky: handlers clear it (SDM 17.2.3)
+        cpu.dr7 &= ~DR7_GD
+    if cpu.db_hits:  # a data breakpoint hit by the frame pushes traps before the handler runs
+        cpu.pending_dbg |= cpu.db_hits
+        cpu.db_hits = 0
+    cpu.attn = True
+    cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
+                              handler, rsp, frame))
+
+
+def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int, int]:
+    """16-byte IA-32e gate (SDM 6.14.1 Figure 6-7): offset, type, IST, selector."""
+    if vector * 16 + 15 > cpu.idtr_limit:
+        raise Fault(Vec.GP, idt_error)
+    addr = cpu.idtr_base + vector * 16
+    low = cpu.read(addr, 8)
+    high = cpu.read(addr + 8, 8)
+    gate_type = (low >> 40) & 0xF
+    if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
+        raise Fault(Vec.GP, idt_error)
+    if not (low >> 47) & 1:
+        raise Fault(Vec.NP, idt_error)
+    offset = (low & 0xFFFF) | ((low >> 32) & 0xFFFF0000) | ((high & 0xFFFFFFFF) << 32)
+    return offset, gate_type, (low >> 32) & 7, (low >> 16) & 0xFFFF
+
+
+def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int]:
+    """8-byte protected-mode gate (SDM 6.11 Figure 6-2): offset, type, selector."""
+    if vector * 8 + 7 > cpu.idtr_limit:
+        raise Fault(Vec.GP, idt_error)
+    gate = cpu.read(cpu.idtr_base + vector * 8, 8)
+    gate_type = (gate >> 40) & 0xF
+    if gate_type == TASK_GATE:
+        raise ModelLimit(f"task gate for vector {vector} (task switches are not modelled)",
+                         cpu.rip)
+    if gate_type in GATES_16BIT:
+        raise ModelLimit(f"16-bit gate for vector {vector} is not modelled", cpu.rip)
+    if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
+        raise Fault(Vec.GP, idt_error)
+    if not (gate >> 47) & 1:
+        raise Fault(Vec.NP, idt_error)
+    offset = (gate & 0xFFFF) | ((gate >> 32) & 0xFFFF0000)
+    return offset, gate_type, (gate >> 16) & 0xFFFF
+
+
+def _push_frame64(cpu: Cpu, event: Event, ist: int, rflags: int,
+                  error_code: int | None) -> tuple[int, tuple[int, ...]]:
+    """Align to 16 and push SS, RSP, RFLAGS, CS, RIP[, error code] (SDM 6.14.2, 6.14.5)."""
+    old_rsp = cpu.regs[RSP]
+    top = cpu.read(cpu.tr_base + TSS_IST1 + 8 * (ist - 1), 8) if ist else old_rsp
+    top &= ~0xF
+    words = [cpu.ss, old_rsp, rflags, cpu.cs, event.rip]
+    if error_code is not None:
+        words.append(error_code)
+    return _push(cpu, top, words, 8)
+
+
+def _push_frame32(cpu: Cpu, event: Event, eflags: int,
+                  error_code: int | None) -> tuple[int, tuple[int, ...]]:
+    """Same-privilege frame: EFLAGS, CS, EIP[, error code] (SDM 6.12.1 Figure 6-4)."""
+    words = [eflags, cpu.cs, event.rip]
+    if error_code is not None:
+        words.append(error_code)
+    return _push(cpu, cpu.regs[RSP], words, 4)
+
+
+def _push(cpu: Cpu, top: int, words: list[int], size: int) -> tuple[int, tuple[int, ...]]:
+    """Write the frame below `top`; every slot is checked before any is written."""
+    rsp = (top - size * len(words)) & cpu.addr_mask
+    for i in range(len(words)):
+        cpu.check_write(top - size * (i + 1), size)
+    for i, word in enumerate(words):
+        cpu.write(top - size * (i + 1), size, word)
+    return rsp, tuple(reversed(words))

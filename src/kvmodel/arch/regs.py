@@ -1,0 +1,88 @@
+"""Register names, RFLAGS and DR7 bits, CPU mode: the vocabulary of arch/."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Mode(IntEnum):
+    """The two flat modes kvmodel runs guests in; the value is the address width."""
+
+    PROTECTED32 = 32  # 32-bit protected mode, flat segments, paging for not-present pages
+    LONG64 = 64  # IA-32e 64-bit mode, flat, identity-mapped
+
+
+GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
+GPR32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+RSP = 4
+RCX = 1
+RAX = 0
+RDX = 2
+RBX = 3
+
+# RFLAGS bits (SDM Vol.1 3.4.3). Plain ints: they are used on the hot path.
+CF = 1 << 0
+PF = 1 << 2
+AF = 1 << 4
+ZF = 1 << 6
+SF = 1 << 7
+TF = 1 << 8
+IF = 1 << 9
+DF = 1 << 10
+OF = 1 << 11
+IOPL = 3 << 12
+NT = 1 << 14
+RF = 1 << 16
+VM = 1 << 17
+AC = 1 << 18
+VIF = 1 << 19
+VIP = 1 << 20
+ID = 1 << 21
+RFLAGS_FIXED = 1 << 1  # bit 1 always reads as 1
+ARITH_FLAGS = CF | PF | AF | ZF | SF | OF
+
+FLAG_NAMES = (("CF", CF), ("PF", PF), ("AF", AF), ("ZF", ZF), ("SF", SF), ("TF", TF),
+              ("IF", IF), ("DF", DF), ("OF", OF), ("NT", NT), ("RF", RF), ("AC", AC))  # fmt: skip
+
+
+def describe_rflags(value: int) -> str:
+    """"0x10202 [IF RF]": the value with its set flags named."""
+    names = " ".join(name for name, bit in FLAG_NAMES if value & bit)
+    return f"{value:#x} [{names}]" if names else f"{value:#x}"
+
+
+# DR6 condition bits (SDM 17.2.3).
+DR6_B0 = 1 << 0
+DR6_BD = 1 << 13
+DR6_BS = 1 << 14
+DR6_RESET = 0xFFFF0FF0  # reserved bits read as 1 (SDM 17.2.3)
+DR7_RESET = 0x400
+DR7_GD = 1 << 13
+
+
+class BreakpointRw(IntEnum):
+    """DR7 R/Wn field (SDM 17.2.4)."""
+
+    EXECUTE = 0
+    WRITE = 1
+    IO = 2
+    READ_WRITE = 3
+
+
+# DR7 LENn field to byte length (SDM 17.2.5): 10b is 8 bytes in IA-32e mode.
+BREAKPOINT_LEN = (1, 2, 8, 4)
+
+
+class Shadow(IntEnum):
+    """Interrupt shadow left by the previous instruction (SDM 6.8.3, STI)."""
+
+    NONE = 0
+    STI = 1
+    MOV_SS = 2
+
+
+# Flat segments kvmodel provides (DEVIATION: the GDT is part of the model,
+# not of guest memory; these are the only valid selectors).
+CODE_SELECTOR = 0x08
+DATA_SELECTOR = 0x10

@@ -1,0 +1,106 @@
+"""Guest memory layout: where code, IDT, TSS and stacks live, and the CPU at reset.
+
+    0x00000  page 0 (ordinary memory)
+    0x01000  IDT (256 gates: 16 bytes each in long mode, 8 in protected mode)
+    0x03000  64-bit TSS (IST slots)
+    0x10000  guest text, then data and bss
+    0x30000  top of the initial stack (grows down)
+    0x31000+ top of IST stack k at 0x30000 + k * 0x1000, k = 1..7
+
+Memory is flat and identity-mapped; a page the scenario marks not present
+raises #PF on any access.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvmodel.arch.cpu import Cpu
+from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
+from kvmodel.arch.regs import CODE_SELECTOR, RSP, Mode
+
+IDT_BASE = 0x1000
+TSS_BASE = 0x3000
+CODE_BASE = 0x10000
+STACK_TOP = 0x30000
+IST_STACK_BASE = 0x30000
+DEFAULT_MEMORY = 0x40000
+PAGE = 0x1000
+
+
+class GateKind(IntEnum):
+    """The two gate types kvmodel writes (SDM 6.14.1); any 4-bit type may be forced."""
+
+    INTERRUPT = INTERRUPT_GATE
+    TRAP = TRAP_GATE
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """One IDT entry as the scenario asks for it."""
+
+    handler: int
+    kind: int = GateKind.INTERRUPT
+    ist: int = 0
+    present: bool = True
+    selector: int = CODE_SELECTOR
+    dpl: int = 0
+
+
+def encode_gate(gate: Gate, mode: Mode) -> bytes:
+    """Gate descriptor bytes (SDM 6.11 Figure 6-2, 6.14.1 Figure 6-7)."""
+    attrs = (gate.kind & 0xF) | (gate.dpl << 5) | (0x80 if gate.present else 0)
+    low = (gate.handler & 0xFFFF) | (gate.selector << 16) | ((gate.ist & 7) << 32)
+    low |= attrs << 40 | ((gate.handler >> 16) & 0xFFFF) << 48
+    if mode is Mode.PROTECTED32:
+        return low.to_bytes(8, "little")
+    return low.to_bytes(8, "little") + ((gate.handler >> 32) & 0xFFFFFFFF).to_bytes(8, "little")
+
+
+def gate_size(mode: Mode) -> int:
+    return 16 if mode is Mode.LONG64 else 8
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """Everything the CPU starts with, resolved to numbers."""
+
+    mode: Mode
+    image: bytes
+    base: int
+    entry: int
+    gates: tuple[tuple[int, Gate], ...]
+    ist: tuple[tuple[int, int], ...] = ()  # (k, top of stack) overrides
+    registers: tuple[tuple[int, int], ...] = ()  # (index into regs, value)
+    rflags: int = 0x2
+    idt_limit: int | None = None
+    memory_size: int = DEFAULT_MEMORY
+    not_present: frozenset[int] = frozenset()  # page numbers
+    sti_blocks_nmi: bool = True
+
+
+def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
+    """A CPU at the guest's entry point with memory, IDT and TSS set up."""
+    mode = machine.mode
+    mem = bytearray(machine.memory_size)
+    mem[machine.base:machine.base + len(machine.image)] = machine.image
+    for vector, gate in machine.gates:
+        at = IDT_BASE + vector * gate_size(mode)
+        mem[at:at + gate_size(mode)] = encode_gate(gate, mode)
+    if mode is Mode.LONG64:
+        tops = {k: IST_STACK_BASE + k * PAGE for k in range(1, 8)} | dict(machine.ist)
+        for k, top in tops.items():
+            mem[TSS_BASE + 0x24 + 8 * (k - 1):TSS_BASE + 0x2C + 8 * (k - 1)] = top.to_bytes(8, "little")
+    cpu = Cpu(mode, mem, not_present=machine.not_present,
+              sti_blocks_nmi=machine.sti_blocks_nmi, record_instructions=record_instructions)
+    cpu.idtr_base = IDT_BASE
+    cpu.idtr_limit = machine.idt_limit if machine.idt_limit is not None else (
+        256 * gate_size(mode) - 1)
+    cpu.tr_base = TSS_BASE
+    cpu.rip = machine.entry
+    cpu.regs[RSP] = STACK_TOP
+    for index, value in machine.registers:
+        cpu.regs[index] = value
+    cpu.rflags = machine.rflags | 0x2
+    return cpu
