@@ -1,0 +1,80 @@
+"""The readable trace: one line per happening, labels instead of raw addresses."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+
+from kvmodel.arch.events import vector_name
+from kvmodel.arch.observe import (
+    Arrival, Delivery, Halt, Iret, Observation, Output, Retire, Shutdown,
+)  # fmt: skip
+from kvmodel.arch.regs import Mode, describe_rflags
+from kvmodel.guest.asm import Program
+from kvmodel.scenario.runner import RunResult
+
+
+def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
+    """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4)."""
+    words = list(d.frame)
+    parts = []
+    if d.error_code is not None:
+        parts.append(f"error={words.pop(0):#x}")
+    if mode is Mode.LONG64:
+        rip, cs, rflags, rsp, ss = words
+        parts += [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
+                  f"rsp={rsp:#x}", f"ss={ss:#x}"]
+    else:
+        eip, cs, eflags = words
+        parts += [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+    return " ".join(parts)
+
+
+def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, str]:
+    """(retired count, where, what) for one trace entry."""
+    if isinstance(obs, Delivery):
+        ec = f", error code {obs.error_code:#x}" if obs.error_code is not None else ""
+        what = (f"[bold]{vector_name(obs.vector)}[/] delivered ({obs.type.name.lower()}{ec}) "
+                f"-> {escape(program.where(obs.handler))}  "
+                f"[dim]frame @{obs.rsp:#x}: {escape(frame_text(obs, program, mode))}[/]")
+        return obs.retired, program.where(obs.return_rip), what
+    if isinstance(obs, Arrival):
+        name = "NMI" if obs.event != "interrupt" else f"interrupt {obs.vector:#x}"
+        source = " (self-IPI)" if obs.event == "self_nmi" else ""
+        return obs.retired, program.where(obs.rip), f"{name} arrives{source}: {obs.fate.name.lower()}"
+    if isinstance(obs, Iret):
+        unblock = " (NMI unblocked)" if obs.nmi_unblocked else ""
+        return obs.retired, program.where(obs.rip), f"IRET -> {program.where(obs.to_rip)}{unblock}"
+    if isinstance(obs, Halt):
+        return obs.retired, program.where(obs.rip), "HLT: halted"
+    if isinstance(obs, Shutdown):
+        return (obs.retired, program.where(obs.rip),
+                f"[bold red]triple fault[/]: {vector_name(obs.second)} while delivering "
+                f"{vector_name(obs.first)}: shutdown")
+    if isinstance(obs, Output):
+        return obs.retired, "", f"port {obs.port:#x} <- {obs.value:#04x} {chr(obs.value)!r}"
+    assert isinstance(obs, Retire)
+    return obs.retired, program.where(obs.rip), f"[dim]{escape(obs.text)}[/]"
+
+
+def print_result(console: Console, result: RunResult) -> None:
+    s = result.scenario
+    cite = f"  [dim]({escape(s.cite)})[/]" if s.cite else ""
+    console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{cite}")
+    program = result.program
+    for obs in result.trace:
+        retired, where, what = line_for(obs, program, s.mode)
+        console.print(f"  {retired:>7}  {escape(where):<22} {what}", highlight=False)
+    if result.limit is not None:
+        console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
+        return
+    final = result.final
+    regs = " ".join(f"{n}={v:#x}" for n, v in final.registers if v)
+    console.print(f"  [dim]stop: {final.stop} after {final.retired} retired; rip="
+                  f"{escape(program.where(final.rip))} rflags={describe_rflags(final.rflags)} "
+                  f"{regs}[/]", highlight=False)
+    if result.passed:
+        console.print("  [bold green]PASS[/] every expectation holds")
+    for m in result.mismatches:
+        console.print(f"  [bold red]FAIL[/] {escape(s.path)}:{m.line}: {escape(m.message)}",
+                      highlight=False)

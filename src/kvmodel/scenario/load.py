@@ -1,0 +1,341 @@
+"""Read and validate a scenario file; every error names file:line and what is allowed.
+
+Nothing in a scenario file is executed on the host: the guest code goes to
+GNU as and then only to the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from kvmodel.arch.cpu import External
+from kvmodel.arch.events import EventType, parse_vector
+from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.errors import ScenarioError
+from kvmodel.guest.layout import DEFAULT_MEMORY, GateKind
+from kvmodel.scenario.locate import Locator
+from kvmodel.scenario.schema import (
+    Expected, ExpectedDelivery, Expr, GateSpec, Happening, Scenario,
+)  # fmt: skip
+
+MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
+EVENT_TYPES = {t.name.lower(): t for t in EventType}
+EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT}
+FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
+NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
+STOPS = ("halted", "shutdown", "budget")
+DEFAULT_MAX_STEPS = 100_000
+
+TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "registers", "idt", "tss", "memory",
+            "happen", "expect")
+_EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
+
+
+class _Ctx:
+    """Where in the file we are, to turn a problem into a ScenarioError."""
+
+    def __init__(self, path: str, text: str):
+        self.path = path
+        self.loc = Locator(text)
+
+    def error(self, message: str, table: str | None = None, key: str | None = None,
+              index: int | None = None, hint: str | None = None) -> ScenarioError:
+        line = self.line(table, key, index)
+        return ScenarioError(self.path, line, message, hint)
+
+    def line(self, table: str | None, key: str | None = None, index: int | None = None) -> int:
+        if key is not None:
+            found = self.loc.key(table, key, index)
+        else:
+            found = self.loc.table(table, index) if table else None
+        return found or 1
+
+    def keys(self, data: dict, allowed: tuple[str, ...], table: str | None,
+             index: int | None = None) -> None:
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "allowed: " + ", ".join(allowed)
+                where = f"[{table}]" if table else "the top level"
+                raise self.error(f'unknown key "{key}" in {where}', table, key, index, hint)
+
+
+def load(path: str | Path) -> Scenario:
+    """Parse and validate one scenario file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ScenarioError(str(path), None, f"cannot read scenario: {e.strerror}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, path: str = "<scenario>") -> Scenario:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        message = re.sub(r"\s*\(at line.*\)", "", str(e))
+        raise ScenarioError(path, int(m.group(1)) if m else None,
+                            f"not valid TOML: {message}") from None
+    ctx = _Ctx(path, text)
+    ctx.keys(data, TOP_KEYS, None)
+    guest = _table(ctx, data, "guest", required=True)
+    ctx.keys(guest, ("mode", "entry", "code"), "guest")
+    mode = _choice(ctx, guest, "mode", MODES, "guest", default="long64")
+    code = guest.get("code")
+    if not isinstance(code, str) or not code.strip():
+        raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
+    cpu = _table(ctx, data, "cpu")
+    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit"), "cpu")
+    memory = _table(ctx, data, "memory")
+    ctx.keys(memory, ("not_present",), "memory")
+    return Scenario(
+        path=path,
+        text=text,
+        title=_str(ctx, data, "title", None, default=Path(path).stem),
+        cite=_str(ctx, data, "cite", None, default=""),
+        mode=mode,
+        code=code,
+        code_line=_code_line(ctx, text),
+        entry=_expr(ctx, guest.get("entry", "start"), "guest", "entry"),
+        gates=_gates(ctx, _table(ctx, data, "idt")),
+        ist=_ist(ctx, _table(ctx, data, "tss"), mode),
+        registers=_registers(ctx, _table(ctx, data, "registers"), mode),
+        rflags=_int(ctx, cpu, "rflags", "cpu", default=0x2),
+        idt_limit=_int(ctx, cpu, "idt_limit", "cpu", default=None),
+        memory_size=_int(ctx, cpu, "memory_kib", "cpu", default=DEFAULT_MEMORY // 1024) * 1024,
+        not_present=_not_present(ctx, memory),
+        sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
+        max_steps=_int(ctx, data, "max_steps", None, default=DEFAULT_MAX_STEPS),
+        happenings=_happenings(ctx, data.get("happen", [])),
+        deliveries=_deliveries(ctx, data.get("expect", {})),
+        final=_final(ctx, data.get("expect", {}), mode),
+        memory=_memory_expect(ctx, data.get("expect", {})),
+    )
+
+
+def _code_line(ctx: _Ctx, text: str) -> int:
+    """Line holding `code = '''`: guest line k is file line code_line + k - 1 ... or + k."""
+    line = ctx.loc.key("guest", "code") or 1
+    opening = ctx.loc.lines[line - 1]
+    # A newline right after the opening quotes is trimmed by TOML: line 1 starts below.
+    after = opening.split("=", 1)[1].strip()
+    return line if after in ("'''", '"""') else line - 1
+
+
+# -- value helpers ---------------------------------------------------------------
+
+def _table(ctx: _Ctx, data: dict, name: str, required: bool = False) -> dict:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ctx.error(f"missing [{name}] table", None, None)
+        return {}
+    if not isinstance(value, dict):
+        raise ctx.error(f"{name} must be a table", None, name)
+    return value
+
+
+def _int(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: Any,
+         index: int | None = None, low: int = 0, high: int = (1 << 64) - 1) -> Any:
+    value = data.get(key, default)
+    if value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ctx.error(f"{key} must be an integer in [{low:#x}, {high:#x}], got {value!r}",
+                        table, key, index)
+    return value
+
+
+def _bool(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: bool,
+          index: int | None = None) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ctx.error(f"{key} must be true or false, got {value!r}", table, key, index)
+    return value
+
+
+def _str(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise ctx.error(f"{key} must be a string", table, key)
+    return value
+
+
+def _choice(ctx: _Ctx, data: dict, key: str, choices: dict, table: str | None, *,
+            default: str | None = None, index: int | None = None) -> Any:
+    value = data.get(key, default)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f'did you mean "{close[0]}"?' if close else None
+        allowed = ", ".join(f'"{c}"' for c in choices)
+        raise ctx.error(f"{key} = {value!r} is not one of {allowed}", table, key, index, hint)
+    return choices[value]
+
+
+def _expr(ctx: _Ctx, value: Any, table: str | None, key: str, index: int | None = None) -> Expr:
+    """An address: a number, a label, or label+offset / label-offset."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and _EXPR.match(value):
+        return value.replace(" ", "")
+    raise ctx.error(f"{key} must be an address: a number, a label or label+offset, got {value!r}",
+                    table, key, index)
+
+
+def _vector(ctx: _Ctx, value: Any, table: str | None, key: str, index: int | None = None) -> int:
+    if isinstance(value, str):
+        parsed = parse_vector(value)
+        if parsed is None:
+            try:
+                parsed = int(value, 0)
+            except ValueError:
+                parsed = None
+        value = parsed if parsed is not None else value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise ctx.error(f"{key} must be a vector 0-255 or a name like \"NMI\", \"#PF\", "
+                        f"got {value!r}", table, key, index)
+    return value
+
+
+# -- sections ---------------------------------------------------------------------
+
+def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
+    gates = []
+    kinds = {"interrupt": GateKind.INTERRUPT, "trap": GateKind.TRAP}
+    for key, spec in idt.items():
+        vector = _vector(ctx, key, "idt", key)
+        line = ctx.line("idt", key)
+        if not isinstance(spec, dict):
+            spec = {"handler": spec}
+        ctx.keys(spec, ("handler", "gate", "ist", "present", "selector"), "idt")
+        gate = spec.get("gate", "interrupt")
+        if isinstance(gate, int) and not isinstance(gate, bool) and 0 <= gate <= 15:
+            kind = gate
+        else:
+            kind = _choice(ctx, spec, "gate", kinds, "idt", default="interrupt")
+        gates.append(GateSpec(
+            vector=vector,
+            handler=_expr(ctx, spec.get("handler"), "idt", key),
+            kind=kind,
+            ist=_int(ctx, spec, "ist", "idt", default=0, high=7),
+            present=_bool(ctx, spec, "present", "idt", default=True),
+            selector=_int(ctx, spec, "selector", "idt", default=0x08, high=0xFFFF),
+            line=line,
+        ))
+    return tuple(sorted(gates, key=lambda g: g.vector))
+
+
+def _ist(ctx: _Ctx, tss: dict, mode: Mode) -> tuple[tuple[int, Expr, int], ...]:
+    if tss and mode is not Mode.LONG64:
+        raise ctx.error("[tss] IST slots exist only in long64 mode", "tss")
+    allowed = tuple(f"ist{k}" for k in range(1, 8))
+    ctx.keys(tss, allowed, "tss")
+    return tuple((int(k[3:]), _expr(ctx, v, "tss", k), ctx.line("tss", k))
+                 for k, v in sorted(tss.items()))
+
+
+def _registers(ctx: _Ctx, regs: dict, mode: Mode) -> tuple[tuple[str, Expr, int], ...]:
+    names = GPR64 if mode is Mode.LONG64 else GPR32
+    ctx.keys(regs, names, "registers")
+    return tuple((k, _expr(ctx, v, "registers", k), ctx.line("registers", k))
+                 for k, v in regs.items())
+
+
+def _not_present(ctx: _Ctx, memory: dict) -> tuple[tuple[Expr, int], ...]:
+    pages = memory.get("not_present", [])
+    if not isinstance(pages, list):
+        raise ctx.error("not_present must be a list of labels or addresses", "memory",
+                        "not_present")
+    line = ctx.line("memory", "not_present")
+    return tuple((_expr(ctx, p, "memory", "not_present"), line) for p in pages)
+
+
+def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
+    if not isinstance(items, list):
+        raise ctx.error("happen must be an array of tables: [[happen]]", None, "happen")
+    out = []
+    for n, h in enumerate(items):
+        ctx.keys(h, ("event", "vector", "after", "at"), "happen", n)
+        event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
+        if event is External.INTERRUPT:
+            if "vector" not in h:
+                raise ctx.error("an interrupt needs vector = 16..255", "happen", None, n)
+            vector = _vector(ctx, h["vector"], "happen", "vector", n)
+            if vector < 16:
+                raise ctx.error(f"interrupt vector {vector} is illegal for the local APIC",
+                                "happen", "vector", n, "use 16..255 (SDM 10.5.2)")
+        else:
+            vector = 2
+        if ("after" in h) == ("at" in h):
+            raise ctx.error("give exactly one trigger: after = N (retired instructions) "
+                            "or at = \"label\"", "happen", None, n)
+        out.append(Happening(
+            event=event,
+            vector=vector,
+            after=_int(ctx, h, "after", "happen", default=None, index=n),
+            at=_expr(ctx, h["at"], "happen", "at", n) if "at" in h else None,
+            line=ctx.line("happen", None, n),
+        ))
+    return tuple(out)
+
+
+def _expect(ctx: _Ctx, expect: Any) -> dict:
+    if not isinstance(expect, dict):
+        raise ctx.error("expect must be a table", None, "expect")
+    ctx.keys(expect, ("delivery", "final", "memory"), "expect")
+    return expect
+
+
+def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
+    expect = _expect(ctx, expect)
+    if "delivery" not in expect:
+        return None
+    out = []
+    for n, d in enumerate(expect["delivery"]):
+        t = "expect.delivery"
+        ctx.keys(d, ("vector", "type", "error_code", "return", "retired"), t, n)
+        if "vector" not in d:
+            raise ctx.error("each [[expect.delivery]] needs a vector", t, None, n)
+        out.append(ExpectedDelivery(
+            vector=_vector(ctx, d["vector"], t, "vector", n),
+            type=_choice(ctx, d, "type", EVENT_TYPES, t, index=n) if "type" in d else None,
+            error_code=_int(ctx, d, "error_code", t, default=None, index=n),
+            return_rip=_expr(ctx, d["return"], t, "return", n) if "return" in d else None,
+            retired=_int(ctx, d, "retired", t, default=None, index=n),
+            line=ctx.line(t, None, n),
+        ))
+    return tuple(out)
+
+
+def _final(ctx: _Ctx, expect: Any, mode: Mode) -> tuple[tuple[str, Expected], ...]:
+    final = _expect(ctx, expect).get("final", {})
+    regs = GPR64 if mode is Mode.LONG64 else GPR32
+    allowed = regs + NUMBERS_FINAL + FLAGS_FINAL + ("stop",)
+    ctx.keys(final, allowed, "expect.final")
+    out = []
+    for key, value in final.items():
+        line = ctx.line("expect.final", key)
+        if key in FLAGS_FINAL:
+            value = _bool(ctx, final, key, "expect.final", default=False)
+        elif key == "stop":
+            _choice(ctx, final, key, {s: s for s in STOPS}, "expect.final")
+        else:
+            value = _expr(ctx, value, "expect.final", key)
+        out.append((key, Expected(value, line)))
+    return tuple(out)
+
+
+def _memory_expect(ctx: _Ctx, expect: Any) -> tuple[tuple[Expr, Expected], ...]:
+    memory = _expect(ctx, expect).get("memory", {})
+    out = []
+    for key, value in memory.items():
+        where = _expr(ctx, key, "expect.memory", key)
+        value = _int(ctx, memory, key, "expect.memory", default=None)
+        out.append((where, Expected(value, ctx.line("expect.memory", key))))
+    return tuple(out)

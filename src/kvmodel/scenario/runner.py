@@ -1,0 +1,234 @@
+"""Run one scenario on the bare-metal model and judge it against its expectations."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kvmodel.arch.cpu import Cpu, Scheduled, Stop
+from kvmodel.arch.events import EventType, vector_name
+from kvmodel.arch.observe import Delivery, Observation
+from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.errors import ModelLimit, ScenarioError
+from kvmodel.guest.asm import Bits, Program, assemble
+from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
+from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, Scenario
+
+_EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """Architectural state when the run stopped."""
+
+    registers: tuple[tuple[str, int], ...]
+    rip: int
+    rflags: int
+    cr2: int
+    dr6: int
+    dr7: int
+    retired: int
+    halted: bool
+    shutdown: bool
+    nmi_blocked: bool
+    stop: str
+
+    def value(self, key: str) -> int | bool | str:
+        return dict(self.registers).get(key, getattr(self, key, None))
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One expectation that does not hold, with the line that stated it."""
+
+    line: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    scenario: Scenario
+    program: Program
+    trace: tuple[Observation, ...]
+    final: Final | None
+    mismatches: tuple[Mismatch, ...]
+    limit: str | None  # the model stopped: the guest left what it covers
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches and self.limit is None
+
+    @property
+    def deliveries(self) -> tuple[Delivery, ...]:
+        return tuple(o for o in self.trace if isinstance(o, Delivery))
+
+
+class Resolver:
+    """Turns the scenario's address expressions into numbers with the assembled labels."""
+
+    def __init__(self, scenario: Scenario, program: Program):
+        self.scenario = scenario
+        self.program = program
+        self.labels = dict(program.symbols)
+
+    def __call__(self, expr: Expr, line: int) -> int:
+        if isinstance(expr, int):
+            return expr
+        m = _EXPR.match(expr)
+        if m is None or m.group(1) not in self.labels:
+            name = m.group(1) if m else expr
+            close = [s for s in self.labels if s.lower() == name.lower()]
+            hint = f'did you mean "{close[0]}"?' if close else "labels: " + ", ".join(
+                sorted(self.labels)[:12])
+            raise ScenarioError(self.scenario.path, line, f'unknown label "{name}"', hint)
+        offset = int(m.group(3), 0) if m.group(3) else 0
+        return self.labels[m.group(1)] + (-offset if m.group(2) == "-" else offset)
+
+
+def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[Cpu, Program]:
+    """Assemble the guest and build the CPU at its entry point, events scheduled."""
+    program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE,
+                       filename=scenario.path, line_offset=scenario.code_line)
+    resolve = Resolver(scenario, program)
+    names = GPR64 if scenario.mode is Mode.LONG64 else GPR32
+    machine = Machine(
+        mode=scenario.mode,
+        image=program.image,
+        base=program.base,
+        entry=resolve(scenario.entry, scenario.code_line),
+        gates=tuple((g.vector, Gate(resolve(g.handler, g.line), g.kind, g.ist, g.present,
+                                    g.selector)) for g in scenario.gates),
+        ist=tuple((k, resolve(top, line)) for k, top, line in scenario.ist),
+        registers=tuple((names.index(n), resolve(v, line)) for n, v, line in scenario.registers),
+        rflags=scenario.rflags,
+        idt_limit=scenario.idt_limit,
+        memory_size=scenario.memory_size,
+        not_present=frozenset(resolve(p, line) // PAGE for p, line in scenario.not_present),
+        sti_blocks_nmi=scenario.sti_blocks_nmi,
+    )
+    if CODE_BASE + len(program.image) > scenario.memory_size:
+        raise ScenarioError(scenario.path, scenario.code_line,
+                            "the guest does not fit in memory", "raise [cpu] memory_kib")
+    cpu = build_cpu(machine, record_instructions=record_instructions)
+    cpu.schedule([Scheduled(h.event, h.vector, h.after,
+                            resolve(h.at, h.line) if h.at is not None else None)
+                  for h in scenario.happenings])
+    return cpu, program
+
+
+def run(scenario: Scenario, *, record_instructions: bool = False,
+        max_steps: int | None = None) -> RunResult:
+    cpu, program = prepare(scenario, record_instructions=record_instructions)
+    limit = None
+    try:
+        stop = cpu.run(max_steps or scenario.max_steps)
+    except ModelLimit as e:
+        limit = str(e)
+        stop = None
+    final = _final(cpu, stop, scenario.mode) if stop is not None else None
+    mismatches = judge(scenario, program, cpu, final) if final is not None else ()
+    return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit)
+
+
+def _final(cpu: Cpu, stop: Stop, mode: Mode) -> Final:
+    names = GPR64 if mode is Mode.LONG64 else GPR32
+    return Final(
+        registers=tuple(zip(names, cpu.regs, strict=True)),
+        rip=cpu.rip, rflags=cpu.rflags, cr2=cpu.cr2, dr6=cpu.dr6, dr7=cpu.dr7,
+        retired=cpu.retired, halted=cpu.halted, shutdown=cpu.shutdown,
+        nmi_blocked=cpu.nmi_blocked, stop=stop.name.lower(),
+    )
+
+
+# -- judging ------------------------------------------------------------------------
+
+def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[Mismatch]:
+    resolve = Resolver(scenario, program)
+    out: list[Mismatch] = []
+    deliveries = [o for o in cpu.trace if isinstance(o, Delivery)]
+    if scenario.deliveries is not None:
+        out += _judge_deliveries(scenario.deliveries, deliveries, program, resolve)
+    for key, expected in scenario.final:
+        out += _judge_final(key, expected, final, resolve)
+    size = 8 if scenario.mode is Mode.LONG64 else 4
+    for where, expected in scenario.memory:
+        addr = resolve(where, expected.line)
+        got = int.from_bytes(cpu.mem[addr:addr + size], "little")
+        if got != expected.value:
+            out.append(Mismatch(expected.line, f"memory at {program.where(addr)}: expected "
+                                f"{expected.value:#x}, got {got:#x}"))
+    return out
+
+
+def describe(d: Delivery, program: Program) -> str:
+    """"#PF (hw_exception, error code 0x2) returning to main+0x3 after 4 retired"."""
+    parts = [d.type.name.lower()]
+    if d.error_code is not None:
+        parts.append(f"error code {d.error_code:#x}")
+    return (f"{vector_name(d.vector)} ({', '.join(parts)}) returning to "
+            f"{program.where(d.return_rip)} after {d.retired} retired")
+
+
+def _describe_expected(e: ExpectedDelivery, resolve: Resolver) -> str:
+    parts = [vector_name(e.vector)]
+    if e.type is not None:
+        parts.append(f"type {e.type.name.lower()}")
+    if e.error_code is not None:
+        parts.append(f"error code {e.error_code:#x}")
+    if e.return_rip is not None:
+        parts.append(f"returning to {e.return_rip}")
+    if e.retired is not None:
+        parts.append(f"after {e.retired} retired")
+    return " ".join(parts)
+
+
+def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery],
+                      program: Program, resolve: Resolver) -> list[Mismatch]:
+    out = []
+    for n in range(max(len(expected), len(got))):
+        e = expected[n] if n < len(expected) else None
+        d = got[n] if n < len(got) else None
+        if e is None:
+            line = expected[-1].line if expected else 1
+            out.append(Mismatch(line, f"delivery {n + 1}: unexpected {describe(d, program)}"))
+            continue
+        if d is None:
+            out.append(Mismatch(e.line, f"delivery {n + 1}: expected "
+                                f"{_describe_expected(e, resolve)}, but there was none"))
+            continue
+        wrong = _delivery_differences(e, d, program, resolve)
+        if wrong:
+            out.append(Mismatch(e.line, f"delivery {n + 1}: {'; '.join(wrong)} "
+                                f"(got {describe(d, program)})"))
+    return out
+
+
+def _delivery_differences(e: ExpectedDelivery, d: Delivery, program: Program,
+                          resolve: Resolver) -> list[str]:
+    wrong = []
+    if e.vector != d.vector:
+        wrong.append(f"expected vector {vector_name(e.vector)}, got {vector_name(d.vector)}")
+    if e.type is not None and e.type is not EventType(d.type):
+        wrong.append(f"expected type {e.type.name.lower()}, got {d.type.name.lower()}")
+    if e.error_code is not None and e.error_code != d.error_code:
+        got = "none" if d.error_code is None else f"{d.error_code:#x}"
+        wrong.append(f"expected error code {e.error_code:#x}, got {got}")
+    if e.return_rip is not None and resolve(e.return_rip, e.line) != d.return_rip:
+        wrong.append(f"expected return to {e.return_rip}, got {program.where(d.return_rip)}")
+    if e.retired is not None and e.retired != d.retired:
+        wrong.append(f"expected after {e.retired} retired, got {d.retired}")
+    return wrong
+
+
+def _judge_final(key: str, expected: Expected, final: Final, resolve: Resolver) -> list[Mismatch]:
+    got = final.value(key)
+    want = expected.value
+    if isinstance(want, bool) or key == "stop":
+        ok = got == want
+    else:
+        want = resolve(want, expected.line)
+        ok = got == want
+    if ok:
+        return []
+    show = (lambda v: f"{v:#x}") if isinstance(got, int) and not isinstance(got, bool) else repr
+    return [Mismatch(expected.line, f"final {key}: expected {show(want)}, got {show(got)}")]

@@ -1,0 +1,81 @@
+"""The scenario data model: what a scenario file says, before labels are resolved.
+
+Addresses are kept as `Expr` ("label", "label+0x4", or a number) and
+resolved once the guest is assembled; `line` fields point into the file so
+every later error can name file:line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.arch.cpu import External
+from kvmodel.arch.events import EventType
+from kvmodel.arch.regs import Mode
+
+Expr = str | int
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class GateSpec:
+    vector: int
+    handler: Expr
+    kind: int  # gate type nibble: 0xE interrupt, 0xF trap, or a deliberately bad one
+    ist: int
+    present: bool
+    selector: int
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Happening:
+    """An NMI or interrupt arriving after `after` retired instructions or when RIP reaches `at`."""
+
+    event: External
+    vector: int
+    after: int | None
+    at: Expr | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedDelivery:
+    vector: int
+    type: EventType | None
+    error_code: int | None
+    return_rip: Expr | None
+    retired: int | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    value: Expr | bool | str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    path: str
+    text: str  # the file as read, for digests and replay
+    title: str
+    cite: str
+    mode: Mode
+    code: str
+    code_line: int  # line of the file just before the first line of `code`
+    entry: Expr
+    gates: tuple[GateSpec, ...]
+    ist: tuple[tuple[int, Expr, int], ...]  # (k, top, line)
+    registers: tuple[tuple[str, Expr, int], ...]
+    rflags: int
+    idt_limit: int | None
+    memory_size: int
+    not_present: tuple[tuple[Expr, int], ...]
+    sti_blocks_nmi: bool
+    max_steps: int
+    happenings: tuple[Happening, ...]
+    deliveries: tuple[ExpectedDelivery, ...] | None  # None: not checked
+    final: tuple[tuple[str, Expected], ...]
+    memory: tuple[tuple[Expr, Expected], ...]
