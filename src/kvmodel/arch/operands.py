@@ -18,11 +18,11 @@ Read = Callable[[object], int]
 Write = Callable[[object, int], None]
 
 _HIGH8 = {Register.AH: 0, Register.CH: 1, Register.DH: 2, Register.BH: 3}
-IMMEDIATE_KINDS = frozenset({
-    OpKind.IMMEDIATE8, OpKind.IMMEDIATE16, OpKind.IMMEDIATE32, OpKind.IMMEDIATE64,
-    OpKind.IMMEDIATE8TO16, OpKind.IMMEDIATE8TO32, OpKind.IMMEDIATE8TO64,
-    OpKind.IMMEDIATE32TO64,
-})  # fmt: skip
+IMMEDIATE_SIZE = {  # bytes after sign extension
+    OpKind.IMMEDIATE8: 1, OpKind.IMMEDIATE16: 2, OpKind.IMMEDIATE32: 4, OpKind.IMMEDIATE64: 8,
+    OpKind.IMMEDIATE8TO16: 2, OpKind.IMMEDIATE8TO32: 4, OpKind.IMMEDIATE8TO64: 8,
+    OpKind.IMMEDIATE32TO64: 8,
+}  # fmt: skip
 BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
 
 
@@ -41,7 +41,9 @@ def size_of(i: iced.Instruction, n: int) -> int:
         return RegisterExt.size(i.op_register(n))
     if kind == OpKind.MEMORY:
         return iced.MemorySizeExt.size(i.memory_size)
-    return size_of(i, 0)  # an immediate takes the destination's size
+    if kind in IMMEDIATE_SIZE:
+        return IMMEDIATE_SIZE[kind]
+    raise ModelLimit(f"operand kind {kind} has no size")
 
 
 def reg_reader(reg: int) -> Read:
@@ -103,7 +105,7 @@ def reader(i: iced.Instruction, n: int, mode: Mode) -> Read:
         if not RegisterExt.is_gpr(reg):
             raise ModelLimit(f"operand register {reg} is not modelled here")
         return reg_reader(reg)
-    if kind in IMMEDIATE_KINDS:
+    if kind in IMMEDIATE_SIZE:
         value = i.immediate(n) & ((1 << (8 * size_of(i, n))) - 1)
         return lambda c: value
     if kind == OpKind.MEMORY:
