@@ -323,6 +323,14 @@ class Cpu:
             except Fault as fault:
                 self.fault(fault, rip)
                 continue
+            if software_event is not None:
+                # INT n, INT3, INTO, INT1 retire only if their delivery completes;
+                # TF was cleared by it, so no single-step trap follows (SDM 17.3.1.4).
+                before = self.retired
+                deliver.deliver(self, software_event)
+                if self.record_instructions and self.retired != before:
+                    self.trace.append(Retire(rip, insn.text, self.retired))
+                continue
             self.retired += 1
             if self.record_instructions:
                 self.trace.append(Retire(rip, insn.text, self.retired))
@@ -330,9 +338,7 @@ class Cpu:
                 self.pending_dbg |= self.db_hits  # data breakpoints trap (SDM 17.2.4)
                 self.db_hits = 0
                 self.attn = True
-            if software_event is not None:
-                deliver.deliver(self, software_event)
-            elif flags & TF:
+            if flags & TF:
                 self.pending_dbg |= DR6_BS  # single-step trap (SDM 17.3.1.4)
                 self.attn = True
             if self.halted:

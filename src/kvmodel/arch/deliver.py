@@ -96,6 +96,8 @@ def _deliver_once(cpu: Cpu, event: Event) -> None:
     cpu.rflags &= ~cleared
     cpu.shadow = Shadow.NONE
     cpu.halted = False
+    if event.insn_rip is not None:
+        cpu.retired += 1  # the software-event instruction completes with its delivery
     if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION:
         cpu.dr6 |= event.dr6  # DR6 is sticky: handlers clear it (SDM 17.2.3)
         cpu.dr7 &= ~DR7_GD
