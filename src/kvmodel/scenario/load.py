@@ -269,7 +269,7 @@ def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
             vector = _vector(ctx, h["vector"], "happen", "vector", n)
             if vector < 16:
                 raise ctx.error(f"interrupt vector {vector} is illegal for the local APIC",
-                                "happen", "vector", n, "use 16..255 (SDM 10.5.2)")
+                                "happen", "vector", n, "use 16..255, SDM 10.5.2")
         else:
             vector = 2
         if ("after" in h) == ("at" in h):
