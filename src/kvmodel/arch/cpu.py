@@ -25,12 +25,25 @@ from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
-    BREAKPOINT_LEN, CODE_SELECTOR, DATA_SELECTOR, DR6_BS, DR6_RESET, DR7_RESET, IF, RF,
-    RFLAGS_FIXED, RSP, TF, BreakpointRw, Mode, Shadow,
+    BREAKPOINT_LEN,
+    CODE_SELECTOR,
+    DATA_SELECTOR,
+    DR6_BS,
+    DR6_RESET,
+    DR7_RESET,
+    IF,
+    RF,
+    RFLAGS_FIXED,
+    RSP,
+    TF,
+    BreakpointRw,
+    Mode,
+    Shadow,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 
 PAGE_SHIFT = 12
+LINE_SHIFT = 6  # 64-byte cache lines: the grain of self-modifying-code checks
 
 
 class External(IntEnum):
@@ -67,7 +80,7 @@ class Cpu:
         "efer", "idtr_base", "idtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
         "nmi_blocked", "nmi_latched", "shadow", "shadow_prev", "pending_dbg", "db_hits",
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
-        "exec_bps", "data_bps", "icache", "code_pages", "trace", "record_instructions",
+        "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
     )  # fmt: skip
 
@@ -108,7 +121,7 @@ class Cpu:
         self.data_bps: tuple[tuple[int, int, int, bool], ...] = ()
         self.slow_mem = bool(not_present)
         self.icache: dict[int, Decoded] = {}
-        self.code_pages: set[int] = set()
+        self.code_lines: dict[int, set[int]] = {}
         self.trace: list[Observation] = []
         self.record_instructions = record_instructions
         self.sti_blocks_nmi = sti_blocks_nmi
@@ -138,10 +151,20 @@ class Cpu:
         if self.slow_mem or end > self.mem_size:
             self._check(addr, size, Access.WRITE)
         self.mem[addr:end] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        if self.code_pages and (addr >> PAGE_SHIFT in self.code_pages
-                                or (end - 1) >> PAGE_SHIFT in self.code_pages):
-            self.icache.clear()  # self-modifying code: decode again
-            self.code_pages.clear()
+        code_lines = self.code_lines
+        if addr >> LINE_SHIFT in code_lines or (end - 1) >> LINE_SHIFT in code_lines:
+            self._forget_code(addr, end)
+
+    def _forget_code(self, addr: int, end: int) -> None:
+        """Self-modifying code: drop decoded instructions in the written cache lines."""
+        for line in range(addr >> LINE_SHIFT, ((end - 1) >> LINE_SHIFT) + 1):
+            for rip in self.code_lines.pop(line, ()):
+                self.icache.pop(rip, None)
+
+    def remember_code(self, rip: int, length: int) -> None:
+        """Note which cache lines a decoded instruction came from."""
+        for line in range(rip >> LINE_SHIFT, ((rip + length - 1) >> LINE_SHIFT) + 1):
+            self.code_lines.setdefault(line, set()).add(rip)
 
     def check_write(self, addr: int, size: int) -> None:
         """Raise the fault a write would raise, without writing or matching breakpoints."""
@@ -230,10 +253,9 @@ class Cpu:
     def _arrive(self, s: Scheduled) -> None:
         self.scheduled.remove(s)
         if s.event is External.NMI:
-            fate = self.raise_nmi()
+            fate, name = self.raise_nmi(), "nmi"
         else:
-            fate = self.raise_interrupt(s.vector)
-        name = "nmi" if s.event is External.NMI else "interrupt"
+            fate, name = self.raise_interrupt(s.vector), "interrupt"
         self.trace.append(Arrival(name, s.vector, self.retired, self.rip, fate))
         self._update_next_after()
 

@@ -52,5 +52,5 @@ def decode(cpu: Cpu, rip: int) -> Decoded:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
     decoded = Decoded(execute, text, insn.len)
     cpu.icache[rip] = decoded
-    cpu.code_pages.update({rip >> 12, (rip + insn.len - 1) >> 12})
+    cpu.remember_code(rip, insn.len)
     return decoded

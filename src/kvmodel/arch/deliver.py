@@ -15,12 +15,26 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmodel.arch.events import (
-    DfOutcome, Event, EventType, Vec, df_class, double_fault_outcome, has_error_code,
+    DfOutcome,
+    Event,
+    EventType,
+    Vec,
+    df_class,
+    double_fault_outcome,
+    has_error_code,
 )  # fmt: skip
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
 from kvmodel.arch.regs import (
-    CODE_SELECTOR, DR7_GD, IF, NT, RF, RSP, TF, Mode, Shadow,
+    CODE_SELECTOR,
+    DR7_GD,
+    IF,
+    NT,
+    RF,
+    RSP,
+    TF,
+    Mode,
+    Shadow,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 

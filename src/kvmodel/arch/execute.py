@@ -18,11 +18,43 @@ from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Arrival, Iret, Output
 from kvmodel.arch.operands import (
-    BRANCH_KINDS, address, reader, reg_reader, reg_writer, size_of, writer,
+    BRANCH_KINDS,
+    address,
+    reader,
+    reg_reader,
+    reg_writer,
+    size_of,
+    writer,
 )  # fmt: skip
 from kvmodel.arch.regs import (
-    AC, AF, ARITH_FLAGS, CF, CODE_SELECTOR, DATA_SELECTOR, DF, ID, IF, IOPL, NT, OF, PF, RAX,
-    RBX, RCX, RDX, RF, RFLAGS_FIXED, RSP, SF, TF, VIF, VIP, VM, ZF, Mode, Shadow,
+    AC,
+    AF,
+    ARITH_FLAGS,
+    CF,
+    CODE_SELECTOR,
+    DATA_SELECTOR,
+    DF,
+    ID,
+    IF,
+    IOPL,
+    NT,
+    OF,
+    PF,
+    RAX,
+    RBX,
+    RCX,
+    RDX,
+    RF,
+    RFLAGS_FIXED,
+    RSP,
+    SF,
+    TF,
+    VIF,
+    VIP,
+    VM,
+    ZF,
+    Mode,
+    Shadow,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 

@@ -7,7 +7,14 @@ from rich.markup import escape
 
 from kvmodel.arch.events import vector_name
 from kvmodel.arch.observe import (
-    Arrival, Delivery, Halt, Iret, Observation, Output, Retire, Shutdown,
+    Arrival,
+    Delivery,
+    Halt,
+    Iret,
+    Observation,
+    Output,
+    Retire,
+    Shutdown,
 )  # fmt: skip
 from kvmodel.arch.regs import Mode, describe_rflags
 from kvmodel.guest.asm import Program

@@ -19,7 +19,12 @@ from kvmodel.errors import ScenarioError
 from kvmodel.guest.layout import DEFAULT_MEMORY, GateKind
 from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
-    Expected, ExpectedDelivery, Expr, GateSpec, Happening, Scenario,
+    Expected,
+    ExpectedDelivery,
+    Expr,
+    GateSpec,
+    Happening,
+    Scenario,
 )  # fmt: skip
 
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}

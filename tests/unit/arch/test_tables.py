@@ -3,8 +3,16 @@
 import pytest
 
 from kvmodel.arch.events import (
-    DOUBLE_FAULT_RULES, VECTORS, DfClass, DfOutcome, EventType, df_class,
-    double_fault_outcome, has_error_code, parse_vector, vector_name,
+    DOUBLE_FAULT_RULES,
+    VECTORS,
+    DfClass,
+    DfOutcome,
+    EventType,
+    df_class,
+    double_fault_outcome,
+    has_error_code,
+    parse_vector,
+    vector_name,
 )  # fmt: skip
 from kvmodel.arch.priority import MODELLED, PRIORITY, Source
 
@@ -74,5 +82,5 @@ def test_priority_table_is_the_manuals():
     """SDM 6.9 Table 6-2: ten classes, ranks 1..10, the modelled ones in check order."""
     assert [c.rank for c in PRIORITY] == list(range(1, 11))
     assert [c.source for c in PRIORITY if c.rank <= 3] == [None, None, None]
-    assert MODELLED == tuple(Source)
+    assert tuple(Source) == MODELLED
     assert [int(s) for s in MODELLED] == [4, 5, 6, 7, 8, 9, 10]
