@@ -78,7 +78,7 @@ class Cpu:
     __slots__ = (
         "mode", "addr_mask", "regs", "rip", "rflags", "cs", "ss", "cr0", "cr2", "cr3", "cr4",
         "efer", "idtr_base", "idtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
-        "nmi_blocked", "nmi_latched", "shadow", "shadow_prev", "pending_dbg", "db_hits",
+        "nmi_blocked", "nmi_pending", "shadow", "shadow_prev", "pending_dbg", "db_hits",
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
@@ -106,7 +106,7 @@ class Cpu:
         self.dr7 = DR7_RESET
         self.apic = Apic()
         self.nmi_blocked = False
-        self.nmi_latched = False
+        self.nmi_pending = 0  # NMIs waiting: 1 latched, or 2 when one is taken at once
         self.shadow = Shadow.NONE
         self.shadow_prev = Shadow.NONE
         self.pending_dbg = 0  # DR6 bits of debug traps waiting for the next boundary
@@ -235,13 +235,27 @@ class Cpu:
         self.next_after = min(afters) if afters else _NEVER
         self.attn = True
 
+    def nmi_can_be_taken(self) -> bool:
+        """NMIs are unblocked and no shadow holds them (SDM 6.7.1, 6.8.3)."""
+        shadow = self.shadow
+        return not self.nmi_blocked and not (
+            shadow is Shadow.MOV_SS or (shadow is Shadow.STI and self.sti_blocks_nmi))
+
     def raise_nmi(self) -> ArrivalFate:
-        """NMI pin: one NMI is latched while NMIs are blocked, more are lost (SDM 6.7.1)."""
+        """NMI pin: while one NMI is held, another is lost (SDM 6.7.1).
+
+        An NMI that can be taken at this boundary starts its delivery, so a
+        second one arriving with it is held rather than lost: "first NMI
+        delivered, second pended" (KVM's process_nmi() allows 2 for this).
+        """
         self.attn = True
-        if self.nmi_latched:
+        limit = 2 if self.nmi_can_be_taken() else 1
+        if self.nmi_pending >= limit:
             return ArrivalFate.DROPPED
-        self.nmi_latched = True
-        return ArrivalFate.LATCHED if self.nmi_blocked else ArrivalFate.PENDING
+        self.nmi_pending += 1
+        if self.nmi_pending == 1 and limit == 2:
+            return ArrivalFate.PENDING
+        return ArrivalFate.LATCHED
 
     def raise_interrupt(self, vector: int) -> ArrivalFate:
         self.attn = True
@@ -279,9 +293,7 @@ class Cpu:
         shadow = self.shadow
         if self.pending_dbg and shadow is not Shadow.MOV_SS:
             return Source.DEBUG_TRAP
-        if self.nmi_latched and not self.nmi_blocked and not (
-            shadow is Shadow.MOV_SS or (shadow is Shadow.STI and self.sti_blocks_nmi)
-        ):
+        if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
         if self.rflags & IF and shadow is Shadow.NONE and self.apic.pending_vector() is not None:
             return Source.INTR
@@ -306,7 +318,7 @@ class Cpu:
         if self.halted or self.shutdown:
             return False
         self.attn = bool(
-            self.pending_dbg or self.nmi_latched or self.apic.irr or self.shadow_prev
+            self.pending_dbg or self.nmi_pending or self.apic.irr or self.shadow_prev
             or self.exec_bps or any(s.at_rip is not None for s in self.scheduled)
         )
         return True
@@ -316,7 +328,7 @@ class Cpu:
             bits, self.pending_dbg = self.pending_dbg, 0
             event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)
         elif source is Source.NMI:
-            self.nmi_latched = False
+            self.nmi_pending -= 1
             event = Event(Vec.NMI, EventType.NMI, self.rip)
         elif source is Source.INTR:
             event = Event(self.apic.acknowledge(), EventType.EXT_INT, self.rip)

@@ -27,6 +27,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
 from kvmodel.arch.regs import (
     CODE_SELECTOR,
+    DR6_B0_B3,
     DR7_GD,
     IF,
     NT,
@@ -113,7 +114,8 @@ def _deliver_once(cpu: Cpu, event: Event) -> None:
     if event.insn_rip is not None:
         cpu.retired += 1  # the software-event instruction completes with its delivery
     if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION:
-        cpu.dr6 |= event.dr6  # DR6 is sticky: handlers clear it (SDM 17.2.3)
+        # B0-B3 are rewritten by each #DB, the other bits are sticky (SDM 17.2.3).
+        cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
         cpu.dr7 &= ~DR7_GD
     if cpu.db_hits:  # a data breakpoint hit by the frame pushes traps before the handler runs
         cpu.pending_dbg |= cpu.db_hits
@@ -130,7 +132,7 @@ def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int, 
     addr = cpu.idtr_base + vector * 16
     low = cpu.read(addr, 8)
     high = cpu.read(addr + 8, 8)
-    gate_type = (low >> 40) & 0xF
+    gate_type = (low >> 40) & 0x1F  # bit 4 (S) must be 0 for a gate
     if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
         raise Fault(Vec.GP, idt_error)
     if not (low >> 47) & 1:
@@ -144,7 +146,7 @@ def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int]:
     if vector * 8 + 7 > cpu.idtr_limit:
         raise Fault(Vec.GP, idt_error)
     gate = cpu.read(cpu.idtr_base + vector * 8, 8)
-    gate_type = (gate >> 40) & 0xF
+    gate_type = (gate >> 40) & 0x1F  # bit 4 (S) must be 0 for a gate
     if gate_type == TASK_GATE:
         raise ModelLimit(f"task gate for vector {vector} (task switches are not modelled)",
                          cpu.rip)

@@ -538,9 +538,12 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
             raise ModelLimit("IRET to CPL > 0 is not modelled", rip_here)
         if cs & 0xFFFC != CODE_SELECTOR:
             raise Fault(Vec.GP, cs & 0xFFFC)
-        if c.mode is Mode.PROTECTED32 and (flags & (VM | NT) or c.rflags & NT):
-            raise ModelLimit("IRET to virtual-8086 mode or a task return is not modelled",
-                             rip_here)
+        if c.rflags & NT:
+            if c.mode is Mode.LONG64:
+                raise Fault(Vec.GP, 0)  # no task return in IA-32e mode (SDM Vol.2 IRET)
+            raise ModelLimit("IRET with NT=1 (task return) is not modelled", rip_here)
+        if c.mode is Mode.PROTECTED32 and flags & VM:
+            raise ModelLimit("IRET to virtual-8086 mode is not modelled", rip_here)
         if pops_stack:
             ss = words[4] & 0xFFFF
             _check_data_selector(c, ss)

@@ -53,7 +53,7 @@ def describe_rflags(value: int) -> str:
 
 
 # DR6 condition bits (SDM 17.2.3).
-DR6_B0 = 1 << 0
+DR6_B0_B3 = 0xF
 DR6_BD = 1 << 13
 DR6_BS = 1 << 14
 DR6_RESET = 0xFFFF0FF0  # reserved bits read as 1 (SDM 17.2.3)
