@@ -13,6 +13,7 @@ from rich.console import Console
 
 from kvmodel import __version__
 from kvmodel.errors import KvmodelError
+from kvmodel.guest.asm import find_binutils
 from kvmodel.report.json import document
 from kvmodel.report.text import print_result
 from kvmodel.scenario.load import load
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
+    find_binutils()  # say how to install GNU as before reading anything
     results, errors = [], []
     worst = Exit.OK
     for path in args.scenarios:
