@@ -34,7 +34,6 @@ from kvmodel.arch.regs import (
     IF,
     RF,
     RFLAGS_FIXED,
-    RSP,
     TF,
     BreakpointRw,
     Mode,
@@ -128,12 +127,6 @@ class Cpu:
         self.attn = True
         self.scheduled: list[Scheduled] = []
         self.next_after = _NEVER
-
-    # -- registers ---------------------------------------------------------
-
-    @property
-    def sp(self) -> int:
-        return self.regs[RSP]
 
     # -- memory --------------------------------------------------------------
 

@@ -15,8 +15,6 @@ from kvmodel.arch.regs import Mode
 
 Expr = str | int
 
-SCHEMA_VERSION = 1
-
 
 @dataclass(frozen=True, slots=True)
 class GateSpec:
