@@ -22,6 +22,7 @@ from kvmodel.arch.apic import Apic
 from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.host import Host, HostExit
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
@@ -81,6 +82,7 @@ class Cpu:
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
+        "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -127,6 +129,13 @@ class Cpu:
         self.attn = True
         self.scheduled: list[Scheduled] = []
         self.next_after = _NEVER
+        # Virtualization (see host.py); bare metal leaves these alone.
+        self.host: Host | None = None
+        self.host_attn = False  # the host watches every boundary (an open window)
+        self.host_unmapped: set[int] = set()  # guest-physical pages the host has not mapped
+        self.apic_delivers = True  # False when the host injects every interrupt itself
+        self.vectoring: Event | None = None  # the event whose delivery is under way
+        self.iret_unblocked_nmi = False  # the current IRET unblocked NMIs (SDM 27.2.3 bit 12)
 
     # -- memory --------------------------------------------------------------
 
@@ -165,6 +174,8 @@ class Cpu:
         for page in range(addr >> PAGE_SHIFT, ((addr + size - 1) >> PAGE_SHIFT) + 1):
             if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
                 raise self.page_fault(max(addr, page << PAGE_SHIFT), Access.WRITE)
+            if page in self.host_unmapped:
+                self.host.unmapped(self, max(addr, page << PAGE_SHIFT), Access.WRITE)
 
     def fetch_bytes(self, addr: int, size: int) -> bytes:
         """Up to `size` code bytes at addr, stopping before a not-present page."""
@@ -173,6 +184,8 @@ class Cpu:
             page = (addr + len(out)) >> PAGE_SHIFT
             if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
                 break
+            if page in self.host_unmapped:
+                self.host.unmapped(self, max(addr, page << PAGE_SHIFT), Access.FETCH)
             start = addr + len(out)
             out += self.mem[start:min(addr + size, (page + 1) << PAGE_SHIFT)]
         return bytes(out)
@@ -182,6 +195,8 @@ class Cpu:
         for page in range(addr >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
             if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
                 raise self.page_fault(max(addr, page << PAGE_SHIFT), access)
+            if page in self.host_unmapped:
+                self.host.unmapped(self, max(addr, page << PAGE_SHIFT), access)
         for lo, hi, bit, write_only in self.data_bps:
             if addr < hi and lo < end and (access is Access.WRITE or not write_only):
                 self.db_hits |= bit
@@ -214,8 +229,16 @@ class Cpu:
                 data_bps.append((addr, addr + length, 1 << n, rw is BreakpointRw.WRITE))
         self.exec_bps = exec_bps
         self.data_bps = tuple(data_bps)
-        self.slow_mem = bool(self.not_present or self.data_bps)
+        self._update_slow_mem()
         self.attn = True
+
+    def _update_slow_mem(self) -> None:
+        self.slow_mem = bool(self.not_present or self.data_bps or self.host_unmapped)
+
+    def set_host_unmapped(self, pages: set[int]) -> None:
+        """The host's second-level tables (EPT/NPT) lack these guest-physical pages."""
+        self.host_unmapped = pages
+        self._update_slow_mem()
 
     # -- external events -----------------------------------------------------
 
@@ -257,9 +280,18 @@ class Cpu:
         self.apic.request(vector)
         return ArrivalFate.PENDING
 
+    def nmi_from_apic(self) -> ArrivalFate:
+        """The local APIC sent this CPU an NMI (ICR delivery mode NMI)."""
+        if self.host is not None:
+            return self.host.nmi_from_apic(self)
+        return self.raise_nmi()
+
     def _arrive(self, s: Scheduled) -> None:
         self.scheduled.remove(s)
-        if s.event is External.NMI:
+        if self.host is not None:
+            fate = self.host.external(self, s.event, s.vector)
+            name = "nmi" if s.event is External.NMI else "interrupt"
+        elif s.event is External.NMI:
             fate, name = self.raise_nmi(), "nmi"
         else:
             fate, name = self.raise_interrupt(s.vector), "interrupt"
@@ -288,7 +320,8 @@ class Cpu:
             return Source.DEBUG_TRAP
         if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
-        if self.rflags & IF and shadow is Shadow.NONE and self.apic.pending_vector() is not None:
+        if (self.rflags & IF and shadow is Shadow.NONE and self.apic_delivers
+                and self.apic.pending_vector() is not None):
             return Source.INTR
         if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
             return Source.CODE_BREAKPOINT
@@ -300,6 +333,8 @@ class Cpu:
             if self.scheduled:
                 self._fire_due()
             source = self.pending_source()
+            if source is not Source.DEBUG_TRAP and self.host is not None:
+                self.host.boundary(self)  # window exits rank below debug traps (SDM 25.2)
             if source is not None:
                 self._take(source)
                 continue
@@ -312,7 +347,7 @@ class Cpu:
             return False
         self.attn = bool(
             self.pending_dbg or self.nmi_pending or self.apic.irr or self.shadow_prev
-            or self.exec_bps or any(s.at_rip is not None for s in self.scheduled)
+            or self.exec_bps or self.host_attn or any(s.at_rip is not None for s in self.scheduled)
         )
         return True
 
@@ -350,6 +385,10 @@ class Cpu:
             except Fault as fault:
                 self.fault(fault, rip)
                 continue
+            except HostExit:
+                self.rflags = flags  # the instruction did not happen
+                self.db_hits = 0
+                raise
             if software_event is not None:
                 # INT n, INT3, INTO, INT1 retire only if their delivery completes;
                 # TF was cleared by it, so no single-step trap follows (SDM 17.3.1.4).
@@ -376,7 +415,11 @@ class Cpu:
     def fault(self, fault: Fault, rip: int) -> None:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
+        self.iret_unblocked_nmi = False
+        event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
+                      push_rf=True)
+        if self.host is not None:
+            self.host.event(self, event)  # an intercepted #PF leaves CR2 alone (SDM 27.1)
         if fault.cr2 is not None:
             self.cr2 = fault.cr2
-        deliver.deliver(self, Event(fault.vector, EventType.HW_EXCEPTION, rip,
-                                    error_code=fault.error_code, push_rf=True))
+        deliver.deliver(self, event, screened=True)

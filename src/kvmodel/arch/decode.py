@@ -13,6 +13,7 @@ import iced_x86 as iced
 from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run
 from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.host import Exiting
 from kvmodel.errors import ModelLimit
 
 if TYPE_CHECKING:
@@ -23,14 +24,49 @@ _FORMATTER = iced.Formatter(iced.FormatterSyntax.GAS)
 
 
 class Decoded:
-    """A decoded instruction: `execute(cpu)` and its AT&T text for traces."""
+    """A decoded instruction: `execute(cpu)` and its AT&T text for traces.
 
-    __slots__ = ("execute", "text", "length")
+    `semantics` is what the instruction does; `execute` is the same, behind
+    the host's intercept check when a host may intercept it (`exiting`).
+    """
 
-    def __init__(self, execute: Run, text: str, length: int):
-        self.execute = execute
+    __slots__ = ("execute", "semantics", "text", "length", "exiting")
+
+    def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting):
+        self.semantics = semantics
+        self.execute = semantics
         self.text = text
         self.length = length
+        self.exiting = exiting
+
+
+_EXITING = {
+    iced.Mnemonic.HLT: Exiting.HLT,
+    iced.Mnemonic.CPUID: Exiting.CPUID,
+    iced.Mnemonic.IN: Exiting.IO,
+    iced.Mnemonic.OUT: Exiting.IO,
+    iced.Mnemonic.RDMSR: Exiting.RDMSR,
+    iced.Mnemonic.WRMSR: Exiting.WRMSR,
+    iced.Mnemonic.IRETD: Exiting.IRET,
+    iced.Mnemonic.IRETQ: Exiting.IRET,
+    iced.Mnemonic.INT: Exiting.INT_N,
+}
+
+
+def _exiting(insn: iced.Instruction) -> Exiting:
+    if insn.mnemonic == iced.Mnemonic.MOV and insn.op0_register == iced.Register.CR8:
+        return Exiting.CR8_WRITE
+    return _EXITING.get(insn.mnemonic, Exiting.NONE)
+
+
+def _behind_intercept(decoded: Decoded) -> Run:
+    semantics = decoded.semantics
+
+    def execute(c):
+        c.host.instruction(c, decoded)
+        return semantics(c)
+
+    return execute
 
 
 def decode(cpu: Cpu, rip: int) -> Decoded:
@@ -50,7 +86,9 @@ def decode(cpu: Cpu, rip: int) -> Decoded:
         execute = builder(insn, cpu.mode)
     except ModelLimit as limit:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
-    decoded = Decoded(execute, text, insn.len)
+    decoded = Decoded(execute, text, insn.len, _exiting(insn))
+    if cpu.host is not None and decoded.exiting:
+        decoded.execute = _behind_intercept(decoded)
     cpu.icache[rip] = decoded
     cpu.remember_code(rip, insn.len)
     return decoded

@@ -49,39 +49,57 @@ GATES_16BIT = (0x6, 0x7)
 TSS_IST1 = 0x24  # 64-bit TSS: IST slot k at 0x24 + 8*(k-1) (SDM 7.7 Figure 7-11)
 
 
-def deliver(cpu: Cpu, event: Event) -> None:
-    """Deliver `event`, escalating nested faults by SDM 6.15 Table 6-5."""
+def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = False) -> None:
+    """Deliver `event`, escalating nested faults by SDM 6.15 Table 6-5.
+
+    `screened`: the host already saw the event. `injected`: VM entry injects
+    it; it is never intercepted itself (SDM 26.5.1.2) and leaves DR6/DR7
+    alone (SDM 26.5.1.1). Nested faults are always shown to the host, with
+    `cpu.vectoring` naming the event whose delivery they interrupted.
+    """
+    host = cpu.host
+    if host is not None and not (screened or injected):
+        host.event(cpu, event)
     while True:
+        cpu.vectoring = event
         try:
-            _deliver_once(cpu, event)
+            _deliver_once(cpu, event, injected)
+            cpu.vectoring = None
             return
         except Fault as fault:
             cpu.db_hits = 0  # the aborted delivery's pushes do not count
+            resume = event.insn_rip if event.insn_rip is not None else event.rip
+            nested = Event(fault.vector, EventType.HW_EXCEPTION, resume,
+                           error_code=fault.error_code, push_rf=True)
+            if host is not None:
+                host.event(cpu, nested)  # may exit with `event` as the vectoring event
             if fault.cr2 is not None:
                 cpu.cr2 = fault.cr2  # CR2 is written when #PF is detected, even if it becomes #DF
-            resume = event.insn_rip if event.insn_rip is not None else event.rip
-            first = df_class(event.vector, event.type)
-            second = df_class(fault.vector, EventType.HW_EXCEPTION)
-            outcome = double_fault_outcome(first, second)
+            outcome = double_fault_outcome(df_class(event.vector, event.type),
+                                           df_class(fault.vector, EventType.HW_EXCEPTION))
             if outcome is DfOutcome.SHUTDOWN:
                 _shutdown(cpu, event, fault.vector)
                 return
             if outcome is DfOutcome.DOUBLE_FAULT:
                 event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0)
+                if host is not None:
+                    cpu.vectoring = None  # a #DF is not "during delivery" (SDM 27.2.3)
+                    host.event(cpu, event)
             else:
-                event = Event(fault.vector, EventType.HW_EXCEPTION, resume,
-                              error_code=fault.error_code, push_rf=True)
+                event = nested
+            injected = False
 
 
 def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
     """Triple fault (SDM 6.15 Interrupt 8): shutdown is final in this model."""
+    cpu.vectoring = None
     cpu.shutdown = True
     cpu.halted = False
     cpu.attn = True
     cpu.trace.append(Shutdown(event.rip, cpu.retired, event.vector, second))
 
 
-def _deliver_once(cpu: Cpu, event: Event) -> None:
+def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     if event.type is EventType.NMI:
         cpu.nmi_blocked = True  # blocking starts with delivery, even if it faults (SDM 27.1)
     ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
@@ -113,7 +131,7 @@ def _deliver_once(cpu: Cpu, event: Event) -> None:
     cpu.halted = False
     if event.insn_rip is not None:
         cpu.retired += 1  # the software-event instruction completes with its delivery
-    if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION:
+    if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION and not injected:
         # B0-B3 are rewritten by each #DB, the other bits are sticky (SDM 17.2.3).
         cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
         cpu.dr7 &= ~DR7_GD

@@ -531,6 +531,7 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
     def run(c):
         was_blocked = c.nmi_blocked
         c.nmi_blocked = False
+        c.iret_unblocked_nmi = was_blocked
         sp = c.regs[RSP]
         words = [c.read(sp + size * k, size) for k in range(5 if pops_stack else 3)]
         new_rip, cs, flags = words[0], words[1] & 0xFFFF, words[2]
@@ -555,6 +556,7 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
         c.rflags = (c.rflags & ~mask) | (flags & mask) | RFLAGS_FIXED
         c.rip = new_rip
         c.attn = True
+        c.iret_unblocked_nmi = False
         c.trace.append(Iret(rip_here, new_rip, c.retired + 1, was_blocked))
 
     return run
@@ -600,7 +602,7 @@ def _write_msr(c, msr: int, value: int) -> None:
         if result is WriteResult.GP:
             raise Fault(Vec.GP, 0)
         if result is WriteResult.SELF_NMI:
-            c.trace.append(Arrival("self_nmi", Vec.NMI, c.retired + 1, c.rip, c.raise_nmi()))
+            c.trace.append(Arrival("self_nmi", Vec.NMI, c.retired + 1, c.rip, c.nmi_from_apic()))
         c.attn = True
     elif msr in (IA32_APIC_BASE, IA32_EFER):
         if value != _read_msr(c, msr):

@@ -16,6 +16,7 @@ class ArrivalFate(IntEnum):
     LATCHED = 1  # NMI held while NMIs are blocked
     DROPPED = 2  # NMI lost: one is already latched
     MERGED = 3  # interrupt vector already requested in the IRR
+    TO_HOST = 4  # taken by the hypervisor, which decides when the guest sees it
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,70 @@
+"""The points where a virtualization extension can take the CPU away from its guest.
+
+The bare-metal core knows nothing of VMX or SVM. It asks `cpu.host`
+(None on bare metal) at the places where hardware checks intercepts:
+
+- before a guest event starts its delivery (exception bitmap / intercepts,
+  SDM 25.2, APM 15.12), with `cpu.vectoring` naming the event whose delivery
+  was under way when a nested exception arose (SDM 27.2.3, APM 15.7.2);
+- at an instruction boundary, after debug traps (NMI-window and
+  interrupt-window exiting, VINTR, a pending host interrupt; SDM 25.2);
+- before an instruction that can be intercepted executes (SDM 25.1.3);
+- on a guest-physical access to a page the host has not mapped (EPT
+  violation, #NPF; SDM 28.2.3, APM 15.25.6);
+- when an NMI or interrupt arrives from outside: it belongs to the host.
+
+A hook leaves the guest by raising `HostExit`; the core guarantees that
+guest state is then as it was before the interrupted instruction or
+delivery, apart from what the manuals say the aborted delivery leaves
+behind (NMI blocking, CR2).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kvmodel.arch.cpu import Cpu, External
+    from kvmodel.arch.decode import Decoded
+    from kvmodel.arch.events import Event
+    from kvmodel.arch.faults import Access
+    from kvmodel.arch.observe import ArrivalFate
+
+
+class HostExit(Exception):  # noqa: N818 - a control transfer, not an error
+    """Leave guest execution now (a VM exit / #VMEXIT)."""
+
+
+class Exiting(IntEnum):
+    """Instructions a host may intercept before they execute (SDM 25.1.3, APM 15.9)."""
+
+    NONE = 0
+    HLT = 1
+    CPUID = 2
+    IO = 3
+    RDMSR = 4
+    WRMSR = 5
+    CR8_WRITE = 6
+    IRET = 7
+    INT_N = 8
+
+
+class Host(Protocol):
+    def event(self, cpu: Cpu, event: Event) -> None:
+        """A guest event is about to be delivered; raise HostExit to intercept it."""
+
+    def boundary(self, cpu: Cpu) -> None:
+        """An instruction boundary with no debug trap due; raise HostExit for a window exit."""
+
+    def instruction(self, cpu: Cpu, insn: Decoded) -> None:
+        """An interceptable instruction is about to execute."""
+
+    def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:
+        """A guest-physical access to a page the host has not mapped; must raise HostExit."""
+
+    def external(self, cpu: Cpu, event: External, vector: int) -> ArrivalFate:
+        """An NMI or interrupt arrives from outside: the host takes it."""
+
+    def nmi_from_apic(self, cpu: Cpu) -> ArrivalFate:
+        """The guest's local APIC sent itself an NMI (ICR delivery mode NMI)."""
