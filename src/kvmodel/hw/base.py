@@ -1,0 +1,123 @@
+"""What VMX and SVM share: running the guest core until the next VM exit.
+
+A vendor model is the `cpu.host` of the guest's arch core (see
+arch/host.py). Its hooks fill the exit fields of the VMCS or VMCB and
+raise `VmExit`; `GuestMode.run()` catches it, and the vendor saves guest
+state. The L0 hypervisor above registers `on_external` and
+`on_nmi_from_apic` to receive what arrives from outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from kvmodel.arch.cpu import Cpu, External
+from kvmodel.arch.events import Event, EventType
+from kvmodel.arch.host import HostExit
+from kvmodel.arch.observe import ArrivalFate
+from kvmodel.arch.regs import Shadow
+
+
+class VmExit(HostExit):
+    """The guest stopped; the exit fields of the VMCS/VMCB say why."""
+
+
+class EntryFailed(Exception):  # noqa: N818 - VMX "VM-entry failure" / SVM VMEXIT_INVALID
+    """VM entry refused the guest state or the event to inject."""
+
+    def __init__(self, check: str):
+        super().__init__(check)
+        self.check = check
+
+
+class Where(IntEnum):
+    """Where in the guest's flow a VM exit happened; decides the saved shadow (SDM 27.3.4)."""
+
+    BOUNDARY = 0  # between instructions
+    INSTRUCTION = 1  # while executing an instruction (it will run again)
+    DELIVERY = 2  # while delivering an event (the event is reported for re-injection)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitRecord:
+    """A VM exit as the hypervisor saw it, for the trace (not guest-observable)."""
+
+    kind: ClassVar[str] = "vmexit"
+    reason: str
+    rip: int
+    retired: int
+    detail: str
+
+
+def event_where(cpu: Cpu, event: Event) -> Where:
+    """An event hook call happens at a boundary, inside an instruction, or inside a delivery."""
+    if cpu.vectoring is not None:
+        return Where.DELIVERY
+    if event.push_rf or event.insn_rip is not None:  # a fault, or INT n / INT3 / INTO / INT1
+        return Where.INSTRUCTION
+    return Where.BOUNDARY
+
+
+def shadow_at(cpu: Cpu, where: Where) -> Shadow:
+    """The interrupt shadow in force at the exit; none during delivery (SDM 27.3.4)."""
+    if where is Where.BOUNDARY:
+        return cpu.shadow
+    if where is Where.INSTRUCTION:
+        return cpu.shadow_prev
+    return Shadow.NONE
+
+
+def soft_length(event: Event) -> int:
+    """Instruction length of a software event (SDM 27.2.4): next RIP minus its address."""
+    return event.rip - event.insn_rip if event.insn_rip is not None else 0
+
+
+def is_soft(type_: EventType) -> bool:
+    return type_ in (EventType.SW_INT, EventType.SW_EXCEPTION, EventType.PRIV_SW_EXCEPTION)
+
+
+class GuestMode:
+    """The guest side of the CPU while it runs under a VMM."""
+
+    vendor: ClassVar[str] = ""
+
+    def __init__(self, cpu: Cpu):
+        self.cpu = cpu
+        cpu.host = self
+        cpu.apic_delivers = False  # every guest interrupt is injected by the VMM
+        cpu.icache.clear()  # decoded instructions must pass the intercept checks
+        cpu.code_lines.clear()
+        self.host_interrupt = False  # a host IRQ (e.g. a kick IPI) is waiting to exit the guest
+        self.on_external: Callable[[External, int], None] = _unclaimed
+        self.on_nmi_from_apic: Callable[[], None] = _unclaimed_nmi
+        self.exits = 0
+
+    # -- arch/host.py hooks shared by both vendors ----------------------------
+
+    def external(self, cpu: Cpu, event: External, vector: int) -> ArrivalFate:
+        self.on_external(event, vector)
+        return ArrivalFate.TO_HOST
+
+    def nmi_from_apic(self, cpu: Cpu) -> ArrivalFate:
+        self.on_nmi_from_apic()
+        return ArrivalFate.TO_HOST
+
+    def kick(self) -> None:
+        """A host interrupt (IPI) for this CPU: it leaves the guest at the next boundary."""
+        self.host_interrupt = True
+        self.cpu.attn = True
+
+    def record(self, reason: str, detail: str = "") -> None:
+        self.exits += 1
+        self.cpu.trace.append(ExitRecord(reason, self.cpu.rip, self.cpu.retired, detail))
+
+
+def _unclaimed(event: External, vector: int) -> None:
+    raise RuntimeError("no hypervisor registered for external events")
+
+
+def _unclaimed_nmi() -> None:
+    raise RuntimeError("no hypervisor registered for APIC NMIs")

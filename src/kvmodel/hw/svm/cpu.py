@@ -1,0 +1,199 @@
+"""SVM guest mode of the CPU: VMRUN with EVENTINJ, intercepts, #VMEXIT.
+
+APM Vol.2: 15.5 (VMRUN), 15.6-15.7 (#VMEXIT, EXITINTINFO), 15.7.1 (next
+RIP), 15.9-15.13 (intercepts), 15.20 (event injection), 15.21 (interrupt
+shadow, virtual interrupts), 15.25.6 (#NPF).
+"""
+
+from __future__ import annotations
+
+from kvmodel.arch import deliver
+from kvmodel.arch.cpu import Cpu, Stop
+from kvmodel.arch.decode import Decoded
+from kvmodel.arch.events import Event, EventType, Vec, has_error_code
+from kvmodel.arch.faults import Access
+from kvmodel.arch.host import Exiting
+from kvmodel.arch.regs import DR6_B0_B3, IF, RSP, Shadow
+from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, shadow_at
+from kvmodel.hw.svm.vmcb import (
+    EVTINJ_VALID,
+    EVTINJ_VALID_ERR,
+    INTERRUPT_SHADOW,
+    NPF_FETCH,
+    NPF_GUEST_FINAL,
+    NPF_WRITE,
+    V_IRQ,
+    EventInjType,
+    ExitCode,
+    Intercept,
+    Vmcb,
+    describe,
+    encode,
+    event_inj_type,
+)  # fmt: skip
+
+_INSTRUCTION_EXITS = {
+    Exiting.HLT: (Intercept.HLT, ExitCode.HLT),
+    Exiting.CPUID: (Intercept.CPUID, ExitCode.CPUID),
+    Exiting.IO: (Intercept.IOIO, ExitCode.IOIO),
+    Exiting.RDMSR: (Intercept.MSR, ExitCode.MSR),  # the MSR permission map is not modelled
+    Exiting.WRMSR: (Intercept.MSR, ExitCode.MSR),
+    Exiting.CR8_WRITE: (Intercept.CR8_WRITE, ExitCode.WRITE_CR8),
+    Exiting.IRET: (Intercept.IRET, ExitCode.IRET),
+    Exiting.INT_N: (Intercept.INTN, ExitCode.SWINT),
+}
+_NEXT_RIP_EXCEPTIONS = (Vec.BP, Vec.OF)  # with BOUND, the exceptions that save nRIP (15.7.1)
+_NOT_EXCEPTIONS = (Vec.NMI, 9, 15)  # NMI and reserved vectors below 32
+
+
+class SvmGuest(GuestMode):
+    """The guest's CPU between VMRUN and #VMEXIT, on a CPU with NRIP save."""
+
+    vendor = "svm"
+
+    def __init__(self, cpu: Cpu):
+        super().__init__(cpu)
+        self.vmcb = Vmcb()
+
+    # -- VMRUN (APM 15.5, 15.20) ----------------------------------------------
+
+    def run(self, max_steps: int) -> Stop | None:
+        """VMRUN: load, inject EVENTINJ, run to the next #VMEXIT (None) or the budget's end."""
+        self._check_event_inj()
+        self._load_guest_state()
+        try:
+            if self.vmcb.event_inj & EVTINJ_VALID:
+                self._inject()
+            stop = self.cpu.run(max_steps)
+        except VmExit:
+            return None
+        if stop is Stop.SHUTDOWN:
+            if Intercept.SHUTDOWN in self.vmcb.intercepts:
+                self._exit(ExitCode.SHUTDOWN, Where.BOUNDARY, raise_=False)
+                return None
+            return stop
+        if stop is Stop.HALTED:
+            raise EntryFailed("guest halted with the HLT intercept off: not modelled")
+        self._save_guest_state(Where.BOUNDARY)
+        return stop
+
+    def _check_event_inj(self) -> None:
+        """VMRUN fails on reserved types and on exceptions with a non-exception vector (15.20)."""
+        word = self.vmcb.event_inj
+        if not word & EVTINJ_VALID:
+            return
+        type_, vector = (word >> 8) & 7, word & 0xFF
+        if type_ not in EventInjType._value2member_map_:
+            raise EntryFailed(f"EVENTINJ type {type_} is reserved")
+        if type_ == EventInjType.EXEPT and (vector > 31 or vector in _NOT_EXCEPTIONS):
+            raise EntryFailed(f"EVENTINJ exception with vector {vector}")
+
+    def _load_guest_state(self) -> None:
+        cpu, vmcb = self.cpu, self.vmcb
+        cpu.rip = vmcb.rip
+        cpu.regs[RSP] = vmcb.rsp
+        cpu.rflags = vmcb.rflags
+        cpu.dr6 = vmcb.dr6
+        # SVM keeps one shadow bit; it is loaded as an STI shadow (APM 15.21.5).
+        cpu.shadow = Shadow.STI if vmcb.int_state & INTERRUPT_SHADOW else Shadow.NONE
+        cpu.halted = False
+        self.intercepts_changed()
+
+    def intercepts_changed(self) -> None:
+        self.cpu.host_attn = Intercept.VINTR in self.vmcb.intercepts and bool(self.vmcb.int_ctl & V_IRQ)
+        self.cpu.attn = True
+
+    def _inject(self) -> None:
+        """Deliver EVENTINJ through the guest IDT; software events return to nRIP (15.7.1)."""
+        cpu, vmcb = self.cpu, self.vmcb
+        word = vmcb.event_inj
+        vector, inj = word & 0xFF, EventInjType((word >> 8) & 7)
+        error = vmcb.event_inj_err if word & EVTINJ_VALID_ERR else None
+        if inj is EventInjType.INTR:
+            event = Event(vector, EventType.EXT_INT, cpu.rip)
+        elif inj is EventInjType.NMI:
+            event = Event(Vec.NMI, EventType.NMI, cpu.rip)  # the vector field is ignored
+        elif inj is EventInjType.SOFT:
+            event = Event(vector, EventType.SW_INT, vmcb.next_rip, insn_rip=cpu.rip)
+        elif vector in _NEXT_RIP_EXCEPTIONS:
+            event = Event(vector, EventType.SW_EXCEPTION, vmcb.next_rip, insn_rip=cpu.rip)
+        else:
+            event = Event(vector, EventType.HW_EXCEPTION, cpu.rip, error)
+        cpu.shadow = Shadow.NONE  # injection clears the shadow (reference x86-arch 8.4)
+        deliver.deliver(cpu, event, injected=True)
+
+    # -- #VMEXIT (APM 15.6, 15.7) ---------------------------------------------
+
+    def _exit(self, code: int, where: Where, *, info_1: int = 0, info_2: int = 0,
+              next_rip: int = 0, raise_: bool = True) -> None:
+        vmcb, cpu = self.vmcb, self.cpu
+        vmcb.exit_code = code
+        vmcb.exit_info_1 = info_1
+        vmcb.exit_info_2 = info_2
+        vmcb.next_rip = next_rip  # 0 for every exit that does not save nRIP (15.7.1)
+        vectoring = cpu.vectoring
+        if vectoring is not None:
+            code_ = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
+            vmcb.exit_int_info = encode(vectoring.vector, event_inj_type(vectoring.type), code_)
+            vmcb.exit_int_info_err = code_ or 0
+            cpu.vectoring = None
+        else:
+            vmcb.exit_int_info = 0
+        vmcb.event_inj &= ~EVTINJ_VALID
+        self._save_guest_state(where)
+        self.host_interrupt = False
+        name = ExitCode(code).name if code in ExitCode._value2member_map_ else (
+            f"EXCP_{code - ExitCode.EXCP_BASE}")
+        self.record(name, "exit_int_info " + describe(vmcb.exit_int_info, vmcb.exit_int_info_err))
+        if raise_:
+            raise VmExit
+
+    def _save_guest_state(self, where: Where) -> None:
+        cpu, vmcb = self.cpu, self.vmcb
+        vmcb.rip = cpu.rip
+        vmcb.rsp = cpu.regs[RSP]
+        vmcb.rflags = cpu.rflags
+        vmcb.dr6 = cpu.dr6
+        shadow = shadow_at(cpu, where)
+        vmcb.int_state = INTERRUPT_SHADOW if shadow is not Shadow.NONE else 0
+
+    # -- arch/host.py hooks ---------------------------------------------------
+
+    def event(self, cpu: Cpu, event: Event) -> None:
+        """Exception intercepts (APM 15.12); INT n has its own intercept, checked as an instruction."""
+        if event.type in (EventType.EXT_INT, EventType.NMI, EventType.SW_INT):
+            return
+        if event.type is EventType.PRIV_SW_EXCEPTION and Intercept.ICEBP in self.vmcb.intercepts:
+            self._exit(ExitCode.ICEBP, Where.INSTRUCTION, next_rip=event.rip)
+        if not self.vmcb.exception_intercepts >> event.vector & 1:
+            return
+        where = event_where(cpu, event)
+        code = event.error_code if has_error_code(event.vector, event.type) else None
+        if event.vector == Vec.DB:  # DR6 is written before the intercept (APM 15.12): UNVERIFIED
+            cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
+        soft = event.type is EventType.SW_EXCEPTION and event.vector in _NEXT_RIP_EXCEPTIONS
+        self._exit(ExitCode.EXCP_BASE + event.vector, where, info_1=code or 0,
+                   next_rip=event.rip if soft else 0)
+
+    def boundary(self, cpu: Cpu) -> None:
+        """A physical interrupt exits first; then the virtual interrupt KVM uses as a window."""
+        vmcb = self.vmcb
+        if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
+            self._exit(ExitCode.INTR, Where.BOUNDARY)
+        if (vmcb.int_ctl & V_IRQ and Intercept.VINTR in vmcb.intercepts and cpu.rflags & IF
+                and cpu.shadow is Shadow.NONE):
+            self._exit(ExitCode.VINTR, Where.BOUNDARY)
+
+    def instruction(self, cpu: Cpu, insn: Decoded) -> None:
+        intercept_exit = _INSTRUCTION_EXITS.get(insn.exiting)
+        if intercept_exit is None or intercept_exit[0] not in self.vmcb.intercepts:
+            return
+        info_1 = 1 if insn.exiting is Exiting.WRMSR else 0
+        self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, next_rip=cpu.rip + insn.length)
+
+    def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:
+        """#NPF: exit_info_1 is the error code, exit_info_2 the guest-physical address (15.25.6)."""
+        error = NPF_GUEST_FINAL | (NPF_WRITE if access is Access.WRITE else 0) | (
+            NPF_FETCH if access is Access.FETCH else 0)
+        where = Where.DELIVERY if cpu.vectoring is not None else Where.INSTRUCTION
+        self._exit(ExitCode.NPF, where, info_1=error, info_2=addr)

@@ -1,0 +1,260 @@
+"""VMX non-root operation of the CPU: VM entry with event injection, VM exits.
+
+SDM Vol.3: 25.1-25.2 (what causes exits, and their priority), 26.2-26.3
+(entry checks), 26.5-26.6 (event injection and the state after entry),
+27.1-27.3 (exit information and the guest state saved).
+"""
+
+from __future__ import annotations
+
+from kvmodel.arch import deliver
+from kvmodel.arch.cpu import Cpu, Stop
+from kvmodel.arch.decode import Decoded
+from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
+from kvmodel.arch.faults import Access
+from kvmodel.arch.host import Exiting
+from kvmodel.arch.regs import IF, RCX, RDX, RSP, Shadow
+from kvmodel.hw.base import (
+    EntryFailed,
+    GuestMode,
+    VmExit,
+    Where,
+    event_where,
+    is_soft,
+    shadow_at,
+    soft_length,
+)  # fmt: skip
+from kvmodel.hw.vmx.vmcs import (
+    INTR_INFO_DELIVER_CODE,
+    INTR_INFO_RESERVED,
+    INTR_INFO_UNBLOCK_NMI,
+    INTR_INFO_VALID,
+    QUAL_UNBLOCK_NMI,
+    Activity,
+    ExitReason,
+    Interruptibility,
+    Pin,
+    Proc,
+    Vmcs,
+    describe_info,
+    info_type,
+    info_vector,
+    intr_info,
+)  # fmt: skip
+
+_INSTRUCTION_EXITS = {
+    Exiting.CPUID: ExitReason.CPUID,
+    Exiting.IO: ExitReason.IO_INSTRUCTION,
+    Exiting.RDMSR: ExitReason.MSR_READ,  # the MSR bitmap is not modelled: every MSR exits
+    Exiting.WRMSR: ExitReason.MSR_WRITE,
+}
+CR8_QUALIFICATION = 8  # MOV to CR8 from a GPR (SDM Table 27-3; register bits not modelled)
+
+
+class VmxGuest(GuestMode):
+    """The guest's CPU in VMX non-root operation, with one current VMCS."""
+
+    vendor = "vmx"
+
+    def __init__(self, cpu: Cpu):
+        super().__init__(cpu)
+        self.vmcs = Vmcs()
+
+    # -- VM entry (SDM 26) ----------------------------------------------------
+
+    def run(self, max_steps: int) -> Stop | None:
+        """VMRESUME: enter, inject, run to the next VM exit (None) or until the budget ends."""
+        vmcs = self.vmcs
+        self._check_injection()
+        self._load_guest_state()
+        try:
+            if vmcs.entry_intr_info & INTR_INFO_VALID:
+                self._inject()
+            stop = self.cpu.run(max_steps)
+        except VmExit:
+            return None
+        if stop is Stop.SHUTDOWN:  # a triple fault exits (SDM 25.2)
+            self._exit(ExitReason.TRIPLE_FAULT, Where.BOUNDARY, raise_=False)
+            return None
+        if stop is Stop.HALTED:
+            raise EntryFailed("guest halted with HLT exiting off: not modelled")
+        self._save_guest_state(Where.BOUNDARY)
+        return stop
+
+    def _check_injection(self) -> None:
+        """Checks on the event to inject and on interruptibility (SDM 26.2.1.3, 26.3.1.5)."""
+        vmcs = self.vmcs
+        state = vmcs.guest_interruptibility
+        if state & Interruptibility.STI and state & Interruptibility.MOV_SS:
+            raise EntryFailed("interruptibility: STI and MOV SS blocking both set")
+        if state & Interruptibility.STI and not vmcs.guest_rflags & IF:
+            raise EntryFailed("interruptibility: STI blocking with RFLAGS.IF=0")
+        info = vmcs.entry_intr_info
+        if not info & INTR_INFO_VALID:
+            return
+        vector, type_ = info_vector(info), info_type(info)
+        if info & INTR_INFO_RESERVED:
+            raise EntryFailed("VM-entry interruption information: reserved bits set")
+        if type_ not in (0, 2, 3, 4, 5, 6):
+            raise EntryFailed(f"VM-entry interruption type {type_} is reserved")
+        if type_ == EventType.NMI and vector != Vec.NMI:
+            raise EntryFailed("NMI injection with a vector other than 2")
+        if type_ == EventType.HW_EXCEPTION and vector > 31:
+            raise EntryFailed(f"hardware exception vector {vector} > 31")
+        wants_code = type_ == EventType.HW_EXCEPTION and has_error_code(vector, EventType.HW_EXCEPTION)
+        if bool(info & INTR_INFO_DELIVER_CODE) != wants_code:
+            raise EntryFailed(f"deliver-error-code bit wrong for {vector_name(vector)} type {type_}")
+        if wants_code and vmcs.entry_exception_error_code >> 16:
+            raise EntryFailed("VM-entry exception error code bits 31:16 set")
+        if is_soft(EventType(type_)) and not 1 <= vmcs.entry_instruction_len <= 15:
+            raise EntryFailed(f"instruction length {vmcs.entry_instruction_len} for a software event")
+        if type_ == EventType.EXT_INT and (not vmcs.guest_rflags & IF or state & 3):
+            raise EntryFailed("external interrupt injected while RFLAGS.IF=0 or in an interrupt shadow")
+        if type_ == EventType.NMI and state & (Interruptibility.MOV_SS | Interruptibility.NMI):
+            raise EntryFailed("NMI injected under MOV SS or (virtual-)NMI blocking")
+
+    def _load_guest_state(self) -> None:
+        cpu, vmcs = self.cpu, self.vmcs
+        cpu.rip = vmcs.guest_rip
+        cpu.regs[RSP] = vmcs.guest_rsp
+        cpu.rflags = vmcs.guest_rflags
+        state = vmcs.guest_interruptibility
+        if state & Interruptibility.MOV_SS:
+            cpu.shadow = Shadow.MOV_SS
+        elif state & Interruptibility.STI:
+            cpu.shadow = Shadow.STI
+        else:
+            cpu.shadow = Shadow.NONE
+        cpu.nmi_blocked = bool(state & Interruptibility.NMI)  # virtual-NMI blocking
+        cpu.halted = vmcs.guest_activity_state == Activity.HLT
+        cpu.pending_dbg = vmcs.guest_pending_dbg_exceptions
+        self.cpu_windows_changed()
+
+    def cpu_windows_changed(self) -> None:
+        """Window exiting means the guest core must check every boundary."""
+        proc = self.vmcs.proc_based
+        self.cpu.host_attn = bool(proc & (Proc.NMI_WINDOW_EXITING | Proc.INTR_WINDOW_EXITING))
+        self.cpu.attn = True
+
+    def _inject(self) -> None:
+        """Deliver the VM-entry event through the guest IDT (SDM 26.5.1)."""
+        cpu, vmcs = self.cpu, self.vmcs
+        info = vmcs.entry_intr_info
+        vector, type_ = info_vector(info), EventType(info_type(info))
+        error = vmcs.entry_exception_error_code if info & INTR_INFO_DELIVER_CODE else None
+        if is_soft(type_):
+            event = Event(vector, type_, cpu.rip + vmcs.entry_instruction_len, error, insn_rip=cpu.rip)
+        else:
+            event = Event(vector, type_, cpu.rip, error)
+        # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2);
+        # pending debug exceptions are lost, except under MOV SS for INT n/INT3/INTO (26.6.3).
+        keep_dbg = type_ in (EventType.SW_INT, EventType.SW_EXCEPTION) and cpu.shadow is Shadow.MOV_SS
+        if not keep_dbg:
+            cpu.pending_dbg = 0
+        cpu.shadow = Shadow.NONE
+        cpu.halted = False
+        deliver.deliver(cpu, event, injected=True)
+
+    # -- VM exits (SDM 27) ----------------------------------------------------
+
+    def _exit(self, reason: ExitReason, where: Where, *, qualification: int = 0, info: int = 0,
+              error_code: int = 0, insn_len: int = 0, gpa: int = 0, raise_: bool = True) -> None:
+        vmcs, cpu = self.vmcs, self.cpu
+        vmcs.exit_reason = reason
+        vmcs.exit_qualification = qualification
+        vmcs.exit_intr_info = info
+        vmcs.exit_intr_error_code = error_code
+        vmcs.exit_instruction_len = insn_len
+        vmcs.guest_physical_address = gpa
+        vectoring = cpu.vectoring
+        if vectoring is not None:  # IDT-vectoring information (SDM 27.2.3)
+            code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
+            vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code)
+            vmcs.idt_vectoring_error_code = code or 0
+            if is_soft(vectoring.type):
+                vmcs.exit_instruction_len = soft_length(vectoring)
+            cpu.vectoring = None
+        else:
+            vmcs.idt_vectoring_info = 0
+        vmcs.entry_intr_info &= ~INTR_INFO_VALID  # SDM 24.8.3
+        self._save_guest_state(where)
+        self.host_interrupt = False  # the host takes its pending IRQ once the guest is out
+        detail = f"info {describe_info(info, error_code)} idt_vectoring " + describe_info(
+            vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)
+        self.record(reason.name, detail)
+        if raise_:
+            raise VmExit
+
+    def _save_guest_state(self, where: Where) -> None:
+        """Guest RIP, RFLAGS, interruptibility and activity as before the exit (SDM 27.3)."""
+        cpu, vmcs = self.cpu, self.vmcs
+        vmcs.guest_rip = cpu.rip
+        vmcs.guest_rsp = cpu.regs[RSP]
+        vmcs.guest_rflags = cpu.rflags
+        shadow = shadow_at(cpu, where)
+        state = Interruptibility.NMI if cpu.nmi_blocked else 0
+        if shadow is Shadow.STI:
+            state |= Interruptibility.STI
+        elif shadow is Shadow.MOV_SS:
+            state |= Interruptibility.MOV_SS
+        vmcs.guest_interruptibility = state
+        vmcs.guest_activity_state = Activity.HLT if cpu.halted else Activity.ACTIVE
+        # Pending debug exceptions survive only where MOV SS holds them back (27.3.4).
+        vmcs.guest_pending_dbg_exceptions = cpu.pending_dbg if shadow is Shadow.MOV_SS else 0
+        cpu.pending_dbg = 0
+        cpu.halted = False
+
+    # -- arch/host.py hooks ---------------------------------------------------
+
+    def event(self, cpu: Cpu, event: Event) -> None:
+        """Exceptions in the exception bitmap exit instead of being delivered (SDM 25.2)."""
+        if event.type not in (EventType.HW_EXCEPTION, EventType.SW_EXCEPTION,
+                              EventType.PRIV_SW_EXCEPTION):
+            return
+        if not self.vmcs.exception_bitmap >> event.vector & 1:
+            return
+        where = event_where(cpu, event)
+        code = event.error_code if has_error_code(event.vector, event.type) else None
+        info = intr_info(event.vector, event.type, code)
+        if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
+            info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
+        qualification = event.dr6 if event.vector == Vec.DB else 0
+        self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
+                   error_code=code or 0, insn_len=soft_length(event))
+
+    def boundary(self, cpu: Cpu) -> None:
+        """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
+        proc = self.vmcs.proc_based
+        shadow = cpu.shadow
+        # NMI-window: no virtual-NMI blocking, no MOV SS; STI blocking also holds it
+        # here, one of the two behaviours SDM 25.3 allows.
+        if (proc & Proc.NMI_WINDOW_EXITING and not cpu.nmi_blocked
+                and shadow is Shadow.NONE):
+            self._exit(ExitReason.NMI_WINDOW, Where.BOUNDARY)
+        if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
+            self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
+        if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:
+            self._exit(ExitReason.EXTERNAL_INTERRUPT, Where.BOUNDARY)
+
+    def instruction(self, cpu: Cpu, insn: Decoded) -> None:
+        proc = self.vmcs.proc_based
+        kind = insn.exiting
+        if kind is Exiting.HLT and proc & Proc.HLT_EXITING:
+            reason, qualification = ExitReason.HLT, 0
+        elif kind is Exiting.CR8_WRITE and proc & Proc.CR8_LOAD_EXITING:
+            reason, qualification = ExitReason.CR_ACCESS, CR8_QUALIFICATION
+        elif kind is Exiting.IO and proc & Proc.UNCOND_IO_EXITING:
+            reason, qualification = ExitReason.IO_INSTRUCTION, (cpu.regs[RDX] & 0xFFFF) << 16
+        elif kind in _INSTRUCTION_EXITS:
+            reason, qualification = _INSTRUCTION_EXITS[kind], cpu.regs[RCX] & 0xFFFFFFFF
+        else:
+            return
+        self._exit(reason, Where.INSTRUCTION, qualification=qualification, insn_len=insn.length)
+
+    def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:
+        """EPT violation (SDM 28.2.3.2; qualification Table 27-7)."""
+        qualification = {Access.READ: 1, Access.WRITE: 2, Access.FETCH: 4}[access]
+        where = Where.DELIVERY if cpu.vectoring is not None else Where.INSTRUCTION
+        if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi:
+            qualification |= QUAL_UNBLOCK_NMI
+        self._exit(ExitReason.EPT_VIOLATION, where, qualification=qualification, gpa=addr)

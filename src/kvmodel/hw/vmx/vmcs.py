@@ -1,0 +1,121 @@
+"""The VMCS fields kvmodel uses, as plain data (SDM Vol.3 ch. 24; encodings in Appendix B).
+
+Interruption-information fields share one format (SDM Tables 24-13, 24-15,
+24-16): vector in bits 7:0, type in 10:8 (arch EventType numbering),
+error code valid/deliver in bit 11, NMI unblocking due to IRET in bit 12
+(exit information only), valid in bit 31.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvmodel.arch.events import EventType
+
+INTR_INFO_VALID = 1 << 31
+INTR_INFO_DELIVER_CODE = 1 << 11
+INTR_INFO_UNBLOCK_NMI = 1 << 12
+INTR_INFO_RESERVED = 0x7FFFF000  # entry format (SDM 26.2.1.3)
+QUAL_UNBLOCK_NMI = 1 << 12  # EPT violation qualification bit 12 (SDM Table 27-7)
+
+
+class ExitReason(IntEnum):
+    """Basic exit reasons (SDM Appendix C)."""
+
+    EXCEPTION_NMI = 0
+    EXTERNAL_INTERRUPT = 1
+    TRIPLE_FAULT = 2
+    INTERRUPT_WINDOW = 7
+    NMI_WINDOW = 8
+    CPUID = 10
+    HLT = 12
+    CR_ACCESS = 28
+    IO_INSTRUCTION = 30
+    MSR_READ = 31
+    MSR_WRITE = 32
+    EPT_VIOLATION = 48
+
+
+class Pin(IntEnum):
+    """Pin-based VM-execution controls (SDM Table 24-5)."""
+
+    EXT_INTR_EXITING = 1 << 0
+    NMI_EXITING = 1 << 3
+    VIRTUAL_NMIS = 1 << 5
+
+
+class Proc(IntEnum):
+    """Primary processor-based VM-execution controls (SDM Table 24-6)."""
+
+    INTR_WINDOW_EXITING = 1 << 2
+    HLT_EXITING = 1 << 7
+    CR8_LOAD_EXITING = 1 << 19
+    NMI_WINDOW_EXITING = 1 << 22
+    UNCOND_IO_EXITING = 1 << 24
+
+
+class Interruptibility(IntEnum):
+    """Guest interruptibility state (SDM Table 24-3)."""
+
+    STI = 1 << 0
+    MOV_SS = 1 << 1
+    NMI = 1 << 3
+
+
+class Activity(IntEnum):
+    ACTIVE = 0
+    HLT = 1
+
+
+@dataclass(slots=True)
+class Vmcs:
+    """One VMCS: controls, guest state, VM-entry and VM-exit information."""
+
+    pin_based: int = 0
+    proc_based: int = 0
+    exception_bitmap: int = 0
+    # VM-entry event injection (SDM 24.8.3)
+    entry_intr_info: int = 0
+    entry_exception_error_code: int = 0
+    entry_instruction_len: int = 0
+    # guest state (SDM 24.4); GPRs, CR2 and DR6 stay in the CPU as on hardware
+    guest_rip: int = 0
+    guest_rsp: int = 0
+    guest_rflags: int = 0x2
+    guest_interruptibility: int = 0
+    guest_activity_state: int = Activity.ACTIVE
+    guest_pending_dbg_exceptions: int = 0
+    # VM-exit information (SDM 24.9)
+    exit_reason: int = 0
+    exit_qualification: int = 0
+    exit_intr_info: int = 0
+    exit_intr_error_code: int = 0
+    idt_vectoring_info: int = 0
+    idt_vectoring_error_code: int = 0
+    exit_instruction_len: int = 0
+    guest_physical_address: int = 0
+
+
+def intr_info(vector: int, type_: EventType, error_code: int | None) -> int:
+    """Encode a valid interruption-information word."""
+    info = INTR_INFO_VALID | (int(type_) << 8) | vector
+    return info | INTR_INFO_DELIVER_CODE if error_code is not None else info
+
+
+def info_vector(info: int) -> int:
+    return info & 0xFF
+
+
+def info_type(info: int) -> int:
+    return (info >> 8) & 7
+
+
+def describe_info(info: int, error_code: int = 0) -> str:
+    """'NMI type 2' style text of an interruption-information word, '-' when not valid."""
+    if not info & INTR_INFO_VALID:
+        return "-"
+    type_ = info_type(info)
+    name = EventType(type_).name.lower() if type_ in EventType._value2member_map_ else str(type_)
+    text = f"vector {info_vector(info)} {name}"
+    return text + f" error {error_code:#x}" if info & INTR_INFO_DELIVER_CODE else text
