@@ -51,6 +51,7 @@ class External(IntEnum):
 
     NMI = 0
     INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
+    HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +291,10 @@ class Cpu:
         self.scheduled.remove(s)
         if self.host is not None:
             fate = self.host.external(self, s.event, s.vector)
-            name = "nmi" if s.event is External.NMI else "interrupt"
+            name = s.event.name.lower()
+        elif s.event is External.HOST_INTERRUPT:
+            self._update_next_after()
+            return
         elif s.event is External.NMI:
             fate, name = self.raise_nmi(), "nmi"
         else:
@@ -303,8 +307,8 @@ class Cpu:
             if (s.after is not None and self.retired >= s.after) or s.at_rip == self.rip:
                 self._arrive(s)
 
-    def _fire_while_halted(self) -> bool:
-        """Time passes in HLT: the next event scheduled by count arrives now."""
+    def next_arrival(self) -> bool:
+        """Time passes while nothing runs (HLT): the next event scheduled by count arrives now."""
         by_count = [s for s in self.scheduled if s.after is not None]
         if not by_count:
             return False
@@ -338,7 +342,7 @@ class Cpu:
             if source is not None:
                 self._take(source)
                 continue
-            if self.halted and not self.shutdown and self._fire_while_halted():
+            if self.halted and not self.shutdown and self.next_arrival():
                 continue
             break
         self.shadow_prev = self.shadow

@@ -98,7 +98,10 @@ class GuestMode:
     # -- arch/host.py hooks shared by both vendors ----------------------------
 
     def external(self, cpu: Cpu, event: External, vector: int) -> ArrivalFate:
-        self.on_external(event, vector)
+        if event is External.HOST_INTERRUPT:
+            self.kick()
+        else:
+            self.on_external(event, vector)
         return ArrivalFate.TO_HOST
 
     def nmi_from_apic(self, cpu: Cpu) -> ArrivalFate:

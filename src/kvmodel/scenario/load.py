@@ -24,12 +24,18 @@ from kvmodel.scenario.schema import (
     Expr,
     GateSpec,
     Happening,
+    HostEvent,
+    HostHappening,
+    KnownDivergence,
     Scenario,
 )  # fmt: skip
 
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
 EVENT_TYPES = {t.name.lower(): t for t in EventType}
-EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT}
+EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
+          "host_interrupt": External.HOST_INTERRUPT, "host_fault": HostEvent.FAULT,
+          "save_restore": HostEvent.SAVE_RESTORE}
+VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
 FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
 NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
 STOPS = ("halted", "shutdown", "budget")
@@ -96,7 +102,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     if not isinstance(code, str) or not code.strip():
         raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
     cpu = _table(ctx, data, "cpu")
-    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit"), "cpu")
+    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor"), "cpu")
     memory = _table(ctx, data, "memory")
     ctx.keys(memory, ("not_present",), "memory")
     return Scenario(
@@ -118,9 +124,12 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
         max_steps=_int(ctx, data, "max_steps", None, default=DEFAULT_MAX_STEPS),
         happenings=_happenings(ctx, data.get("happen", [])),
+        host=_host_happenings(ctx, data.get("happen", [])),
+        vendor=_choice(ctx, cpu, "vendor", VENDORS, "cpu", default="bare"),
         deliveries=_deliveries(ctx, data.get("expect", {})),
         final=_final(ctx, data.get("expect", {}), mode),
         memory=_memory_expect(ctx, data.get("expect", {})),
+        divergences=_divergences(ctx, data.get("expect", {})),
     )
 
 
@@ -266,8 +275,10 @@ def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
         raise ctx.error("happen must be an array of tables: [[happen]]", None, "happen")
     out = []
     for n, h in enumerate(items):
-        ctx.keys(h, ("event", "vector", "after", "at"), "happen", n)
         event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
+        if isinstance(event, HostEvent):
+            continue
+        ctx.keys(h, ("event", "vector", "after", "at"), "happen", n)
         if event is External.INTERRUPT:
             if "vector" not in h:
                 raise ctx.error("an interrupt needs vector = 16..255", "happen", None, n)
@@ -290,10 +301,53 @@ def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
     return tuple(out)
 
 
+def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
+    out = []
+    for n, h in enumerate(items):
+        event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
+        if event is HostEvent.FAULT:
+            ctx.keys(h, ("event", "page"), "happen", n)
+            if "page" not in h:
+                raise ctx.error("a host fault needs page = \"label\" (the page the host has not "
+                                "mapped)", "happen", None, n)
+            out.append(HostHappening(event, _expr(ctx, h["page"], "happen", "page", n), None,
+                                     ctx.line("happen", None, n)))
+        elif event is HostEvent.SAVE_RESTORE:
+            ctx.keys(h, ("event", "exit"), "happen", n)
+            at_exit = _int(ctx, h, "exit", "happen", default=None, index=n)
+            if at_exit is None or at_exit < 1:
+                raise ctx.error("save_restore needs exit = N (1 for the first VM exit)",
+                                "happen", "exit", n)
+            out.append(HostHappening(event, None, at_exit, ctx.line("happen", None, n)))
+    return tuple(out)
+
+
+def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
+    items = _expect(ctx, expect).get("divergence", [])
+    t = "expect.divergence"
+    out = []
+    for n, d in enumerate(items):
+        ctx.keys(d, ("vendor", "entry", "why"), t, n)
+        vendor = _choice(ctx, d, "vendor", {"svm": ("svm",), "vmx": ("vmx",),
+                                             "any": ("svm", "vmx")}, t, index=n)
+        entry = d.get("entry")
+        if entry == "final":
+            entry = 0
+        if not isinstance(entry, int) or isinstance(entry, bool) or entry < 1 and entry != 0:
+            raise ctx.error("entry = N (1-based, in the guest-observable trace) or \"final\"",
+                            t, "entry", n)
+        why = d.get("why")
+        if not isinstance(why, str) or not why.strip():
+            raise ctx.error("a known divergence needs why = \"...\" (the reason, with its source)",
+                            t, "why", n)
+        out.append(KnownDivergence(vendor, entry, why, ctx.line(t, None, n)))
+    return tuple(out)
+
+
 def _expect(ctx: _Ctx, expect: Any) -> dict:
     if not isinstance(expect, dict):
         raise ctx.error("expect must be a table", None, "expect")
-    ctx.keys(expect, ("delivery", "final", "memory"), "expect")
+    ctx.keys(expect, ("delivery", "final", "memory", "divergence"), "expect")
     return expect
 
 

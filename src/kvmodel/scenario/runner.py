@@ -7,12 +7,16 @@ from dataclasses import dataclass
 
 from kvmodel.arch.cpu import Cpu, Scheduled, Stop
 from kvmodel.arch.events import EventType, vector_name
-from kvmodel.arch.observe import Delivery, Observation
+from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
-from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, Scenario
+from kvmodel.kvm.migrate import save_restore
+from kvmodel.kvm.uapi import KvmExit
+from kvmodel.kvm.vcpu import Vendor, create_vcpu
+from kvmodel.kvm.x86 import Stats, Vcpu
+from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, HostEvent, Scenario
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -53,10 +57,14 @@ class RunResult:
     final: Final | None
     mismatches: tuple[Mismatch, ...]
     limit: str | None  # the model stopped: the guest left what it covers
+    vendor: Vendor = Vendor.BARE
+    memory: bytes = b""
+    stats: tuple[Stats, ...] = ()  # one per vCPU (a save/restore makes a new one)
+    hypervisor_error: str | None = None  # KVM gave up: failed entry, internal error
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches and self.limit is None
+        return not self.mismatches and self.limit is None and self.hypervisor_error is None
 
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
@@ -116,18 +124,70 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
     return cpu, program
 
 
-def run(scenario: Scenario, *, record_instructions: bool = False,
+def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,
         max_steps: int | None = None) -> RunResult:
+    """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations."""
+    vendor = vendor or Vendor(scenario.vendor)
     cpu, program = prepare(scenario, record_instructions=record_instructions)
-    limit = None
+    steps = max_steps or scenario.max_steps
+    limit = error = None
+    stats: tuple[Stats, ...] = ()
     try:
-        stop = cpu.run(max_steps or scenario.max_steps)
+        if vendor is Vendor.BARE:
+            stop = cpu.run(steps)
+        else:
+            cpu, stop, stats, error = _run_under_kvm(scenario, program, cpu, vendor, steps)
     except ModelLimit as e:
         limit = str(e)
         stop = None
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
     mismatches = judge(scenario, program, cpu, final) if final is not None else ()
-    return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit)
+    return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
+                     vendor, bytes(cpu.mem), stats, error)
+
+
+def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
+                   steps: int) -> tuple[Cpu, Stop | None, tuple[Stats, ...], str | None]:
+    """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
+    resolve = Resolver(scenario, program)
+    cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
+                           if h.event is HostEvent.FAULT})
+    save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
+    vcpu = create_vcpu(cpu, vendor)
+    done: list[Stats] = []
+    start = cpu.retired
+    while True:
+        earlier = sum(s.exits for s in done)
+        vcpu.stop_at_exit = save_at[0] - earlier if save_at else 0
+        outcome = vcpu.run(steps - (vcpu.cpu.retired - start))
+        if outcome is not None and outcome.reason is KvmExit.INTR:
+            save_at.pop(0)
+            done.append(vcpu.stats)
+            vcpu = save_restore(vcpu, vendor)
+            continue
+        break
+    done.append(vcpu.stats)
+    stop, error = _stop_of(vcpu, outcome)
+    return vcpu.cpu, stop, tuple(done), error
+
+
+def _stop_of(vcpu: Vcpu, outcome) -> tuple[Stop | None, str | None]:
+    """Turn KVM_RUN's last exit into the bare-metal stop it stands for."""
+    cpu = vcpu.cpu
+    vcpu.ops.sync_guest_state_to_core()
+    cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
+    if outcome is None:
+        return Stop.BUDGET, None
+    if outcome.reason is KvmExit.HLT:
+        cpu.halted = True
+        return Stop.HALTED, None
+    if outcome.reason is KvmExit.SHUTDOWN:
+        if not cpu.shutdown:  # KVM merged a fault onto a queued #DF: no core-level record
+            first, second = vcpu.triple_fault_cause
+            cpu.trace.append(Shutdown(cpu.rip, cpu.retired, first, second))
+            cpu.shutdown = True
+        return Stop.SHUTDOWN, None
+    return None, f"KVM_RUN exit {outcome.reason.name}: {outcome.detail}"
 
 
 def _final(cpu: Cpu, stop: Stop, mode: Mode) -> Final:
@@ -147,7 +207,10 @@ def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[
     out: list[Mismatch] = []
     deliveries = [o for o in cpu.trace if isinstance(o, Delivery)]
     if scenario.deliveries is not None:
-        out += _judge_deliveries(scenario.deliveries, deliveries, program, resolve)
+        # The type is what the core delivered; under KVM it is what KVM injected,
+        # which the guest cannot see (INT1 comes back as a hardware #DB).
+        bare = cpu.host is None
+        out += _judge_deliveries(scenario.deliveries, deliveries, program, resolve, bare)
     for key, expected in scenario.final:
         out += _judge_final(key, expected, final, resolve)
     size = 8 if scenario.mode is Mode.LONG64 else 4
@@ -183,7 +246,7 @@ def _describe_expected(e: ExpectedDelivery, resolve: Resolver) -> str:
 
 
 def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery],
-                      program: Program, resolve: Resolver) -> list[Mismatch]:
+                      program: Program, resolve: Resolver, check_type: bool) -> list[Mismatch]:
     out = []
     for n in range(max(len(expected), len(got))):
         e = expected[n] if n < len(expected) else None
@@ -196,7 +259,7 @@ def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery
             out.append(Mismatch(e.line, f"delivery {n + 1}: expected "
                                 f"{_describe_expected(e, resolve)}, but there was none"))
             continue
-        wrong = _delivery_differences(e, d, program, resolve)
+        wrong = _delivery_differences(e, d, program, resolve, check_type)
         if wrong:
             out.append(Mismatch(e.line, f"delivery {n + 1}: {'; '.join(wrong)} "
                                 f"(got {describe(d, program)})"))
@@ -204,11 +267,11 @@ def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery
 
 
 def _delivery_differences(e: ExpectedDelivery, d: Delivery, program: Program,
-                          resolve: Resolver) -> list[str]:
+                          resolve: Resolver, check_type: bool) -> list[str]:
     wrong = []
     if e.vector != d.vector:
         wrong.append(f"expected vector {vector_name(e.vector)}, got {vector_name(d.vector)}")
-    if e.type is not None and e.type is not EventType(d.type):
+    if check_type and e.type is not None and e.type is not EventType(d.type):
         wrong.append(f"expected type {e.type.name.lower()}, got {d.type.name.lower()}")
     if e.error_code is not None and e.error_code != d.error_code:
         got = "none" if d.error_code is None else f"{d.error_code:#x}"

@@ -8,6 +8,7 @@ every later error can name file:line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType
@@ -38,6 +39,21 @@ class Happening:
     line: int
 
 
+class HostEvent(Enum):
+    """Host-side happenings; a bare-metal run has no host and ignores them."""
+
+    FAULT = "host_fault"  # the page is missing from EPT/NPT until the guest first touches it
+    SAVE_RESTORE = "save_restore"  # KVM_GET/SET_VCPU_EVENTS into a fresh vCPU at exit N
+
+
+@dataclass(frozen=True, slots=True)
+class HostHappening:
+    event: HostEvent
+    page: Expr | None
+    exit: int | None
+    line: int
+
+
 @dataclass(frozen=True, slots=True)
 class ExpectedDelivery:
     vector: int
@@ -45,6 +61,20 @@ class ExpectedDelivery:
     error_code: int | None
     return_rip: Expr | None
     retired: int | None
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class KnownDivergence:
+    """A difference from bare metal the hypervisor is known to show, and why.
+
+    The run passes only if exactly this divergence appears: if it goes away
+    (say KVM got fixed), the scenario fails and asks to be updated.
+    """
+
+    vendors: tuple[str, ...]
+    entry: int  # 1-based position in the guest-observable trace; 0 for the final state
+    why: str
     line: int
 
 
@@ -74,6 +104,9 @@ class Scenario:
     sti_blocks_nmi: bool
     max_steps: int
     happenings: tuple[Happening, ...]
+    host: tuple[HostHappening, ...]
+    vendor: str  # "bare", "svm" or "vmx": what `kvmodel run` uses without --vendor
     deliveries: tuple[ExpectedDelivery, ...] | None  # None: not checked
     final: tuple[tuple[str, Expected], ...]
     memory: tuple[tuple[Expr, Expected], ...]
+    divergences: tuple[KnownDivergence, ...] = ()

@@ -54,6 +54,7 @@ class SvmGuest(GuestMode):
     def __init__(self, cpu: Cpu):
         super().__init__(cpu)
         self.vmcb = Vmcb()
+        self._saved_shadow = Shadow.NONE  # the shadow kind behind int_state at the last exit
 
     # -- VMRUN (APM 15.5, 15.20) ----------------------------------------------
 
@@ -93,9 +94,13 @@ class SvmGuest(GuestMode):
         cpu.rip = vmcb.rip
         cpu.regs[RSP] = vmcb.rsp
         cpu.rflags = vmcb.rflags
-        cpu.dr6 = vmcb.dr6
-        # SVM keeps one shadow bit; it is loaded as an STI shadow (APM 15.21.5).
-        cpu.shadow = Shadow.STI if vmcb.int_state & INTERRUPT_SHADOW else Shadow.NONE
+        # One shadow bit (APM 15.21.5). The kind (STI or MOV SS) matters for chained
+        # MOV SS and debug traps; the model keeps the kind it saved (UNVERIFIED) and
+        # treats a bit set by the VMM as an STI shadow.
+        if not vmcb.int_state & INTERRUPT_SHADOW:
+            cpu.shadow = Shadow.NONE
+        else:
+            cpu.shadow = self._saved_shadow if self._saved_shadow is not Shadow.NONE else Shadow.STI
         cpu.halted = False
         self.intercepts_changed()
 
@@ -153,8 +158,8 @@ class SvmGuest(GuestMode):
         vmcb.rip = cpu.rip
         vmcb.rsp = cpu.regs[RSP]
         vmcb.rflags = cpu.rflags
-        vmcb.dr6 = cpu.dr6
         shadow = shadow_at(cpu, where)
+        self._saved_shadow = shadow
         vmcb.int_state = INTERRUPT_SHADOW if shadow is not Shadow.NONE else 0
 
     # -- arch/host.py hooks ---------------------------------------------------
@@ -170,7 +175,7 @@ class SvmGuest(GuestMode):
         where = event_where(cpu, event)
         code = event.error_code if has_error_code(event.vector, event.type) else None
         if event.vector == Vec.DB:  # DR6 is written before the intercept (APM 15.12): UNVERIFIED
-            cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
+            self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
         soft = event.type is EventType.SW_EXCEPTION and event.vector in _NEXT_RIP_EXCEPTIONS
         self._exit(ExitCode.EXCP_BASE + event.vector, where, info_1=code or 0,
                    next_rip=event.rip if soft else 0)

@@ -114,4 +114,4 @@ class Vmcb:
     rip: int = 0
     rsp: int = 0
     rflags: int = 0x2
-    dr6: int = 0xFFFF0FF0
+    dr6: int = 0xFFFF0FF0  # the hardware DR6 while the guest runs; KVM keeps the guest's own

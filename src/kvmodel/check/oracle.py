@@ -1,0 +1,124 @@
+"""The correctness criterion: a virtualized run must show the guest what bare metal shows.
+
+The guest-observable trace is every delivery (vector, error code, return
+address, retired count, handler, stack pointer and the frame's words),
+IRET, HLT, shutdown, debug-port output and (when recorded) retired
+instruction, in order; then the final registers and memory. The event
+*type* of a delivery is left out: a guest cannot see it, only its effects
+(frame, DR6), and KVM legitimately injects INT1 as a hardware #DB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.scenario.runner import RunResult, run
+from kvmodel.scenario.schema import KnownDivergence, Scenario
+
+GUEST_OBSERVABLE = (Delivery, Iret, Halt, Shutdown, Output, Retire)
+FINAL_FIELDS = ("rip", "rflags", "cr2", "dr6", "dr7", "retired", "halted", "shutdown")
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """The first thing the guest saw differently under the hypervisor."""
+
+    index: int  # position in the guest-observable trace, or -1 for the final state
+    bare: Observation | str | None
+    virt: Observation | str | None
+    virt_trace_index: int  # where in the full virtualized trace (exits included) it happened
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    bare: RunResult
+    virt: RunResult | None  # None: the scenario cannot be run under this hypervisor
+    divergence: Divergence | None
+    known: KnownDivergence | None = None  # the scenario's declaration for this vendor
+    not_applicable: str | None = None
+
+    @property
+    def divergence_expected(self) -> bool:
+        """The divergence found is the one the scenario declares."""
+        d, k = self.divergence, self.known
+        return d is not None and k is not None and d.index + 1 == k.entry
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this comparison fails, empty when it passes."""
+        out = []
+        if self.not_applicable is not None:
+            return out
+        if self.divergence is not None and not self.divergence_expected:
+            out.append("the guest saw something bare metal would not have shown it")
+        if self.known is not None and self.divergence is None:
+            out.append(f"line {self.known.line}: the declared divergence did not happen")
+        if self.known is not None and self.divergence is not None and not self.divergence_expected:
+            out.append(f"line {self.known.line}: declared divergence at entry {self.known.entry}, "
+                       f"found one at entry {self.divergence.index + 1}")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and self.bare.passed and (
+            self.virt is None or self.virt.passed or self.known is not None)
+
+
+def guest_view(trace: tuple) -> list[tuple[int, Observation]]:
+    """(index in the full trace, entry) for what the guest can observe."""
+    out = []
+    for n, obs in enumerate(trace):
+        if isinstance(obs, GUEST_OBSERVABLE):
+            out.append((n, replace(obs, type=None) if isinstance(obs, Delivery) else obs))
+    return out
+
+
+def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
+            max_steps: int | None = None) -> Comparison:
+    """Run bare metal and `vendor` with the same program and external events; compare."""
+    bare = run(scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
+               max_steps=max_steps)
+    if not scenario.sti_blocks_nmi:
+        return Comparison(bare, None, None, not_applicable=(
+            "sti_blocks_nmi = false: KVM's vCPU always holds NMIs in the STI shadow "
+            "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows"))
+    virt = run(scenario, vendor=vendor, record_instructions=record_instructions,
+               max_steps=max_steps)
+    known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+    return Comparison(bare, virt, first_divergence(bare, virt), known)
+
+
+def first_divergence(bare: RunResult, virt: RunResult) -> Divergence | None:
+    if bare.limit is not None or virt.limit is not None:
+        return None  # nothing to compare: the model stopped
+    b, v = guest_view(bare.trace), guest_view(virt.trace)
+    for n in range(max(len(b), len(v))):
+        be = b[n][1] if n < len(b) else None
+        ve = v[n][1] if n < len(v) else None
+        if be != ve:
+            at = v[n][0] if n < len(v) else len(virt.trace)
+            return Divergence(n, bare.trace[b[n][0]] if be else None,
+                              virt.trace[v[n][0]] if ve else None, at)
+    if virt.final is None or bare.final is None:
+        return None
+    if bare.final.shutdown and virt.final.shutdown:
+        return None  # nothing after a shutdown is observable
+    for name in FINAL_FIELDS:
+        if getattr(bare.final, name) != getattr(virt.final, name):
+            return _final_divergence(name, getattr(bare.final, name), getattr(virt.final, name),
+                                     len(virt.trace))
+    for (name, bv), (_, vv) in zip(bare.final.registers, virt.final.registers, strict=True):
+        if bv != vv:
+            return _final_divergence(name, bv, vv, len(virt.trace))
+    if bare.memory != virt.memory:
+        addr = next(i for i, (x, y) in enumerate(zip(bare.memory, virt.memory, strict=True)) if x != y)
+        return _final_divergence(f"memory byte {addr:#x}", bare.memory[addr], virt.memory[addr],
+                                 len(virt.trace))
+    return None
+
+
+def _final_divergence(name: str, bare, virt, at: int) -> Divergence:
+    show = (lambda x: f"{x:#x}") if isinstance(bare, int) and not isinstance(bare, bool) else str
+    return Divergence(-1, f"final {name} = {show(bare)}", f"final {name} = {show(virt)}", at)

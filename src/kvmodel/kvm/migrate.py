@@ -1,0 +1,57 @@
+"""Save/restore of a vCPU as a VMM does it: the register ioctls plus KVM_GET/SET_VCPU_EVENTS.
+
+Only what the uAPI carries reaches the new vCPU; everything else (the
+VMCS/VMCB, vendor bookkeeping such as SVM's awaiting_iret_completion or
+its NMI single-step, VMX pending debug exceptions) starts fresh, as after
+a live migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvmodel.arch.apic import Apic
+from kvmodel.arch.cpu import Cpu
+from kvmodel.kvm.uapi import KvmVcpuEvents
+from kvmodel.kvm.vcpu import Vendor, create_vcpu
+from kvmodel.kvm.x86 import Vcpu
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRestoreRecord:
+    """The 64-byte struct kvm_vcpu_events that crossed over, for the trace."""
+
+    kind: ClassVar[str] = "save_restore"
+    retired: int
+    events: str  # hex of the packed struct
+
+
+def save_restore(vcpu: Vcpu, vendor: Vendor) -> Vcpu:
+    """KVM_GET_* on `vcpu`, then KVM_CREATE_VCPU and KVM_SET_* on a fresh one."""
+    events = vcpu.get_vcpu_events().pack()
+    vcpu.ops.sync_guest_state_to_core()  # KVM_GET_REGS: RIP, RFLAGS as KVM reports them
+    new = create_vcpu(copy_registers(vcpu.cpu), vendor)
+    new.mp_state = vcpu.mp_state  # KVM_GET/SET_MP_STATE
+    new.set_vcpu_events(KvmVcpuEvents.unpack(events))
+    new.cpu.trace.append(SaveRestoreRecord(vcpu.cpu.retired, events.hex()))
+    return new
+
+
+def copy_registers(old: Cpu) -> Cpu:
+    """KVM_GET/SET_REGS, _SREGS, _DEBUGREGS and _LAPIC: architectural registers, same memory."""
+    cpu = Cpu(old.mode, old.mem, not_present=old.not_present, sti_blocks_nmi=old.sti_blocks_nmi,
+              record_instructions=old.record_instructions)
+    cpu.regs = list(old.regs)
+    cpu.rip, cpu.rflags, cpu.cs, cpu.ss = old.rip, old.rflags, old.cs, old.ss
+    cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = old.cr0, old.cr2, old.cr3, old.cr4, old.efer
+    cpu.idtr_base, cpu.idtr_limit, cpu.tr_base = old.idtr_base, old.idtr_limit, old.tr_base
+    cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7
+    cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
+    cpu.retired = old.retired  # the observer's count, not CPU state
+    cpu.trace = old.trace
+    cpu.scheduled = old.scheduled  # what is still to arrive from outside
+    cpu.next_after = old.next_after
+    cpu.set_host_unmapped(old.host_unmapped)  # the host's memory map belongs to the VM
+    cpu.update_breakpoints()
+    return cpu

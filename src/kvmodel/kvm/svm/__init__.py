@@ -1,0 +1,1 @@
+"""kvm_amd: the SVM vendor code."""

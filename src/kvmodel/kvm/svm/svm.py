@@ -1,0 +1,355 @@
+"""kvm_amd's event code (arch/x86/kvm/svm/svm.c), over the SVM model in hw/svm.
+
+Module parameter: `nrips` (use the CPU's next-RIP save). Without vNMI,
+KVM tracks NMI masking itself: `nmi_masked`, the IRET intercept,
+`awaiting_iret_completion` until RIP moves past the IRET, and single-step
+(TF|RF) to get an exit as soon as a blocked NMI could be taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.arch.decode import decode
+from kvmodel.arch.events import Vec
+from kvmodel.arch.regs import IF, RF, TF
+from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.svm.cpu import SvmGuest
+from kvmodel.hw.svm.vmcb import (
+    EVTINJ_VALID,
+    EVTINJ_VALID_ERR,
+    INTERRUPT_SHADOW,
+    V_IGN_TPR,
+    V_INTR_MASKING,
+    V_INTR_PRIO_MASK,
+    V_INTR_PRIO_SHIFT,
+    V_IRQ,
+    EventInjType,
+    ExitCode,
+    Intercept,
+    encode,
+)  # fmt: skip
+from kvmodel.kvm.uapi import KvmExit, ShadowBits
+from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, Request, UserspaceExit, Vcpu, exception_is_soft
+
+# init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
+EXCEPTION_INTERCEPTS = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.AC) | (1 << Vec.DB)
+INTERCEPTS = {Intercept.INTR, Intercept.NMI, Intercept.SHUTDOWN, Intercept.HLT, Intercept.CPUID,
+              Intercept.IOIO, Intercept.MSR, Intercept.CR8_WRITE}
+_INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRITE_CR8)
+
+
+@dataclass(frozen=True, slots=True)
+class SvmParams:
+    nrips: bool = True
+
+
+class Svm:
+    """struct vcpu_svm (event fields) and the svm_x86_ops event hooks."""
+
+    def __init__(self, vcpu: Vcpu, guest: SvmGuest, params: SvmParams):
+        self.vcpu = vcpu
+        self.guest = guest
+        self.nrips = params.nrips
+        vcpu.ops = self
+        self.gif = True  # GIF as KVM sees it; the guest never runs CLGI here
+        self.nmi_masked = False
+        self.awaiting_iret_completion = False
+        self.nmi_iret_rip = 0
+        self.nmi_singlestep = False
+        self.nmi_singlestep_guest_rflags = 0
+        self.soft_int_injected = False
+        self.soft_int_old_rip = 0
+        self.soft_int_next_rip = 0
+        vmcb = guest.vmcb
+        vmcb.intercepts = set(INTERCEPTS)
+        vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
+        vmcb.int_ctl = V_INTR_MASKING
+        cpu = guest.cpu
+        vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[4]
+        guest.on_external = vcpu.external
+        guest.on_nmi_from_apic = vcpu.inject_nmi
+
+    @property
+    def vmcb(self):
+        return self.guest.vmcb
+
+    # -- registers -----------------------------------------------------------
+
+    def rip_read(self) -> int:
+        return self.vmcb.rip
+
+    def rip_write(self, rip: int) -> None:
+        self.vmcb.rip = rip
+
+    def get_rflags(self) -> int:
+        """svm_get_rflags(): hide KVM's own TF/RF while single-stepping for an NMI window."""
+        rflags = self.vmcb.rflags
+        if self.nmi_singlestep:
+            rflags &= ~((TF | RF) & ~self.nmi_singlestep_guest_rflags)
+        return rflags
+
+    def set_rflags(self, rflags: int) -> None:
+        """svm_set_rflags(): keep TF|RF forced while single-stepping."""
+        if self.nmi_singlestep:
+            rflags |= TF | RF
+        self.vmcb.rflags = rflags
+
+    def sync_guest_state_to_core(self) -> None:
+        """Make the arch core show the guest state as KVM_GET_REGS reports it (for inspection)."""
+        cpu = self.guest.cpu
+        cpu.rip, cpu.rflags, cpu.regs[4] = self.vmcb.rip, self.get_rflags(), self.vmcb.rsp
+
+    def skip_emulated_instruction(self) -> bool:
+        return self._skip(commit=True)
+
+    def _skip(self, commit: bool) -> bool:
+        """__svm_skip_emulated_instruction(): next_rip when NRIPS gives it, else decode."""
+        vmcb = self.vmcb
+        if self.nrips and vmcb.next_rip:
+            vmcb.rip = vmcb.next_rip
+        else:
+            cpu = self.guest.cpu
+            insn = cpu.icache.get(vmcb.rip) or decode(cpu, vmcb.rip)  # EMULTYPE_SKIP
+            vmcb.rip += insn.length
+        if commit:
+            self.set_interrupt_shadow(0)
+        return True
+
+    # -- shadows and NMI masking ------------------------------------------------
+
+    def get_interrupt_shadow(self) -> int:
+        """SVM has one shadow bit; KVM reports it as both kinds."""
+        return ShadowBits.STI | ShadowBits.MOV_SS if self.vmcb.int_state & INTERRUPT_SHADOW else 0
+
+    def set_interrupt_shadow(self, shadow: int) -> None:
+        if shadow:
+            self.vmcb.int_state |= INTERRUPT_SHADOW
+        else:
+            self.vmcb.int_state &= ~INTERRUPT_SHADOW
+
+    def get_nmi_mask(self) -> bool:
+        return self.nmi_masked
+
+    def set_nmi_mask(self, masked: bool) -> None:
+        """svm_set_nmi_mask(): the IRET intercept follows the mask."""
+        self.nmi_masked = masked
+        self._set_intercept(Intercept.IRET, masked)
+
+    def _set_intercept(self, intercept: Intercept, on: bool) -> None:
+        if on:
+            self.vmcb.intercepts.add(intercept)
+        else:
+            self.vmcb.intercepts.discard(intercept)
+        self.guest.intercepts_changed()
+
+    def is_vnmi_pending(self) -> bool:
+        return False  # vNMI: issue 6
+
+    def set_vnmi_pending(self) -> bool:
+        return False
+
+    def nmi_blocked(self) -> bool:
+        """svm_nmi_blocked()."""
+        if not self.gif:
+            return True
+        return self.get_nmi_mask() or bool(self.vmcb.int_state & INTERRUPT_SHADOW)
+
+    def nmi_allowed(self, for_injection: bool) -> int:
+        return 0 if self.nmi_blocked() else 1
+
+    def interrupt_blocked(self) -> bool:
+        """svm_interrupt_blocked()."""
+        if not self.gif or not self.vmcb.rflags & IF:
+            return True
+        return bool(self.vmcb.int_state & INTERRUPT_SHADOW)
+
+    def interrupt_allowed(self, for_injection: bool) -> int:
+        return 0 if self.interrupt_blocked() else 1
+
+    # -- injection ---------------------------------------------------------------
+
+    def inject_nmi(self) -> None:
+        """svm_inject_nmi(): without vNMI, KVM masks NMIs and intercepts IRET."""
+        self.vmcb.event_inj = EVTINJ_VALID | (EventInjType.NMI << 8)
+        self.nmi_masked = True
+        self._set_intercept(Intercept.IRET, True)
+        self.vcpu.stats.nmi_injections += 1
+
+    def inject_irq(self, reinjected: bool) -> None:
+        """svm_inject_irq(): INTn goes through EVENTINJ with next_rip as its return address."""
+        irq = self.vcpu.interrupt
+        if irq.soft and not self._update_soft_interrupt_rip():
+            return
+        self.vcpu.stats.irq_injections += 1
+        kind = EventInjType.SOFT if irq.soft else EventInjType.INTR
+        self.vmcb.event_inj = encode(irq.nr, kind, None)
+
+    def inject_exception(self) -> None:
+        """svm_inject_exception()."""
+        vcpu = self.vcpu
+        exc = vcpu.exception
+        vcpu.deliver_exception_payload()
+        if exception_is_soft(exc.vector) and not self._update_soft_interrupt_rip():
+            return
+        self.vmcb.event_inj = encode(exc.vector, EventInjType.EXEPT,
+                                     exc.error_code if exc.has_error_code else None)
+        self.vmcb.event_inj_err = exc.error_code
+
+    def _update_soft_interrupt_rip(self) -> bool:
+        """svm_update_soft_interrupt_rip(): find the next RIP and remember both ends."""
+        old_rip = self.vmcb.rip
+        if not self._skip(commit=not self.nrips):
+            return False
+        next_rip = self.vmcb.rip
+        self.soft_int_injected = True
+        self.soft_int_old_rip = old_rip
+        self.soft_int_next_rip = next_rip
+        if self.nrips:
+            self.vmcb.rip = old_rip  # hardware pushes next_rip; RIP stays on the instruction
+        self.vmcb.next_rip = next_rip  # the CPU has NRIPS
+        return True
+
+    def cancel_injection(self) -> None:
+        """svm_cancel_injection()."""
+        vmcb = self.vmcb
+        vmcb.exit_int_info, vmcb.exit_int_info_err = vmcb.event_inj, vmcb.event_inj_err
+        vmcb.event_inj = 0
+        self.complete_interrupts()
+
+    # -- windows -------------------------------------------------------------------
+
+    def enable_nmi_window(self) -> None:
+        """svm_enable_nmi_window(): wait for the IRET intercept, else single-step."""
+        if self.get_nmi_mask() and not self.awaiting_iret_completion:
+            return  # the IRET intercept will exit
+        if not self.gif:
+            return  # STGI is intercepted without vGIF (not reached: the guest has no CLGI)
+        self.nmi_singlestep_guest_rflags = self.get_rflags()
+        self.nmi_singlestep = True
+        self.vmcb.rflags |= TF | RF
+
+    def disable_nmi_singlestep(self) -> None:
+        """disable_nmi_singlestep(): give back the guest's own TF and RF."""
+        self.nmi_singlestep = False
+        self.vmcb.rflags &= ~((TF | RF) & ~self.nmi_singlestep_guest_rflags)
+
+    def enable_irq_window(self) -> None:
+        """svm_enable_irq_window() / svm_set_vintr(): a dummy V_IRQ that exits with VINTR."""
+        if not self.gif:
+            return
+        vmcb = self.vmcb
+        vmcb.int_vector = 0
+        vmcb.int_ctl = (vmcb.int_ctl & ~(V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR)) | V_IRQ | (
+            0xF << V_INTR_PRIO_SHIFT)
+        self._set_intercept(Intercept.VINTR, True)
+
+    def clear_vintr(self) -> None:
+        self.vmcb.int_ctl &= ~(V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR)
+        self._set_intercept(Intercept.VINTR, False)
+
+    def kick(self) -> None:
+        self.guest.kick()
+
+    # -- the run and what follows each exit ----------------------------------------
+
+    def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None:
+        """svm_vcpu_run(): never push KVM's TF into a frame; complete interrupts after the exit."""
+        if self.nmi_singlestep and self.vmcb.event_inj & EVTINJ_VALID:
+            self.disable_nmi_singlestep()
+            immediate_exit = True
+        if immediate_exit:
+            self.guest.kick()  # smp_send_reschedule() to itself: exits right after entry
+        # The guest's DR6 is vcpu->arch.dr6 (the core's dr6 here); the VMCB gets a clean one.
+        self.vmcb.dr6 = DR6_ACTIVE_LOW
+        try:
+            stop = self.guest.run(max_steps)
+        except EntryFailed as failed:
+            return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+        if stop is not None:
+            self.sync_guest_state_to_core()
+            return BUDGET
+        self.complete_interrupts()
+        return None
+
+    def complete_interrupts(self) -> None:
+        """svm_complete_interrupts(): IRET completion, then requeue from EXITINTINFO."""
+        vcpu, vmcb = self.vcpu, self.vmcb
+        soft_int_injected, self.soft_int_injected = self.soft_int_injected, False
+        if self.awaiting_iret_completion and vmcb.rip != self.nmi_iret_rip:
+            self.awaiting_iret_completion = False
+            self.nmi_masked = False
+            vcpu.requests |= Request.EVENT
+        vcpu.clear_event_queues()
+        info = vmcb.exit_int_info
+        if not info & EVTINJ_VALID:
+            return
+        vcpu.requests |= Request.EVENT
+        vector, kind = info & 0xFF, EventInjType((info >> 8) & 7)
+        if soft_int_injected:
+            self._complete_soft_interrupt(vector, kind)
+        if kind is EventInjType.NMI:
+            vcpu.nmi_injected = True
+        elif kind is EventInjType.EXEPT:
+            code = vmcb.exit_int_info_err if info & EVTINJ_VALID_ERR else None
+            vcpu.requeue_exception(vector, code)
+        else:
+            vcpu.queue_interrupt(vector, soft=kind is EventInjType.SOFT)
+
+    def _complete_soft_interrupt(self, vector: int, kind: EventInjType) -> None:
+        """svm_complete_soft_interrupt(): next_rip is lost on the exit; put it back or unwind RIP."""
+        is_soft = kind is EventInjType.SOFT
+        is_exception = kind is EventInjType.EXEPT
+        vmcb = self.vmcb
+        if self.nrips and (is_soft or (is_exception and exception_is_soft(vector))) and (
+                vmcb.rip == self.soft_int_old_rip):
+            vmcb.next_rip = self.soft_int_next_rip
+        elif not self.nrips and (is_soft or is_exception) and vmcb.rip == self.soft_int_next_rip:
+            vmcb.rip = self.soft_int_old_rip
+
+    def handle_exit(self) -> UserspaceExit | None:
+        """svm_handle_exit() and the interception handlers modelled."""
+        vcpu, vmcb = self.vcpu, self.vmcb
+        code = vmcb.exit_code
+        if code == ExitCode.EXCP_BASE + Vec.DB:
+            self._db_interception()
+        elif code == ExitCode.EXCP_BASE + Vec.UD:
+            vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
+        elif code == ExitCode.INTR:
+            vcpu.stats.irq_exits += 1
+        elif code == ExitCode.VINTR:
+            vcpu.requests |= Request.EVENT
+            self.clear_vintr()
+            vcpu.stats.irq_window_exits += 1
+        elif code == ExitCode.IRET:
+            self._iret_interception()
+        elif code == ExitCode.HLT:
+            vcpu.emulate_halt()
+        elif code in _INSTRUCTION_EXITS:
+            vcpu.emulate_and_skip()
+        elif code == ExitCode.NPF:
+            cpu = self.guest.cpu
+            cpu.set_host_unmapped(cpu.host_unmapped - {vmcb.exit_info_2 >> 12})
+        elif code == ExitCode.SHUTDOWN:
+            return UserspaceExit(KvmExit.SHUTDOWN, "shutdown intercept")
+        else:
+            return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exit {code:#x} not modelled")
+        return None
+
+    def _db_interception(self) -> None:
+        """db_interception(): the guest's own #DB goes back to it, KVM's single-step ends."""
+        vcpu = self.vcpu
+        if not self.nmi_singlestep:
+            vcpu.queue_exception(Vec.DB, payload=self.vmcb.dr6 ^ DR6_ACTIVE_LOW)
+            return
+        self.disable_nmi_singlestep()
+        vcpu.requests |= Request.EVENT
+
+    def _iret_interception(self) -> None:
+        """iret_interception(): NMIs stay masked until RIP has moved past this IRET."""
+        vcpu = self.vcpu
+        vcpu.stats.nmi_window_exits += 1
+        self.awaiting_iret_completion = True
+        self._set_intercept(Intercept.IRET, False)
+        self.nmi_iret_rip = self.vmcb.rip
+        vcpu.requests |= Request.EVENT

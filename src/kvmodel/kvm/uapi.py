@@ -1,0 +1,89 @@
+"""The KVM uAPI pieces for events: struct kvm_vcpu_events and KVM_RUN exit reasons.
+
+Layout from include/uapi/asm/kvm.h (arch/x86): 64 bytes, little-endian,
+naturally aligned; `exception.pending` lives in what was padding, and
+`exception_has_payload`/`exception_payload` follow the reserved bytes
+(Documentation/virt/kvm/api.rst, KVM_GET_VCPU_EVENTS).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import astuple, dataclass
+from enum import IntEnum, IntFlag
+
+from kvmodel.errors import KvmodelError
+
+# exception(4B + u32) interrupt(4B) nmi(4B) sipi_vector flags smi(4B) triple_fault
+# reserved[26] exception_has_payload exception_payload
+_LAYOUT = struct.Struct("<4BI4B4BII4BB26xBQ")
+SIZE = 64
+assert _LAYOUT.size == SIZE
+
+
+class VcpuEventsFlag(IntFlag):
+    VALID_NMI_PENDING = 0x01
+    VALID_SIPI_VECTOR = 0x02
+    VALID_SHADOW = 0x04
+    VALID_SMM = 0x08
+    VALID_PAYLOAD = 0x10
+    VALID_TRIPLE_FAULT = 0x20
+
+
+class ShadowBits(IntFlag):
+    """interrupt.shadow: KVM_X86_SHADOW_INT_MOV_SS / KVM_X86_SHADOW_INT_STI."""
+
+    MOV_SS = 0x01
+    STI = 0x02
+
+
+class KvmExit(IntEnum):
+    """kvm_run->exit_reason values used here (include/uapi/linux/kvm.h)."""
+
+    IO = 2
+    HLT = 5
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    INTERNAL_ERROR = 17
+
+
+class InvalidArgument(KvmodelError):
+    """The ioctl would fail with -EINVAL."""
+
+
+@dataclass(slots=True)
+class KvmVcpuEvents:
+    """struct kvm_vcpu_events, field by field in header order."""
+
+    exception_injected: int = 0
+    exception_nr: int = 0
+    exception_has_error_code: int = 0
+    exception_pending: int = 0
+    exception_error_code: int = 0
+    interrupt_injected: int = 0
+    interrupt_nr: int = 0
+    interrupt_soft: int = 0
+    interrupt_shadow: int = 0
+    nmi_injected: int = 0
+    nmi_pending: int = 0
+    nmi_masked: int = 0
+    nmi_pad: int = 0
+    sipi_vector: int = 0
+    flags: int = 0
+    smi_smm: int = 0
+    smi_pending: int = 0
+    smi_smm_inside_nmi: int = 0
+    smi_latched_init: int = 0
+    triple_fault_pending: int = 0
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+    def pack(self) -> bytes:
+        return _LAYOUT.pack(*astuple(self))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> KvmVcpuEvents:
+        if len(buf) != SIZE:
+            raise InvalidArgument(f"struct kvm_vcpu_events is {SIZE} bytes, got {len(buf)}")
+        return cls(*_LAYOUT.unpack(buf))

@@ -1,0 +1,1 @@
+"""kvm_intel: the VMX vendor code."""

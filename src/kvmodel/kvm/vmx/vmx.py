@@ -1,0 +1,300 @@
+"""kvm_intel's event code (arch/x86/kvm/vmx/vmx.c), over the VMX model in hw/vmx.
+
+Module parameter: `enable_vnmi` (only the virtual-NMI configuration is
+modelled; KVM's "soft vNMI" fallback for CPUs without it is not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.arch.events import EventType, Vec
+from kvmodel.arch.regs import IF
+from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.vmx.cpu import VmxGuest
+from kvmodel.hw.vmx.vmcs import (
+    INTR_INFO_DELIVER_CODE,
+    INTR_INFO_UNBLOCK_NMI,
+    INTR_INFO_VALID,
+    QUAL_UNBLOCK_NMI,
+    ExitReason,
+    Interruptibility,
+    Pin,
+    Proc,
+    info_type,
+    info_vector,
+    intr_info,
+)  # fmt: skip
+from kvmodel.kvm.uapi import KvmExit, ShadowBits
+from kvmodel.kvm.x86 import BUDGET, Request, UserspaceExit, Vcpu, exception_is_soft
+
+# vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
+EXCEPTION_BITMAP = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.DB) | (1 << Vec.AC)
+# Exits KVM can handle while an event was being vectored (__vmx_handle_exit()).
+_VECTORING_OK = (ExitReason.EXCEPTION_NMI, ExitReason.EPT_VIOLATION)
+
+
+@dataclass(frozen=True, slots=True)
+class VmxParams:
+    enable_vnmi: bool = True
+
+
+class Vmx:
+    """struct vcpu_vmx and the vmx_x86_ops event hooks."""
+
+    def __init__(self, vcpu: Vcpu, guest: VmxGuest, params: VmxParams):
+        if not params.enable_vnmi:
+            raise NotImplementedError("enable_vnmi=0 (soft vNMI) is not modelled")
+        self.vcpu = vcpu
+        self.guest = guest
+        self.params = params
+        vcpu.ops = self
+        vmcs = guest.vmcs
+        vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
+        vmcs.proc_based = Proc.HLT_EXITING | Proc.UNCOND_IO_EXITING | Proc.CR8_LOAD_EXITING
+        vmcs.exception_bitmap = EXCEPTION_BITMAP
+        cpu = guest.cpu
+        vmcs.guest_rip, vmcs.guest_rflags = cpu.rip, cpu.rflags
+        vmcs.guest_rsp = cpu.regs[4]
+        guest.on_external = vcpu.external
+        guest.on_nmi_from_apic = vcpu.inject_nmi
+
+    @property
+    def vmcs(self):
+        return self.guest.vmcs
+
+    # -- registers -----------------------------------------------------------
+
+    def rip_read(self) -> int:
+        return self.vmcs.guest_rip
+
+    def rip_write(self, rip: int) -> None:
+        self.vmcs.guest_rip = rip
+
+    def get_rflags(self) -> int:
+        return self.vmcs.guest_rflags
+
+    def set_rflags(self, rflags: int) -> None:
+        self.vmcs.guest_rflags = rflags
+
+    def sync_guest_state_to_core(self) -> None:
+        """Make the arch core show the guest state as the VMCS holds it (for inspection)."""
+        cpu, vmcs = self.guest.cpu, self.vmcs
+        cpu.rip, cpu.rflags, cpu.regs[4] = vmcs.guest_rip, vmcs.guest_rflags, vmcs.guest_rsp
+
+    def skip_emulated_instruction(self) -> bool:
+        """skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends."""
+        self.vmcs.guest_rip += self.vmcs.exit_instruction_len
+        self.set_interrupt_shadow(0)
+        return True
+
+    # -- shadows and NMI masking ------------------------------------------------
+
+    def get_interrupt_shadow(self) -> int:
+        state = self.vmcs.guest_interruptibility
+        if state & Interruptibility.MOV_SS:
+            return ShadowBits.MOV_SS
+        return ShadowBits.STI if state & Interruptibility.STI else 0
+
+    def set_interrupt_shadow(self, shadow: int) -> None:
+        """vmx_set_interrupt_shadow(): MOV SS wins; only one bit is ever set."""
+        state = self.vmcs.guest_interruptibility & ~(Interruptibility.STI | Interruptibility.MOV_SS)
+        if shadow & ShadowBits.MOV_SS:
+            state |= Interruptibility.MOV_SS
+        elif shadow & ShadowBits.STI:
+            state |= Interruptibility.STI
+        self.vmcs.guest_interruptibility = state
+
+    def get_nmi_mask(self) -> bool:
+        return bool(self.vmcs.guest_interruptibility & Interruptibility.NMI)
+
+    def set_nmi_mask(self, masked: bool) -> None:
+        if masked:
+            self.vmcs.guest_interruptibility |= Interruptibility.NMI
+        else:
+            self.vmcs.guest_interruptibility &= ~Interruptibility.NMI
+
+    def is_vnmi_pending(self) -> bool:
+        return False  # no hardware NMI latch on VMX (kvm_x86_ops.is_vnmi_pending is NULL)
+
+    def set_vnmi_pending(self) -> bool:
+        return False
+
+    def nmi_blocked(self) -> bool:
+        """vmx_nmi_blocked(): STI blocks NMIs too."""
+        return bool(self.vmcs.guest_interruptibility & (
+            Interruptibility.MOV_SS | Interruptibility.STI | Interruptibility.NMI))
+
+    def nmi_allowed(self, for_injection: bool) -> int:
+        return 0 if self.nmi_blocked() else 1
+
+    def interrupt_blocked(self) -> bool:
+        """vmx_interrupt_blocked()."""
+        return not self.vmcs.guest_rflags & IF or bool(
+            self.vmcs.guest_interruptibility & (Interruptibility.STI | Interruptibility.MOV_SS))
+
+    def interrupt_allowed(self, for_injection: bool) -> int:
+        return 0 if self.interrupt_blocked() else 1
+
+    # -- injection ---------------------------------------------------------------
+
+    def inject_irq(self, reinjected: bool) -> None:
+        """vmx_inject_irq()."""
+        vcpu = self.vcpu
+        vcpu.stats.irq_injections += 1
+        irq = vcpu.interrupt
+        if irq.soft:
+            self.vmcs.entry_intr_info = intr_info(irq.nr, EventType.SW_INT, None)
+            self.vmcs.entry_instruction_len = vcpu.event_exit_inst_len
+        else:
+            self.vmcs.entry_intr_info = intr_info(irq.nr, EventType.EXT_INT, None)
+
+    def inject_nmi(self) -> None:
+        """vmx_inject_nmi(): hardware sets virtual-NMI blocking when it delivers."""
+        self.vcpu.stats.nmi_injections += 1
+        self.vmcs.entry_intr_info = intr_info(Vec.NMI, EventType.NMI, None)
+
+    def inject_exception(self) -> None:
+        """vmx_inject_exception()."""
+        vcpu = self.vcpu
+        exc = vcpu.exception
+        vcpu.deliver_exception_payload()
+        code = exc.error_code & 0xFFFF if exc.has_error_code else None  # bits 31:16 would fail entry
+        if exception_is_soft(exc.vector):
+            self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.SW_EXCEPTION, code)
+            self.vmcs.entry_instruction_len = vcpu.event_exit_inst_len
+        else:
+            self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.HW_EXCEPTION, code)
+        self.vmcs.entry_exception_error_code = code or 0
+
+    def cancel_injection(self) -> None:
+        """vmx_cancel_injection(): the programmed event goes back to the queues."""
+        vmcs = self.vmcs
+        self._complete(vmcs.entry_intr_info, vmcs.entry_instruction_len,
+                       vmcs.entry_exception_error_code)
+        vmcs.entry_intr_info = 0
+
+    # -- windows -------------------------------------------------------------------
+
+    def enable_irq_window(self) -> None:
+        self.vmcs.proc_based |= Proc.INTR_WINDOW_EXITING
+        self.guest.cpu_windows_changed()
+
+    def enable_nmi_window(self) -> None:
+        """vmx_enable_nmi_window(): under STI blocking the NMI window may never open; use the IRQ window."""
+        if self.vmcs.guest_interruptibility & Interruptibility.STI:
+            self.enable_irq_window()
+            return
+        self.vmcs.proc_based |= Proc.NMI_WINDOW_EXITING
+        self.guest.cpu_windows_changed()
+
+    def kick(self) -> None:
+        self.guest.kick()
+
+    # -- the run and what follows each exit ----------------------------------------
+
+    def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None:
+        """vmx_vcpu_run(): enter, then recover NMI blocking and complete interrupts."""
+        if immediate_exit:
+            self.guest.kick()  # KVM uses a zero preemption timer; any immediate exit will do
+        try:
+            stop = self.guest.run(max_steps)
+        except EntryFailed as failed:
+            return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+        if stop is not None:
+            self.sync_guest_state_to_core()
+            return BUDGET
+        self.recover_nmi_blocking()
+        self._complete(self.vmcs.idt_vectoring_info, self.vmcs.exit_instruction_len,
+                       self.vmcs.idt_vectoring_error_code)
+        return None
+
+    def recover_nmi_blocking(self) -> None:
+        """vmx_recover_nmi_blocking(): a faulting IRET is re-executed with NMIs blocked again."""
+        vmcs = self.vmcs
+        info = vmcs.exit_intr_info
+        if (vmcs.exit_reason == ExitReason.EXCEPTION_NMI and info & INTR_INFO_VALID
+                and info & INTR_INFO_UNBLOCK_NMI and info_vector(info) != Vec.DF
+                and not vmcs.idt_vectoring_info & INTR_INFO_VALID):
+            self.set_nmi_mask(True)
+
+    def _complete(self, info: int, insn_len: int, error_code: int) -> None:
+        """__vmx_complete_interrupts(): clear the queues, then requeue what was being vectored."""
+        vcpu = self.vcpu
+        vcpu.clear_event_queues()
+        if not info & INTR_INFO_VALID:
+            return
+        vcpu.requests |= Request.EVENT
+        vector, type_ = info_vector(info), info_type(info)
+        if type_ == EventType.NMI:
+            vcpu.nmi_injected = True
+            self.set_nmi_mask(False)  # the retry must not find NMIs blocked
+        elif type_ in (EventType.SW_EXCEPTION, EventType.HW_EXCEPTION):
+            if type_ == EventType.SW_EXCEPTION:
+                vcpu.event_exit_inst_len = insn_len
+            code = error_code if info & INTR_INFO_DELIVER_CODE else None
+            vcpu.requeue_exception(vector, code)
+        elif type_ in (EventType.SW_INT, EventType.EXT_INT):
+            if type_ == EventType.SW_INT:
+                vcpu.event_exit_inst_len = insn_len
+            vcpu.queue_interrupt(vector, soft=type_ == EventType.SW_INT)
+        # PRIV_SW_EXCEPTION (INT1) and OTHER are dropped: INT1 runs again from RIP.
+
+    def handle_exit(self) -> UserspaceExit | None:
+        """__vmx_handle_exit() and the handlers for the exits modelled."""
+        vcpu, vmcs = self.vcpu, self.vmcs
+        reason = ExitReason(vmcs.exit_reason)
+        if vmcs.idt_vectoring_info & INTR_INFO_VALID and reason not in _VECTORING_OK:
+            return UserspaceExit(KvmExit.INTERNAL_ERROR,
+                                 f"KVM_INTERNAL_ERROR_DELIVERY_EV: {reason.name} while vectoring")
+        if reason is ExitReason.EXCEPTION_NMI:
+            return self._handle_exception_nmi()
+        if reason is ExitReason.EXTERNAL_INTERRUPT:
+            vcpu.stats.irq_exits += 1
+        elif reason is ExitReason.INTERRUPT_WINDOW:
+            vmcs.proc_based &= ~Proc.INTR_WINDOW_EXITING
+            self.guest.cpu_windows_changed()
+            vcpu.requests |= Request.EVENT
+            vcpu.stats.irq_window_exits += 1
+        elif reason is ExitReason.NMI_WINDOW:
+            vmcs.proc_based &= ~Proc.NMI_WINDOW_EXITING
+            self.guest.cpu_windows_changed()
+            vcpu.stats.nmi_window_exits += 1
+            vcpu.requests |= Request.EVENT
+        elif reason is ExitReason.HLT:
+            vcpu.emulate_halt()
+        elif reason in (ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.MSR_READ,
+                        ExitReason.MSR_WRITE, ExitReason.CR_ACCESS):
+            vcpu.emulate_and_skip()
+        elif reason is ExitReason.EPT_VIOLATION:
+            self._handle_ept_violation()
+        elif reason is ExitReason.TRIPLE_FAULT:
+            return UserspaceExit(KvmExit.SHUTDOWN, "triple fault")
+        return None
+
+    def _handle_exception_nmi(self) -> UserspaceExit | None:
+        """handle_exception_nmi() for the intercepted vectors."""
+        vcpu, vmcs = self.vcpu, self.vmcs
+        info = vmcs.exit_intr_info
+        vector = info_vector(info)
+        if vmcs.idt_vectoring_info & INTR_INFO_VALID:
+            return UserspaceExit(KvmExit.INTERNAL_ERROR,
+                                 f"KVM_INTERNAL_ERROR_SIMUL_EX: #{vector} while vectoring")
+        if vector == Vec.DB:
+            if info_type(info) == EventType.PRIV_SW_EXCEPTION:  # is_icebp(): INT1 is skipped first
+                self.skip_emulated_instruction()
+                vcpu.cpu.retired += 1
+            vcpu.queue_exception(Vec.DB, payload=vmcs.exit_qualification)
+        elif vector == Vec.UD:
+            vcpu.queue_exception(Vec.UD)  # handle_ud(): UD2 does not emulate, so #UD goes back
+        else:
+            return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exception {vector} exit not modelled")
+        return None
+
+    def _handle_ept_violation(self) -> None:
+        """handle_ept_violation(): re-block NMIs for a re-executed IRET (bit 12), map the page."""
+        vmcs = self.vmcs
+        if vmcs.exit_qualification & QUAL_UNBLOCK_NMI and not vmcs.idt_vectoring_info & INTR_INFO_VALID:
+            self.set_nmi_mask(True)
+        cpu = self.guest.cpu
+        cpu.set_host_unmapped(cpu.host_unmapped - {vmcs.guest_physical_address >> 12})

@@ -1,0 +1,565 @@
+"""The vendor-neutral half of KVM's event handling (arch/x86/kvm/x86.c).
+
+One `Vcpu` holds what `struct kvm_vcpu_arch` holds for events: the queued
+exception (pending vs injected, with payload), the queued interrupt, NMIs
+queued / pending / injected, requests, the in-kernel local APIC, stats.
+Vendor code (svm/svm.py, vmx/vmx.py) implements `VendorOps`, the
+`kvm_x86_ops` subset events need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import ClassVar, Protocol
+
+from kvmodel.arch.cpu import Cpu, External
+from kvmodel.arch.decode import Decoded, decode
+from kvmodel.arch.events import EventType, Vec, has_error_code
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.host import Exiting
+from kvmodel.arch.observe import Halt, Retire
+from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
+from kvmodel.kvm.uapi import InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+
+DR_TRAP_BITS = 0xF
+DR6_ACTIVE_LOW = 0xFFFF0FF0
+DR6_RTM = 1 << 16
+EBUSY = -16  # *_allowed(): "cannot decide yet, exit at once and retry"
+
+
+class Request(IntFlag):
+    EVENT = 1  # KVM_REQ_EVENT: re-run kvm_check_and_inject_events()
+    NMI = 2  # KVM_REQ_NMI: run process_nmi()
+    TRIPLE_FAULT = 4
+
+
+class MpState(IntEnum):
+    RUNNABLE = 0
+    HALTED = 3  # KVM_MP_STATE_HALTED
+
+
+class ExceptionType(IntEnum):
+    """exception_type(): decides RF at injection."""
+
+    FAULT = 0
+    TRAP = 1
+    ABORT = 2
+    DB = 4
+
+
+def exception_type(vector: int) -> ExceptionType:
+    """exception_type() in x86.c."""
+    if vector == Vec.DB:
+        return ExceptionType.DB
+    if vector in (Vec.BP, Vec.OF):
+        return ExceptionType.TRAP
+    if vector in (Vec.DF, Vec.MC):
+        return ExceptionType.ABORT
+    return ExceptionType.FAULT
+
+
+class ExceptionClass(IntEnum):
+    BENIGN = 0
+    CONTRIBUTORY = 1
+    PF = 2
+
+
+def exception_class(vector: int) -> ExceptionClass:
+    """exception_class() in x86.c: the #DF rule as KVM applies it to queued exceptions."""
+    if vector == Vec.PF:
+        return ExceptionClass.PF
+    if vector in (Vec.DE, Vec.TS, Vec.NP, Vec.SS, Vec.GP):
+        return ExceptionClass.CONTRIBUTORY
+    return ExceptionClass.BENIGN
+
+
+def exception_is_soft(vector: int) -> bool:
+    """kvm_exception_is_soft(): #BP and #OF come from INT3 and INTO."""
+    return vector in (Vec.BP, Vec.OF)
+
+
+@dataclass(slots=True)
+class QueuedException:
+    """struct kvm_queued_exception."""
+
+    pending: bool = False
+    injected: bool = False
+    vector: int = 0
+    has_error_code: bool = False
+    error_code: int = 0
+    has_payload: bool = False
+    payload: int = 0
+
+
+@dataclass(slots=True)
+class QueuedInterrupt:
+    """struct kvm_queued_interrupt."""
+
+    injected: bool = False
+    soft: bool = False
+    nr: int = 0
+
+
+@dataclass(slots=True)
+class Stats:
+    """The struct kvm_vcpu_stat counters events touch."""
+
+    nmi_injections: int = 0
+    irq_injections: int = 0
+    nmi_window_exits: int = 0
+    irq_window_exits: int = 0
+    irq_exits: int = 0
+    halt_exits: int = 0
+    req_event: int = 0
+    exits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UserspaceExit:
+    """KVM_RUN returned to userspace with this exit_reason."""
+
+    reason: KvmExit
+    detail: str = ""
+
+
+BUDGET = UserspaceExit(KvmExit.INTR, "the step budget ran out")  # the model's, not KVM's
+
+
+@dataclass(frozen=True, slots=True)
+class InjectRecord:
+    """What KVM programmed into the VMCS/VMCB for the next entry (trace only)."""
+
+    kind: ClassVar[str] = "inject"
+    what: str
+    vector: int
+    reinjected: bool
+    retired: int
+
+
+class VendorOps(Protocol):
+    """The kvm_x86_ops subset used here, plus the vendor run loop."""
+
+    def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None: ...
+    def handle_exit(self) -> UserspaceExit | None: ...
+    def inject_irq(self, reinjected: bool) -> None: ...
+    def inject_nmi(self) -> None: ...
+    def inject_exception(self) -> None: ...
+    def cancel_injection(self) -> None: ...
+    def nmi_allowed(self, for_injection: bool) -> int: ...
+    def interrupt_allowed(self, for_injection: bool) -> int: ...
+    def get_nmi_mask(self) -> bool: ...
+    def set_nmi_mask(self, masked: bool) -> None: ...
+    def get_interrupt_shadow(self) -> int: ...
+    def set_interrupt_shadow(self, shadow: int) -> None: ...
+    def enable_nmi_window(self) -> None: ...
+    def enable_irq_window(self) -> None: ...
+    def is_vnmi_pending(self) -> bool: ...
+    def set_vnmi_pending(self) -> bool: ...
+    def get_rflags(self) -> int: ...
+    def set_rflags(self, rflags: int) -> None: ...
+    def rip_read(self) -> int: ...
+    def rip_write(self, rip: int) -> None: ...
+    def skip_emulated_instruction(self) -> bool: ...
+    def kick(self) -> None: ...
+    def sync_guest_state_to_core(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Vcpu:
+    """struct kvm_vcpu_arch, the event part, with the guest's arch core and local APIC."""
+
+    cpu: Cpu
+    ops: VendorOps = None  # set by the vendor constructor
+    exception: QueuedException = field(default_factory=QueuedException)
+    interrupt: QueuedInterrupt = field(default_factory=QueuedInterrupt)
+    nmi_queued: int = 0
+    nmi_pending: int = 0
+    nmi_injected: bool = False
+    event_exit_inst_len: int = 0
+    requests: Request = Request.EVENT
+    mp_state: MpState = MpState.RUNNABLE
+    in_guest_mode: bool = False
+    stats: Stats = field(default_factory=Stats)
+    exception_payload_enabled: bool = True  # KVM_CAP_EXCEPTION_PAYLOAD
+    stop_at_exit: int = 0  # userspace wants control after this many exits (0: never)
+    triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
+
+    @property
+    def lapic(self):
+        return self.cpu.apic
+
+    # -- arrivals from outside -------------------------------------------------
+
+    def external(self, event: External, vector: int) -> None:
+        if event is External.NMI:
+            self.inject_nmi()
+        else:
+            self.apic_set_irq(vector)
+
+    def inject_nmi(self) -> None:
+        """kvm_inject_nmi(): count it, ask for process_nmi(), kick the vCPU."""
+        self.nmi_queued += 1
+        self.requests |= Request.NMI
+        self.kick()
+
+    def apic_set_irq(self, vector: int) -> None:
+        """__apic_accept_irq() for a fixed interrupt: set IRR, KVM_REQ_EVENT, kick."""
+        self.lapic.request(vector)
+        self.requests |= Request.EVENT
+        self.kick()
+
+    def kick(self) -> None:
+        """kvm_vcpu_kick(): an IPI only matters while the vCPU is in guest mode."""
+        if self.in_guest_mode:
+            self.ops.kick()
+
+    # -- NMIs, exceptions, interrupts ---------------------------------------
+
+    def process_nmi(self) -> None:
+        """process_nmi(): at most one NMI in service plus one latched; the rest are lost."""
+        limit = 1 if self.ops.get_nmi_mask() or self.nmi_injected else 2
+        if self.ops.is_vnmi_pending():
+            limit -= 1
+        self.nmi_pending = min(self.nmi_pending + self.nmi_queued, limit)
+        self.nmi_queued = 0
+        if self.nmi_pending and self.ops.set_vnmi_pending():
+            self.nmi_pending -= 1
+        if self.nmi_pending:
+            self.requests |= Request.EVENT
+
+    def nr_pending_nmis(self) -> int:
+        """kvm_get_nr_pending_nmis()."""
+        return self.nmi_pending + int(self.ops.is_vnmi_pending())
+
+    def queue_exception(self, vector: int, error_code: int | None = None,
+                        payload: int | None = None) -> None:
+        """kvm_multiple_exception(): queue, or merge into #DF / triple fault (SDM Table 6-5)."""
+        self.requests |= Request.EVENT
+        exc = self.exception
+        if not (exc.pending or exc.injected):
+            self.exception = QueuedException(
+                pending=True, vector=vector, has_error_code=error_code is not None,
+                error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
+            return
+        prev = exc.vector
+        if prev == Vec.DF:
+            self.requests |= Request.TRIPLE_FAULT
+            self.triple_fault_cause = (prev, vector)
+            return
+        first, second = exception_class(prev), exception_class(vector)
+        if (first is ExceptionClass.CONTRIBUTORY and second is ExceptionClass.CONTRIBUTORY) or (
+                first is ExceptionClass.PF and second is not ExceptionClass.BENIGN):
+            self.exception = QueuedException()
+            self.queue_exception(Vec.DF, 0)
+            return
+        # Otherwise the new exception replaces the old, which re-execution regenerates.
+        self.exception = QueuedException(
+            pending=True, vector=vector, has_error_code=error_code is not None,
+            error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
+
+    def requeue_exception(self, vector: int, error_code: int | None) -> None:
+        """kvm_requeue_exception(): an interrupted delivery; its payload was delivered already."""
+        self.requests |= Request.EVENT
+        self.exception = QueuedException(injected=True, vector=vector,
+                                         has_error_code=error_code is not None,
+                                         error_code=error_code or 0)
+
+    def queue_interrupt(self, vector: int, soft: bool) -> None:
+        """kvm_queue_interrupt()."""
+        self.interrupt = QueuedInterrupt(True, soft, vector)
+
+    def clear_event_queues(self) -> None:
+        """What vendor complete_interrupts does first: forget what was injected.
+
+        nmi_injected = false, kvm_clear_exception_queue(), kvm_clear_interrupt_queue().
+        """
+        self.nmi_injected = False
+        self.exception.pending = False
+        self.exception.injected = False
+        self.interrupt.injected = False
+
+    def exception_pending(self) -> bool:
+        """kvm_is_exception_pending()."""
+        return self.exception.pending or bool(self.requests & Request.TRIPLE_FAULT)
+
+    def event_needs_reinjection(self) -> bool:
+        """kvm_event_needs_reinjection()."""
+        return self.exception.injected or self.interrupt.injected or self.nmi_injected
+
+    def deliver_exception_payload(self) -> None:
+        """kvm_deliver_exception_payload(): CR2 for #PF, DR6 for #DB."""
+        exc = self.exception
+        if not exc.has_payload:
+            return
+        cpu = self.cpu
+        if exc.vector == Vec.PF:
+            cpu.cr2 = exc.payload
+        elif exc.vector == Vec.DB:
+            dr6 = (cpu.dr6 & ~DR_TRAP_BITS) | DR6_ACTIVE_LOW | exc.payload
+            dr6 ^= exc.payload & DR6_ACTIVE_LOW  # the payload has positive polarity
+            cpu.dr6 = dr6 & ~(1 << 12)
+        exc.has_payload = False
+        exc.payload = 0
+
+    def has_injectable_intr(self) -> bool:
+        """kvm_cpu_has_injectable_intr() with the in-kernel local APIC."""
+        return self.lapic.pending_vector() is not None
+
+    # -- kvm_check_and_inject_events() ----------------------------------------
+
+    def check_and_inject_events(self) -> bool:
+        """kvm_check_and_inject_events(): returns whether an immediate exit is wanted."""
+        ops = self.ops
+        if self.exception.injected:
+            self._inject_exception(reinjected=True)
+        elif self.exception_pending():
+            pass  # a new exception wins over an interrupted NMI/IRQ, which is lost
+        elif self.nmi_injected:
+            ops.inject_nmi()
+            self._record("nmi", Vec.NMI, reinjected=True)
+        elif self.interrupt.injected:
+            ops.inject_irq(reinjected=True)
+            self._record("soft-int" if self.interrupt.soft else "irq", self.interrupt.nr, True)
+        can_inject = not self.event_needs_reinjection()
+
+        exc = self.exception
+        if exc.pending:
+            if exception_type(exc.vector) is ExceptionType.FAULT:
+                ops.set_rflags(ops.get_rflags() | RF)
+            if exc.vector == Vec.DB:
+                self.deliver_exception_payload()
+                self.cpu.dr7 &= ~DR7_GD
+            self._inject_exception(reinjected=False)
+            exc.pending = False
+            exc.injected = True
+            can_inject = False
+
+        if self.nmi_pending:
+            allowed = ops.nmi_allowed(True) if can_inject else EBUSY
+            if allowed < 0:
+                return True
+            if allowed:
+                self.nmi_pending -= 1
+                self.nmi_injected = True
+                ops.inject_nmi()
+                self._record("nmi", Vec.NMI, reinjected=False)
+                can_inject = False
+            if self.nmi_pending:
+                ops.enable_nmi_window()
+
+        if self.has_injectable_intr():
+            allowed = ops.interrupt_allowed(True) if can_inject else EBUSY
+            if allowed < 0:
+                return True
+            if allowed:
+                self.queue_interrupt(self.lapic.acknowledge(), soft=False)
+                ops.inject_irq(reinjected=False)
+                self._record("irq", self.interrupt.nr, reinjected=False)
+            if self.has_injectable_intr():
+                ops.enable_irq_window()
+        return False
+
+    def _inject_exception(self, reinjected: bool) -> None:
+        """kvm_inject_exception()."""
+        self.ops.inject_exception()
+        self._record("exception", self.exception.vector, reinjected)
+
+    def _record(self, what: str, vector: int, reinjected: bool) -> None:
+        self.cpu.trace.append(InjectRecord(what, vector, reinjected, self.cpu.retired))
+
+    # -- the run loop ----------------------------------------------------------
+
+    def run(self, max_steps: int) -> UserspaceExit | None:
+        """KVM_RUN: enter and handle exits until userspace must act; None when the budget ends."""
+        start = self.cpu.retired
+        exits_left = max_steps
+        while exits_left > 0:
+            exits_left -= 1
+            if self.mp_state is MpState.HALTED:
+                if not self._wait_for_events():
+                    return UserspaceExit(KvmExit.HLT, "halted with nothing left to wake it")
+                continue
+            budget = max_steps - (self.cpu.retired - start)
+            if budget <= 0:
+                return None
+            outcome = self.enter_guest(budget)
+            if outcome is BUDGET:
+                return None
+            if outcome is not None:
+                return outcome
+            if self.stats.exits == self.stop_at_exit:
+                return UserspaceExit(KvmExit.INTR, "userspace asked for control")
+        return None
+
+    def _wait_for_events(self) -> bool:
+        """kvm_vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits."""
+        while not self.has_events():
+            if not self.cpu.next_arrival():
+                return False
+        self.mp_state = MpState.RUNNABLE
+        return True
+
+    def has_events(self) -> bool:
+        """kvm_vcpu_has_events(), the parts that can be true here."""
+        if self.exception_pending() or self.requests & Request.NMI:
+            return True
+        if self.nmi_pending and self.ops.nmi_allowed(False) > 0:
+            return True
+        return self.ops.interrupt_allowed(False) > 0 and self.has_injectable_intr()
+
+    def enter_guest(self, max_steps: int) -> UserspaceExit | None:
+        """vcpu_enter_guest(): requests, event injection, the vendor run, exit handling."""
+        if self.requests & Request.TRIPLE_FAULT:
+            self.requests &= ~Request.TRIPLE_FAULT
+            return UserspaceExit(KvmExit.SHUTDOWN, "KVM_REQ_TRIPLE_FAULT")
+        if self.requests & Request.NMI:
+            self.requests &= ~Request.NMI
+            self.process_nmi()
+        immediate_exit = False
+        if self.requests & Request.EVENT:
+            self.requests &= ~Request.EVENT
+            self.stats.req_event += 1
+            immediate_exit = self.check_and_inject_events()
+            if self.requests & Request.TRIPLE_FAULT:
+                return self.enter_guest(max_steps)
+        if immediate_exit:
+            self.requests |= Request.EVENT
+        self.in_guest_mode = True
+        try:
+            outcome = self.ops.run(max_steps, immediate_exit)
+        finally:
+            self.in_guest_mode = False
+        if outcome is not None:
+            return outcome
+        self.stats.exits += 1
+        return self.ops.handle_exit()
+
+    # -- instruction emulation and skipping -----------------------------------
+
+    def emulate(self) -> Decoded | None:
+        """Perform the intercepted instruction at RIP with the SDM semantics of arch/.
+
+        A #GP (e.g. an unknown MSR) is queued for the guest (kvm_inject_gp());
+        returns None then, else the instruction, with RIP not yet advanced.
+        """
+        cpu = self.cpu
+        rip = self.ops.rip_read()
+        cpu.rip = rip
+        insn = cpu.icache.get(rip) or decode(cpu, rip)
+        try:
+            insn.semantics(cpu)
+        except Fault as fault:
+            cpu.rip = rip
+            self.queue_exception(fault.vector, fault.error_code if has_error_code(
+                fault.vector, EventType.HW_EXCEPTION) else None)
+            return None
+        cpu.rip = rip
+        cpu.halted = False  # HLT: KVM, not the core, holds the halted state (mp_state)
+        return insn
+
+    def skip_emulated_instruction(self, insn: Decoded) -> None:
+        """kvm_skip_emulated_instruction(): advance RIP; TF makes it a single-step (#DB, BS)."""
+        rflags = self.ops.get_rflags()
+        self.ops.skip_emulated_instruction()
+        cpu = self.cpu
+        cpu.retired += 1
+        if cpu.record_instructions:
+            cpu.trace.append(Retire(cpu.rip, insn.text, cpu.retired))
+        if rflags & TF:
+            self.queue_exception(Vec.DB, payload=DR6_BS)  # kvm_vcpu_do_singlestep()
+
+    def emulate_and_skip(self) -> None:
+        insn = self.emulate()
+        if insn is not None:
+            self.skip_emulated_instruction(insn)
+            if insn.exiting in (Exiting.WRMSR, Exiting.CR8_WRITE):
+                self.requests |= Request.EVENT  # the local APIC may have something to deliver
+
+    def emulate_halt(self) -> None:
+        """kvm_emulate_halt(): skip the HLT, then block until an event can wake the vCPU."""
+        rip = self.ops.rip_read()
+        insn = self.emulate()
+        if insn is None:
+            return
+        self.skip_emulated_instruction(insn)
+        self.stats.halt_exits += 1
+        self.cpu.trace.append(Halt(rip, self.cpu.retired))
+        self.mp_state = MpState.HALTED
+
+    # -- KVM_GET_VCPU_EVENTS / KVM_SET_VCPU_EVENTS ----------------------------
+
+    def get_vcpu_events(self) -> KvmVcpuEvents:
+        """kvm_vcpu_ioctl_x86_get_vcpu_events()."""
+        self.process_nmi()
+        exc = self.exception
+        out = KvmVcpuEvents()
+        if not exception_is_soft(exc.vector):  # soft exceptions re-execute after restore
+            out.exception_injected = int(exc.injected)
+            out.exception_pending = int(exc.pending)
+            if not self.exception_payload_enabled:
+                out.exception_injected |= out.exception_pending
+                out.exception_pending = 0
+        out.exception_nr = exc.vector
+        out.exception_has_error_code = int(exc.has_error_code)
+        out.exception_error_code = exc.error_code
+        out.exception_has_payload = int(exc.has_payload)
+        out.exception_payload = exc.payload
+        out.interrupt_injected = int(self.interrupt.injected and not self.interrupt.soft)
+        out.interrupt_nr = self.interrupt.nr
+        out.interrupt_shadow = self.ops.get_interrupt_shadow()
+        out.nmi_injected = int(self.nmi_injected)
+        out.nmi_pending = self.nr_pending_nmis()
+        out.nmi_masked = int(self.ops.get_nmi_mask())
+        out.triple_fault_pending = int(bool(self.requests & Request.TRIPLE_FAULT))
+        out.flags = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SHADOW
+                     | VcpuEventsFlag.VALID_SMM | VcpuEventsFlag.VALID_TRIPLE_FAULT)
+        if self.exception_payload_enabled:
+            out.flags |= VcpuEventsFlag.VALID_PAYLOAD
+        return out
+
+    def set_vcpu_events(self, ev: KvmVcpuEvents) -> None:
+        """kvm_vcpu_ioctl_x86_set_vcpu_events()."""
+        if ev.flags & ~_ALL_FLAGS:
+            raise InvalidArgument(f"unknown kvm_vcpu_events flags {ev.flags:#x}")
+        if ev.flags & VcpuEventsFlag.VALID_PAYLOAD:
+            if not self.exception_payload_enabled:
+                raise InvalidArgument("VALID_PAYLOAD without KVM_CAP_EXCEPTION_PAYLOAD")
+            if ev.exception_pending:
+                ev.exception_injected = 0
+            else:
+                ev.exception_has_payload = 0
+        else:
+            ev.exception_pending = 0
+            ev.exception_has_payload = 0
+        if (ev.exception_injected or ev.exception_pending) and (
+                ev.exception_nr > 31 or ev.exception_nr == Vec.NMI):
+            raise InvalidArgument(f"exception vector {ev.exception_nr}")
+        self.process_nmi()
+        self.exception = QueuedException(
+            pending=bool(ev.exception_pending), injected=bool(ev.exception_injected),
+            vector=ev.exception_nr, has_error_code=bool(ev.exception_has_error_code),
+            error_code=ev.exception_error_code, has_payload=bool(ev.exception_has_payload),
+            payload=ev.exception_payload)
+        self.interrupt = QueuedInterrupt(bool(ev.interrupt_injected), bool(ev.interrupt_soft),
+                                         ev.interrupt_nr)
+        if ev.flags & VcpuEventsFlag.VALID_SHADOW:
+            self.ops.set_interrupt_shadow(ev.interrupt_shadow & (ShadowBits.MOV_SS | ShadowBits.STI))
+        self.nmi_injected = bool(ev.nmi_injected)
+        if ev.flags & VcpuEventsFlag.VALID_NMI_PENDING:
+            self.nmi_pending = 0
+            self.nmi_queued = ev.nmi_pending
+            if ev.nmi_pending:
+                self.requests |= Request.NMI
+        self.ops.set_nmi_mask(bool(ev.nmi_masked))
+        if ev.flags & VcpuEventsFlag.VALID_TRIPLE_FAULT:
+            if ev.triple_fault_pending:
+                self.requests |= Request.TRIPLE_FAULT
+            else:
+                self.requests &= ~Request.TRIPLE_FAULT
+        self.requests |= Request.EVENT
+
+
+_ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTOR
+              | VcpuEventsFlag.VALID_SHADOW | VcpuEventsFlag.VALID_SMM
+              | VcpuEventsFlag.VALID_PAYLOAD | VcpuEventsFlag.VALID_TRIPLE_FAULT)
