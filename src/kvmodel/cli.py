@@ -12,10 +12,12 @@ from enum import IntEnum
 from rich.console import Console
 
 from kvmodel import __version__
+from kvmodel.check.oracle import compare
 from kvmodel.errors import KvmodelError
 from kvmodel.guest.asm import find_binutils
+from kvmodel.kvm.vcpu import Vendor
 from kvmodel.report.json import document
-from kvmodel.report.text import print_result
+from kvmodel.report.text import print_comparison, print_result
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import run
 
@@ -53,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="also list every retired instruction in the trace")
     run_p.add_argument("--max-steps", type=int, metavar="N",
                        help="override the scenario's step budget (instructions tried)")
+    run_p.add_argument("--vendor", choices=[v.value for v in Vendor],
+                       help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
+                            "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
+                            "(default: the scenario's [cpu] vendor, else bare)")
     return parser
 
 
@@ -79,8 +85,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     worst = Exit.OK
     for path in args.scenarios:
         try:
-            result = run(load(path), record_instructions=args.instructions,
-                         max_steps=args.max_steps)
+            scenario = load(path)
+            vendor = Vendor(args.vendor or scenario.vendor)
+            if vendor is Vendor.BARE:
+                result = run(scenario, vendor=vendor, record_instructions=args.instructions,
+                             max_steps=args.max_steps)
+            else:
+                result = compare(scenario, vendor, record_instructions=args.instructions,
+                                 max_steps=args.max_steps)
         except KvmodelError as e:
             errors.append({"path": path, "error": str(e)})
             if not args.json:
@@ -89,8 +101,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             continue
         results.append(result)
         if not args.json:
-            print_result(console, result)
-        if result.limit is not None:
+            (print_result if vendor is Vendor.BARE else print_comparison)(console, result)
+        if _limit(result) is not None:
             worst = max(worst, Exit.BAD_INPUT)
         elif not result.passed:
             worst = max(worst, Exit.FAILED)
@@ -102,3 +114,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return worst
 
 
+
+
+def _limit(result) -> str | None:
+    """A model limit in either run stops the comparison: bad input, not a verdict."""
+    if hasattr(result, "bare"):
+        return result.bare.limit or (result.virt.limit if result.virt is not None else None)
+    return result.limit

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from kvmodel.arch.observe import Delivery, Iret, Observation, to_dict
+from kvmodel.check.oracle import Comparison
 from kvmodel.guest.asm import Program
 from kvmodel.scenario.runner import RunResult
 
@@ -40,6 +43,32 @@ def result_dict(result: RunResult) -> dict:
     }
 
 
-def document(results: list[RunResult], errors: list[dict]) -> dict:
-    return {"schema": JSON_SCHEMA, "results": [result_dict(r) for r in results],
-            "errors": errors}
+def comparison_dict(c: Comparison) -> dict:
+    """A KVM run (its trace includes the VM exits and injections) and its verdict vs bare metal."""
+    if c.virt is None:
+        out = result_dict(c.bare)
+        out["comparison"] = {"not_applicable": c.not_applicable, "passed": True}
+        return out
+    out = result_dict(c.virt)
+    out["vendor"] = c.virt.vendor.value
+    out["kvm_stats"] = [{k: getattr(st, k) for k in st.__slots__} for st in c.virt.stats]
+    d = c.divergence
+    out["comparison"] = {
+        "passed": c.passed,
+        "hypervisor_error": c.virt.hypervisor_error,
+        "divergence": None if d is None else {
+            "entry": d.index + 1 if d.index >= 0 else "final",
+            "bare": d.bare if isinstance(d.bare, str) or d.bare is None else to_dict(d.bare),
+            "virt": d.virt if isinstance(d.virt, str) or d.virt is None else to_dict(d.virt),
+            "expected": c.divergence_expected,
+        },
+        "declared": None if c.known is None else asdict(c.known),
+        "problems": c.problems,
+    }
+    return out
+
+
+def document(results: list[RunResult | Comparison], errors: list[dict]) -> dict:
+    return {"schema": JSON_SCHEMA, "results": [
+        comparison_dict(r) if isinstance(r, Comparison) else result_dict(r) for r in results],
+        "errors": errors}

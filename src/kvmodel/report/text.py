@@ -17,7 +17,11 @@ from kvmodel.arch.observe import (
     Shutdown,
 )  # fmt: skip
 from kvmodel.arch.regs import Mode, describe_rflags
+from kvmodel.check.oracle import Comparison
 from kvmodel.guest.asm import Program
+from kvmodel.hw.base import ExitRecord
+from kvmodel.kvm.migrate import SaveRestoreRecord
+from kvmodel.kvm.x86 import InjectRecord
 from kvmodel.scenario.runner import RunResult
 
 
@@ -60,14 +64,23 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
                 f"{vector_name(obs.first)}: shutdown")
     if isinstance(obs, Output):
         return obs.retired, "", f"port {obs.port:#x} <- {obs.value:#04x} {chr(obs.value)!r}"
+    if isinstance(obs, ExitRecord):
+        return (obs.retired, program.where(obs.rip),
+                f"[cyan]VM exit {obs.reason}[/] [dim]{escape(obs.detail)}[/]")
+    if isinstance(obs, InjectRecord):
+        again = "re-inject" if obs.reinjected else "inject"
+        return obs.retired, "", f"[cyan]KVM {again}s {obs.what} {vector_name(obs.vector)}[/]"
+    if isinstance(obs, SaveRestoreRecord):
+        return (obs.retired, "", "[magenta]save/restore[/]: KVM_GET_VCPU_EVENTS -> fresh vCPU -> "
+                f"KVM_SET_VCPU_EVENTS [dim]{obs.events}[/]")
     assert isinstance(obs, Retire)
     return obs.retired, program.where(obs.rip), f"[dim]{escape(obs.text)}[/]"
 
 
-def print_result(console: Console, result: RunResult) -> None:
+def print_result(console: Console, result: RunResult, heading: str = "") -> None:
     s = result.scenario
     cite = f"  [dim]({escape(s.cite)})[/]" if s.cite else ""
-    console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{cite}")
+    console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{heading}{cite}")
     program = result.program
     for obs in result.trace:
         retired, where, what = line_for(obs, program, s.mode)
@@ -85,3 +98,54 @@ def print_result(console: Console, result: RunResult) -> None:
     for m in result.mismatches:
         console.print(f"  [bold red]FAIL[/] {escape(s.path)}:{m.line}: {escape(m.message)}",
                       highlight=False)
+
+
+def print_comparison(console: Console, comparison: Comparison) -> None:
+    """The virtualized run, then its verdict against bare metal."""
+    bare, virt = comparison.bare, comparison.virt
+    if virt is None:
+        print_result(console, bare)
+        console.print(f"  [bold yellow]NOT APPLICABLE[/] {escape(comparison.not_applicable)}")
+        return
+    print_result(console, virt, heading=f" [bold cyan]under KVM on {virt.vendor.value.upper()}[/]")
+    stats = "; ".join(
+        f"vCPU {n}: " + ", ".join(f"{k}={v}" for k, v in _stats(st).items() if v)
+        for n, st in enumerate(virt.stats))
+    console.print(f"  [dim]KVM stats: {escape(stats)}[/]")
+    if virt.hypervisor_error is not None:
+        console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(virt.hypervisor_error)}")
+    d = comparison.divergence
+    if d is None:
+        console.print(f"  [bold green]SAME AS BARE METAL[/] the guest-observable trace and final "
+                      f"state match ({len(virt.trace)} trace entries)")
+        return
+    label = "[bold yellow]KNOWN DIVERGENCE[/]" if comparison.divergence_expected else (
+        "[bold red]DIVERGENCE[/]")
+    console.print(f"  {label} at guest-observable entry {d.index + 1 if d.index >= 0 else 'final'}:")
+    console.print(f"    bare metal: {escape(_show(d.bare, bare))}")
+    console.print(f"    under KVM:  {escape(_show(d.virt, virt))}")
+    context = [o for o in virt.trace[max(0, d.virt_trace_index - 6):d.virt_trace_index]
+               if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord))]
+    if context:
+        console.print("    hypervisor just before:")
+        for obs in context:
+            retired, where, what = line_for(obs, virt.program, virt.scenario.mode)
+            console.print(f"      {retired:>7}  {escape(where):<22} {what}", highlight=False)
+    if comparison.known is not None and comparison.divergence_expected:
+        console.print(f"    [dim]declared at line {comparison.known.line}: "
+                      f"{escape(comparison.known.why)}[/]")
+    for problem in comparison.problems:
+        console.print(f"  [bold red]FAIL[/] {escape(virt.scenario.path)}: {escape(problem)}")
+
+
+def _stats(stats) -> dict:
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+def _show(entry, result: RunResult) -> str:
+    if entry is None:
+        return "nothing (the trace ended)"
+    if isinstance(entry, str):
+        return entry
+    _, where, what = line_for(entry, result.program, result.scenario.mode)
+    return f"{where}: {what}".replace("[bold]", "").replace("[/]", "").replace("[dim]", "")
