@@ -5,7 +5,8 @@ address, retired count, handler, stack pointer and the frame's words),
 IRET, HLT, shutdown, debug-port output and (when recorded) retired
 instruction, in order; then the final registers and memory. The event
 *type* of a delivery is left out: a guest cannot see it, only its effects
-(frame, DR6), and KVM legitimately injects INT1 as a hardware #DB.
+(frame, DR6), and KVM legitimately injects INT1 as a hardware #DB. Nor is
+whether an IRET ended NMI blocking: only the NMI deliveries that follow show it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def guest_view(trace: tuple) -> list[tuple[int, Observation]]:
     out = []
     for n, obs in enumerate(trace):
         if isinstance(obs, GUEST_OBSERVABLE):
-            out.append((n, replace(obs, type=None) if isinstance(obs, Delivery) else obs))
+            if isinstance(obs, Delivery):
+                obs = replace(obs, type=None)
+            elif isinstance(obs, Iret):
+                obs = replace(obs, nmi_unblocked=None)  # the core's NMI blocking is not visible
+            out.append((n, obs))
     return out
 
 

@@ -13,7 +13,7 @@ from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import DR6_B0_B3, IF, RSP, Shadow
+from kvmodel.arch.regs import DR6_B0_B3, IF, RF, RSP, Shadow
 from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, shadow_at
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
@@ -55,6 +55,8 @@ class SvmGuest(GuestMode):
         super().__init__(cpu)
         self.vmcb = Vmcb()
         self._saved_shadow = Shadow.NONE  # the shadow kind behind int_state at the last exit
+        self._where = Where.BOUNDARY
+        self._rf = False
 
     # -- VMRUN (APM 15.5, 15.20) ----------------------------------------------
 
@@ -67,10 +69,12 @@ class SvmGuest(GuestMode):
                 self._inject()
             stop = self.cpu.run(max_steps)
         except VmExit:
+            self._complete_exit()
             return None
         if stop is Stop.SHUTDOWN:
             if Intercept.SHUTDOWN in self.vmcb.intercepts:
                 self._exit(ExitCode.SHUTDOWN, Where.BOUNDARY, raise_=False)
+                self._complete_exit()
                 return None
             return stop
         if stop is Stop.HALTED:
@@ -130,28 +134,39 @@ class SvmGuest(GuestMode):
     # -- #VMEXIT (APM 15.6, 15.7) ---------------------------------------------
 
     def _exit(self, code: int, where: Where, *, info_1: int = 0, info_2: int = 0,
-              next_rip: int = 0, raise_: bool = True) -> None:
-        vmcb, cpu = self.vmcb, self.cpu
+              next_rip: int = 0, rf: bool = False, raise_: bool = True) -> None:
+        """Fill the exit fields and leave; `rf`: the intercepted fault's frame RF."""
+        vmcb = self.vmcb
         vmcb.exit_code = code
         vmcb.exit_info_1 = info_1
         vmcb.exit_info_2 = info_2
         vmcb.next_rip = next_rip  # 0 for every exit that does not save nRIP (15.7.1)
+        self._where, self._rf = where, rf
+        if raise_:
+            raise VmExit
+
+    def _complete_exit(self) -> None:
+        """After the core unwound: EXITINTINFO and the guest state (15.7.2)."""
+        vmcb, cpu = self.vmcb, self.cpu
         vectoring = cpu.vectoring
+        rf = self._rf
         if vectoring is not None:
-            code_ = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
-            vmcb.exit_int_info = encode(vectoring.vector, event_inj_type(vectoring.type), code_)
-            vmcb.exit_int_info_err = code_ or 0
+            code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
+            vmcb.exit_int_info = encode(vectoring.vector, event_inj_type(vectoring.type), code)
+            vmcb.exit_int_info_err = code or 0
+            rf = vectoring.push_rf  # as VMX does (SDM 27.3.3); for SVM UNVERIFIED
             cpu.vectoring = None
         else:
             vmcb.exit_int_info = 0
         vmcb.event_inj &= ~EVTINJ_VALID
-        self._save_guest_state(where)
+        self._save_guest_state(self._where)
+        if rf:
+            vmcb.rflags |= RF
         self.host_interrupt = False
+        code = vmcb.exit_code
         name = ExitCode(code).name if code in ExitCode._value2member_map_ else (
             f"EXCP_{code - ExitCode.EXCP_BASE}")
         self.record(name, "exit_int_info " + describe(vmcb.exit_int_info, vmcb.exit_int_info_err))
-        if raise_:
-            raise VmExit
 
     def _save_guest_state(self, where: Where) -> None:
         cpu, vmcb = self.cpu, self.vmcb
@@ -178,7 +193,7 @@ class SvmGuest(GuestMode):
             self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
         soft = event.type is EventType.SW_EXCEPTION and event.vector in _NEXT_RIP_EXCEPTIONS
         self._exit(ExitCode.EXCP_BASE + event.vector, where, info_1=code or 0,
-                   next_rip=event.rip if soft else 0)
+                   next_rip=event.rip if soft else 0, rf=event.push_rf)
 
     def boundary(self, cpu: Cpu) -> None:
         """A physical interrupt exits first; then the virtual interrupt KVM uses as a window."""

@@ -13,7 +13,7 @@ from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import IF, RCX, RDX, RSP, Shadow
+from kvmodel.arch.regs import IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
     EntryFailed,
     GuestMode,
@@ -59,6 +59,8 @@ class VmxGuest(GuestMode):
     def __init__(self, cpu: Cpu):
         super().__init__(cpu)
         self.vmcs = Vmcs()
+        self._where = Where.BOUNDARY
+        self._rf = False
 
     # -- VM entry (SDM 26) ----------------------------------------------------
 
@@ -72,9 +74,11 @@ class VmxGuest(GuestMode):
                 self._inject()
             stop = self.cpu.run(max_steps)
         except VmExit:
+            self._complete_exit()
             return None
         if stop is Stop.SHUTDOWN:  # a triple fault exits (SDM 25.2)
             self._exit(ExitReason.TRIPLE_FAULT, Where.BOUNDARY, raise_=False)
+            self._complete_exit()
             return None
         if stop is Stop.HALTED:
             raise EntryFailed("guest halted with HLT exiting off: not modelled")
@@ -158,32 +162,43 @@ class VmxGuest(GuestMode):
     # -- VM exits (SDM 27) ----------------------------------------------------
 
     def _exit(self, reason: ExitReason, where: Where, *, qualification: int = 0, info: int = 0,
-              error_code: int = 0, insn_len: int = 0, gpa: int = 0, raise_: bool = True) -> None:
-        vmcs, cpu = self.vmcs, self.cpu
+              error_code: int = 0, insn_len: int = 0, gpa: int = 0, rf: bool = False,
+              raise_: bool = True) -> None:
+        """Fill the exit-information fields and leave; `rf`: the exiting fault's frame RF."""
+        vmcs = self.vmcs
         vmcs.exit_reason = reason
         vmcs.exit_qualification = qualification
         vmcs.exit_intr_info = info
         vmcs.exit_intr_error_code = error_code
         vmcs.exit_instruction_len = insn_len
         vmcs.guest_physical_address = gpa
+        self._where, self._rf = where, rf
+        if raise_:
+            raise VmExit
+
+    def _complete_exit(self) -> None:
+        """After the core unwound: IDT-vectoring information and the guest state (27.2.3, 27.3)."""
+        vmcs, cpu = self.vmcs, self.cpu
         vectoring = cpu.vectoring
-        if vectoring is not None:  # IDT-vectoring information (SDM 27.2.3)
+        rf = self._rf
+        if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
             vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code)
             vmcs.idt_vectoring_error_code = code or 0
             if is_soft(vectoring.type):
                 vmcs.exit_instruction_len = soft_length(vectoring)
+            rf = vectoring.push_rf  # RF as the interrupted frame would have had it (27.3.3)
             cpu.vectoring = None
         else:
             vmcs.idt_vectoring_info = 0
         vmcs.entry_intr_info &= ~INTR_INFO_VALID  # SDM 24.8.3
-        self._save_guest_state(where)
+        self._save_guest_state(self._where)
+        if rf:
+            vmcs.guest_rflags |= RF
         self.host_interrupt = False  # the host takes its pending IRQ once the guest is out
-        detail = f"info {describe_info(info, error_code)} idt_vectoring " + describe_info(
-            vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)
-        self.record(reason.name, detail)
-        if raise_:
-            raise VmExit
+        detail = f"info {describe_info(vmcs.exit_intr_info, vmcs.exit_intr_error_code)} " \
+                 f"idt_vectoring {describe_info(vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)}"
+        self.record(ExitReason(vmcs.exit_reason).name, detail)
 
     def _save_guest_state(self, where: Where) -> None:
         """Guest RIP, RFLAGS, interruptibility and activity as before the exit (SDM 27.3)."""
@@ -220,7 +235,7 @@ class VmxGuest(GuestMode):
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
         qualification = event.dr6 if event.vector == Vec.DB else 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
-                   error_code=code or 0, insn_len=soft_length(event))
+                   error_code=code or 0, insn_len=soft_length(event), rf=event.push_rf)
 
     def boundary(self, cpu: Cpu) -> None:
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
