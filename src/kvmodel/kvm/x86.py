@@ -520,7 +520,7 @@ class Vcpu:
 
     def set_vcpu_events(self, ev: KvmVcpuEvents) -> None:
         """kvm_vcpu_ioctl_x86_set_vcpu_events()."""
-        if ev.flags & ~_ALL_FLAGS:
+        if ev.flags & ~int(_ALL_FLAGS):
             raise InvalidArgument(f"unknown kvm_vcpu_events flags {ev.flags:#x}")
         if ev.flags & VcpuEventsFlag.VALID_PAYLOAD:
             if not self.exception_payload_enabled:

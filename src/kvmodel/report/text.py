@@ -77,7 +77,9 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
     return obs.retired, program.where(obs.rip), f"[dim]{escape(obs.text)}[/]"
 
 
-def print_result(console: Console, result: RunResult, heading: str = "") -> None:
+def print_result(console: Console, result: RunResult, heading: str = "",
+                 excused: bool = False) -> None:
+    """The trace and verdict; `excused`: mismatches follow from a declared divergence."""
     s = result.scenario
     cite = f"  [dim]({escape(s.cite)})[/]" if s.cite else ""
     console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{heading}{cite}")
@@ -95,8 +97,9 @@ def print_result(console: Console, result: RunResult, heading: str = "") -> None
                   f"{regs}[/]", highlight=False)
     if result.passed:
         console.print("  [bold green]PASS[/] every expectation holds")
+    label = "[yellow]after the known divergence[/]" if excused else "[bold red]FAIL[/]"
     for m in result.mismatches:
-        console.print(f"  [bold red]FAIL[/] {escape(s.path)}:{m.line}: {escape(m.message)}",
+        console.print(f"  {label} {escape(s.path)}:{m.line}: {escape(m.message)}",
                       highlight=False)
 
 
@@ -107,7 +110,8 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
         print_result(console, bare)
         console.print(f"  [bold yellow]NOT APPLICABLE[/] {escape(comparison.not_applicable)}")
         return
-    print_result(console, virt, heading=f" [bold cyan]under KVM on {virt.vendor.value.upper()}[/]")
+    print_result(console, virt, heading=f" [bold cyan]under KVM on {virt.vendor.value.upper()}[/]",
+                 excused=comparison.divergence_expected)
     stats = "; ".join(
         f"vCPU {n}: " + ", ".join(f"{k}={v}" for k, v in _stats(st).items() if v)
         for n, st in enumerate(virt.stats))

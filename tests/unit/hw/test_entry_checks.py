@@ -1,0 +1,73 @@
+"""VM entry refuses events that the SDM (26.2.1.3, 26.3.1.5) and APM (15.20) forbid."""
+
+import pytest
+
+from kvmodel.arch.events import EventType, Vec
+from kvmodel.arch.regs import IF
+from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.svm.cpu import SvmGuest
+from kvmodel.hw.svm.vmcb import EVTINJ_VALID
+from kvmodel.hw.vmx.cpu import VmxGuest
+from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, Interruptibility, intr_info
+from kvmodel.scenario.load import parse
+from kvmodel.scenario.runner import prepare
+
+GUEST = '''
+[guest]
+code = """
+start:
+    hlt
+"""
+'''
+
+
+def _vmx():
+    cpu, _ = prepare(parse(GUEST, "unit.toml"))
+    guest = VmxGuest(cpu)
+    guest.vmcs.guest_rflags = 0x2 | IF
+    guest.vmcs.guest_rip = cpu.rip
+    return guest
+
+
+@pytest.mark.parametrize("info,length,state,rflags,message", [
+    (intr_info(0x30, EventType.EXT_INT, None), 0, 0, 0x2, "RFLAGS.IF=0"),
+    (intr_info(0x30, EventType.EXT_INT, None), 0, Interruptibility.STI, 0x202, "shadow"),
+    (intr_info(Vec.NMI, EventType.NMI, None), 0, Interruptibility.NMI, 0x202, "NMI blocking"),
+    (intr_info(Vec.GP, EventType.HW_EXCEPTION, None), 0, 0, 0x202, "deliver-error-code"),
+    (intr_info(Vec.UD, EventType.HW_EXCEPTION, 0), 0, 0, 0x202, "deliver-error-code"),
+    (intr_info(0x80, EventType.SW_INT, None), 0, 0, 0x202, "instruction length"),
+    (intr_info(40, EventType.HW_EXCEPTION, None), 0, 0, 0x202, "> 31"),
+    (INTR_INFO_VALID | (1 << 8) | 5, 0, 0, 0x202, "reserved"),
+])
+def test_vmx_entry_refuses(info, length, state, rflags, message):
+    guest = _vmx()
+    guest.vmcs.entry_intr_info = info
+    guest.vmcs.entry_instruction_len = length
+    guest.vmcs.guest_interruptibility = state
+    guest.vmcs.guest_rflags = rflags
+    with pytest.raises(EntryFailed, match=message):
+        guest.run(10)
+
+
+def test_vmx_entry_accepts_and_delivers_an_nmi():
+    guest = _vmx()
+    guest.vmcs.entry_intr_info = intr_info(Vec.NMI, EventType.NMI, None)
+    guest.vmcs.proc_based = 1 << 7  # HLT exiting, so the run ends in an exit
+    cpu = guest.cpu
+    cpu.idtr_limit = 0  # no IDT: the injected NMI's delivery faults into a triple fault
+    assert guest.run(10) is None
+    assert guest.vmcs.exit_reason == 2  # TRIPLE_FAULT
+    assert not guest.vmcs.entry_intr_info & INTR_INFO_VALID
+
+
+@pytest.mark.parametrize("word,message", [
+    (EVTINJ_VALID | (5 << 8), "reserved"),
+    (EVTINJ_VALID | (3 << 8) | Vec.NMI, "vector 2"),
+    (EVTINJ_VALID | (3 << 8) | 40, "vector 40"),
+])
+def test_svm_vmrun_refuses(word, message):
+    cpu, _ = prepare(parse(GUEST, "unit.toml"))
+    guest = SvmGuest(cpu)
+    guest.vmcb.event_inj = word
+    with pytest.raises(EntryFailed, match=message):
+        guest.run(10)
