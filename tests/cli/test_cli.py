@@ -95,3 +95,57 @@ def test_missing_gnu_as_says_how_to_install(monkeypatch, capsys, tmp_path):
     fresh.write_text(text)
     assert main(["run", str(fresh)]) == Exit.BAD_INPUT
     assert "apt-get install binutils" in capsys.readouterr().out
+
+
+VIRT = ARCH.parent / "virt"
+
+
+@pytest.mark.parametrize("vendor", ["svm", "vmx"])
+def test_every_shipped_scenario_exits_zero_under_kvm(vendor, capsys):
+    paths = sorted(map(str, ARCH.parent.glob("*/*.toml")))
+    assert main(["run", "--vendor", vendor, *paths]) == Exit.OK
+    out = capsys.readouterr().out
+    assert f"{len(paths)}/{len(paths)} scenarios pass" in out
+
+
+def test_vendor_run_shows_exits_injections_and_the_verdict(capsys):
+    assert main(["run", "--vendor", "svm", str(VIRT / "host_fault_idt_during_nmi.toml")]) == Exit.OK
+    out = capsys.readouterr().out
+    assert "VM exit NPF exit_int_info vector 2 nmi" in out
+    assert "KVM re-injects nmi NMI" in out
+    assert "SAME AS BARE METAL" in out
+
+
+def test_undeclared_divergence_exits_one_and_names_both_sides(tmp_path, capsys):
+    source = ARCH / "two_nmis_in_mov_ss_shadow.toml"
+    text = source.read_text().split("# Under KVM both NMIs")[0]
+    copy = tmp_path / "two_nmis.toml"
+    copy.write_text(text)
+    assert main(["run", "--vendor", "vmx", str(copy)]) == Exit.FAILED
+    out = capsys.readouterr().out
+    assert "DIVERGENCE at guest-observable entry 3" in out
+    assert re.search(r"bare metal: .*HLT: halted", out)
+    assert re.search(r"under KVM: .*NMI delivered", out)
+
+
+def test_declared_divergence_that_does_not_happen_fails(tmp_path, capsys):
+    copy = tmp_path / "declared.toml"
+    copy.write_text(EXAMPLE.read_text() + '\n[[expect.divergence]]\nvendor = "vmx"\nentry = 1\n'
+                    'why = "a test"\n')
+    assert main(["run", "--vendor", "vmx", str(copy)]) == Exit.FAILED
+    assert "the declared divergence did not happen" in capsys.readouterr().out
+
+
+def test_vendor_json_has_exits_and_comparison(capsys):
+    assert main(["run", "--json", "--vendor", "vmx",
+                 str(VIRT / "host_fault_stack_during_int_n.toml")]) == Exit.OK
+    doc = json.loads(capsys.readouterr().out)
+    result = doc["results"][0]
+    assert result["vendor"] == "vmx"
+    kinds = [e["kind"] for e in result["trace"]]
+    assert "vmexit" in kinds and "inject" in kinds
+    exits = [e for e in result["trace"] if e["kind"] == "vmexit"]
+    assert any(e["reason"] == "EPT_VIOLATION" and "sw_int" in e["detail"] for e in exits)
+    assert result["comparison"] == {"passed": True, "hypervisor_error": None, "divergence": None,
+                                    "declared": None, "problems": []}
+    assert result["kvm_stats"][0]["irq_injections"] == 1

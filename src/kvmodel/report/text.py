@@ -17,7 +17,7 @@ from kvmodel.arch.observe import (
     Shutdown,
 )  # fmt: skip
 from kvmodel.arch.regs import Mode, describe_rflags
-from kvmodel.check.oracle import Comparison
+from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
@@ -122,7 +122,14 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
     if d is None:
         console.print(f"  [bold green]SAME AS BARE METAL[/] the guest-observable trace and final "
                       f"state match ({len(virt.trace)} trace entries)")
-        return
+    else:
+        _print_divergence(console, comparison, d)
+    for problem in comparison.problems:
+        console.print(f"  [bold red]FAIL[/] {escape(virt.scenario.path)}: {escape(problem)}")
+
+
+def _print_divergence(console: Console, comparison: Comparison, d: Divergence) -> None:
+    bare, virt = comparison.bare, comparison.virt
     label = "[bold yellow]KNOWN DIVERGENCE[/]" if comparison.divergence_expected else (
         "[bold red]DIVERGENCE[/]")
     console.print(f"  {label} at guest-observable entry {d.index + 1 if d.index >= 0 else 'final'}:")
@@ -138,8 +145,6 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
     if comparison.known is not None and comparison.divergence_expected:
         console.print(f"    [dim]declared at line {comparison.known.line}: "
                       f"{escape(comparison.known.why)}[/]")
-    for problem in comparison.problems:
-        console.print(f"  [bold red]FAIL[/] {escape(virt.scenario.path)}: {escape(problem)}")
 
 
 def _stats(stats) -> dict:
