@@ -8,13 +8,13 @@ a live migration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmodel.arch.apic import Apic
 from kvmodel.arch.cpu import Cpu
 from kvmodel.kvm.uapi import KvmVcpuEvents
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
 from kvmodel.kvm.x86 import Vcpu
 
 
@@ -27,11 +27,11 @@ class SaveRestoreRecord:
     events: str  # hex of the packed struct
 
 
-def save_restore(vcpu: Vcpu, vendor: Vendor) -> Vcpu:
-    """KVM_GET_* on `vcpu`, then KVM_CREATE_VCPU and KVM_SET_* on a fresh one."""
+def save_restore(vcpu: Vcpu, create_vcpu: Callable[[Cpu], Vcpu]) -> Vcpu:
+    """KVM_GET_* on `vcpu`, then KVM_CREATE_VCPU (`create_vcpu`) and KVM_SET_* on a fresh one."""
     events = vcpu.get_vcpu_events().pack()
     vcpu.ops.sync_guest_state_to_core()  # KVM_GET_REGS: RIP, RFLAGS as KVM reports them
-    new = create_vcpu(copy_registers(vcpu.cpu), vendor)
+    new = create_vcpu(copy_registers(vcpu.cpu))
     new.mp_state = vcpu.mp_state  # KVM_GET/SET_MP_STATE
     new.set_vcpu_events(KvmVcpuEvents.unpack(events))
     new.cpu.trace.append(SaveRestoreRecord(vcpu.cpu.retired, events.hex()))

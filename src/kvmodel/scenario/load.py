@@ -41,8 +41,9 @@ NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
 STOPS = ("halted", "shutdown", "budget")
 DEFAULT_MAX_STEPS = 100_000
 
-TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "registers", "idt", "tss", "memory",
-            "happen", "expect")
+TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
+            "memory", "happen", "expect")
+KVM_PARAMS = ("nrips", "enable_vnmi")  # kvm_amd.nrips, kvm_intel.enable_vnmi
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
@@ -130,6 +131,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         final=_final(ctx, data.get("expect", {}), mode),
         memory=_memory_expect(ctx, data.get("expect", {})),
         divergences=_divergences(ctx, data.get("expect", {})),
+        kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
     )
 
 
@@ -320,6 +322,12 @@ def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
                                 "happen", "exit", n)
             out.append(HostHappening(event, None, at_exit, ctx.line("happen", None, n)))
     return tuple(out)
+
+
+def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool], ...]:
+    ctx.keys(kvm, KVM_PARAMS, "kvm")
+    return tuple((name, _bool(ctx, kvm, name, "kvm", default=True)) for name in KVM_PARAMS
+                 if name in kvm)
 
 
 def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:

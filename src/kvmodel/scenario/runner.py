@@ -13,8 +13,10 @@ from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
 from kvmodel.kvm.migrate import save_restore
+from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu
+from kvmodel.kvm.vmx.vmx import VmxParams
 from kvmodel.kvm.x86 import Stats, Vcpu
 from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, HostEvent, Scenario
 
@@ -153,7 +155,14 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
-    vcpu = create_vcpu(cpu, vendor)
+    params = dict(scenario.kvm_params)
+    svm = SvmParams(nrips=params.get("nrips", True))
+    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True))
+
+    def make(core: Cpu) -> Vcpu:
+        return create_vcpu(core, vendor, svm=svm, vmx=vmx)
+
+    vcpu = make(cpu)
     done: list[Stats] = []
     start = cpu.retired
     while True:
@@ -163,7 +172,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         if outcome is not None and outcome.reason is KvmExit.INTR:
             save_at.pop(0)
             done.append(vcpu.stats)
-            vcpu = save_restore(vcpu, vendor)
+            vcpu = save_restore(vcpu, make)
             continue
         break
     done.append(vcpu.stats)

@@ -110,3 +110,4 @@ class Scenario:
     final: tuple[tuple[str, Expected], ...]
     memory: tuple[tuple[Expr, Expected], ...]
     divergences: tuple[KnownDivergence, ...] = ()
+    kvm_params: tuple[tuple[str, bool], ...] = ()  # module parameters: nrips, enable_vnmi
