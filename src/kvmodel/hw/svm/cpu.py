@@ -188,6 +188,13 @@ class SvmGuest(GuestMode):
         if not self.vmcb.exception_intercepts >> event.vector & 1:
             return
         where = event_where(cpu, event)
+        if event.type is EventType.PRIV_SW_EXCEPTION:
+            # INT1's #DB is a trap: the intercept sees RIP after the INT1, which has
+            # completed (UNVERIFIED against the APM; KVM's db_interception() re-injects
+            # #DB at the saved RIP, which only works so).
+            cpu.rip = event.rip
+            cpu.retired += 1
+            where = Where.BOUNDARY
         code = event.error_code if has_error_code(event.vector, event.type) else None
         if event.vector == Vec.DB:  # DR6 is written before the intercept (APM 15.12): UNVERIFIED
             self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
