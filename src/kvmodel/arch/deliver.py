@@ -81,7 +81,9 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
                 _shutdown(cpu, event, fault.vector)
                 return
             if outcome is DfOutcome.DOUBLE_FAULT:
-                event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0)
+                # The second exception is a fault and set RF before it turned into #DF,
+                # so the #DF frame holds RF=1 (SDM 17.3.1.1; Bochs exception.cc does so).
+                event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0, push_rf=True)
                 if host is not None:
                     cpu.vectoring = None  # a #DF is not "during delivery" (SDM 27.2.3)
                     host.event(cpu, event)
