@@ -51,3 +51,14 @@ def test_process_nmi_without_limit_is_a_divergence(monkeypatch, vendor):
     monkeypatch.setattr(Vcpu, "process_nmi", keep_all)
     c = compare(load("scenarios/arch/nmi_latched_until_iret.toml"), vendor)
     assert c.divergence is not None and not c.passed
+
+
+def test_ept_violation_without_nmi_reblock_is_a_divergence(monkeypatch):
+    """handle_ept_violation() must block NMIs again when the exit came from an IRET."""
+    def map_only(self):
+        cpu = self.guest.cpu
+        cpu.set_host_unmapped(cpu.host_unmapped - {self.vmcs.guest_physical_address >> 12})
+    monkeypatch.setattr(Vmx, "_handle_ept_violation", map_only)
+    c = compare(load("scenarios/virt/iret_host_fault_keeps_nmi_blocked.toml"), Vendor.VMX)
+    assert c.divergence is not None and not c.passed
+    assert c.divergence.virt.kind == "delivery" and c.divergence.virt.vector == 2
