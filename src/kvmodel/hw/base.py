@@ -75,6 +75,17 @@ def soft_length(event: Event) -> int:
     return event.rip - event.insn_rip if event.insn_rip is not None else 0
 
 
+def frame_rf(event: Event) -> bool | None:
+    """RF in the frame the interrupted delivery would have pushed (SDM 27.3.3).
+
+    A fault pushes RF=1; a software event's instruction had begun, so RF was
+    already cleared; an event taken between instructions keeps the current RF.
+    """
+    if event.push_rf:
+        return True
+    return False if event.insn_rip is not None else None  # None: RF as it is
+
+
 def is_soft(type_: EventType) -> bool:
     return type_ in (EventType.SW_INT, EventType.SW_EXCEPTION, EventType.PRIV_SW_EXCEPTION)
 

@@ -14,7 +14,7 @@ from kvmodel.arch.events import Event, EventType, Vec, has_error_code
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import DR6_B0_B3, IF, RF, RSP, Shadow
-from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, shadow_at
+from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, frame_rf, shadow_at
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
     EVTINJ_VALID_ERR,
@@ -149,19 +149,19 @@ class SvmGuest(GuestMode):
         """After the core unwound: EXITINTINFO and the guest state (15.7.2)."""
         vmcb, cpu = self.vmcb, self.cpu
         vectoring = cpu.vectoring
-        rf = self._rf
+        rf = True if self._rf else None
         if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
             vmcb.exit_int_info = encode(vectoring.vector, event_inj_type(vectoring.type), code)
             vmcb.exit_int_info_err = code or 0
-            rf = vectoring.push_rf  # as VMX does (SDM 27.3.3); for SVM UNVERIFIED
+            rf = frame_rf(vectoring)  # as VMX does (SDM 27.3.3); for SVM UNVERIFIED
             cpu.vectoring = None
         else:
             vmcb.exit_int_info = 0
         vmcb.event_inj &= ~EVTINJ_VALID
         self._save_guest_state(self._where)
-        if rf:
-            vmcb.rflags |= RF
+        if rf is not None:
+            vmcb.rflags = (vmcb.rflags & ~RF) | (RF if rf else 0)
         self.host_interrupt = False
         code = vmcb.exit_code
         name = ExitCode(code).name if code in ExitCode._value2member_map_ else (

@@ -20,6 +20,7 @@ from kvmodel.hw.base import (
     VmExit,
     Where,
     event_where,
+    frame_rf,
     is_soft,
     shadow_at,
     soft_length,
@@ -180,21 +181,21 @@ class VmxGuest(GuestMode):
         """After the core unwound: IDT-vectoring information and the guest state (27.2.3, 27.3)."""
         vmcs, cpu = self.vmcs, self.cpu
         vectoring = cpu.vectoring
-        rf = self._rf
+        rf = True if self._rf else None
         if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
             vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code)
             vmcs.idt_vectoring_error_code = code or 0
             if is_soft(vectoring.type):
                 vmcs.exit_instruction_len = soft_length(vectoring)
-            rf = vectoring.push_rf  # RF as the interrupted frame would have had it (27.3.3)
+            rf = frame_rf(vectoring)  # RF as the interrupted frame would have had it (27.3.3)
             cpu.vectoring = None
         else:
             vmcs.idt_vectoring_info = 0
         vmcs.entry_intr_info &= ~INTR_INFO_VALID  # SDM 24.8.3
         self._save_guest_state(self._where)
-        if rf:
-            vmcs.guest_rflags |= RF
+        if rf is not None:
+            vmcs.guest_rflags = (vmcs.guest_rflags & ~RF) | (RF if rf else 0)
         self.host_interrupt = False  # the host takes its pending IRQ once the guest is out
         detail = f"info {describe_info(vmcs.exit_intr_info, vmcs.exit_intr_error_code)} " \
                  f"idt_vectoring {describe_info(vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)}"
