@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmodel import _faults
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import Vec
 from kvmodel.arch.regs import IF, RF, TF
@@ -282,7 +283,7 @@ class Svm:
             vcpu.requests |= Request.EVENT
         vcpu.clear_event_queues()
         info = vmcb.exit_int_info
-        if not info & EVTINJ_VALID:
+        if not info & EVTINJ_VALID or _faults.on("no_reinjection"):
             return
         vcpu.requests |= Request.EVENT
         vector, kind = info & 0xFF, EventInjType((info >> 8) & 7)
@@ -291,6 +292,8 @@ class Svm:
         if kind is EventInjType.NMI:
             vcpu.nmi_injected = True
         elif kind is EventInjType.EXEPT:
+            if exception_is_soft(vector) and _faults.on("svm_retry_soft_exception"):
+                return  # the pre-2022 "re-execute the instruction instead"
             code = vmcb.exit_int_info_err if info & EVTINJ_VALID_ERR else None
             vcpu.requeue_exception(vector, code)
         else:
@@ -318,7 +321,8 @@ class Svm:
         elif code == ExitCode.INTR:
             vcpu.stats.irq_exits += 1
         elif code == ExitCode.VINTR:
-            vcpu.requests |= Request.EVENT
+            if not _faults.on("no_req_event_on_window"):
+                vcpu.requests |= Request.EVENT
             self.clear_vintr()
             vcpu.stats.irq_window_exits += 1
         elif code == ExitCode.IRET:
@@ -352,4 +356,5 @@ class Svm:
         self.awaiting_iret_completion = True
         self._set_intercept(Intercept.IRET, False)
         self.nmi_iret_rip = self.vmcb.rip
-        vcpu.requests |= Request.EVENT
+        if not _faults.on("no_req_event_on_window"):
+            vcpu.requests |= Request.EVENT

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmodel import _faults
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import IF
 from kvmodel.hw.base import EntryFailed
@@ -222,7 +223,7 @@ class Vmx:
         """__vmx_complete_interrupts(): clear the queues, then requeue what was being vectored."""
         vcpu = self.vcpu
         vcpu.clear_event_queues()
-        if not info & INTR_INFO_VALID:
+        if not info & INTR_INFO_VALID or _faults.on("no_reinjection"):
             return
         vcpu.requests |= Request.EVENT
         vector, type_ = info_vector(info), info_type(info)
@@ -254,13 +255,15 @@ class Vmx:
         elif reason is ExitReason.INTERRUPT_WINDOW:
             vmcs.proc_based &= ~Proc.INTR_WINDOW_EXITING
             self.guest.cpu_windows_changed()
-            vcpu.requests |= Request.EVENT
+            if not _faults.on("no_req_event_on_window"):
+                vcpu.requests |= Request.EVENT
             vcpu.stats.irq_window_exits += 1
         elif reason is ExitReason.NMI_WINDOW:
             vmcs.proc_based &= ~Proc.NMI_WINDOW_EXITING
             self.guest.cpu_windows_changed()
             vcpu.stats.nmi_window_exits += 1
-            vcpu.requests |= Request.EVENT
+            if not _faults.on("no_req_event_on_window"):
+                vcpu.requests |= Request.EVENT
         elif reason is ExitReason.HLT:
             vcpu.emulate_halt()
         elif reason in (ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.MSR_READ,

@@ -1,0 +1,52 @@
+"""Known-wrong behaviours of KVM that kvmodel can switch on by name (`--bug NAME`).
+
+Each entry names the fault point the model reads (kvmodel._faults), where the
+wrong behaviour comes from, and a shipped scenario whose exploration finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.errors import KvmodelError
+
+
+@dataclass(frozen=True, slots=True)
+class Bug:
+    name: str
+    summary: str
+    reference: str
+    vendors: tuple[str, ...]
+    scenario: str  # a shipped scenario whose exploration shows it
+
+
+CATALOGUE: tuple[Bug, ...] = (
+    Bug("no_reinjection",
+        "vendor completion clears the event queues but never re-queues the event from EXITINTINFO / "
+        "IDT-vectoring info, so an NMI or interrupt whose delivery was cut short is lost",
+        "the re-injection KVM does in svm_complete_interrupts() / __vmx_complete_interrupts(); "
+        "SDM 27.2.3, APM 15.7.2",
+        ("svm", "vmx"), "scenarios/virt/explore_nmi_with_host_faults.toml"),
+    Bug("no_req_event_on_window",
+        "an interrupt-window, NMI-window or IRET exit does not raise KVM_REQ_EVENT, so the event that "
+        "waited for the window is not injected until some other request comes",
+        "KVM_REQ_EVENT in handle_interrupt_window(), handle_nmi_window(), "
+        "interrupt_window_interception(), iret_interception() (arch/x86/kvm)",
+        ("svm", "vmx"), "scenarios/virt/explore_nmi_with_host_faults.toml"),
+    Bug("svm_retry_soft_exception",
+        "SVM drops an INT3/INTO whose delivery was cut short and re-executes the instruction instead of "
+        "re-injecting it: a code breakpoint on the INT3 fires twice",
+        "[PATCH 5/8] KVM: SVM: Re-inject INT3/INTO instead of retrying the instruction "
+        "(Sean Christopherson, April 2022; upstream 6ef88d6e36c2); seed 003",
+        ("svm",), "scenarios/virt/int3_code_breakpoint_host_fault.toml"),
+)
+
+BY_NAME = {bug.name: bug for bug in CATALOGUE}
+
+
+def lookup(name: str) -> Bug:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KvmodelError(f"no catalogued bug named {name!r}; "
+                           f"known: {', '.join(BY_NAME)} (kvmodel bugs list)") from None
