@@ -8,15 +8,24 @@ import sys
 import tempfile
 import traceback
 from enum import IntEnum
+from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from kvmodel import __version__
+from kvmodel.bugs.catalogue import lookup
+from kvmodel.bugs.check import check_all
+from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
+from kvmodel.check.explore import Bounds
 from kvmodel.check.oracle import compare
+from kvmodel.check.replay import read
+from kvmodel.check.schedule import describe
 from kvmodel.errors import KvmodelError
 from kvmodel.guest.asm import find_binutils
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.report.json import document
+from kvmodel.report.explore import bugs_table, explore_dict, print_findings, print_side_by_side, summary_table
+from kvmodel.report.json import JSON_SCHEMA, document
 from kvmodel.report.text import print_comparison, print_result
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import run
@@ -29,6 +38,7 @@ class Exit(IntEnum):
     FAILED = 1  # an expectation does not hold
     BAD_INPUT = 2  # malformed scenario, missing tool, or outside what the model covers
     MODEL_BUG = 4  # an internal error: probably a kvmodel bug
+    INTERRUPTED = 130  # Ctrl-C: what was found so far is written
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +69,44 @@ def _parser() -> argparse.ArgumentParser:
                        help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
                             "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
                             "(default: the scenario's [cpu] vendor, else bare)")
+    _explore_parsers(sub)
     return parser
+
+
+def _explore_parsers(sub) -> None:
+    ex = sub.add_parser(
+        "explore", help="try every placement of the choice points and report findings",
+        description="For each scenario (or directory of them) and vendor, run every schedule of "
+                    "asynchronous happenings within the bounds under KVM and on bare metal, and "
+                    "report what the guest saw that bare metal would not have shown it. Findings "
+                    "are shrunk and written as replay files. Exit 0: no finding within the "
+                    "bounds; 1: findings; 2: bad input; 130: interrupted (findings kept).")
+    ex.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files or directories")
+    ex.add_argument("--vendor", choices=["svm", "vmx", "both"], default="both")
+    ex.add_argument("--max-async", type=int, metavar="N",
+                    help="at most N external NMIs/interrupts per schedule (default: 2)")
+    ex.add_argument("--max-host", type=int, metavar="N",
+                    help="at most N host happenings per schedule: host interrupts, host faults, "
+                         "save/restores (default: 2)")
+    ex.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="processes to spread each scenario's schedules over")
+    ex.add_argument("--time-limit", type=float, metavar="S",
+                    help="stop each scenario's search after S seconds, reporting what was covered")
+    ex.add_argument("--bug", action="append", default=[], metavar="NAME",
+                    help="switch on a catalogued bug (kvmodel bugs list); repeatable")
+    ex.add_argument("--out", default="kvmodel-findings", metavar="DIR",
+                    help="where replay files go (default: ./kvmodel-findings)")
+    ex.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    rp = sub.add_parser("replay", help="re-run a replay file, side by side with bare metal",
+                        description="Re-run the exact schedule of a replay file written by "
+                                    "`kvmodel explore`. Exit 1 if the finding shows again, 0 if "
+                                    "not, 2 if the scenario changed since.")
+    rp.add_argument("replay", metavar="FILE")
+    bugs = sub.add_parser("bugs", help="the catalogue of known KVM bugs the model can switch on")
+    bugs_sub = bugs.add_subparsers(dest="bugs_command", required=True, metavar="ACTION")
+    bugs_sub.add_parser("list", help="list the catalogued bugs and their references")
+    check = bugs_sub.add_parser("check", help="explore each bug's scenario with the bug on")
+    check.add_argument("--out", default="kvmodel-findings", metavar="DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     find_binutils()  # say how to install GNU as before reading anything
+    if args.command == "explore":
+        return _explore(args, console)
+    if args.command == "replay":
+        return _replay(args, console)
+    if args.command == "bugs":
+        return _bugs(args, console)
     results, errors = [], []
     worst = Exit.OK
     for path in args.scenarios:
@@ -121,3 +174,70 @@ def _limit(result) -> str | None:
     if hasattr(result, "bare"):
         return result.bare.limit or (result.virt.limit if result.virt is not None else None)
     return result.limit
+
+
+def _explore(args: argparse.Namespace, console: Console) -> int:
+    for name in args.bug:
+        lookup(name)
+    paths = expand(args.scenarios)
+    bounds = Bounds(args.max_async, args.max_host)
+    if args.workers < 1:
+        raise KvmodelError("--workers must be at least 1")
+    done: list[Explored] = []
+
+    def report(item: Explored) -> None:
+        done.append(item)
+        if not args.json:
+            print_findings(console, item.result, item.shrunk)
+            if not console.is_terminal:
+                r = item.result
+                console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
+                              f"{r.distinct} distinct outcomes, {len(r.findings)} findings")
+
+    try:
+        explore_all(paths, vendors_for(args.vendor), bounds, workers=args.workers,
+                    time_limit=args.time_limit, bugs=frozenset(args.bug), out_dir=Path(args.out),
+                    done=report)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: the findings above are written")
+        _explore_summary(args, console, done)
+        return Exit.INTERRUPTED
+    return _explore_summary(args, console, done)
+
+
+def _explore_summary(args: argparse.Namespace, console: Console, done: list[Explored]) -> int:
+    if args.json:
+        print(json.dumps({"schema": JSON_SCHEMA, "explored": [
+            explore_dict(item.result, item.shrunk) for item in done]}, indent=1))
+    else:
+        console.print(summary_table([item.result for item in done]))
+        schedules = sum(item.result.schedules for item in done)
+        console.print(f"{schedules} schedules within the bounds; "
+                      f"{sum(len(item.result.findings) for item in done)} findings")
+    return Exit.OK if all(item.result.passed for item in done) else Exit.FAILED
+
+
+def _replay(args: argparse.Namespace, console: Console) -> int:
+    replay = read(args.replay)
+    console.print(f"replaying {args.replay}: {replay.document['finding']['kind']} on "
+                  f"{replay.vendor.value}, schedule: {describe(replay.schedule)}"
+                  + (f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""))
+    comparison = replay.run()
+    print_side_by_side(console, comparison)
+    return Exit.OK if comparison.passed else Exit.FAILED
+
+
+def _bugs(args: argparse.Namespace, console: Console) -> int:
+    if args.bugs_command == "list":
+        console.print(bugs_table())
+        return Exit.OK
+    checks = check_all(Path(args.out))
+    table = Table(title="kvmodel bugs check")
+    for column in ("bug", "vendor", "found", "happenings", "retired", "time", "replay"):
+        table.add_column(column)
+    for c in checks:
+        found = "[green]yes[/]" if c.found and c.reproduced else "[bold red]NO[/]"
+        table.add_row(c.bug.name, c.vendor.value, found, str(c.happenings), str(c.retired),
+                      f"{c.seconds:.2f} s", c.replay or "-")
+    console.print(table)
+    return Exit.OK if all(c.found and c.reproduced for c in checks) else Exit.FAILED

@@ -21,12 +21,14 @@ from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
+    ExploreSpec,
     Expr,
     GateSpec,
     Happening,
     HostEvent,
     HostHappening,
     KnownDivergence,
+    KnownFinding,
     Scenario,
 )  # fmt: skip
 
@@ -42,7 +44,7 @@ STOPS = ("halted", "shutdown", "budget")
 DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
-            "memory", "happen", "expect")
+            "memory", "happen", "expect", "explore")
 KVM_PARAMS = ("nrips", "enable_vnmi")  # kvm_amd.nrips, kvm_intel.enable_vnmi
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
@@ -132,6 +134,8 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         memory=_memory_expect(ctx, data.get("expect", {})),
         divergences=_divergences(ctx, data.get("expect", {})),
         kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
+        explore=_explore(ctx, data),
+        known_findings=_known_findings(ctx, data),
     )
 
 
@@ -322,6 +326,56 @@ def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
                                 "happen", "exit", n)
             out.append(HostHappening(event, None, at_exit, ctx.line("happen", None, n)))
     return tuple(out)
+
+
+CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_faults", "save_restore")
+HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_fault", "save_restore")
+
+
+def _known_findings(ctx: _Ctx, data: dict) -> tuple[KnownFinding, ...]:
+    items = _table(ctx, data, "explore").get("known", [])
+    t = "explore.known"
+    out = []
+    for n, k in enumerate(items):
+        ctx.keys(k, ("vendor", "involves", "same_boundary", "why"), t, n)
+        vendors = _choice(ctx, k, "vendor", {"svm": ("svm",), "vmx": ("vmx",), "any": ("svm", "vmx")},
+                          t, index=n)
+        involves = k.get("involves", [])
+        if not isinstance(involves, list) or not involves or any(
+                i not in HAPPENING_KINDS for i in involves):
+            raise ctx.error("involves = [...] of " + ", ".join(HAPPENING_KINDS), t, "involves", n)
+        why = k.get("why")
+        if not isinstance(why, str) or not why.strip():
+            raise ctx.error("a known finding needs why = \"...\"", t, "why", n)
+        same = _bool(ctx, k, "same_boundary", t, default=False)
+        out.append(KnownFinding(vendors, tuple(involves), same, why, ctx.line(t, None, n)))
+    return tuple(out)
+
+
+def _explore(ctx: _Ctx, data: dict) -> ExploreSpec | None:
+    t = "explore"
+    spec = _table(ctx, data, t)
+    ctx.keys(spec, (*CHOICE_KEYS, "known"), t)
+    if not any(key in spec for key in CHOICE_KEYS):
+        return None
+    vectors = spec.get("interrupts", [])
+    if not isinstance(vectors, list):
+        raise ctx.error("interrupts = [vector, ...]", t, "interrupts")
+    interrupts = tuple(_vector(ctx, v, t, "interrupts") for v in vectors)
+    if any(v < 16 for v in interrupts):
+        raise ctx.error("interrupt vectors must be 16..255", t, "interrupts", None, "SDM 10.5.2")
+    pages = spec.get("host_faults", [])
+    if not isinstance(pages, list):
+        raise ctx.error("host_faults = [page, ...] (labels or addresses)", t, "host_faults")
+    line = ctx.line(t, "host_faults")
+    counts = {}
+    for key in ("nmi", "host_interrupts", "save_restore"):
+        counts[key] = _int(ctx, spec, key, t, default=0)
+        if not 0 <= counts[key] <= 8:
+            raise ctx.error(f"{key} = {counts[key]}: use 0..8", t, key)
+    return ExploreSpec(counts["nmi"], interrupts, counts["host_interrupts"],
+                       tuple((_expr(ctx, p, t, "host_faults"), line) for p in pages),
+                       counts["save_restore"], ctx.line(t, None))
 
 
 def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool], ...]:

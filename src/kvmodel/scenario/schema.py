@@ -55,6 +55,30 @@ class HostHappening:
 
 
 @dataclass(frozen=True, slots=True)
+class ExploreSpec:
+    """Choice points: what the explorer may add, anywhere, up to these counts."""
+
+    nmis: int
+    interrupts: tuple[int, ...]  # vectors that may each arrive once
+    host_interrupts: int
+    host_faults: tuple[tuple[Expr, int], ...]  # pages that may be missing from EPT/NPT, with lines
+    save_restores: int
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFinding:
+    """An exploration finding that is understood: explored schedules with all of
+    `involves` that show a divergence are reported as known, not as new."""
+
+    vendors: tuple[str, ...]
+    involves: tuple[str, ...]  # happening kinds, with repeats: ("nmi", "nmi") needs two NMIs
+    same_boundary: bool  # the involved arrivals all happen at one boundary
+    why: str
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExpectedDelivery:
     vector: int
     type: EventType | None
@@ -111,3 +135,5 @@ class Scenario:
     memory: tuple[tuple[Expr, Expected], ...]
     divergences: tuple[KnownDivergence, ...] = ()
     kvm_params: tuple[tuple[str, bool], ...] = ()  # module parameters: nrips, enable_vnmi
+    explore: ExploreSpec | None = None  # None: the explorer's default host-only choice points
+    known_findings: tuple[KnownFinding, ...] = ()

@@ -1,0 +1,48 @@
+"""`kvmodel bugs check`: explore each catalogued bug's scenario with the bug switched on."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmodel.bugs.catalogue import CATALOGUE, Bug
+from kvmodel.check.explore import Bounds, explore
+from kvmodel.check.replay import read, shrink, write
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.scenario.load import load
+
+
+@dataclass(frozen=True, slots=True)
+class BugCheck:
+    bug: Bug
+    vendor: Vendor
+    found: bool
+    happenings: int  # in the shrunk counterexample
+    retired: int  # guest instructions before the first divergence (or the end)
+    seconds: float
+    replay: str | None
+    reproduced: bool  # the replay file shows the finding again
+
+
+def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
+    start = time.monotonic()
+    bugs = frozenset({bug.name})
+    scenario = load(bug.scenario)
+    result = explore(scenario, vendor, Bounds(), bugs=bugs, stop_at_first=True)
+    if not result.findings:
+        return BugCheck(bug, vendor, False, 0, 0, time.monotonic() - start, None, False)
+    small = shrink(scenario, vendor, result.findings[0], bugs)
+    path = write(out_dir, scenario, vendor, small, bugs)
+    comparison = read(path).run()
+    elapsed = time.monotonic() - start
+    d = comparison.divergence
+    retired = comparison.virt.final.retired if comparison.virt and comparison.virt.final else 0
+    if d is not None and d.virt is not None and hasattr(d.virt, "retired"):
+        retired = d.virt.retired
+    reproduced = not comparison.passed or (d is not None and not comparison.divergence_expected)
+    return BugCheck(bug, vendor, True, len(small.schedule), retired, elapsed, str(path), reproduced)
+
+
+def check_all(out_dir: Path) -> list[BugCheck]:
+    return [check_bug(bug, Vendor(v), out_dir) for bug in CATALOGUE for v in bug.vendors]

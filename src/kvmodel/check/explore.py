@@ -1,0 +1,328 @@
+"""Exhaustive bounded exploration: every placement of the choice points, each run judged.
+
+For every schedule (check/schedule.py) within the bounds, the scenario runs
+under KVM and on bare metal with the same external events; a run is a
+finding when the guest sees something bare metal would not show it, when
+KVM gives up (failed entry, internal error), when KVM's stats disagree with
+what it injected, or when the guest makes no progress where bare metal
+stops (liveness: the step budget runs out under KVM only).
+
+Search: bare-metal runs are shared by all schedules with the same external
+events; runs that end in the same state (trace and final state) count as
+one distinct outcome. Prefix sharing and state-hash pruning inside a run are
+not done yet: every schedule is run from the start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from kvmodel import _faults
+from kvmodel.check.oracle import first_divergence, guest_view
+from kvmodel.check.schedule import Kind, Schedule, apply, place
+from kvmodel.guest.layout import IDT_BASE, IST_STACK_BASE, PAGE, STACK_TOP
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.scenario.load import load
+from kvmodel.scenario.runner import Resolver, RunResult, run
+from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """How many happenings one schedule may hold (None: what the scenario offers, up to 2)."""
+
+    max_async: int | None = None
+    max_host: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: str  # divergence, liveness, hypervisor_error, stats
+    schedule: Schedule
+    message: str
+
+
+@dataclass(slots=True)
+class ExploreResult:
+    scenario: Scenario
+    vendor: Vendor
+    schedules: int = 0
+    outcomes: set[str] = field(default_factory=set)
+    findings: list[Finding] = field(default_factory=list)  # new: nobody explained them
+    known: list[Finding] = field(default_factory=list)  # matched by the scenario's [[explore.known]]
+    unseen_known: list[KnownFinding] = field(default_factory=list)  # declared, not found
+    model_limits: int = 0
+    elapsed: float = 0.0
+    complete: bool = True  # False: the time limit ended the search
+    not_applicable: str | None = None
+
+    @property
+    def distinct(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings and not self.unseen_known
+
+
+# -- choice points ---------------------------------------------------------------------
+
+def default_spec(scenario: Scenario) -> ExploreSpec:
+    """Host time only: a host interrupt, a missing IDT or stack page, a save/restore anywhere.
+
+    None of these may ever change what the guest sees.
+    """
+    pages = [(IDT_BASE, 0), (STACK_TOP - PAGE, 0)]
+    pages += [(IST_STACK_BASE + (k - 1) * PAGE, 0) for k, _, _ in scenario.ist]
+    return ExploreSpec(0, (), 1, tuple(pages), 1, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Choices:
+    spec: ExploreSpec
+    max_async: int
+    max_host: int
+    boundaries: int  # positions 0..boundaries
+    pages: tuple[int, ...]
+
+
+def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundaries: int) -> Choices:
+    spec = scenario.explore or default_spec(scenario)
+    offered_async = spec.nmis + len(spec.interrupts)
+    offered_host = spec.host_interrupts + len(spec.host_faults) + spec.save_restores
+    max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
+    max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
+    pages = tuple(sorted({resolve(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
+    return Choices(spec, max_async, max_host, boundaries, pages)
+
+
+def async_schedules(c: Choices) -> Iterator[Schedule]:
+    """NMIs (interchangeable) and each interrupt vector at most once, at any boundary."""
+    positions = range(c.boundaries + 1)
+    for n_nmi in range(min(c.spec.nmis, c.max_async) + 1):
+        for nmis in itertools.combinations_with_replacement(positions, n_nmi):
+            room = c.max_async - n_nmi
+            for k in range(min(room, len(c.spec.interrupts)) + 1):
+                for vectors in itertools.combinations(c.spec.interrupts, k):
+                    for ats in itertools.product(positions, repeat=k):
+                        yield tuple(sorted([place(Kind.NMI, at) for at in nmis] + [
+                            place(Kind.INTERRUPT, at, v) for v, at in zip(vectors, ats, strict=True)]))
+
+
+def host_schedules(c: Choices) -> Iterator[Schedule]:
+    """Host interrupts at any boundary and missing pages, up to max_host (save/restores later)."""
+    positions = range(c.boundaries + 1)
+    for n_faults in range(min(len(c.pages), c.max_host) + 1):
+        for pages in itertools.combinations(c.pages, n_faults):
+            room = c.max_host - n_faults
+            for n_irq in range(min(c.spec.host_interrupts, room) + 1):
+                for ats in itertools.combinations_with_replacement(positions, n_irq):
+                    yield tuple(sorted([place(Kind.HOST_FAULT, 0, p) for p in pages]
+                                       + [place(Kind.HOST_INTERRUPT, at) for at in ats]))
+
+
+def with_save_restores(c: Choices, schedule: Schedule, exits: int) -> Iterator[Schedule]:
+    """Save/restores after any of the first `exits` VM exits, within the host bound."""
+    used = sum(1 for p in schedule if not p.kind.is_async)
+    room = min(c.spec.save_restores, c.max_host - used)
+    for n in range(1, room + 1):
+        for at in itertools.combinations(range(1, exits + 1), n):
+            yield tuple(sorted(schedule + tuple(place(Kind.SAVE_RESTORE, e) for e in at)))
+
+
+# -- one run -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    schedule: Schedule
+    digest: str
+    exits: int
+    finding: Finding | None
+    limit: bool
+
+
+class Runner:
+    """Runs schedules of one scenario on one vendor, sharing bare-metal runs."""
+
+    def __init__(self, scenario: Scenario, vendor: Vendor, max_steps: int | None = None):
+        self.scenario = scenario
+        self.vendor = vendor
+        self.max_steps = max_steps
+        self.bare_runs: dict[Schedule, RunResult] = {}
+        self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+
+    def bare(self, schedule: Schedule) -> RunResult:
+        external = tuple(p for p in schedule if p.kind.is_async)
+        if external not in self.bare_runs:
+            self.bare_runs[external] = run(apply(self.scenario, external), vendor=Vendor.BARE,
+                                           max_steps=self.max_steps)
+        return self.bare_runs[external]
+
+    def outcome(self, schedule: Schedule) -> Outcome:
+        bare = self.bare(schedule)
+        virt = run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps)
+        exits = sum(st.exits for st in virt.stats)
+        if bare.limit is not None or virt.limit is not None:
+            return Outcome(schedule, "limit", exits, None, True)
+        return Outcome(schedule, _digest(virt), exits, self.judge(schedule, bare, virt), False)
+
+    def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult) -> Finding | None:
+        if virt.hypervisor_error is not None:
+            return Finding("hypervisor_error", schedule, virt.hypervisor_error)
+        d = first_divergence(bare, virt)
+        if d is not None and not (self.known is not None and d.index + 1 == self.known.entry):
+            where = f"entry {d.index + 1}" if d.index >= 0 else "the final state"
+            return Finding("divergence", schedule, f"the guest sees something else at {where}")
+        if virt.final.stop == "budget" and bare.final.stop != "budget":
+            return Finding("liveness", schedule,
+                           f"bare metal stops ({bare.final.stop}); under KVM the step budget runs out")
+        problem = stats_problem(virt)
+        if problem is not None:
+            return Finding("stats", schedule, problem)
+        return None
+
+
+def stats_problem(virt: RunResult) -> str | None:
+    """KVM's counters must agree with what it injected and with the exits it took."""
+    injected = [o for o in virt.trace if o.kind == "inject"]
+    nmi = sum(st.nmi_injections for st in virt.stats)
+    irq = sum(st.irq_injections for st in virt.stats)
+    if nmi != sum(o.what == "nmi" for o in injected):
+        return f"nmi_injections = {nmi}, but {sum(o.what == 'nmi' for o in injected)} NMIs injected"
+    if irq != sum(o.what in ("irq", "soft-int") for o in injected):
+        return f"irq_injections = {irq} disagrees with the interrupts injected"
+    return None
+
+
+def _digest(result: RunResult) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(repr([o for _, o in guest_view(result.trace)]).encode())
+    h.update(repr(result.final).encode())
+    h.update(result.memory)
+    return h.hexdigest()
+
+
+# -- the search ----------------------------------------------------------------------------
+
+Progress = Callable[[int, int], None]  # (done, total known so far)
+
+
+def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds = Bounds(), *,  # noqa: B008
+            workers: int = 1, time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
+            progress: Progress | None = None, max_steps: int | None = None,
+            stop_at_first: bool = False) -> ExploreResult:
+    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is."""
+    start = time.monotonic()
+    result = ExploreResult(scenario, vendor)
+    if not scenario.sti_blocks_nmi:
+        result.not_applicable = "sti_blocks_nmi = false: KVM's vCPU always blocks NMIs in the STI shadow"
+        return result
+    with _faults.switched_on(bugs):
+        runner = Runner(scenario, vendor, max_steps)
+        base = runner.bare(())
+        if base.limit is not None or base.final is None:
+            result.model_limits += 1
+            return result
+        resolve = Resolver(scenario, base.program)
+        choices = choices_for(scenario, resolve, bounds, base.final.retired)
+    first = [a + h for a in async_schedules(choices) for h in host_schedules(choices)]
+    first = sorted(set(tuple(sorted(s)) for s in first), key=_smallest_first)
+    deadline = None if time_limit is None else start + time_limit
+    outcomes = _run_all(scenario, vendor, first, workers, bugs, deadline, max_steps, progress, 0,
+                        stop_at_first)
+    if stop_at_first and any(o.finding is not None for o in outcomes):
+        second = []
+    else:
+        second = sorted({s for o in outcomes if not o.limit
+                         for s in with_save_restores(choices, o.schedule, o.exits)},
+                        key=_smallest_first)
+    if deadline is None or time.monotonic() < deadline:
+        outcomes += _run_all(scenario, vendor, second, workers, bugs, deadline, max_steps, progress,
+                             len(first), stop_at_first)
+    result.complete = len(outcomes) == len(first) + len(second) and not stop_at_first
+    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
+    seen: set[int] = set()
+    for o in outcomes:
+        result.schedules += 1
+        if o.limit:
+            result.model_limits += 1
+            continue
+        result.outcomes.add(o.digest)
+        if o.finding is None:
+            continue
+        match = _explained_by(o.finding, declared)
+        if match is None:
+            result.findings.append(o.finding)
+        else:
+            result.known.append(o.finding)
+            seen.add(match)
+    if result.complete:
+        result.unseen_known = [k for n, k in enumerate(declared) if n not in seen]
+    result.elapsed = time.monotonic() - start
+    return result
+
+
+def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
+    """The declaration that explains a divergence: its happenings (with repeats) are all there."""
+    if finding.kind != "divergence":
+        return None
+    have = Counter(p.kind.value for p in finding.schedule)
+    for n, known in enumerate(declared):
+        need = Counter(known.involves)
+        if any(have[kind] < count for kind, count in need.items()):
+            continue
+        if known.same_boundary:
+            ats = {p.at for p in finding.schedule if p.kind.value in need}
+            if len(ats) != 1:
+                continue
+        return n
+    return None
+
+
+def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], workers: int,
+             bugs: frozenset[str], deadline: float | None, max_steps: int | None,
+             progress: Progress | None, offset: int, stop_at_first: bool = False) -> list[Outcome]:
+    out: list[Outcome] = []
+    if workers <= 1 or stop_at_first:
+        with _faults.switched_on(bugs):
+            runner = Runner(scenario, vendor, max_steps)
+            for n, schedule in enumerate(schedules):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                out.append(runner.outcome(schedule))
+                if progress is not None:
+                    progress(offset + n + 1, offset + len(schedules))
+                if stop_at_first and out[-1].finding is not None:
+                    break
+        return out
+    chunks = [schedules[i:i + 64] for i in range(0, len(schedules), 64)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps)
+                for chunk in chunks]
+        for job in jobs:  # in submission order: the result does not depend on `workers`
+            if deadline is not None and time.monotonic() >= deadline:
+                job.cancel()
+                continue
+            out += job.result()
+            if progress is not None:
+                progress(offset + len(out), offset + len(schedules))
+    return out
+
+
+def _smallest_first(schedule: Schedule) -> tuple:
+    """Fewest happenings first, then earliest: the first finding is already small."""
+    return (len(schedule), schedule)
+
+
+def _run_chunk(path: str, vendor: Vendor, schedules: list[Schedule], bugs: frozenset[str],
+               max_steps: int | None) -> list[Outcome]:
+    with _faults.switched_on(bugs):
+        runner = Runner(load(path), vendor, max_steps)
+        return [runner.outcome(s) for s in schedules]
+
