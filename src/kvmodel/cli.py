@@ -233,8 +233,10 @@ def _bugs(args: argparse.Namespace, console: Console) -> int:
         return Exit.OK
     checks = check_all(Path(args.out))
     table = Table(title="kvmodel bugs check")
-    for column in ("bug", "vendor", "found", "happenings", "retired", "time", "replay"):
-        table.add_column(column)
+    table.add_column("bug", no_wrap=True)
+    for column in ("vendor", "found", "happenings", "retired", "time"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("replay", overflow="fold")
     for c in checks:
         found = "[green]yes[/]" if c.found and c.reproduced else "[bold red]NO[/]"
         table.add_row(c.bug.name, c.vendor.value, found, str(c.happenings), str(c.retired),

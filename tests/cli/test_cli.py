@@ -149,3 +149,57 @@ def test_vendor_json_has_exits_and_comparison(capsys):
     assert result["comparison"] == {"passed": True, "hypervisor_error": None, "divergence": None,
                                     "declared": None, "problems": []}
     assert result["kvm_stats"][0]["irq_injections"] == 1
+
+
+EXPLORE = VIRT / "explore_nmi_with_host_faults.toml"
+
+
+def test_explore_without_findings_exits_zero_with_a_summary(tmp_path, capsys):
+    code = main(["explore", "--vendor", "vmx", "--max-async", "1", "--out", str(tmp_path),
+                 str(EXPLORE), str(VIRT / "host_fault_idt_during_nmi.toml")])
+    out = capsys.readouterr().out
+    assert code == Exit.OK, out
+    assert "exploration" in out and "0 findings" in out
+    assert not list(tmp_path.iterdir())
+
+
+def test_explore_with_a_bug_exits_one_and_writes_a_replay_that_reproduces(tmp_path, capsys):
+    code = main(["explore", "--vendor", "svm", "--bug", "no_reinjection", "--out", str(tmp_path),
+                 str(EXPLORE)])
+    out = capsys.readouterr().out
+    assert code == Exit.FAILED
+    assert "FINDING" in out and "kvmodel replay" in out
+    replays = sorted(tmp_path.glob("*.json"))
+    assert len(replays) == 1
+    assert main(["replay", str(replays[0])]) == Exit.FAILED
+    out = capsys.readouterr().out
+    assert "side by side" in out and "<<" in out and "DIVERGENCE" in out
+
+
+def test_explore_json(tmp_path, capsys):
+    assert main(["explore", "--json", "--vendor", "both", "--max-host", "1", "--out", str(tmp_path),
+                 str(VIRT / "nmi_wakes_hlt.toml")]) == Exit.OK
+    doc = json.loads(capsys.readouterr().out)
+    assert [e["vendor"] for e in doc["explored"]] == ["svm", "vmx"]
+    assert all(e["schedules"] > 10 and e["findings"] == [] for e in doc["explored"])
+
+
+def test_unknown_bug_is_bad_input(capsys):
+    assert main(["explore", "--bug", "no_such_bug", str(EXPLORE)]) == Exit.BAD_INPUT
+    assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().out
+
+
+def test_bugs_list_and_check(tmp_path, capsys):
+    assert main(["bugs", "list"]) == Exit.OK
+    out = capsys.readouterr().out
+    assert "svm_retry_soft_exception" in out and "6ef88d6e36c2" in out
+    assert main(["bugs", "check", "--out", str(tmp_path)]) == Exit.OK
+    out = capsys.readouterr().out
+    assert out.count("yes") == 5 and "NO" not in out
+
+
+@pytest.mark.slow
+def test_explore_every_shipped_scenario_on_both_vendors(tmp_path, capsys):
+    code = main(["explore", "--vendor", "both", "--workers", "2", "--out", str(tmp_path),
+                 str(ARCH.parent)])
+    assert code == Exit.OK, capsys.readouterr().out

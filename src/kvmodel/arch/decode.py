@@ -69,9 +69,26 @@ def _behind_intercept(decoded: Decoded) -> Run:
     return execute
 
 
+# Decoded instructions shared by every CPU: a decoding depends only on the bytes, the
+# address, the mode, and whether a host may intercept it.
+_SHARED: dict[tuple[bytes, int, int, bool], Decoded] = {}
+
+
 def decode(cpu: Cpu, rip: int) -> Decoded:
     """Fetch and decode at rip (SDM 6.9 priority 8 and 9: fetch faults, then #UD)."""
     raw = cpu.fetch_bytes(rip, MAX_INSN_LEN)
+    key = (raw, rip, cpu.mode.value, cpu.host is not None)
+    shared = _SHARED.get(key)
+    if shared is not None:
+        cpu.icache[rip] = shared
+        cpu.remember_code(rip, shared.length)
+        return shared
+    decoded = _decode(cpu, rip, raw)
+    _SHARED[key] = decoded
+    return decoded
+
+
+def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
     decoder = iced.Decoder(cpu.mode.value, raw, ip=rip)
     insn = decoder.decode()
     if insn.is_invalid:

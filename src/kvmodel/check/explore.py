@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -201,10 +202,11 @@ def stats_problem(virt: RunResult) -> str | None:
 
 
 def _digest(result: RunResult) -> str:
+    """The outcome: guest-observable trace, final state, and memory (by CRC, for speed)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(repr([o for _, o in guest_view(result.trace)]).encode())
     h.update(repr(result.final).encode())
-    h.update(result.memory)
+    h.update(zlib.crc32(result.memory).to_bytes(4, "little"))
     return h.hexdigest()
 
 
@@ -263,9 +265,17 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds = Bounds(), *,  #
             result.known.append(o.finding)
             seen.add(match)
     if result.complete:
-        result.unseen_known = [k for n, k in enumerate(declared) if n not in seen]
+        result.unseen_known = [k for n, k in enumerate(declared)
+                               if n not in seen and _reachable(k, choices)]
     result.elapsed = time.monotonic() - start
     return result
+
+
+def _reachable(known: KnownFinding, c: Choices) -> bool:
+    """The bounds allow a schedule with the declaration's happenings."""
+    kinds = [Kind(k) for k in known.involves]
+    return (sum(k.is_async for k in kinds) <= c.max_async
+            and sum(not k.is_async for k in kinds) <= c.max_host)
 
 
 def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:

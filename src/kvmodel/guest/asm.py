@@ -93,10 +93,10 @@ _memory_cache: dict[str, Program] = {}
 def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
              line_offset: int = 0) -> Program:
     """Assemble `source`; line numbers (errors and `lines`) are offset by `line_offset`."""
-    find_binutils()
     key = _digest(source, bits, base, line_offset)
     program = _memory_cache.get(key) or _read_cache(key)
     if program is None:
+        find_binutils()
         program = _build(source, bits, base, filename, line_offset)
         _write_cache(key, program)
     _memory_cache[key] = program

@@ -99,7 +99,8 @@ def print_side_by_side(console: Console, comparison: Comparison) -> None:
 
 def bugs_table() -> Table:
     table = Table(title="catalogued bugs (--bug NAME)")
-    for column in ("name", "vendors", "what goes wrong", "reference"):
+    table.add_column("name", no_wrap=True)
+    for column in ("vendors", "what goes wrong", "reference"):
         table.add_column(column)
     for bug in CATALOGUE:
         table.add_row(bug.name, ", ".join(bug.vendors), escape(bug.summary), escape(bug.reference))

@@ -1,0 +1,107 @@
+"""The explorer: enumeration, determinism, findings, shrinking, replay."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvmodel.bugs.catalogue import CATALOGUE
+from kvmodel.bugs.check import check_bug
+from kvmodel.check.explore import Bounds, Choices, async_schedules, explore, host_schedules
+from kvmodel.check.replay import read, shrink, write
+from kvmodel.check.schedule import Kind, describe
+from kvmodel.errors import KvmodelError
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.scenario.load import load
+from kvmodel.scenario.schema import ExploreSpec
+
+ROOT = Path(__file__).parents[2]
+EXPLORE = ROOT / "scenarios" / "virt" / "explore_nmi_with_host_faults.toml"
+VENDORS = pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
+
+
+def _choices(nmis=0, interrupts=(), host_interrupts=0, pages=(), max_async=2, max_host=2, n=3):
+    spec = ExploreSpec(nmis, interrupts, host_interrupts, (), 0, 0)
+    return Choices(spec, max_async, max_host, n, pages)
+
+
+def test_async_schedules_count_nmis_as_interchangeable():
+    # 4 positions, up to 2 NMIs: 1 + 4 + C(4+1, 2) = 15 multisets
+    schedules = list(async_schedules(_choices(nmis=2)))
+    assert len(schedules) == 15 == len(set(schedules))
+    assert all(p.kind is Kind.NMI for s in schedules for p in s)
+
+
+def test_async_schedules_place_each_vector_once_within_the_bound():
+    schedules = list(async_schedules(_choices(nmis=1, interrupts=(0x40, 0x50), max_async=2)))
+    # none; 1 NMI (4); one vector (2*4); NMI + one vector (4*8); both vectors (16)
+    assert len(schedules) == 1 + 4 + 8 + 32 + 16
+    assert max(len(s) for s in schedules) == 2
+
+
+def test_host_schedules_respect_max_host():
+    schedules = list(host_schedules(_choices(host_interrupts=1, pages=(0x1000, 0x2f000), max_host=1)))
+    assert sorted(describe(s) for s in schedules)[:3] == [
+        "host fault on page 0x1000", "host fault on page 0x2f000", "host interrupt after 0 retired"]
+    assert len(schedules) == 1 + 2 + 4
+
+
+@VENDORS
+def test_explore_is_deterministic_and_independent_of_workers(vendor):
+    scenario = load(EXPLORE)
+    one = explore(scenario, vendor, Bounds(max_async=1, max_host=1))
+    again = explore(scenario, vendor, Bounds(max_async=1, max_host=1))
+    two = explore(scenario, vendor, Bounds(max_async=1, max_host=1), workers=2)
+    for other in (again, two):
+        assert (other.schedules, other.outcomes, other.findings, other.known) == (
+            one.schedules, one.outcomes, one.findings, one.known)
+    assert one.passed and one.schedules > 100 and one.distinct > 5
+
+
+@VENDORS
+def test_known_finding_is_recognised_and_required(vendor):
+    result = explore(load(EXPLORE), vendor)
+    assert result.passed
+    assert result.known and all(
+        sum(p.kind is Kind.NMI for p in f.schedule) >= 2 for f in result.known)
+
+
+@pytest.mark.parametrize("bug,vendor", [(b, Vendor(v)) for b in CATALOGUE for v in b.vendors],
+                         ids=lambda x: getattr(x, "name", getattr(x, "value", None)))
+def test_every_catalogued_bug_is_found_and_replays(tmp_path, bug, vendor):
+    check = check_bug(bug, vendor, tmp_path)
+    assert check.found and check.reproduced
+    doc = json.loads(Path(check.replay).read_text())
+    assert doc["bugs"] == [bug.name] and doc["vendor"] == vendor.value
+    assert read(check.replay).run().divergence is not None
+
+
+@VENDORS
+def test_without_the_bug_the_same_explore_finds_nothing_new(vendor):
+    assert explore(load(EXPLORE), vendor, Bounds(max_async=1, max_host=1)).findings == []
+
+
+def test_shrink_drops_happenings_that_do_not_matter():
+    scenario = load(EXPLORE)
+    bugs = frozenset({"no_reinjection"})
+    result = explore(scenario, Vendor.VMX, Bounds(max_async=2, max_host=2), bugs=bugs)
+    biggest = max(result.findings, key=lambda f: len(f.schedule))
+    assert len(biggest.schedule) >= 3
+    small = shrink(scenario, Vendor.VMX, biggest, bugs)
+    assert len(small.schedule) == 2
+    assert {p.kind for p in small.schedule} == {Kind.NMI, Kind.HOST_FAULT} or Kind.INTERRUPT in {
+        p.kind for p in small.schedule}
+
+
+def test_replay_of_a_changed_scenario_is_refused(tmp_path):
+    copy = tmp_path / "explore.toml"
+    shutil.copy(EXPLORE, copy)
+    scenario = load(copy)
+    bugs = frozenset({"no_reinjection"})
+    finding = explore(scenario, Vendor.SVM, bugs=bugs, stop_at_first=True).findings[0]
+    path = write(tmp_path / "out", scenario, Vendor.SVM, finding, bugs)
+    assert read(path).schedule == finding.schedule
+    copy.write_text(copy.read_text().replace("nop", "nop\n    nop", 1))
+    with pytest.raises(KvmodelError, match="has changed since this replay was written"):
+        read(path)
