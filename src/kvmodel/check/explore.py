@@ -4,8 +4,9 @@ For every schedule (check/schedule.py) within the bounds, the scenario runs
 under KVM and on bare metal with the same external events; a run is a
 finding when the guest sees something bare metal would not show it, when
 KVM gives up (failed entry, internal error), when KVM's stats disagree with
-what it injected, or when the guest makes no progress where bare metal
-stops (liveness: the step budget runs out under KVM only).
+what it injected, when a KVM WARN_ON() is reached, or when the guest makes
+no progress where bare metal stops (liveness: the step budget runs out under
+KVM only).
 
 Search: bare-metal runs are shared by all schedules with the same external
 events; runs that end in the same state (trace and final state) count as
@@ -44,7 +45,7 @@ class Bounds:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, stats
+    kind: str  # divergence, liveness, hypervisor_error, warn, stats
     schedule: Schedule
     message: str
 
@@ -176,6 +177,8 @@ class Runner:
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult) -> Finding | None:
         if virt.hypervisor_error is not None:
             return Finding("hypervisor_error", schedule, virt.hypervisor_error)
+        if virt.warnings:
+            return Finding("warn", schedule, "KVM WARN_ON reached: " + "; ".join(virt.warnings))
         d = first_divergence(bare, virt)
         if d is not None and not (self.known is not None and d.index + 1 == self.known.entry):
             where = f"entry {d.index + 1}" if d.index >= 0 else "the final state"

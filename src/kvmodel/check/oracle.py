@@ -54,6 +54,7 @@ class Comparison:
             return out
         if self.divergence is not None and not self.divergence_expected:
             out.append("the guest saw something bare metal would not have shown it")
+        out += [f"KVM WARN_ON reached: {w}" for w in self.virt.warnings]
         if self.known is not None and self.divergence is None:
             out.append(f"line {self.known.line}: the declared divergence did not happen")
         if self.known is not None and self.divergence is not None and not self.divergence_expected:

@@ -183,6 +183,7 @@ class Vcpu:
     stats: Stats = field(default_factory=Stats)
     exception_payload_enabled: bool = True  # KVM_CAP_EXCEPTION_PAYLOAD
     stop_at_exit: int = 0  # userspace wants control after this many exits (0: never)
+    warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
 
     @property
@@ -322,6 +323,8 @@ class Vcpu:
             ops.inject_irq(reinjected=True)
             self._record("soft-int" if self.interrupt.soft else "irq", self.interrupt.nr, True)
         can_inject = not self.event_needs_reinjection()
+        self.warn_on(self.exception.injected and self.exception.pending,
+                     "kvm_check_and_inject_events: exception both injected and pending")
 
         exc = self.exception
         if exc.pending:
@@ -345,6 +348,8 @@ class Vcpu:
                 ops.inject_nmi()
                 self._record("nmi", Vec.NMI, reinjected=False)
                 can_inject = False
+                self.warn_on(ops.nmi_allowed(True) < 0,
+                             "kvm_check_and_inject_events: NMI injected, then not allowed")
             if self.nmi_pending:
                 ops.enable_nmi_window()
 
@@ -358,7 +363,13 @@ class Vcpu:
                 self._record("irq", self.interrupt.nr, reinjected=False)
             if self.has_injectable_intr():
                 ops.enable_irq_window()
+        self.warn_on(self.exception.pending, "kvm_check_and_inject_events: exception still pending")
         return False
+
+    def warn_on(self, condition: bool, what: str) -> None:
+        """WARN_ON_ONCE(): a condition KVM's authors say cannot happen; recorded, run goes on."""
+        if condition and what not in self.warnings:
+            self.warnings.append(what)
 
     def _inject_exception(self, reinjected: bool) -> None:
         """kvm_inject_exception()."""

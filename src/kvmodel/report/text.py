@@ -118,6 +118,8 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
     console.print(f"  [dim]KVM stats: {escape(stats)}[/]")
     if virt.hypervisor_error is not None:
         console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(virt.hypervisor_error)}")
+    for warning in virt.warnings:
+        console.print(f"  [bold red]KVM WARN[/] {escape(warning)}")
     d = comparison.divergence
     if d is None:
         console.print(f"  [bold green]SAME AS BARE METAL[/] the guest-observable trace and final "

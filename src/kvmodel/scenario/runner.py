@@ -63,6 +63,7 @@ class RunResult:
     memory: bytes = b""
     stats: tuple[Stats, ...] = ()  # one per vCPU (a save/restore makes a new one)
     hypervisor_error: str | None = None  # KVM gave up: failed entry, internal error
+    warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
 
     @property
     def passed(self) -> bool:
@@ -134,22 +135,24 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     steps = max_steps or scenario.max_steps
     limit = error = None
     stats: tuple[Stats, ...] = ()
+    warnings: tuple[str, ...] = ()
     try:
         if vendor is Vendor.BARE:
             stop = cpu.run(steps)
         else:
-            cpu, stop, stats, error = _run_under_kvm(scenario, program, cpu, vendor, steps)
+            cpu, stop, stats, error, warnings = _run_under_kvm(scenario, program, cpu, vendor, steps)
     except ModelLimit as e:
         limit = str(e)
         stop = None
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
     mismatches = judge(scenario, program, cpu, final) if final is not None else ()
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
-                     vendor, bytes(cpu.mem), stats, error)
+                     vendor, bytes(cpu.mem), stats, error, warnings)
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int) -> tuple[Cpu, Stop | None, tuple[Stats, ...], str | None]:
+                   steps: int) -> tuple[Cpu, Stop | None, tuple[Stats, ...], str | None,
+                                         tuple[str, ...]]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
@@ -164,6 +167,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
 
     vcpu = make(cpu)
     done: list[Stats] = []
+    warnings: list[str] = []
     start = cpu.retired
     while True:
         earlier = sum(s.exits for s in done)
@@ -172,12 +176,14 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         if outcome is not None and outcome.reason is KvmExit.INTR:
             save_at.pop(0)
             done.append(vcpu.stats)
+            warnings += vcpu.warnings
             vcpu = save_restore(vcpu, make)
             continue
         break
     done.append(vcpu.stats)
+    warnings += vcpu.warnings
     stop, error = _stop_of(vcpu, outcome)
-    return vcpu.cpu, stop, tuple(done), error
+    return vcpu.cpu, stop, tuple(done), error, tuple(warnings)
 
 
 def _stop_of(vcpu: Vcpu, outcome) -> tuple[Stop | None, str | None]:

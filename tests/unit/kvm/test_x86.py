@@ -94,3 +94,12 @@ def test_set_rejects_what_kvm_rejects(vcpu, change, match):
     events = KvmVcpuEvents(**{"flags": VcpuEventsFlag.VALID_PAYLOAD, **change})
     with pytest.raises(InvalidArgument, match=match):
         vcpu.set_vcpu_events(events)
+
+
+def test_warn_on_is_recorded_once_and_the_run_goes_on(vcpu):
+    vcpu.exception.injected = True
+    vcpu.exception.pending = True
+    vcpu.exception.vector = Vec.GP
+    vcpu.check_and_inject_events()
+    vcpu.check_and_inject_events()
+    assert vcpu.warnings == ["kvm_check_and_inject_events: exception both injected and pending"]
