@@ -11,6 +11,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvmodel import __version__
@@ -194,10 +195,21 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
                 console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
                               f"{r.distinct} distinct outcomes, {len(r.findings)} findings")
 
+    vendors = vendors_for(args.vendor)
+    show_bar = console.is_terminal and not args.json
+    bar = Progress(TextColumn("exploring"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                   disable=not show_bar)
+    task = bar.add_task("", total=len(paths) * len(vendors))
+
+    def advance(item: Explored) -> None:
+        report(item)
+        bar.update(task, advance=1, description=f"{item.result.scenario.path} ({item.result.vendor.value})")
+
     try:
-        explore_all(paths, vendors_for(args.vendor), bounds, workers=args.workers,
-                    time_limit=args.time_limit, bugs=frozenset(args.bug), out_dir=Path(args.out),
-                    done=report)
+        with bar:
+            explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
+                        bugs=frozenset(args.bug), out_dir=Path(args.out), done=advance)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the findings above are written")
         _explore_summary(args, console, done)
@@ -236,10 +248,13 @@ def _bugs(args: argparse.Namespace, console: Console) -> int:
     table.add_column("bug", no_wrap=True)
     for column in ("vendor", "found", "happenings", "retired", "time"):
         table.add_column(column, no_wrap=True)
-    table.add_column("replay", overflow="fold")
+
     for c in checks:
         found = "[green]yes[/]" if c.found and c.reproduced else "[bold red]NO[/]"
         table.add_row(c.bug.name, c.vendor.value, found, str(c.happenings), str(c.retired),
-                      f"{c.seconds:.2f} s", c.replay or "-")
+                      f"{c.seconds:.2f} s")
     console.print(table)
+    for c in checks:
+        if c.replay:
+            console.print(f"{c.bug.name} ({c.vendor.value}): kvmodel replay {c.replay}")
     return Exit.OK if all(c.found and c.reproduced for c in checks) else Exit.FAILED
