@@ -105,3 +105,10 @@ def test_replay_of_a_changed_scenario_is_refused(tmp_path):
     copy.write_text(copy.read_text().replace("nop", "nop\n    nop", 1))
     with pytest.raises(KvmodelError, match="has changed since this replay was written"):
         read(path)
+
+
+def test_time_limit_ends_the_search_cleanly_with_what_was_covered():
+    result = explore(load(EXPLORE), Vendor.SVM, time_limit=0.05)
+    full = explore(load(EXPLORE), Vendor.SVM)
+    assert not result.complete and 0 < result.schedules < full.schedules
+    assert result.unseen_known == []  # an incomplete search does not claim a known finding missing

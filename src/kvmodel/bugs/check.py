@@ -38,9 +38,9 @@ def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
     elapsed = time.monotonic() - start
     d = comparison.divergence
     retired = comparison.virt.final.retired if comparison.virt and comparison.virt.final else 0
-    if d is not None and d.virt is not None and hasattr(d.virt, "retired"):
-        retired = d.virt.retired
-    reproduced = not comparison.passed or (d is not None and not comparison.divergence_expected)
+    if d is not None and d.virt is not None and not isinstance(d.virt, str):
+        retired = d.virt.retired  # guest instructions before the first divergence
+    reproduced = not comparison.passed
     return BugCheck(bug, vendor, True, len(small.schedule), retired, elapsed, str(path), reproduced)
 
 

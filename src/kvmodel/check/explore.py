@@ -218,12 +218,13 @@ def _digest(result: RunResult) -> str:
 Progress = Callable[[int, int], None]  # (done, total known so far)
 
 
-def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds = Bounds(), *,  # noqa: B008
+def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
             workers: int = 1, time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
             progress: Progress | None = None, max_steps: int | None = None,
             stop_at_first: bool = False) -> ExploreResult:
     """Run every schedule within the bounds; findings in schedule order, whatever `workers` is."""
     start = time.monotonic()
+    bounds = bounds or Bounds()
     result = ExploreResult(scenario, vendor)
     if not scenario.sti_blocks_nmi:
         result.not_applicable = "sti_blocks_nmi = false: KVM's vCPU always blocks NMIs in the STI shadow"
