@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from kvmodel import _faults
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import IF, RF, TF
+from kvmodel.arch.regs import IF, RF, RSP, TF
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
@@ -67,7 +67,7 @@ class Svm:
         vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
         vmcb.int_ctl = V_INTR_MASKING
         cpu = guest.cpu
-        vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[4]
+        vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[RSP]
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
 
@@ -99,7 +99,7 @@ class Svm:
     def sync_guest_state_to_core(self) -> None:
         """Make the arch core show the guest state as KVM_GET_REGS reports it (for inspection)."""
         cpu = self.guest.cpu
-        cpu.rip, cpu.rflags, cpu.regs[4] = self.vmcb.rip, self.get_rflags(), self.vmcb.rsp
+        cpu.rip, cpu.rflags, cpu.regs[RSP] = self.vmcb.rip, self.get_rflags(), self.vmcb.rsp
 
     def skip_emulated_instruction(self) -> bool:
         return self._skip(commit=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kvmodel import _faults
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import IF
+from kvmodel.arch.regs import IF, RSP
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
@@ -56,7 +56,7 @@ class Vmx:
         vmcs.exception_bitmap = EXCEPTION_BITMAP
         cpu = guest.cpu
         vmcs.guest_rip, vmcs.guest_rflags = cpu.rip, cpu.rflags
-        vmcs.guest_rsp = cpu.regs[4]
+        vmcs.guest_rsp = cpu.regs[RSP]
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
 
@@ -81,7 +81,7 @@ class Vmx:
     def sync_guest_state_to_core(self) -> None:
         """Make the arch core show the guest state as the VMCS holds it (for inspection)."""
         cpu, vmcs = self.guest.cpu, self.vmcs
-        cpu.rip, cpu.rflags, cpu.regs[4] = vmcs.guest_rip, vmcs.guest_rflags, vmcs.guest_rsp
+        cpu.rip, cpu.rflags, cpu.regs[RSP] = vmcs.guest_rip, vmcs.guest_rflags, vmcs.guest_rsp
 
     def skip_emulated_instruction(self) -> bool:
         """skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends."""
