@@ -11,6 +11,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, console)
     except KvmodelError as e:
-        console.print(f"[bold red]error[/]: {e}", markup=True)
+        console.print(f"[bold red]error[/]: {escape(str(e))}")
         return Exit.BAD_INPUT
     except Exception:  # noqa: BLE001 - report, save, and say it is ours
         with tempfile.NamedTemporaryFile("w", prefix="kvmodel-crash-", suffix=".txt",
@@ -150,7 +151,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         except KvmodelError as e:
             errors.append({"path": path, "error": str(e)})
             if not args.json:
-                console.print(f"[bold red]error[/]: {e}", highlight=False)
+                console.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False)
             worst = max(worst, Exit.BAD_INPUT)
             continue
         results.append(result)

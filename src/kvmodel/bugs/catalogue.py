@@ -39,6 +39,17 @@ CATALOGUE: tuple[Bug, ...] = (
         "[PATCH 5/8] KVM: SVM: Re-inject INT3/INTO instead of retrying the instruction "
         "(Sean Christopherson, April 2022; upstream 6ef88d6e36c2); seed 003",
         ("svm",), "scenarios/virt/int3_code_breakpoint_host_fault.toml"),
+    Bug("svm_retry_soft_interrupt",
+        "SVM drops an INT n whose delivery was cut short and re-executes it: a code breakpoint on the "
+        "INT n fires twice",
+        "KVM: SVM: Re-inject INTn instead of retrying the insn on \"failure\" (upstream 7e5b5ef8dca3)",
+        ("svm",), "scenarios/softint/int_n_code_breakpoint.toml"),
+    Bug("svm_no_rip_unwind",
+        "without NRIPS, KVM advances RIP itself to inject INT n / INT3 / INTO and does not move it back "
+        "when the delivery is cut short: the re-injection starts from the next instruction",
+        "KVM: SVM: Unwind \"speculative\" RIP advancement if INTn injection \"fails\" (Sean "
+        "Christopherson, 2022)",
+        ("svm",), "scenarios/softint/int_n_without_nrips.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -291,6 +291,8 @@ class Svm:
             self._complete_soft_interrupt(vector, kind)
         if kind is EventInjType.NMI:
             vcpu.nmi_injected = True
+        elif kind is EventInjType.SOFT and _faults.on("svm_retry_soft_interrupt"):
+            return  # before 7e5b5ef8dca3: INT n was dropped and the instruction retried
         elif kind is EventInjType.EXEPT:
             if exception_is_soft(vector) and _faults.on("svm_retry_soft_exception"):
                 return  # the pre-2022 "re-execute the instruction instead"
@@ -307,7 +309,8 @@ class Svm:
         if self.nrips and (is_soft or (is_exception and exception_is_soft(vector))) and (
                 vmcb.rip == self.soft_int_old_rip):
             vmcb.next_rip = self.soft_int_next_rip
-        elif not self.nrips and (is_soft or is_exception) and vmcb.rip == self.soft_int_next_rip:
+        elif (not self.nrips and (is_soft or is_exception) and vmcb.rip == self.soft_int_next_rip
+                and not _faults.on("svm_no_rip_unwind")):
             vmcb.rip = self.soft_int_old_rip
 
     def handle_exit(self) -> UserspaceExit | None:
