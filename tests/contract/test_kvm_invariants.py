@@ -26,7 +26,7 @@ def test_injection_stats_match_the_injections(path, vendor):
     kinds = Counter(o.what for o in result.trace if o.kind == "inject")
     nmi = sum(st.nmi_injections for st in result.stats)
     irq = sum(st.irq_injections for st in result.stats)
-    assert nmi == kinds["nmi"]
+    assert nmi == kinds["nmi"] + kinds["vnmi"]
     assert irq == kinds["irq"] + kinds["soft-int"]
     exits = sum(st.exits for st in result.stats)
     assert exits == sum(1 for o in result.trace if o.kind == "vmexit")
@@ -45,6 +45,10 @@ def test_one_get_set_round_trip_at_any_entry_changes_nothing(monkeypatch, path, 
     if any("save_restore" in k.involves and vendor.value in k.vendors
            for k in scenario.known_findings):
         pytest.skip("the scenario declares what a save/restore loses (struct kvm_vcpu_events)")
+    if vendor is Vendor.SVM and ("vnmi", True) in scenario.kvm_params:
+        pytest.xfail("finding: KVM_SET_VCPU_EVENTS on a vCPU whose NMI waits in V_NMI_PENDING "
+                     "queues it again (nmi.pending counts it, SET does not clear the bit): one "
+                     "NMI more (see the closing note of issues 4-6)")
     plain = run(scenario, vendor=vendor)
     entries = sum(st.exits for st in plain.stats) + 1
     enter = Vcpu.enter_guest

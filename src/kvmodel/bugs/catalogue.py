@@ -50,6 +50,18 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: SVM: Unwind \"speculative\" RIP advancement if INTn injection \"fails\" (Sean "
         "Christopherson, 2022)",
         ("svm",), "scenarios/softint/int_n_without_nrips.toml"),
+    Bug("process_nmi_no_req_event",
+        "process_nmi() leaves an NMI pending without raising KVM_REQ_EVENT: nothing injects it until "
+        "some other request comes",
+        "KVM: x86: Raise an event request when processing NMIs if an NMI is pending (2cb9317377ca); "
+        "the vNMI v2 review (seed 000, Sean Christopherson, 2023-02-01)",
+        ("svm", "vmx"), "scenarios/virt/explore_nmi_with_host_faults.toml"),
+    Bug("vnmi_warn_outside_masked",
+        "svm_enable_nmi_window() WARNs whenever vNMI is on, also when the NMI is only held by an STI "
+        "shadow (or GIF=0): a guest can make the host WARN, and panic with panic_on_warn",
+        "KVM: SVM: WARN on vNMI + NMI window iff NMIs are outright masked (CVE-2024-39483, Fixes "
+        "fa4c027a7956); seed 000",
+        ("svm",), "scenarios/vnmi/two_nmis_in_sti_shadow.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -197,8 +197,9 @@ def stats_problem(virt: RunResult) -> str | None:
     injected = [o for o in virt.trace if o.kind == "inject"]
     nmi = sum(st.nmi_injections for st in virt.stats)
     irq = sum(st.irq_injections for st in virt.stats)
-    if nmi != sum(o.what == "nmi" for o in injected):
-        return f"nmi_injections = {nmi}, but {sum(o.what == 'nmi' for o in injected)} NMIs injected"
+    nmis = sum(o.what in ("nmi", "vnmi") for o in injected)
+    if nmi != nmis:
+        return f"nmi_injections = {nmi}, but {nmis} NMIs injected or made pending (vNMI)"
     if irq != sum(o.what in ("irq", "soft-int") for o in injected):
         return f"irq_injections = {irq} disagrees with the interrupts injected"
     return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import ClassVar, Protocol
 
+from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu, External
 from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
@@ -226,7 +227,7 @@ class Vcpu:
         self.nmi_queued = 0
         if self.nmi_pending and self.ops.set_vnmi_pending():
             self.nmi_pending -= 1
-        if self.nmi_pending:
+        if self.nmi_pending and not _faults.on("process_nmi_no_req_event"):
             self.requests |= Request.EVENT
 
     def nr_pending_nmis(self) -> int:
@@ -378,6 +379,10 @@ class Vcpu:
 
     def _record(self, what: str, vector: int, reinjected: bool) -> None:
         self.cpu.trace.append(InjectRecord(what, vector, reinjected, self.cpu.retired))
+
+    def trace_injection(self, what: str, vector: int) -> None:
+        """Vendor code handing an event to hardware outside kvm_check_and_inject_events()."""
+        self._record(what, vector, reinjected=False)
 
     # -- the run loop ----------------------------------------------------------
 

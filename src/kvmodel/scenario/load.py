@@ -45,7 +45,7 @@ DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
             "memory", "happen", "expect", "explore")
-KVM_PARAMS = ("nrips", "enable_vnmi")  # kvm_amd.nrips, kvm_intel.enable_vnmi
+KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi")  # kvm_amd.nrips/vnmi, kvm_intel.enable_vnmi
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 

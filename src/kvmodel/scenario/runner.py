@@ -159,7 +159,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                            if h.event is HostEvent.FAULT})
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
     params = dict(scenario.kvm_params)
-    svm = SvmParams(nrips=params.get("nrips", True))
+    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True))
 
     def make(core: Cpu) -> Vcpu:

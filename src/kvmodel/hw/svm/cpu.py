@@ -23,6 +23,9 @@ from kvmodel.hw.svm.vmcb import (
     NPF_GUEST_FINAL,
     NPF_WRITE,
     V_IRQ,
+    V_NMI_BLOCKING,
+    V_NMI_ENABLE,
+    V_NMI_PENDING,
     EventInjType,
     ExitCode,
     Intercept,
@@ -80,6 +83,7 @@ class SvmGuest(GuestMode):
         if stop is Stop.HALTED:
             raise EntryFailed("guest halted with the HLT intercept off: not modelled")
         self._save_guest_state(Where.BOUNDARY)
+        self._save_vnmi(None)
         return stop
 
     def _check_event_inj(self) -> None:
@@ -106,7 +110,35 @@ class SvmGuest(GuestMode):
         else:
             cpu.shadow = self._saved_shadow if self._saved_shadow is not Shadow.NONE else Shadow.STI
         cpu.halted = False
+        self._load_vnmi()
         self.intercepts_changed()
+
+    def _load_vnmi(self) -> None:
+        """vNMI (APM 15.21.10): the core's NMI latch and blocking are V_NMI_PENDING/BLOCKING.
+
+        The CPU takes a pending vNMI through the guest IDT when NMIs are unblocked
+        (no shadow either, as for a real NMI: UNVERIFIED) and never exits for it.
+        Without vNMI the guest has no NMI state the host can see: both are cleared.
+        """
+        cpu, int_ctl = self.cpu, self.vmcb.int_ctl
+        if int_ctl & V_NMI_ENABLE:
+            cpu.nmi_pending = 1 if int_ctl & V_NMI_PENDING else 0
+            cpu.nmi_blocked = bool(int_ctl & V_NMI_BLOCKING)
+        else:
+            cpu.nmi_pending = 0
+        cpu.attn = True
+
+    def _save_vnmi(self, vectoring: Event | None, where: Where = Where.BOUNDARY) -> None:
+        """V_NMI_BLOCKING at #VMEXIT (vNMI cover letter): only an IRET that completes clears it,
+        so an exit in the middle of one keeps it; an exit while delivering an NMI clears it."""
+        vmcb, cpu = self.vmcb, self.cpu
+        if not vmcb.int_ctl & V_NMI_ENABLE:
+            return
+        blocked = cpu.nmi_blocked or (where is Where.INSTRUCTION and cpu.iret_unblocked_nmi)
+        if vectoring is not None and vectoring.type is EventType.NMI:
+            blocked = False
+        vmcb.int_ctl &= ~(V_NMI_PENDING | V_NMI_BLOCKING)
+        vmcb.int_ctl |= (V_NMI_PENDING if cpu.nmi_pending else 0) | (V_NMI_BLOCKING if blocked else 0)
 
     def intercepts_changed(self) -> None:
         self.cpu.host_attn = Intercept.VINTR in self.vmcb.intercepts and bool(self.vmcb.int_ctl & V_IRQ)
@@ -149,6 +181,7 @@ class SvmGuest(GuestMode):
         """After the core unwound: EXITINTINFO and the guest state (15.7.2)."""
         vmcb, cpu = self.vmcb, self.cpu
         vectoring = cpu.vectoring
+        self._save_vnmi(vectoring, self._where)
         rf = True if self._rf else None
         if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None

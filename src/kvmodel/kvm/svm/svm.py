@@ -25,6 +25,9 @@ from kvmodel.hw.svm.vmcb import (
     V_INTR_PRIO_MASK,
     V_INTR_PRIO_SHIFT,
     V_IRQ,
+    V_NMI_BLOCKING,
+    V_NMI_ENABLE,
+    V_NMI_PENDING,
     EventInjType,
     ExitCode,
     Intercept,
@@ -43,6 +46,7 @@ _INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRIT
 @dataclass(frozen=True, slots=True)
 class SvmParams:
     nrips: bool = True
+    vnmi: bool = False  # kvm_amd.vnmi on a CPU with the vNMI feature (the model's CPU has it)
 
 
 class Svm:
@@ -65,7 +69,7 @@ class Svm:
         vmcb = guest.vmcb
         vmcb.intercepts = set(INTERCEPTS)
         vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
-        vmcb.int_ctl = V_INTR_MASKING
+        vmcb.int_ctl = V_INTR_MASKING | (V_NMI_ENABLE if params.vnmi else 0)
         cpu = guest.cpu
         vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[RSP]
         guest.on_external = vcpu.external
@@ -129,11 +133,30 @@ class Svm:
         else:
             self.vmcb.int_state &= ~INTERRUPT_SHADOW
 
+    def _vnmi_vmcb(self):
+        """get_vnmi_vmcb_l1(): the VMCB whose vNMI bits hold L1's NMI state, or None.
+
+        The nested seam: while L2 runs this must return None (vmcb01 is not the one
+        the CPU is using) and KVM falls back to nmi_masked + the IRET intercept.
+        """
+        return self.vmcb if self.vmcb.int_ctl & V_NMI_ENABLE else None
+
+    def is_vnmi_enabled(self) -> bool:
+        return self._vnmi_vmcb() is not None
+
     def get_nmi_mask(self) -> bool:
+        """svm_get_nmi_mask(): V_NMI_BLOCKING with vNMI, else KVM's own nmi_masked."""
+        vmcb = self._vnmi_vmcb()
+        if vmcb is not None:
+            return bool(vmcb.int_ctl & V_NMI_BLOCKING)
         return self.nmi_masked
 
     def set_nmi_mask(self, masked: bool) -> None:
-        """svm_set_nmi_mask(): the IRET intercept follows the mask."""
+        """svm_set_nmi_mask(): with vNMI the hardware bit; else nmi_masked and the IRET intercept."""
+        vmcb = self._vnmi_vmcb()
+        if vmcb is not None:
+            vmcb.int_ctl = vmcb.int_ctl | V_NMI_BLOCKING if masked else vmcb.int_ctl & ~V_NMI_BLOCKING
+            return
         self.nmi_masked = masked
         self._set_intercept(Intercept.IRET, masked)
 
@@ -145,10 +168,19 @@ class Svm:
         self.guest.intercepts_changed()
 
     def is_vnmi_pending(self) -> bool:
-        return False  # vNMI: issue 6
+        """svm_is_vnmi_pending()."""
+        vmcb = self._vnmi_vmcb()
+        return vmcb is not None and bool(vmcb.int_ctl & V_NMI_PENDING)
 
     def set_vnmi_pending(self) -> bool:
-        return False
+        """svm_set_vnmi_pending(): hand one NMI to the hardware if its latch is free."""
+        vmcb = self._vnmi_vmcb()
+        if vmcb is None or vmcb.int_ctl & V_NMI_PENDING:
+            return False
+        vmcb.int_ctl |= V_NMI_PENDING
+        self.vcpu.stats.nmi_injections += 1
+        self.vcpu.trace_injection("vnmi", Vec.NMI)
+        return True
 
     def nmi_blocked(self) -> bool:
         """svm_nmi_blocked()."""
@@ -171,10 +203,12 @@ class Svm:
     # -- injection ---------------------------------------------------------------
 
     def inject_nmi(self) -> None:
-        """svm_inject_nmi(): without vNMI, KVM masks NMIs and intercepts IRET."""
+        """svm_inject_nmi(): without vNMI, KVM masks NMIs and intercepts IRET; with vNMI the
+        CPU sets V_NMI_BLOCKING itself when it injects (APM 15.21.10)."""
         self.vmcb.event_inj = EVTINJ_VALID | (EventInjType.NMI << 8)
-        self.nmi_masked = True
-        self._set_intercept(Intercept.IRET, True)
+        if not self.is_vnmi_enabled():
+            self.nmi_masked = True
+            self._set_intercept(Intercept.IRET, True)
         self.vcpu.stats.nmi_injections += 1
 
     def inject_irq(self, reinjected: bool) -> None:
@@ -222,8 +256,13 @@ class Svm:
 
     def enable_nmi_window(self) -> None:
         """svm_enable_nmi_window(): wait for the IRET intercept, else single-step."""
-        if self.get_nmi_mask() and not self.awaiting_iret_completion:
-            return  # the IRET intercept will exit
+        if _faults.on("vnmi_warn_outside_masked"):
+            self.vcpu.warn_on(self.is_vnmi_enabled(), "svm_enable_nmi_window: vNMI and an NMI window")
+        if self.get_nmi_mask():
+            # With vNMI a second NMI waits in V_NMI_PENDING: no window is ever needed (2024 fix).
+            self.vcpu.warn_on(self.is_vnmi_enabled(), "svm_enable_nmi_window: vNMI and NMIs masked")
+            if not self.awaiting_iret_completion:
+                return  # the IRET intercept will exit
         if not self.gif:
             return  # STGI is intercepted without vGIF (not reached: the guest has no CLGI)
         self.nmi_singlestep_guest_rflags = self.get_rflags()
