@@ -19,6 +19,7 @@ from enum import IntEnum
 
 from kvmodel.arch import deliver
 from kvmodel.arch.apic import Apic
+from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Access, Fault
@@ -52,11 +53,16 @@ class External(IntEnum):
     NMI = 0
     INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
     HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
+    NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
 
 
 @dataclass(frozen=True, slots=True)
 class Scheduled:
-    """An external event arriving after `after` retired instructions or when RIP is `at_rip`."""
+    """An external event arriving after `after` retired instructions or when RIP is `at_rip`.
+
+    `vector` is the interrupt vector; for NOTIFY_TIMER, the exit qualification
+    bits the expiry carries (NOTIFY_VM_CONTEXT_INVALID).
+    """
 
     event: External
     vector: int = Vec.NMI
@@ -84,6 +90,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
+        "since_window", "window_retired",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -137,6 +144,10 @@ class Cpu:
         self.apic_delivers = True  # False when the host injects every interrupt itself
         self.vectoring: Event | None = None  # the event whose delivery is under way
         self.iret_unblocked_nmi = False  # the current IRET unblocked NMIs (SDM 27.2.3 bit 12)
+        # Cycles since the last event window (cost.py), counted by deliveries: an
+        # instruction that completes opens one at the boundary after it.
+        self.since_window = 0
+        self.window_retired = 0
 
     # -- memory --------------------------------------------------------------
 
@@ -292,7 +303,7 @@ class Cpu:
         if self.host is not None:
             fate = self.host.external(self, s.event, s.vector)
             name = s.event.name.lower()
-        elif s.event is External.HOST_INTERRUPT:
+        elif s.event in (External.HOST_INTERRUPT, External.NOTIFY_TIMER):
             self._update_next_after()
             return
         elif s.event is External.NMI:
@@ -331,8 +342,13 @@ class Cpu:
             return Source.CODE_BREAKPOINT
         return None
 
-    def boundary(self) -> bool:
-        """Deliver what is due before the next instruction; False when nothing can run."""
+    def boundary(self, allowance: int = _NEVER) -> Stop | None:
+        """Deliver what is due before the next instruction; a Stop when nothing can run.
+
+        `allowance` bounds the deliveries: an event storm (each delivery raising
+        the next, no instruction in between) never reaches an instruction, and
+        bare metal hangs there; the model runs out of budget instead.
+        """
         while not self.shutdown:
             if self.scheduled:
                 self._fire_due()
@@ -340,6 +356,9 @@ class Cpu:
             if source is not Source.DEBUG_TRAP and self.host is not None:
                 self.host.boundary(self)  # window exits rank below debug traps (SDM 25.2)
             if source is not None:
+                if allowance <= 0:
+                    return Stop.BUDGET
+                allowance -= 1
                 self._take(source)
                 continue
             if self.halted and not self.shutdown and self.next_arrival():
@@ -347,13 +366,15 @@ class Cpu:
             break
         self.shadow_prev = self.shadow
         self.shadow = Shadow.NONE
-        if self.halted or self.shutdown:
-            return False
+        if self.shutdown:
+            return Stop.SHUTDOWN
+        if self.halted:
+            return Stop.HALTED
         self.attn = bool(
             self.pending_dbg or self.nmi_pending or self.apic.irr or self.shadow_prev
             or self.exec_bps or self.host_attn or any(s.at_rip is not None for s in self.scheduled)
         )
-        return True
+        return None
 
     def _take(self, source: Source) -> None:
         if source is Source.DEBUG_TRAP:
@@ -369,6 +390,20 @@ class Cpu:
             event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)
         deliver.deliver(self, event)
 
+    def charge_delivery(self) -> None:
+        """A delivery starts: it costs cycles and opens no event window (cost.py)."""
+        if self.retired != self.window_retired:
+            self.window_retired = self.retired
+            self.since_window = 0
+        self.since_window += DELIVERY_CYCLES
+        if self.host is not None:
+            self.host.no_event_window(self)
+
+    def open_event_window(self) -> None:
+        """VM entry: the notify timer starts afresh."""
+        self.window_retired = self.retired
+        self.since_window = 0
+
     # -- the run loop --------------------------------------------------------
 
     def run(self, max_steps: int) -> Stop:
@@ -376,8 +411,10 @@ class Cpu:
         icache = self.icache
         steps = 0
         while steps < max_steps:
-            if (self.attn or self.retired >= self.next_after) and not self.boundary():
-                return Stop.SHUTDOWN if self.shutdown else Stop.HALTED
+            if self.attn or self.retired >= self.next_after:
+                stop = self.boundary(max_steps - steps)
+                if stop is not None:
+                    return stop
             steps += 1
             rip = self.rip
             flags = self.rflags
@@ -419,11 +456,11 @@ class Cpu:
     def fault(self, fault: Fault, rip: int) -> None:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
-        self.iret_unblocked_nmi = False
         event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
                       push_rf=True)
         if self.host is not None:
             self.host.event(self, event)  # an intercepted #PF leaves CR2 alone (SDM 27.1)
+        self.iret_unblocked_nmi = False  # the exit above may report it (SDM 27.2.2 bit 12)
         if fault.cr2 is not None:
             self.cr2 = fault.cr2
         deliver.deliver(self, event, screened=True)

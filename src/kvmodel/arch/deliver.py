@@ -63,6 +63,7 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
     while True:
         cpu.vectoring = event
         try:
+            cpu.charge_delivery()  # a Notify VM exit may end the guest's turn here
             _deliver_once(cpu, event, injected)
             cpu.vectoring = None
             return

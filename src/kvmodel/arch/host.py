@@ -11,7 +11,9 @@ The bare-metal core knows nothing of VMX or SVM. It asks `cpu.host`
 - before an instruction that can be intercepted executes (SDM 25.1.3);
 - on a guest-physical access to a page the host has not mapped (EPT
   violation, #NPF; SDM 28.2.3, APM 15.25.6);
-- when an NMI or interrupt arrives from outside: it belongs to the host.
+- when an NMI or interrupt arrives from outside: it belongs to the host;
+- as each delivery starts, with `cpu.since_window` cycles gone by without
+  an event window (the Notify VM exit; cost.py).
 
 A hook leaves the guest by raising `HostExit`; the core guarantees that
 guest state is then as it was before the interrupted instruction or
@@ -68,3 +70,6 @@ class Host(Protocol):
 
     def nmi_from_apic(self, cpu: Cpu) -> ArrivalFate:
         """The guest's local APIC sent itself an NMI (ICR delivery mode NMI)."""
+
+    def no_event_window(self, cpu: Cpu) -> None:
+        """A delivery starts, `cpu.since_window` cycles after the last event window."""

@@ -111,6 +111,8 @@ class GuestMode:
     def external(self, cpu: Cpu, event: External, vector: int) -> ArrivalFate:
         if event is External.HOST_INTERRUPT:
             self.kick()
+        elif event is External.NOTIFY_TIMER:
+            self.notify_timer(bool(vector))
         else:
             self.on_external(event, vector)
         return ArrivalFate.TO_HOST
@@ -118,6 +120,12 @@ class GuestMode:
     def nmi_from_apic(self, cpu: Cpu) -> ArrivalFate:
         self.on_nmi_from_apic()
         return ArrivalFate.TO_HOST
+
+    def no_event_window(self, cpu: Cpu) -> None:
+        """Only VMX has a Notify VM exit; see hw/vmx."""
+
+    def notify_timer(self, context_invalid: bool) -> None:
+        """The notify timer ran out early (see hw/vmx); nothing else has one."""
 
     def kick(self) -> None:
         """A host interrupt (IPI) for this CPU: it leaves the guest at the next boundary."""
