@@ -105,6 +105,7 @@ class GuestMode:
         self.on_external: Callable[[External, int], None] = _unclaimed
         self.on_nmi_from_apic: Callable[[], None] = _unclaimed_nmi
         self.exits = 0
+        self.longest_windowless = 0  # cycles, the most the guest held the CPU with no event window
 
     # -- arch/host.py hooks shared by both vendors ----------------------------
 
@@ -122,7 +123,9 @@ class GuestMode:
         return ArrivalFate.TO_HOST
 
     def no_event_window(self, cpu: Cpu) -> None:
-        """Only VMX has a Notify VM exit; see hw/vmx."""
+        """Note how long the guest has held the CPU; VMX may exit here (Notify VM exit)."""
+        if cpu.since_window > self.longest_windowless:
+            self.longest_windowless = cpu.since_window
 
     def notify_timer(self, context_invalid: bool) -> None:
         """The notify timer ran out early (see hw/vmx); nothing else has one."""

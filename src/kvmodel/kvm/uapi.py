@@ -46,6 +46,10 @@ class KvmExit(IntEnum):
     FAIL_ENTRY = 9
     INTR = 10
     INTERNAL_ERROR = 17
+    NOTIFY = 37
+
+
+KVM_NOTIFY_CONTEXT_INVALID = 1 << 0  # kvm_run->notify.flags
 
 
 class InvalidArgument(KvmodelError):

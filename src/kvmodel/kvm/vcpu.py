@@ -8,6 +8,7 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.kvm.svm.svm import Svm, SvmParams
+from kvmodel.kvm.vm import Vm
 from kvmodel.kvm.vmx.vmx import Vmx, VmxParams
 from kvmodel.kvm.x86 import Vcpu
 
@@ -22,10 +23,17 @@ DEFAULT_SVM = SvmParams()
 DEFAULT_VMX = VmxParams()
 
 
+def create_vm(vendor: Vendor) -> Vm:
+    """KVM_CREATE_VM on a host of this vendor."""
+    return Vm(has_notify_vmexit=vendor is Vendor.VMX)
+
+
 def create_vcpu(cpu: Cpu, vendor: Vendor, *, svm: SvmParams = DEFAULT_SVM,
-                vmx: VmxParams = DEFAULT_VMX) -> Vcpu:
+                vmx: VmxParams = DEFAULT_VMX, vm: Vm | None = None) -> Vcpu:
     """Put `cpu` in guest mode under KVM; its memory, registers and APIC become the guest's."""
-    vcpu = Vcpu(cpu)
+    vm = vm or create_vm(vendor)
+    vm.created_vcpus += 1
+    vcpu = Vcpu(cpu, kvm=vm)
     if vendor is Vendor.SVM:
         Svm(vcpu, SvmGuest(cpu), svm)
     elif vendor is Vendor.VMX:

@@ -22,6 +22,7 @@ from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.kvm.vm import Vm
 
 DR_TRAP_BITS = 0xF
 DR6_ACTIVE_LOW = 0xFFFF0FF0
@@ -113,6 +114,7 @@ class Stats:
     irq_exits: int = 0
     halt_exits: int = 0
     req_event: int = 0
+    notify_window_exits: int = 0
     exits: int = 0
 
 
@@ -122,6 +124,7 @@ class UserspaceExit:
 
     reason: KvmExit
     detail: str = ""
+    flags: int = 0  # kvm_run->notify.flags for KVM_EXIT_NOTIFY
 
 
 BUDGET = UserspaceExit(KvmExit.INTR, "the step budget ran out")  # the model's, not KVM's
@@ -171,6 +174,7 @@ class Vcpu:
     """struct kvm_vcpu_arch, the event part, with the guest's arch core and local APIC."""
 
     cpu: Cpu
+    kvm: Vm = field(default_factory=Vm)
     ops: VendorOps = None  # set by the vendor constructor
     exception: QueuedException = field(default_factory=QueuedException)
     interrupt: QueuedInterrupt = field(default_factory=QueuedInterrupt)

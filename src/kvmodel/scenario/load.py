@@ -35,17 +35,20 @@ from kvmodel.scenario.schema import (
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
 EVENT_TYPES = {t.name.lower(): t for t in EventType}
 EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
-          "host_interrupt": External.HOST_INTERRUPT, "host_fault": HostEvent.FAULT,
-          "save_restore": HostEvent.SAVE_RESTORE}
+          "host_interrupt": External.HOST_INTERRUPT, "notify": External.NOTIFY_TIMER,
+          "host_fault": HostEvent.FAULT, "save_restore": HostEvent.SAVE_RESTORE}
 VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
 FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
 NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
-STOPS = ("halted", "shutdown", "budget")
+STOPS = ("halted", "shutdown", "budget", "vmm")
 DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
             "memory", "happen", "expect", "explore")
-KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi")  # kvm_amd.nrips/vnmi, kvm_intel.enable_vnmi
+# kvm_amd.nrips/vnmi, kvm_intel.enable_vnmi, the model's intercept_db (kvm/vmx/vmx.py)
+KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db")
+# What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
+NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
@@ -284,8 +287,14 @@ def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
         event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
         if isinstance(event, HostEvent):
             continue
-        ctx.keys(h, ("event", "vector", "after", "at"), "happen", n)
-        if event is External.INTERRUPT:
+        ctx.keys(h, ("event", "vector", "after", "at", "context_invalid"), "happen", n)
+        if "context_invalid" in h and event is not External.NOTIFY_TIMER:
+            raise ctx.error("context_invalid belongs to event = \"notify\"", "happen",
+                            "context_invalid", n)
+        if event is External.NOTIFY_TIMER:
+            # the vector slot carries NOTIFY_VM_CONTEXT_INVALID (arch/cpu.py Scheduled)
+            vector = int(_bool(ctx, h, "context_invalid", "happen", default=False, index=n))
+        elif event is External.INTERRUPT:
             if "vector" not in h:
                 raise ctx.error("an interrupt needs vector = 16..255", "happen", None, n)
             vector = _vector(ctx, h["vector"], "happen", "vector", n)
@@ -378,10 +387,19 @@ def _explore(ctx: _Ctx, data: dict) -> ExploreSpec | None:
                        counts["save_restore"], ctx.line(t, None))
 
 
-def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool], ...]:
-    ctx.keys(kvm, KVM_PARAMS, "kvm")
-    return tuple((name, _bool(ctx, kvm, name, "kvm", default=True)) for name in KVM_PARAMS
-                 if name in kvm)
+def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...]:
+    ctx.keys(kvm, KVM_PARAMS + ("notify_vmexit", "notify_window"), "kvm")
+    out: list[tuple[str, bool | int | str]] = [
+        (name, _bool(ctx, kvm, name, "kvm", default=True)) for name in KVM_PARAMS if name in kvm]
+    if "notify_vmexit" in kvm:
+        out.append(("notify_vmexit", _choice(ctx, kvm, "notify_vmexit", NOTIFY_MODES, "kvm")))
+    if "notify_window" in kvm:
+        window = _int(ctx, kvm, "notify_window", "kvm", default=0, high=0xFFFFFFFF)
+        if kvm.get("notify_vmexit", "disable") == "disable":
+            raise ctx.error("notify_window needs notify_vmexit = \"run\" or \"internal-error\"",
+                            "kvm", "notify_window")
+        out.append(("notify_window", window))
+    return tuple(out)
 
 
 def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kvmodel.arch.cpu import Cpu, Scheduled, Stop
+from kvmodel.arch.cost import DELIVERY_CYCLES
+from kvmodel.arch.cpu import Cpu, Scheduled
 from kvmodel.arch.events import EventType, vector_name
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
+from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KvmExit
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
+from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
+from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
 from kvmodel.kvm.x86 import Stats, Vcpu
 from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, HostEvent, Scenario
@@ -64,6 +67,7 @@ class RunResult:
     stats: tuple[Stats, ...] = ()  # one per vCPU (a save/restore makes a new one)
     hypervisor_error: str | None = None  # KVM gave up: failed entry, internal error
     warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
+    host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
 
     @property
     def passed(self) -> bool:
@@ -72,6 +76,18 @@ class RunResult:
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
         return tuple(o for o in self.trace if isinstance(o, Delivery))
+
+
+@dataclass(frozen=True, slots=True)
+class HostTime:
+    """The host's side of the run: can it always take the CPU back?"""
+
+    longest_windowless: int  # cycles the guest held the CPU with no event window, at most
+    notify_limit: int | None  # with Notify VM exits on: the window, the threshold, one delivery
+
+    @property
+    def starved(self) -> bool:
+        return self.notify_limit is not None and self.longest_windowless > self.notify_limit
 
 
 class Resolver:
@@ -136,23 +152,25 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     limit = error = None
     stats: tuple[Stats, ...] = ()
     warnings: tuple[str, ...] = ()
+    host = None
     try:
         if vendor is Vendor.BARE:
-            stop = cpu.run(steps)
+            stop = cpu.run(steps).name.lower()
         else:
-            cpu, stop, stats, error, warnings = _run_under_kvm(scenario, program, cpu, vendor, steps)
+            cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
+                                                                     vendor, steps)
     except ModelLimit as e:
         limit = str(e)
         stop = None
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
     mismatches = judge(scenario, program, cpu, final) if final is not None else ()
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
-                     vendor, bytes(cpu.mem), stats, error, warnings)
+                     vendor, bytes(cpu.mem), stats, error, warnings, host)
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int) -> tuple[Cpu, Stop | None, tuple[Stats, ...], str | None,
-                                         tuple[str, ...]]:
+                   steps: int) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
+                                         tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
@@ -162,12 +180,15 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True))
 
-    def make(core: Cpu) -> Vcpu:
-        return create_vcpu(core, vendor, svm=svm, vmx=vmx)
+    def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
+        vm = create_vm(vendor)
+        _enable_caps(vm, params)
+        return create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
 
     vcpu = make(cpu)
     done: list[Stats] = []
     warnings: list[str] = []
+    windowless = 0
     start = cpu.retired
     while True:
         earlier = sum(s.exits for s in done)
@@ -177,41 +198,58 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
             save_at.pop(0)
             done.append(vcpu.stats)
             warnings += vcpu.warnings
+            windowless = max(windowless, vcpu.ops.guest.longest_windowless)
             vcpu = save_restore(vcpu, make)
             continue
         break
     done.append(vcpu.stats)
     warnings += vcpu.warnings
+    windowless = max(windowless, vcpu.ops.guest.longest_windowless)
+    kvm = vcpu.kvm
+    limit = kvm.notify_window + NOTIFY_THRESHOLD + DELIVERY_CYCLES if kvm.notify_enabled else None
     stop, error = _stop_of(vcpu, outcome)
-    return vcpu.cpu, stop, tuple(done), error, tuple(warnings)
+    return vcpu.cpu, stop, tuple(done), error, tuple(warnings), HostTime(windowless, limit)
 
 
-def _stop_of(vcpu: Vcpu, outcome) -> tuple[Stop | None, str | None]:
+def _enable_caps(vm: Vm, params: dict) -> None:
+    """What QEMU does before KVM_CREATE_VCPU: notify exits if the host has them, else nothing."""
+    mode = params.get("notify_vmexit", "disable")
+    if mode == "disable" or not vm.has_notify_vmexit:  # KVM_CHECK_EXTENSION says no: skip
+        return
+    flags = NotifyFlag.ENABLED | (NotifyFlag.USER if mode == "internal-error" else 0)
+    vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, params.get("notify_window", 0) << 32 | flags)
+
+
+def _stop_of(vcpu: Vcpu, outcome) -> tuple[str | None, str | None]:
     """Turn KVM_RUN's last exit into the bare-metal stop it stands for."""
     cpu = vcpu.cpu
     vcpu.ops.sync_guest_state_to_core()
     cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
     if outcome is None:
-        return Stop.BUDGET, None
+        return "budget", None
     if outcome.reason is KvmExit.HLT:
         cpu.halted = True
-        return Stop.HALTED, None
+        return "halted", None
     if outcome.reason is KvmExit.SHUTDOWN:
         if not cpu.shutdown:  # KVM merged a fault onto a queued #DF: no core-level record
             first, second = vcpu.triple_fault_cause
             cpu.trace.append(Shutdown(cpu.rip, cpu.retired, first, second))
             cpu.shutdown = True
-        return Stop.SHUTDOWN, None
+        return "shutdown", None
+    if outcome.reason is KvmExit.NOTIFY:
+        # QEMU (kvm_arch_handle_exit) stops the VM on KVM_EXIT_NOTIFY: userspace asked
+        # for it (notify-vmexit=internal-error) or the VM context is invalid.
+        return "vmm", None
     return None, f"KVM_RUN exit {outcome.reason.name}: {outcome.detail}"
 
 
-def _final(cpu: Cpu, stop: Stop, mode: Mode) -> Final:
+def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:
     names = GPR64 if mode is Mode.LONG64 else GPR32
     return Final(
         registers=tuple(zip(names, cpu.regs, strict=True)),
         rip=cpu.rip, rflags=cpu.rflags, cr2=cpu.cr2, dr6=cpu.dr6, dr7=cpu.dr7,
         retired=cpu.retired, halted=cpu.halted, shutdown=cpu.shutdown,
-        nmi_blocked=cpu.nmi_blocked, stop=stop.name.lower(),
+        nmi_blocked=cpu.nmi_blocked, stop=stop,
     )
 
 

@@ -134,6 +134,6 @@ class Scenario:
     final: tuple[tuple[str, Expected], ...]
     memory: tuple[tuple[Expr, Expected], ...]
     divergences: tuple[KnownDivergence, ...] = ()
-    kvm_params: tuple[tuple[str, bool], ...] = ()  # module parameters: nrips, enable_vnmi
+    kvm_params: tuple[tuple[str, bool | int | str], ...] = ()  # module parameters, VM capabilities
     explore: ExploreSpec | None = None  # None: the explorer's default host-only choice points
     known_findings: tuple[KnownFinding, ...] = ()

@@ -30,12 +30,14 @@ from kvmodel.hw.vmx.vmcs import (
     INTR_INFO_RESERVED,
     INTR_INFO_UNBLOCK_NMI,
     INTR_INFO_VALID,
+    NOTIFY_VM_CONTEXT_INVALID,
     QUAL_UNBLOCK_NMI,
     Activity,
     ExitReason,
     Interruptibility,
     Pin,
     Proc,
+    Secondary,
     Vmcs,
     describe_info,
     info_type,
@@ -50,6 +52,11 @@ _INSTRUCTION_EXITS = {
     Exiting.WRMSR: ExitReason.MSR_WRITE,
 }
 CR8_QUALIFICATION = 8  # MOV to CR8 from a GPR (SDM Table 27-3; register bits not modelled)
+# The CPU adds an internal threshold to NOTIFY_WINDOW, so that 0 is a safe window
+# (KVM api.rst, KVM_CAP_X86_NOTIFY_VMEXIT). Its value is not architectural; the
+# model's is longer than any ordinary chain of deliveries (#DF is three).
+NOTIFY_THRESHOLD = 100
+IRET_OPCODE = 0xCF
 
 
 class VmxGuest(GuestMode):
@@ -62,6 +69,7 @@ class VmxGuest(GuestMode):
         self.vmcs = Vmcs()
         self._where = Where.BOUNDARY
         self._rf = False
+        self.notify_due: int | None = None  # the notify timer ran out: the exit qualification
 
     # -- VM entry (SDM 26) ----------------------------------------------------
 
@@ -70,6 +78,7 @@ class VmxGuest(GuestMode):
         vmcs = self.vmcs
         self._check_injection()
         self._load_guest_state()
+        self.cpu.open_event_window()
         try:
             if vmcs.entry_intr_info & INTR_INFO_VALID:
                 self._inject()
@@ -193,6 +202,7 @@ class VmxGuest(GuestMode):
         else:
             vmcs.idt_vectoring_info = 0
         vmcs.entry_intr_info &= ~INTR_INFO_VALID  # SDM 24.8.3
+        self.notify_due = None  # the notify timer starts again at the next entry
         self._save_guest_state(self._where)
         if rf is not None:
             vmcs.guest_rflags = (vmcs.guest_rflags & ~RF) | (RF if rf else 0)
@@ -240,6 +250,8 @@ class VmxGuest(GuestMode):
 
     def boundary(self, cpu: Cpu) -> None:
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
+        if self.notify_due is not None and not _iret_at(cpu):
+            self._notify_exit(Where.BOUNDARY, self.notify_due)
         proc = self.vmcs.proc_based
         shadow = cpu.shadow
         # NMI-window: no virtual-NMI blocking, no MOV SS; STI blocking also holds it
@@ -255,6 +267,11 @@ class VmxGuest(GuestMode):
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         proc = self.vmcs.proc_based
         kind = insn.exiting
+        if kind is Exiting.IRET and self.notify_due is not None:
+            # The timer ran out inside IRET, after it ended NMI blocking (SDM 27.2.3 bit 12).
+            unblocked = QUAL_UNBLOCK_NMI if cpu.nmi_blocked else 0
+            cpu.nmi_blocked = False
+            self._notify_exit(Where.INSTRUCTION, self.notify_due | unblocked)
         if kind is Exiting.HLT and proc & Proc.HLT_EXITING:
             reason, qualification = ExitReason.HLT, 0
         elif kind is Exiting.CR8_WRITE and proc & Proc.CR8_LOAD_EXITING:
@@ -274,3 +291,30 @@ class VmxGuest(GuestMode):
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi:
             qualification |= QUAL_UNBLOCK_NMI
         self._exit(ExitReason.EPT_VIOLATION, where, qualification=qualification, gpa=addr)
+
+    # -- Notify VM exit (KVM "Enable Notify VM exit"; kvm-upstream.md 3.7) ----------
+
+    def no_event_window(self, cpu: Cpu) -> None:
+        """Exit once the guest has gone NOTIFY_WINDOW (+ the threshold) cycles without a window."""
+        super().no_event_window(cpu)
+        vmcs = self.vmcs
+        if (vmcs.secondary_exec & Secondary.NOTIFY_VM_EXITING
+                and cpu.since_window > vmcs.notify_window + NOTIFY_THRESHOLD):
+            self._notify_exit(Where.DELIVERY, 0)
+
+    def notify_timer(self, context_invalid: bool) -> None:
+        """The timer runs out at the next boundary, or inside the IRET about to run there."""
+        if self.vmcs.secondary_exec & Secondary.NOTIFY_VM_EXITING:
+            self.notify_due = NOTIFY_VM_CONTEXT_INVALID if context_invalid else 0
+            self.cpu.attn = True
+
+    def _notify_exit(self, where: Where, qualification: int) -> None:
+        self.notify_due = None
+        self._exit(ExitReason.NOTIFY, where, qualification=qualification)
+
+
+def _iret_at(cpu: Cpu) -> bool:
+    """Is the next instruction IRET (CF, or REX.W CF)? Read without fetch side effects."""
+    rip = cpu.rip
+    first, second = cpu.mem[rip:rip + 2].ljust(2, b"\0")
+    return first == IRET_OPCODE or (cpu.mode.value == 64 and first >> 4 == 4 and second == IRET_OPCODE)

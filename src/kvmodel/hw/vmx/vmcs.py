@@ -17,7 +17,8 @@ INTR_INFO_VALID = 1 << 31
 INTR_INFO_DELIVER_CODE = 1 << 11
 INTR_INFO_UNBLOCK_NMI = 1 << 12
 INTR_INFO_RESERVED = 0x7FFFF000  # entry format (SDM 26.2.1.3)
-QUAL_UNBLOCK_NMI = 1 << 12  # EPT violation qualification bit 12 (SDM Table 27-7)
+QUAL_UNBLOCK_NMI = 1 << 12  # EPT violation and Notify qualification bit 12 (SDM Table 27-7)
+NOTIFY_VM_CONTEXT_INVALID = 1 << 0  # Notify exit qualification bit 0 (KVM vmx.h)
 
 
 class ExitReason(IntEnum):
@@ -35,6 +36,7 @@ class ExitReason(IntEnum):
     MSR_READ = 31
     MSR_WRITE = 32
     EPT_VIOLATION = 48
+    NOTIFY = 75  # the SDM's "instruction timeout"
 
 
 class Pin(IntEnum):
@@ -53,6 +55,12 @@ class Proc(IntEnum):
     CR8_LOAD_EXITING = 1 << 19
     NMI_WINDOW_EXITING = 1 << 22
     UNCOND_IO_EXITING = 1 << 24
+
+
+class Secondary(IntEnum):
+    """Secondary processor-based VM-execution controls (SDM Table 24-7)."""
+
+    NOTIFY_VM_EXITING = 1 << 31
 
 
 class Interruptibility(IntEnum):
@@ -74,7 +82,9 @@ class Vmcs:
 
     pin_based: int = 0
     proc_based: int = 0
+    secondary_exec: int = 0
     exception_bitmap: int = 0
+    notify_window: int = 0  # NOTIFY_WINDOW (0x4024), in cycles (arch/cost.py)
     # VM-entry event injection (SDM 24.8.3)
     entry_intr_info: int = 0
     entry_exception_error_code: int = 0

@@ -2,6 +2,10 @@
 
 Module parameter: `enable_vnmi` (only the virtual-NMI configuration is
 modelled; KVM's "soft vNMI" fallback for CPUs without it is not).
+`intercept_db` is the model's, not KVM's: KVM always intercepts #DB and
+#AC, because a guest can otherwise keep the CPU in an endless chain of
+deliveries (CVE-2015-8104, CVE-2015-5307). Turning it off stands for any
+such loop KVM cannot see, the case the Notify VM exit exists for.
 """
 
 from __future__ import annotations
@@ -17,27 +21,31 @@ from kvmodel.hw.vmx.vmcs import (
     INTR_INFO_DELIVER_CODE,
     INTR_INFO_UNBLOCK_NMI,
     INTR_INFO_VALID,
+    NOTIFY_VM_CONTEXT_INVALID,
     QUAL_UNBLOCK_NMI,
     ExitReason,
     Interruptibility,
     Pin,
     Proc,
+    Secondary,
     info_type,
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm.uapi import KvmExit, ShadowBits
+from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit, ShadowBits
+from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.x86 import BUDGET, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
 EXCEPTION_BITMAP = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.DB) | (1 << Vec.AC)
 # Exits KVM can handle while an event was being vectored (__vmx_handle_exit()).
-_VECTORING_OK = (ExitReason.EXCEPTION_NMI, ExitReason.EPT_VIOLATION)
+_VECTORING_OK = (ExitReason.EXCEPTION_NMI, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
 
 
 @dataclass(frozen=True, slots=True)
 class VmxParams:
     enable_vnmi: bool = True
+    intercept_db: bool = True  # the model's switch, see above
 
 
 class Vmx:
@@ -54,6 +62,12 @@ class Vmx:
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
         vmcs.proc_based = Proc.HLT_EXITING | Proc.UNCOND_IO_EXITING | Proc.CR8_LOAD_EXITING
         vmcs.exception_bitmap = EXCEPTION_BITMAP
+        if not params.intercept_db:
+            vmcs.exception_bitmap &= ~(1 << Vec.DB)
+        if vcpu.kvm.notify_enabled:
+            # vmx_secondary_exec_control() and init_vmcs()
+            vmcs.secondary_exec |= Secondary.NOTIFY_VM_EXITING
+            vmcs.notify_window = vcpu.kvm.notify_window
         cpu = guest.cpu
         vmcs.guest_rip, vmcs.guest_rflags = cpu.rip, cpu.rflags
         vmcs.guest_rsp = cpu.regs[RSP]
@@ -273,6 +287,28 @@ class Vmx:
             self._handle_ept_violation()
         elif reason is ExitReason.TRIPLE_FAULT:
             return UserspaceExit(KvmExit.SHUTDOWN, "triple fault")
+        elif reason is ExitReason.NOTIFY:
+            return self._handle_notify()
+        return None
+
+    def _handle_notify(self) -> UserspaceExit | None:
+        """handle_notify(): count it, re-block NMIs for a re-executed IRET, usually resume.
+
+        The exit already broke the guest's hold on the CPU; KVM cannot know the
+        guest meant harm, so it never kills it (seed 002, Sean Christopherson).
+        """
+        vcpu, vmcs = self.vcpu, self.vmcs
+        vcpu.stats.notify_window_exits += 1
+        qualification = vmcs.exit_qualification
+        if _faults.on("notify_kills_guest"):
+            return UserspaceExit(KvmExit.INTERNAL_ERROR, "KVM_INTERNAL_ERROR_NO_EVENT_WINDOW")
+        if (self.params.enable_vnmi and qualification & QUAL_UNBLOCK_NMI
+                and not _faults.on("notify_no_nmi_reblock")):
+            self.set_nmi_mask(True)
+        context_invalid = bool(qualification & NOTIFY_VM_CONTEXT_INVALID)
+        if vcpu.kvm.notify_vmexit_flags & NotifyFlag.USER or context_invalid:
+            flags = KVM_NOTIFY_CONTEXT_INVALID if context_invalid else 0
+            return UserspaceExit(KvmExit.NOTIFY, "context invalid" if flags else "", flags)
         return None
 
     def _handle_exception_nmi(self) -> UserspaceExit | None:

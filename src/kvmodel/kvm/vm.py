@@ -1,0 +1,57 @@
+"""struct kvm_arch, the VM-wide part events depend on, and KVM_ENABLE_CAP on it.
+
+KVM_CAP_X86_NOTIFY_VMEXIT (Documentation/virt/kvm/api.rst; x86.c
+kvm_vm_ioctl_enable_cap()): args[0] bits 63:32 are the notify window, bits
+31:0 the flags. It is refused once a vCPU exists, for unknown flag bits, and
+where the CPU has no Notify VM exit (SVM). KVM has no default window: 0 is
+allowed, since the CPU adds an internal threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+from kvmodel.kvm.uapi import InvalidArgument
+
+
+class Cap(IntEnum):
+    """KVM_ENABLE_CAP numbers (include/uapi/linux/kvm.h)."""
+
+    X86_NOTIFY_VMEXIT = 219
+
+
+class NotifyFlag(IntFlag):
+    """KVM_X86_NOTIFY_VMEXIT_*: the low half of args[0]."""
+
+    ENABLED = 1 << 0
+    USER = 1 << 1  # exit to userspace with KVM_EXIT_NOTIFY on every notify exit
+
+
+@dataclass(slots=True)
+class Vm:
+    """One VM: what every vCPU of it shares."""
+
+    has_notify_vmexit: bool = False  # kvm_caps.has_notify_vmexit: VMX with the control
+    notify_window: int = 0
+    notify_vmexit_flags: NotifyFlag = NotifyFlag(0)
+    created_vcpus: int = 0
+
+    def enable_cap(self, cap: Cap, arg0: int) -> None:
+        """KVM_ENABLE_CAP on the VM; InvalidArgument where the ioctl gives -EINVAL."""
+        if cap is not Cap.X86_NOTIFY_VMEXIT:
+            raise InvalidArgument(f"capability {cap} is not modelled")
+        flags = arg0 & 0xFFFFFFFF
+        if flags & ~(NotifyFlag.ENABLED | NotifyFlag.USER):
+            raise InvalidArgument(f"KVM_CAP_X86_NOTIFY_VMEXIT: unknown flags {flags:#x}")
+        if not self.has_notify_vmexit:
+            raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: this CPU has no Notify VM exit")
+        if self.created_vcpus:
+            raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: vCPUs exist already")
+        self.notify_vmexit_flags = NotifyFlag(flags)
+        if flags & NotifyFlag.ENABLED:
+            self.notify_window = arg0 >> 32
+
+    @property
+    def notify_enabled(self) -> bool:
+        return bool(self.notify_vmexit_flags & NotifyFlag.ENABLED)
