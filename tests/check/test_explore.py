@@ -74,7 +74,9 @@ def test_every_catalogued_bug_is_found_and_replays(tmp_path, bug, vendor):
     assert check.found and check.reproduced
     doc = json.loads(Path(check.replay).read_text())
     assert doc["bugs"] == [bug.name] and doc["vendor"] == vendor.value
-    assert read(check.replay).run().divergence is not None
+    replayed = read(check.replay).run()
+    # a divergence, or KVM giving up (hypervisor_error) where bare metal runs on
+    assert replayed.divergence is not None or replayed.virt.hypervisor_error is not None
 
 
 @VENDORS

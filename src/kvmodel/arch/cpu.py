@@ -90,7 +90,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired",
+        "since_window", "window_retired", "deliveries",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -148,6 +148,7 @@ class Cpu:
         # instruction that completes opens one at the boundary after it.
         self.since_window = 0
         self.window_retired = 0
+        self.deliveries = 0  # started, like `retired` an observer's count
 
     # -- memory --------------------------------------------------------------
 
@@ -392,12 +393,18 @@ class Cpu:
 
     def charge_delivery(self) -> None:
         """A delivery starts: it costs cycles and opens no event window (cost.py)."""
+        self.deliveries += 1
         if self.retired != self.window_retired:
             self.window_retired = self.retired
             self.since_window = 0
         self.since_window += DELIVERY_CYCLES
         if self.host is not None:
             self.host.no_event_window(self)
+
+    @property
+    def work(self) -> int:
+        """Instructions retired plus deliveries started: what a step budget spans."""
+        return self.retired + self.deliveries
 
     def open_event_window(self) -> None:
         """VM entry: the notify timer starts afresh."""

@@ -62,6 +62,19 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: SVM: WARN on vNMI + NMI window iff NMIs are outright masked (CVE-2024-39483, Fixes "
         "fa4c027a7956); seed 000",
         ("svm",), "scenarios/vnmi/two_nmis_in_sti_shadow.toml"),
+    Bug("notify_kills_guest",
+        "handle_notify() ends the run with KVM_EXIT_INTERNAL_ERROR (KVM_INTERNAL_ERROR_NO_EVENT_WINDOW) "
+        "on every notify exit, where the guest could simply be resumed: a guest that merely kept the "
+        "CPU busy is killed",
+        "[PATCH v2] KVM: VMX: Enable Notify VM exit (Tao Xu, May 2021) and Sean Christopherson's "
+        "review (seed 002); the final design resumes the guest (upstream 2f4073e08f4c)",
+        ("vmx",), "scenarios/notify/db_storm_notify_exits.toml"),
+    Bug("notify_no_nmi_reblock",
+        "handle_notify() ignores exit qualification bit 12: after a notify exit inside IRET the "
+        "re-executed IRET runs with NMIs unblocked, so a held NMI lands inside the first handler",
+        "handle_notify() in the Notify VM exit series (seed 002; SDM 27.2.3 bit 12); the same rule "
+        "as handle_ept_violation()",
+        ("vmx",), "scenarios/notify/nmi_iret_interrupted.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

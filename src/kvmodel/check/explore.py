@@ -6,7 +6,8 @@ finding when the guest sees something bare metal would not show it, when
 KVM gives up (failed entry, internal error), when KVM's stats disagree with
 what it injected, when a KVM WARN_ON() is reached, or when the guest makes
 no progress where bare metal stops (liveness: the step budget runs out under
-KVM only).
+KVM only), or when, with Notify VM exits on, the guest holds the CPU longer
+than the notify window allows (starvation: the host could not get it back).
 
 Search: bare-metal runs are shared by all schedules with the same external
 events; runs that end in the same state (trace and final state) count as
@@ -45,7 +46,7 @@ class Bounds:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, warn, stats
+    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation
     schedule: Schedule
     message: str
 
@@ -186,6 +187,11 @@ class Runner:
         if virt.final.stop == "budget" and bare.final.stop != "budget":
             return Finding("liveness", schedule,
                            f"bare metal stops ({bare.final.stop}); under KVM the step budget runs out")
+        if virt.host is not None and virt.host.starved:
+            return Finding("starvation", schedule,
+                           f"with Notify VM exits on, the guest held the CPU for "
+                           f"{virt.host.longest_windowless} cycles with no event window and no "
+                           f"VM exit (limit {virt.host.notify_limit})")
         problem = stats_problem(virt)
         if problem is not None:
             return Finding("stats", schedule, problem)
@@ -202,6 +208,9 @@ def stats_problem(virt: RunResult) -> str | None:
         return f"nmi_injections = {nmi}, but {nmis} NMIs injected or made pending (vNMI)"
     if irq != sum(o.what in ("irq", "soft-int") for o in injected):
         return f"irq_injections = {irq} disagrees with the interrupts injected"
+    notify = sum(st.notify_window_exits for st in virt.stats)
+    if notify != sum(o.kind == "vmexit" and o.reason == "NOTIFY" for o in virt.trace):
+        return f"notify_window_exits = {notify} disagrees with the Notify VM exits taken"
     return None
 
 

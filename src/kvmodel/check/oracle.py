@@ -19,6 +19,7 @@ from kvmodel.scenario.runner import RunResult, run
 from kvmodel.scenario.schema import KnownDivergence, Scenario
 
 GUEST_OBSERVABLE = (Delivery, Iret, Halt, Shutdown, Output, Retire)
+CUT_SHORT = ("budget", "vmm")
 FINAL_FIELDS = ("rip", "rflags", "cr2", "dr6", "dr7", "retired", "halted", "shutdown")
 
 
@@ -100,14 +101,17 @@ def first_divergence(bare: RunResult, virt: RunResult) -> Divergence | None:
     if bare.limit is not None or virt.limit is not None:
         return None  # nothing to compare: the model stopped
     b, v = guest_view(bare.trace), guest_view(virt.trace)
-    for n in range(max(len(b), len(v))):
+    # A run cut short (step budget, or the VMM stopped the VM) says nothing about
+    # what came next: only the common prefix is compared. Liveness is judged apart.
+    cut = any(r.final is not None and r.final.stop in CUT_SHORT for r in (bare, virt))
+    for n in range(min(len(b), len(v)) if cut else max(len(b), len(v))):
         be = b[n][1] if n < len(b) else None
         ve = v[n][1] if n < len(v) else None
         if be != ve:
             at = v[n][0] if n < len(v) else len(virt.trace)
             return Divergence(n, bare.trace[b[n][0]] if be else None,
                               virt.trace[v[n][0]] if ve else None, at)
-    if virt.final is None or bare.final is None:
+    if cut or virt.final is None or bare.final is None:
         return None
     if bare.final.shutdown and virt.final.shutdown:
         return None  # nothing after a shutdown is observable

@@ -392,7 +392,7 @@ class Vcpu:
 
     def run(self, max_steps: int) -> UserspaceExit | None:
         """KVM_RUN: enter and handle exits until userspace must act; None when the budget ends."""
-        start = self.cpu.retired
+        start = self.cpu.work
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
@@ -400,7 +400,7 @@ class Vcpu:
                 if not self._wait_for_events():
                     return UserspaceExit(KvmExit.HLT, "halted with nothing left to wake it")
                 continue
-            budget = max_steps - (self.cpu.retired - start)
+            budget = max_steps - (self.cpu.work - start)
             if budget <= 0:
                 return None
             outcome = self.enter_guest(budget)

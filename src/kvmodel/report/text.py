@@ -22,7 +22,7 @@ from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
 from kvmodel.kvm.x86 import InjectRecord
-from kvmodel.scenario.runner import RunResult
+from kvmodel.scenario.runner import RunResult, VmmStop
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
@@ -41,6 +41,19 @@ def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
     return " ".join(parts)
 
 
+def _arrival_text(obs: Arrival) -> str:
+    fate = obs.fate.name.lower()
+    if obs.event == "notify_timer":
+        invalid = ", VM context invalid" if obs.vector else ""
+        return f"the notify timer runs out{invalid}: {fate}"
+    if obs.event == "host_interrupt":
+        return f"host interrupt arrives: {fate}"
+    if obs.event == "interrupt":
+        return f"interrupt {obs.vector:#x} arrives: {fate}"
+    source = " (self-IPI)" if obs.event == "self_nmi" else ""
+    return f"NMI arrives{source}: {fate}"
+
+
 def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, str]:
     """(retired count, where, what) for one trace entry."""
     if isinstance(obs, Delivery):
@@ -50,9 +63,7 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
                 f"[dim]frame @{obs.rsp:#x}: {escape(frame_text(obs, program, mode))}[/]")
         return obs.retired, program.where(obs.return_rip), what
     if isinstance(obs, Arrival):
-        name = "NMI" if obs.event != "interrupt" else f"interrupt {obs.vector:#x}"
-        source = " (self-IPI)" if obs.event == "self_nmi" else ""
-        return obs.retired, program.where(obs.rip), f"{name} arrives{source}: {obs.fate.name.lower()}"
+        return obs.retired, program.where(obs.rip), _arrival_text(obs)
     if isinstance(obs, Iret):
         unblock = " (NMI unblocked)" if obs.nmi_unblocked else ""
         return obs.retired, program.where(obs.rip), f"IRET -> {program.where(obs.to_rip)}{unblock}"
@@ -73,6 +84,9 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
     if isinstance(obs, SaveRestoreRecord):
         return (obs.retired, "", "[magenta]save/restore[/]: KVM_GET_VCPU_EVENTS -> fresh vCPU -> "
                 f"KVM_SET_VCPU_EVENTS [dim]{obs.events}[/]")
+    if isinstance(obs, VmmStop):
+        return (obs.retired, "", f"[magenta]KVM_RUN returns {obs.reason}[/] flags {obs.flags:#x}: "
+                f"the VMM stops the VM ({obs.why})")
     assert isinstance(obs, Retire)
     return obs.retired, program.where(obs.rip), f"[dim]{escape(obs.text)}[/]"
 
@@ -138,7 +152,7 @@ def _print_divergence(console: Console, comparison: Comparison, d: Divergence) -
     console.print(f"    bare metal: {escape(_show(d.bare, bare))}")
     console.print(f"    under KVM:  {escape(_show(d.virt, virt))}")
     context = [o for o in virt.trace[max(0, d.virt_trace_index - 6):d.virt_trace_index]
-               if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord))]
+               if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord, VmmStop))]
     if context:
         console.print("    hypervisor just before:")
         for obs in context:

@@ -438,9 +438,12 @@ def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
     out = []
     for n, d in enumerate(expect["delivery"]):
         t = "expect.delivery"
-        ctx.keys(d, ("vector", "type", "error_code", "return", "retired"), t, n)
+        ctx.keys(d, ("vector", "type", "error_code", "return", "retired", "repeats"), t, n)
         if "vector" not in d:
             raise ctx.error("each [[expect.delivery]] needs a vector", t, None, n)
+        repeats = _bool(ctx, d, "repeats", t, default=False, index=n)
+        if repeats and n != len(expect["delivery"]) - 1:
+            raise ctx.error("only the last [[expect.delivery]] can repeat", t, "repeats", n)
         out.append(ExpectedDelivery(
             vector=_vector(ctx, d["vector"], t, "vector", n),
             type=_choice(ctx, d, "type", EVENT_TYPES, t, index=n) if "type" in d else None,
@@ -448,6 +451,7 @@ def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
             return_rip=_expr(ctx, d["return"], t, "return", n) if "return" in d else None,
             retired=_int(ctx, d, "retired", t, default=None, index=n),
             line=ctx.line(t, None, n),
+            repeats=repeats,
         ))
     return tuple(out)
 

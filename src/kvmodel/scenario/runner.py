@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, Scheduled
@@ -16,7 +17,7 @@ from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
-from kvmodel.kvm.uapi import KvmExit
+from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
@@ -76,6 +77,17 @@ class RunResult:
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
         return tuple(o for o in self.trace if isinstance(o, Delivery))
+
+
+@dataclass(frozen=True, slots=True)
+class VmmStop:
+    """KVM_RUN returned an exit the VMM does not resume from (trace only)."""
+
+    kind: ClassVar[str] = "vmm_stop"
+    reason: str
+    flags: int
+    retired: int
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +190,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
     params = dict(scenario.kvm_params)
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False))
-    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True))
+    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
+                    intercept_db=params.get("intercept_db", True))
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
@@ -189,11 +202,11 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     done: list[Stats] = []
     warnings: list[str] = []
     windowless = 0
-    start = cpu.retired
+    start = cpu.work
     while True:
         earlier = sum(s.exits for s in done)
         vcpu.stop_at_exit = save_at[0] - earlier if save_at else 0
-        outcome = vcpu.run(steps - (vcpu.cpu.retired - start))
+        outcome = vcpu.run(steps - (vcpu.cpu.work - start))
         if outcome is not None and outcome.reason is KvmExit.INTR:
             save_at.pop(0)
             done.append(vcpu.stats)
@@ -239,6 +252,9 @@ def _stop_of(vcpu: Vcpu, outcome) -> tuple[str | None, str | None]:
     if outcome.reason is KvmExit.NOTIFY:
         # QEMU (kvm_arch_handle_exit) stops the VM on KVM_EXIT_NOTIFY: userspace asked
         # for it (notify-vmexit=internal-error) or the VM context is invalid.
+        why = ("the VM context is invalid" if outcome.flags & KVM_NOTIFY_CONTEXT_INVALID
+               else "notify-vmexit=internal-error")
+        cpu.trace.append(VmmStop("KVM_EXIT_NOTIFY", outcome.flags, cpu.retired, why))
         return "vmm", None
     return None, f"KVM_RUN exit {outcome.reason.name}: {outcome.detail}"
 
@@ -301,8 +317,9 @@ def _describe_expected(e: ExpectedDelivery, resolve: Resolver) -> str:
 def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery],
                       program: Program, resolve: Resolver, check_type: bool) -> list[Mismatch]:
     out = []
+    storm = bool(expected) and expected[-1].repeats
     for n in range(max(len(expected), len(got))):
-        e = expected[n] if n < len(expected) else None
+        e = expected[n] if n < len(expected) else (expected[-1] if storm else None)
         d = got[n] if n < len(got) else None
         if e is None:
             line = expected[-1].line if expected else 1

@@ -86,6 +86,7 @@ class ExpectedDelivery:
     return_rip: Expr | None
     retired: int | None
     line: int
+    repeats: bool = False  # the last one only: it recurs until the run ends (an event storm)
 
 
 @dataclass(frozen=True, slots=True)

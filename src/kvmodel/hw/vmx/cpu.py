@@ -68,7 +68,7 @@ class VmxGuest(GuestMode):
         super().__init__(cpu)
         self.vmcs = Vmcs()
         self._where = Where.BOUNDARY
-        self._rf = False
+        self._rf: bool | None = None
         self.notify_due: int | None = None  # the notify timer ran out: the exit qualification
 
     # -- VM entry (SDM 26) ----------------------------------------------------
@@ -172,9 +172,9 @@ class VmxGuest(GuestMode):
     # -- VM exits (SDM 27) ----------------------------------------------------
 
     def _exit(self, reason: ExitReason, where: Where, *, qualification: int = 0, info: int = 0,
-              error_code: int = 0, insn_len: int = 0, gpa: int = 0, rf: bool = False,
+              error_code: int = 0, insn_len: int = 0, gpa: int = 0, rf: bool | None = None,
               raise_: bool = True) -> None:
-        """Fill the exit-information fields and leave; `rf`: the exiting fault's frame RF."""
+        """Fill the exit-information fields and leave; `rf`: the RF to save (None: as it is)."""
         vmcs = self.vmcs
         vmcs.exit_reason = reason
         vmcs.exit_qualification = qualification
@@ -190,7 +190,7 @@ class VmxGuest(GuestMode):
         """After the core unwound: IDT-vectoring information and the guest state (27.2.3, 27.3)."""
         vmcs, cpu = self.vmcs, self.cpu
         vectoring = cpu.vectoring
-        rf = True if self._rf else None
+        rf = self._rf
         if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
             vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code)
@@ -246,7 +246,7 @@ class VmxGuest(GuestMode):
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
         qualification = event.dr6 if event.vector == Vec.DB else 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
-                   error_code=code or 0, insn_len=soft_length(event), rf=event.push_rf)
+                   error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
     def boundary(self, cpu: Cpu) -> None:
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
@@ -282,7 +282,9 @@ class VmxGuest(GuestMode):
             reason, qualification = _INSTRUCTION_EXITS[kind], cpu.regs[RCX] & 0xFFFFFFFF
         else:
             return
-        self._exit(reason, Where.INSTRUCTION, qualification=qualification, insn_len=insn.length)
+        # An instruction exit saves RF=0 (SDM 27.3.3): the instruction counts as done.
+        self._exit(reason, Where.INSTRUCTION, qualification=qualification, insn_len=insn.length,
+                   rf=False)
 
     def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:
         """EPT violation (SDM 28.2.3.2; qualification Table 27-7)."""
@@ -290,7 +292,9 @@ class VmxGuest(GuestMode):
         where = Where.DELIVERY if cpu.vectoring is not None else Where.INSTRUCTION
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi:
             qualification |= QUAL_UNBLOCK_NMI
-        self._exit(ExitReason.EPT_VIOLATION, where, qualification=qualification, gpa=addr)
+        # RF=1 outside delivery, so the re-executed instruction's code breakpoint does not
+        # fire again (SDM 27.3.3); during delivery the frame's RF wins (_complete_exit).
+        self._exit(ExitReason.EPT_VIOLATION, where, qualification=qualification, gpa=addr, rf=True)
 
     # -- Notify VM exit (KVM "Enable Notify VM exit"; kvm-upstream.md 3.7) ----------
 
