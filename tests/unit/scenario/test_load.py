@@ -102,3 +102,30 @@ def test_unknown_final_key():
 def test_missing_file():
     with pytest.raises(ScenarioError, match=r"^nope\.toml: cannot read scenario"):
         load("nope.toml")
+
+
+def test_notify_window_needs_notify_vmexit():
+    e = error_of(MINIMAL + "\n[kvm]\nnotify_window = 5\n")
+    assert e.line == 10 and 'needs notify_vmexit = "run" or "internal-error"' in str(e)
+
+
+def test_notify_vmexit_modes_are_qemus():
+    e = error_of(MINIMAL + '\n[kvm]\nnotify_vmexit = "internal_error"\n')
+    assert 'did you mean "internal-error"?' in str(e)
+    s = parse(MINIMAL + '\n[kvm]\nnotify_vmexit = "run"\nnotify_window = 7\n', "s.toml")
+    assert dict(s.kvm_params) == {"notify_vmexit": "run", "notify_window": 7}
+
+
+def test_context_invalid_belongs_to_notify():
+    e = error_of(MINIMAL + '\n[[happen]]\nevent = "nmi"\nafter = 1\ncontext_invalid = true\n')
+    assert e.line == 12 and "context_invalid belongs to" in str(e)
+    s = parse(MINIMAL + '\n[[happen]]\nevent = "notify"\nat = "start"\ncontext_invalid = true\n',
+              "s.toml")
+    assert [(h.event, h.vector) for h in s.happenings] == [(External.NOTIFY_TIMER, 1)]
+
+
+def test_only_the_last_expected_delivery_repeats():
+    text = MINIMAL + ('\n[[expect.delivery]]\nvector = "#DB"\nrepeats = true\n'
+                      '\n[[expect.delivery]]\nvector = "#DB"\n')
+    e = error_of(text)
+    assert e.line == 11 and "only the last" in str(e)
