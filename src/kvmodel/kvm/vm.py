@@ -28,6 +28,9 @@ class NotifyFlag(IntFlag):
     USER = 1 << 1  # exit to userspace with KVM_EXIT_NOTIFY on every notify exit
 
 
+NOTIFY_VALID_BITS = int(NotifyFlag.ENABLED | NotifyFlag.USER)  # an int: ~IntFlag drops bits
+
+
 @dataclass(slots=True)
 class Vm:
     """One VM: what every vCPU of it shares."""
@@ -42,7 +45,7 @@ class Vm:
         if cap is not Cap.X86_NOTIFY_VMEXIT:
             raise InvalidArgument(f"capability {cap} is not modelled")
         flags = arg0 & 0xFFFFFFFF
-        if flags & ~(NotifyFlag.ENABLED | NotifyFlag.USER):
+        if flags & ~NOTIFY_VALID_BITS:
             raise InvalidArgument(f"KVM_CAP_X86_NOTIFY_VMEXIT: unknown flags {flags:#x}")
         if not self.has_notify_vmexit:
             raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: this CPU has no Notify VM exit")

@@ -21,6 +21,7 @@ from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
+    ExpectedStats,
     ExploreSpec,
     Expr,
     GateSpec,
@@ -40,6 +41,9 @@ EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
 VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
 FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
 NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
+# struct kvm_vcpu_stat counters a scenario may pin, summed over the vCPUs of a run
+STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_window_exits",
+              "irq_exits", "halt_exits", "notify_window_exits")
 STOPS = ("halted", "shutdown", "budget", "vmm")
 DEFAULT_MAX_STEPS = 100_000
 
@@ -136,6 +140,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         final=_final(ctx, data.get("expect", {}), mode),
         memory=_memory_expect(ctx, data.get("expect", {})),
         divergences=_divergences(ctx, data.get("expect", {})),
+        stats=_stats_expect(ctx, data.get("expect", {})),
         kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
         explore=_explore(ctx, data),
         known_findings=_known_findings(ctx, data),
@@ -402,6 +407,20 @@ def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...
     return tuple(out)
 
 
+def _stats_expect(ctx: _Ctx, expect: Any) -> tuple[ExpectedStats, ...]:
+    t = "expect.stats"
+    out = []
+    for n, item in enumerate(_expect(ctx, expect).get("stats", [])):
+        ctx.keys(item, ("vendor",) + STAT_NAMES, t, n)
+        vendor = _choice(ctx, item, "vendor", {"svm": "svm", "vmx": "vmx"}, t, index=n)
+        counts = tuple((name, _int(ctx, item, name, t, default=0, index=n))
+                       for name in STAT_NAMES if name in item)
+        if not counts:
+            raise ctx.error(f"give at least one KVM stat: {', '.join(STAT_NAMES)}", t, None, n)
+        out.append(ExpectedStats(vendor, counts, ctx.line(t, None, n)))
+    return tuple(out)
+
+
 def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
     items = _expect(ctx, expect).get("divergence", [])
     t = "expect.divergence"
@@ -427,7 +446,7 @@ def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
 def _expect(ctx: _Ctx, expect: Any) -> dict:
     if not isinstance(expect, dict):
         raise ctx.error("expect must be a table", None, "expect")
-    ctx.keys(expect, ("delivery", "final", "memory", "divergence"), "expect")
+    ctx.keys(expect, ("delivery", "final", "memory", "divergence", "stats"), "expect")
     return expect
 
 

@@ -175,7 +175,9 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         limit = str(e)
         stop = None
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
-    mismatches = judge(scenario, program, cpu, final) if final is not None else ()
+    mismatches = judge(scenario, program, cpu, final) if final is not None else []
+    if final is not None:
+        mismatches += _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, bytes(cpu.mem), stats, error, warnings, host)
 
@@ -312,6 +314,19 @@ def _describe_expected(e: ExpectedDelivery, resolve: Resolver) -> str:
     if e.retired is not None:
         parts.append(f"after {e.retired} retired")
     return " ".join(parts)
+
+
+def _judge_stats(scenario: Scenario, vendor: Vendor, stats: tuple[Stats, ...]) -> list[Mismatch]:
+    out = []
+    for expected in scenario.stats:
+        if expected.vendor != vendor.value:
+            continue
+        for name, want in expected.counts:
+            got = sum(getattr(st, name) for st in stats)
+            if got != want:
+                out.append(Mismatch(expected.line, f"KVM stat {name} on {vendor.value}: "
+                                    f"expected {want}, got {got}"))
+    return out
 
 
 def _judge_deliveries(expected: tuple[ExpectedDelivery, ...], got: list[Delivery],

@@ -104,6 +104,15 @@ class KnownDivergence:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectedStats:
+    """KVM's counters after a run on one vendor, summed over its vCPUs."""
+
+    vendor: str
+    counts: tuple[tuple[str, int], ...]
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class Expected:
     value: Expr | bool | str
     line: int
@@ -138,3 +147,4 @@ class Scenario:
     kvm_params: tuple[tuple[str, bool | int | str], ...] = ()  # module parameters, VM capabilities
     explore: ExploreSpec | None = None  # None: the explorer's default host-only choice points
     known_findings: tuple[KnownFinding, ...] = ()
+    stats: tuple[ExpectedStats, ...] = ()

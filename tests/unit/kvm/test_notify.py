@@ -13,7 +13,7 @@ from kvmodel.hw.vmx.vmcs import QUAL_UNBLOCK_NMI, Secondary
 from kvmodel.kvm.uapi import InvalidArgument
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, NotifyFlag
-from kvmodel.scenario.load import load
+from kvmodel.scenario.load import load, parse
 from kvmodel.scenario.runner import HostTime, VmmStop, prepare, run
 
 NOTIFY = Path(__file__).parents[3] / "scenarios" / "notify"
@@ -142,3 +142,13 @@ def test_starvation_and_notify_stats_are_findings():
     assert runner.judge((), runner.bare(()), starved).kind == "starvation"
     virt.stats[0].notify_window_exits += 1
     assert "notify_window_exits" in stats_problem(virt)
+
+
+def test_expected_stats_are_judged_per_vendor():
+    text = (NOTIFY / "busy_guest_no_notify.toml").read_text().replace(
+        "notify_window_exits = 0", "notify_window_exits = 2")
+    scenario = parse(text, "busy.toml")
+    vmx, svm = run(scenario, vendor=Vendor.VMX), run(scenario, vendor=Vendor.SVM)
+    assert [m.message for m in vmx.mismatches] == [
+        "KVM stat notify_window_exits on vmx: expected 2, got 0"]
+    assert not svm.mismatches
