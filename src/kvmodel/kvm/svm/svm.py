@@ -117,6 +117,8 @@ class Svm:
             cpu = self.guest.cpu
             insn = cpu.icache.get(vmcb.rip) or decode(cpu, vmcb.rip)  # EMULTYPE_SKIP
             vmcb.rip += insn.length
+            if commit:  # x86_emulate_instruction(EMULTYPE_SKIP) also clears RF
+                vmcb.rflags &= ~RF
         if commit:
             self.set_interrupt_shadow(0)
         return True
