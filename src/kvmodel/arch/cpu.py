@@ -90,7 +90,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired", "deliveries",
+        "since_window", "window_retired", "deliveries", "ghcb_msr",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -149,6 +149,7 @@ class Cpu:
         self.since_window = 0
         self.window_retired = 0
         self.deliveries = 0  # started, like `retired` an observer's count
+        self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
 
     # -- memory --------------------------------------------------------------
 

@@ -50,12 +50,15 @@ _EXITING = {
     iced.Mnemonic.IRETD: Exiting.IRET,
     iced.Mnemonic.IRETQ: Exiting.IRET,
     iced.Mnemonic.INT: Exiting.INT_N,
+    iced.Mnemonic.VMGEXIT: Exiting.VMGEXIT,
 }
 
 
 def _exiting(insn: iced.Instruction) -> Exiting:
     if insn.mnemonic == iced.Mnemonic.MOV and insn.op0_register == iced.Register.CR8:
         return Exiting.CR8_WRITE
+    if insn.mnemonic == iced.Mnemonic.MOV and insn.op0_register == iced.Register.DR7:
+        return Exiting.DR7_WRITE
     return _EXITING.get(insn.mnemonic, Exiting.NONE)
 
 

@@ -67,6 +67,7 @@ class Vec(IntEnum):
     XM = 19
     VE = 20
     CP = 21
+    VC = 29  # AMD SEV-ES VMM communication exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,9 @@ VECTORS: tuple[VectorInfo, ...] = (
     VectorInfo(19, "#XM", Kind.FAULT, False, DfClass.BENIGN, _T61),
     VectorInfo(20, "#VE", Kind.FAULT, False, DfClass.PAGE_FAULT, f"{_T61}; {_T64}"),
     VectorInfo(21, "#CP", Kind.FAULT, True, DfClass.CONTRIBUTORY, "SDM (CET) Table 6-1"),
+    # AMD's; its double-fault class is in none of the sources read: benign, as SDM Table 6-4
+    # makes every vector it does not list (UNVERIFIED).
+    VectorInfo(29, "#VC", Kind.FAULT, True, DfClass.BENIGN, "APM Vol.2 15.35.5"),
 )
 
 _BY_VECTOR = {v.vector: v for v in VECTORS}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import iced_x86 as iced
 from iced_x86 import Code, ConditionCode, Mnemonic, OpKind, Register, RegisterExt
 
+from kvmodel.arch import ghcb
 from kvmodel.arch.apic import WriteResult
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Fault
@@ -464,6 +465,17 @@ def build_hlt(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
+    """VMGEXIT (REP VMMCALL): a GHCB request, answered as the GHCB specification says."""
+    nxt = i.next_ip
+
+    def run(c):
+        ghcb.vmgexit(c)
+        c.rip = nxt
+
+    return run
+
+
 def build_nop(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
@@ -593,6 +605,8 @@ def _read_msr(c, msr: int) -> int:
         return APIC_BASE_VALUE
     elif msr == IA32_EFER:
         return c.efer
+    elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
+        return c.ghcb_msr
     raise Fault(Vec.GP, 0)
 
 
@@ -604,6 +618,8 @@ def _write_msr(c, msr: int, value: int) -> None:
         if result is WriteResult.SELF_NMI:
             c.trace.append(Arrival("self_nmi", Vec.NMI, c.retired + 1, c.rip, c.nmi_from_apic()))
         c.attn = True
+    elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
+        c.ghcb_msr = value
     elif msr in (IA32_APIC_BASE, IA32_EFER):
         if value != _read_msr(c, msr):
             raise ModelLimit(f"changing MSR {msr:#x} is not modelled", c.rip)
@@ -696,6 +712,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JBE, Mnemonic.JA, Mnemonic.JS, Mnemonic.JNS, Mnemonic.JP, Mnemonic.JNP,
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
+    Mnemonic.VMGEXIT: build_vmgexit,
     Mnemonic.NOP: build_nop, Mnemonic.PAUSE: build_nop,
     Mnemonic.INT: build_int, Mnemonic.INT3: build_int3, Mnemonic.INT1: build_int1,
     Mnemonic.INTO: build_into, Mnemonic.UD2: build_ud2,

@@ -50,6 +50,8 @@ class Exiting(IntEnum):
     CR8_WRITE = 6
     IRET = 7
     INT_N = 8
+    VMGEXIT = 9
+    DR7_WRITE = 10
 
 
 class Host(Protocol):

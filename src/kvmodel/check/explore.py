@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from kvmodel import _faults
-from kvmodel.check.oracle import first_divergence, guest_view
+from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
 from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IDT_BASE, IST_STACK_BASE, PAGE, STACK_TOP
 from kvmodel.kvm.vcpu import Vendor
@@ -236,8 +236,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     start = time.monotonic()
     bounds = bounds or Bounds()
     result = ExploreResult(scenario, vendor)
-    if not scenario.sti_blocks_nmi:
-        result.not_applicable = "sti_blocks_nmi = false: KVM's vCPU always blocks NMIs in the STI shadow"
+    result.not_applicable = not_applicable(scenario, vendor)
+    if result.not_applicable is not None:
         return result
     with _faults.switched_on(bugs):
         runner = Runner(scenario, vendor, max_steps)

@@ -82,15 +82,24 @@ def guest_view(trace: tuple) -> list[tuple[int, Observation]]:
     return out
 
 
+def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
+    """Why the scenario cannot run under this hypervisor, if it cannot."""
+    if not scenario.sti_blocks_nmi:
+        return ("sti_blocks_nmi = false: KVM's vCPU always holds NMIs in the STI shadow "
+                "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows")
+    if vendor is Vendor.VMX and dict(scenario.kvm_params).get("sev_es"):
+        return "sev_es = true: SEV-ES is an AMD (SVM) guest type"
+    return None
+
+
 def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
             max_steps: int | None = None) -> Comparison:
     """Run bare metal and `vendor` with the same program and external events; compare."""
     bare = run(scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
                max_steps=max_steps)
-    if not scenario.sti_blocks_nmi:
-        return Comparison(bare, None, None, not_applicable=(
-            "sti_blocks_nmi = false: KVM's vCPU always holds NMIs in the STI shadow "
-            "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows"))
+    why = not_applicable(scenario, vendor)
+    if why is not None:
+        return Comparison(bare, None, None, not_applicable=why)
     virt = run(scenario, vendor=vendor, record_instructions=record_instructions,
                max_steps=max_steps)
     known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)

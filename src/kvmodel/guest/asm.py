@@ -26,6 +26,7 @@ from pathlib import Path
 from kvmodel.errors import ScenarioError, ToolMissing
 
 TOOLS = ("as", "ld", "objcopy", "nm", "objdump")
+INCLUDE_DIR = Path(__file__).parent / "include"  # macros scenarios may `.include`
 INSTALL_HINT = ("install binutils (Debian/Ubuntu: apt-get install binutils; "
                 "Fedora: dnf install binutils; macOS: brew install x86_64-elf-binutils)")
 _ERROR = re.compile(r"^[^:]*:(\d+): Error: (.*)$")
@@ -104,6 +105,12 @@ def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
 
 
 @functools.cache
+def _includes() -> str:
+    """The shipped guest library (`.include "sev_es.s"`), part of every cache key."""
+    return "".join(p.read_text() for p in sorted(INCLUDE_DIR.glob("*.s")))
+
+
+@functools.cache
 def _as_version() -> str:
     out = subprocess.run(["as", "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -121,7 +128,8 @@ def _ld_flags() -> tuple[str, ...]:
 
 def _digest(source: str, bits: Bits, base: int, line_offset: int) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for part in (source, str(int(bits)), str(base), str(line_offset), _as_version()):
+    for part in (source, str(int(bits)), str(base), str(line_offset), _as_version(),
+                 _includes()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -133,7 +141,8 @@ def _build(source: str, bits: Bits, base: int, filename: str, line_offset: int) 
         (d / "guest.s").write_text(source if source.endswith("\n") else source + "\n")
         (d / "link.ld").write_text(_LINKER_SCRIPT.format(base=base))
         emulation = "elf_x86_64" if bits is Bits.B64 else "elf_i386"
-        result = _tool(["as", f"--{int(bits)}", "-g", "-o", "guest.o", "guest.s"], d)
+        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), "-o", "guest.o",
+                        "guest.s"], d)
         if result.returncode != 0:
             raise _assembly_error(result.stderr, filename, line_offset)
         _tool(["ld", "-m", emulation, *_ld_flags(), "-T", "link.ld", "-o", "guest.elf",

@@ -47,6 +47,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = old.cr0, old.cr2, old.cr3, old.cr4, old.efer
     cpu.idtr_base, cpu.idtr_limit, cpu.tr_base = old.idtr_base, old.idtr_limit, old.tr_base
     cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7
+    cpu.ghcb_msr = old.ghcb_msr
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts
     cpu.trace = old.trace

@@ -167,6 +167,8 @@ class VendorOps(Protocol):
     def skip_emulated_instruction(self) -> bool: ...
     def kick(self) -> None: ...
     def sync_guest_state_to_core(self) -> None: ...
+    @property
+    def guest_state_protected(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -497,7 +499,13 @@ class Vcpu:
                 self.requests |= Request.EVENT  # the local APIC may have something to deliver
 
     def emulate_halt(self) -> None:
-        """kvm_emulate_halt(): skip the HLT, then block until an event can wake the vCPU."""
+        """kvm_emulate_halt(): skip the HLT, then block until an event can wake the vCPU.
+
+        With guest state protected (SEV-ES) the CPU already completed the HLT."""
+        if self.ops.guest_state_protected:
+            self.stats.halt_exits += 1
+            self.mp_state = MpState.HALTED
+            return
         rip = self.ops.rip_read()
         insn = self.emulate()
         if insn is None:

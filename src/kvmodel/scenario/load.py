@@ -49,8 +49,9 @@ DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
             "memory", "happen", "expect", "explore")
-# kvm_amd.nrips/vnmi, kvm_intel.enable_vnmi, the model's intercept_db (kvm/vmx/vmx.py)
-KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db")
+# kvm_amd.nrips/vnmi/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
+# (kvm/vmx/vmx.py), and the SEV-ES VM type
+KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db", "sev_es", "debug_swap")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
@@ -396,6 +397,13 @@ def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...
     ctx.keys(kvm, KVM_PARAMS + ("notify_vmexit", "notify_window"), "kvm")
     out: list[tuple[str, bool | int | str]] = [
         (name, _bool(ctx, kvm, name, "kvm", default=True)) for name in KVM_PARAMS if name in kvm]
+    flags = dict(out)
+    if flags.get("sev_es") and flags.get("nrips") is False:
+        raise ctx.error("SEV-ES guests need NRIPS: drop nrips = false", "kvm", "nrips")
+    if flags.get("sev_es") and flags.get("vnmi"):
+        raise ctx.error("vNMI with SEV-ES is not modelled", "kvm", "vnmi")
+    if flags.get("debug_swap") and not flags.get("sev_es"):
+        raise ctx.error("debug_swap is for SEV-ES guests: add sev_es = true", "kvm", "debug_swap")
     if "notify_vmexit" in kvm:
         out.append(("notify_vmexit", _choice(ctx, kvm, "notify_vmexit", NOTIFY_MODES, "kvm")))
     if "notify_window" in kvm:

@@ -191,7 +191,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                            if h.event is HostEvent.FAULT})
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
     params = dict(scenario.kvm_params)
-    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False))
+    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
+                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
                     intercept_db=params.get("intercept_db", True))
 

@@ -11,13 +11,17 @@ from kvmodel.arch import deliver
 from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code
-from kvmodel.arch.faults import Access
+from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.ghcb import MSR_AMD64_SEV_ES_GHCB
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import DR6_B0_B3, IF, RF, RSP, Shadow
+from kvmodel.arch.observe import Halt, Retire
+from kvmodel.arch.regs import DR6_B0_B3, IF, RCX, RF, RSP, Shadow
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, frame_rf, shadow_at
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
     EVTINJ_VALID_ERR,
+    GUEST_INTERRUPT_MASK,
     INTERRUPT_SHADOW,
     NPF_FETCH,
     NPF_GUEST_FINAL,
@@ -99,9 +103,10 @@ class SvmGuest(GuestMode):
 
     def _load_guest_state(self) -> None:
         cpu, vmcb = self.cpu, self.vmcb
-        cpu.rip = vmcb.rip
-        cpu.regs[RSP] = vmcb.rsp
-        cpu.rflags = vmcb.rflags
+        if not vmcb.sev_es:  # SEV-ES: the registers come from the VMSA, which the core is
+            cpu.rip = vmcb.rip
+            cpu.regs[RSP] = vmcb.rsp
+            cpu.rflags = vmcb.rflags
         # One shadow bit (APM 15.21.5). The kind (STI or MOV SS) matters for chained
         # MOV SS and debug traps; the model keeps the kind it saved (UNVERIFIED) and
         # treats a bit set by the VMM as an STI shadow.
@@ -192,8 +197,10 @@ class SvmGuest(GuestMode):
         else:
             vmcb.exit_int_info = 0
         vmcb.event_inj &= ~EVTINJ_VALID
+        if vmcb.sev_es and vmcb.exit_code in (ExitCode.VMGEXIT, ExitCode.HLT):
+            cpu.rflags &= ~RF  # the instruction completed (_exit_after)
         self._save_guest_state(self._where)
-        if rf is not None:
+        if rf is not None and not vmcb.sev_es:
             vmcb.rflags = (vmcb.rflags & ~RF) | (RF if rf else 0)
         self.host_interrupt = False
         code = vmcb.exit_code
@@ -203,12 +210,15 @@ class SvmGuest(GuestMode):
 
     def _save_guest_state(self, where: Where) -> None:
         cpu, vmcb = self.cpu, self.vmcb
-        vmcb.rip = cpu.rip
-        vmcb.rsp = cpu.regs[RSP]
-        vmcb.rflags = cpu.rflags
         shadow = shadow_at(cpu, where)
         self._saved_shadow = shadow
         vmcb.int_state = INTERRUPT_SHADOW if shadow is not Shadow.NONE else 0
+        if vmcb.sev_es:  # the VMSA keeps the registers; the host sees only IF (APM 15.35.3)
+            vmcb.int_state |= GUEST_INTERRUPT_MASK if cpu.rflags & IF else 0
+            return
+        vmcb.rip = cpu.rip
+        vmcb.rsp = cpu.regs[RSP]
+        vmcb.rflags = cpu.rflags
 
     # -- arch/host.py hooks ---------------------------------------------------
 
@@ -245,6 +255,11 @@ class SvmGuest(GuestMode):
             self._exit(ExitCode.VINTR, Where.BOUNDARY)
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
+        if self.vmcb.sev_es:
+            self._sev_es_instruction(cpu, insn)
+            return
+        if insn.exiting is Exiting.VMGEXIT:
+            raise ModelLimit("VMMCALL outside an SEV-ES guest (a hypercall) is not modelled", cpu.rip)
         intercept_exit = _INSTRUCTION_EXITS.get(insn.exiting)
         if intercept_exit is None or intercept_exit[0] not in self.vmcb.intercepts:
             return
@@ -257,3 +272,37 @@ class SvmGuest(GuestMode):
             NPF_FETCH if access is Access.FETCH else 0)
         where = Where.DELIVERY if cpu.vectoring is not None else Where.INSTRUCTION
         self._exit(ExitCode.NPF, where, info_1=error, info_2=addr)
+
+    # -- SEV-ES (APM 15.35; GHCB specification) ---------------------------------
+
+    def _sev_es_instruction(self, cpu: Cpu, insn: Decoded) -> None:
+        """Automatic exits (VMGEXIT, HLT) leave with the instruction done, as the VMM cannot
+        advance RIP; any other intercept becomes #VC in the guest (a non-automatic exit)."""
+        kind, vmcb = insn.exiting, self.vmcb
+        if kind is Exiting.VMGEXIT:
+            vmcb.ghcb_gpa = cpu.ghcb_msr
+            self._exit_after(cpu, insn, ExitCode.VMGEXIT)
+        if kind is Exiting.DR7_WRITE:
+            if Intercept.DR7_WRITE in vmcb.intercepts:
+                raise Fault(Vec.VC, ExitCode.WRITE_DR7)
+            return
+        if kind in (Exiting.RDMSR, Exiting.WRMSR) and cpu.regs[RCX] & 0xFFFFFFFF == MSR_AMD64_SEV_ES_GHCB:
+            return  # the GHCB MSR belongs to the hardware: VMGEXIT hands it over
+        intercept_exit = _INSTRUCTION_EXITS.get(kind)
+        if intercept_exit is None or intercept_exit[0] not in vmcb.intercepts:
+            return
+        if kind is Exiting.HLT:
+            self._exit_after(cpu, insn, ExitCode.HLT)
+        raise Fault(Vec.VC, intercept_exit[1])  # #VC's error code is the exit code
+
+    def _exit_after(self, cpu: Cpu, insn: Decoded, code: ExitCode) -> None:
+        """The VMSA's RIP is past the instruction (UNVERIFIED against the APM; KVM's
+        __svm_skip_emulated_instruction() leaves SEV-ES RIP alone, which needs it)."""
+        rip = cpu.rip
+        cpu.rip += insn.length
+        cpu.retired += 1
+        if cpu.record_instructions:
+            cpu.trace.append(Retire(rip, insn.text, cpu.retired))
+        if insn.exiting is Exiting.HLT:
+            cpu.trace.append(Halt(rip, cpu.retired))
+        self._exit(code, Where.BOUNDARY, next_rip=cpu.rip)

@@ -25,6 +25,8 @@ V_IGN_TPR = 1 << 20
 V_INTR_MASKING = 1 << 24
 V_NMI_ENABLE = 1 << 26
 INTERRUPT_SHADOW = 1 << 0  # int_state bit 0
+GUEST_INTERRUPT_MASK = 1 << 1  # int_state bit 1: RFLAGS.IF, for guests whose state is encrypted
+SEV_FEATURE_DEBUG_SWAP = 1 << 5  # sev_features: DR0-3/DR7 swapped by hardware
 NPF_WRITE = 1 << 1  # #NPF exit_info_1 error-code bits (APM 15.25.6)
 NPF_FETCH = 1 << 4
 NPF_GUEST_FINAL = 1 << 32  # the fault was on the final guest-physical address
@@ -41,6 +43,7 @@ class ExitCode(IntEnum):
     """#VMEXIT codes (APM Appendix C)."""
 
     WRITE_CR8 = 0x018
+    WRITE_DR7 = 0x037
     EXCP_BASE = 0x040  # + vector
     INTR = 0x060
     NMI = 0x061
@@ -54,6 +57,7 @@ class ExitCode(IntEnum):
     SHUTDOWN = 0x07F
     ICEBP = 0x088
     NPF = 0x400
+    VMGEXIT = 0x403
 
 
 class Intercept(IntEnum):
@@ -71,6 +75,7 @@ class Intercept(IntEnum):
     MSR = 28
     SHUTDOWN = 31
     ICEBP = 40
+    DR7_WRITE = 0x100 + 23  # the CR/DR word at 0x004, bit 23 (numbered apart from 0x00C/0x010)
 
 
 def event_inj_type(type_: EventType) -> EventInjType:
@@ -113,7 +118,10 @@ class Vmcb:
     event_inj: int = 0
     event_inj_err: int = 0
     next_rip: int = 0
-    # save area
+    sev_es: bool = False  # SEV-ES: guest state lives in the encrypted VMSA (APM 15.35)
+    sev_features: int = 0
+    ghcb_gpa: int = 0  # the GHCB MSR, saved by VMGEXIT
+    # save area (for SEV-ES, stale: the VMSA holds the real state)
     rip: int = 0
     rsp: int = 0
     rflags: int = 0x2

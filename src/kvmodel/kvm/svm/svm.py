@@ -1,6 +1,8 @@
 """kvm_amd's event code (arch/x86/kvm/svm/svm.c), over the SVM model in hw/svm.
 
-Module parameter: `nrips` (use the CPU's next-RIP save). Without vNMI,
+Module parameters: `nrips` (use the CPU's next-RIP save), `vnmi`,
+`debug_swap` (SEV-ES guests own DR0-3/DR7); `sev_es` is the VM type
+(KVM_SEV_ES_INIT), see sev.py. Without vNMI,
 KVM tracks NMI masking itself: `nmi_masked`, the IRET intercept,
 `awaiting_iret_completion` until RIP moves past the IRET, and single-step
 (TF|RF) to get an exit as soon as a blocked NMI could be taken.
@@ -19,6 +21,7 @@ from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
     EVTINJ_VALID_ERR,
+    GUEST_INTERRUPT_MASK,
     INTERRUPT_SHADOW,
     V_IGN_TPR,
     V_INTR_MASKING,
@@ -33,7 +36,8 @@ from kvmodel.hw.svm.vmcb import (
     Intercept,
     encode,
 )  # fmt: skip
-from kvmodel.kvm.uapi import KvmExit, ShadowBits
+from kvmodel.kvm.svm import sev
+from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
 from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
@@ -47,13 +51,23 @@ _INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRIT
 class SvmParams:
     nrips: bool = True
     vnmi: bool = False  # kvm_amd.vnmi on a CPU with the vNMI feature (the model's CPU has it)
+    sev_es: bool = False  # the VM is an SEV-ES guest
+    debug_swap: bool = False  # kvm_amd.debug_swap (SEV-ES only)
 
 
 class Svm:
     """struct vcpu_svm (event fields) and the svm_x86_ops event hooks."""
 
     def __init__(self, vcpu: Vcpu, guest: SvmGuest, params: SvmParams):
+        if params.sev_es and not params.nrips:
+            raise InvalidArgument("SEV-ES guests need NRIPS (\"KVM: SVM: Require nrips support "
+                                  "for SEV guests\")")
+        if params.sev_es and params.vnmi:
+            raise NotImplementedError("vNMI with SEV-ES is not modelled")
+        if params.debug_swap and not params.sev_es:
+            raise InvalidArgument("debug_swap applies to SEV-ES guests only")
         self.vcpu = vcpu
+        self.sev_es = params.sev_es
         self.guest = guest
         self.nrips = params.nrips
         vcpu.ops = self
@@ -74,10 +88,16 @@ class Svm:
         vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[RSP]
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
+        if params.sev_es:
+            sev.init_vmcb(self, params.debug_swap)
 
     @property
     def vmcb(self):
         return self.guest.vmcb
+
+    @property
+    def guest_state_protected(self) -> bool:
+        return self.sev_es
 
     # -- registers -----------------------------------------------------------
 
@@ -101,7 +121,11 @@ class Svm:
         self.vmcb.rflags = rflags
 
     def sync_guest_state_to_core(self) -> None:
-        """Make the arch core show the guest state as KVM_GET_REGS reports it (for inspection)."""
+        """Make the arch core show the guest state as KVM_GET_REGS reports it (for inspection).
+
+        For SEV-ES there is nothing to report: the core itself stands for the VMSA."""
+        if self.sev_es:
+            return
         cpu = self.guest.cpu
         cpu.rip, cpu.rflags, cpu.regs[RSP] = self.vmcb.rip, self.get_rflags(), self.vmcb.rsp
 
@@ -111,7 +135,9 @@ class Svm:
     def _skip(self, commit: bool) -> bool:
         """__svm_skip_emulated_instruction(): next_rip when NRIPS gives it, else decode."""
         vmcb = self.vmcb
-        if self.nrips and vmcb.next_rip:
+        if self.sev_es:
+            pass  # the guest's RIP is not KVM's to move: the CPU or the guest advances it
+        elif self.nrips and vmcb.next_rip:
             vmcb.rip = vmcb.next_rip
         else:
             cpu = self.guest.cpu
@@ -160,7 +186,12 @@ class Svm:
             vmcb.int_ctl = vmcb.int_ctl | V_NMI_BLOCKING if masked else vmcb.int_ctl & ~V_NMI_BLOCKING
             return
         self.nmi_masked = masked
-        self._set_intercept(Intercept.IRET, masked)
+        self._set_iret_intercept(masked)
+
+    def _set_iret_intercept(self, on: bool) -> None:
+        """svm_set/clr_iret_intercept(): never for SEV-ES, whose IRET KVM cannot see."""
+        if not self.sev_es:
+            self._set_intercept(Intercept.IRET, on)
 
     def _set_intercept(self, intercept: Intercept, on: bool) -> None:
         if on:
@@ -194,8 +225,10 @@ class Svm:
         return 0 if self.nmi_blocked() else 1
 
     def interrupt_blocked(self) -> bool:
-        """svm_interrupt_blocked()."""
-        if not self.gif or not self.vmcb.rflags & IF:
+        """svm_interrupt_blocked(); SEV-ES's IF is int_state's copy (svm_get_if_flag())."""
+        if_flag = (self.vmcb.int_state & GUEST_INTERRUPT_MASK if self.sev_es
+                   else self.vmcb.rflags & IF)
+        if not self.gif or not if_flag:
             return True
         return bool(self.vmcb.int_state & INTERRUPT_SHADOW)
 
@@ -210,7 +243,7 @@ class Svm:
         self.vmcb.event_inj = EVTINJ_VALID | (EventInjType.NMI << 8)
         if not self.is_vnmi_enabled():
             self.nmi_masked = True
-            self._set_intercept(Intercept.IRET, True)
+            self._set_iret_intercept(True)
         self.vcpu.stats.nmi_injections += 1
 
     def inject_irq(self, reinjected: bool) -> None:
@@ -265,8 +298,12 @@ class Svm:
             self.vcpu.warn_on(self.is_vnmi_enabled(), "svm_enable_nmi_window: vNMI and NMIs masked")
             if not self.awaiting_iret_completion:
                 return  # the IRET intercept will exit
+        if self.sev_es and not _faults.on("sev_es_nmi_singlestep"):
+            return  # no single-step: the guest signals NMI_COMPLETE (seed 001)
         if not self.gif:
             return  # STGI is intercepted without vGIF (not reached: the guest has no CLGI)
+        self.vcpu.warn_on(self.sev_es, "model check, not a KVM WARN: KVM single-steps an SEV-ES "
+                          "guest for an NMI window; TF/RF in the VMCB save area have no effect")
         self.nmi_singlestep_guest_rflags = self.get_rflags()
         self.nmi_singlestep = True
         self.vmcb.rflags |= TF | RF
@@ -318,7 +355,9 @@ class Svm:
         """svm_complete_interrupts(): IRET completion, then requeue from EXITINTINFO."""
         vcpu, vmcb = self.vcpu, self.vmcb
         soft_int_injected, self.soft_int_injected = self.soft_int_injected, False
-        if self.awaiting_iret_completion and vmcb.rip != self.nmi_iret_rip:
+        # The 2020 SEV-ES code unmasked at any exit here, RIP being unreadable (seed 001).
+        late_sev_es_unmask = self.sev_es and _faults.on("sev_es_nmi_unmask_late")
+        if self.awaiting_iret_completion and (vmcb.rip != self.nmi_iret_rip or late_sev_es_unmask):
             self.awaiting_iret_completion = False
             self.nmi_masked = False
             vcpu.requests |= Request.EVENT
@@ -370,7 +409,10 @@ class Svm:
             self.clear_vintr()
             vcpu.stats.irq_window_exits += 1
         elif code == ExitCode.IRET:
-            self._iret_interception()
+            self.vcpu.warn_on(self.sev_es, "iret_interception: SEV-ES")
+            self.iret_interception()
+        elif code == ExitCode.VMGEXIT:
+            return sev.handle_vmgexit(self)
         elif code == ExitCode.HLT:
             vcpu.emulate_halt()
         elif code in _INSTRUCTION_EXITS:
@@ -393,12 +435,12 @@ class Svm:
         self.disable_nmi_singlestep()
         vcpu.requests |= Request.EVENT
 
-    def _iret_interception(self) -> None:
+    def iret_interception(self) -> None:
         """iret_interception(): NMIs stay masked until RIP has moved past this IRET."""
         vcpu = self.vcpu
         vcpu.stats.nmi_window_exits += 1
         self.awaiting_iret_completion = True
-        self._set_intercept(Intercept.IRET, False)
+        self._set_iret_intercept(False)
         self.nmi_iret_rip = self.vmcb.rip
         if not _faults.on("no_req_event_on_window"):
             vcpu.requests |= Request.EVENT

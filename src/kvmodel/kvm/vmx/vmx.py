@@ -78,6 +78,8 @@ class Vmx:
     def vmcs(self):
         return self.guest.vmcs
 
+    guest_state_protected = False  # TDX is not modelled
+
     # -- registers -----------------------------------------------------------
 
     def rip_read(self) -> int:
