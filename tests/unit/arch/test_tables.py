@@ -65,8 +65,9 @@ def test_interrupts_and_int_n_are_benign(type_):
 
 
 def test_error_codes_only_for_hardware_exceptions():
-    # SDM Table 6-1: #DF, #TS, #NP, #SS, #GP, #PF, #AC push an error code.
-    assert {v.vector for v in VECTORS if v.error_code} == {8, 10, 11, 12, 13, 14, 17, 21}
+    # SDM Table 6-1: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP push an error code; AMD's #VC
+    # pushes the exit code (APM 15.35.5).
+    assert {v.vector for v in VECTORS if v.error_code} == {8, 10, 11, 12, 13, 14, 17, 21, 29}
     assert has_error_code(13, EventType.HW_EXCEPTION)
     assert not has_error_code(13, EventType.SW_INT)  # INT 13 pushes none (SDM 6.13)
     assert not has_error_code(13, EventType.EXT_INT)
