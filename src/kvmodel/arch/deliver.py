@@ -60,6 +60,11 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
     host = cpu.host
     if host is not None and not (screened or injected):
         host.event(cpu, event)
+    if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION and not injected:
+        # DR6 records the #DB as it is raised, before its delivery can fault or exit; an
+        # intercepted #DB never gets here (SDM 17.2.3, 27.1).
+        cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6  # B0-B3 rewritten, the rest sticky
+        cpu.dr7 &= ~DR7_GD
     while True:
         cpu.vectoring = event
         try:
@@ -134,10 +139,6 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     cpu.halted = False
     if event.insn_rip is not None:
         cpu.retired += 1  # the software-event instruction completes with its delivery
-    if event.vector == Vec.DB and event.type is EventType.HW_EXCEPTION and not injected:
-        # B0-B3 are rewritten by each #DB, the other bits are sticky (SDM 17.2.3).
-        cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
-        cpu.dr7 &= ~DR7_GD
     if cpu.db_hits:  # a data breakpoint hit by the frame pushes traps before the handler runs
         cpu.pending_dbg |= cpu.db_hits
         cpu.db_hits = 0

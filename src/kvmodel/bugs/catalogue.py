@@ -75,6 +75,19 @@ CATALOGUE: tuple[Bug, ...] = (
         "handle_notify() in the Notify VM exit series (seed 002; SDM 27.2.3 bit 12); the same rule "
         "as handle_ept_violation()",
         ("vmx",), "scenarios/notify/nmi_iret_interrupted.toml"),
+    Bug("sev_es_nmi_unmask_late",
+        "an SEV-ES guest's NMI_COMPLETE only marks the IRET as awaiting completion, and NMIs are "
+        "unmasked at the next VM exit: with a tickless host and a busy-waiting guest, never",
+        "[PATCH v5 28/34] KVM: SVM: Add NMI support for an SEV-ES guest (Tom Lendacky, 2020); "
+        "seed 001 (Sean Christopherson, 2023-06-13: \"there's a real bug here\")",
+        ("svm",), "scenarios/sev_es/nmi_complete_busy_wait.toml"),
+    Bug("sev_es_nmi_singlestep",
+        "svm_enable_nmi_window() sets TF/RF to single-step an SEV-ES guest, whose RFLAGS live in the "
+        "encrypted VMSA: dead writes, and an NMI single-step that never ends (reported as a model "
+        "check)",
+        "seed 001 (Sean Christopherson, 2023-06-13: \"KVM can't actually single-step an SEV-ES "
+        "guest, but tries to set RFLAGS.TF anyways\")",
+        ("svm",), "scenarios/sev_es/nmi_in_sti_shadow.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}
