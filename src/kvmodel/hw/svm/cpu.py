@@ -284,7 +284,7 @@ class SvmGuest(GuestMode):
             self._exit_after(cpu, insn, ExitCode.VMGEXIT)
         if kind is Exiting.DR7_WRITE:
             if Intercept.DR7_WRITE in vmcb.intercepts:
-                raise Fault(Vec.VC, ExitCode.WRITE_DR7)
+                raise Fault(Vec.VC, int(ExitCode.WRITE_DR7))
             return
         if kind in (Exiting.RDMSR, Exiting.WRMSR) and cpu.regs[RCX] & 0xFFFFFFFF == MSR_AMD64_SEV_ES_GHCB:
             return  # the GHCB MSR belongs to the hardware: VMGEXIT hands it over
@@ -293,7 +293,7 @@ class SvmGuest(GuestMode):
             return
         if kind is Exiting.HLT:
             self._exit_after(cpu, insn, ExitCode.HLT)
-        raise Fault(Vec.VC, intercept_exit[1])  # #VC's error code is the exit code
+        raise Fault(Vec.VC, int(intercept_exit[1]))  # #VC's error code is the exit code
 
     def _exit_after(self, cpu: Cpu, insn: Decoded, code: ExitCode) -> None:
         """The VMSA's RIP is past the instruction (UNVERIFIED against the APM; KVM's
