@@ -16,7 +16,7 @@ from kvmodel.scenario.load import load
 
 def _forget_exit_vectoring_info(monkeypatch):
     """complete_interrupts that clears the queues and never re-queues EXITINTINFO / IDT-vectoring."""
-    monkeypatch.setattr(Vmx, "_complete", lambda self, info, length, code: self.vcpu.clear_event_queues())
+    monkeypatch.setattr(Vmx, "_complete", lambda self, *event: self.vcpu.clear_event_queues())
     monkeypatch.setattr(Svm, "complete_interrupts", lambda self: self.vcpu.clear_event_queues())
 
 

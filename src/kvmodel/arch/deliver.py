@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvmodel.arch import fred
 from kvmodel.arch.events import (
     DfOutcome,
     Event,
@@ -76,7 +77,7 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
             cpu.db_hits = 0  # the aborted delivery's pushes do not count
             resume = event.insn_rip if event.insn_rip is not None else event.rip
             nested = Event(fault.vector, EventType.HW_EXCEPTION, resume,
-                           error_code=fault.error_code, push_rf=True)
+                           error_code=fault.error_code, push_rf=True, nested=True)
             if host is not None:
                 host.event(cpu, nested)  # may exit with `event` as the vectoring event
             if fault.cr2 is not None:
@@ -110,6 +111,9 @@ def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
 def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     if event.type is EventType.NMI:
         cpu.nmi_blocked = True  # blocking starts with delivery, even if it faults (SDM 27.1)
+    if fred.enabled(cpu):
+        _deliver_fred(cpu, event)
+        return
     ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
     idt_error = event.vector * 8 + 2 + ext
     if cpu.mode is Mode.LONG64:
@@ -145,6 +149,24 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     cpu.attn = True
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
                               handler, rsp, frame))
+
+
+def _deliver_fred(cpu: Cpu, event: Event) -> None:
+    """FRED delivery (fred.py): one 64-byte frame, RFLAGS = 2, pending debug traps dropped."""
+    pushed_flags = cpu.rflags | RF if event.push_rf else cpu.rflags
+    error_code = event.error_code if has_error_code(event.vector, event.type) else None
+    handler, rsp, frame = fred.deliver_once(cpu, event, pushed_flags, error_code)
+    cpu.regs[RSP] = rsp
+    cpu.rip = handler
+    cpu.rflags = fred.RFLAGS_AFTER_DELIVERY
+    cpu.shadow = Shadow.NONE
+    cpu.halted = False
+    if event.insn_rip is not None:
+        cpu.retired += 1
+    cpu.pending_dbg = 0  # Bochs fred.cc: the new context starts with no debug trap
+    cpu.db_hits = 0
+    cpu.attn = True
+    cpu.trace.append(fred.delivery_record(cpu, event, handler, rsp, frame))
 
 
 def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int, int]:

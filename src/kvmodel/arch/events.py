@@ -202,6 +202,8 @@ class Event:
     insn_rip: int | None = None
     push_rf: bool = False
     dr6: int = 0  # DR6 condition bits a #DB reports (B0-B3, BD, BS)
+    nested: bool = False  # raised while delivering another event (FRED's SS bit 58)
+    data: int | None = None  # FRED event data given by VM entry; None: what the event implies
 
     @property
     def name(self) -> str:

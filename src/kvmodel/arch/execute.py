@@ -13,7 +13,7 @@ from collections.abc import Callable
 import iced_x86 as iced
 from iced_x86 import Code, ConditionCode, Mnemonic, OpKind, Register, RegisterExt
 
-from kvmodel.arch import ghcb
+from kvmodel.arch import fred, ghcb
 from kvmodel.arch.apic import WriteResult
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Fault
@@ -713,6 +713,8 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
     Mnemonic.VMGEXIT: build_vmgexit,
+    Mnemonic.ERETS: lambda i, mode: fred.build_erets(i.ip),
+    Mnemonic.ERETU: lambda i, mode: fred.build_eretu(i.ip),
     Mnemonic.NOP: build_nop, Mnemonic.PAUSE: build_nop,
     Mnemonic.INT: build_int, Mnemonic.INT3: build_int3, Mnemonic.INT1: build_int1,
     Mnemonic.INTO: build_into, Mnemonic.UD2: build_ud2,

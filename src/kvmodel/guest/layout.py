@@ -18,6 +18,7 @@ from enum import IntEnum
 
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
+from kvmodel.arch.fred import CR4_FRED, FredMsrs
 from kvmodel.arch.regs import CODE_SELECTOR, RSP, Mode
 
 IDT_BASE = 0x1000
@@ -78,6 +79,7 @@ class Machine:
     memory_size: int = DEFAULT_MEMORY
     not_present: frozenset[int] = frozenset()  # page numbers
     sti_blocks_nmi: bool = True
+    fred: FredMsrs | None = None  # CR4.FRED=1 with these MSRs
 
 
 def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
@@ -103,4 +105,7 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     for index, value in machine.registers:
         cpu.regs[index] = value
     cpu.rflags = machine.rflags | 0x2
+    if machine.fred is not None:
+        cpu.cr4 |= CR4_FRED
+        cpu.fred = machine.fred
     return cpu

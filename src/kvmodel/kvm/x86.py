@@ -92,6 +92,7 @@ class QueuedException:
     error_code: int = 0
     has_payload: bool = False
     payload: int = 0
+    event_data: int = 0  # FRED: the data an interrupted delivery carried (re-injected as is)
 
 
 @dataclass(slots=True)
@@ -266,12 +267,12 @@ class Vcpu:
             pending=True, vector=vector, has_error_code=error_code is not None,
             error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
 
-    def requeue_exception(self, vector: int, error_code: int | None) -> None:
+    def requeue_exception(self, vector: int, error_code: int | None, event_data: int = 0) -> None:
         """kvm_requeue_exception(): an interrupted delivery; its payload was delivered already."""
         self.requests |= Request.EVENT
         self.exception = QueuedException(injected=True, vector=vector,
                                          has_error_code=error_code is not None,
-                                         error_code=error_code or 0)
+                                         error_code=error_code or 0, event_data=event_data)
 
     def queue_interrupt(self, vector: int, soft: bool) -> None:
         """kvm_queue_interrupt()."""

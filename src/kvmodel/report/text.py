@@ -27,6 +27,8 @@ from kvmodel.scenario.runner import RunResult, VmmStop
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
     """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4)."""
+    if len(d.frame) == FRED_FRAME_WORDS:
+        return _fred_frame_text(d, program)
     words = list(d.frame)
     parts = []
     if d.error_code is not None:
@@ -39,6 +41,22 @@ def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
         eip, cs, eflags = words
         parts += [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
     return " ".join(parts)
+
+
+FRED_FRAME_WORDS = 8
+
+
+def _fred_frame_text(d: Delivery, program: Program) -> str:
+    """A FRED frame (arch/fred.py): the words by name, the SS word's event information decoded."""
+    error, rip, cs, rflags, rsp, ss, data, _ = d.frame
+    info = f"vector={(ss >> 32) & 0xFF:#x} type={(ss >> 48) & 0xF}"
+    info += "".join(f" {name}" for bit, name in ((16, "sti"), (17, "int"), (18, "nmi"),
+                                                 (58, "nested")) if ss >> bit & 1)
+    if ss >> 60:
+        info += f" len={ss >> 60}"
+    return (f"error={error:#x} rip={program.where(rip)} cs={cs & 0xFFFF:#x} csl={(cs >> 16) & 3} "
+            f"rflags={describe_rflags(rflags)} rsp={rsp:#x} ss={ss & 0xFFFF:#x} [{info}] "
+            f"data={data:#x}")
 
 
 def _arrival_text(obs: Arrival) -> str:

@@ -24,6 +24,7 @@ from kvmodel.scenario.schema import (
     ExpectedStats,
     ExploreSpec,
     Expr,
+    FredSpec,
     GateSpec,
     Happening,
     HostEvent,
@@ -47,7 +48,7 @@ STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_windo
 STOPS = ("halted", "shutdown", "budget", "vmm")
 DEFAULT_MAX_STEPS = 100_000
 
-TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss",
+TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss", "fred",
             "memory", "happen", "expect", "explore")
 # kvm_amd.nrips/vnmi/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), and the SEV-ES VM type
@@ -127,6 +128,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         entry=_expr(ctx, guest.get("entry", "start"), "guest", "entry"),
         gates=_gates(ctx, _table(ctx, data, "idt")),
         ist=_ist(ctx, _table(ctx, data, "tss"), mode),
+        fred=_fred(ctx, _table(ctx, data, "fred"), mode),
         registers=_registers(ctx, _table(ctx, data, "registers"), mode),
         rflags=_int(ctx, cpu, "rflags", "cpu", default=0x2),
         idt_limit=_int(ctx, cpu, "idt_limit", "cpu", default=None),
@@ -258,6 +260,38 @@ def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
             line=line,
         ))
     return tuple(sorted(gates, key=lambda g: g.vector))
+
+
+def _fred(ctx: _Ctx, fred: dict, mode: Mode) -> FredSpec | None:
+    if not fred:
+        return None
+    if mode is not Mode.LONG64:
+        raise ctx.error("[fred] needs long64 mode (CR4.FRED is 64-bit only)", "fred")
+    ctx.keys(fred, ("entry", "redzone", "interrupt_level", "stack_levels", "rsp1", "rsp2",
+                    "rsp3"), "fred")
+    if "entry" not in fred:
+        raise ctx.error("[fred] needs entry = \"label\" (4 KiB aligned; CPL 0 events enter at "
+                        "+256)", "fred")
+    levels = fred.get("stack_levels", {})
+    if not isinstance(levels, dict):
+        raise ctx.error("stack_levels must be a table: { \"#DB\" = 1, NMI = 2 }", "fred",
+                        "stack_levels")
+    stack_levels = []
+    for name in levels:
+        vector = _vector(ctx, name, "fred", "stack_levels")
+        if vector >= 32:
+            raise ctx.error(f"stack_levels: vector {vector} has none (IA32_FRED_STKLVLS covers "
+                            "0-31)", "fred", "stack_levels")
+        stack_levels.append((vector, _int(ctx, levels, name, "fred", default=0, high=3)))
+    return FredSpec(
+        entry=_expr(ctx, fred["entry"], "fred", "entry"),
+        redzone=_int(ctx, fred, "redzone", "fred", default=1, high=7),
+        interrupt_level=_int(ctx, fred, "interrupt_level", "fred", default=0, high=3),
+        stack_levels=tuple(stack_levels),
+        rsp=tuple((k, _expr(ctx, fred[f"rsp{k}"], "fred", f"rsp{k}")) for k in (1, 2, 3)
+                  if f"rsp{k}" in fred),
+        line=ctx.line("fred", None),
+    )
 
 
 def _ist(ctx: _Ctx, tss: dict, mode: Mode) -> tuple[tuple[int, Expr, int], ...]:

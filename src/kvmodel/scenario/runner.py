@@ -9,6 +9,7 @@ from typing import ClassVar
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, Scheduled
 from kvmodel.arch.events import EventType, vector_name
+from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
@@ -144,6 +145,7 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
         memory_size=scenario.memory_size,
         not_present=frozenset(resolve(p, line) // PAGE for p, line in scenario.not_present),
         sti_blocks_nmi=scenario.sti_blocks_nmi,
+        fred=_fred_msrs(scenario, resolve),
     )
     if CODE_BASE + len(program.image) > scenario.memory_size:
         raise ScenarioError(scenario.path, scenario.code_line,
@@ -153,6 +155,21 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
                             resolve(h.at, h.line) if h.at is not None else None)
                   for h in scenario.happenings])
     return cpu, program
+
+
+def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
+    spec = scenario.fred
+    if spec is None:
+        return None
+    entry = resolve(spec.entry, spec.line)
+    if entry & 0xFFF:
+        raise ScenarioError(scenario.path, spec.line, f"[fred] entry {entry:#x} is not 4 KiB "
+                            "aligned (IA32_FRED_CONFIG bits 11:0 are not the entry point)",
+                            "put `.balign 4096` before the label")
+    config = entry | (spec.interrupt_level << 9) | (spec.redzone << 6)
+    stklvls = sum(level << (2 * vector) for vector, level in spec.stack_levels)
+    rsp = dict((k, resolve(top, spec.line)) for k, top in spec.rsp)
+    return FredMsrs(config, stklvls, (0, rsp.get(1, 0), rsp.get(2, 0), rsp.get(3, 0)))
 
 
 def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,

@@ -29,6 +29,18 @@ class GateSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FredSpec:
+    """[fred]: CR4.FRED=1 and the FRED MSRs (arch/fred.py)."""
+
+    entry: Expr  # IA32_FRED_CONFIG[63:12]; events at CPL 0 enter at +256
+    redzone: int  # 64-byte units skipped below the interrupted RSP
+    interrupt_level: int
+    stack_levels: tuple[tuple[int, int], ...]  # (vector, level) for IA32_FRED_STKLVLS
+    rsp: tuple[tuple[int, Expr], ...]  # (level 1-3, stack top) for IA32_FRED_RSP1-3
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class Happening:
     """An NMI or interrupt arriving after `after` retired instructions or when RIP reaches `at`."""
 
@@ -148,3 +160,4 @@ class Scenario:
     explore: ExploreSpec | None = None  # None: the explorer's default host-only choice points
     known_findings: tuple[KnownFinding, ...] = ()
     stats: tuple[ExpectedStats, ...] = ()
+    fred: FredSpec | None = None

@@ -7,7 +7,7 @@ SDM Vol.3: 25.1-25.2 (what causes exits, and their priority), 26.2-26.3
 
 from __future__ import annotations
 
-from kvmodel.arch import deliver
+from kvmodel.arch import deliver, fred
 from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
@@ -156,10 +156,12 @@ class VmxGuest(GuestMode):
         info = vmcs.entry_intr_info
         vector, type_ = info_vector(info), EventType(info_type(info))
         error = vmcs.entry_exception_error_code if info & INTR_INFO_DELIVER_CODE else None
+        data = vmcs.injected_event_data if fred.enabled(cpu) else None  # FRED frame +48
         if is_soft(type_):
-            event = Event(vector, type_, cpu.rip + vmcs.entry_instruction_len, error, insn_rip=cpu.rip)
+            event = Event(vector, type_, cpu.rip + vmcs.entry_instruction_len, error, insn_rip=cpu.rip,
+                          data=data)
         else:
-            event = Event(vector, type_, cpu.rip, error)
+            event = Event(vector, type_, cpu.rip, error, data=data)
         # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2);
         # pending debug exceptions are lost, except under MOV SS for INT n/INT3/INTO (26.6.3).
         keep_dbg = type_ in (EventType.SW_INT, EventType.SW_EXCEPTION) and cpu.shadow is Shadow.MOV_SS
@@ -197,6 +199,8 @@ class VmxGuest(GuestMode):
             vmcs.idt_vectoring_error_code = code or 0
             if is_soft(vectoring.type):
                 vmcs.exit_instruction_len = soft_length(vectoring)
+            if fred.enabled(cpu):
+                vmcs.original_event_data = fred.event_data(cpu, vectoring)
             rf = frame_rf(vectoring)  # RF as the interrupted frame would have had it (27.3.3)
             cpu.vectoring = None
         else:

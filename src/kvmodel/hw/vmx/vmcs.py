@@ -89,6 +89,7 @@ class Vmcs:
     entry_intr_info: int = 0
     entry_exception_error_code: int = 0
     entry_instruction_len: int = 0
+    injected_event_data: int = 0  # FRED: the event data a FRED guest's frame gets (0x2052)
     # guest state (SDM 24.4); GPRs, CR2 and DR6 stay in the CPU as on hardware
     guest_rip: int = 0
     guest_rsp: int = 0
@@ -104,6 +105,7 @@ class Vmcs:
     idt_vectoring_info: int = 0
     idt_vectoring_error_code: int = 0
     exit_instruction_len: int = 0
+    original_event_data: int = 0  # FRED: the vectored event's data (0x2404)
     guest_physical_address: int = 0
 
 

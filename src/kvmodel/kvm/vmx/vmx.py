@@ -159,6 +159,7 @@ class Vmx:
         """vmx_inject_irq()."""
         vcpu = self.vcpu
         vcpu.stats.irq_injections += 1
+        self.vmcs.injected_event_data = 0
         irq = vcpu.interrupt
         if irq.soft:
             self.vmcs.entry_intr_info = intr_info(irq.nr, EventType.SW_INT, None)
@@ -169,12 +170,15 @@ class Vmx:
     def inject_nmi(self) -> None:
         """vmx_inject_nmi(): hardware sets virtual-NMI blocking when it delivers."""
         self.vcpu.stats.nmi_injections += 1
+        self.vmcs.injected_event_data = 0
         self.vmcs.entry_intr_info = intr_info(Vec.NMI, EventType.NMI, None)
 
     def inject_exception(self) -> None:
         """vmx_inject_exception()."""
         vcpu = self.vcpu
         exc = vcpu.exception
+        # FRED: the frame's event data is the payload, or what the interrupted delivery had
+        self.vmcs.injected_event_data = exc.payload if exc.has_payload else exc.event_data
         vcpu.deliver_exception_payload()
         code = exc.error_code & 0xFFFF if exc.has_error_code else None  # bits 31:16 would fail entry
         if exception_is_soft(exc.vector):
@@ -188,7 +192,7 @@ class Vmx:
         """vmx_cancel_injection(): the programmed event goes back to the queues."""
         vmcs = self.vmcs
         self._complete(vmcs.entry_intr_info, vmcs.entry_instruction_len,
-                       vmcs.entry_exception_error_code)
+                       vmcs.entry_exception_error_code, vmcs.injected_event_data)
         vmcs.entry_intr_info = 0
 
     # -- windows -------------------------------------------------------------------
@@ -222,8 +226,9 @@ class Vmx:
             self.sync_guest_state_to_core()
             return BUDGET
         self.recover_nmi_blocking()
-        self._complete(self.vmcs.idt_vectoring_info, self.vmcs.exit_instruction_len,
-                       self.vmcs.idt_vectoring_error_code)
+        vmcs = self.vmcs
+        self._complete(vmcs.idt_vectoring_info, vmcs.exit_instruction_len,
+                       vmcs.idt_vectoring_error_code, vmcs.original_event_data)
         return None
 
     def recover_nmi_blocking(self) -> None:
@@ -235,7 +240,7 @@ class Vmx:
                 and not vmcs.idt_vectoring_info & INTR_INFO_VALID):
             self.set_nmi_mask(True)
 
-    def _complete(self, info: int, insn_len: int, error_code: int) -> None:
+    def _complete(self, info: int, insn_len: int, error_code: int, event_data: int) -> None:
         """__vmx_complete_interrupts(): clear the queues, then requeue what was being vectored."""
         vcpu = self.vcpu
         vcpu.clear_event_queues()
@@ -250,7 +255,9 @@ class Vmx:
             if type_ == EventType.SW_EXCEPTION:
                 vcpu.event_exit_inst_len = insn_len
             code = error_code if info & INTR_INFO_DELIVER_CODE else None
-            vcpu.requeue_exception(vector, code)
+            if _faults.on("fred_no_event_data_reinjection"):
+                event_data = 0
+            vcpu.requeue_exception(vector, code, event_data)
         elif type_ in (EventType.SW_INT, EventType.EXT_INT):
             if type_ == EventType.SW_INT:
                 vcpu.event_exit_inst_len = insn_len
