@@ -88,6 +88,12 @@ CATALOGUE: tuple[Bug, ...] = (
         "seed 001 (Sean Christopherson, 2023-06-13: \"KVM can't actually single-step an SEV-ES "
         "guest, but tries to set RFLAGS.TF anyways\")",
         ("svm",), "scenarios/sev_es/nmi_in_sti_shadow.toml"),
+    Bug("fred_no_event_data_reinjection",
+        "an exit during FRED delivery re-injects the event without its event data (ORIGINAL_EVENT_DATA "
+        "is not carried to INJECTED_EVENT_DATA): a re-delivered #PF's frame says address 0",
+        "KVM FRED series (Xin Li): \"KVM: VMX: Handle FRED event data\"; reference x86-arch.md 7.x "
+        "(injected-event data 0x2052, original-event data 0x2404)",
+        ("vmx",), "scenarios/fred/page_fault_event_data.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

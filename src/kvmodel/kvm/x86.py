@@ -308,6 +308,7 @@ class Vcpu:
             dr6 = (cpu.dr6 & ~DR_TRAP_BITS) | DR6_ACTIVE_LOW | exc.payload
             dr6 ^= exc.payload & DR6_ACTIVE_LOW  # the payload has positive polarity
             cpu.dr6 = dr6 & ~(1 << 12)
+        exc.event_data = exc.payload  # a FRED frame carries it as event data
         exc.has_payload = False
         exc.payload = 0
 

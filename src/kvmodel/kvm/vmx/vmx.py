@@ -177,9 +177,8 @@ class Vmx:
         """vmx_inject_exception()."""
         vcpu = self.vcpu
         exc = vcpu.exception
-        # FRED: the frame's event data is the payload, or what the interrupted delivery had
-        self.vmcs.injected_event_data = exc.payload if exc.has_payload else exc.event_data
         vcpu.deliver_exception_payload()
+        self.vmcs.injected_event_data = exc.event_data  # FRED: frame +48
         code = exc.error_code & 0xFFFF if exc.has_error_code else None  # bits 31:16 would fail entry
         if exception_is_soft(exc.vector):
             self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.SW_EXCEPTION, code)
