@@ -75,8 +75,10 @@ def test_every_catalogued_bug_is_found_and_replays(tmp_path, bug, vendor):
     doc = json.loads(Path(check.replay).read_text())
     assert doc["bugs"] == [bug.name] and doc["vendor"] == vendor.value
     replayed = read(check.replay).run()
-    # a divergence, or KVM giving up (hypervisor_error) where bare metal runs on
-    assert replayed.divergence is not None or replayed.virt.hypervisor_error is not None
+    # a divergence, KVM giving up (hypervisor_error) where bare metal runs on, or a check on
+    # the hypervisor's side (a WARN, the host's own NMI handling)
+    assert replayed.divergence is not None or replayed.virt.hypervisor_error is not None or (
+        replayed.problems and not replayed.passed)
 
 
 @VENDORS

@@ -55,6 +55,7 @@ class External(IntEnum):
     INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
     HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
     NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
+    HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +309,7 @@ class Cpu:
         if self.host is not None:
             fate = self.host.external(self, s.event, s.vector)
             name = s.event.name.lower()
-        elif s.event in (External.HOST_INTERRUPT, External.NOTIFY_TIMER):
+        elif s.event in (External.HOST_INTERRUPT, External.NOTIFY_TIMER, External.HOST_NMI):
             self._update_next_after()
             return
         elif s.event is External.NMI:

@@ -94,6 +94,24 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM FRED series (Xin Li): \"KVM: VMX: Handle FRED event data\"; reference x86-arch.md 7.x "
         "(injected-event data 0x2052, original-event data 0x2404)",
         ("vmx",), "scenarios/fred/page_fault_event_data.toml"),
+    Bug("fred_nmi_bit_in_cs",
+        "the FRED frame KVM builds for a host NMI has the NMI bit next to CS (the May 2022 spec) "
+        "instead of in the SS word: ERETS leaves host NMIs blocked and the next one is lost",
+        "seed 004 (Sean Christopherson, 2023-08-01: \"The spec I have from May 2022 says the NMI "
+        "bit colocated with CS, not SS\"); Linux struct fred_ss",
+        ("vmx",), "scenarios/fred/host_nmi_and_irq_exits_fred_host.toml"),
+    Bug("fred_nmi_return_without_erets",
+        "KVM's FRED dispatch of a host NMI returns with a plain RET, as for IRQs: NMI blocking left "
+        "by the NMI exit is never ended",
+        "seed 004 (\"only NMI handling does an ERETS to the target! IRQ handling doesn't need to "
+        "unmask NMIs and so simply uses CALL+RET\")",
+        ("vmx",), "scenarios/fred/host_nmi_and_irq_exits_fred_host.toml"),
+    Bug("fred_event_type_zero",
+        "KVM builds the host's FRED frame with event type 0 for every event, so an NMI reaches the "
+        "host as external interrupt 2",
+        "seed 004 (\"what event type is 0? ... vmx_do_fred_interrupt_irqoff((EVENT_TYPE_HWINT << "
+        "16) | vector)\")",
+        ("vmx",), "scenarios/fred/host_nmi_and_irq_exits_fred_host.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -46,7 +46,7 @@ class Bounds:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation
+    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation, host
     schedule: Schedule
     message: str
 
@@ -98,7 +98,7 @@ class Choices:
 def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundaries: int) -> Choices:
     spec = scenario.explore or default_spec(scenario)
     offered_async = spec.nmis + len(spec.interrupts)
-    offered_host = spec.host_interrupts + len(spec.host_faults) + spec.save_restores
+    offered_host = spec.host_interrupts + spec.host_nmis + len(spec.host_faults) + spec.save_restores
     max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
     max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
     pages = tuple(sorted({resolve(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
@@ -119,15 +119,19 @@ def async_schedules(c: Choices) -> Iterator[Schedule]:
 
 
 def host_schedules(c: Choices) -> Iterator[Schedule]:
-    """Host interrupts at any boundary and missing pages, up to max_host (save/restores later)."""
+    """Host interrupts and NMIs at any boundary and missing pages, up to max_host
+    (save/restores later)."""
     positions = range(c.boundaries + 1)
     for n_faults in range(min(len(c.pages), c.max_host) + 1):
         for pages in itertools.combinations(c.pages, n_faults):
             room = c.max_host - n_faults
             for n_irq in range(min(c.spec.host_interrupts, room) + 1):
-                for ats in itertools.combinations_with_replacement(positions, n_irq):
-                    yield tuple(sorted([place(Kind.HOST_FAULT, 0, p) for p in pages]
-                                       + [place(Kind.HOST_INTERRUPT, at) for at in ats]))
+                for n_nmi in range(min(c.spec.host_nmis, room - n_irq) + 1):
+                    for irqs in itertools.combinations_with_replacement(positions, n_irq):
+                        for nmis in itertools.combinations_with_replacement(positions, n_nmi):
+                            yield tuple(sorted([place(Kind.HOST_FAULT, 0, p) for p in pages]
+                                               + [place(Kind.HOST_INTERRUPT, at) for at in irqs]
+                                               + [place(Kind.HOST_NMI, at) for at in nmis]))
 
 
 def with_save_restores(c: Choices, schedule: Schedule, exits: int) -> Iterator[Schedule]:
@@ -187,6 +191,8 @@ class Runner:
         if virt.final.stop == "budget" and bare.final.stop != "budget":
             return Finding("liveness", schedule,
                            f"bare metal stops ({bare.final.stop}); under KVM the step budget runs out")
+        if virt.host is not None and virt.host.problems:
+            return Finding("host", schedule, virt.host.problems[0])
         if virt.host is not None and virt.host.starved:
             return Finding("starvation", schedule,
                            f"with Notify VM exits on, the guest held the CPU for "

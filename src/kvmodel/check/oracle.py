@@ -56,6 +56,12 @@ class Comparison:
         if self.divergence is not None and not self.divergence_expected:
             out.append("the guest saw something bare metal would not have shown it")
         out += [f"KVM WARN_ON reached: {w}" for w in self.virt.warnings]
+        host = self.virt.host
+        if host is not None:
+            out += [f"host: {p}" for p in host.problems]
+            if host.starved:
+                out.append(f"host starved: {host.longest_windowless} cycles with no event window "
+                           f"and no VM exit, with Notify VM exits on (limit {host.notify_limit})")
         if self.known is not None and self.divergence is None:
             out.append(f"line {self.known.line}: the declared divergence did not happen")
         if self.known is not None and self.divergence is not None and not self.divergence_expected:

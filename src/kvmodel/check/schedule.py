@@ -22,6 +22,7 @@ class Kind(Enum):
     NMI = "nmi"
     INTERRUPT = "interrupt"
     HOST_INTERRUPT = "host_interrupt"
+    HOST_NMI = "host_nmi"
     HOST_FAULT = "host_fault"
     SAVE_RESTORE = "save_restore"
 
@@ -89,6 +90,8 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
             happenings.append(Happening(External.INTERRUPT, p.value, p.at, None, 0))
         elif p.kind is Kind.HOST_INTERRUPT:
             happenings.append(Happening(External.HOST_INTERRUPT, 0, p.at, None, 0))
+        elif p.kind is Kind.HOST_NMI:
+            happenings.append(Happening(External.HOST_NMI, 0, p.at, None, 0))
         elif p.kind is Kind.HOST_FAULT:
             host.append(HostHappening(HostEvent.FAULT, p.value, None, 0))
         else:

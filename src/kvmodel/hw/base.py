@@ -90,6 +90,9 @@ def is_soft(type_: EventType) -> bool:
     return type_ in (EventType.SW_INT, EventType.SW_EXCEPTION, EventType.PRIV_SW_EXCEPTION)
 
 
+HOST_VECTOR = 0xEC  # the host interrupt's vector (Linux LOCAL_TIMER_VECTOR)
+
+
 class GuestMode:
     """The guest side of the CPU while it runs under a VMM."""
 
@@ -102,6 +105,7 @@ class GuestMode:
         cpu.icache.clear()  # decoded instructions must pass the intercept checks
         cpu.code_lines.clear()
         self.host_interrupt = False  # a host IRQ (e.g. a kick IPI) is waiting to exit the guest
+        self.host_nmi = False  # a host NMI is waiting to exit the guest
         self.on_external: Callable[[External, int], None] = _unclaimed
         self.on_nmi_from_apic: Callable[[], None] = _unclaimed_nmi
         self.exits = 0
@@ -112,6 +116,9 @@ class GuestMode:
     def external(self, cpu: Cpu, event: External, vector: int) -> ArrivalFate:
         if event is External.HOST_INTERRUPT:
             self.kick()
+        elif event is External.HOST_NMI:
+            self.host_nmi = True
+            self.cpu.attn = True
         elif event is External.NOTIFY_TIMER:
             self.notify_timer(bool(vector))
         else:

@@ -192,6 +192,7 @@ class Vcpu:
     exception_payload_enabled: bool = True  # KVM_CAP_EXCEPTION_PAYLOAD
     stop_at_exit: int = 0  # userspace wants control after this many exits (0: never)
     warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
+    host_problems: list[str] = field(default_factory=list)  # the host's own event handling
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
 
     @property

@@ -66,6 +66,8 @@ def _arrival_text(obs: Arrival) -> str:
         return f"the notify timer runs out{invalid}: {fate}"
     if obs.event == "host_interrupt":
         return f"host interrupt arrives: {fate}"
+    if obs.event == "host_nmi":
+        return f"host NMI arrives: {fate}"
     if obs.event == "interrupt":
         return f"interrupt {obs.vector:#x} arrives: {fate}"
     source = " (self-IPI)" if obs.event == "self_nmi" else ""

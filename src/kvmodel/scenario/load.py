@@ -37,7 +37,8 @@ from kvmodel.scenario.schema import (
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
 EVENT_TYPES = {t.name.lower(): t for t in EventType}
 EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
-          "host_interrupt": External.HOST_INTERRUPT, "notify": External.NOTIFY_TIMER,
+          "host_interrupt": External.HOST_INTERRUPT, "host_nmi": External.HOST_NMI,
+          "notify": External.NOTIFY_TIMER,
           "host_fault": HostEvent.FAULT, "save_restore": HostEvent.SAVE_RESTORE}
 VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
 FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
@@ -52,7 +53,8 @@ TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "i
             "memory", "happen", "expect", "explore")
 # kvm_amd.nrips/vnmi/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), and the SEV-ES VM type
-KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db", "sev_es", "debug_swap")
+KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
+              "host_fred")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
@@ -377,8 +379,8 @@ def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
     return tuple(out)
 
 
-CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_faults", "save_restore")
-HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_fault", "save_restore")
+CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore")
+HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore")
 
 
 def _known_findings(ctx: _Ctx, data: dict) -> tuple[KnownFinding, ...]:
@@ -418,13 +420,13 @@ def _explore(ctx: _Ctx, data: dict) -> ExploreSpec | None:
         raise ctx.error("host_faults = [page, ...] (labels or addresses)", t, "host_faults")
     line = ctx.line(t, "host_faults")
     counts = {}
-    for key in ("nmi", "host_interrupts", "save_restore"):
+    for key in ("nmi", "host_interrupts", "host_nmis", "save_restore"):
         counts[key] = _int(ctx, spec, key, t, default=0)
         if not 0 <= counts[key] <= 8:
             raise ctx.error(f"{key} = {counts[key]}: use 0..8", t, key)
     return ExploreSpec(counts["nmi"], interrupts, counts["host_interrupts"],
                        tuple((_expr(ctx, p, t, "host_faults"), line) for p in pages),
-                       counts["save_restore"], ctx.line(t, None))
+                       counts["save_restore"], ctx.line(t, None), counts["host_nmis"])
 
 
 def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...]:

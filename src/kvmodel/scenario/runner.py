@@ -97,6 +97,7 @@ class HostTime:
 
     longest_windowless: int  # cycles the guest held the CPU with no event window, at most
     notify_limit: int | None  # with Notify VM exits on: the window, the threshold, one delivery
+    problems: tuple[str, ...] = ()  # the host's dispatch of its own NMIs and IRQs went wrong
 
     @property
     def starved(self) -> bool:
@@ -211,7 +212,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
                     sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
-                    intercept_db=params.get("intercept_db", True))
+                    intercept_db=params.get("intercept_db", True),
+                    host_fred=params.get("host_fred", False))
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
@@ -221,6 +223,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     vcpu = make(cpu)
     done: list[Stats] = []
     warnings: list[str] = []
+    problems: list[str] = []
     windowless = 0
     start = cpu.work
     while True:
@@ -232,16 +235,19 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
             done.append(vcpu.stats)
             warnings += vcpu.warnings
             windowless = max(windowless, vcpu.ops.guest.longest_windowless)
+            problems += vcpu.host_problems
             vcpu = save_restore(vcpu, make)
             continue
         break
     done.append(vcpu.stats)
     warnings += vcpu.warnings
     windowless = max(windowless, vcpu.ops.guest.longest_windowless)
+    problems += vcpu.host_problems
     kvm = vcpu.kvm
     limit = kvm.notify_window + NOTIFY_THRESHOLD + DELIVERY_CYCLES if kvm.notify_enabled else None
     stop, error = _stop_of(vcpu, outcome)
-    return vcpu.cpu, stop, tuple(done), error, tuple(warnings), HostTime(windowless, limit)
+    return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
+            HostTime(windowless, limit, tuple(problems)))
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:

@@ -76,6 +76,7 @@ class ExploreSpec:
     host_faults: tuple[tuple[Expr, int], ...]  # pages that may be missing from EPT/NPT, with lines
     save_restores: int
     line: int
+    host_nmis: int = 0  # NMIs for the host (perf, watchdog), each at any boundary
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,7 +202,7 @@ class SvmGuest(GuestMode):
         self._save_guest_state(self._where)
         if rf is not None and not vmcb.sev_es:
             vmcb.rflags = (vmcb.rflags & ~RF) | (RF if rf else 0)
-        self.host_interrupt = False
+        self.host_interrupt = self.host_nmi = False
         code = vmcb.exit_code
         name = ExitCode(code).name if code in ExitCode._value2member_map_ else (
             f"EXCP_{code - ExitCode.EXCP_BASE}")
@@ -248,6 +248,8 @@ class SvmGuest(GuestMode):
     def boundary(self, cpu: Cpu) -> None:
         """A physical interrupt exits first; then the virtual interrupt KVM uses as a window."""
         vmcb = self.vmcb
+        if self.host_nmi and Intercept.NMI in vmcb.intercepts:
+            self._exit(ExitCode.NMI, Where.BOUNDARY)
         if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
             self._exit(ExitCode.INTR, Where.BOUNDARY)
         if (vmcb.int_ctl & V_IRQ and Intercept.VINTR in vmcb.intercepts and cpu.rflags & IF

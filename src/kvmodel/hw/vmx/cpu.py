@@ -15,6 +15,7 @@ from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
+    HOST_VECTOR,
     EntryFailed,
     GuestMode,
     VmExit,
@@ -210,7 +211,7 @@ class VmxGuest(GuestMode):
         self._save_guest_state(self._where)
         if rf is not None:
             vmcs.guest_rflags = (vmcs.guest_rflags & ~RF) | (RF if rf else 0)
-        self.host_interrupt = False  # the host takes its pending IRQ once the guest is out
+        self.host_interrupt = self.host_nmi = False  # the host takes them once the guest is out
         detail = f"info {describe_info(vmcs.exit_intr_info, vmcs.exit_intr_error_code)} " \
                  f"idt_vectoring {describe_info(vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)}"
         self.record(ExitReason(vmcs.exit_reason).name, detail)
@@ -256,6 +257,9 @@ class VmxGuest(GuestMode):
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
         if self.notify_due is not None and not _iret_at(cpu):
             self._notify_exit(Where.BOUNDARY, self.notify_due)
+        if self.host_nmi and self.vmcs.pin_based & Pin.NMI_EXITING:  # NMI before INTR (SDM 25.2)
+            self._exit(ExitReason.EXCEPTION_NMI, Where.BOUNDARY,
+                       info=intr_info(Vec.NMI, EventType.NMI, None))
         proc = self.vmcs.proc_based
         shadow = cpu.shadow
         # NMI-window: no virtual-NMI blocking, no MOV SS; STI blocking also holds it
@@ -266,7 +270,9 @@ class VmxGuest(GuestMode):
         if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
             self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
         if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:
-            self._exit(ExitReason.EXTERNAL_INTERRUPT, Where.BOUNDARY)
+            # acknowledged on exit: the vector is in the exit information (SDM 27.2.2)
+            self._exit(ExitReason.EXTERNAL_INTERRUPT, Where.BOUNDARY,
+                       info=intr_info(HOST_VECTOR, EventType.EXT_INT, None))
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         proc = self.vmcs.proc_based

@@ -403,6 +403,8 @@ class Svm:
             vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
         elif code == ExitCode.INTR:
             vcpu.stats.irq_exits += 1
+        elif code == ExitCode.NMI:
+            pass  # nmi_interception(): the host takes its NMI at STGI (IDT; not modelled)
         elif code == ExitCode.VINTR:
             if not _faults.on("no_req_event_on_window"):
                 vcpu.requests |= Request.EVENT

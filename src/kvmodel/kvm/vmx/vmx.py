@@ -34,6 +34,7 @@ from kvmodel.hw.vmx.vmcs import (
 )  # fmt: skip
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit, ShadowBits
 from kvmodel.kvm.vm import NotifyFlag
+from kvmodel.kvm.vmx.host_events import HostCpu
 from kvmodel.kvm.x86 import BUDGET, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
@@ -46,6 +47,7 @@ _VECTORING_OK = (ExitReason.EXCEPTION_NMI, ExitReason.EPT_VIOLATION, ExitReason.
 class VmxParams:
     enable_vnmi: bool = True
     intercept_db: bool = True  # the model's switch, see above
+    host_fred: bool = False  # the host kernel takes its own IRQs and NMIs through FRED
 
 
 class Vmx:
@@ -57,6 +59,7 @@ class Vmx:
         self.vcpu = vcpu
         self.guest = guest
         self.params = params
+        self.host_cpu = HostCpu(fred=params.host_fred, problems=vcpu.host_problems)
         vcpu.ops = self
         vmcs = guest.vmcs
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
@@ -224,11 +227,18 @@ class Vmx:
         if stop is not None:
             self.sync_guest_state_to_core()
             return BUDGET
+        if self._is_host_nmi():
+            self.host_cpu.nmi_exit()  # vmx_handle_nmi(), inside vmx_vcpu_enter_exit()
         self.recover_nmi_blocking()
         vmcs = self.vmcs
         self._complete(vmcs.idt_vectoring_info, vmcs.exit_instruction_len,
                        vmcs.idt_vectoring_error_code, vmcs.original_event_data)
         return None
+
+    def _is_host_nmi(self) -> bool:
+        vmcs = self.vmcs
+        return (vmcs.exit_reason == ExitReason.EXCEPTION_NMI and bool(vmcs.exit_intr_info & INTR_INFO_VALID)
+                and info_type(vmcs.exit_intr_info) == EventType.NMI)
 
     def recover_nmi_blocking(self) -> None:
         """vmx_recover_nmi_blocking(): a faulting IRET is re-executed with NMIs blocked again."""
@@ -274,6 +284,7 @@ class Vmx:
             return self._handle_exception_nmi()
         if reason is ExitReason.EXTERNAL_INTERRUPT:
             vcpu.stats.irq_exits += 1
+            self.host_cpu.irq_exit(info_vector(vmcs.exit_intr_info))  # handle_external_interrupt_irqoff()
         elif reason is ExitReason.INTERRUPT_WINDOW:
             vmcs.proc_based &= ~Proc.INTR_WINDOW_EXITING
             self.guest.cpu_windows_changed()
@@ -324,6 +335,8 @@ class Vmx:
         vcpu, vmcs = self.vcpu, self.vmcs
         info = vmcs.exit_intr_info
         vector = info_vector(info)
+        if self._is_host_nmi():
+            return None  # handled right after the exit (vmx_handle_nmi())
         if vmcs.idt_vectoring_info & INTR_INFO_VALID:
             return UserspaceExit(KvmExit.INTERNAL_ERROR,
                                  f"KVM_INTERNAL_ERROR_SIMUL_EX: #{vector} while vectoring")
