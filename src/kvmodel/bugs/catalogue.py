@@ -112,6 +112,12 @@ CATALOGUE: tuple[Bug, ...] = (
         "seed 004 (\"what event type is 0? ... vmx_do_fred_interrupt_irqoff((EVENT_TYPE_HWINT << "
         "16) | vector)\")",
         ("vmx",), "scenarios/fred/host_nmi_and_irq_exits_fred_host.toml"),
+    Bug("fred_no_nested_reinjection",
+        "an exit during the FRED delivery of a nested exception re-injects it without the nested "
+        "flag (interruption-information bit 13): the guest's frame loses SS bit 58",
+        "KVM FRED series v9 13/22 (Xin Li, 2025: the nested flag of a queued exception); Bochs "
+        "vmx.cc",
+        ("vmx",), "scenarios/fred/nested_page_fault_reinjected.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

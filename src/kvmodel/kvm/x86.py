@@ -93,6 +93,7 @@ class QueuedException:
     has_payload: bool = False
     payload: int = 0
     event_data: int = 0  # FRED: the data an interrupted delivery carried (re-injected as is)
+    nested: bool = False  # FRED: it arose during the delivery of another event
 
 
 @dataclass(slots=True)
@@ -268,12 +269,14 @@ class Vcpu:
             pending=True, vector=vector, has_error_code=error_code is not None,
             error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
 
-    def requeue_exception(self, vector: int, error_code: int | None, event_data: int = 0) -> None:
+    def requeue_exception(self, vector: int, error_code: int | None, event_data: int = 0,
+                          nested: bool = False) -> None:
         """kvm_requeue_exception(): an interrupted delivery; its payload was delivered already."""
         self.requests |= Request.EVENT
         self.exception = QueuedException(injected=True, vector=vector,
                                          has_error_code=error_code is not None,
-                                         error_code=error_code or 0, event_data=event_data)
+                                         error_code=error_code or 0, event_data=event_data,
+                                         nested=nested)
 
     def queue_interrupt(self, vector: int, soft: bool) -> None:
         """kvm_queue_interrupt()."""

@@ -28,6 +28,7 @@ from kvmodel.hw.base import (
 )  # fmt: skip
 from kvmodel.hw.vmx.vmcs import (
     INTR_INFO_DELIVER_CODE,
+    INTR_INFO_NESTED,
     INTR_INFO_RESERVED,
     INTR_INFO_UNBLOCK_NMI,
     INTR_INFO_VALID,
@@ -108,7 +109,8 @@ class VmxGuest(GuestMode):
         if not info & INTR_INFO_VALID:
             return
         vector, type_ = info_vector(info), info_type(info)
-        if info & INTR_INFO_RESERVED:
+        nested_ok = INTR_INFO_NESTED if fred.enabled(self.cpu) and type_ == EventType.HW_EXCEPTION else 0
+        if info & INTR_INFO_RESERVED & ~nested_ok:
             raise EntryFailed("VM-entry interruption information: reserved bits set")
         if type_ not in (0, 2, 3, 4, 5, 6):
             raise EntryFailed(f"VM-entry interruption type {type_} is reserved")
@@ -162,7 +164,8 @@ class VmxGuest(GuestMode):
             event = Event(vector, type_, cpu.rip + vmcs.entry_instruction_len, error, insn_rip=cpu.rip,
                           data=data)
         else:
-            event = Event(vector, type_, cpu.rip, error, data=data)
+            event = Event(vector, type_, cpu.rip, error, data=data,
+                          nested=bool(info & INTR_INFO_NESTED))
         # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2);
         # pending debug exceptions are lost, except under MOV SS for INT n/INT3/INTO (26.6.3).
         keep_dbg = type_ in (EventType.SW_INT, EventType.SW_EXCEPTION) and cpu.shadow is Shadow.MOV_SS
@@ -196,7 +199,8 @@ class VmxGuest(GuestMode):
         rf = self._rf
         if vectoring is not None:
             code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
-            vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code)
+            nested = vectoring.nested and fred.enabled(cpu)
+            vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code, nested)
             vmcs.idt_vectoring_error_code = code or 0
             if is_soft(vectoring.type):
                 vmcs.exit_instruction_len = soft_length(vectoring)
@@ -246,7 +250,7 @@ class VmxGuest(GuestMode):
             return
         where = event_where(cpu, event)
         code = event.error_code if has_error_code(event.vector, event.type) else None
-        info = intr_info(event.vector, event.type, code)
+        info = intr_info(event.vector, event.type, code, event.nested and fred.enabled(cpu))
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
         qualification = event.dr6 if event.vector == Vec.DB else 0

@@ -16,7 +16,8 @@ from kvmodel.arch.events import EventType
 INTR_INFO_VALID = 1 << 31
 INTR_INFO_DELIVER_CODE = 1 << 11
 INTR_INFO_UNBLOCK_NMI = 1 << 12
-INTR_INFO_RESERVED = 0x7FFFF000  # entry format (SDM 26.2.1.3)
+INTR_INFO_NESTED = 1 << 13  # FRED: an exception nested in FRED delivery (Bochs vmx; not #DF)
+INTR_INFO_RESERVED = 0x7FFFF000  # entry format (SDM 26.2.1.3); bit 13 allowed with FRED
 QUAL_UNBLOCK_NMI = 1 << 12  # EPT violation and Notify qualification bit 12 (SDM Table 27-7)
 NOTIFY_VM_CONTEXT_INVALID = 1 << 0  # Notify exit qualification bit 0 (KVM vmx.h)
 
@@ -109,9 +110,9 @@ class Vmcs:
     guest_physical_address: int = 0
 
 
-def intr_info(vector: int, type_: EventType, error_code: int | None) -> int:
+def intr_info(vector: int, type_: EventType, error_code: int | None, nested: bool = False) -> int:
     """Encode a valid interruption-information word."""
-    info = INTR_INFO_VALID | (int(type_) << 8) | vector
+    info = INTR_INFO_VALID | (int(type_) << 8) | vector | (INTR_INFO_NESTED if nested else 0)
     return info | INTR_INFO_DELIVER_CODE if error_code is not None else info
 
 
@@ -129,5 +130,5 @@ def describe_info(info: int, error_code: int = 0) -> str:
         return "-"
     type_ = info_type(info)
     name = EventType(type_).name.lower() if type_ in EventType._value2member_map_ else str(type_)
-    text = f"vector {info_vector(info)} {name}"
+    text = f"vector {info_vector(info)} {name}" + (" nested" if info & INTR_INFO_NESTED else "")
     return text + f" error {error_code:#x}" if info & INTR_INFO_DELIVER_CODE else text

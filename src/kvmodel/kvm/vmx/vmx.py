@@ -19,6 +19,7 @@ from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
     INTR_INFO_DELIVER_CODE,
+    INTR_INFO_NESTED,
     INTR_INFO_UNBLOCK_NMI,
     INTR_INFO_VALID,
     NOTIFY_VM_CONTEXT_INVALID,
@@ -187,7 +188,7 @@ class Vmx:
             self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.SW_EXCEPTION, code)
             self.vmcs.entry_instruction_len = vcpu.event_exit_inst_len
         else:
-            self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.HW_EXCEPTION, code)
+            self.vmcs.entry_intr_info = intr_info(exc.vector, EventType.HW_EXCEPTION, code, exc.nested)
         self.vmcs.entry_exception_error_code = code or 0
 
     def cancel_injection(self) -> None:
@@ -266,7 +267,8 @@ class Vmx:
             code = error_code if info & INTR_INFO_DELIVER_CODE else None
             if _faults.on("fred_no_event_data_reinjection"):
                 event_data = 0
-            vcpu.requeue_exception(vector, code, event_data)
+            nested = bool(info & INTR_INFO_NESTED) and not _faults.on("fred_no_nested_reinjection")
+            vcpu.requeue_exception(vector, code, event_data, nested)
         elif type_ in (EventType.SW_INT, EventType.EXT_INT):
             if type_ == EventType.SW_INT:
                 vcpu.event_exit_inst_len = insn_len
