@@ -11,7 +11,7 @@ whether an IRET ended NMI blocking: only the NMI deliveries that follow show it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
 from kvmodel.kvm.vcpu import Vendor
@@ -75,15 +75,21 @@ class Comparison:
             self.virt is None or self.virt.passed or self.known is not None)
 
 
-def guest_view(trace: tuple) -> list[tuple[int, Observation]]:
-    """(index in the full trace, entry) for what the guest can observe."""
+def guest_view(trace: tuple) -> list[tuple[int, object]]:
+    """(index in the full trace, comparable entry) for what the guest can observe.
+
+    Deliveries and IRETs become plain tuples without the fields the guest
+    cannot see; the rest stay as they are (frozen dataclasses compare by value).
+    """
     out = []
     for n, obs in enumerate(trace):
-        if isinstance(obs, GUEST_OBSERVABLE):
-            if isinstance(obs, Delivery):
-                obs = replace(obs, type=None)
-            elif isinstance(obs, Iret):
-                obs = replace(obs, nmi_unblocked=None)  # the core's NMI blocking is not visible
+        cls = type(obs)
+        if cls is Delivery:
+            out.append((n, ("delivery", obs.vector, obs.error_code, obs.return_rip, obs.retired,
+                            obs.handler, obs.rsp, obs.frame)))
+        elif cls is Iret:
+            out.append((n, ("iret", obs.rip, obs.to_rip, obs.retired)))
+        elif cls in GUEST_OBSERVABLE:
             out.append((n, obs))
     return out
 

@@ -65,7 +65,7 @@ class RunResult:
     mismatches: tuple[Mismatch, ...]
     limit: str | None  # the model stopped: the guest left what it covers
     vendor: Vendor = Vendor.BARE
-    memory: bytes = b""
+    memory: bytes | bytearray = b""  # the guest's memory at the end (the run's own, not a copy)
     stats: tuple[Stats, ...] = ()  # one per vCPU (a save/restore makes a new one)
     hypervisor_error: str | None = None  # KVM gave up: failed entry, internal error
     warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
@@ -197,7 +197,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     if final is not None:
         mismatches += _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
-                     vendor, bytes(cpu.mem), stats, error, warnings, host)
+                     vendor, cpu.mem, stats, error, warnings, host)
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
