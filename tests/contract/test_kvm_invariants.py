@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmodel.check.oracle import guest_view
+from kvmodel.check.oracle import guest_view, not_applicable
 from kvmodel.kvm.uapi import KvmVcpuEvents
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.x86 import Vcpu
@@ -22,7 +22,10 @@ VENDORS = pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda
 @VENDORS
 @pytest.mark.parametrize("path", ALL, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_injection_stats_match_the_injections(path, vendor):
-    result = run(load(path), vendor=vendor)
+    scenario = load(path)
+    if not_applicable(scenario, vendor):
+        pytest.skip(not_applicable(scenario, vendor))
+    result = run(scenario, vendor=vendor)
     kinds = Counter(o.what for o in result.trace if o.kind == "inject")
     nmi = sum(st.nmi_injections for st in result.stats)
     irq = sum(st.irq_injections for st in result.stats)
@@ -42,6 +45,8 @@ def test_one_get_set_round_trip_at_any_entry_changes_nothing(monkeypatch, path, 
     every entry that livelocks, done once it costs one more exit.)
     """
     scenario = load(path)
+    if not_applicable(scenario, vendor):
+        pytest.skip(not_applicable(scenario, vendor))
     if any("save_restore" in k.involves and vendor.value in k.vendors
            for k in scenario.known_findings):
         pytest.skip("the scenario declares what a save/restore loses (struct kvm_vcpu_events)")

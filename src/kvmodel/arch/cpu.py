@@ -24,7 +24,7 @@ from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.host import Host, HostExit
+from kvmodel.arch.host import Host, HostExit, VmxInstructions
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
@@ -92,7 +92,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl",
+        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -154,6 +154,7 @@ class Cpu:
         self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
+        self.vmx: VmxInstructions | None = None  # VMX root operation, for an L1 on the model
 
     # -- memory --------------------------------------------------------------
 

@@ -465,6 +465,64 @@ def build_hlt(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def _vmx(c):
+    """The VMX instructions are #UD outside VMX-capable operation (SDM 30.3)."""
+    if c.vmx is None:
+        raise Fault(Vec.UD)
+    return c.vmx
+
+
+def build_vmx_region(i: iced.Instruction, mode: Mode) -> Run:
+    """VMXON, VMCLEAR, VMPTRLD m64: the operand holds the physical address of a region."""
+    nxt = i.next_ip
+    ea = address(i, mode)
+    op = {Mnemonic.VMXON: "vmxon", Mnemonic.VMCLEAR: "vmclear", Mnemonic.VMPTRLD: "vmptrld"}[i.mnemonic]
+
+    def run(c):
+        region = c.read(ea(c), 8)
+        getattr(_vmx(c), op)(c, region)
+        c.rip = nxt
+
+    return run
+
+
+def build_vmwrite(i: iced.Instruction, mode: Mode) -> Run:
+    """VMWRITE r64 (field), r/m64 (value) in Intel order; AT&T writes the value first."""
+    nxt = i.next_ip
+    field, value = reader(i, 0, mode), reader(i, 1, mode)
+
+    def run(c):
+        _vmx(c).vmwrite(c, field(c), value(c))
+        c.rip = nxt
+
+    return run
+
+
+def build_vmread(i: iced.Instruction, mode: Mode) -> Run:
+    """VMREAD r/m64 (destination), r64 (field); nothing is written when it fails."""
+    nxt = i.next_ip
+    dest, field = writer(i, 0, mode), reader(i, 1, mode)
+
+    def run(c):
+        value = _vmx(c).vmread(c, field(c))
+        if value is not None:
+            dest(c, value)
+        c.rip = nxt
+
+    return run
+
+
+def build_vmentry(i: iced.Instruction, mode: Mode) -> Run:
+    """VMLAUNCH / VMRESUME: the guest runs until a VM exit brings the CPU back to HOST_RIP."""
+    nxt = i.next_ip
+    launch = i.mnemonic == Mnemonic.VMLAUNCH
+
+    def run(c):
+        _vmx(c).vmentry(c, launch, nxt)
+
+    return run
+
+
 def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
     """VMGEXIT (REP VMMCALL): a GHCB request, answered as the GHCB specification says."""
     nxt = i.next_ip
@@ -713,6 +771,9 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
     Mnemonic.VMGEXIT: build_vmgexit,
+    Mnemonic.VMXON: build_vmx_region, Mnemonic.VMCLEAR: build_vmx_region,
+    Mnemonic.VMPTRLD: build_vmx_region, Mnemonic.VMWRITE: build_vmwrite,
+    Mnemonic.VMREAD: build_vmread, Mnemonic.VMLAUNCH: build_vmentry, Mnemonic.VMRESUME: build_vmentry,
     Mnemonic.ERETS: lambda i, mode: fred.build_erets(i.ip),
     Mnemonic.ERETU: lambda i, mode: fred.build_eretu(i.ip),
     Mnemonic.NOP: build_nop, Mnemonic.PAUSE: build_nop,

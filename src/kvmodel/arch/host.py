@@ -54,6 +54,22 @@ class Exiting(IntEnum):
     DR7_WRITE = 10
 
 
+class VmxInstructions(Protocol):
+    """VMX root operation (SDM 30), for an L1 hypervisor running on the hardware model.
+
+    `cpu.vmx` is None unless the CPU may enter VMX operation; the VMX
+    instructions are #UD then. Each method sets RFLAGS as VMsucceed /
+    VMfail do (SDM 30.2).
+    """
+
+    def vmxon(self, cpu: Cpu, region: int) -> None: ...
+    def vmclear(self, cpu: Cpu, region: int) -> None: ...
+    def vmptrld(self, cpu: Cpu, region: int) -> None: ...
+    def vmwrite(self, cpu: Cpu, field: int, value: int) -> None: ...
+    def vmread(self, cpu: Cpu, field: int) -> int | None: ...
+    def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None: ...
+
+
 class Host(Protocol):
     def event(self, cpu: Cpu, event: Event) -> None:
         """A guest event is about to be delivered; raise HostExit to intercept it."""

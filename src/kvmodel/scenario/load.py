@@ -116,7 +116,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     if not isinstance(code, str) or not code.strip():
         raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
     cpu = _table(ctx, data, "cpu")
-    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor"), "cpu")
+    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx"), "cpu")
     memory = _table(ctx, data, "memory")
     ctx.keys(memory, ("not_present",), "memory")
     return Scenario(
@@ -137,6 +137,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         memory_size=_int(ctx, cpu, "memory_kib", "cpu", default=DEFAULT_MEMORY // 1024) * 1024,
         not_present=_not_present(ctx, memory),
         sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
+        vmx=_bool(ctx, cpu, "vmx", "cpu", default=False),
         max_steps=_int(ctx, data, "max_steps", None, default=DEFAULT_MAX_STEPS),
         happenings=_happenings(ctx, data.get("happen", [])),
         host=_host_happenings(ctx, data.get("happen", [])),

@@ -16,6 +16,7 @@ from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
+from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
@@ -152,6 +153,8 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
         raise ScenarioError(scenario.path, scenario.code_line,
                             "the guest does not fit in memory", "raise [cpu] memory_kib")
     cpu = build_cpu(machine, record_instructions=record_instructions)
+    if scenario.vmx:
+        VmxRoot(cpu)  # L1 runs its VMX instructions on the hardware model
     cpu.schedule([Scheduled(h.event, h.vector, h.after,
                             resolve(h.at, h.line) if h.at is not None else None)
                   for h in scenario.happenings])
@@ -204,6 +207,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                    steps: int) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                                          tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
+    if scenario.vmx:
+        raise ModelLimit("an L1 hypervisor under L0 KVM (nested VMX) is not modelled yet (issue 9)")
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})

@@ -162,3 +162,4 @@ class Scenario:
     known_findings: tuple[KnownFinding, ...] = ()
     stats: tuple[ExpectedStats, ...] = ()
     fred: FredSpec | None = None
+    vmx: bool = False  # the CPU may enter VMX operation: the guest is an L1 hypervisor

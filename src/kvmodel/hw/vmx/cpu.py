@@ -66,12 +66,13 @@ class VmxGuest(GuestMode):
 
     vendor = "vmx"
 
-    def __init__(self, cpu: Cpu):
+    def __init__(self, cpu: Cpu, vmcs: Vmcs | None = None):
         super().__init__(cpu)
-        self.vmcs = Vmcs()
+        self.vmcs = vmcs if vmcs is not None else Vmcs()
         self._where = Where.BOUNDARY
         self._rf: bool | None = None
         self.notify_due: int | None = None  # the notify timer ran out: the exit qualification
+        self.ack_interrupt_on_exit = False  # VM-exit control bit 15 (KVM sets it)
 
     # -- VM entry (SDM 26) ----------------------------------------------------
 
@@ -274,9 +275,9 @@ class VmxGuest(GuestMode):
         if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
             self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
         if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:
-            # acknowledged on exit: the vector is in the exit information (SDM 27.2.2)
-            self._exit(ExitReason.EXTERNAL_INTERRUPT, Where.BOUNDARY,
-                       info=intr_info(HOST_VECTOR, EventType.EXT_INT, None))
+            # acknowledged on exit, the vector is in the exit information (SDM 27.2.2)
+            info = intr_info(HOST_VECTOR, EventType.EXT_INT, None) if self.ack_interrupt_on_exit else 0
+            self._exit(ExitReason.EXTERNAL_INTERRUPT, Where.BOUNDARY, info=info)
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         proc = self.vmcs.proc_based

@@ -108,6 +108,11 @@ class Vmcs:
     exit_instruction_len: int = 0
     original_event_data: int = 0  # FRED: the vectored event's data (0x2404)
     guest_physical_address: int = 0
+    # host state (SDM 24.5): where a VM exit returns an L1 running on the model (hw/vmx/root.py)
+    host_rip: int = 0
+    host_rsp: int = 0
+    guest_idtr_base: int = 0
+    guest_idtr_limit: int = 0xFFFF
 
 
 def intr_info(vector: int, type_: EventType, error_code: int | None, nested: bool = False) -> int:

@@ -66,6 +66,7 @@ class Vmx:
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
         vmcs.proc_based = Proc.HLT_EXITING | Proc.UNCOND_IO_EXITING | Proc.CR8_LOAD_EXITING
         vmcs.exception_bitmap = EXCEPTION_BITMAP
+        guest.ack_interrupt_on_exit = True  # VM_EXIT_ACK_INTR_ON_EXIT
         if not params.intercept_db:
             vmcs.exception_bitmap &= ~(1 << Vec.DB)
         if vcpu.kvm.notify_enabled:

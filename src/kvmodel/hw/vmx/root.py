@@ -1,0 +1,203 @@
+"""VMX root operation on the hardware model: an L1 hypervisor runs L2 with real VMX instructions.
+
+This is the oracle for nested virtualization (DESIGN.md): L1's code executes
+VMXON, VMCLEAR, VMPTRLD, VMWRITE, VMREAD and VMLAUNCH/VMRESUME on this model,
+and L2 runs on the same core under hw/vmx's non-root model (VmxGuest) until a
+VM exit, which loads the host state and resumes L1 at HOST_RIP (SDM 27.5).
+
+The VMCS format is implementation-specific (SDM 24.2): the model keeps each
+VMCS's data beside memory, keyed by its region's address, as a CPU caches it.
+Modelled: the fields in FIELDS; VMsucceed / VMfailInvalid / VMfailValid
+with the VM-instruction error number (SDM 30.2, 30.4); launch state. Not
+modelled: VMXOFF, VMCS shadowing, the host-state checks, host segment and
+control registers (flat, unchanged), EPT (identity), MSR areas, VM-entry
+failures as exits 33/34 (reported as VMfailValid 7).
+"""
+
+from __future__ import annotations
+
+from kvmodel.arch.cpu import Cpu, External, Stop
+from kvmodel.arch.events import EventType, Vec
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.regs import RSP, Shadow
+from kvmodel.errors import ModelLimit
+from kvmodel.hw.base import EntryFailed, ExitRecord
+from kvmodel.hw.vmx.cpu import VmxGuest
+from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
+
+CF, ZF = 1 << 0, 1 << 6
+_STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
+VM_INSTRUCTION_ERROR = 0x4400
+L2_BUDGET = 100_000  # steps L2 may take before one VM exit
+
+# Field encodings (SDM Appendix B; Linux asm/vmx.h enum vmcs_field) -> Vmcs attribute.
+FIELDS = {
+    0x4000: "pin_based", 0x4002: "proc_based", 0x4004: "exception_bitmap",
+    0x401E: "secondary_exec", 0x4016: "entry_intr_info", 0x4018: "entry_exception_error_code",
+    0x401A: "entry_instruction_len", 0x4024: "notify_window",
+    0x4402: "exit_reason", 0x4404: "exit_intr_info", 0x4406: "exit_intr_error_code",
+    0x4408: "idt_vectoring_info", 0x440A: "idt_vectoring_error_code",
+    0x440C: "exit_instruction_len", 0x6400: "exit_qualification", 0x2400: "guest_physical_address",
+    0x4812: "guest_idtr_limit", 0x4824: "guest_interruptibility", 0x4826: "guest_activity_state",
+    0x6818: "guest_idtr_base", 0x681C: "guest_rsp", 0x681E: "guest_rip", 0x6820: "guest_rflags",
+    0x6822: "guest_pending_dbg_exceptions", 0x6C14: "host_rsp", 0x6C16: "host_rip",
+}
+READ_ONLY = {0x4400, 0x4402, 0x4404, 0x4406, 0x4408, 0x440A, 0x440C, 0x6400, 0x2400}
+
+
+class VmxError:
+    """VM-instruction error numbers (SDM 30.4)."""
+
+    VMCLEAR_VMXON_POINTER = 3
+    VMLAUNCH_NOT_CLEAR = 4
+    VMRESUME_NOT_LAUNCHED = 5
+    ENTRY_INVALID_CONTROL = 7
+    UNSUPPORTED_FIELD = 12
+    WRITE_READ_ONLY = 13
+
+
+class VmxRoot:
+    """The CPU's VMX state: VMXON, the current VMCS, the VMCSs it has seen."""
+
+    def __init__(self, cpu: Cpu):
+        cpu.vmx = self
+        self.vmxon_region: int | None = None
+        self.current: int | None = None
+        self.vmcss: dict[int, Vmcs] = {}
+        self.launched: set[int] = set()
+        self.errors: dict[int, int] = {}  # VM-instruction error field, per VMCS
+
+    # -- results (SDM 30.2) ------------------------------------------------------
+
+    @staticmethod
+    def _succeed(cpu: Cpu) -> None:
+        cpu.rflags &= ~_STATUS
+
+    @staticmethod
+    def _fail_invalid(cpu: Cpu) -> None:
+        cpu.rflags = (cpu.rflags & ~_STATUS) | CF
+
+    def _fail_valid(self, cpu: Cpu, error: int) -> None:
+        if self.current is None:
+            self._fail_invalid(cpu)
+            return
+        self.errors[self.current] = error
+        cpu.rflags = (cpu.rflags & ~_STATUS) | ZF
+
+    # -- the instructions ----------------------------------------------------------
+
+    def vmxon(self, cpu: Cpu, region: int) -> None:
+        if self.vmxon_region is not None:
+            raise ModelLimit("VMXON in VMX root operation is not modelled", cpu.rip)
+        self.vmxon_region = region
+        self._succeed(cpu)
+
+    def _require_vmxon(self, cpu: Cpu) -> None:
+        if self.vmxon_region is None:
+            raise Fault(Vec.UD)  # outside VMX operation (SDM 30.3)
+
+    def vmclear(self, cpu: Cpu, region: int) -> None:
+        self._require_vmxon(cpu)
+        if region == self.vmxon_region:
+            self._fail_valid(cpu, VmxError.VMCLEAR_VMXON_POINTER)
+            return
+        self.vmcss.setdefault(region, Vmcs())
+        self.launched.discard(region)
+        if self.current == region:
+            self.current = None
+        self._succeed(cpu)
+
+    def vmptrld(self, cpu: Cpu, region: int) -> None:
+        self._require_vmxon(cpu)
+        self.vmcss.setdefault(region, Vmcs())
+        self.current = region
+        self._succeed(cpu)
+
+    def vmwrite(self, cpu: Cpu, field: int, value: int) -> None:
+        self._require_vmxon(cpu)
+        if self.current is None:
+            self._fail_invalid(cpu)
+        elif field in READ_ONLY:
+            self._fail_valid(cpu, VmxError.WRITE_READ_ONLY)
+        elif field not in FIELDS:
+            self._fail_valid(cpu, VmxError.UNSUPPORTED_FIELD)
+        else:
+            setattr(self.vmcss[self.current], FIELDS[field], value)
+            self._succeed(cpu)
+
+    def vmread(self, cpu: Cpu, field: int) -> int | None:
+        self._require_vmxon(cpu)
+        if self.current is None:
+            self._fail_invalid(cpu)
+            return None
+        if field == VM_INSTRUCTION_ERROR:
+            self._succeed(cpu)
+            return self.errors.get(self.current, 0)
+        if field not in FIELDS:
+            self._fail_valid(cpu, VmxError.UNSUPPORTED_FIELD)
+            return None
+        self._succeed(cpu)
+        return int(getattr(self.vmcss[self.current], FIELDS[field]))
+
+    def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
+        """VMLAUNCH/VMRESUME: run L2 to its VM exit, then continue L1 at HOST_RIP (SDM 26, 27)."""
+        self._require_vmxon(cpu)
+        region = self.current
+        if region is None:
+            self._fail_invalid(cpu)
+            cpu.rip = next_rip
+            return
+        if launch == (region in self.launched):
+            self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
+            cpu.rip = next_rip
+            return
+        vmcs = self.vmcss[region]
+        if vmcs.pin_based & (Pin.EXT_INTR_EXITING | Pin.NMI_EXITING) != (
+                Pin.EXT_INTR_EXITING | Pin.NMI_EXITING):
+            raise ModelLimit("an L1 without external-interrupt and NMI exiting is not modelled", cpu.rip)
+        l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked)
+        guest = VmxGuest(cpu, vmcs)
+        guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
+        guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
+        cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
+        try:
+            stop = guest.run(L2_BUDGET)
+        except EntryFailed as failed:
+            self._leave_guest(cpu, l1)
+            cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
+            self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
+            cpu.rip = next_rip
+            return
+        if stop is not None:
+            raise ModelLimit(f"L2 stopped without a VM exit ({Stop(stop).name.lower()})", cpu.rip)
+        self.launched.add(region)
+        self._leave_guest(cpu, l1)
+        if vmcs.exit_reason == ExitReason.EXCEPTION_NMI and vmcs.exit_intr_info & INTR_INFO_VALID and (
+                info_type(vmcs.exit_intr_info) == EventType.NMI):
+            cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
+        cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
+        cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
+        self._succeed(cpu)
+
+    @staticmethod
+    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:
+        cpu.host = None
+        cpu.host_attn = False
+        cpu.apic_delivers = True
+        cpu.icache.clear()  # decoded instructions lose their intercept checks again
+        cpu.code_lines.clear()
+        cpu.shadow = Shadow.NONE
+        cpu.pending_dbg = 0
+        cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
+        cpu.attn = True
+
+
+def _to_l1(guest: VmxGuest, event, vector: int) -> None:
+    """An NMI or interrupt for L1 arrives while L2 runs: with the pin controls set, it exits."""
+    if event is External.INTERRUPT:
+        guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge on exit)
+        guest.kick()
+    else:
+        guest.host_nmi = True
+        guest.cpu.attn = True
+
