@@ -51,6 +51,13 @@ _EXITING = {
     iced.Mnemonic.IRETQ: Exiting.IRET,
     iced.Mnemonic.INT: Exiting.INT_N,
     iced.Mnemonic.VMGEXIT: Exiting.VMGEXIT,
+    iced.Mnemonic.VMCLEAR: Exiting.VMCLEAR,
+    iced.Mnemonic.VMLAUNCH: Exiting.VMLAUNCH,
+    iced.Mnemonic.VMPTRLD: Exiting.VMPTRLD,
+    iced.Mnemonic.VMREAD: Exiting.VMREAD,
+    iced.Mnemonic.VMRESUME: Exiting.VMRESUME,
+    iced.Mnemonic.VMWRITE: Exiting.VMWRITE,
+    iced.Mnemonic.VMXON: Exiting.VMXON,
 }
 
 

@@ -52,6 +52,13 @@ class Exiting(IntEnum):
     INT_N = 8
     VMGEXIT = 9
     DR7_WRITE = 10
+    VMCLEAR = 11  # the VMX instructions exit unconditionally in VMX non-root (SDM 25.1.2)
+    VMLAUNCH = 12
+    VMPTRLD = 13
+    VMREAD = 14
+    VMRESUME = 15
+    VMWRITE = 16
+    VMXON = 17
 
 
 class VmxInstructions(Protocol):

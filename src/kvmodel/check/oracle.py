@@ -101,8 +101,8 @@ def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
                 "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows")
     if vendor is Vendor.VMX and dict(scenario.kvm_params).get("sev_es"):
         return "sev_es = true: SEV-ES is an AMD (SVM) guest type"
-    if scenario.vmx:
-        return "[cpu] vmx = true: L0 KVM emulating VMX for an L1 is not modelled yet (issue 9)"
+    if vendor is Vendor.SVM and scenario.vmx:
+        return "[cpu] vmx = true: an Intel VMX L1 does not run on AMD SVM (nested SVM is not modelled)"
     if vendor is Vendor.SVM and scenario.fred is not None:
         return "[fred]: KVM runs FRED guests on VMX only (the model has no SVM FRED)"
     return None

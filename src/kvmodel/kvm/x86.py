@@ -169,8 +169,11 @@ class VendorOps(Protocol):
     def skip_emulated_instruction(self) -> bool: ...
     def kick(self) -> None: ...
     def sync_guest_state_to_core(self) -> None: ...
+    def check_nested_events(self) -> bool: ...
     @property
     def guest_state_protected(self) -> bool: ...
+    @property
+    def has_nested_state(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -336,6 +339,8 @@ class Vcpu:
             ops.inject_irq(reinjected=True)
             self._record("soft-int" if self.interrupt.soft else "irq", self.interrupt.nr, True)
         can_inject = not self.event_needs_reinjection()
+        if can_inject and ops.check_nested_events():  # vmx_check_nested_events(): an exit to L1
+            can_inject = not self.event_needs_reinjection()
         self.warn_on(self.exception.injected and self.exception.pending,
                      "kvm_check_and_inject_events: exception both injected and pending")
 
@@ -474,6 +479,7 @@ class Vcpu:
         cpu = self.cpu
         rip = self.ops.rip_read()
         cpu.rip = rip
+        cpu.rflags = self.ops.get_rflags()
         insn = cpu.icache.get(rip) or decode(cpu, rip)
         try:
             insn.semantics(cpu)
@@ -484,6 +490,7 @@ class Vcpu:
             return None
         cpu.rip = rip
         cpu.halted = False  # HLT: KVM, not the core, holds the halted state (mp_state)
+        self.ops.set_rflags(cpu.rflags)  # e.g. VMX instructions report through CF/ZF
         return insn
 
     def skip_emulated_instruction(self, insn: Decoded) -> None:

@@ -21,6 +21,7 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
+from kvmodel.kvm.vmx.nested import NestedExitRecord
 from kvmodel.kvm.x86 import InjectRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 
@@ -104,6 +105,9 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
     if isinstance(obs, SaveRestoreRecord):
         return (obs.retired, "", "[magenta]save/restore[/]: KVM_GET_VCPU_EVENTS -> fresh vCPU -> "
                 f"KVM_SET_VCPU_EVENTS [dim]{obs.events}[/]")
+    if isinstance(obs, NestedExitRecord):
+        return (obs.retired, program.where(obs.rip),
+                f"[cyan]nested VM exit {obs.reason}[/] to L1 (L0 fills vmcs12)")
     if isinstance(obs, VmmStop):
         return (obs.retired, "", f"[magenta]KVM_RUN returns {obs.reason}[/] flags {obs.flags:#x}: "
                 f"the VMM stops the VM ({obs.why})")
@@ -172,7 +176,8 @@ def _print_divergence(console: Console, comparison: Comparison, d: Divergence) -
     console.print(f"    bare metal: {escape(_show(d.bare, bare))}")
     console.print(f"    under KVM:  {escape(_show(d.virt, virt))}")
     context = [o for o in virt.trace[max(0, d.virt_trace_index - 6):d.virt_trace_index]
-               if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord, VmmStop))]
+               if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord, VmmStop,
+                                 NestedExitRecord))]
     if context:
         console.print("    hypervisor just before:")
         for obs in context:

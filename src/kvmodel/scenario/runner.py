@@ -207,8 +207,6 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                    steps: int) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                                          tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
-    if scenario.vmx:
-        raise ModelLimit("an L1 hypervisor under L0 KVM (nested VMX) is not modelled yet (issue 9)")
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
@@ -218,7 +216,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                     sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
                     intercept_db=params.get("intercept_db", True),
-                    host_fred=params.get("host_fred", False))
+                    host_fred=params.get("host_fred", False), nested=scenario.vmx)
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)

@@ -47,6 +47,14 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 
+# The VMX instructions exit unconditionally (SDM 25.1.2); the qualification's displacement
+# and the instruction-information field are not modelled (KVM decodes the instruction).
+_VMX_INSTRUCTION_EXITS = {
+    Exiting.VMCLEAR: ExitReason.VMCLEAR, Exiting.VMLAUNCH: ExitReason.VMLAUNCH,
+    Exiting.VMPTRLD: ExitReason.VMPTRLD, Exiting.VMREAD: ExitReason.VMREAD,
+    Exiting.VMRESUME: ExitReason.VMRESUME, Exiting.VMWRITE: ExitReason.VMWRITE,
+    Exiting.VMXON: ExitReason.VMXON,
+}
 _INSTRUCTION_EXITS = {
     Exiting.CPUID: ExitReason.CPUID,
     Exiting.IO: ExitReason.IO_INSTRUCTION,
@@ -295,6 +303,8 @@ class VmxGuest(GuestMode):
             reason, qualification = ExitReason.IO_INSTRUCTION, (cpu.regs[RDX] & 0xFFFF) << 16
         elif kind in _INSTRUCTION_EXITS:
             reason, qualification = _INSTRUCTION_EXITS[kind], cpu.regs[RCX] & 0xFFFFFFFF
+        elif kind in _VMX_INSTRUCTION_EXITS:
+            reason, qualification = _VMX_INSTRUCTION_EXITS[kind], 0
         else:
             return
         # An instruction exit saves RF=0 (SDM 27.3.3): the instruction counts as done.

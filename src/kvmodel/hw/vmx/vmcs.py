@@ -32,6 +32,13 @@ class ExitReason(IntEnum):
     NMI_WINDOW = 8
     CPUID = 10
     HLT = 12
+    VMCLEAR = 19
+    VMLAUNCH = 20
+    VMPTRLD = 21
+    VMREAD = 23
+    VMRESUME = 24
+    VMWRITE = 25
+    VMXON = 27
     CR_ACCESS = 28
     IO_INSTRUCTION = 30
     MSR_READ = 31

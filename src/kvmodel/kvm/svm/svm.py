@@ -99,6 +99,8 @@ class Svm:
     def guest_state_protected(self) -> bool:
         return self.sev_es
 
+    has_nested_state = False  # nested SVM is not modelled
+
     # -- registers -----------------------------------------------------------
 
     def rip_read(self) -> int:
@@ -329,6 +331,9 @@ class Svm:
 
     def kick(self) -> None:
         self.guest.kick()
+
+    def check_nested_events(self) -> bool:
+        return False  # nested SVM is not modelled
 
     # -- the run and what follows each exit ----------------------------------------
 

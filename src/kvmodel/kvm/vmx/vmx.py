@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kvmodel import _faults
 from kvmodel.arch.events import EventType, Vec
+from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import IF, RSP
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
@@ -36,10 +37,13 @@ from kvmodel.hw.vmx.vmcs import (
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit, ShadowBits
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
-from kvmodel.kvm.x86 import BUDGET, Request, UserspaceExit, Vcpu, exception_is_soft
+from kvmodel.kvm.vmx.nested import NestedVmx
+from kvmodel.kvm.x86 import BUDGET, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
 EXCEPTION_BITMAP = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.DB) | (1 << Vec.AC)
+_VMX_INSTRUCTIONS = (ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitReason.VMPTRLD, ExitReason.VMREAD,
+                     ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON)
 # Exits KVM can handle while an event was being vectored (__vmx_handle_exit()).
 _VECTORING_OK = (ExitReason.EXCEPTION_NMI, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
 
@@ -49,6 +53,7 @@ class VmxParams:
     enable_vnmi: bool = True
     intercept_db: bool = True  # the model's switch, see above
     host_fred: bool = False  # the host kernel takes its own IRQs and NMIs through FRED
+    nested: bool = False  # kvm_intel.nested, with VMX in the guest's CPUID (nested.py)
 
 
 class Vmx:
@@ -61,6 +66,7 @@ class Vmx:
         self.guest = guest
         self.params = params
         self.host_cpu = HostCpu(fred=params.host_fred, problems=vcpu.host_problems)
+        self.nested = NestedVmx(guest.cpu, self) if params.nested else None
         vcpu.ops = self
         vmcs = guest.vmcs
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
@@ -84,6 +90,11 @@ class Vmx:
         return self.guest.vmcs
 
     guest_state_protected = False  # TDX is not modelled
+
+    @property
+    def has_nested_state(self) -> bool:
+        """What KVM_GET_NESTED_STATE would have to carry: L1 is in VMX operation."""
+        return self.nested is not None and self.nested.vmxon_region is not None
 
     # -- registers -----------------------------------------------------------
 
@@ -148,7 +159,18 @@ class Vmx:
             Interruptibility.MOV_SS | Interruptibility.STI | Interruptibility.NMI))
 
     def nmi_allowed(self, for_injection: bool) -> int:
+        """vmx_nmi_allowed(): never into L2 while L1 wants the NMI as an exit."""
+        if self._nested_blocks(for_injection, Pin.NMI_EXITING):
+            return EBUSY
         return 0 if self.nmi_blocked() else 1
+
+    def _nested_blocks(self, for_injection: bool, exit_control: Pin) -> bool:
+        n = self.nested
+        return n is not None and n.guest_mode and (
+            n.run_pending or (for_injection and bool(n.vmcs12.pin_based & exit_control)))
+
+    def check_nested_events(self) -> bool:
+        return self.nested is not None and self.nested.check_nested_events()
 
     def interrupt_blocked(self) -> bool:
         """vmx_interrupt_blocked()."""
@@ -156,6 +178,9 @@ class Vmx:
             self.vmcs.guest_interruptibility & (Interruptibility.STI | Interruptibility.MOV_SS))
 
     def interrupt_allowed(self, for_injection: bool) -> int:
+        """vmx_interrupt_allowed()."""
+        if self._nested_blocks(for_injection, Pin.EXT_INTR_EXITING):
+            return EBUSY
         return 0 if self.interrupt_blocked() else 1
 
     # -- injection ---------------------------------------------------------------
@@ -280,6 +305,8 @@ class Vmx:
         """__vmx_handle_exit() and the handlers for the exits modelled."""
         vcpu, vmcs = self.vcpu, self.vmcs
         reason = ExitReason(vmcs.exit_reason)
+        if self.nested is not None and self.nested.guest_mode and self.nested.reflect():
+            return None  # L1 handles it
         if vmcs.idt_vectoring_info & INTR_INFO_VALID and reason not in _VECTORING_OK:
             return UserspaceExit(KvmExit.INTERNAL_ERROR,
                                  f"KVM_INTERNAL_ERROR_DELIVERY_EV: {reason.name} while vectoring")
@@ -311,7 +338,25 @@ class Vmx:
             return UserspaceExit(KvmExit.SHUTDOWN, "triple fault")
         elif reason is ExitReason.NOTIFY:
             return self._handle_notify()
+        elif reason in _VMX_INSTRUCTIONS:
+            self._handle_vmx_instruction(reason)
         return None
+
+    def _handle_vmx_instruction(self, reason: ExitReason) -> None:
+        """handle_vmlaunch() and friends: #UD without nested; else emulate (nested.py)."""
+        vcpu, vmcs = self.vcpu, self.vmcs
+        if self.nested is None:
+            vcpu.queue_exception(Vec.UD)
+        elif reason in (ExitReason.VMLAUNCH, ExitReason.VMRESUME):
+            cpu = self.guest.cpu
+            cpu.rflags = vmcs.guest_rflags
+            try:
+                self.nested.vmentry(cpu, reason is ExitReason.VMLAUNCH,
+                                    vmcs.guest_rip + vmcs.exit_instruction_len)
+            except Fault as fault:  # nested_vmx_check_permission(): #UD outside VMX operation
+                vcpu.queue_exception(fault.vector)
+        else:
+            vcpu.emulate_and_skip()
 
     def _handle_notify(self) -> UserspaceExit | None:
         """handle_notify(): count it, re-block NMIs for a re-executed IRET, usually resume.

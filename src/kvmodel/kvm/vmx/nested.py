@@ -1,0 +1,237 @@
+"""kvm_intel's nested VMX (arch/x86/kvm/vmx/nested.c): L0 runs an L1 hypervisor's L2.
+
+L1's VMX instructions exit to L0, which emulates them as SDM 30 says (the
+VMCS bookkeeping is the hardware model's: NestedVmx extends hw's VmxRoot).
+VMLAUNCH/VMRESUME (nested_vmx_run()) build vmcs02 from vmcs01 and L1's vmcs12
+(prepare_vmcs02()) and make it the current VMCS. An exit from L2 either
+goes to L1 (nested_vmx_reflect_vmexit() -> nested_vmx_vmexit(), which fills
+vmcs12 like hardware would and returns to L1 at HOST_RIP) or is handled by
+L0, which then resumes L2. Events for L1 while L2 runs become VM exits to L1
+(vmx_check_nested_events()); an event L0 was about to re-inject into L2
+goes to L1 as IDT-vectoring information (vmcs12_save_pending_event()).
+
+Modelled: the vmcs12 fields hw/vmx/root.py knows, pin/processor/exception
+controls merged as KVM merges them, NMI and external-interrupt exits for
+L1, L1-injected events (soft ones with L1's instruction length), the notify
+window applied to vmcs02. Not modelled: nested EPT (identity), MSR bitmaps
+(every MSR exit goes to L1), VMCS shadowing, KVM_GET/SET_NESTED_STATE,
+nested SVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from kvmodel import _faults
+from kvmodel.arch.cpu import Cpu
+from kvmodel.arch.events import EventType, Vec
+from kvmodel.arch.regs import Shadow
+from kvmodel.hw.vmx.root import VmxError, VmxRoot
+from kvmodel.hw.vmx.vmcs import (
+    INTR_INFO_VALID,
+    ExitReason,
+    Interruptibility,
+    Pin,
+    Proc,
+    Secondary,
+    Vmcs,
+    info_type,
+    info_vector,
+    intr_info,
+)  # fmt: skip
+from kvmodel.kvm.x86 import Request
+
+if TYPE_CHECKING:
+    from kvmodel.kvm.vmx.vmx import Vmx
+
+# Exits L0 keeps for itself (nested_vmx_l0_wants_exit()): its host IRQs and NMIs, EPT, notify.
+_L0_ALWAYS = (ExitReason.EXTERNAL_INTERRUPT, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
+# Exits L1 always gets (nested_vmx_l1_wants_exit()): CPUID, the VMX instructions, triple fault.
+_L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitReason.VMPTRLD,
+              ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
+              ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
+_L1_IF_CONTROL = {
+    ExitReason.HLT: Proc.HLT_EXITING,
+    ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
+    ExitReason.CR_ACCESS: Proc.CR8_LOAD_EXITING,
+    ExitReason.INTERRUPT_WINDOW: Proc.INTR_WINDOW_EXITING,
+    ExitReason.NMI_WINDOW: Proc.NMI_WINDOW_EXITING,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NestedExitRecord:
+    """L0 synthesized a VM exit for L1 (trace only; not a hardware exit)."""
+
+    kind: ClassVar[str] = "nested_vmexit"
+    reason: str
+    rip: int
+    retired: int
+
+
+class NestedVmx(VmxRoot):
+    """struct nested_vmx: L1's VMX state and the switch between vmcs01 and vmcs02."""
+
+    def __init__(self, cpu: Cpu, vmx: Vmx):
+        super().__init__(cpu)
+        self.vmx = vmx
+        self.guest_mode = False  # is_guest_mode(): L2 is what runs
+        self.run_pending = False  # nested_run_pending: the entry's injection is still to happen
+        self.vmcs01: Vmcs | None = None
+        self.l1_idtr = (0, 0)
+
+    @property
+    def vmcs12(self) -> Vmcs:
+        return self.vmcss[self.current]
+
+    # -- VMLAUNCH / VMRESUME (nested_vmx_run()) --------------------------------------
+
+    def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
+        """Emulated VM entry: VMfail with RIP advanced, or switch to vmcs02 with RIP unchanged."""
+        self._require_vmxon(cpu)
+        region = self.current
+        if region is None or launch == (region in self.launched):
+            if region is None:
+                self._fail_invalid(cpu)
+            else:
+                self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch
+                                 else VmxError.VMRESUME_NOT_LAUNCHED)
+            self._skip_l1(cpu, next_rip)
+            cpu.retired += 1
+            return
+        self.launched.add(region)
+        self._succeed(cpu)
+        self._enter_l2()
+
+    def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
+        vmcs = self.vmx.vmcs
+        vmcs.guest_rip = next_rip
+        vmcs.guest_rflags = cpu.rflags
+
+    def _enter_l2(self) -> None:
+        vmx, cpu = self.vmx, self.vmx.guest.cpu
+        vmcs01 = vmx.guest.vmcs
+        vmcs01.guest_rflags = cpu.rflags  # L1 stays at its VMLAUNCH; VMsucceed flags
+        self.vmcs01, self.l1_idtr = vmcs01, (cpu.idtr_base, cpu.idtr_limit)
+        vmcs02 = self._prepare_vmcs02(vmcs01, self.vmcs12)
+        vmx.guest.vmcs = vmcs02
+        vmx.guest.cpu_windows_changed()
+        cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
+        self.guest_mode = self.run_pending = True
+        vmx.vcpu.clear_event_queues()  # L1's injected events were L1's (none pend at VMLAUNCH)
+        vmx.vcpu.requests |= Request.EVENT
+
+    @staticmethod
+    def _prepare_vmcs02(vmcs01: Vmcs, vmcs12: Vmcs) -> Vmcs:
+        """prepare_vmcs02(): L0's controls OR L1's; L2's state and L1's injection from vmcs12."""
+        vmcs02 = Vmcs()
+        vmcs02.pin_based = vmcs01.pin_based | vmcs12.pin_based
+        vmcs02.proc_based = (vmcs01.proc_based & ~(Proc.INTR_WINDOW_EXITING | Proc.NMI_WINDOW_EXITING)
+                             ) | vmcs12.proc_based
+        vmcs02.exception_bitmap = vmcs01.exception_bitmap | vmcs12.exception_bitmap
+        if not _faults.on("notify_window_not_in_vmcs02"):
+            # prepare_vmcs02_constant_state(): L0's window, or L1 escapes it by running its loop in L2
+            vmcs02.secondary_exec = vmcs01.secondary_exec & Secondary.NOTIFY_VM_EXITING
+            vmcs02.notify_window = vmcs01.notify_window
+        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
+                     "guest_activity_state", "guest_pending_dbg_exceptions", "guest_idtr_base",
+                     "guest_idtr_limit", "entry_intr_info", "entry_exception_error_code",
+                     "entry_instruction_len"):
+            setattr(vmcs02, name, getattr(vmcs12, name))
+        return vmcs02
+
+    # -- exits from L2 ------------------------------------------------------------------
+
+    def reflect(self) -> bool:
+        """nested_vmx_reflect_vmexit(): True when the exit went to L1."""
+        self.run_pending = False
+        vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
+        reason = ExitReason(vmcs02.exit_reason)
+        if not self._l1_wants(reason, vmcs02, vmcs12):
+            return False
+        self.exit_to_l1(reason, vmcs02.exit_intr_info, vmcs02.exit_intr_error_code,
+                        vmcs02.exit_qualification, vmcs02.exit_instruction_len,
+                        vmcs02.idt_vectoring_info, vmcs02.idt_vectoring_error_code)
+        return True
+
+    @staticmethod
+    def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs) -> bool:
+        if reason in _L0_ALWAYS:
+            return False
+        if reason in _L1_ALWAYS:
+            return True
+        if reason is ExitReason.EXCEPTION_NMI:
+            info = vmcs02.exit_intr_info
+            if info_type(info) == EventType.NMI:
+                return False  # a host NMI
+            return bool(vmcs12.exception_bitmap >> info_vector(info) & 1)
+        control = _L1_IF_CONTROL.get(reason)
+        return control is not None and bool(vmcs12.proc_based & control)
+
+    def exit_to_l1(self, reason: ExitReason, info: int = 0, error_code: int = 0,
+                   qualification: int = 0, insn_len: int = 0, vectoring: int = 0,
+                   vectoring_error: int = 0) -> None:
+        """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
+        vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
+        vmcs02, vmcs12 = vmx.vmcs, self.vmcs12
+        vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
+        vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
+        vmcs12.exit_instruction_len = insn_len
+        vmcs12.idt_vectoring_info, vmcs12.idt_vectoring_error_code = vectoring, vectoring_error
+        self._save_pending_event(vmcs12)
+        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
+                     "guest_activity_state", "guest_pending_dbg_exceptions"):
+            setattr(vmcs12, name, getattr(vmcs02, name))
+        vmcs12.entry_intr_info &= ~INTR_INFO_VALID
+        vmcs01 = self.vmcs01
+        vmcs01.guest_rip, vmcs01.guest_rsp = vmcs12.host_rip, vmcs12.host_rsp
+        vmcs01.guest_rflags = 0x2  # SDM 27.5.3
+        vmcs01.guest_interruptibility &= Interruptibility.NMI  # no shadow after a VM exit
+        vmx.guest.vmcs = vmcs01
+        vmx.guest.cpu_windows_changed()
+        cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        cpu.shadow = Shadow.NONE
+        self.guest_mode = self.run_pending = False
+        cpu.retired += 1  # L1's VMLAUNCH/VMRESUME retires as L1 resumes, as on the model's CPU
+        vcpu.clear_event_queues()
+        vcpu.requests |= Request.EVENT
+        cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired))
+
+    def _save_pending_event(self, vmcs12: Vmcs) -> None:
+        """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1."""
+        vcpu = self.vmx.vcpu
+        exc, irq = vcpu.exception, vcpu.interrupt
+        if exc.injected:
+            type_ = EventType.SW_EXCEPTION if exc.vector in (Vec.BP, Vec.OF) else EventType.HW_EXCEPTION
+            code = exc.error_code if exc.has_error_code else None
+            vmcs12.idt_vectoring_info = intr_info(exc.vector, type_, code)
+            vmcs12.idt_vectoring_error_code = exc.error_code if code is not None else 0
+            if type_ is EventType.SW_EXCEPTION:
+                vmcs12.exit_instruction_len = vcpu.event_exit_inst_len
+        elif vcpu.nmi_injected:
+            vmcs12.idt_vectoring_info = intr_info(Vec.NMI, EventType.NMI, None)
+        elif irq.injected:
+            type_ = EventType.SW_INT if irq.soft else EventType.EXT_INT
+            vmcs12.idt_vectoring_info = intr_info(irq.nr, type_, None)
+            if irq.soft:
+                vmcs12.exit_instruction_len = vcpu.event_exit_inst_len
+
+    # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
+
+    def check_nested_events(self) -> bool:
+        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; True if it did."""
+        if not self.guest_mode or self.run_pending:
+            return False
+        vcpu, vmcs12 = self.vmx.vcpu, self.vmcs12
+        if vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING:
+            self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
+            # The NMI-triggered exit counts as injection: consume it, block further NMIs.
+            vcpu.nmi_pending -= 1
+            self.vmx.set_nmi_mask(True)
+            return True
+        if vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING:
+            self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
+            return True
+        return False
+
