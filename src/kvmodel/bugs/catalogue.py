@@ -118,6 +118,18 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM FRED series v9 13/22 (Xin Li, 2025: the nested flag of a queued exception); Bochs "
         "vmx.cc",
         ("vmx",), "scenarios/fred/nested_page_fault_reinjected.toml"),
+    Bug("notify_window_not_in_vmcs02",
+        "the notify window and control are set in vmcs01 only: L1 runs its CPU-hogging loop in an "
+        "L2 and the host never gets the CPU back",
+        "seed 002 (Sean Christopherson, 2021-07-30: \"this patch absolutely needs to apply KVM's "
+        "notify_window to vmcs02\"); KVM prepare_vmcs02_constant_state()",
+        ("vmx",), "scenarios/nested/notify_window_in_vmcs02.toml"),
+    Bug("notify_reflected_to_l1",
+        "a notify exit from L2 is reflected into L1, which never enabled notify exits and cannot get "
+        "one on hardware",
+        "Notify VM exit review (kvm-upstream.md B7: reflecting Notify to an L1 never offered it could "
+        "crash L1); KVM nested_vmx_l1_wants_exit() returns false for EXIT_REASON_NOTIFY",
+        ("vmx",), "scenarios/nested/notify_window_in_vmcs02.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

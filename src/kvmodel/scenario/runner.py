@@ -188,7 +188,8 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     host = None
     try:
         if vendor is Vendor.BARE:
-            stop = cpu.run(steps).name.lower()
+            # an L1 hypervisor's VM exits return to it inside VmxRoot.run()
+            stop = (cpu.vmx.run(cpu, steps) if scenario.vmx else cpu.run(steps)).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
                                                                      vendor, steps)

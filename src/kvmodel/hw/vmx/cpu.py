@@ -86,25 +86,28 @@ class VmxGuest(GuestMode):
 
     def run(self, max_steps: int) -> Stop | None:
         """VMRESUME: enter, inject, run to the next VM exit (None) or until the budget ends."""
-        vmcs = self.vmcs
-        self._check_injection()
-        self._load_guest_state()
-        self.cpu.open_event_window()
         try:
-            if vmcs.entry_intr_info & INTR_INFO_VALID:
-                self._inject()
+            self.enter()
             stop = self.cpu.run(max_steps)
         except VmExit:
-            self._complete_exit()
+            self.complete_exit()
             return None
         if stop is Stop.SHUTDOWN:  # a triple fault exits (SDM 25.2)
             self._exit(ExitReason.TRIPLE_FAULT, Where.BOUNDARY, raise_=False)
-            self._complete_exit()
+            self.complete_exit()
             return None
         if stop is Stop.HALTED:
             raise EntryFailed("guest halted with HLT exiting off: not modelled")
         self._save_guest_state(Where.BOUNDARY)
         return stop
+
+    def enter(self) -> None:
+        """The VM entry itself: checks, guest state, then the injection (which may exit)."""
+        self._check_injection()
+        self._load_guest_state()
+        self.cpu.open_event_window()
+        if self.vmcs.entry_intr_info & INTR_INFO_VALID:
+            self._inject()
 
     def _check_injection(self) -> None:
         """Checks on the event to inject and on interruptibility (SDM 26.2.1.3, 26.3.1.5)."""
@@ -201,7 +204,7 @@ class VmxGuest(GuestMode):
         if raise_:
             raise VmExit
 
-    def _complete_exit(self) -> None:
+    def complete_exit(self) -> None:
         """After the core unwound: IDT-vectoring information and the guest state (27.2.3, 27.3)."""
         vmcs, cpu = self.vmcs, self.cpu
         vectoring = cpu.vectoring
@@ -318,7 +321,7 @@ class VmxGuest(GuestMode):
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi:
             qualification |= QUAL_UNBLOCK_NMI
         # RF=1 outside delivery, so the re-executed instruction's code breakpoint does not
-        # fire again (SDM 27.3.3); during delivery the frame's RF wins (_complete_exit).
+        # fire again (SDM 27.3.3); during delivery the frame's RF wins (complete_exit).
         self._exit(ExitReason.EPT_VIOLATION, where, qualification=qualification, gpa=addr, rf=True)
 
     # -- Notify VM exit (KVM "Enable Notify VM exit"; kvm-upstream.md 3.7) ----------

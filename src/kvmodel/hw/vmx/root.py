@@ -2,8 +2,9 @@
 
 This is the oracle for nested virtualization (DESIGN.md): L1's code executes
 VMXON, VMCLEAR, VMPTRLD, VMWRITE, VMREAD and VMLAUNCH/VMRESUME on this model,
-and L2 runs on the same core under hw/vmx's non-root model (VmxGuest) until a
-VM exit, which loads the host state and resumes L1 at HOST_RIP (SDM 27.5).
+and L2 runs on the same core, in the same run loop and budget, under hw/vmx's
+non-root model (VmxGuest) until a VM exit, which loads the host state and
+resumes L1 at HOST_RIP (SDM 27.5). Runs go through VmxRoot.run().
 
 The VMCS format is implementation-specific (SDM 24.2): the model keeps each
 VMCS's data beside memory, keyed by its region's address, as a CPU caches it.
@@ -21,14 +22,13 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
 VM_INSTRUCTION_ERROR = 0x4400
-L2_BUDGET = 100_000  # steps L2 may take before one VM exit
 
 # Field encodings (SDM Appendix B; Linux asm/vmx.h enum vmcs_field) -> Vmcs attribute.
 FIELDS = {
@@ -66,6 +66,7 @@ class VmxRoot:
         self.vmcss: dict[int, Vmcs] = {}
         self.launched: set[int] = set()
         self.errors: dict[int, int] = {}  # VM-instruction error field, per VMCS
+        self._l2: tuple[VmxGuest, Vmcs, tuple[int, int, bool]] | None = None  # while L2 runs
 
     # -- results (SDM 30.2) ------------------------------------------------------
 
@@ -140,16 +141,15 @@ class VmxRoot:
         return int(getattr(self.vmcss[self.current], FIELDS[field]))
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
-        """VMLAUNCH/VMRESUME: run L2 to its VM exit, then continue L1 at HOST_RIP (SDM 26, 27)."""
+        """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
         self._require_vmxon(cpu)
         region = self.current
+        cpu.rip = next_rip  # where L1 continues if the entry fails
         if region is None:
             self._fail_invalid(cpu)
-            cpu.rip = next_rip
             return
         if launch == (region in self.launched):
             self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
-            cpu.rip = next_rip
             return
         vmcs = self.vmcss[region]
         if vmcs.pin_based & (Pin.EXT_INTR_EXITING | Pin.NMI_EXITING) != (
@@ -160,24 +160,40 @@ class VmxRoot:
         guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
+        self._l2 = (guest, vmcs, l1)
         try:
-            stop = guest.run(L2_BUDGET)
+            guest.enter()
         except EntryFailed as failed:
             self._leave_guest(cpu, l1)
+            self._l2 = None
             cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
             self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
-            cpu.rip = next_rip
             return
-        if stop is not None:
-            raise ModelLimit(f"L2 stopped without a VM exit ({Stop(stop).name.lower()})", cpu.rip)
         self.launched.add(region)
+        self._succeed(cpu)
+        # L1's VMLAUNCH retires when L1 runs again (run() below), as KVM's nested.py counts it
+        cpu.retired -= 1
+
+    def run(self, cpu: Cpu, max_steps: int) -> Stop:
+        """The core's run loop with VM exits from L2 turned back into L1 execution (SDM 27.5)."""
+        start = cpu.work
+        while True:
+            try:
+                return cpu.run(max(0, max_steps - (cpu.work - start)))
+            except VmExit:
+                self._exit_to_l1(cpu)
+
+    def _exit_to_l1(self, cpu: Cpu) -> None:
+        guest, vmcs, l1 = self._l2
+        self._l2 = None
+        guest.complete_exit()
         self._leave_guest(cpu, l1)
         if vmcs.exit_reason == ExitReason.EXCEPTION_NMI and vmcs.exit_intr_info & INTR_INFO_VALID and (
                 info_type(vmcs.exit_intr_info) == EventType.NMI):
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
-        self._succeed(cpu)
+        cpu.retired += 1  # L1's VMLAUNCH/VMRESUME
 
     @staticmethod
     def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:

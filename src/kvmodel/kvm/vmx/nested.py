@@ -157,6 +157,8 @@ class NestedVmx(VmxRoot):
 
     @staticmethod
     def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs) -> bool:
+        if reason is ExitReason.NOTIFY and _faults.on("notify_reflected_to_l1"):
+            return True  # v2 of the Notify series: L1 never enabled it (seed 002, Paolo Bonzini)
         if reason in _L0_ALWAYS:
             return False
         if reason in _L1_ALWAYS:
