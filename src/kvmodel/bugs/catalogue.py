@@ -130,6 +130,18 @@ CATALOGUE: tuple[Bug, ...] = (
         "Notify VM exit review (kvm-upstream.md B7: reflecting Notify to an L1 never offered it could "
         "crash L1); KVM nested_vmx_l1_wants_exit() returns false for EXIT_REASON_NOTIFY",
         ("vmx",), "scenarios/nested/notify_window_in_vmcs02.toml"),
+    Bug("nested_nmi_exit_leaves_nmis_unblocked",
+        "an NMI for L1 that becomes a VM exit from L2 is consumed but does not block NMIs, as the "
+        "hardware's NMI-caused exit does: L1 runs its exit handler open to another NMI",
+        "KVM vmx_check_nested_events(): \"The NMI-triggered VM exit counts as injection: clear this "
+        "one and block further NMIs\"; SDM 27.5.5",
+        ("vmx",), "scenarios/nested/vmx_l1_nmi_while_l2_runs.toml"),
+    Bug("nested_irq_injected_into_l2",
+        "an interrupt for L1, which exits on external interrupts, is injected into L2 instead of "
+        "ending L2's turn: L2 runs L1's interrupt handler",
+        "KVM vmx_interrupt_allowed(): \"An IRQ must not be injected into L2 if it's supposed to "
+        "VM-Exit\"; vmx_check_nested_events()",
+        ("vmx",), "scenarios/nested/vmx_l1_interrupt_while_l2_runs.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -230,9 +230,11 @@ class NestedVmx(VmxRoot):
             self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
             # The NMI-triggered exit counts as injection: consume it, block further NMIs.
             vcpu.nmi_pending -= 1
-            self.vmx.set_nmi_mask(True)
+            if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
+                self.vmx.set_nmi_mask(True)
             return True
-        if vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING:
+        if (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
+                and not _faults.on("nested_irq_injected_into_l2")):
             self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
             return True
         return False

@@ -165,6 +165,9 @@ class Vmx:
         return 0 if self.nmi_blocked() else 1
 
     def _nested_blocks(self, for_injection: bool, exit_control: Pin) -> bool:
+        """An event must not be injected into L2 if it is supposed to exit to L1."""
+        if exit_control is Pin.EXT_INTR_EXITING and _faults.on("nested_irq_injected_into_l2"):
+            return False
         n = self.nested
         return n is not None and n.guest_mode and (
             n.run_pending or (for_injection and bool(n.vmcs12.pin_based & exit_control)))
