@@ -26,7 +26,7 @@ from kvmodel.check.schedule import describe
 from kvmodel.errors import KvmodelError
 from kvmodel.guest.asm import find_binutils
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.report.explore import bugs_table, explore_dict, print_findings, print_side_by_side, summary_table
+from kvmodel.report.explore import explore_dict, print_bugs, print_findings, print_side_by_side, summary_table
 from kvmodel.report.json import JSON_SCHEMA, document
 from kvmodel.report.text import print_comparison, print_result
 from kvmodel.scenario.load import load
@@ -242,11 +242,11 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
 
 def _bugs(args: argparse.Namespace, console: Console) -> int:
     if args.bugs_command == "list":
-        console.print(bugs_table())
+        print_bugs(console)
         return Exit.OK
     checks = check_all(Path(args.out))
     table = Table(title="kvmodel bugs check")
-    table.add_column("bug", no_wrap=True)
+    table.add_column("bug", no_wrap=True, min_width=max(len(c.bug.name) for c in checks))
     for column in ("vendor", "found", "happenings", "retired", "time"):
         table.add_column(column, no_wrap=True)
 

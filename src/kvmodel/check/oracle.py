@@ -56,6 +56,11 @@ class Comparison:
         if self.divergence is not None and not self.divergence_expected:
             out.append("the guest saw something bare metal would not have shown it")
         out += [f"KVM WARN_ON reached: {w}" for w in self.virt.warnings]
+        bare_final, virt_final = self.bare.final, self.virt.final
+        if (bare_final is not None and virt_final is not None and virt_final.stop == "budget"
+                and bare_final.stop != "budget"):
+            out.append(f"liveness: bare metal stops ({bare_final.stop}); under KVM the step "
+                       "budget runs out")
         host = self.virt.host
         if host is not None:
             out += [f"host: {p}" for p in host.problems]

@@ -97,11 +97,11 @@ def print_side_by_side(console: Console, comparison: Comparison) -> None:
     console.print(table)
 
 
-def bugs_table() -> Table:
-    table = Table(title="catalogued bugs (--bug NAME)")
-    table.add_column("name", no_wrap=True)
-    for column in ("vendors", "what goes wrong", "reference"):
-        table.add_column(column)
+def print_bugs(console: Console) -> None:
+    """The catalogue, one block per bug: too much text for table columns."""
+    console.print(f"[bold]{len(CATALOGUE)} catalogued bugs[/] (switch one on with --bug NAME)")
     for bug in CATALOGUE:
-        table.add_row(bug.name, ", ".join(bug.vendors), escape(bug.summary), escape(bug.reference))
-    return table
+        console.print(f"\n[bold]{bug.name}[/] [dim]({', '.join(bug.vendors)}; "
+                      f"{escape(bug.scenario)})[/]", highlight=False)
+        console.print(f"  {escape(bug.summary)}", highlight=False)
+        console.print(f"  [dim]source:[/] {escape(bug.reference)}", highlight=False)
