@@ -14,7 +14,6 @@ from typing import ClassVar
 
 from kvmodel.arch.apic import Apic
 from kvmodel.arch.cpu import Cpu
-from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import KvmVcpuEvents
 from kvmodel.kvm.x86 import Vcpu
 
@@ -30,12 +29,12 @@ class SaveRestoreRecord:
 
 def save_restore(vcpu: Vcpu, create_vcpu: Callable[[Cpu], Vcpu]) -> Vcpu:
     """KVM_GET_* on `vcpu`, then KVM_CREATE_VCPU (`create_vcpu`) and KVM_SET_* on a fresh one."""
-    if vcpu.ops.has_nested_state:
-        raise ModelLimit("KVM_GET/SET_NESTED_STATE is not modelled: a save/restore would lose "
-                         "the L1 hypervisor's VMX state")
+    nested = vcpu.ops.get_nested_state()  # KVM_GET_NESTED_STATE (VMX)
     events = vcpu.get_vcpu_events().pack()
     vcpu.ops.sync_guest_state_to_core()  # KVM_GET_REGS: RIP, RFLAGS as KVM reports them
     new = create_vcpu(copy_registers(vcpu.cpu))
+    if nested is not None:
+        new.ops.set_nested_state(nested)  # before the events, as QEMU orders them
     new.mp_state = vcpu.mp_state  # KVM_GET/SET_MP_STATE
     new.set_vcpu_events(KvmVcpuEvents.unpack(events))
     new.cpu.trace.append(SaveRestoreRecord(vcpu.cpu.retired, events.hex()))

@@ -99,7 +99,8 @@ class Svm:
     def guest_state_protected(self) -> bool:
         return self.sev_es
 
-    has_nested_state = False  # nested SVM is not modelled
+    def get_nested_state(self) -> None:
+        return None  # nested SVM is not modelled
 
     # -- registers -----------------------------------------------------------
 

@@ -20,7 +20,7 @@ nested SVM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from kvmodel import _faults
@@ -68,6 +68,21 @@ class NestedExitRecord:
     reason: str
     rip: int
     retired: int
+
+
+@dataclass(frozen=True, slots=True)
+class NestedState:
+    """What KVM_GET_NESTED_STATE carries (struct kvm_nested_state, VMX): the VMXON and current
+    VMCS addresses, vmcs12 (here every VMCS L1 has used), and the guest-mode flags."""
+
+    vmxon_region: int
+    current: int | None
+    vmcss: tuple[tuple[int, Vmcs], ...]
+    launched: frozenset[int]
+    errors: tuple[tuple[int, int], ...]
+    guest_mode: bool
+    run_pending: bool
+    l1_idtr: tuple[int, int]  # stands for vmcs12's HOST_IDTR_BASE (host state the model keeps apart)
 
 
 class NestedVmx(VmxRoot):
@@ -218,6 +233,45 @@ class NestedVmx(VmxRoot):
             vmcs12.idt_vectoring_info = intr_info(irq.nr, type_, None)
             if irq.soft:
                 vmcs12.exit_instruction_len = vcpu.event_exit_inst_len
+
+    # -- KVM_GET/SET_NESTED_STATE ----------------------------------------------------------
+
+    def get_state(self) -> NestedState | None:
+        """vmx_get_nested_state(): in guest mode, vmcs02's L2 state is synced to vmcs12 first."""
+        if self.vmxon_region is None:
+            return None
+        if self.guest_mode:
+            self._sync_vmcs02_to_vmcs12()
+        return NestedState(self.vmxon_region, self.current,
+                           tuple((k, replace(v)) for k, v in self.vmcss.items()),
+                           frozenset(self.launched), tuple(self.errors.items()),
+                           self.guest_mode, self.run_pending, self.l1_idtr)
+
+    def _sync_vmcs02_to_vmcs12(self) -> None:
+        vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
+        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
+                     "guest_activity_state", "guest_pending_dbg_exceptions"):
+            setattr(vmcs12, name, getattr(vmcs02, name))
+        if self.run_pending:  # the entry's injection has not happened yet: it is still vmcs12's
+            return
+        vmcs12.entry_intr_info &= ~INTR_INFO_VALID
+
+    def set_state(self, state: NestedState) -> None:
+        """vmx_set_nested_state(): rebuild vmcs02 from vmcs12 and this vCPU's vmcs01."""
+        self.vmxon_region, self.current = state.vmxon_region, state.current
+        self.vmcss = {k: replace(v) for k, v in state.vmcss}
+        self.launched, self.errors = set(state.launched), dict(state.errors)
+        if not state.guest_mode:
+            return
+        vmx, cpu = self.vmx, self.vmx.guest.cpu
+        self.vmcs01, self.l1_idtr = vmx.guest.vmcs, state.l1_idtr
+        vmcs02 = self._prepare_vmcs02(self.vmcs01, self.vmcs12)
+        if not state.run_pending:
+            vmcs02.entry_intr_info = 0
+        vmx.guest.vmcs = vmcs02
+        vmx.guest.cpu_windows_changed()
+        cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
+        self.guest_mode, self.run_pending = True, state.run_pending
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 

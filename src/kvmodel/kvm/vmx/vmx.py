@@ -34,10 +34,10 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit, ShadowBits
+from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, InvalidArgument, KvmExit, ShadowBits
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
-from kvmodel.kvm.vmx.nested import NestedVmx
+from kvmodel.kvm.vmx.nested import NestedState, NestedVmx
 from kvmodel.kvm.x86 import BUDGET, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
@@ -91,10 +91,14 @@ class Vmx:
 
     guest_state_protected = False  # TDX is not modelled
 
-    @property
-    def has_nested_state(self) -> bool:
-        """What KVM_GET_NESTED_STATE would have to carry: L1 is in VMX operation."""
-        return self.nested is not None and self.nested.vmxon_region is not None
+    def get_nested_state(self) -> NestedState | None:
+        """KVM_GET_NESTED_STATE: None when L1 is not in VMX operation."""
+        return self.nested.get_state() if self.nested is not None else None
+
+    def set_nested_state(self, state: NestedState) -> None:
+        if self.nested is None:
+            raise InvalidArgument("KVM_SET_NESTED_STATE without nested VMX (kvm_intel.nested=0)")
+        self.nested.set_state(state)
 
     # -- registers -----------------------------------------------------------
 
