@@ -13,7 +13,6 @@ raises #PF on any access.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -83,9 +82,8 @@ class Machine:
     fred: FredMsrs | None = None  # CR4.FRED=1 with these MSRs
 
 
-@functools.lru_cache(maxsize=64)
-def initial_memory(machine: Machine) -> bytes:
-    """The memory image a machine starts with: code, IDT and TSS (built once per machine)."""
+def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
+    """A CPU at the guest's entry point with memory, IDT and TSS set up."""
     mode = machine.mode
     mem = bytearray(machine.memory_size)
     mem[machine.base:machine.base + len(machine.image)] = machine.image
@@ -96,13 +94,6 @@ def initial_memory(machine: Machine) -> bytes:
         tops = {k: IST_STACK_BASE + k * PAGE for k in range(1, 8)} | dict(machine.ist)
         for k, top in tops.items():
             mem[TSS_BASE + 0x24 + 8 * (k - 1):TSS_BASE + 0x2C + 8 * (k - 1)] = top.to_bytes(8, "little")
-    return bytes(mem)
-
-
-def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
-    """A CPU at the guest's entry point with memory, IDT and TSS set up."""
-    mode = machine.mode
-    mem = bytearray(initial_memory(machine))
     cpu = Cpu(mode, mem, not_present=machine.not_present,
               sti_blocks_nmi=machine.sti_blocks_nmi, record_instructions=record_instructions)
     cpu.idtr_base = IDT_BASE

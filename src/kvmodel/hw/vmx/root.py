@@ -142,14 +142,9 @@ class VmxRoot:
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
-        self._require_vmxon(cpu)
-        region = self.current
         cpu.rip = next_rip  # where L1 continues if the entry fails
+        region = self._entry_region(cpu, launch)
         if region is None:
-            self._fail_invalid(cpu)
-            return
-        if launch == (region in self.launched):
-            self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
             return
         vmcs = self.vmcss[region]
         if vmcs.pin_based & (Pin.EXT_INTR_EXITING | Pin.NMI_EXITING) != (
@@ -194,6 +189,17 @@ class VmxRoot:
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
         cpu.retired += 1  # L1's VMLAUNCH/VMRESUME
+
+    def _entry_region(self, cpu: Cpu, launch: bool) -> int | None:
+        """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail (SDM 30.3)."""
+        self._require_vmxon(cpu)
+        region = self.current
+        if region is None:
+            self._fail_invalid(cpu)
+        elif launch == (region in self.launched):
+            self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
+            return None
+        return region
 
     @staticmethod
     def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:

@@ -27,7 +27,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import Shadow
-from kvmodel.hw.vmx.root import VmxError, VmxRoot
+from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     INTR_INFO_VALID,
     ExitReason,
@@ -51,6 +51,9 @@ _L0_ALWAYS = (ExitReason.EXTERNAL_INTERRUPT, ExitReason.EPT_VIOLATION, ExitReaso
 _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitReason.VMPTRLD,
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
               ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
+# L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
+_L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
+             "guest_activity_state", "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
     ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
@@ -104,14 +107,8 @@ class NestedVmx(VmxRoot):
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """Emulated VM entry: VMfail with RIP advanced, or switch to vmcs02 with RIP unchanged."""
-        self._require_vmxon(cpu)
-        region = self.current
-        if region is None or launch == (region in self.launched):
-            if region is None:
-                self._fail_invalid(cpu)
-            else:
-                self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch
-                                 else VmxError.VMRESUME_NOT_LAUNCHED)
+        region = self._entry_region(cpu, launch)
+        if region is None:
             self._skip_l1(cpu, next_rip)
             cpu.retired += 1
             return
@@ -149,10 +146,8 @@ class NestedVmx(VmxRoot):
             # prepare_vmcs02_constant_state(): L0's window, or L1 escapes it by running its loop in L2
             vmcs02.secondary_exec = vmcs01.secondary_exec & Secondary.NOTIFY_VM_EXITING
             vmcs02.notify_window = vmcs01.notify_window
-        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
-                     "guest_activity_state", "guest_pending_dbg_exceptions", "guest_idtr_base",
-                     "guest_idtr_limit", "entry_intr_info", "entry_exception_error_code",
-                     "entry_instruction_len"):
+        for name in _L2_STATE + ("guest_idtr_base", "guest_idtr_limit", "entry_intr_info",
+                                 "entry_exception_error_code", "entry_instruction_len"):
             setattr(vmcs02, name, getattr(vmcs12, name))
         return vmcs02
 
@@ -191,16 +186,13 @@ class NestedVmx(VmxRoot):
                    vectoring_error: int = 0) -> None:
         """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
         vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
-        vmcs02, vmcs12 = vmx.vmcs, self.vmcs12
+        vmcs12 = self.vmcs12
         vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
         vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
         vmcs12.exit_instruction_len = insn_len
         vmcs12.idt_vectoring_info, vmcs12.idt_vectoring_error_code = vectoring, vectoring_error
         self._save_pending_event(vmcs12)
-        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
-                     "guest_activity_state", "guest_pending_dbg_exceptions"):
-            setattr(vmcs12, name, getattr(vmcs02, name))
-        vmcs12.entry_intr_info &= ~INTR_INFO_VALID
+        self._sync_vmcs02_to_vmcs12()
         vmcs01 = self.vmcs01
         vmcs01.guest_rip, vmcs01.guest_rsp = vmcs12.host_rip, vmcs12.host_rsp
         vmcs01.guest_rflags = 0x2  # SDM 27.5.3
@@ -248,9 +240,9 @@ class NestedVmx(VmxRoot):
                            self.guest_mode, self.run_pending, self.l1_idtr)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
+        """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done."""
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
-        for name in ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
-                     "guest_activity_state", "guest_pending_dbg_exceptions"):
+        for name in _L2_STATE:
             setattr(vmcs12, name, getattr(vmcs02, name))
         if self.run_pending:  # the entry's injection has not happened yet: it is still vmcs12's
             return
