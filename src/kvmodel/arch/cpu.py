@@ -24,7 +24,7 @@ from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.host import Host, HostExit, VmxInstructions
+from kvmodel.arch.host import Host, HostExit, SvmInstructions, VmxInstructions
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
@@ -92,7 +92,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx",
+        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm", "gif",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -155,6 +155,10 @@ class Cpu:
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
         self.vmx: VmxInstructions | None = None  # VMX root operation, for an L1 on the model
+        self.svm: SvmInstructions | None = None  # SVM host mode, for an L1 on the model
+        # GIF (APM 15.17): clear, it holds NMIs and interrupts. In an SVM guest it
+        # stands for vGIF's V_GIF; otherwise only CLGI clears it.
+        self.gif = True
 
     # -- memory --------------------------------------------------------------
 
@@ -271,9 +275,9 @@ class Cpu:
         self.attn = True
 
     def nmi_can_be_taken(self) -> bool:
-        """NMIs are unblocked and no shadow holds them (SDM 6.7.1, 6.8.3)."""
+        """NMIs are unblocked, GIF is set and no shadow holds them (SDM 6.7.1, 6.8.3; APM 15.17)."""
         shadow = self.shadow
-        return not self.nmi_blocked and not (
+        return not self.nmi_blocked and self.gif and not (
             shadow is Shadow.MOV_SS or (shadow is Shadow.STI and self.sti_blocks_nmi))
 
     def raise_nmi(self) -> ArrivalFate:
@@ -342,7 +346,7 @@ class Cpu:
             return Source.DEBUG_TRAP
         if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
-        if (self.rflags & IF and shadow is Shadow.NONE and self.apic_delivers
+        if (self.rflags & IF and shadow is Shadow.NONE and self.apic_delivers and self.gif
                 and self.apic.pending_vector() is not None):
             return Source.INTR
         if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):

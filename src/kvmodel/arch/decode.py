@@ -58,6 +58,11 @@ _EXITING = {
     iced.Mnemonic.VMRESUME: Exiting.VMRESUME,
     iced.Mnemonic.VMWRITE: Exiting.VMWRITE,
     iced.Mnemonic.VMXON: Exiting.VMXON,
+    iced.Mnemonic.VMRUN: Exiting.VMRUN,
+    iced.Mnemonic.VMLOAD: Exiting.VMLOAD,
+    iced.Mnemonic.VMSAVE: Exiting.VMSAVE,
+    iced.Mnemonic.STGI: Exiting.STGI,
+    iced.Mnemonic.CLGI: Exiting.CLGI,
 }
 
 

@@ -35,6 +35,7 @@ from kvmodel.arch.regs import (
     CODE_SELECTOR,
     DATA_SELECTOR,
     DF,
+    EFER_SVME,
     ID,
     IF,
     IOPL,
@@ -523,6 +524,52 @@ def build_vmentry(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def _svm_enabled(c) -> None:
+    """The SVM instructions are #UD with EFER.SVME clear (APM 15.4); the model runs at CPL 0."""
+    if not c.efer & EFER_SVME:
+        raise Fault(Vec.UD)
+
+
+def build_vmrun(i: iced.Instruction, mode: Mode) -> Run:
+    """VMRUN rAX: the guest runs until a #VMEXIT brings the CPU back after the VMRUN."""
+    nxt = i.next_ip
+
+    def run(c):
+        _svm_enabled(c)
+        if c.svm is None:
+            raise ModelLimit("VMRUN without an SVM hardware model", c.rip)
+        c.svm.vmrun(c, c.regs[RAX] & c.addr_mask, nxt)
+
+    return run
+
+
+def build_vmload_vmsave(i: iced.Instruction, mode: Mode) -> Run:
+    """VMLOAD / VMSAVE move FS, GS, TR, LDTR and the SYSCALL MSRs, none of which the model has."""
+    nxt = i.next_ip
+
+    def run(c):
+        _svm_enabled(c)
+        if c.regs[RAX] & 0xFFF:
+            raise Fault(Vec.GP, 0)  # rAX must be 4K-aligned (APM Vol.3 VMLOAD)
+        c.rip = nxt
+
+    return run
+
+
+def build_gif(i: iced.Instruction, mode: Mode) -> Run:
+    """STGI / CLGI set or clear GIF (APM 15.17); a guest with vGIF flips its V_GIF instead."""
+    nxt = i.next_ip
+    value = i.mnemonic == Mnemonic.STGI
+
+    def run(c):
+        _svm_enabled(c)
+        c.gif = value
+        c.attn = True
+        c.rip = nxt
+
+    return run
+
+
 def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
     """VMGEXIT (REP VMMCALL): a GHCB request, answered as the GHCB specification says."""
     nxt = i.next_ip
@@ -678,6 +725,8 @@ def _write_msr(c, msr: int, value: int) -> None:
         c.attn = True
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         c.ghcb_msr = value
+    elif msr == IA32_EFER and c.svm is not None and value ^ c.efer == EFER_SVME:
+        c.efer = value  # the SVM instructions come and go with EFER.SVME (APM 15.4)
     elif msr in (IA32_APIC_BASE, IA32_EFER):
         if value != _read_msr(c, msr):
             raise ModelLimit(f"changing MSR {msr:#x} is not modelled", c.rip)
@@ -771,6 +820,8 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
     Mnemonic.VMGEXIT: build_vmgexit,
+    Mnemonic.VMRUN: build_vmrun, Mnemonic.VMLOAD: build_vmload_vmsave,
+    Mnemonic.VMSAVE: build_vmload_vmsave, Mnemonic.STGI: build_gif, Mnemonic.CLGI: build_gif,
     Mnemonic.VMXON: build_vmx_region, Mnemonic.VMCLEAR: build_vmx_region,
     Mnemonic.VMPTRLD: build_vmx_region, Mnemonic.VMWRITE: build_vmwrite,
     Mnemonic.VMREAD: build_vmread, Mnemonic.VMLAUNCH: build_vmentry, Mnemonic.VMRESUME: build_vmentry,

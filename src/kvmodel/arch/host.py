@@ -59,6 +59,11 @@ class Exiting(IntEnum):
     VMRESUME = 15
     VMWRITE = 16
     VMXON = 17
+    VMRUN = 18  # the SVM instructions, each with its own intercept (APM 15.5, 15.17)
+    VMLOAD = 19
+    VMSAVE = 20
+    STGI = 21
+    CLGI = 22
 
 
 class VmxInstructions(Protocol):
@@ -75,6 +80,16 @@ class VmxInstructions(Protocol):
     def vmwrite(self, cpu: Cpu, field: int, value: int) -> None: ...
     def vmread(self, cpu: Cpu, field: int) -> int | None: ...
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None: ...
+
+
+class SvmInstructions(Protocol):
+    """SVM host mode (APM 15.5), for an L1 hypervisor running on the hardware model.
+
+    `cpu.svm` is None unless the CPU has SVM; EFER.SVME gates the instructions
+    (#UD when clear). STGI and CLGI only set `cpu.gif`.
+    """
+
+    def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None: ...
 
 
 class Host(Protocol):

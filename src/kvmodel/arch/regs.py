@@ -57,6 +57,7 @@ DR6_B0_B3 = 0xF
 DR6_BD = 1 << 13
 DR6_BS = 1 << 14
 DR6_RESET = 0xFFFF0FF0  # reserved bits read as 1 (SDM 17.2.3)
+EFER_SVME = 1 << 12  # the SVM instructions are enabled (APM 15.4)
 DR7_RESET = 0x400
 DR7_GD = 1 << 13
 

@@ -26,6 +26,8 @@ from kvmodel.hw.svm.vmcb import (
     NPF_FETCH,
     NPF_GUEST_FINAL,
     NPF_WRITE,
+    V_GIF,
+    V_GIF_ENABLE,
     V_IRQ,
     V_NMI_BLOCKING,
     V_NMI_ENABLE,
@@ -48,6 +50,11 @@ _INSTRUCTION_EXITS = {
     Exiting.CR8_WRITE: (Intercept.CR8_WRITE, ExitCode.WRITE_CR8),
     Exiting.IRET: (Intercept.IRET, ExitCode.IRET),
     Exiting.INT_N: (Intercept.INTN, ExitCode.SWINT),
+    Exiting.VMRUN: (Intercept.VMRUN, ExitCode.VMRUN),
+    Exiting.VMLOAD: (Intercept.VMLOAD, ExitCode.VMLOAD),
+    Exiting.VMSAVE: (Intercept.VMSAVE, ExitCode.VMSAVE),
+    Exiting.STGI: (Intercept.STGI, ExitCode.STGI),
+    Exiting.CLGI: (Intercept.CLGI, ExitCode.CLGI),
 }
 _NEXT_RIP_EXCEPTIONS = (Vec.BP, Vec.OF)  # with BOUND, the exceptions that save nRIP (15.7.1)
 _NOT_EXCEPTIONS = (Vec.NMI, 9, 15)  # NMI and reserved vectors below 32
@@ -69,26 +76,47 @@ class SvmGuest(GuestMode):
 
     def run(self, max_steps: int) -> Stop | None:
         """VMRUN: load, inject EVENTINJ, run to the next #VMEXIT (None) or the budget's end."""
-        self._check_event_inj()
+        self.check_vmcb()
         self._load_guest_state()
         try:
-            if self.vmcb.event_inj & EVTINJ_VALID:
-                self._inject()
+            self.inject()
             stop = self.cpu.run(max_steps)
         except VmExit:
-            self._complete_exit()
+            self.complete_exit()
+            return None
+        if self.exit_on_stop(stop):
             return None
         if stop is Stop.SHUTDOWN:
-            if Intercept.SHUTDOWN in self.vmcb.intercepts:
-                self._exit(ExitCode.SHUTDOWN, Where.BOUNDARY, raise_=False)
-                self._complete_exit()
-                return None
             return stop
         if stop is Stop.HALTED:
             raise EntryFailed("guest halted with the HLT intercept off: not modelled")
+        self.save_at_stop()
+        return stop
+
+    def enter(self) -> None:
+        """VMRUN for an L1 on the model (hw/svm/root.py): the injection may already exit."""
+        self.check_vmcb()
+        self._load_guest_state()
+        self.inject()
+
+    def exit_on_stop(self, stop: Stop) -> bool:
+        """A shutdown in the guest is a #VMEXIT when intercepted (APM 15.13.5)."""
+        if stop is not Stop.SHUTDOWN or Intercept.SHUTDOWN not in self.vmcb.intercepts:
+            return False
+        self._exit(ExitCode.SHUTDOWN, Where.BOUNDARY, raise_=False)
+        self.complete_exit()
+        return True
+
+    def save_at_stop(self) -> None:
+        """The run ended with the guest still in (budget): the VMCB shows its state."""
         self._save_guest_state(Where.BOUNDARY)
         self._save_vnmi(None)
-        return stop
+
+    def check_vmcb(self) -> None:
+        """VMRUN's consistency checks on what the model has (APM 15.5.1): VMEXIT_INVALID."""
+        if Intercept.VMRUN not in self.vmcb.intercepts:
+            raise EntryFailed("the VMRUN intercept is clear")
+        self._check_event_inj()
 
     def _check_event_inj(self) -> None:
         """VMRUN fails on reserved types and on exceptions with a non-exception vector (15.20)."""
@@ -115,6 +143,8 @@ class SvmGuest(GuestMode):
         else:
             cpu.shadow = self._saved_shadow if self._saved_shadow is not Shadow.NONE else Shadow.STI
         cpu.halted = False
+        # vGIF (APM 15.33): STGI/CLGI in the guest flip V_GIF, which gates virtual interrupts and vNMI
+        cpu.gif = bool(vmcb.int_ctl & V_GIF) if vmcb.int_ctl & V_GIF_ENABLE else True
         self._load_vnmi()
         self.intercepts_changed()
 
@@ -149,10 +179,12 @@ class SvmGuest(GuestMode):
         self.cpu.host_attn = Intercept.VINTR in self.vmcb.intercepts and bool(self.vmcb.int_ctl & V_IRQ)
         self.cpu.attn = True
 
-    def _inject(self) -> None:
+    def inject(self) -> None:
         """Deliver EVENTINJ through the guest IDT; software events return to nRIP (15.7.1)."""
         cpu, vmcb = self.cpu, self.vmcb
         word = vmcb.event_inj
+        if not word & EVTINJ_VALID:
+            return
         vector, inj = word & 0xFF, EventInjType((word >> 8) & 7)
         error = vmcb.event_inj_err if word & EVTINJ_VALID_ERR else None
         if inj is EventInjType.INTR:
@@ -182,7 +214,7 @@ class SvmGuest(GuestMode):
         if raise_:
             raise VmExit
 
-    def _complete_exit(self) -> None:
+    def complete_exit(self) -> None:
         """After the core unwound: EXITINTINFO and the guest state (15.7.2)."""
         vmcb, cpu = self.vmcb, self.cpu
         vectoring = cpu.vectoring
@@ -210,6 +242,8 @@ class SvmGuest(GuestMode):
 
     def _save_guest_state(self, where: Where) -> None:
         cpu, vmcb = self.cpu, self.vmcb
+        if vmcb.int_ctl & V_GIF_ENABLE:
+            vmcb.int_ctl = vmcb.int_ctl | V_GIF if cpu.gif else vmcb.int_ctl & ~V_GIF
         shadow = shadow_at(cpu, where)
         self._saved_shadow = shadow
         vmcb.int_state = INTERRUPT_SHADOW if shadow is not Shadow.NONE else 0
@@ -253,7 +287,7 @@ class SvmGuest(GuestMode):
         if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
             self._exit(ExitCode.INTR, Where.BOUNDARY)
         if (vmcb.int_ctl & V_IRQ and Intercept.VINTR in vmcb.intercepts and cpu.rflags & IF
-                and cpu.shadow is Shadow.NONE):
+                and cpu.shadow is Shadow.NONE and cpu.gif):
             self._exit(ExitCode.VINTR, Where.BOUNDARY)
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:

@@ -17,12 +17,14 @@ EVTINJ_VALID = 1 << 31
 EVTINJ_VALID_ERR = 1 << 11
 V_TPR_MASK = 0xF
 V_IRQ = 1 << 8
+V_GIF = 1 << 9  # vGIF (APM 15.33): the guest's GIF, when V_GIF_ENABLE
 V_INTR_PRIO_SHIFT = 16
 V_INTR_PRIO_MASK = 0xF << V_INTR_PRIO_SHIFT
 V_NMI_PENDING = 1 << 11  # vNMI (APM 15.21.10): an NMI waits for the CPU to take it
 V_NMI_BLOCKING = 1 << 12  # the guest is in an NMI handler (APM name V_NMI_MASK)
 V_IGN_TPR = 1 << 20
 V_INTR_MASKING = 1 << 24
+V_GIF_ENABLE = 1 << 25
 V_NMI_ENABLE = 1 << 26
 INTERRUPT_SHADOW = 1 << 0  # int_state bit 0
 GUEST_INTERRUPT_MASK = 1 << 1  # int_state bit 1: RFLAGS.IF, for guests whose state is encrypted
@@ -56,26 +58,41 @@ class ExitCode(IntEnum):
     MSR = 0x07C
     SHUTDOWN = 0x07F
     ICEBP = 0x088
+    VMRUN = 0x080
+    VMMCALL = 0x081
+    VMLOAD = 0x082
+    VMSAVE = 0x083
+    STGI = 0x084
+    CLGI = 0x085
     NPF = 0x400
     VMGEXIT = 0x403
+    INVALID = -1  # VMRUN refused the VMCB (VMEXIT_INVALID, Linux SVM_EXIT_ERR)
 
 
 class Intercept(IntEnum):
-    """Instruction and event intercepts (APM 15.9-15.13), as set members."""
+    """Intercept bits, numbered by their place in the VMCB's intercept words (APM Appendix B,
+    Table B-1; Linux INTERCEPT_*): word 0 CR reads/writes, word 1 DR, word 3 events and
+    instructions, word 4 the SVM instructions. Word 2 (exceptions) is kept apart."""
 
-    INTR = 0
-    NMI = 1
-    VINTR = 4
-    CR8_WRITE = 8
-    IRET = 20
-    INTN = 21
-    CPUID = 22
-    HLT = 24
-    IOIO = 27
-    MSR = 28
-    SHUTDOWN = 31
-    ICEBP = 40
-    DR7_WRITE = 0x100 + 23  # the CR/DR word at 0x004, bit 23 (numbered apart from 0x00C/0x010)
+    CR8_WRITE = 16 + 8
+    DR7_WRITE = 32 + 16 + 7
+    INTR = 96
+    NMI = 97
+    VINTR = 100
+    CPUID = 96 + 18
+    IRET = 96 + 20
+    INTN = 96 + 21
+    HLT = 96 + 24
+    IOIO = 96 + 27
+    MSR = 96 + 28
+    SHUTDOWN = 96 + 31
+    VMRUN = 128
+    VMMCALL = 129
+    VMLOAD = 130
+    VMSAVE = 131
+    STGI = 132
+    CLGI = 133
+    ICEBP = 128 + 8
 
 
 def event_inj_type(type_: EventType) -> EventInjType:
@@ -126,3 +143,85 @@ class Vmcb:
     rsp: int = 0
     rflags: int = 0x2
     dr6: int = 0xFFFF0FF0  # the hardware DR6 while the guest runs; KVM keeps the guest's own
+    # save-area fields VMRUN and #VMEXIT move for an L1's VMCB; the core holds them otherwise
+    rax: int = 0
+    idtr_base: int = 0
+    idtr_limit: int = 0
+    efer: int = 0
+
+
+class Offset(IntEnum):
+    """Byte offsets in a VMCB in memory (APM Appendix B, Tables B-1 and B-2)."""
+
+    INTERCEPT_CR = 0x000
+    INTERCEPT_DR = 0x004
+    INTERCEPT_EXCEPTIONS = 0x008
+    INTERCEPT_WORD3 = 0x00C
+    INTERCEPT_WORD4 = 0x010
+    INT_CTL = 0x060
+    INT_VECTOR = 0x064
+    INT_STATE = 0x068
+    EXIT_CODE = 0x070
+    EXIT_INFO_1 = 0x078
+    EXIT_INFO_2 = 0x080
+    EXIT_INT_INFO = 0x088
+    EXIT_INT_INFO_ERR = 0x08C
+    EVENT_INJ = 0x0A8
+    EVENT_INJ_ERR = 0x0AC
+    NEXT_RIP = 0x0C8
+    IDTR_LIMIT = 0x484
+    IDTR_BASE = 0x488
+    EFER = 0x4D0
+    RFLAGS = 0x570
+    RIP = 0x578
+    RSP = 0x5D8
+    RAX = 0x5F8
+
+
+_WIDTH = {Offset.INT_CTL: 4, Offset.INT_VECTOR: 4, Offset.INT_STATE: 4, Offset.EXIT_INT_INFO: 4,
+          Offset.EXIT_INT_INFO_ERR: 4, Offset.EVENT_INJ: 4, Offset.EVENT_INJ_ERR: 4,
+          Offset.IDTR_LIMIT: 4}  # the rest are 8 bytes wide
+# Vmcb attribute <- offset, for what VMRUN reads (besides the intercepts) and #VMEXIT writes.
+_VMRUN_READS = {Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
+                Offset.INT_STATE: "int_state", Offset.EVENT_INJ: "event_inj",
+                Offset.EVENT_INJ_ERR: "event_inj_err", Offset.NEXT_RIP: "next_rip",
+                Offset.IDTR_LIMIT: "idtr_limit", Offset.IDTR_BASE: "idtr_base",
+                Offset.EFER: "efer", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
+                Offset.RSP: "rsp", Offset.RAX: "rax"}
+_VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
+                  Offset.EXIT_CODE: "exit_code", Offset.EXIT_INFO_1: "exit_info_1",
+                  Offset.EXIT_INFO_2: "exit_info_2", Offset.EXIT_INT_INFO: "exit_int_info",
+                  Offset.EXIT_INT_INFO_ERR: "exit_int_info_err", Offset.EVENT_INJ: "event_inj",
+                  Offset.NEXT_RIP: "next_rip", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
+                  Offset.RSP: "rsp", Offset.RAX: "rax"}
+VMCB_SIZE = 0x1000
+
+
+def read_field(mem: bytearray, vmcb_pa: int, offset: Offset) -> int:
+    at = vmcb_pa + offset
+    return int.from_bytes(mem[at:at + _WIDTH.get(offset, 8)], "little")
+
+
+def write_field(mem: bytearray, vmcb_pa: int, offset: Offset, value: int) -> None:
+    width = _WIDTH.get(offset, 8)
+    at = vmcb_pa + offset
+    mem[at:at + width] = (value & ((1 << 8 * width) - 1)).to_bytes(width, "little")
+
+
+def read_vmcb(mem: bytearray, vmcb_pa: int) -> Vmcb:
+    """The VMCB fields VMRUN uses, as a processor reads them from memory (APM 15.5.1)."""
+    vmcb = Vmcb()
+    words = [read_field(mem, vmcb_pa, offset) & 0xFFFFFFFF for offset in (
+        Offset.INTERCEPT_CR, Offset.INTERCEPT_DR, Offset.INTERCEPT_EXCEPTIONS,
+        Offset.INTERCEPT_WORD3, Offset.INTERCEPT_WORD4)]
+    vmcb.intercepts = {bit for bit in Intercept if words[bit // 32] >> (bit % 32) & 1}
+    vmcb.exception_intercepts = words[2]
+    for offset, name in _VMRUN_READS.items():
+        setattr(vmcb, name, read_field(mem, vmcb_pa, offset))
+    return vmcb
+
+
+def write_exit(mem: bytearray, vmcb_pa: int, vmcb: Vmcb) -> None:
+    """#VMEXIT's writes to the VMCB in memory: guest state and the exit fields (APM 15.6)."""
+    for offset, name in _VMEXIT_WRITES.items():
+        write_field(mem, vmcb_pa, offset, getattr(vmcb, name))

@@ -43,7 +43,8 @@ from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, Request, UserspaceExit, Vcpu
 # init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
 EXCEPTION_INTERCEPTS = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.AC) | (1 << Vec.DB)
 INTERCEPTS = {Intercept.INTR, Intercept.NMI, Intercept.SHUTDOWN, Intercept.HLT, Intercept.CPUID,
-              Intercept.IOIO, Intercept.MSR, Intercept.CR8_WRITE}
+              Intercept.IOIO, Intercept.MSR, Intercept.CR8_WRITE, Intercept.VMRUN,
+              Intercept.VMLOAD, Intercept.VMSAVE}
 _INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRITE_CR8)
 
 
