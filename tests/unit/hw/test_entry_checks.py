@@ -6,7 +6,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import IF
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.svm.cpu import SvmGuest
-from kvmodel.hw.svm.vmcb import EVTINJ_VALID
+from kvmodel.hw.svm.vmcb import EVTINJ_VALID, Intercept
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, Interruptibility, intr_info
 from kvmodel.scenario.load import parse
@@ -68,6 +68,13 @@ def test_vmx_entry_accepts_and_delivers_an_nmi():
 def test_svm_vmrun_refuses(word, message):
     cpu, _ = prepare(parse(GUEST, "unit.toml"))
     guest = SvmGuest(cpu)
+    guest.vmcb.intercepts.add(Intercept.VMRUN)
     guest.vmcb.event_inj = word
     with pytest.raises(EntryFailed, match=message):
         guest.run(10)
+
+
+def test_svm_vmrun_needs_the_vmrun_intercept():
+    cpu, _ = prepare(parse(GUEST, "unit.toml"))
+    with pytest.raises(EntryFailed, match="VMRUN intercept"):
+        SvmGuest(cpu).run(10)  # APM 15.5.1: VMEXIT_INVALID
