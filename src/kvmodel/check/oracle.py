@@ -107,7 +107,9 @@ def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
     if vendor is Vendor.VMX and dict(scenario.kvm_params).get("sev_es"):
         return "sev_es = true: SEV-ES is an AMD (SVM) guest type"
     if vendor is Vendor.SVM and scenario.vmx:
-        return "[cpu] vmx = true: an Intel VMX L1 does not run on AMD SVM (nested SVM is not modelled)"
+        return "[cpu] vmx = true: an Intel VMX L1 does not run on AMD SVM"
+    if vendor is Vendor.VMX and scenario.svm:
+        return "[cpu] svm = true: an AMD SVM L1 does not run on Intel VMX"
     if vendor is Vendor.SVM and scenario.fred is not None:
         return "[fred]: KVM runs FRED guests on VMX only (the model has no SVM FRED)"
     return None

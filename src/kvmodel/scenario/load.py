@@ -51,9 +51,9 @@ DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss", "fred",
             "memory", "happen", "expect", "explore")
-# kvm_amd.nrips/vnmi/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
+# kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), and the SEV-ES VM type
-KVM_PARAMS = ("nrips", "vnmi", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
+KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
               "host_fred")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
@@ -116,7 +116,11 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     if not isinstance(code, str) or not code.strip():
         raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
     cpu = _table(ctx, data, "cpu")
-    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx"), "cpu")
+    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx", "svm"),
+             "cpu")
+    if cpu.get("vmx") and cpu.get("svm"):
+        raise ctx.error("[cpu] vmx and svm are both true: an L1 hypervisor uses one of them",
+                        "cpu", "svm")
     memory = _table(ctx, data, "memory")
     ctx.keys(memory, ("not_present",), "memory")
     return Scenario(
@@ -138,6 +142,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         not_present=_not_present(ctx, memory),
         sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
         vmx=_bool(ctx, cpu, "vmx", "cpu", default=False),
+        svm=_bool(ctx, cpu, "svm", "cpu", default=False),
         max_steps=_int(ctx, data, "max_steps", None, default=DEFAULT_MAX_STEPS),
         happenings=_happenings(ctx, data.get("happen", [])),
         host=_host_happenings(ctx, data.get("happen", [])),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
-from kvmodel.arch.cpu import Cpu, Scheduled
+from kvmodel.arch.cpu import Cpu, Scheduled, Stop
 from kvmodel.arch.events import EventType, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
@@ -16,6 +16,7 @@ from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
+from kvmodel.hw.svm.root import SvmRoot
 from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
@@ -155,6 +156,8 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
     cpu = build_cpu(machine, record_instructions=record_instructions)
     if scenario.vmx:
         VmxRoot(cpu)  # L1 runs its VMX instructions on the hardware model
+    if scenario.svm:
+        SvmRoot(cpu)  # L1 runs VMRUN on the hardware model
     cpu.schedule([Scheduled(h.event, h.vector, h.after,
                             resolve(h.at, h.line) if h.at is not None else None)
                   for h in scenario.happenings])
@@ -188,8 +191,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     host = None
     try:
         if vendor is Vendor.BARE:
-            # an L1 hypervisor's VM exits return to it inside VmxRoot.run()
-            stop = (cpu.vmx.run(cpu, steps) if scenario.vmx else cpu.run(steps)).name.lower()
+            stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
                                                                      vendor, steps)
@@ -204,6 +206,15 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
                      vendor, cpu.mem, stats, error, warnings, host)
 
 
+def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
+    """An L1 hypervisor's VM exits return to it inside the root's run loop."""
+    if scenario.vmx:
+        return cpu.vmx.run(cpu, steps)
+    if scenario.svm:
+        return cpu.svm.run(cpu, steps)
+    return cpu.run(steps)
+
+
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
                    steps: int) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                                          tuple[str, ...], HostTime]:
@@ -214,7 +225,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
     params = dict(scenario.kvm_params)
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
-                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False))
+                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
+                    vgif=params.get("vgif", True), nested=scenario.svm)
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
                     intercept_db=params.get("intercept_db", True),
                     host_fred=params.get("host_fred", False), nested=scenario.vmx)

@@ -163,3 +163,4 @@ class Scenario:
     stats: tuple[ExpectedStats, ...] = ()
     fred: FredSpec | None = None
     vmx: bool = False  # the CPU may enter VMX operation: the guest is an L1 hypervisor
+    svm: bool = False  # the CPU has SVM (EFER.SVME can be set): the guest is an L1 hypervisor

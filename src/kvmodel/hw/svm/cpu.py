@@ -85,6 +85,7 @@ class SvmGuest(GuestMode):
             self.complete_exit()
             return None
         if self.exit_on_stop(stop):
+            self.complete_exit()
             return None
         if stop is Stop.SHUTDOWN:
             return stop
@@ -100,11 +101,11 @@ class SvmGuest(GuestMode):
         self.inject()
 
     def exit_on_stop(self, stop: Stop) -> bool:
-        """A shutdown in the guest is a #VMEXIT when intercepted (APM 15.13.5)."""
+        """A shutdown in the guest is a #VMEXIT when intercepted (APM 15.13.5); complete_exit()
+        follows."""
         if stop is not Stop.SHUTDOWN or Intercept.SHUTDOWN not in self.vmcb.intercepts:
             return False
         self._exit(ExitCode.SHUTDOWN, Where.BOUNDARY, raise_=False)
-        self.complete_exit()
         return True
 
     def save_at_stop(self) -> None:

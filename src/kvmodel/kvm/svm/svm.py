@@ -1,8 +1,8 @@
 """kvm_amd's event code (arch/x86/kvm/svm/svm.c), over the SVM model in hw/svm.
 
-Module parameters: `nrips` (use the CPU's next-RIP save), `vnmi`,
-`debug_swap` (SEV-ES guests own DR0-3/DR7); `sev_es` is the VM type
-(KVM_SEV_ES_INIT), see sev.py. Without vNMI,
+Module parameters: `nrips` (use the CPU's next-RIP save), `vnmi`, `vgif`,
+`nested` (nested.py), `debug_swap` (SEV-ES guests own DR0-3/DR7); `sev_es`
+is the VM type (KVM_SEV_ES_INIT), see sev.py. Without vNMI,
 KVM tracks NMI masking itself: `nmi_masked`, the IRET intercept,
 `awaiting_iret_completion` until RIP moves past the IRET, and single-step
 (TF|RF) to get an exit as soon as a blocked NMI could be taken.
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from kvmodel import _faults
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import IF, RF, RSP, TF
+from kvmodel.arch.regs import EFER_SVME, IF, RAX, RF, RSP, TF
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
@@ -23,6 +24,8 @@ from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID_ERR,
     GUEST_INTERRUPT_MASK,
     INTERRUPT_SHADOW,
+    V_GIF,
+    V_GIF_ENABLE,
     V_IGN_TPR,
     V_INTR_MASKING,
     V_INTR_PRIO_MASK,
@@ -32,19 +35,22 @@ from kvmodel.hw.svm.vmcb import (
     V_NMI_ENABLE,
     V_NMI_PENDING,
     EventInjType,
+    VMCB_SIZE,
     ExitCode,
     Intercept,
     encode,
 )  # fmt: skip
 from kvmodel.kvm.svm import sev
+from kvmodel.kvm.svm.nested import NestedSvm
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
-from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, Request, UserspaceExit, Vcpu, exception_is_soft
+from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
 
 # init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
 EXCEPTION_INTERCEPTS = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.AC) | (1 << Vec.DB)
 INTERCEPTS = {Intercept.INTR, Intercept.NMI, Intercept.SHUTDOWN, Intercept.HLT, Intercept.CPUID,
               Intercept.IOIO, Intercept.MSR, Intercept.CR8_WRITE, Intercept.VMRUN,
-              Intercept.VMLOAD, Intercept.VMSAVE}
+              Intercept.VMLOAD, Intercept.VMSAVE, Intercept.STGI, Intercept.CLGI}
+_SVM_INSTRUCTION_INTERCEPTS = (Intercept.VMLOAD, Intercept.VMSAVE, Intercept.STGI, Intercept.CLGI)
 _INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRITE_CR8)
 
 
@@ -54,6 +60,8 @@ class SvmParams:
     vnmi: bool = False  # kvm_amd.vnmi on a CPU with the vNMI feature (the model's CPU has it)
     sev_es: bool = False  # the VM is an SEV-ES guest
     debug_swap: bool = False  # kvm_amd.debug_swap (SEV-ES only)
+    vgif: bool = True  # kvm_amd.vgif on a CPU with vGIF: the guest's STGI/CLGI need no exit
+    nested: bool = False  # kvm_amd.nested, with SVM in the guest's CPUID (nested.py)
 
 
 class Svm:
@@ -72,7 +80,10 @@ class Svm:
         self.guest = guest
         self.nrips = params.nrips
         vcpu.ops = self
-        self.gif = True  # GIF as KVM sees it; the guest never runs CLGI here
+        self.vnmi = params.vnmi
+        self.vgif = params.vgif
+        self.guest_gif = True  # GIF when the hardware has no vGIF to hold it
+        self.nmi_l1_to_l2 = False  # the NMI in EVENTINJ is L1's injection into L2
         self.nmi_masked = False
         self.awaiting_iret_completion = False
         self.nmi_iret_rip = 0
@@ -84,13 +95,19 @@ class Svm:
         vmcb = guest.vmcb
         vmcb.intercepts = set(INTERCEPTS)
         vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
-        vmcb.int_ctl = V_INTR_MASKING | (V_NMI_ENABLE if params.vnmi else 0)
+        vmcb.int_ctl = V_INTR_MASKING | (V_NMI_ENABLE if params.vnmi else 0) | (
+            V_GIF_ENABLE | V_GIF if params.vgif else 0)
         cpu = guest.cpu
         vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[RSP]
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
         if params.sev_es:
             sev.init_vmcb(self, params.debug_swap)
+        self.nested = NestedSvm(cpu, self) if params.nested else None
+
+    @property
+    def guest_mode(self) -> bool:
+        return self.nested is not None and self.nested.guest_mode
 
     @property
     def vmcb(self):
@@ -101,7 +118,11 @@ class Svm:
         return self.sev_es
 
     def get_nested_state(self) -> None:
-        return None  # nested SVM is not modelled
+        """KVM_GET_NESTED_STATE for SVM is not modelled: refuse when there is nested state."""
+        if self.guest_mode or not self.gif_set():
+            raise ModelLimit("KVM_GET_NESTED_STATE for nested SVM (guest mode or GIF=0) is not "
+                             "modelled", self.vmcb.rip)
+        return None
 
     # -- registers -----------------------------------------------------------
 
@@ -171,6 +192,8 @@ class Svm:
         The nested seam: while L2 runs this must return None (vmcb01 is not the one
         the CPU is using) and KVM falls back to nmi_masked + the IRET intercept.
         """
+        if self.guest_mode:
+            return None
         return self.vmcb if self.vmcb.int_ctl & V_NMI_ENABLE else None
 
     def is_vnmi_enabled(self) -> bool:
@@ -220,31 +243,92 @@ class Svm:
         return True
 
     def nmi_blocked(self) -> bool:
-        """svm_nmi_blocked()."""
-        if not self.gif:
+        """svm_nmi_blocked(): an NMI L1 intercepts is never blocked by L2's state."""
+        if not self.gif_set():
             return True
+        if self._l1_intercepts(Intercept.NMI):
+            return False
         return self.get_nmi_mask() or bool(self.vmcb.int_state & INTERRUPT_SHADOW)
 
     def nmi_allowed(self, for_injection: bool) -> int:
-        return 0 if self.nmi_blocked() else 1
+        """svm_nmi_allowed(): -EBUSY while vmcb12's injection is pending or L1 wants an exit."""
+        if self.nested is not None and self.nested.run_pending:
+            return EBUSY
+        if self.nmi_blocked():
+            return 0
+        return EBUSY if for_injection and self._l1_intercepts(Intercept.NMI) else 1
+
+    def _l1_intercepts(self, intercept: Intercept) -> bool:
+        """nested_exit_on_nmi() / nested_exit_on_intr()."""
+        return self.guest_mode and intercept in self.nested.ctl.intercepts
 
     def interrupt_blocked(self) -> bool:
-        """svm_interrupt_blocked(); SEV-ES's IF is int_state's copy (svm_get_if_flag())."""
-        if_flag = (self.vmcb.int_state & GUEST_INTERRUPT_MASK if self.sev_es
-                   else self.vmcb.rflags & IF)
-        if not self.gif or not if_flag:
+        """svm_interrupt_blocked(); SEV-ES's IF is int_state's copy (svm_get_if_flag()).
+
+        In L2 with V_INTR_MASKING, L1's IF (saved in vmcb01) decides."""
+        if not self.gif_set():
             return True
+        if self.guest_mode:
+            masking = self.nested.ctl.int_ctl & V_INTR_MASKING
+            if_flag = (self.nested.vmcb01.rflags if masking else self.get_rflags()) & IF
+            if not if_flag:
+                return True
+            if self._l1_intercepts(Intercept.INTR):
+                return False
+        else:
+            if_flag = (self.vmcb.int_state & GUEST_INTERRUPT_MASK if self.sev_es
+                       else self.vmcb.rflags & IF)
+            if not if_flag:
+                return True
         return bool(self.vmcb.int_state & INTERRUPT_SHADOW)
 
     def interrupt_allowed(self, for_injection: bool) -> int:
-        return 0 if self.interrupt_blocked() else 1
+        """svm_interrupt_allowed(): blocked is checked before the pending VMRUN, unlike NMIs."""
+        if self.interrupt_blocked():
+            return 0
+        if self.nested is not None and self.nested.run_pending:
+            return EBUSY
+        return EBUSY if for_injection and self._l1_intercepts(Intercept.INTR) else 1
+
+    # -- GIF (APM 15.17) -----------------------------------------------------------
+
+    def gif_set(self) -> bool:
+        """gif_set(): with vGIF, V_GIF of the VMCB in use (vmcb02 in L2, L1 not using
+        nested vGIF); otherwise KVM's own guest_gif."""
+        return bool(self.vmcb.int_ctl & V_GIF) if self.vgif else self.guest_gif
+
+    def set_gif(self, value: bool) -> None:
+        """svm_set_gif() (STGI, CLGI, VMRUN, #VMEXIT)."""
+        vmcb = self.vmcb
+        if value:
+            if self.vgif:
+                self._set_intercept(Intercept.STGI, False)
+            if Intercept.VINTR in vmcb.intercepts:
+                self.clear_vintr()
+            self._write_gif(True)
+            vcpu = self.vcpu
+            if vcpu.nmi_pending or vcpu.has_injectable_intr():  # svm_has_pending_gif_event()
+                vcpu.requests |= Request.EVENT
+        else:
+            self._write_gif(False)
+            if not self.vgif:
+                self.clear_vintr()
+
+    def _write_gif(self, value: bool) -> None:
+        if self.vgif:
+            self.vmcb.int_ctl = self.vmcb.int_ctl | V_GIF if value else self.vmcb.int_ctl & ~V_GIF
+        else:
+            self.guest_gif = value
 
     # -- injection ---------------------------------------------------------------
 
     def inject_nmi(self) -> None:
         """svm_inject_nmi(): without vNMI, KVM masks NMIs and intercepts IRET; with vNMI the
-        CPU sets V_NMI_BLOCKING itself when it injects (APM 15.21.10)."""
+        CPU sets V_NMI_BLOCKING itself when it injects (APM 15.21.10). L1's own NMI for L2,
+        re-injected, is not L1's NMI: no masking, no count."""
         self.vmcb.event_inj = EVTINJ_VALID | (EventInjType.NMI << 8)
+        if self.nmi_l1_to_l2 and not _faults.on("nested_svm_nmi_l1_to_l2_untracked"):
+            return
         if not self.is_vnmi_enabled():
             self.nmi_masked = True
             self._set_iret_intercept(True)
@@ -304,8 +388,10 @@ class Svm:
                 return  # the IRET intercept will exit
         if self.sev_es and not _faults.on("sev_es_nmi_singlestep"):
             return  # no single-step: the guest signals NMI_COMPLETE (seed 001)
-        if not self.gif:
-            return  # STGI is intercepted without vGIF (not reached: the guest has no CLGI)
+        if not self.gif_set():
+            if self.vgif:
+                self._set_intercept(Intercept.STGI, True)  # without vGIF, STGI always exits
+            return
         self.vcpu.warn_on(self.sev_es, "model check, not a KVM WARN: KVM single-steps an SEV-ES "
                           "guest for an NMI window; TF/RF in the VMCB save area have no effect")
         self.nmi_singlestep_guest_rflags = self.get_rflags()
@@ -318,9 +404,14 @@ class Svm:
         self.vmcb.rflags &= ~((TF | RF) & ~self.nmi_singlestep_guest_rflags)
 
     def enable_irq_window(self) -> None:
-        """svm_enable_irq_window() / svm_set_vintr(): a dummy V_IRQ that exits with VINTR."""
-        if not self.gif:
+        """svm_enable_irq_window() / svm_set_vintr(): a dummy V_IRQ that exits with VINTR.
+
+        With vGIF the CPU holds V_IRQ until V_GIF is set, so GIF=0 needs no STGI exit."""
+        if not (self.vgif or self.gif_set()):
             return
+        if self.guest_mode and self.nested.ctl.int_ctl & V_INTR_MASKING and not (
+                self.nested.vmcb01.rflags & IF):
+            return  # the intercept merge drops VINTR: L1's window cannot open while L2 runs
         vmcb = self.vmcb
         vmcb.int_vector = 0
         vmcb.int_ctl = (vmcb.int_ctl & ~(V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR)) | V_IRQ | (
@@ -335,7 +426,7 @@ class Svm:
         self.guest.kick()
 
     def check_nested_events(self) -> bool:
-        return False  # nested SVM is not modelled
+        return self.nested is not None and self.nested.check_nested_events()
 
     # -- the run and what follows each exit ----------------------------------------
 
@@ -352,6 +443,8 @@ class Svm:
             stop = self.guest.run(max_steps)
         except EntryFailed as failed:
             return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+        if self.guest_mode:
+            self.nested.run_pending = False  # the VMRUN's injection went in
         if stop is not None:
             self.sync_guest_state_to_core()
             return BUDGET
@@ -362,6 +455,7 @@ class Svm:
         """svm_complete_interrupts(): IRET completion, then requeue from EXITINTINFO."""
         vcpu, vmcb = self.vcpu, self.vmcb
         soft_int_injected, self.soft_int_injected = self.soft_int_injected, False
+        nmi_l1_to_l2, self.nmi_l1_to_l2 = self.nmi_l1_to_l2, False
         # The 2020 SEV-ES code unmasked at any exit here, RIP being unreadable (seed 001).
         late_sev_es_unmask = self.sev_es and _faults.on("sev_es_nmi_unmask_late")
         if self.awaiting_iret_completion and (vmcb.rip != self.nmi_iret_rip or late_sev_es_unmask):
@@ -378,6 +472,7 @@ class Svm:
             self._complete_soft_interrupt(vector, kind)
         if kind is EventInjType.NMI:
             vcpu.nmi_injected = True
+            self.nmi_l1_to_l2 = nmi_l1_to_l2
         elif kind is EventInjType.SOFT and _faults.on("svm_retry_soft_interrupt"):
             return  # before 7e5b5ef8dca3: INT n was dropped and the instruction retried
         elif kind is EventInjType.EXEPT:
@@ -404,10 +499,12 @@ class Svm:
         """svm_handle_exit() and the interception handlers modelled."""
         vcpu, vmcb = self.vcpu, self.vmcb
         code = vmcb.exit_code
+        if self.guest_mode and self.nested.reflect():
+            return None  # L1 handles it
         if code == ExitCode.EXCP_BASE + Vec.DB:
             self._db_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
-            vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
+            self._queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
         elif code == ExitCode.INTR:
             vcpu.stats.irq_exits += 1
         elif code == ExitCode.NMI:
@@ -426,6 +523,14 @@ class Svm:
             vcpu.emulate_halt()
         elif code in _INSTRUCTION_EXITS:
             vcpu.emulate_and_skip()
+            if code == ExitCode.MSR:
+                self._recalc_instruction_intercepts()  # svm_set_efer(): EFER.SVME may have changed
+        elif code == ExitCode.VMRUN:
+            self._vmrun_interception()
+        elif code in (ExitCode.STGI, ExitCode.CLGI):
+            self._gif_interception(code == ExitCode.STGI)
+        elif code in (ExitCode.VMLOAD, ExitCode.VMSAVE):
+            self._vmload_vmsave_interception()
         elif code == ExitCode.NPF:
             cpu = self.guest.cpu
             cpu.set_host_unmapped(cpu.host_unmapped - {vmcb.exit_info_2 >> 12})
@@ -435,12 +540,81 @@ class Svm:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exit {code:#x} not modelled")
         return None
 
+    def _queue_exception(self, vector: int, error_code: int | None = None,
+                         payload: int | None = None) -> None:
+        """kvm_queue_exception(), with the nested morph: an exception for L2 that L1
+        intercepts becomes L1's #VMEXIT (nested_svm_inject_exception_vmexit(); the model
+        takes it at once rather than at the next svm_check_nested_events())."""
+        if self.nested is not None and self.nested.is_exception_vmexit(vector):
+            if vector == Vec.DB and payload is not None:
+                self.guest.cpu.dr6 = payload ^ DR6_ACTIVE_LOW  # the payload goes to DR6 first
+            self.nested.exception_vmexit(vector, error_code)
+            return
+        self.vcpu.queue_exception(vector, error_code, payload)
+
+    # -- the SVM instructions, for an L1 hypervisor (nested.py) -------------------------
+
+    def _svm_permitted(self) -> bool:
+        """nested_svm_check_permissions(): #UD unless EFER.SVME (the model runs at CPL 0)."""
+        if self.nested is not None and self.guest.cpu.efer & EFER_SVME:
+            return True
+        self.vcpu.queue_exception(Vec.UD)
+        return False
+
+    def _skip_svm_instruction(self) -> None:
+        cpu = self.guest.cpu
+        rip = self.vmcb.rip
+        self.vcpu.skip_emulated_instruction(cpu.icache.get(rip) or decode(cpu, rip))
+
+    def skip_vmrun(self) -> None:
+        self._skip_svm_instruction()
+
+    def _vmrun_interception(self) -> None:
+        """vmrun_interception() -> nested_svm_vmrun()."""
+        if not self._svm_permitted():
+            return
+        cpu = self.guest.cpu
+        if self.get_rflags() & TF:
+            raise ModelLimit("single-stepping VMRUN is not modelled", self.vmcb.rip)
+        if self.get_nmi_mask():
+            raise ModelLimit("VMRUN with NMIs blocked (in an NMI handler) is not modelled", self.vmcb.rip)
+        self.nested.vmrun(cpu, cpu.regs[RAX] & cpu.addr_mask, 0)
+
+    def _gif_interception(self, value: bool) -> None:
+        """stgi_interception() / clgi_interception()."""
+        if self._svm_permitted():
+            self._skip_svm_instruction()
+            self.set_gif(value)
+
+    def _vmload_vmsave_interception(self) -> None:
+        """vmload_interception() / vmsave_interception(): the state they move is not modelled."""
+        if not self._svm_permitted():
+            return
+        cpu = self.guest.cpu
+        address = cpu.regs[RAX]
+        if address & 0xFFF or address + VMCB_SIZE > cpu.mem_size:
+            self.vcpu.queue_exception(Vec.GP, 0)
+            return
+        self._skip_svm_instruction()
+
+    def _recalc_instruction_intercepts(self) -> None:
+        """svm_recalc_instruction_intercepts(): with EFER.SVME and vGIF, STGI/CLGI run in the guest."""
+        if self.nested is None:
+            return
+        svme = bool(self.guest.cpu.efer & EFER_SVME)
+        for intercept in _SVM_INSTRUCTION_INTERCEPTS:  # VMLOAD/VMSAVE stay (no virtual VMLOAD)
+            keep = not svme or intercept in (Intercept.VMLOAD, Intercept.VMSAVE) or not self.vgif
+            self._set_intercept(intercept, keep)
+        vcpu = self.vcpu
+        if svme and self.vgif and (vcpu.nmi_pending or vcpu.has_injectable_intr()):
+            vcpu.requests |= Request.EVENT  # an event GIF holds may need its window again
+
     def _db_interception(self) -> None:
         """db_interception(): the guest's own #DB goes back to it, KVM's single-step ends."""
-        vcpu = self.vcpu
         if not self.nmi_singlestep:
-            vcpu.queue_exception(Vec.DB, payload=self.vmcb.dr6 ^ DR6_ACTIVE_LOW)
+            self._queue_exception(Vec.DB, payload=self.vmcb.dr6 ^ DR6_ACTIVE_LOW)
             return
+        vcpu = self.vcpu
         self.disable_nmi_singlestep()
         vcpu.requests |= Request.EVENT
 

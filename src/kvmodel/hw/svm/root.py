@@ -1,0 +1,186 @@
+"""SVM host mode on the hardware model: an L1 hypervisor runs L2 with VMRUN.
+
+This is the oracle for nested SVM (DESIGN.md): L1's code executes VMRUN,
+VMLOAD, VMSAVE, STGI and CLGI on this model. VMRUN reads the VMCB L1 wrote in
+memory (APM Appendix B), and L2 runs on the same core, in the same run loop
+and budget, under hw/svm's guest model (SvmGuest) until a #VMEXIT, which
+writes the VMCB back, clears GIF and resumes L1 after its VMRUN (APM 15.5,
+15.6). Runs go through SvmRoot.run().
+
+Events for L1 while L2 runs (APM 15.13): the NMI and INTR intercepts exit
+before the event is taken, and the event stays pending for L1, held by GIF
+until L1's STGI. With V_INTR_MASKING, L1's RFLAGS.IF at VMRUN decides
+whether its interrupts can exit L2 at all (15.21.1).
+
+Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
+beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
+memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
+move, vGIF and vNMI for L2, an L1 that leaves NMI or INTR unintercepted or
+V_INTR_MASKING clear (ModelLimit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.arch.cpu import Cpu, External, Stop
+from kvmodel.arch.events import Vec
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF, Shadow
+from kvmodel.errors import ModelLimit
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit
+from kvmodel.hw.svm.cpu import SvmGuest
+from kvmodel.hw.svm.vmcb import (
+    VMCB_SIZE,
+    V_GIF_ENABLE,
+    V_INTR_MASKING,
+    V_IRQ,
+    V_NMI_ENABLE,
+    ExitCode,
+    Intercept,
+    Offset,
+    Vmcb,
+    read_vmcb,
+    write_exit,
+    write_field,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class L1State:
+    """What VMRUN saves of the host and #VMEXIT reloads (APM 15.5.1, 15.6)."""
+
+    rip: int
+    rsp: int
+    rax: int
+    rflags: int
+    idtr: tuple[int, int]
+    nmi_pending: int
+    nmi_blocked: bool
+
+
+def check_vmcb_for_model(vmcb: Vmcb, rip: int) -> None:
+    """The L1 setups the model covers; anything else stops the run with a clear message."""
+    if not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
+        raise ModelLimit("an L1 that does not intercept INTR and NMI is not modelled", rip)
+    if not vmcb.int_ctl & V_INTR_MASKING:
+        raise ModelLimit("an L1 without V_INTR_MASKING is not modelled", rip)
+    if vmcb.int_ctl & (V_GIF_ENABLE | V_NMI_ENABLE):
+        raise ModelLimit("vGIF and vNMI for L2 are not modelled", rip)
+    if vmcb.int_ctl & V_IRQ and Intercept.VINTR not in vmcb.intercepts:
+        raise ModelLimit("virtual interrupts (V_IRQ) taken by L2 are not modelled", rip)
+
+
+def vmrun_failure(vmcb: Vmcb) -> str | None:
+    """Consistency checks of the save area the model has (APM 15.5.1): EFER.SVME must be set."""
+    return None if vmcb.efer & EFER_SVME else "EFER.SVME is clear in the guest state"
+
+
+class SvmRoot:
+    """The CPU's SVM host state: the L2 running, if any, with what L1 left behind."""
+
+    def __init__(self, cpu: Cpu):
+        cpu.svm = self
+        self._l2: tuple[SvmGuest, int, L1State] | None = None
+
+    def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None:
+        """VMRUN: L2 runs until a #VMEXIT (run() below); a failed check exits at once."""
+        if vmcb_pa & 0xFFF or vmcb_pa + VMCB_SIZE > cpu.mem_size:
+            raise Fault(Vec.GP, 0)
+        if cpu.rflags & TF:
+            raise ModelLimit("single-stepping VMRUN is not modelled", cpu.rip)
+        if cpu.nmi_blocked:
+            raise ModelLimit("VMRUN with NMIs blocked (in an NMI handler) is not modelled", cpu.rip)
+        vmcb = read_vmcb(cpu.mem, vmcb_pa)
+        check_vmcb_for_model(vmcb, cpu.rip)
+        l1 = L1State(next_rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags,
+                     (cpu.idtr_base, cpu.idtr_limit), cpu.nmi_pending, cpu.nmi_blocked)
+        guest = SvmGuest(cpu)
+        guest.vmcb = vmcb
+        guest.on_external = lambda event, vector: self._for_l1(guest, event, vector)
+        guest.on_nmi_from_apic = lambda: self._for_l1(guest, External.NMI, Vec.NMI)
+        self._l2 = (guest, vmcb_pa, l1)
+        cpu.regs[RAX] = vmcb.rax
+        cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
+        cpu.nmi_pending, cpu.nmi_blocked = 0, False
+        try:
+            failure = vmrun_failure(vmcb)
+            if failure is not None:
+                raise EntryFailed(failure)
+            guest.enter()
+        except EntryFailed as failed:
+            self._vmrun_failed(cpu, failed.check)
+            return
+        except VmExit:
+            self.exit_to_l1(cpu)  # the injection itself exited
+            return
+        guest.host_nmi = bool(l1.nmi_pending)  # held by GIF until now: it exits at once
+        if cpu.apic.pending_vector() is not None and self._l1_interrupts_open(l1):
+            guest.kick()
+
+    @staticmethod
+    def _l1_interrupts_open(l1: L1State) -> bool:
+        """With V_INTR_MASKING, L1's IF at VMRUN masks physical interrupts during L2 (15.21.1)."""
+        return bool(l1.rflags & IF)
+
+    def _for_l1(self, guest: SvmGuest, event: External, vector: int) -> None:
+        """An NMI or interrupt for L1 arrives while L2 runs: the intercept exits before it is taken."""
+        if event is External.INTERRUPT:
+            guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge)
+            if self._l1_interrupts_open(self._l2[2]) and guest.cpu.apic.pending_vector() is not None:
+                guest.kick()
+        else:
+            guest.host_nmi = True
+            guest.cpu.attn = True
+
+    def run(self, cpu: Cpu, max_steps: int) -> Stop:
+        """The core's run loop with #VMEXITs from L2 turned back into L1 execution."""
+        start = cpu.work
+        while True:
+            try:
+                stop = cpu.run(max(0, max_steps - (cpu.work - start)))
+            except VmExit:
+                self.exit_to_l1(cpu)
+                continue
+            if self._l2 is not None and self._l2[0].exit_on_stop(stop):
+                self.exit_to_l1(cpu)
+                continue
+            return stop
+
+    def exit_to_l1(self, cpu: Cpu) -> None:
+        """#VMEXIT: the VMCB gets L2's state and the exit fields; L1 resumes after VMRUN (15.6)."""
+        guest, vmcb_pa, l1 = self._l2
+        nmi_for_l1 = guest.host_nmi
+        guest.complete_exit()
+        guest.vmcb.rax = cpu.regs[RAX]
+        write_exit(cpu.mem, vmcb_pa, guest.vmcb)
+        self._leave_guest(cpu, l1)
+        # An intercepted NMI was never taken: it is still pending for L1, held by GIF.
+        cpu.nmi_pending = min(2, l1.nmi_pending + nmi_for_l1)
+
+    def _vmrun_failed(self, cpu: Cpu, check: str) -> None:
+        """VMEXIT_INVALID: nothing ran; only the exit code and infos change (APM 15.5.1)."""
+        _, vmcb_pa, l1 = self._l2
+        for offset, value in ((Offset.EXIT_CODE, ExitCode.INVALID), (Offset.EXIT_INFO_1, 0),
+                              (Offset.EXIT_INFO_2, 0)):
+            write_field(cpu.mem, vmcb_pa, offset, value)
+        cpu.trace.append(ExitRecord("VMEXIT_INVALID", l1.rip, cpu.retired, check))
+        self._leave_guest(cpu, l1)
+        cpu.nmi_pending = l1.nmi_pending
+
+    def _leave_guest(self, cpu: Cpu, l1: L1State) -> None:
+        self._l2 = None
+        cpu.host = None
+        cpu.host_attn = False
+        cpu.apic_delivers = True
+        cpu.icache.clear()  # decoded instructions lose their intercept checks again
+        cpu.code_lines.clear()
+        cpu.shadow = Shadow.NONE
+        cpu.pending_dbg = 0
+        cpu.shutdown = False  # an intercepted shutdown is L2's
+        cpu.halted = False
+        cpu.gif = False  # #VMEXIT clears GIF (APM 15.6)
+        cpu.rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags = l1.rip, l1.rsp, l1.rax, l1.rflags
+        cpu.idtr_base, cpu.idtr_limit = l1.idtr
+        cpu.nmi_blocked = l1.nmi_blocked
+        cpu.attn = True

@@ -1,0 +1,324 @@
+"""kvm_amd's nested SVM (arch/x86/kvm/svm/nested.c): L0 runs an L1 hypervisor's L2.
+
+L1's VMRUN always exits to L0 (the hardware requires the intercept).
+nested_svm_vmrun() reads L1's VMCB (vmcb12) from guest memory, checks it,
+saves L1's state in vmcb01 and builds vmcb02 from both
+(nested_vmcb02_prepare_control/_save()), which then runs with vmcb12's
+EVENTINJ. An exit from L2 either goes to L1 (nested_svm_exit_handled() ->
+nested_svm_vmexit(), which writes vmcb12 as the hardware would and resumes L1
+after its VMRUN with GIF clear) or is L0's (nested_svm_exit_special(): INTR,
+NMI, #NPF, exceptions vmcb01 intercepts), after which L2 resumes. Events for
+L1 while L2 runs become #VMEXITs to L1 (svm_check_nested_events()); unlike
+VMX, an NMI that exits is not consumed and reaches L1 after its STGI.
+
+Modelled: the VMCB fields hw/svm/vmcb.py reads, intercepts merged as
+vmcb01 | vmcb12, L1-injected events (soft ones returning to vmcb12's
+next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
+hand-over of L1's pending NMI at VMRUN and #VMEXIT. Not modelled: nested
+NPT (L2 shares L1's memory), MSR and I/O permission maps (those exits go to
+L1), nested vGIF and vNMI for L2, VMLOAD/VMSAVE's state, KVM_GET/SET_NESTED_STATE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from kvmodel import _faults
+from kvmodel.arch.cpu import Cpu
+from kvmodel.arch.events import Vec
+from kvmodel.arch.regs import IF, RAX
+from kvmodel.hw.svm.root import check_vmcb_for_model, vmrun_failure
+from kvmodel.hw.svm.vmcb import (
+    EVTINJ_VALID,
+    INTERRUPT_SHADOW,
+    V_GIF,
+    V_GIF_ENABLE,
+    V_IGN_TPR,
+    V_INTR_MASKING,
+    V_INTR_PRIO_MASK,
+    V_IRQ,
+    V_NMI_BLOCKING,
+    V_NMI_PENDING,
+    V_TPR_MASK,
+    VMCB_SIZE,
+    EventInjType,
+    ExitCode,
+    Intercept,
+    Offset,
+    Vmcb,
+    encode,
+    read_vmcb,
+    write_exit,
+    write_field,
+)  # fmt: skip
+from kvmodel.kvm.x86 import Request, exception_is_soft
+
+if TYPE_CHECKING:
+    from kvmodel.kvm.svm.svm import Svm
+
+_V_IRQ_INJECTION_BITS = V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR
+_VALID_EXCEPTIONS = frozenset((Vec.DE, Vec.DB, Vec.BP, Vec.OF, Vec.BR, Vec.UD, Vec.NM, Vec.DF,
+                               Vec.TS, Vec.NP, Vec.SS, Vec.GP, Vec.PF, Vec.MF, Vec.AC, Vec.MC,
+                               Vec.XM))  # nested_svm_check_event_inj() (no #HV/#SX/#CP/#VC here)
+# nested_svm_exit_special(): exits L0 keeps whatever vmcb12 says.
+_L0_ALWAYS = (ExitCode.INTR, ExitCode.NMI, ExitCode.NPF)
+_EXIT_INTERCEPT = {
+    ExitCode.HLT: Intercept.HLT, ExitCode.CPUID: Intercept.CPUID, ExitCode.IOIO: Intercept.IOIO,
+    ExitCode.MSR: Intercept.MSR, ExitCode.WRITE_CR8: Intercept.CR8_WRITE,
+    ExitCode.IRET: Intercept.IRET, ExitCode.SWINT: Intercept.INTN, ExitCode.VINTR: Intercept.VINTR,
+    ExitCode.SHUTDOWN: Intercept.SHUTDOWN, ExitCode.ICEBP: Intercept.ICEBP,
+    ExitCode.VMRUN: Intercept.VMRUN, ExitCode.VMLOAD: Intercept.VMLOAD,
+    ExitCode.VMSAVE: Intercept.VMSAVE, ExitCode.STGI: Intercept.STGI, ExitCode.CLGI: Intercept.CLGI,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NestedExitRecord:
+    """L0 synthesized a #VMEXIT for L1 (trace only; not a hardware exit)."""
+
+    kind: ClassVar[str] = "nested_vmexit"
+    reason: str
+    rip: int
+    retired: int
+
+
+def _exit_name(code: int) -> str:
+    if code in ExitCode._value2member_map_:
+        return ExitCode(code).name
+    return f"EXCP_{code - ExitCode.EXCP_BASE}"
+
+
+class NestedSvm:
+    """struct svm_nested_state: vmcb12's address and cached copy, and L2's turn."""
+
+    def __init__(self, cpu: Cpu, svm: Svm):
+        cpu.svm = self  # the CPU offers SVM: EFER.SVME can be set
+        self.svm = svm
+        self.vmcb01 = svm.guest.vmcb
+        self.vmcb12_gpa = 0
+        self.ctl = Vmcb()  # vmcb12 as read at VMRUN (nested_copy_vmcb_control_to_cache())
+        self.guest_mode = False
+        self.run_pending = False  # nested_run_pending: vmcb12's EVENTINJ is still to go in
+        self.l1_idtr = (0, 0)  # stands for vmcb01's save-area IDTR
+
+    # -- VMRUN (nested_svm_vmrun()) ------------------------------------------------------
+
+    def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None:
+        """Called by vmrun_interception() once the permission checks passed."""
+        vcpu = self.svm.vcpu
+        if vmcb_pa & 0xFFF or vmcb_pa + VMCB_SIZE > cpu.mem_size:  # page_address_valid()
+            vcpu.queue_exception(Vec.GP, 0)
+            return
+        vmcb12 = read_vmcb(cpu.mem, vmcb_pa)
+        check_vmcb_for_model(vmcb12, cpu.rip)
+        failure = vmrun_failure(vmcb12) or self._check_controls(vmcb12)
+        self.svm.skip_vmrun()
+        if failure is not None:
+            self._vmrun_failed(cpu, vmcb_pa)
+            return
+        l1 = self.vmcb01
+        l1.rax, self.l1_idtr = cpu.regs[RAX], (cpu.idtr_base, cpu.idtr_limit)
+        self.vmcb12_gpa, self.ctl = vmcb_pa, vmcb12
+        self.run_pending = True
+        self._enter_guest_mode(cpu, vmcb12)
+
+    @staticmethod
+    def _check_controls(vmcb12: Vmcb) -> str | None:
+        """nested_vmcb_check_controls(): the VMRUN intercept, and a valid EVENTINJ."""
+        if Intercept.VMRUN not in vmcb12.intercepts:
+            return "the VMRUN intercept is clear"
+        word = vmcb12.event_inj
+        if not word & EVTINJ_VALID:
+            return None
+        type_, vector = (word >> 8) & 7, word & 0xFF
+        if type_ not in EventInjType._value2member_map_:
+            return f"EVENTINJ type {type_} is reserved"
+        if type_ == EventInjType.EXEPT and vector not in _VALID_EXCEPTIONS:
+            return f"EVENTINJ exception with vector {vector}"
+        return None
+
+    def _vmrun_failed(self, cpu: Cpu, vmcb_pa: int) -> None:
+        """The consistency checks failed: SVM_EXIT_ERR in vmcb12, L1 goes on after VMRUN."""
+        for offset, value in ((Offset.EXIT_CODE, ExitCode.INVALID), (Offset.EXIT_INFO_1, 0),
+                              (Offset.EXIT_INFO_2, 0), (Offset.EVENT_INJ, 0),
+                              (Offset.EVENT_INJ_ERR, 0)):
+            write_field(cpu.mem, vmcb_pa, offset, value)
+        self.svm.set_gif(False)
+        cpu.trace.append(NestedExitRecord("INVALID", self.vmcb01.rip, cpu.retired))
+
+    def _enter_guest_mode(self, cpu: Cpu, vmcb12: Vmcb) -> None:
+        """enter_svm_guest_mode(): vmcb02 becomes current, then GIF is set."""
+        svm = self.svm
+        vmcb02 = self._prepare_vmcb02(vmcb12)
+        svm.guest.vmcb = vmcb02
+        cpu.regs[RAX] = vmcb12.rax
+        cpu.idtr_base, cpu.idtr_limit = vmcb12.idtr_base, vmcb12.idtr_limit & 0xFFFF
+        self.guest_mode = True
+        svm.vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L2's RFLAGS
+        svm.set_gif(True)
+
+    def _prepare_vmcb02(self, vmcb12: Vmcb) -> Vmcb:
+        """nested_vmcb02_prepare_control() and _save()."""
+        svm, vmcb01 = self.svm, self.vmcb01
+        vmcb02 = Vmcb()
+        vmcb02.intercepts = set(vmcb01.intercepts | vmcb12.intercepts)
+        if vmcb12.int_ctl & V_INTR_MASKING and not vmcb01.rflags & IF:
+            vmcb02.intercepts.discard(Intercept.VINTR)  # L1's own window cannot open while L2 runs
+        vmcb02.exception_intercepts = vmcb01.exception_intercepts | vmcb12.exception_intercepts
+        vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | _V_IRQ_INJECTION_BITS)) | (
+            vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
+        self._take_l1_vnmi()
+        vmcb02.int_vector = vmcb12.int_vector & 0xFF
+        vmcb02.int_state = vmcb12.int_state & INTERRUPT_SHADOW
+        vmcb02.event_inj, vmcb02.event_inj_err = vmcb12.event_inj, vmcb12.event_inj_err
+        l1_has_nrips = svm.nrips  # L1 is offered NRIPS when L0 uses it
+        if (l1_has_nrips or not self.run_pending) and not _faults.on("nested_svm_next_rip_not_synced"):
+            vmcb02.next_rip = vmcb12.next_rip  # the return address of an injected soft event
+        svm.nmi_l1_to_l2 = (vmcb12.event_inj & (EVTINJ_VALID | 0x700)) == (
+            EVTINJ_VALID | EventInjType.NMI << 8)
+        if _is_soft(vmcb12.event_inj) and not _faults.on("nested_svm_soft_int_not_tracked"):
+            svm.soft_int_injected = True
+            svm.soft_int_old_rip = vmcb12.rip
+            svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips else vmcb12.rip
+        vmcb02.rip, vmcb02.rsp, vmcb02.rflags = vmcb12.rip, vmcb12.rsp, vmcb12.rflags | 0x2
+        return vmcb02
+
+    def _take_l1_vnmi(self) -> None:
+        """With vNMI, an NMI the CPU holds for L1 moves into nmi_pending while L2 runs."""
+        svm, vmcb01 = self.svm, self.vmcb01
+        if not svm.vnmi or not vmcb01.int_ctl & V_NMI_PENDING:
+            return
+        vcpu = svm.vcpu
+        # B1 of the vNMI review (v2 10/11): the masked bit's value was added, not one
+        vcpu.nmi_pending += V_NMI_PENDING if _faults.on("nested_vnmi_pending_adds_bit") else 1
+        vcpu.requests |= Request.EVENT
+
+    # -- exits from L2 -----------------------------------------------------------------
+
+    def reflect(self) -> bool:
+        """nested_svm_exit_special() / nested_svm_exit_handled(): True when L1 got the exit."""
+        code = self.svm.vmcb.exit_code
+        if not self._l1_wants(code):
+            return False
+        self.vmexit()
+        return True
+
+    def _l1_wants(self, code: int) -> bool:
+        if code in _L0_ALWAYS:
+            return False
+        if ExitCode.EXCP_BASE <= code < ExitCode.EXCP_BASE + 32:
+            vector = code - ExitCode.EXCP_BASE
+            return not self.vmcb01.exception_intercepts >> vector & 1
+        intercept = _EXIT_INTERCEPT.get(code)
+        return intercept is not None and intercept in self.ctl.intercepts
+
+    def is_exception_vmexit(self, vector: int) -> bool:
+        """nested_svm_is_exception_vmexit(): an exception KVM queues for L2 that L1 intercepts."""
+        return self.guest_mode and bool(self.ctl.exception_intercepts >> vector & 1)
+
+    def exception_vmexit(self, vector: int, error_code: int | None) -> None:
+        """nested_svm_inject_exception_vmexit(): the exception becomes L1's #VMEXIT."""
+        vmcb02 = self.svm.vmcb
+        vmcb02.exit_code = ExitCode.EXCP_BASE + vector
+        if error_code is not None:
+            vmcb02.exit_info_1 = error_code
+        self.vmexit()
+
+    def simple_vmexit(self, code: ExitCode) -> None:
+        """nested_svm_simple_vmexit(): an exit with no information of its own."""
+        vmcb02 = self.svm.vmcb
+        vmcb02.exit_code, vmcb02.exit_info_1, vmcb02.exit_info_2 = code, 0, 0
+        self.vmexit()
+
+    def vmexit(self) -> None:
+        """nested_svm_vmexit(): write vmcb12 as the hardware would, then resume L1."""
+        svm, vcpu = self.svm, self.svm.vcpu
+        cpu = svm.guest.cpu
+        vmcb02, vmcb01 = svm.vmcb, self.vmcb01
+        write_exit(cpu.mem, self.vmcb12_gpa, self._vmcb12_at_exit(vmcb02, cpu))
+        self.guest_mode = self.run_pending = False
+        svm.guest.vmcb = vmcb01
+        cpu.regs[RAX] = vmcb01.rax
+        cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        if Intercept.INTR not in self.ctl.intercepts:
+            vcpu.requests |= Request.EVENT
+        self._give_back_l1_vnmi(vmcb02)
+        svm.set_gif(False)
+        vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L1's RFLAGS
+        svm.nmi_l1_to_l2 = svm.soft_int_injected = False
+        vcpu.clear_event_queues()
+        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb01.rip, cpu.retired))
+
+    def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
+        """nested_svm_vmexit_update_vmcb12() and nested_save_pending_event_to_vmcb12()."""
+        svm, ctl = self.svm, self.ctl
+        vmcb12 = Vmcb()
+        vmcb12.rip, vmcb12.rsp, vmcb12.rflags = vmcb02.rip, vmcb02.rsp, svm.get_rflags()
+        vmcb12.rax = cpu.regs[RAX]
+        vmcb12.int_state = vmcb02.int_state
+        vmcb12.exit_code = vmcb02.exit_code
+        vmcb12.exit_info_1, vmcb12.exit_info_2 = vmcb02.exit_info_1, vmcb02.exit_info_2
+        vmcb12.exit_int_info, vmcb12.exit_int_info_err = self._pending_event()
+        vmcb12.next_rip = vmcb02.next_rip if svm.nrips else 0
+        vmcb12.int_ctl = self._int_ctl_for_l1(vmcb02)
+        return vmcb12
+
+    def _pending_event(self) -> tuple[int, int]:
+        """What L0 was about to (re-)inject into L2 goes to L1 as EXITINTINFO."""
+        vcpu = self.svm.vcpu
+        exc, irq = vcpu.exception, vcpu.interrupt
+        if exc.injected:
+            code = exc.error_code if exc.has_error_code else None
+            return encode(exc.vector, EventInjType.EXEPT, code), exc.error_code if code is not None else 0
+        if vcpu.nmi_injected:
+            return EVTINJ_VALID | EventInjType.NMI << 8, 0
+        if irq.injected:
+            return encode(irq.nr, EventInjType.SOFT if irq.soft else EventInjType.INTR, None), 0
+        return 0, 0
+
+    def _int_ctl_for_l1(self, vmcb02: Vmcb) -> int:
+        """nested_sync_control_from_vmcb02(): V_TPR and V_IRQ as L2 left them, unless the VINTR
+        intercept (and so V_IRQ) is L0's own window."""
+        mask = V_TPR_MASK | _V_IRQ_INJECTION_BITS
+        if Intercept.VINTR in vmcb02.intercepts and Intercept.VINTR not in self.ctl.intercepts:
+            mask &= ~_V_IRQ_INJECTION_BITS
+        return (self.ctl.int_ctl & ~mask) | (vmcb02.int_ctl & mask)
+
+    def _give_back_l1_vnmi(self, vmcb02: Vmcb) -> None:
+        """With vNMI, L1's NMI state goes back to vmcb01: blocking, and one pending NMI."""
+        svm, vmcb01 = self.svm, self.vmcb01
+        if not svm.vnmi:
+            return
+        vcpu = svm.vcpu
+        vmcb01.int_ctl = (vmcb01.int_ctl & ~V_NMI_BLOCKING) | (vmcb02.int_ctl & V_NMI_BLOCKING)
+        if vcpu.nmi_pending:
+            vcpu.nmi_pending -= 1
+            vmcb01.int_ctl |= V_NMI_PENDING
+        else:
+            vmcb01.int_ctl &= ~V_NMI_PENDING
+
+    # -- events for L1 while L2 runs (svm_check_nested_events()) --------------------------
+
+    def check_nested_events(self) -> bool:
+        """An NMI or interrupt L1 intercepts ends L2's turn; the NMI stays pending (APM 15.13)."""
+        if not self.guest_mode or self.run_pending:
+            return False
+        svm, vcpu = self.svm, self.svm.vcpu
+        if vcpu.nmi_pending and not svm.nmi_blocked() and Intercept.NMI in self.ctl.intercepts:
+            self.simple_vmexit(ExitCode.NMI)
+            return True
+        if (vcpu.has_injectable_intr() and not svm.interrupt_blocked()
+                and Intercept.INTR in self.ctl.intercepts):
+            self.simple_vmexit(ExitCode.INTR)
+            return True
+        return False
+
+
+def _is_soft(word: int) -> bool:
+    """is_evtinj_soft(): INT n, or INT3/INTO injected as exceptions."""
+    if not word & EVTINJ_VALID:
+        return False
+    kind, vector = (word >> 8) & 7, word & 0xFF
+    return kind == EventInjType.SOFT or (kind == EventInjType.EXEPT and exception_is_soft(vector))
+
