@@ -15,8 +15,8 @@ from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
-from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.svm.root import SvmRoot
+from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams

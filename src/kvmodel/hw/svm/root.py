@@ -31,11 +31,11 @@ from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
-    VMCB_SIZE,
     V_GIF_ENABLE,
     V_INTR_MASKING,
     V_IRQ,
     V_NMI_ENABLE,
+    VMCB_SIZE,
     ExitCode,
     Intercept,
     Offset,

@@ -252,7 +252,7 @@ class NestedSvm:
 
     def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
         """nested_svm_vmexit_update_vmcb12() and nested_save_pending_event_to_vmcb12()."""
-        svm, ctl = self.svm, self.ctl
+        svm = self.svm
         vmcb12 = Vmcb()
         vmcb12.rip, vmcb12.rsp, vmcb12.rflags = vmcb02.rip, vmcb02.rsp, svm.get_rflags()
         vmcb12.rax = cpu.regs[RAX]
