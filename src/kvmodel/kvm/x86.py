@@ -143,6 +143,17 @@ class InjectRecord:
     retired: int
 
 
+@dataclass(frozen=True, slots=True)
+class NestedExitRecord:
+    """L0 synthesized a VM exit for L1 and filled `control` (vmcs12/vmcb12); trace only."""
+
+    kind: ClassVar[str] = "nested_vmexit"
+    reason: str
+    rip: int
+    retired: int
+    control: str
+
+
 class VendorOps(Protocol):
     """The kvm_x86_ops subset used here, plus the vendor run loop."""
 

@@ -21,8 +21,7 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
-from kvmodel.kvm.vmx.nested import NestedExitRecord
-from kvmodel.kvm.x86 import InjectRecord
+from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 
 
@@ -107,7 +106,7 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
                 f"KVM_SET_VCPU_EVENTS [dim]{obs.events}[/]")
     if isinstance(obs, NestedExitRecord):
         return (obs.retired, program.where(obs.rip),
-                f"[cyan]nested VM exit {obs.reason}[/] to L1 (L0 fills vmcs12)")
+                f"[cyan]nested VM exit {obs.reason}[/] to L1 (L0 fills {obs.control})")
     if isinstance(obs, VmmStop):
         return (obs.retired, "", f"[magenta]KVM_RUN returns {obs.reason}[/] flags {obs.flags:#x}: "
                 f"the VMM stops the VM ({obs.why})")

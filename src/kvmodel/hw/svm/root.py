@@ -103,6 +103,15 @@ class SvmRoot:
         cpu.regs[RAX] = vmcb.rax
         cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
         cpu.nmi_pending, cpu.nmi_blocked = 0, False
+        # VMRUN has retired once L2's state is loaded, before the injection delivers; the
+        # core counts it after this returns, so it is counted here for the meantime.
+        cpu.retired += 1
+        try:
+            self._enter(cpu, guest, vmcb, l1)
+        finally:
+            cpu.retired -= 1
+
+    def _enter(self, cpu: Cpu, guest: SvmGuest, vmcb: Vmcb, l1: L1State) -> None:
         try:
             failure = vmrun_failure(vmcb)
             if failure is not None:
@@ -152,8 +161,13 @@ class SvmRoot:
         guest, vmcb_pa, l1 = self._l2
         nmi_for_l1 = guest.host_nmi
         guest.complete_exit()
-        guest.vmcb.rax = cpu.regs[RAX]
-        write_exit(cpu.mem, vmcb_pa, guest.vmcb)
+        vmcb = guest.vmcb
+        vmcb.rax = cpu.regs[RAX]
+        # The exit clears EVENTINJ.V (APM 15.20; Bochs). Whether the other bits survive is
+        # UNVERIFIED; the model clears the word, as KVM's nested_svm_vmexit() does, since
+        # nothing reads them once V is clear.
+        vmcb.event_inj = vmcb.event_inj_err = 0
+        write_exit(cpu.mem, vmcb_pa, vmcb)
         self._leave_guest(cpu, l1)
         # An intercepted NMI was never taken: it is still pending for L1, held by GIF.
         cpu.nmi_pending = min(2, l1.nmi_pending + nmi_for_l1)

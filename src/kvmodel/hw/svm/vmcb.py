@@ -192,6 +192,7 @@ _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
                   Offset.EXIT_CODE: "exit_code", Offset.EXIT_INFO_1: "exit_info_1",
                   Offset.EXIT_INFO_2: "exit_info_2", Offset.EXIT_INT_INFO: "exit_int_info",
                   Offset.EXIT_INT_INFO_ERR: "exit_int_info_err", Offset.EVENT_INJ: "event_inj",
+                  Offset.EVENT_INJ_ERR: "event_inj_err",
                   Offset.NEXT_RIP: "next_rip", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
                   Offset.RSP: "rsp", Offset.RAX: "rax"}
 VMCB_SIZE = 0x1000

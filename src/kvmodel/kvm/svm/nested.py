@@ -21,8 +21,7 @@ L1), nested vGIF and vNMI for L2, VMLOAD/VMSAVE's state, KVM_GET/SET_NESTED_STAT
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
@@ -52,7 +51,7 @@ from kvmodel.hw.svm.vmcb import (
     write_exit,
     write_field,
 )  # fmt: skip
-from kvmodel.kvm.x86 import Request, exception_is_soft
+from kvmodel.kvm.x86 import NestedExitRecord, Request, exception_is_soft
 
 if TYPE_CHECKING:
     from kvmodel.kvm.svm.svm import Svm
@@ -71,16 +70,6 @@ _EXIT_INTERCEPT = {
     ExitCode.VMRUN: Intercept.VMRUN, ExitCode.VMLOAD: Intercept.VMLOAD,
     ExitCode.VMSAVE: Intercept.VMSAVE, ExitCode.STGI: Intercept.STGI, ExitCode.CLGI: Intercept.CLGI,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class NestedExitRecord:
-    """L0 synthesized a #VMEXIT for L1 (trace only; not a hardware exit)."""
-
-    kind: ClassVar[str] = "nested_vmexit"
-    reason: str
-    rip: int
-    retired: int
 
 
 def _exit_name(code: int) -> str:
@@ -145,7 +134,7 @@ class NestedSvm:
                               (Offset.EVENT_INJ_ERR, 0)):
             write_field(cpu.mem, vmcb_pa, offset, value)
         self.svm.set_gif(False)
-        cpu.trace.append(NestedExitRecord("INVALID", self.vmcb01.rip, cpu.retired))
+        cpu.trace.append(NestedExitRecord("INVALID", self.vmcb01.rip, cpu.retired, "vmcb12"))
 
     def _enter_guest_mode(self, cpu: Cpu, vmcb12: Vmcb) -> None:
         """enter_svm_guest_mode(): vmcb02 becomes current, then GIF is set."""
@@ -248,7 +237,7 @@ class NestedSvm:
         vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L1's RFLAGS
         svm.nmi_l1_to_l2 = svm.soft_int_injected = False
         vcpu.clear_event_queues()
-        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb01.rip, cpu.retired))
+        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb01.rip, cpu.retired, "vmcb12"))
 
     def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
         """nested_svm_vmexit_update_vmcb12() and nested_save_pending_event_to_vmcb12()."""

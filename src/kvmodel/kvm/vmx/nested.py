@@ -21,7 +21,7 @@ nested SVM.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
@@ -40,7 +40,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm.x86 import Request
+from kvmodel.kvm.x86 import NestedExitRecord, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
@@ -61,16 +61,6 @@ _L1_IF_CONTROL = {
     ExitReason.INTERRUPT_WINDOW: Proc.INTR_WINDOW_EXITING,
     ExitReason.NMI_WINDOW: Proc.NMI_WINDOW_EXITING,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class NestedExitRecord:
-    """L0 synthesized a VM exit for L1 (trace only; not a hardware exit)."""
-
-    kind: ClassVar[str] = "nested_vmexit"
-    reason: str
-    rip: int
-    retired: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +195,7 @@ class NestedVmx(VmxRoot):
         cpu.retired += 1  # L1's VMLAUNCH/VMRESUME retires as L1 resumes, as on the model's CPU
         vcpu.clear_event_queues()
         vcpu.requests |= Request.EVENT
-        cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired))
+        cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired, "vmcs12"))
 
     def _save_pending_event(self, vmcs12: Vmcs) -> None:
         """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1."""
