@@ -142,6 +142,31 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM vmx_interrupt_allowed(): \"An IRQ must not be injected into L2 if it's supposed to "
         "VM-Exit\"; vmx_check_nested_events()",
         ("vmx",), "scenarios/nested/vmx_l1_interrupt_while_l2_runs.toml"),
+    Bug("nested_svm_next_rip_not_synced",
+        "vmcb02's next_rip is not taken from vmcb12, so a soft interrupt or INT3 that L1 injects "
+        "into L2 returns to a stale or zero address",
+        "KVM: nSVM: Sync next_rip field from vmcb12 to vmcb02 (Maciej S. Szmigiero, 00f08d99dd7d); "
+        "kvm-upstream.md B9; APM 15.7.1",
+        ("svm",), "scenarios/nested/svm_l1_injects_int3_without_instruction.toml"),
+    Bug("nested_svm_soft_int_not_tracked",
+        "a soft event L1 injects into L2 is not recorded in soft_int_*: when its delivery is cut short "
+        "by an exit L0 handles, next_rip is not put back and KVM decodes L2's code to find the "
+        "return address, though no instruction stands behind the event",
+        "the soft_int_* tracking of vmcb12's EVENTINJ in nested_vmcb02_prepare_control() (KVM: SVM: "
+        "Re-inject INT3/INTO instead of retrying the instruction, 6ef88d6e36c2; seed 003)",
+        ("svm",), "scenarios/nested/svm_l1_injects_int3_without_instruction.toml"),
+    Bug("nested_svm_nmi_l1_to_l2_untracked",
+        "an NMI L1 injected into L2, re-injected by L0 after an exit during its delivery, is treated "
+        "as KVM's own: L1's NMIs are marked masked (nmi_masked, IRET intercept) and counted",
+        "KVM: nSVM: Transparently handle L1 -> L2 NMI re-injection (Maciej S. Szmigiero, "
+        "159fc6fa3b7d): nmi_l1_to_l2 in svm_inject_nmi()",
+        ("svm",), "scenarios/nested/svm_l1_injects_nmi.toml"),
+    Bug("nested_vnmi_pending_adds_bit",
+        "at nested VMRUN, L1's NMI waiting in vmcb01's V_NMI_PENDING is moved to nmi_pending by "
+        "adding the bit's value (2048) instead of 1: process_nmi() clamps it to two, one NMI too many",
+        "Sean Christopherson's review of \"[PATCH v2 10/11] KVM: SVM: implement support for vNMI\" "
+        "(2023-02-01); kvm-upstream.md B1",
+        ("svm",), "scenarios/nested/svm_l1_nmi_held_by_clgi_across_vmrun.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}
