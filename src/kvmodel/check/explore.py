@@ -32,7 +32,7 @@ from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IDT_BASE, IST_STACK_BASE, PAGE, STACK_TOP
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
-from kvmodel.scenario.runner import Resolver, RunResult, run
+from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
 
 
@@ -163,21 +163,27 @@ class Runner:
         self.max_steps = max_steps
         self.bare_runs: dict[Schedule, RunResult] = {}
         self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+        self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
 
     def bare(self, schedule: Schedule) -> RunResult:
         external = tuple(p for p in schedule if p.kind.is_async)
         if external not in self.bare_runs:
-            self.bare_runs[external] = run(apply(self.scenario, external), vendor=Vendor.BARE,
-                                           max_steps=self.max_steps)
+            self.bare_runs[external] = self.run(external, Vendor.BARE)
         return self.bare_runs[external]
 
     def outcome(self, schedule: Schedule) -> Outcome:
         bare = self.bare(schedule)
-        virt = run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps)
+        virt = self.run(schedule, self.vendor)
         exits = sum(st.exits for st in virt.stats)
         if bare.limit is not None or virt.limit is not None:
             return Outcome(schedule, "limit", exits, None, True)
         return Outcome(schedule, _digest(virt), exits, self.judge(schedule, bare, virt), False)
+
+    def run(self, schedule: Schedule, vendor: Vendor) -> RunResult:
+        if self.prepared is None:
+            self.prepared = Prepared(self.scenario)
+        return run(apply(self.scenario, schedule), vendor=vendor, max_steps=self.max_steps,
+                   prepared=self.prepared)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult) -> Finding | None:
         if virt.hypervisor_error is not None:
