@@ -10,9 +10,12 @@ KVM only), or when, with Notify VM exits on, the guest holds the CPU longer
 than the notify window allows (starvation: the host could not get it back).
 
 Search: bare-metal runs are shared by all schedules with the same external
-events; runs that end in the same state (trace and final state) count as
-one distinct outcome. Prefix sharing and state-hash pruning inside a run are
-not done yet: every schedule is run from the start.
+events; each run starts from a copy of the scenario's CPU at reset, built
+once; runs that end in the same state (trace and final state) count as one
+distinct outcome. Prefix sharing and state-hash pruning inside a run are
+not done: every schedule is run from the start (a run's stack of KVM, the
+hardware model and the core cannot be resumed from a copy at an arbitrary
+guest boundary).
 """
 
 from __future__ import annotations
