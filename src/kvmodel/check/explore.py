@@ -10,9 +10,12 @@ KVM only), or when, with Notify VM exits on, the guest holds the CPU longer
 than the notify window allows (starvation: the host could not get it back).
 
 Search: bare-metal runs are shared by all schedules with the same external
-events; runs that end in the same state (trace and final state) count as
-one distinct outcome. Prefix sharing and state-hash pruning inside a run are
-not done yet: every schedule is run from the start.
+events; each run starts from a copy of the scenario's CPU at reset, built
+once; runs that end in the same state (trace and final state) count as one
+distinct outcome. Prefix sharing and state-hash pruning inside a run are
+not done: every schedule is run from the start (a run's stack of KVM, the
+hardware model and the core cannot be resumed from a copy at an arbitrary
+guest boundary).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IDT_BASE, IST_STACK_BASE, PAGE, STACK_TOP
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
-from kvmodel.scenario.runner import Resolver, RunResult, run
+from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
 
 
@@ -163,21 +166,38 @@ class Runner:
         self.max_steps = max_steps
         self.bare_runs: dict[Schedule, RunResult] = {}
         self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+        self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
+        self.pages: PageDigest | None = None
 
     def bare(self, schedule: Schedule) -> RunResult:
         external = tuple(p for p in schedule if p.kind.is_async)
         if external not in self.bare_runs:
-            self.bare_runs[external] = run(apply(self.scenario, external), vendor=Vendor.BARE,
-                                           max_steps=self.max_steps)
+            self.bare_runs[external] = self.run(external, Vendor.BARE)
         return self.bare_runs[external]
 
     def outcome(self, schedule: Schedule) -> Outcome:
         bare = self.bare(schedule)
-        virt = run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps)
+        virt = self.run(schedule, self.vendor)
         exits = sum(st.exits for st in virt.stats)
         if bare.limit is not None or virt.limit is not None:
             return Outcome(schedule, "limit", exits, None, True)
-        return Outcome(schedule, _digest(virt), exits, self.judge(schedule, bare, virt), False)
+        return Outcome(schedule, self.digest(virt), exits, self.judge(schedule, bare, virt), False)
+
+    def digest(self, result: RunResult) -> str:
+        """The outcome: guest-observable trace, final state, and memory (its changed pages)."""
+        if self.pages is None:
+            self.pages = PageDigest(self.prepared.cpu.mem)
+        h = hashlib.blake2b(digest_size=12)
+        h.update(repr([o for _, o in guest_view(result.trace)]).encode())
+        h.update(repr(result.final).encode())
+        h.update(self.pages.digest(result.memory))
+        return h.hexdigest()
+
+    def run(self, schedule: Schedule, vendor: Vendor) -> RunResult:
+        if self.prepared is None:
+            self.prepared = Prepared(self.scenario)
+        return run(apply(self.scenario, schedule), vendor=vendor, max_steps=self.max_steps,
+                   prepared=self.prepared)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult) -> Finding | None:
         if virt.hypervisor_error is not None:
@@ -220,13 +240,27 @@ def stats_problem(virt: RunResult) -> str | None:
     return None
 
 
-def _digest(result: RunResult) -> str:
-    """The outcome: guest-observable trace, final state, and memory (by CRC, for speed)."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(repr([o for _, o in guest_view(result.trace)]).encode())
-    h.update(repr(result.final).encode())
-    h.update(zlib.crc32(result.memory).to_bytes(4, "little"))
-    return h.hexdigest()
+class PageDigest:
+    """A memory image's CRC, over only the pages that differ from the initial image.
+
+    Each page is compared in place (bytearray.startswith is a memcmp): a
+    tenth of the time of a CRC over all of memory, for runs that touch a
+    few stack pages.
+    """
+
+    def __init__(self, initial: bytes | bytearray):
+        self.size = len(initial)
+        self.pages = [bytes(initial[at:at + PAGE]) for at in range(0, self.size, PAGE)]
+
+    def digest(self, memory: bytes | bytearray) -> bytes:
+        if len(memory) != self.size:
+            return zlib.crc32(memory).to_bytes(4, "little")
+        crc = 0
+        for n, page in enumerate(self.pages):
+            at = n * PAGE
+            if not memory.startswith(page, at):
+                crc = zlib.crc32(memory[at:at + PAGE], zlib.crc32(at.to_bytes(8, "little"), crc))
+        return crc.to_bytes(4, "little")
 
 
 # -- the search ----------------------------------------------------------------------------

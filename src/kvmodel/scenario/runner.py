@@ -14,7 +14,7 @@ from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
-from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu
+from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu, copier
 from kvmodel.hw.svm.root import SvmRoot
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
@@ -130,6 +130,31 @@ class Resolver:
 
 def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[Cpu, Program]:
     """Assemble the guest and build the CPU at its entry point, events scheduled."""
+    cpu, program, resolve = _build(scenario, record_instructions)
+    _schedule(cpu, scenario, resolve)
+    return cpu, program
+
+
+class Prepared:
+    """A scenario's CPU at reset, built once and copied for each run of its schedules.
+
+    Every run given to it must be of the same scenario, up to its happenings
+    and host events (what check/schedule.py's apply() changes).
+    """
+
+    def __init__(self, scenario: Scenario):
+        self.cpu, self.program, self.resolve = _build(scenario, False)
+        self.copy = copier(self.cpu)
+
+    def prepare(self, scenario: Scenario) -> tuple[Cpu, Program]:
+        if self.copy is None:
+            return prepare(scenario)
+        cpu = self.copy()
+        _schedule(cpu, scenario, self.resolve)
+        return cpu, self.program
+
+
+def _build(scenario: Scenario, record_instructions: bool) -> tuple[Cpu, Program, Resolver]:
     program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE,
                        filename=scenario.path, line_offset=scenario.code_line)
     resolve = Resolver(scenario, program)
@@ -158,10 +183,13 @@ def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[C
         VmxRoot(cpu)  # L1 runs its VMX instructions on the hardware model
     if scenario.svm:
         SvmRoot(cpu)  # L1 runs VMRUN on the hardware model
+    return cpu, program, resolve
+
+
+def _schedule(cpu: Cpu, scenario: Scenario, resolve: Resolver) -> None:
     cpu.schedule([Scheduled(h.event, h.vector, h.after,
                             resolve(h.at, h.line) if h.at is not None else None)
                   for h in scenario.happenings])
-    return cpu, program
 
 
 def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
@@ -180,10 +208,16 @@ def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
 
 
 def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,
-        max_steps: int | None = None) -> RunResult:
-    """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations."""
+        max_steps: int | None = None, prepared: Prepared | None = None) -> RunResult:
+    """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations.
+
+    `prepared`: the scenario's CPU at reset, built before (not with record_instructions).
+    """
     vendor = vendor or Vendor(scenario.vendor)
-    cpu, program = prepare(scenario, record_instructions=record_instructions)
+    if prepared is not None and not record_instructions:
+        cpu, program = prepared.prepare(scenario)
+    else:
+        cpu, program = prepare(scenario, record_instructions=record_instructions)
     steps = max_steps or scenario.max_steps
     limit = error = None
     stats: tuple[Stats, ...] = ()
