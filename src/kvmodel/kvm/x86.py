@@ -160,7 +160,7 @@ class VendorOps(Protocol):
     def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None: ...
     def handle_exit(self) -> UserspaceExit | None: ...
     def inject_irq(self, reinjected: bool) -> None: ...
-    def inject_nmi(self) -> None: ...
+    def inject_nmi(self) -> str: ...
     def inject_exception(self) -> None: ...
     def cancel_injection(self) -> None: ...
     def nmi_allowed(self, for_injection: bool) -> int: ...
@@ -343,8 +343,7 @@ class Vcpu:
         elif self.exception_pending():
             pass  # a new exception wins over an interrupted NMI/IRQ, which is lost
         elif self.nmi_injected:
-            ops.inject_nmi()
-            self._record("nmi", Vec.NMI, reinjected=True)
+            self._record(ops.inject_nmi(), Vec.NMI, reinjected=True)
         elif self.interrupt.injected:
             ops.inject_irq(reinjected=True)
             self._record("soft-int" if self.interrupt.soft else "irq", self.interrupt.nr, True)
@@ -373,8 +372,7 @@ class Vcpu:
             if allowed:
                 self.nmi_pending -= 1
                 self.nmi_injected = True
-                ops.inject_nmi()
-                self._record("nmi", Vec.NMI, reinjected=False)
+                self._record(ops.inject_nmi(), Vec.NMI, reinjected=False)
                 can_inject = False
                 self.warn_on(ops.nmi_allowed(True) < 0,
                              "kvm_check_and_inject_events: NMI injected, then not allowed")

@@ -322,17 +322,18 @@ class Svm:
 
     # -- injection ---------------------------------------------------------------
 
-    def inject_nmi(self) -> None:
+    def inject_nmi(self) -> str:
         """svm_inject_nmi(): without vNMI, KVM masks NMIs and intercepts IRET; with vNMI the
-        CPU sets V_NMI_BLOCKING itself when it injects (APM 15.21.10). L1's own NMI for L2,
-        re-injected, is not L1's NMI: no masking, no count."""
+        CPU sets V_NMI_BLOCKING itself when it injects (APM 15.21.10). The NMI L1 injected into L2,
+        re-injected, is not KVM's: no masking, no count ("l1-nmi" in the trace)."""
         self.vmcb.event_inj = EVTINJ_VALID | (EventInjType.NMI << 8)
         if self.nmi_l1_to_l2 and not _faults.on("nested_svm_nmi_l1_to_l2_untracked"):
-            return
+            return "l1-nmi"
         if not self.is_vnmi_enabled():
             self.nmi_masked = True
             self._set_iret_intercept(True)
         self.vcpu.stats.nmi_injections += 1
+        return "nmi"
 
     def inject_irq(self, reinjected: bool) -> None:
         """svm_inject_irq(): INTn goes through EVENTINJ with next_rip as its return address."""

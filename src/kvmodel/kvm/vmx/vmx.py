@@ -204,11 +204,12 @@ class Vmx:
         else:
             self.vmcs.entry_intr_info = intr_info(irq.nr, EventType.EXT_INT, None)
 
-    def inject_nmi(self) -> None:
+    def inject_nmi(self) -> str:
         """vmx_inject_nmi(): hardware sets virtual-NMI blocking when it delivers."""
         self.vcpu.stats.nmi_injections += 1
         self.vmcs.injected_event_data = 0
         self.vmcs.entry_intr_info = intr_info(Vec.NMI, EventType.NMI, None)
+        return "nmi"
 
     def inject_exception(self) -> None:
         """vmx_inject_exception()."""
