@@ -169,8 +169,9 @@ class SvmRoot:
         vmcb.event_inj = vmcb.event_inj_err = 0
         write_exit(cpu.mem, vmcb_pa, vmcb)
         self._leave_guest(cpu, l1)
-        # An intercepted NMI was never taken: it is still pending for L1, held by GIF.
-        cpu.nmi_pending = min(2, l1.nmi_pending + nmi_for_l1)
+        # An intercepted NMI was never taken: it is still the one NMI latched for L1 (one
+        # pending at VMRUN became host_nmi; another arriving meanwhile was lost), held by GIF.
+        cpu.nmi_pending = 1 if nmi_for_l1 else l1.nmi_pending
 
     def _vmrun_failed(self, cpu: Cpu, check: str) -> None:
         """VMEXIT_INVALID: nothing ran; only the exit code and infos change (APM 15.5.1)."""
