@@ -174,10 +174,11 @@ class SvmRoot:
         cpu.nmi_pending = 1 if nmi_for_l1 else l1.nmi_pending
 
     def _vmrun_failed(self, cpu: Cpu, check: str) -> None:
-        """VMEXIT_INVALID: nothing ran; only the exit code and infos change (APM 15.5.1)."""
+        """VMEXIT_INVALID: nothing ran; the exit code and infos change (APM 15.5.1), and EVENTINJ
+        is cleared as at every #VMEXIT (see exit_to_l1())."""
         _, vmcb_pa, l1 = self._l2
         for offset, value in ((Offset.EXIT_CODE, ExitCode.INVALID), (Offset.EXIT_INFO_1, 0),
-                              (Offset.EXIT_INFO_2, 0)):
+                              (Offset.EXIT_INFO_2, 0), (Offset.EVENT_INJ, 0), (Offset.EVENT_INJ_ERR, 0)):
             write_field(cpu.mem, vmcb_pa, offset, value)
         cpu.trace.append(ExitRecord("VMEXIT_INVALID", l1.rip, cpu.retired, check))
         self._leave_guest(cpu, l1)
