@@ -14,13 +14,14 @@ VMX, an NMI that exits is not consumed and reaches L1 after its STGI.
 Modelled: the VMCB fields hw/svm/vmcb.py reads, intercepts merged as
 vmcb01 | vmcb12, L1-injected events (soft ones returning to vmcb12's
 next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
-hand-over of L1's pending NMI at VMRUN and #VMEXIT. Not modelled: nested
-NPT (L2 shares L1's memory), MSR and I/O permission maps (those exits go to
-L1), nested vGIF and vNMI for L2, VMLOAD/VMSAVE's state, KVM_GET/SET_NESTED_STATE.
+hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
+Not modelled: nested NPT (L2 shares L1's memory), MSR and I/O permission maps
+(those exits go to L1), nested vGIF and vNMI for L2, VMLOAD/VMSAVE's state.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kvmodel import _faults
@@ -72,6 +73,21 @@ _EXIT_INTERCEPT = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class NestedSvmState:
+    """struct kvm_nested_state for SVM (svm_get_nested_state()): the GUEST_MODE, RUN_PENDING and
+    GIF_SET flags, vmcb12's address, the cached vmcb12 control area, and L1's state from
+    vmcb01's save area. L2's registers travel as the vCPU's own (KVM_GET_REGS)."""
+
+    guest_mode: bool
+    run_pending: bool
+    gif: bool
+    vmcb12_gpa: int
+    ctl: Vmcb
+    l1: tuple[int, int, int, int]  # vmcb01's RIP, RSP, RFLAGS, RAX
+    l1_idtr: tuple[int, int]
+
+
 def _exit_name(code: int) -> str:
     if code in ExitCode._value2member_map_:
         return ExitCode(code).name
@@ -112,6 +128,40 @@ class NestedSvm:
         self.run_pending = True
         self._enter_guest_mode(cpu, vmcb12)
 
+    # -- KVM_GET/SET_NESTED_STATE (svm_get_nested_state(), svm_set_nested_state()) ---------
+
+    def get_state(self) -> NestedSvmState:
+        """In guest mode the cached control area first takes what L2's last run left in vmcb02
+        (nested_sync_control_from_vmcb02()): an EVENTINJ that went in is gone from it."""
+        ctl = self.ctl
+        if self.guest_mode:
+            vmcb02 = self.svm.vmcb
+            ctl.event_inj, ctl.event_inj_err = vmcb02.event_inj, vmcb02.event_inj_err
+            ctl.int_state = vmcb02.int_state
+        l1 = self.vmcb01
+        return NestedSvmState(self.guest_mode, self.run_pending, self.svm.gif_set(),
+                              self.vmcb12_gpa, replace(ctl, intercepts=set(ctl.intercepts)),
+                              (l1.rip, l1.rsp, l1.rflags, l1.rax), self.l1_idtr)
+
+    def set_state(self, state: NestedSvmState) -> None:
+        """GIF first (on vmcb01), then vmcb02 from the cached control area and the vCPU's
+        registers, which are L2's; vmcb01 gets L1's state back."""
+        svm = self.svm
+        svm.set_gif(state.gif)
+        if not state.guest_mode:
+            return
+        l2 = self.vmcb01  # what KVM_SET_REGS filled
+        self.vmcb12_gpa = state.vmcb12_gpa
+        self.ctl = replace(state.ctl, intercepts=set(state.ctl.intercepts))
+        self.l1_idtr, self.run_pending = state.l1_idtr, state.run_pending
+        vmcb02 = self._prepare_vmcb02(self.ctl, l2.rip)
+        vmcb02.rip, vmcb02.rsp, vmcb02.rflags = l2.rip, l2.rsp, l2.rflags
+        vmcb02.int_state = l2.int_state
+        l1 = self.vmcb01
+        l1.rip, l1.rsp, l1.rflags, l1.rax = state.l1
+        svm.guest.vmcb = vmcb02
+        self.guest_mode = True
+
     @staticmethod
     def _check_controls(vmcb12: Vmcb) -> str | None:
         """nested_vmcb_check_controls(): the VMRUN intercept, and a valid EVENTINJ."""
@@ -139,7 +189,8 @@ class NestedSvm:
     def _enter_guest_mode(self, cpu: Cpu, vmcb12: Vmcb) -> None:
         """enter_svm_guest_mode(): vmcb02 becomes current, then GIF is set."""
         svm = self.svm
-        vmcb02 = self._prepare_vmcb02(vmcb12)
+        vmcb02 = self._prepare_vmcb02(vmcb12, vmcb12.rip)
+        vmcb02.rip, vmcb02.rsp, vmcb02.rflags = vmcb12.rip, vmcb12.rsp, vmcb12.rflags | 0x2
         svm.guest.vmcb = vmcb02
         cpu.regs[RAX] = vmcb12.rax
         cpu.idtr_base, cpu.idtr_limit = vmcb12.idtr_base, vmcb12.idtr_limit & 0xFFFF
@@ -147,14 +198,11 @@ class NestedSvm:
         svm.vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L2's RFLAGS
         svm.set_gif(True)
 
-    def _prepare_vmcb02(self, vmcb12: Vmcb) -> Vmcb:
-        """nested_vmcb02_prepare_control() and _save()."""
+    def _prepare_vmcb02(self, vmcb12: Vmcb, l2_rip: int) -> Vmcb:
+        """nested_vmcb02_prepare_control(); `l2_rip` is where L2 starts (soft_int_old_rip)."""
         svm, vmcb01 = self.svm, self.vmcb01
         vmcb02 = Vmcb()
-        vmcb02.intercepts = set(vmcb01.intercepts | vmcb12.intercepts)
-        if vmcb12.int_ctl & V_INTR_MASKING and not vmcb01.rflags & IF:
-            vmcb02.intercepts.discard(Intercept.VINTR)  # L1's own window cannot open while L2 runs
-        vmcb02.exception_intercepts = vmcb01.exception_intercepts | vmcb12.exception_intercepts
+        self._merge_intercepts(vmcb02, vmcb12)
         vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | _V_IRQ_INJECTION_BITS)) | (
             vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
         self._take_l1_vnmi()
@@ -168,10 +216,21 @@ class NestedSvm:
             EVTINJ_VALID | EventInjType.NMI << 8)
         if _is_soft(vmcb12.event_inj) and not _faults.on("nested_svm_soft_int_not_tracked"):
             svm.soft_int_injected = True
-            svm.soft_int_old_rip = vmcb12.rip
-            svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips else vmcb12.rip
-        vmcb02.rip, vmcb02.rsp, vmcb02.rflags = vmcb12.rip, vmcb12.rsp, vmcb12.rflags | 0x2
+            svm.soft_int_old_rip = l2_rip
+            svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips else l2_rip
         return vmcb02
+
+    def _merge_intercepts(self, vmcb02: Vmcb, vmcb12: Vmcb) -> None:
+        """nested_vmcb02_recalc_intercepts(): vmcb01 | vmcb12."""
+        vmcb01 = self.vmcb01
+        vmcb02.intercepts = vmcb01.intercepts | vmcb12.intercepts
+        if vmcb12.int_ctl & V_INTR_MASKING and not vmcb01.rflags & IF:
+            vmcb02.intercepts.discard(Intercept.VINTR)  # L1's own window cannot open while L2 runs
+        vmcb02.exception_intercepts = vmcb01.exception_intercepts | vmcb12.exception_intercepts
+
+    def recalc_intercepts(self) -> None:
+        """recalc_intercepts(): vmcb01 changed while L2 runs."""
+        self._merge_intercepts(self.svm.vmcb, self.ctl)
 
     def _take_l1_vnmi(self) -> None:
         """With vNMI, an NMI the CPU holds for L1 moves into nmi_pending while L2 runs."""

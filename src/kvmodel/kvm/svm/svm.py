@@ -41,7 +41,7 @@ from kvmodel.hw.svm.vmcb import (
     encode,
 )  # fmt: skip
 from kvmodel.kvm.svm import sev
-from kvmodel.kvm.svm.nested import NestedSvm
+from kvmodel.kvm.svm.nested import NestedSvm, NestedSvmState
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
 from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
 
@@ -117,12 +117,14 @@ class Svm:
     def guest_state_protected(self) -> bool:
         return self.sev_es
 
-    def get_nested_state(self) -> None:
-        """KVM_GET_NESTED_STATE for SVM is not modelled: refuse when there is nested state."""
-        if self.guest_mode or not self.gif_set():
-            raise ModelLimit("KVM_GET_NESTED_STATE for nested SVM (guest mode or GIF=0) is not "
-                             "modelled", self.vmcb.rip)
-        return None
+    def get_nested_state(self) -> NestedSvmState | None:
+        """KVM_GET_NESTED_STATE: None without nested SVM (the VMM skips it then)."""
+        return self.nested.get_state() if self.nested is not None else None
+
+    def set_nested_state(self, state: NestedSvmState) -> None:
+        if self.nested is None:
+            raise InvalidArgument("KVM_SET_NESTED_STATE without nested SVM (kvm_amd.nested=0)")
+        self.nested.set_state(state)
 
     # -- registers -----------------------------------------------------------
 
@@ -221,10 +223,15 @@ class Svm:
             self._set_intercept(Intercept.IRET, on)
 
     def _set_intercept(self, intercept: Intercept, on: bool) -> None:
+        """svm_set/clr_intercept(): KVM's intercepts live in vmcb01; in L2, vmcb02 is
+        recalculated from it (recalc_intercepts())."""
+        vmcb01 = self.nested.vmcb01 if self.guest_mode else self.vmcb
         if on:
-            self.vmcb.intercepts.add(intercept)
+            vmcb01.intercepts.add(intercept)
         else:
-            self.vmcb.intercepts.discard(intercept)
+            vmcb01.intercepts.discard(intercept)
+        if self.guest_mode:
+            self.nested.recalc_intercepts()
         self.guest.intercepts_changed()
 
     def is_vnmi_pending(self) -> bool:
