@@ -98,6 +98,9 @@ def _explore_parsers(sub) -> None:
                     help="switch on a catalogued bug (kvmodel bugs list); repeatable")
     ex.add_argument("--out", default="kvmodel-findings", metavar="DIR",
                     help="where replay files go (default: ./kvmodel-findings)")
+    ex.add_argument("--known", action="store_true",
+                    help="also shrink and write replay files for the findings scenarios declare "
+                         "([[explore.known]]), e.g. to report them upstream")
     ex.add_argument("--json", action="store_true", help="one JSON document instead of text")
     rp = sub.add_parser("replay", help="re-run a replay file, side by side with bare metal",
                         description="Re-run the exact schedule of a replay file written by "
@@ -190,7 +193,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     def report(item: Explored) -> None:
         done.append(item)
         if not args.json:
-            print_findings(console, item.result, item.shrunk)
+            print_findings(console, item.result, item.shrunk, item.known)
             if not console.is_terminal:
                 r = item.result
                 console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
@@ -210,7 +213,8 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     try:
         with bar:
             explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
-                        bugs=frozenset(args.bug), out_dir=Path(args.out), done=advance)
+                        bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
+                        done=advance)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: the findings above are written")
         _explore_summary(args, console, done)

@@ -177,6 +177,18 @@ def test_explore_with_a_bug_exits_one_and_writes_a_replay_that_reproduces(tmp_pa
     assert "side by side" in out and "<<" in out and "DIVERGENCE" in out
 
 
+def test_explore_known_writes_replays_of_declared_findings_and_still_passes(tmp_path, capsys):
+    scenario = VIRT.parent / "nested" / "svm_l1_nmi_while_l2_runs.toml"
+    code = main(["explore", "--vendor", "svm", "--known", "--out", str(tmp_path), str(scenario)])
+    out = capsys.readouterr().out
+    assert code == Exit.OK, out  # declared findings do not fail the run
+    assert "KNOWN" in out and "FINDING" not in out
+    replays = sorted(tmp_path.glob("*.json"))
+    assert len(replays) == 1
+    assert main(["replay", str(replays[0])]) == Exit.FAILED  # it does reproduce the divergence
+    assert "DIVERGENCE" in capsys.readouterr().out
+
+
 def test_explore_json(tmp_path, capsys):
     assert main(["explore", "--json", "--vendor", "both", "--max-host", "1", "--out", str(tmp_path),
                  str(VIRT / "nmi_wakes_hlt.toml")]) == Exit.OK

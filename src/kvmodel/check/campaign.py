@@ -12,6 +12,7 @@ from kvmodel.check.replay import shrink, write
 from kvmodel.errors import KvmodelError
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
+from kvmodel.scenario.schema import Scenario
 
 
 def expand(paths: list[str]) -> list[Path]:
@@ -37,11 +38,12 @@ def vendors_for(choice: str) -> tuple[Vendor, ...]:
 class Explored:
     result: ExploreResult
     shrunk: list[tuple[Finding, str | None]] = field(default_factory=list)
+    known: list[tuple[Finding, str | None]] = field(default_factory=list)  # with --known
 
 
 def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, *, workers: int = 1,
                 time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
-                out_dir: Path | None = None,
+                out_dir: Path | None = None, known: bool = False,
                 done: Callable[[Explored], None] | None = None) -> list[Explored]:
     """Explore each scenario on each vendor; new findings are shrunk and written as replays.
 
@@ -53,13 +55,13 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
     explored = []
     if workers <= 1:
         for path, vendor in jobs:
-            item = explore_one(path, vendor, bounds, time_limit, bugs, out_dir)
+            item = explore_one(path, vendor, bounds, time_limit, bugs, out_dir, known)
             explored.append(item)
             if done is not None:
                 done(item)
         return explored
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(explore_one, path, vendor, bounds, time_limit, bugs, out_dir)
+        futures = [pool.submit(explore_one, path, vendor, bounds, time_limit, bugs, out_dir, known)
                    for path, vendor in jobs]
         try:
             for future in futures:
@@ -75,16 +77,26 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
 
 
 def explore_one(path: str, vendor: Vendor, bounds: Bounds, time_limit: float | None,
-                bugs: frozenset[str], out_dir: Path | None) -> Explored:
+                bugs: frozenset[str], out_dir: Path | None, known: bool = False) -> Explored:
+    """`known`: also shrink and write the declared findings, e.g. to report them upstream."""
     scenario = load(path)
     result = explore(scenario, vendor, bounds, time_limit=time_limit, bugs=bugs)
     item = Explored(result)
+    item.shrunk = _shrink_each_kind(scenario, vendor, result.findings, bugs, out_dir)
+    if known:
+        item.known = _shrink_each_kind(scenario, vendor, result.known, bugs, out_dir)
+    return item
+
+
+def _shrink_each_kind(scenario: Scenario, vendor: Vendor, findings: list[Finding],
+                      bugs: frozenset[str], out_dir: Path | None) -> list[tuple[Finding, str | None]]:
+    """One cause per kind and scenario, usually: shrink the first of each kind."""
+    out: list[tuple[Finding, str | None]] = []
     kinds_done: set[str] = set()
-    for finding in result.findings:
+    for finding in findings:
         if finding.kind in kinds_done:
-            continue  # one cause per kind and scenario, usually: shrink the first
+            continue
         kinds_done.add(finding.kind)
         small = shrink(scenario, vendor, finding, bugs)
-        replay = str(write(out_dir, scenario, vendor, small, bugs)) if out_dir else None
-        item.shrunk.append((small, replay))
-    return item
+        out.append((small, str(write(out_dir, scenario, vendor, small, bugs)) if out_dir else None))
+    return out

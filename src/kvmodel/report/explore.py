@@ -39,13 +39,15 @@ def _short(path: str) -> str:
 
 
 def print_findings(console: Console, result: ExploreResult,
-                   shrunk: list[tuple[Finding, str | None]]) -> None:
-    for finding, replay in shrunk:
-        console.print(f"[bold red]FINDING[/] {escape(result.scenario.path)} "
-                      f"{escape(f'[{result.vendor.value}]')} {finding.kind}: {escape(finding.message)}")
-        console.print(f"  schedule: {escape(describe(finding.schedule))}")
-        if replay is not None:
-            console.print(f"  replay:   kvmodel replay {escape(replay)}")
+                   shrunk: list[tuple[Finding, str | None]],
+                   known: list[tuple[Finding, str | None]] = ()) -> None:
+    for label, found in (("[bold red]FINDING[/]", shrunk), ("[yellow]KNOWN[/]", known)):
+        for finding, replay in found:
+            console.print(f"{label} {escape(result.scenario.path)} "
+                          f"{escape(f'[{result.vendor.value}]')} {finding.kind}: {escape(finding.message)}")
+            console.print(f"  schedule: {escape(describe(finding.schedule))}")
+            if replay is not None:
+                console.print(f"  replay:   kvmodel replay {escape(replay)}")
     for known in result.unseen_known:
         console.print(f"[bold red]FAIL[/] {escape(result.scenario.path)}:{known.line}: the known "
                       f"finding involving {', '.join(known.involves)} did not show up")
