@@ -92,7 +92,8 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm", "gif",
+        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm",
+        "has_svm", "gif",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -156,6 +157,7 @@ class Cpu:
         self.csl = 0  # FRED's current stack level
         self.vmx: VmxInstructions | None = None  # VMX root operation, for an L1 on the model
         self.svm: SvmInstructions | None = None  # SVM host mode, for an L1 on the model
+        self.has_svm = False  # CPUID 8000_0001h ECX.SVM: EFER.SVME can be set
         # GIF (APM 15.17): clear, it holds NMIs and interrupts. In an SVM guest it
         # stands for vGIF's V_GIF; otherwise only CLGI clears it.
         self.gif = True

@@ -726,7 +726,7 @@ def _write_msr(c, msr: int, value: int) -> None:
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         c.ghcb_msr = value
     elif msr == IA32_EFER and value ^ c.efer == EFER_SVME:
-        if c.svm is None:
+        if not c.has_svm:
             raise Fault(Vec.GP, 0)  # SVME is reserved on a CPU without SVM
         c.efer = value  # the SVM instructions come and go with EFER.SVME (APM 15.4)
     elif msr in (IA32_APIC_BASE, IA32_EFER):

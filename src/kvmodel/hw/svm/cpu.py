@@ -28,6 +28,7 @@ from kvmodel.hw.svm.vmcb import (
     NPF_WRITE,
     V_GIF,
     V_GIF_ENABLE,
+    V_INTR_MASKING,
     V_IRQ,
     V_NMI_BLOCKING,
     V_NMI_ENABLE,
@@ -57,7 +58,8 @@ _INSTRUCTION_EXITS = {
     Exiting.CLGI: (Intercept.CLGI, ExitCode.CLGI),
 }
 _NEXT_RIP_EXCEPTIONS = (Vec.BP, Vec.OF)  # with BOUND, the exceptions that save nRIP (15.7.1)
-_NOT_EXCEPTIONS = (Vec.NMI, 9, 15)  # NMI and reserved vectors below 32
+# NMI and the vectors below 32 that are no exception on AMD (APM 8.2 Table 8-1)
+_NOT_EXCEPTIONS = frozenset((Vec.NMI, 9, 15, 20, 22, 23, 24, 25, 26, 27, 31))
 
 
 class SvmGuest(GuestMode):
@@ -299,6 +301,8 @@ class SvmGuest(GuestMode):
             raise ModelLimit("VMMCALL outside an SEV-ES guest (a hypercall) is not modelled", cpu.rip)
         intercept_exit = _INSTRUCTION_EXITS.get(insn.exiting)
         if intercept_exit is None or intercept_exit[0] not in self.vmcb.intercepts:
+            if insn.exiting is Exiting.CR8_WRITE and self.vmcb.int_ctl & V_INTR_MASKING:
+                raise ModelLimit("a guest CR8 write to V_TPR (V_INTR_MASKING) is not modelled", cpu.rip)
             return
         info_1 = 1 if insn.exiting is Exiting.WRMSR else 0
         self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, next_rip=cpu.rip + insn.length)

@@ -55,8 +55,7 @@ class L1State:
     rax: int
     rflags: int
     idtr: tuple[int, int]
-    nmi_pending: int
-    nmi_blocked: bool
+    nmi_pending: int  # NMIs are not blocked: VMRUN in an NMI handler is a model limit
 
 
 def check_vmcb_for_model(vmcb: Vmcb, rip: int) -> None:
@@ -81,6 +80,7 @@ class SvmRoot:
 
     def __init__(self, cpu: Cpu):
         cpu.svm = self
+        cpu.has_svm = True
         self._l2: tuple[SvmGuest, int, L1State] | None = None
 
     def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None:
@@ -94,7 +94,7 @@ class SvmRoot:
         vmcb = read_vmcb(cpu.mem, vmcb_pa)
         check_vmcb_for_model(vmcb, cpu.rip)
         l1 = L1State(next_rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags,
-                     (cpu.idtr_base, cpu.idtr_limit), cpu.nmi_pending, cpu.nmi_blocked)
+                     (cpu.idtr_base, cpu.idtr_limit), cpu.nmi_pending)
         guest = SvmGuest(cpu)
         guest.vmcb = vmcb
         guest.on_external = lambda event, vector: self._for_l1(guest, event, vector)
@@ -163,6 +163,7 @@ class SvmRoot:
         guest.complete_exit()
         vmcb = guest.vmcb
         vmcb.rax = cpu.regs[RAX]
+        vmcb.idtr_base, vmcb.idtr_limit = cpu.idtr_base, cpu.idtr_limit
         # The exit clears EVENTINJ.V (APM 15.20; Bochs). Whether the other bits survive is
         # UNVERIFIED; the model clears the word, as KVM's nested_svm_vmexit() does, since
         # nothing reads them once V is clear.
@@ -198,5 +199,5 @@ class SvmRoot:
         cpu.gif = False  # #VMEXIT clears GIF (APM 15.6)
         cpu.rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags = l1.rip, l1.rsp, l1.rax, l1.rflags
         cpu.idtr_base, cpu.idtr_limit = l1.idtr
-        cpu.nmi_blocked = l1.nmi_blocked
+        cpu.nmi_blocked = False  # L2's NMI blocking is L2's (APM 15.21.4: no VMCB field without vNMI)
         cpu.attn = True

@@ -23,6 +23,7 @@ V_INTR_PRIO_MASK = 0xF << V_INTR_PRIO_SHIFT
 V_NMI_PENDING = 1 << 11  # vNMI (APM 15.21.10): an NMI waits for the CPU to take it
 V_NMI_BLOCKING = 1 << 12  # the guest is in an NMI handler (APM name V_NMI_MASK)
 V_IGN_TPR = 1 << 20
+V_IRQ_INJECTION_BITS = V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR
 V_INTR_MASKING = 1 << 24
 V_GIF_ENABLE = 1 << 25
 V_NMI_ENABLE = 1 << 26
@@ -193,7 +194,8 @@ _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
                   Offset.EXIT_INFO_2: "exit_info_2", Offset.EXIT_INT_INFO: "exit_int_info",
                   Offset.EXIT_INT_INFO_ERR: "exit_int_info_err", Offset.EVENT_INJ: "event_inj",
                   Offset.EVENT_INJ_ERR: "event_inj_err",
-                  Offset.NEXT_RIP: "next_rip", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
+                  Offset.NEXT_RIP: "next_rip", Offset.IDTR_LIMIT: "idtr_limit",
+                  Offset.IDTR_BASE: "idtr_base", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
                   Offset.RSP: "rsp", Offset.RAX: "rax"}
 VMCB_SIZE = 0x1000
 

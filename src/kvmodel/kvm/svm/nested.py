@@ -34,10 +34,9 @@ from kvmodel.hw.svm.vmcb import (
     INTERRUPT_SHADOW,
     V_GIF,
     V_GIF_ENABLE,
-    V_IGN_TPR,
     V_INTR_MASKING,
-    V_INTR_PRIO_MASK,
     V_IRQ,
+    V_IRQ_INJECTION_BITS,
     V_NMI_BLOCKING,
     V_NMI_PENDING,
     V_TPR_MASK,
@@ -57,10 +56,10 @@ from kvmodel.kvm.x86 import NestedExitRecord, Request, exception_is_soft
 if TYPE_CHECKING:
     from kvmodel.kvm.svm.svm import Svm
 
-_V_IRQ_INJECTION_BITS = V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR
+# nested_svm_event_inj_valid_exept(): #CP and #VC only with shadow stacks / SEV-ES, which L1 lacks
 _VALID_EXCEPTIONS = frozenset((Vec.DE, Vec.DB, Vec.BP, Vec.OF, Vec.BR, Vec.UD, Vec.NM, Vec.DF,
                                Vec.TS, Vec.NP, Vec.SS, Vec.GP, Vec.PF, Vec.MF, Vec.AC, Vec.MC,
-                               Vec.XM))  # nested_svm_check_event_inj() (no #HV/#SX/#CP/#VC here)
+                               Vec.XM, 28, 30))  # 28 #HV, 30 #SX
 # nested_svm_exit_special(): exits L0 keeps whatever vmcb12 says.
 _L0_ALWAYS = (ExitCode.INTR, ExitCode.NMI, ExitCode.NPF)
 _EXIT_INTERCEPT = {
@@ -98,7 +97,7 @@ class NestedSvm:
     """struct svm_nested_state: vmcb12's address and cached copy, and L2's turn."""
 
     def __init__(self, cpu: Cpu, svm: Svm):
-        cpu.svm = self  # the CPU offers SVM: EFER.SVME can be set
+        cpu.has_svm = True  # the guest's CPUID offers SVM: EFER.SVME can be set
         self.svm = svm
         self.vmcb01 = svm.guest.vmcb
         self.vmcb12_gpa = 0
@@ -109,8 +108,8 @@ class NestedSvm:
 
     # -- VMRUN (nested_svm_vmrun()) ------------------------------------------------------
 
-    def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None:
-        """Called by vmrun_interception() once the permission checks passed."""
+    def vmrun(self, cpu: Cpu, vmcb_pa: int) -> None:
+        """nested_svm_vmrun(), called by vmrun_interception() once the permission checks passed."""
         vcpu = self.svm.vcpu
         if vmcb_pa & 0xFFF or vmcb_pa + VMCB_SIZE > cpu.mem_size:  # page_address_valid()
             vcpu.queue_exception(Vec.GP, 0)
@@ -118,9 +117,9 @@ class NestedSvm:
         vmcb12 = read_vmcb(cpu.mem, vmcb_pa)
         check_vmcb_for_model(vmcb12, cpu.rip)
         failure = vmrun_failure(vmcb12) or self._check_controls(vmcb12)
-        self.svm.skip_vmrun()
+        self.svm.skip_svm_instruction()
         if failure is not None:
-            self._vmrun_failed(cpu, vmcb_pa)
+            self._vmrun_failed(cpu, vmcb_pa, vmcb12.rip)
             return
         l1 = self.vmcb01
         l1.rax, self.l1_idtr = cpu.regs[RAX], (cpu.idtr_base, cpu.idtr_limit)
@@ -177,14 +176,14 @@ class NestedSvm:
             return f"EVENTINJ exception with vector {vector}"
         return None
 
-    def _vmrun_failed(self, cpu: Cpu, vmcb_pa: int) -> None:
+    def _vmrun_failed(self, cpu: Cpu, vmcb_pa: int, l2_rip: int) -> None:
         """The consistency checks failed: SVM_EXIT_ERR in vmcb12, L1 goes on after VMRUN."""
         for offset, value in ((Offset.EXIT_CODE, ExitCode.INVALID), (Offset.EXIT_INFO_1, 0),
                               (Offset.EXIT_INFO_2, 0), (Offset.EVENT_INJ, 0),
                               (Offset.EVENT_INJ_ERR, 0)):
             write_field(cpu.mem, vmcb_pa, offset, value)
         self.svm.set_gif(False)
-        cpu.trace.append(NestedExitRecord("INVALID", self.vmcb01.rip, cpu.retired, "vmcb12"))
+        cpu.trace.append(NestedExitRecord("INVALID", l2_rip, cpu.retired, "vmcb12"))
 
     def _enter_guest_mode(self, cpu: Cpu, vmcb12: Vmcb) -> None:
         """enter_svm_guest_mode(): vmcb02 becomes current, then GIF is set."""
@@ -203,7 +202,7 @@ class NestedSvm:
         svm, vmcb01 = self.svm, self.vmcb01
         vmcb02 = Vmcb()
         self._merge_intercepts(vmcb02, vmcb12)
-        vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | _V_IRQ_INJECTION_BITS)) | (
+        vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | V_IRQ_INJECTION_BITS)) | (
             vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
         self._take_l1_vnmi()
         vmcb02.int_vector = vmcb12.int_vector & 0xFF
@@ -217,16 +216,25 @@ class NestedSvm:
         if _is_soft(vmcb12.event_inj) and not _faults.on("nested_svm_soft_int_not_tracked"):
             svm.soft_int_injected = True
             svm.soft_int_old_rip = l2_rip
-            svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips else l2_rip
+            svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips or not self.run_pending else l2_rip
         return vmcb02
 
     def _merge_intercepts(self, vmcb02: Vmcb, vmcb12: Vmcb) -> None:
         """nested_vmcb02_recalc_intercepts(): vmcb01 | vmcb12."""
         vmcb01 = self.vmcb01
-        vmcb02.intercepts = vmcb01.intercepts | vmcb12.intercepts
-        if vmcb12.int_ctl & V_INTR_MASKING and not vmcb01.rflags & IF:
-            vmcb02.intercepts.discard(Intercept.VINTR)  # L1's own window cannot open while L2 runs
+        intercepts = set(vmcb01.intercepts)
+        if vmcb12.int_ctl & V_INTR_MASKING:
+            intercepts.discard(Intercept.CR8_WRITE)  # L2's CR8 is V_TPR, none of L1's business
+            if not vmcb01.rflags & IF:
+                intercepts.discard(Intercept.VINTR)  # L1's window cannot open while L2 runs
+        vmcb02.intercepts = intercepts | vmcb12.intercepts
         vmcb02.exception_intercepts = vmcb01.exception_intercepts | vmcb12.exception_intercepts
+
+    def restore_l1_v_irq(self) -> None:
+        """svm_clear_vintr() in L2: vmcb02's V_IRQ bits and vector are L1's again."""
+        vmcb02, ctl = self.svm.vmcb, self.ctl
+        vmcb02.int_ctl |= ctl.int_ctl & V_IRQ_INJECTION_BITS
+        vmcb02.int_vector = ctl.int_vector
 
     def recalc_intercepts(self) -> None:
         """recalc_intercepts(): vmcb01 changed while L2 runs."""
@@ -296,7 +304,7 @@ class NestedSvm:
         vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L1's RFLAGS
         svm.nmi_l1_to_l2 = svm.soft_int_injected = False
         vcpu.clear_event_queues()
-        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb01.rip, cpu.retired, "vmcb12"))
+        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb02.rip, cpu.retired, "vmcb12"))
 
     def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
         """nested_svm_vmexit_update_vmcb12() and nested_save_pending_event_to_vmcb12()."""
@@ -304,6 +312,7 @@ class NestedSvm:
         vmcb12 = Vmcb()
         vmcb12.rip, vmcb12.rsp, vmcb12.rflags = vmcb02.rip, vmcb02.rsp, svm.get_rflags()
         vmcb12.rax = cpu.regs[RAX]
+        vmcb12.idtr_base, vmcb12.idtr_limit = cpu.idtr_base, cpu.idtr_limit
         vmcb12.int_state = vmcb02.int_state
         vmcb12.exit_code = vmcb02.exit_code
         vmcb12.exit_info_1, vmcb12.exit_info_2 = vmcb02.exit_info_1, vmcb02.exit_info_2
@@ -328,9 +337,9 @@ class NestedSvm:
     def _int_ctl_for_l1(self, vmcb02: Vmcb) -> int:
         """nested_sync_control_from_vmcb02(): V_TPR and V_IRQ as L2 left them, unless the VINTR
         intercept (and so V_IRQ) is L0's own window."""
-        mask = V_TPR_MASK | _V_IRQ_INJECTION_BITS
+        mask = V_TPR_MASK | V_IRQ
         if Intercept.VINTR in vmcb02.intercepts and Intercept.VINTR not in self.ctl.intercepts:
-            mask &= ~_V_IRQ_INJECTION_BITS
+            mask &= ~V_IRQ
         return (self.ctl.int_ctl & ~mask) | (vmcb02.int_ctl & mask)
 
     def _give_back_l1_vnmi(self, vmcb02: Vmcb) -> None:

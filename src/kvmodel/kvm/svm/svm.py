@@ -26,11 +26,10 @@ from kvmodel.hw.svm.vmcb import (
     INTERRUPT_SHADOW,
     V_GIF,
     V_GIF_ENABLE,
-    V_IGN_TPR,
     V_INTR_MASKING,
-    V_INTR_PRIO_MASK,
     V_INTR_PRIO_SHIFT,
     V_IRQ,
+    V_IRQ_INJECTION_BITS,
     V_NMI_BLOCKING,
     V_NMI_ENABLE,
     V_NMI_PENDING,
@@ -290,11 +289,11 @@ class Svm:
         return bool(self.vmcb.int_state & INTERRUPT_SHADOW)
 
     def interrupt_allowed(self, for_injection: bool) -> int:
-        """svm_interrupt_allowed(): blocked is checked before the pending VMRUN, unlike NMIs."""
-        if self.interrupt_blocked():
-            return 0
+        """svm_interrupt_allowed(): the same shape as svm_nmi_allowed()."""
         if self.nested is not None and self.nested.run_pending:
             return EBUSY
+        if self.interrupt_blocked():
+            return 0
         return EBUSY if for_injection and self._l1_intercepts(Intercept.INTR) else 1
 
     # -- GIF (APM 15.17) -----------------------------------------------------------
@@ -422,13 +421,16 @@ class Svm:
             return  # the intercept merge drops VINTR: L1's window cannot open while L2 runs
         vmcb = self.vmcb
         vmcb.int_vector = 0
-        vmcb.int_ctl = (vmcb.int_ctl & ~(V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR)) | V_IRQ | (
-            0xF << V_INTR_PRIO_SHIFT)
+        vmcb.int_ctl = (vmcb.int_ctl & ~V_IRQ_INJECTION_BITS) | V_IRQ | (0xF << V_INTR_PRIO_SHIFT)
         self._set_intercept(Intercept.VINTR, True)
 
     def clear_vintr(self) -> None:
-        self.vmcb.int_ctl &= ~(V_IRQ | V_INTR_PRIO_MASK | V_IGN_TPR)
+        """svm_clear_vintr(): drop KVM's dummy V_IRQ; in L2, vmcb02 gets L1's own V_IRQ back."""
         self._set_intercept(Intercept.VINTR, False)
+        self.vmcb.int_ctl &= ~V_IRQ_INJECTION_BITS
+        if self.guest_mode:
+            self.nested.vmcb01.int_ctl &= ~V_IRQ_INJECTION_BITS
+            self.nested.restore_l1_v_irq()
 
     def kick(self) -> None:
         self.guest.kick()
@@ -569,13 +571,10 @@ class Svm:
         self.vcpu.queue_exception(Vec.UD)
         return False
 
-    def _skip_svm_instruction(self) -> None:
+    def skip_svm_instruction(self) -> None:
         cpu = self.guest.cpu
         rip = self.vmcb.rip
         self.vcpu.skip_emulated_instruction(cpu.icache.get(rip) or decode(cpu, rip))
-
-    def skip_vmrun(self) -> None:
-        self._skip_svm_instruction()
 
     def _vmrun_interception(self) -> None:
         """vmrun_interception() -> nested_svm_vmrun()."""
@@ -586,12 +585,12 @@ class Svm:
             raise ModelLimit("single-stepping VMRUN is not modelled", self.vmcb.rip)
         if self.get_nmi_mask():
             raise ModelLimit("VMRUN with NMIs blocked (in an NMI handler) is not modelled", self.vmcb.rip)
-        self.nested.vmrun(cpu, cpu.regs[RAX] & cpu.addr_mask, 0)
+        self.nested.vmrun(cpu, cpu.regs[RAX] & cpu.addr_mask)
 
     def _gif_interception(self, value: bool) -> None:
         """stgi_interception() / clgi_interception()."""
         if self._svm_permitted():
-            self._skip_svm_instruction()
+            self.skip_svm_instruction()
             self.set_gif(value)
 
     def _vmload_vmsave_interception(self) -> None:
@@ -603,7 +602,7 @@ class Svm:
         if address & 0xFFF or address + VMCB_SIZE > cpu.mem_size:
             self.vcpu.queue_exception(Vec.GP, 0)
             return
-        self._skip_svm_instruction()
+        self.skip_svm_instruction()
 
     def _recalc_instruction_intercepts(self) -> None:
         """svm_recalc_instruction_intercepts(): with EFER.SVME and vGIF, STGI/CLGI run in the guest."""
