@@ -15,8 +15,9 @@ whether its interrupts can exit L2 at all (15.21.1).
 Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
 beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
 memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
-move, vGIF and vNMI for L2, an L1 that leaves NMI or INTR unintercepted or
-V_INTR_MASKING clear (ModelLimit).
+move, vGIF for L2, V_TPR, virtual interrupts taken by L2, an L1 that leaves
+NMI or INTR unintercepted or V_INTR_MASKING clear (ModelLimit). vNMI for L2
+(V_NMI_ENABLE in L1's VMCB) is the guest model's own (cpu.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
     V_INTR_MASKING,
     V_IRQ,
-    V_NMI_ENABLE,
     VMCB_SIZE,
     ExitCode,
     Intercept,
@@ -64,8 +64,8 @@ def check_vmcb_for_model(vmcb: Vmcb, rip: int) -> None:
         raise ModelLimit("an L1 that does not intercept INTR and NMI is not modelled", rip)
     if not vmcb.int_ctl & V_INTR_MASKING:
         raise ModelLimit("an L1 without V_INTR_MASKING is not modelled", rip)
-    if vmcb.int_ctl & (V_GIF_ENABLE | V_NMI_ENABLE):
-        raise ModelLimit("vGIF and vNMI for L2 are not modelled", rip)
+    if vmcb.int_ctl & V_GIF_ENABLE:
+        raise ModelLimit("vGIF for L2 is not modelled", rip)
     if vmcb.int_ctl & V_IRQ and Intercept.VINTR not in vmcb.intercepts:
         raise ModelLimit("virtual interrupts (V_IRQ) taken by L2 are not modelled", rip)
 

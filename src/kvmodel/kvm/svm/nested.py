@@ -16,7 +16,7 @@ vmcb01 | vmcb12, L1-injected events (soft ones returning to vmcb12's
 next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
 hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
 Not modelled: nested NPT (L2 shares L1's memory), MSR and I/O permission maps
-(those exits go to L1), nested vGIF and vNMI for L2, VMLOAD/VMSAVE's state.
+(those exits go to L1), nested vGIF, VMLOAD/VMSAVE's state.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from kvmodel.hw.svm.vmcb import (
     V_IRQ,
     V_IRQ_INJECTION_BITS,
     V_NMI_BLOCKING,
+    V_NMI_ENABLE,
     V_NMI_PENDING,
     V_TPR_MASK,
     VMCB_SIZE,
@@ -137,6 +138,7 @@ class NestedSvm:
             vmcb02 = self.svm.vmcb
             ctl.event_inj, ctl.event_inj_err = vmcb02.event_inj, vmcb02.event_inj_err
             ctl.int_state = vmcb02.int_state
+            ctl.int_ctl = self._int_ctl_for_l1(vmcb02)
         l1 = self.vmcb01
         return NestedSvmState(self.guest_mode, self.run_pending, self.svm.gif_set(),
                               self.vmcb12_gpa, replace(ctl, intercepts=set(ctl.intercepts)),
@@ -202,7 +204,7 @@ class NestedSvm:
         svm, vmcb01 = self.svm, self.vmcb01
         vmcb02 = Vmcb()
         self._merge_intercepts(vmcb02, vmcb12)
-        vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | V_IRQ_INJECTION_BITS)) | (
+        vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | V_IRQ_INJECTION_BITS | self._vnmi_bits())) | (
             vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
         self._take_l1_vnmi()
         vmcb02.int_vector = vmcb12.int_vector & 0xFF
@@ -239,6 +241,12 @@ class NestedSvm:
     def recalc_intercepts(self) -> None:
         """recalc_intercepts(): vmcb01 changed while L2 runs."""
         self._merge_intercepts(self.svm.vmcb, self.ctl)
+
+    def _vnmi_bits(self) -> int:
+        """nested_vnmi_enabled(): L1 is offered vNMI when L0 uses it, and vmcb12 enables it."""
+        if self.svm.vnmi and self.ctl.int_ctl & V_NMI_ENABLE:
+            return V_NMI_PENDING | V_NMI_ENABLE | V_NMI_BLOCKING
+        return 0
 
     def _take_l1_vnmi(self) -> None:
         """With vNMI, an NMI the CPU holds for L1 moves into nmi_pending while L2 runs."""
@@ -335,15 +343,18 @@ class NestedSvm:
         return 0, 0
 
     def _int_ctl_for_l1(self, vmcb02: Vmcb) -> int:
-        """nested_sync_control_from_vmcb02(): V_TPR and V_IRQ as L2 left them, unless the VINTR
-        intercept (and so V_IRQ) is L0's own window."""
-        mask = V_TPR_MASK | V_IRQ
+        """nested_sync_control_from_vmcb02(): V_TPR, V_IRQ and (nested vNMI) L2's NMI bits as
+        L2 left them, unless the VINTR intercept (and so V_IRQ) is L0's own window."""
+        mask = V_TPR_MASK | V_IRQ | (self._vnmi_bits() & ~V_NMI_ENABLE)
         if Intercept.VINTR in vmcb02.intercepts and Intercept.VINTR not in self.ctl.intercepts:
             mask &= ~V_IRQ
         return (self.ctl.int_ctl & ~mask) | (vmcb02.int_ctl & mask)
 
     def _give_back_l1_vnmi(self, vmcb02: Vmcb) -> None:
-        """With vNMI, L1's NMI state goes back to vmcb01: blocking, and one pending NMI."""
+        """With vNMI, L1's NMI state goes back to vmcb01: blocking, and one pending NMI.
+
+        vmcb01's V_NMI_BLOCKING is taken from vmcb02 whatever vmcb02's bits stand for: with
+        nested vNMI they are L2's (see nested/svm_l2_vnmi_blocking_leaks_to_l1)."""
         svm, vmcb01 = self.svm, self.vmcb01
         if not svm.vnmi:
             return
