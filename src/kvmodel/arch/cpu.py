@@ -476,7 +476,7 @@ class Cpu:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
         event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
-                      push_rf=True)
+                      push_rf=True, fault_address=fault.cr2)
         if self.host is not None:
             self.host.event(self, event)  # an intercepted #PF leaves CR2 alone (SDM 27.1)
         self.iret_unblocked_nmi = False  # the exit above may report it (SDM 27.2.2 bit 12)

@@ -76,8 +76,8 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
         except Fault as fault:
             cpu.db_hits = 0  # the aborted delivery's pushes do not count
             resume = event.insn_rip if event.insn_rip is not None else event.rip
-            nested = Event(fault.vector, EventType.HW_EXCEPTION, resume,
-                           error_code=fault.error_code, push_rf=True, nested=True)
+            nested = Event(fault.vector, EventType.HW_EXCEPTION, resume, error_code=fault.error_code,
+                           push_rf=True, nested=True, fault_address=fault.cr2)
             if host is not None:
                 host.event(cpu, nested)  # may exit with `event` as the vectoring event
             if fault.cr2 is not None:

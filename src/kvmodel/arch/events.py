@@ -204,6 +204,7 @@ class Event:
     dr6: int = 0  # DR6 condition bits a #DB reports (B0-B3, BD, BS)
     nested: bool = False  # raised while delivering another event (FRED's SS bit 58)
     data: int | None = None  # FRED event data given by VM entry; None: what the event implies
+    fault_address: int | None = None  # a #PF's linear address, CR2 once it is delivered
 
     @property
     def name(self) -> str:

@@ -279,7 +279,9 @@ class SvmGuest(GuestMode):
         if event.vector == Vec.DB:  # DR6 is written before the intercept (APM 15.12): UNVERIFIED
             self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
         soft = event.type is EventType.SW_EXCEPTION and event.vector in _NEXT_RIP_EXCEPTIONS
+        # #PF: EXITINFO2 is the faulting address; CR2 is left alone (APM 15.12)
         self._exit(ExitCode.EXCP_BASE + event.vector, where, info_1=code or 0,
+                   info_2=event.fault_address or 0,
                    next_rip=event.rip if soft else 0, rf=event.push_rf)
 
     def boundary(self, cpu: Cpu) -> None:
