@@ -265,7 +265,8 @@ class VmxGuest(GuestMode):
         info = intr_info(event.vector, event.type, code, event.nested and fred.enabled(cpu))
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
-        qualification = event.dr6 if event.vector == Vec.DB else 0
+        # #DB: the DR6 bits; #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
+        qualification = event.dr6 if event.vector == Vec.DB else event.fault_address or 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
