@@ -525,8 +525,11 @@ def build_vmentry(i: iced.Instruction, mode: Mode) -> Run:
 
 
 def _svm_enabled(c) -> None:
-    """The SVM instructions are #UD with EFER.SVME clear (APM 15.4); the model runs at CPL 0."""
-    if not c.efer & EFER_SVME:
+    """The SVM instructions are #UD with EFER.SVME clear (APM 15.4); the model runs at CPL 0.
+
+    Under a host, the CPU checks its own EFER, which an SVM guest always has SVME in:
+    only an intercept can give the guest the #UD its own EFER calls for."""
+    if not (c.efer & EFER_SVME or (c.host is not None and c.host.efer_svme)):
         raise Fault(Vec.UD)
 
 

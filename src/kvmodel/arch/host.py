@@ -93,6 +93,10 @@ class SvmInstructions(Protocol):
 
 
 class Host(Protocol):
+    # The CPU's own EFER.SVME while this host's guest runs: an SVM guest's VMCB must
+    # have it set (APM 15.5.1), whatever EFER the guest was shown.
+    efer_svme: bool
+
     def event(self, cpu: Cpu, event: Event) -> None:
         """A guest event is about to be delivered; raise HostExit to intercept it."""
 

@@ -167,6 +167,12 @@ CATALOGUE: tuple[Bug, ...] = (
         "Sean Christopherson's review of \"[PATCH v2 10/11] KVM: SVM: implement support for vNMI\" "
         "(2023-02-01); kvm-upstream.md B1",
         ("svm",), "scenarios/nested/svm_l1_nmi_held_by_clgi_across_vmrun.toml"),
+    Bug("svm_gif_instructions_without_svme",
+        "with vGIF, STGI and CLGI are left unintercepted while the guest's EFER.SVME is clear; the CPU, "
+        "which sees SVME set in the VMCB, executes them instead of raising #UD",
+        "Kevin Cheng, 2026, svm_recalc_instruction_intercepts(): \"Intercept instructions that #UD "
+        "if EFER.SVME=0, as SVME must be set even when running the guest\"; APM 15.4, 15.5.1",
+        ("svm",), "scenarios/virt/clgi_without_svm_is_ud.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -97,6 +97,7 @@ class GuestMode:
     """The guest side of the CPU while it runs under a VMM."""
 
     vendor: ClassVar[str] = ""
+    efer_svme: ClassVar[bool] = False  # see arch/host.py
 
     def __init__(self, cpu: Cpu):
         self.cpu = cpu

@@ -66,6 +66,7 @@ class SvmGuest(GuestMode):
     """The guest's CPU between VMRUN and #VMEXIT, on a CPU with NRIP save."""
 
     vendor = "svm"
+    efer_svme = True  # VMRUN requires EFER.SVME in the guest state (APM 15.5.1)
 
     def __init__(self, cpu: Cpu):
         super().__init__(cpu)

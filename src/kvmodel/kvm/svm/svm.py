@@ -103,6 +103,7 @@ class Svm:
         if params.sev_es:
             sev.init_vmcb(self, params.debug_swap)
         self.nested = NestedSvm(cpu, self) if params.nested else None
+        self._recalc_instruction_intercepts()
 
     @property
     def guest_mode(self) -> bool:
@@ -605,10 +606,12 @@ class Svm:
         self.skip_svm_instruction()
 
     def _recalc_instruction_intercepts(self) -> None:
-        """svm_recalc_instruction_intercepts(): with EFER.SVME and vGIF, STGI/CLGI run in the guest."""
-        if self.nested is None:
-            return
-        svme = bool(self.guest.cpu.efer & EFER_SVME)
+        """svm_recalc_instruction_intercepts(): with EFER.SVME and vGIF, STGI/CLGI run in the guest.
+
+        Until EFER.SVME is set they stay intercepted, so that KVM gives the #UD the hardware,
+        which sees SVME set, would not (Kevin Cheng's 2026 fix; before it, init_vmcb()
+        dropped them whenever vGIF was on)."""
+        svme = bool(self.guest.cpu.efer & EFER_SVME) or _faults.on("svm_gif_instructions_without_svme")
         for intercept in _SVM_INSTRUCTION_INTERCEPTS:  # VMLOAD/VMSAVE stay (no virtual VMLOAD)
             keep = not svme or intercept in (Intercept.VMLOAD, Intercept.VMSAVE) or not self.vgif
             self._set_intercept(intercept, keep)
