@@ -148,6 +148,19 @@ class GuestMode:
         self.cpu.trace.append(ExitRecord(reason, self.cpu.rip, self.cpu.retired, detail))
 
 
+def back_to_l1(cpu: Cpu) -> None:
+    """A VM exit on the model hands the core back to L1 (the root's side of GuestMode.__init__):
+    no intercept checks, L1's APIC delivers again, no shadow or debug trap of L2's left."""
+    cpu.host = None
+    cpu.host_attn = False
+    cpu.apic_delivers = True
+    cpu.icache.clear()  # decoded instructions lose their intercept checks again
+    cpu.code_lines.clear()
+    cpu.shadow = Shadow.NONE
+    cpu.pending_dbg = 0
+    cpu.attn = True
+
+
 def _unclaimed(event: External, vector: int) -> None:
     raise RuntimeError("no hypervisor registered for external events")
 

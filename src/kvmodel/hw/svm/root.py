@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF, Shadow
+from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
@@ -187,17 +187,10 @@ class SvmRoot:
 
     def _leave_guest(self, cpu: Cpu, l1: L1State) -> None:
         self._l2 = None
-        cpu.host = None
-        cpu.host_attn = False
-        cpu.apic_delivers = True
-        cpu.icache.clear()  # decoded instructions lose their intercept checks again
-        cpu.code_lines.clear()
-        cpu.shadow = Shadow.NONE
-        cpu.pending_dbg = 0
+        back_to_l1(cpu)
         cpu.shutdown = False  # an intercepted shutdown is L2's
         cpu.halted = False
         cpu.gif = False  # #VMEXIT clears GIF (APM 15.6)
         cpu.rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags = l1.rip, l1.rsp, l1.rax, l1.rflags
         cpu.idtr_base, cpu.idtr_limit = l1.idtr
         cpu.nmi_blocked = False  # L2's NMI blocking is L2's (APM 15.21.4: no VMCB field without vNMI)
-        cpu.attn = True

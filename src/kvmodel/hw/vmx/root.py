@@ -20,9 +20,9 @@ from __future__ import annotations
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import RSP, Shadow
+from kvmodel.arch.regs import RSP
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
 
@@ -203,15 +203,8 @@ class VmxRoot:
 
     @staticmethod
     def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:
-        cpu.host = None
-        cpu.host_attn = False
-        cpu.apic_delivers = True
-        cpu.icache.clear()  # decoded instructions lose their intercept checks again
-        cpu.code_lines.clear()
-        cpu.shadow = Shadow.NONE
-        cpu.pending_dbg = 0
+        back_to_l1(cpu)
         cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
-        cpu.attn = True
 
 
 def _to_l1(guest: VmxGuest, event, vector: int) -> None:
