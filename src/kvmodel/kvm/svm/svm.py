@@ -275,18 +275,16 @@ class Svm:
         In L2 with V_INTR_MASKING, L1's IF (saved in vmcb01) decides."""
         if not self.gif_set():
             return True
-        if self.guest_mode:
-            masking = self.nested.ctl.int_ctl & V_INTR_MASKING
-            if_flag = (self.nested.vmcb01.rflags if masking else self.get_rflags()) & IF
-            if not if_flag:
-                return True
-            if self._l1_intercepts(Intercept.INTR):
-                return False
+        if self.guest_mode and self.nested.ctl.int_ctl & V_INTR_MASKING:
+            if_flag = self.nested.vmcb01.rflags & IF
+        elif self.sev_es:
+            if_flag = self.vmcb.int_state & GUEST_INTERRUPT_MASK
         else:
-            if_flag = (self.vmcb.int_state & GUEST_INTERRUPT_MASK if self.sev_es
-                       else self.vmcb.rflags & IF)
-            if not if_flag:
-                return True
+            if_flag = self.get_rflags() & IF
+        if not if_flag:
+            return True
+        if self._l1_intercepts(Intercept.INTR):
+            return False
         return bool(self.vmcb.int_state & INTERRUPT_SHADOW)
 
     def interrupt_allowed(self, for_injection: bool) -> int:
