@@ -82,7 +82,14 @@ _NEVER = 1 << 62
 
 
 class Cpu:
-    """One logical processor at CPL 0 with flat segments."""
+    """One logical processor at CPL 0 with flat segments, except that in protected mode the
+    code segment may have a base (`cs_base`, constant for the run).
+
+    RIP is the offset in the code segment, as pushed on the stack and saved in a
+    VMCB/VMCS; fetches, the decoded-instruction cache's lines and code breakpoints
+    work on linear addresses (SDM 3.4.3, 17.2.4). The cache and the breakpoint
+    lookup are keyed by RIP, which the constant base makes exact.
+    """
 
     __slots__ = (
         "mode", "addr_mask", "regs", "rip", "rflags", "cs", "ss", "cr0", "cr2", "cr3", "cr4",
@@ -93,7 +100,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif",
+        "has_svm", "gif", "cs_base",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -104,6 +111,7 @@ class Cpu:
         self.rip = 0
         self.rflags = RFLAGS_FIXED
         self.cs = CODE_SELECTOR
+        self.cs_base = 0  # CODE_SELECTOR's descriptor base; 64-bit mode ignores it (SDM 3.4.4)
         self.ss = DATA_SELECTOR
         self.cr0 = 0x80000011  # PG, ET, PE
         self.cr2 = 0
@@ -188,9 +196,14 @@ class Cpu:
             for rip in self.code_lines.pop(line, ()):
                 self.icache.pop(rip, None)
 
+    def linear(self, rip: int) -> int:
+        """The linear address of code at `rip` (SDM 3.4.3)."""
+        return (self.cs_base + rip) & self.addr_mask
+
     def remember_code(self, rip: int, length: int) -> None:
         """Note which cache lines a decoded instruction came from."""
-        for line in range(rip >> LINE_SHIFT, ((rip + length - 1) >> LINE_SHIFT) + 1):
+        start = self.linear(rip)
+        for line in range(start >> LINE_SHIFT, ((start + length - 1) >> LINE_SHIFT) + 1):
             self.code_lines.setdefault(line, set()).add(rip)
 
     def check_write(self, addr: int, size: int) -> None:
@@ -246,7 +259,7 @@ class Cpu:
             length = BREAKPOINT_LEN[(self.dr7 >> (18 + 4 * n)) & 3]
             addr = self.dr[n] & ~(length - 1) & self.addr_mask
             if rw is BreakpointRw.EXECUTE:  # LEN must be 00b: the address is exact
-                key = self.dr[n] & self.addr_mask
+                key = (self.dr[n] - self.cs_base) & self.addr_mask  # the RIP that fetches there
                 exec_bps[key] = exec_bps.get(key, 0) | (1 << n)
             elif rw is BreakpointRw.IO:
                 raise ModelLimit("I/O breakpoints (DR7 R/W=10b) are not modelled", self.rip)

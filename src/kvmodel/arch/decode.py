@@ -91,7 +91,7 @@ _SHARED: dict[tuple[bytes, int, int, bool], Decoded] = {}
 
 def decode(cpu: Cpu, rip: int) -> Decoded:
     """Fetch and decode at rip (SDM 6.9 priority 8 and 9: fetch faults, then #UD)."""
-    raw = cpu.fetch_bytes(rip, MAX_INSN_LEN)
+    raw = cpu.fetch_bytes(cpu.linear(rip), MAX_INSN_LEN)
     key = (raw, rip, cpu.mode.value, cpu.host is not None)
     shared = _SHARED.get(key)
     if shared is not None:
@@ -108,7 +108,7 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
     insn = decoder.decode()
     if insn.is_invalid:
         if decoder.last_error == iced.DecoderError.NO_MORE_BYTES:
-            raise cpu.page_fault(rip + len(raw), Access.FETCH)
+            raise cpu.page_fault(cpu.linear(rip) + len(raw), Access.FETCH)
         raise Fault(Vec.UD)
     text = _FORMATTER.format(insn)
     builder = BUILDERS.get(insn.mnemonic)

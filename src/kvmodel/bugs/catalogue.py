@@ -50,6 +50,13 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: SVM: Unwind \"speculative\" RIP advancement if INTn injection \"fails\" (Sean "
         "Christopherson, 2022)",
         ("svm",), "scenarios/softint/int_n_without_nrips.toml"),
+    Bug("svm_soft_int_rip_without_csbase",
+        "the linear-RIP match that decides whether the guest is still at the injected soft event "
+        "compares CS.base + RIP with the RIP KVM saved, leaving out the CS.base it snapshotted: with "
+        "a based code segment it never matches, so RIP is not unwound (nor next_rip restored)",
+        "KVM: SVM: Re-inject INT3/INTO instead of retrying the instruction (6ef88d6e36c2): "
+        "soft_int_csbase, from the review in seed 003 (Sean Christopherson, 2022-04-04)",
+        ("svm",), "scenarios/softint/int_n_cs_base_without_nrips.toml"),
     Bug("process_nmi_no_req_event",
         "process_nmi() leaves an NMI pending without raising KVM_REQ_EVENT: nothing injects it until "
         "some other request comes",

@@ -104,7 +104,7 @@ def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundarie
     offered_host = spec.host_interrupts + spec.host_nmis + len(spec.host_faults) + spec.save_restores
     max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
     max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
-    pages = tuple(sorted({resolve(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
+    pages = tuple(sorted({resolve.linear(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
     return Choices(spec, max_async, max_host, boundaries, pages)
 
 

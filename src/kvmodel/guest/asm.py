@@ -92,13 +92,16 @@ _memory_cache: dict[str, Program] = {}
 
 
 def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
-             line_offset: int = 0) -> Program:
-    """Assemble `source`; line numbers (errors and `lines`) are offset by `line_offset`."""
-    key = _digest(source, bits, base, line_offset)
+             line_offset: int = 0, defines: tuple[tuple[str, int], ...] = ()) -> Program:
+    """Assemble `source`; line numbers (errors and `lines`) are offset by `line_offset`.
+
+    `defines` are absolute symbols the source may use (`as --defsym`), not labels.
+    """
+    key = _digest(source, bits, base, line_offset, defines)
     program = _memory_cache.get(key) or _read_cache(key)
     if program is None:
         find_binutils()
-        program = _build(source, bits, base, filename, line_offset)
+        program = _build(source, bits, base, filename, line_offset, defines)
         _write_cache(key, program)
     _memory_cache[key] = program
     return program
@@ -126,23 +129,26 @@ def _ld_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
-def _digest(source: str, bits: Bits, base: int, line_offset: int) -> str:
+def _digest(source: str, bits: Bits, base: int, line_offset: int,
+            defines: tuple[tuple[str, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for part in (source, str(int(bits)), str(base), str(line_offset), _as_version(),
-                 _includes()):
+    for part in (source, str(int(bits)), str(base), str(line_offset), repr(defines),
+                 _as_version(), _includes()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def _build(source: str, bits: Bits, base: int, filename: str, line_offset: int) -> Program:
+def _build(source: str, bits: Bits, base: int, filename: str, line_offset: int,
+           defines: tuple[tuple[str, int], ...]) -> Program:
     with tempfile.TemporaryDirectory(prefix="kvmodel-asm-") as tmp:
         d = Path(tmp)
         (d / "guest.s").write_text(source if source.endswith("\n") else source + "\n")
         (d / "link.ld").write_text(_LINKER_SCRIPT.format(base=base))
         emulation = "elf_x86_64" if bits is Bits.B64 else "elf_i386"
-        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), "-o", "guest.o",
-                        "guest.s"], d)
+        defsyms = [arg for name, value in defines for arg in ("--defsym", f"{name}={value:#x}")]
+        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), *defsyms, "-o",
+                        "guest.o", "guest.s"], d)
         if result.returncode != 0:
             raise _assembly_error(result.stderr, filename, line_offset)
         _tool(["ld", "-m", emulation, *_ld_flags(), "-T", "link.ld", "-o", "guest.elf",

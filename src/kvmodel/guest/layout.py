@@ -72,7 +72,7 @@ class Machine:
 
     mode: Mode
     image: bytes
-    base: int
+    base: int  # where the image is loaded (linear)
     entry: int
     gates: tuple[tuple[int, Gate], ...]
     ist: tuple[tuple[int, int], ...] = ()  # (k, top of stack) overrides
@@ -83,6 +83,7 @@ class Machine:
     not_present: frozenset[int] = frozenset()  # page numbers
     sti_blocks_nmi: bool = True
     fred: FredMsrs | None = None  # CR4.FRED=1 with these MSRs
+    cs_base: int = 0  # the code segment's base: entry and gate offsets are relative to it
 
 
 def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
@@ -103,6 +104,7 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     cpu.idtr_limit = machine.idt_limit if machine.idt_limit is not None else (
         256 * gate_size(mode) - 1)
     cpu.tr_base = TSS_BASE
+    cpu.cs_base = machine.cs_base
     cpu.rip = machine.entry
     cpu.regs[RSP] = STACK_TOP
     for index, value in machine.registers:

@@ -47,6 +47,7 @@ def copy_registers(old: Cpu) -> Cpu:
               record_instructions=old.record_instructions)
     cpu.regs = list(old.regs)
     cpu.rip, cpu.rflags, cpu.cs, cpu.ss = old.rip, old.rflags, old.cs, old.ss
+    cpu.cs_base = old.cs_base
     cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = old.cr0, old.cr2, old.cr3, old.cr4, old.efer
     cpu.idtr_base, cpu.idtr_limit, cpu.tr_base = old.idtr_base, old.idtr_limit, old.tr_base
     cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7

@@ -16,7 +16,7 @@ from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType, parse_vector
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ScenarioError
-from kvmodel.guest.layout import DEFAULT_MEMORY, GateKind
+from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, GateKind
 from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
     Expected,
@@ -116,8 +116,8 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
     if not isinstance(code, str) or not code.strip():
         raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
     cpu = _table(ctx, data, "cpu")
-    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx", "svm"),
-             "cpu")
+    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx", "svm",
+                   "cs_base"), "cpu")
     if cpu.get("vmx") and cpu.get("svm"):
         raise ctx.error("[cpu] vmx and svm are both true: an L1 hypervisor uses one of them",
                         "cpu", "svm")
@@ -137,6 +137,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         fred=_fred(ctx, _table(ctx, data, "fred"), mode),
         registers=_registers(ctx, _table(ctx, data, "registers"), mode),
         rflags=_int(ctx, cpu, "rflags", "cpu", default=0x2),
+        cs_base=_cs_base(ctx, cpu, mode),
         idt_limit=_int(ctx, cpu, "idt_limit", "cpu", default=None),
         memory_size=_int(ctx, cpu, "memory_kib", "cpu", default=DEFAULT_MEMORY // 1024) * 1024,
         not_present=_not_present(ctx, memory),
@@ -268,6 +269,15 @@ def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
             line=line,
         ))
     return tuple(sorted(gates, key=lambda g: g.vector))
+
+
+def _cs_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
+    """The code segment's base: the guest is linked at CODE_BASE - cs_base and loaded at CODE_BASE."""
+    base = _int(ctx, cpu, "cs_base", "cpu", default=0, high=CODE_BASE)
+    if base and mode is not Mode.PROTECTED32:
+        raise ctx.error("[cpu] cs_base needs protected32 mode (64-bit mode ignores CS.base)",
+                        "cpu", "cs_base")
+    return base
 
 
 def _fred(ctx: _Ctx, fred: dict, mode: Mode) -> FredSpec | None:

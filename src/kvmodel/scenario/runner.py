@@ -107,7 +107,12 @@ class HostTime:
 
 
 class Resolver:
-    """Turns the scenario's address expressions into numbers with the assembled labels."""
+    """Turns the scenario's address expressions into numbers with the assembled labels.
+
+    A label is an offset in the code segment (what RIP holds and the guest's
+    `$label` gives); `linear()` is for the places that name memory: pages and
+    memory expectations. They differ by `[cpu] cs_base` only.
+    """
 
     def __init__(self, scenario: Scenario, program: Program):
         self.scenario = scenario
@@ -126,6 +131,10 @@ class Resolver:
             raise ScenarioError(self.scenario.path, line, f'unknown label "{name}"', hint)
         offset = int(m.group(3), 0) if m.group(3) else 0
         return self.labels[m.group(1)] + (-offset if m.group(2) == "-" else offset)
+
+    def linear(self, expr: Expr, line: int) -> int:
+        """The linear address of a number (as is) or a label (in the code segment)."""
+        return expr if isinstance(expr, int) else self.scenario.cs_base + self(expr, line)
 
 
 def prepare(scenario: Scenario, *, record_instructions: bool = False) -> tuple[Cpu, Program]:
@@ -155,14 +164,16 @@ class Prepared:
 
 
 def _build(scenario: Scenario, record_instructions: bool) -> tuple[Cpu, Program, Resolver]:
-    program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE,
-                       filename=scenario.path, line_offset=scenario.code_line)
+    program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE - scenario.cs_base,
+                       filename=scenario.path, line_offset=scenario.code_line,
+                       defines=(("CS_BASE", scenario.cs_base),))
     resolve = Resolver(scenario, program)
     names = GPR64 if scenario.mode is Mode.LONG64 else GPR32
     machine = Machine(
         mode=scenario.mode,
         image=program.image,
-        base=program.base,
+        base=CODE_BASE,
+        cs_base=scenario.cs_base,
         entry=resolve(scenario.entry, scenario.code_line),
         gates=tuple((g.vector, Gate(resolve(g.handler, g.line), g.kind, g.ist, g.present,
                                     g.selector)) for g in scenario.gates),
@@ -171,7 +182,7 @@ def _build(scenario: Scenario, record_instructions: bool) -> tuple[Cpu, Program,
         rflags=scenario.rflags,
         idt_limit=scenario.idt_limit,
         memory_size=scenario.memory_size,
-        not_present=frozenset(resolve(p, line) // PAGE for p, line in scenario.not_present),
+        not_present=frozenset(resolve.linear(p, line) // PAGE for p, line in scenario.not_present),
         sti_blocks_nmi=scenario.sti_blocks_nmi,
         fred=_fred_msrs(scenario, resolve),
     )
@@ -254,7 +265,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
                                          tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
     resolve = Resolver(scenario, program)
-    cpu.set_host_unmapped({resolve(h.page, h.line) // PAGE for h in scenario.host
+    cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
     save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
     params = dict(scenario.kvm_params)
@@ -360,7 +371,7 @@ def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[
         out += _judge_final(key, expected, final, resolve)
     size = 8 if scenario.mode is Mode.LONG64 else 4
     for where, expected in scenario.memory:
-        addr = resolve(where, expected.line)
+        addr = resolve.linear(where, expected.line)
         got = int.from_bytes(cpu.mem[addr:addr + size], "little")
         if got != expected.value:
             out.append(Mismatch(expected.line, f"memory at {program.where(addr)}: expected "

@@ -164,3 +164,4 @@ class Scenario:
     fred: FredSpec | None = None
     vmx: bool = False  # the CPU may enter VMX operation: the guest is an L1 hypervisor
     svm: bool = False  # the CPU has SVM (EFER.SVME can be set): the guest is an L1 hypervisor
+    cs_base: int = 0  # the code segment's base (protected32): labels are offsets in it

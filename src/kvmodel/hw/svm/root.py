@@ -58,8 +58,11 @@ class L1State:
     nmi_pending: int  # NMIs are not blocked: VMRUN in an NMI handler is a model limit
 
 
-def check_vmcb_for_model(vmcb: Vmcb, rip: int) -> None:
+def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
     """The L1 setups the model covers; anything else stops the run with a clear message."""
+    rip = cpu.rip
+    if vmcb.cs_base or cpu.cs_base:
+        raise ModelLimit("code segments with a base (CS.base) in nested SVM are not modelled", rip)
     if not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
         raise ModelLimit("an L1 that does not intercept INTR and NMI is not modelled", rip)
     if not vmcb.int_ctl & V_INTR_MASKING:
@@ -92,7 +95,7 @@ class SvmRoot:
         if cpu.nmi_blocked:
             raise ModelLimit("VMRUN with NMIs blocked (in an NMI handler) is not modelled", cpu.rip)
         vmcb = read_vmcb(cpu.mem, vmcb_pa)
-        check_vmcb_for_model(vmcb, cpu.rip)
+        check_vmcb_for_model(vmcb, cpu)
         l1 = L1State(next_rip, cpu.regs[RSP], cpu.regs[RAX], cpu.rflags,
                      (cpu.idtr_base, cpu.idtr_limit), cpu.nmi_pending)
         guest = SvmGuest(cpu)

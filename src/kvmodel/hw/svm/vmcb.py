@@ -144,6 +144,7 @@ class Vmcb:
     rsp: int = 0
     rflags: int = 0x2
     dr6: int = 0xFFFF0FF0  # the hardware DR6 while the guest runs; KVM keeps the guest's own
+    cs_base: int = 0  # the core's CS.base, which never changes in the model; KVM reads it
     # save-area fields VMRUN and #VMEXIT move for an L1's VMCB; the core holds them otherwise
     rax: int = 0
     idtr_base: int = 0
@@ -170,6 +171,7 @@ class Offset(IntEnum):
     EVENT_INJ = 0x0A8
     EVENT_INJ_ERR = 0x0AC
     NEXT_RIP = 0x0C8
+    CS_BASE = 0x418
     IDTR_LIMIT = 0x484
     IDTR_BASE = 0x488
     EFER = 0x4D0
@@ -186,7 +188,7 @@ _WIDTH = {Offset.INT_CTL: 4, Offset.INT_VECTOR: 4, Offset.INT_STATE: 4, Offset.E
 _VMRUN_READS = {Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
                 Offset.INT_STATE: "int_state", Offset.EVENT_INJ: "event_inj",
                 Offset.EVENT_INJ_ERR: "event_inj_err", Offset.NEXT_RIP: "next_rip",
-                Offset.IDTR_LIMIT: "idtr_limit", Offset.IDTR_BASE: "idtr_base",
+                Offset.CS_BASE: "cs_base", Offset.IDTR_LIMIT: "idtr_limit", Offset.IDTR_BASE: "idtr_base",
                 Offset.EFER: "efer", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
                 Offset.RSP: "rsp", Offset.RAX: "rax"}
 _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",

@@ -348,6 +348,6 @@ class VmxGuest(GuestMode):
 
 def _iret_at(cpu: Cpu) -> bool:
     """Is the next instruction IRET (CF, or REX.W CF)? Read without fetch side effects."""
-    rip = cpu.rip
-    first, second = cpu.mem[rip:rip + 2].ljust(2, b"\0")
+    at = cpu.linear(cpu.rip)
+    first, second = cpu.mem[at:at + 2].ljust(2, b"\0")
     return first == IRET_OPCODE or (cpu.mode.value == 64 and first >> 4 == 4 and second == IRET_OPCODE)

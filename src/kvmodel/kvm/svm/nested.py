@@ -116,7 +116,7 @@ class NestedSvm:
             vcpu.queue_exception(Vec.GP, 0)
             return
         vmcb12 = read_vmcb(cpu.mem, vmcb_pa)
-        check_vmcb_for_model(vmcb12, cpu.rip)
+        check_vmcb_for_model(vmcb12, cpu)
         failure = vmrun_failure(vmcb12) or self._check_controls(vmcb12)
         self.svm.skip_svm_instruction()
         if failure is not None:
@@ -202,7 +202,7 @@ class NestedSvm:
     def _prepare_vmcb02(self, vmcb12: Vmcb, l2_rip: int) -> Vmcb:
         """nested_vmcb02_prepare_control(); `l2_rip` is where L2 starts (soft_int_old_rip)."""
         svm, vmcb01 = self.svm, self.vmcb01
-        vmcb02 = Vmcb()
+        vmcb02 = Vmcb(cs_base=vmcb12.cs_base)  # nested_vmcb02_prepare_save()
         self._merge_intercepts(vmcb02, vmcb12)
         vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | V_IRQ_INJECTION_BITS | self._vnmi_bits())) | (
             vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
@@ -217,6 +217,7 @@ class NestedSvm:
             EVTINJ_VALID | EventInjType.NMI << 8)
         if _is_soft(vmcb12.event_inj) and not _faults.on("nested_svm_soft_int_not_tracked"):
             svm.soft_int_injected = True
+            svm.soft_int_csbase = vmcb12.cs_base
             svm.soft_int_old_rip = l2_rip
             svm.soft_int_next_rip = vmcb12.next_rip if l1_has_nrips or not self.run_pending else l2_rip
         return vmcb02

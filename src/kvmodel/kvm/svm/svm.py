@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kvmodel import _faults
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import EFER_SVME, IF, RAX, RF, RSP, TF
+from kvmodel.arch.regs import EFER_SVME, IF, RAX, RF, RSP, TF, Mode
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.svm.cpu import SvmGuest
@@ -89,6 +89,7 @@ class Svm:
         self.nmi_singlestep = False
         self.nmi_singlestep_guest_rflags = 0
         self.soft_int_injected = False
+        self.soft_int_csbase = 0
         self.soft_int_old_rip = 0
         self.soft_int_next_rip = 0
         vmcb = guest.vmcb
@@ -98,6 +99,7 @@ class Svm:
             V_GIF_ENABLE | V_GIF if params.vgif else 0)
         cpu = guest.cpu
         vmcb.rip, vmcb.rflags, vmcb.rsp = cpu.rip, cpu.rflags, cpu.regs[RSP]
+        vmcb.cs_base = cpu.cs_base  # KVM_SET_SREGS
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
         if params.sev_es:
@@ -367,6 +369,7 @@ class Svm:
             return False
         next_rip = self.vmcb.rip
         self.soft_int_injected = True
+        self.soft_int_csbase = self.vmcb.cs_base
         self.soft_int_old_rip = old_rip
         self.soft_int_next_rip = next_rip
         if self.nrips:
@@ -493,16 +496,28 @@ class Svm:
             vcpu.queue_interrupt(vector, soft=kind is EventInjType.SOFT)
 
     def _complete_soft_interrupt(self, vector: int, kind: EventInjType) -> None:
-        """svm_complete_soft_interrupt(): next_rip is lost on the exit; put it back or unwind RIP."""
+        """svm_complete_soft_interrupt(): next_rip is lost on the exit; put it back or unwind RIP.
+
+        The guest is still at the injection if its linear RIP is unchanged (kvm_is_linear_rip()).
+        """
         is_soft = kind is EventInjType.SOFT
         is_exception = kind is EventInjType.EXEPT
         vmcb = self.vmcb
+        base = 0 if _faults.on("svm_soft_int_rip_without_csbase") else self.soft_int_csbase
+        linear_rip = self._linear_rip()
         if self.nrips and (is_soft or (is_exception and exception_is_soft(vector))) and (
-                vmcb.rip == self.soft_int_old_rip):
+                linear_rip == self.soft_int_old_rip + base):
             vmcb.next_rip = self.soft_int_next_rip
-        elif (not self.nrips and (is_soft or is_exception) and vmcb.rip == self.soft_int_next_rip
+        elif (not self.nrips and (is_soft or is_exception)
+                and linear_rip == self.soft_int_next_rip + base
                 and not _faults.on("svm_no_rip_unwind")):
             vmcb.rip = self.soft_int_old_rip
+
+    def _linear_rip(self) -> int:
+        """kvm_get_linear_rip(): outside 64-bit mode, CS.base + EIP, truncated to 32 bits."""
+        if self.guest.cpu.mode is Mode.LONG64:
+            return self.vmcb.rip
+        return (self.vmcb.cs_base + self.vmcb.rip) & 0xFFFFFFFF
 
     def handle_exit(self) -> UserspaceExit | None:
         """svm_handle_exit() and the interception handlers modelled."""
