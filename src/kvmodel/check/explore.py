@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from kvmodel import _faults
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
 from kvmodel.check.schedule import Kind, Schedule, apply, place
-from kvmodel.guest.layout import IDT_BASE, IST_STACK_BASE, PAGE, STACK_TOP
+from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
@@ -84,7 +84,8 @@ def default_spec(scenario: Scenario) -> ExploreSpec:
 
     None of these may ever change what the guest sees.
     """
-    pages = [(IDT_BASE, 0), (STACK_TOP - PAGE, 0)]
+    idt_end = scenario.idt_base + 256 * gate_size(scenario.mode) - 1
+    pages = [(scenario.idt_base, 0), (idt_end, 0), (STACK_TOP - PAGE, 0)]
     pages += [(IST_STACK_BASE + (k - 1) * PAGE, 0) for k, _, _ in scenario.ist]
     return ExploreSpec(0, (), 1, tuple(pages), 1, 0)
 

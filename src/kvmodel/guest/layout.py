@@ -79,6 +79,7 @@ class Machine:
     registers: tuple[tuple[int, int], ...] = ()  # (index into regs, value)
     rflags: int = 0x2
     idt_limit: int | None = None
+    idt_base: int = IDT_BASE
     memory_size: int = DEFAULT_MEMORY
     not_present: frozenset[int] = frozenset()  # page numbers
     sti_blocks_nmi: bool = True
@@ -92,7 +93,7 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     mem = bytearray(machine.memory_size)
     mem[machine.base:machine.base + len(machine.image)] = machine.image
     for vector, gate in machine.gates:
-        at = IDT_BASE + vector * gate_size(mode)
+        at = machine.idt_base + vector * gate_size(mode)
         mem[at:at + gate_size(mode)] = encode_gate(gate, mode)
     if mode is Mode.LONG64:
         tops = {k: IST_STACK_BASE + k * PAGE for k in range(1, 8)} | dict(machine.ist)
@@ -100,7 +101,7 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
             mem[TSS_BASE + 0x24 + 8 * (k - 1):TSS_BASE + 0x2C + 8 * (k - 1)] = top.to_bytes(8, "little")
     cpu = Cpu(mode, mem, not_present=machine.not_present,
               sti_blocks_nmi=machine.sti_blocks_nmi, record_instructions=record_instructions)
-    cpu.idtr_base = IDT_BASE
+    cpu.idtr_base = machine.idt_base
     cpu.idtr_limit = machine.idt_limit if machine.idt_limit is not None else (
         256 * gate_size(mode) - 1)
     cpu.tr_base = TSS_BASE

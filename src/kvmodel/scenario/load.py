@@ -16,7 +16,7 @@ from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType, parse_vector
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ScenarioError
-from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, GateKind
+from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, IDT_BASE, TSS_BASE, GateKind, gate_size
 from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
     Expected,
@@ -117,7 +117,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
     cpu = _table(ctx, data, "cpu")
     ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx", "svm",
-                   "cs_base"), "cpu")
+                   "cs_base", "idt_base"), "cpu")
     if cpu.get("vmx") and cpu.get("svm"):
         raise ctx.error("[cpu] vmx and svm are both true: an L1 hypervisor uses one of them",
                         "cpu", "svm")
@@ -139,6 +139,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         rflags=_int(ctx, cpu, "rflags", "cpu", default=0x2),
         cs_base=_cs_base(ctx, cpu, mode),
         idt_limit=_int(ctx, cpu, "idt_limit", "cpu", default=None),
+        idt_base=_idt_base(ctx, cpu, mode),
         memory_size=_int(ctx, cpu, "memory_kib", "cpu", default=DEFAULT_MEMORY // 1024) * 1024,
         not_present=_not_present(ctx, memory),
         sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
@@ -277,6 +278,15 @@ def _cs_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
     if base and mode is not Mode.PROTECTED32:
         raise ctx.error("[cpu] cs_base needs protected32 mode (64-bit mode ignores CS.base)",
                         "cpu", "cs_base")
+    return base
+
+
+def _idt_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
+    """Where the loader writes the IDT; it must stay clear of the TSS."""
+    size = 256 * gate_size(mode)
+    base = _int(ctx, cpu, "idt_base", "cpu", default=IDT_BASE, high=TSS_BASE - size)
+    if base % 8:
+        raise ctx.error(f"[cpu] idt_base {base:#x} is not 8-byte aligned", "cpu", "idt_base")
     return base
 
 

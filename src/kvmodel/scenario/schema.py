@@ -146,6 +146,7 @@ class Scenario:
     registers: tuple[tuple[str, Expr, int], ...]
     rflags: int
     idt_limit: int | None
+    idt_base: int
     memory_size: int
     not_present: tuple[tuple[Expr, int], ...]
     sti_blocks_nmi: bool

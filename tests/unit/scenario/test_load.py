@@ -129,3 +129,10 @@ def test_only_the_last_expected_delivery_repeats():
                       '\n[[expect.delivery]]\nvector = "#DB"\n')
     e = error_of(text)
     assert e.line == 11 and "only the last" in str(e)
+
+
+def test_idt_base_must_be_aligned_and_clear_of_the_tss():
+    e = error_of(MINIMAL + "\n[cpu]\nidt_base = 0x1ff4\n")
+    assert e.line == 10 and "idt_base 0x1ff4 is not 8-byte aligned" in str(e)
+    e = error_of(MINIMAL + "\n[cpu]\nidt_base = 0x2010\n")  # 4 KiB of 64-bit gates reach the TSS
+    assert "idt_base must be an integer in [0x0, 0x2000]" in str(e)
