@@ -37,6 +37,18 @@ def test_same_as_bare_metal(path, vendor):
 
 
 @pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
+@pytest.mark.parametrize("path", ALL, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_same_as_bare_metal_instruction_by_instruction(path, vendor):
+    """With every retired instruction in the trace (`kvmodel run --instructions`), the
+    verdict is the same: an instruction KVM completes for the guest (an emulated VMRUN
+    or VMLAUNCH) retires where the CPU would retire it, before what L2 shows."""
+    comparison = compare(load(path), vendor, record_instructions=True)
+    if comparison.not_applicable is None:
+        assert comparison.problems == []
+        assert sum(o.kind == "retire" for o in comparison.virt.trace) > 0
+
+
+@pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
 @pytest.mark.parametrize("path", VIRT, ids=lambda p: p.stem)
 def test_virt_scenarios_exercise_the_hypervisor(path, vendor):
     """Each virt scenario makes KVM inject something, or take an exit other than HLT

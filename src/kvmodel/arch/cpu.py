@@ -100,7 +100,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base",
+        "has_svm", "gif", "cs_base", "retire_at",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -144,6 +144,8 @@ class Cpu:
         self.code_lines: dict[int, set[int]] = {}
         self.trace: list[Observation] = []
         self.record_instructions = record_instructions
+        # (trace position, count) of the running instruction's Retire, when it retired early
+        self.retire_at: tuple[int, int] | None = None
         self.sti_blocks_nmi = sti_blocks_nmi
         self.attn = True
         self.scheduled: list[Scheduled] = []
@@ -463,16 +465,14 @@ class Cpu:
                 self.db_hits = 0
                 raise
             if software_event is not None:
-                # INT n, INT3, INTO, INT1 retire only if their delivery completes;
-                # TF was cleared by it, so no single-step trap follows (SDM 17.3.1.4).
-                before = self.retired
+                # INT n, INT3, INTO, INT1 retire only if their delivery completes (deliver.py),
+                # whose Delivery stands for them in the trace: a VMM may inject them with no
+                # instruction behind. TF was cleared, so no single-step trap follows (17.3.1.4).
                 deliver.deliver(self, software_event)
-                if self.record_instructions and self.retired != before:
-                    self.trace.append(Retire(rip, insn.text, self.retired))
                 continue
             self.retired += 1
             if self.record_instructions:
-                self.trace.append(Retire(rip, insn.text, self.retired))
+                self._record_retire(rip, insn)
             if self.db_hits:
                 self.pending_dbg |= self.db_hits  # data breakpoints trap (SDM 17.2.4)
                 self.db_hits = 0
@@ -484,6 +484,14 @@ class Cpu:
                 self.trace.append(Halt(rip, self.retired))
                 self.attn = True
         return Stop.SHUTDOWN if self.shutdown else Stop.BUDGET
+
+    def _record_retire(self, rip: int, insn: Decoded) -> None:
+        if self.retire_at is None:
+            self.trace.append(Retire(rip, insn.text, self.retired))
+        else:  # a VM entry: before what L2 showed (hw/base.py mark_entry_retire())
+            at, retired = self.retire_at
+            self.trace.insert(at, Retire(rip, insn.text, retired))
+            self.retire_at = None
 
     def fault(self, fault: Fault, rip: int) -> None:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""

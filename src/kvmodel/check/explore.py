@@ -206,7 +206,7 @@ class Runner:
         if virt.warnings:
             return Finding("warn", schedule, "KVM WARN_ON reached: " + "; ".join(virt.warnings))
         d = first_divergence(bare, virt)
-        if d is not None and not (self.known is not None and d.index + 1 == self.known.entry):
+        if d is not None and not (self.known is not None and d.event_index + 1 == self.known.entry):
             where = f"entry {d.index + 1}" if d.index >= 0 else "the final state"
             return Finding("divergence", schedule, f"the guest sees something else at {where}")
         if virt.final.stop == "budget" and bare.final.stop != "budget":

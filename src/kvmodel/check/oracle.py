@@ -31,6 +31,7 @@ class Divergence:
     bare: Observation | str | None
     virt: Observation | str | None
     virt_trace_index: int  # where in the full virtualized trace (exits included) it happened
+    event_index: int  # `index` without recorded instructions: what a declaration's entry names
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class Comparison:
     def divergence_expected(self) -> bool:
         """The divergence found is the one the scenario declares."""
         d, k = self.divergence, self.known
-        return d is not None and k is not None and d.index + 1 == k.entry
+        return d is not None and k is not None and d.event_index + 1 == k.entry
 
     @property
     def problems(self) -> list[str]:
@@ -71,7 +72,7 @@ class Comparison:
             out.append(f"line {self.known.line}: the declared divergence did not happen")
         if self.known is not None and self.divergence is not None and not self.divergence_expected:
             out.append(f"line {self.known.line}: declared divergence at entry {self.known.entry}, "
-                       f"found one at entry {self.divergence.index + 1}")
+                       f"found one at entry {self.divergence.event_index + 1}")
         return out
 
     @property
@@ -141,8 +142,9 @@ def first_divergence(bare: RunResult, virt: RunResult) -> Divergence | None:
         ve = v[n][1] if n < len(v) else None
         if be != ve:
             at = v[n][0] if n < len(v) else len(virt.trace)
+            events = sum(type(entry) is not Retire for _, entry in b[:n])
             return Divergence(n, bare.trace[b[n][0]] if be else None,
-                              virt.trace[v[n][0]] if ve else None, at)
+                              virt.trace[v[n][0]] if ve else None, at, events)
     if cut or virt.final is None or bare.final is None:
         return None
     if bare.final.shutdown and virt.final.shutdown:
@@ -163,4 +165,4 @@ def first_divergence(bare: RunResult, virt: RunResult) -> Divergence | None:
 
 def _final_divergence(name: str, bare, virt, at: int) -> Divergence:
     show = (lambda x: f"{x:#x}") if isinstance(bare, int) and not isinstance(bare, bool) else str
-    return Divergence(-1, f"final {name} = {show(bare)}", f"final {name} = {show(virt)}", at)
+    return Divergence(-1, f"final {name} = {show(bare)}", f"final {name} = {show(virt)}", at, -1)

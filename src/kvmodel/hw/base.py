@@ -161,6 +161,13 @@ def back_to_l1(cpu: Cpu) -> None:
     cpu.attn = True
 
 
+def mark_entry_retire(cpu: Cpu) -> None:
+    """L1's VMRUN/VMLAUNCH/VMRESUME retires as L2's state is loaded, before anything L2 shows
+    (its injected event first): its Retire goes here in the trace, not after the entry."""
+    if cpu.record_instructions:
+        cpu.retire_at = (len(cpu.trace), cpu.retired)
+
+
 def _unclaimed(event: External, vector: int) -> None:
     raise RuntimeError("no hypervisor registered for external events")
 

@@ -505,12 +505,16 @@ class Vcpu:
         """kvm_skip_emulated_instruction(): advance RIP; TF makes it a single-step (#DB, BS)."""
         rflags = self.ops.get_rflags()
         self.ops.skip_emulated_instruction()
+        self.retire(self.cpu.rip, insn)
+        if rflags & TF:
+            self.queue_exception(Vec.DB, payload=DR6_BS)  # kvm_vcpu_do_singlestep()
+
+    def retire(self, rip: int, insn: Decoded) -> None:
+        """The guest's instruction at `rip`, which KVM completed, counts as retired."""
         cpu = self.cpu
         cpu.retired += 1
         if cpu.record_instructions:
-            cpu.trace.append(Retire(cpu.rip, insn.text, cpu.retired))
-        if rflags & TF:
-            self.queue_exception(Vec.DB, payload=DR6_BS)  # kvm_vcpu_do_singlestep()
+            cpu.trace.append(Retire(rip, insn.text, cpu.retired))
 
     def emulate_and_skip(self) -> None:
         insn = self.emulate()

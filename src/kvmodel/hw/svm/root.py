@@ -29,7 +29,7 @@ from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, mark_entry_retire
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
@@ -109,6 +109,7 @@ class SvmRoot:
         # VMRUN has retired once L2's state is loaded, before the injection delivers; the
         # core counts it after this returns, so it is counted here for the meantime.
         cpu.retired += 1
+        mark_entry_retire(cpu)
         try:
             self._enter(cpu, guest, vmcb, l1)
         finally:

@@ -22,7 +22,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import RSP
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, mark_entry_retire
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
 
@@ -156,6 +156,10 @@ class VmxRoot:
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
+        # VMLAUNCH has retired once L2's state is loaded, before the injection delivers; the
+        # core counts it after this returns, so it is counted here for the meantime.
+        cpu.retired += 1
+        mark_entry_retire(cpu)
         try:
             guest.enter()
         except EntryFailed as failed:
@@ -164,10 +168,14 @@ class VmxRoot:
             cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
             self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
             return
+        except VmExit:
+            self.launched.add(region)  # the entry succeeded; its injection exited
+            self._exit_to_l1(cpu)
+            return
+        finally:
+            cpu.retired -= 1
         self.launched.add(region)
         self._succeed(cpu)
-        # L1's VMLAUNCH retires when L1 runs again (run() below), as KVM's nested.py counts it
-        cpu.retired -= 1
 
     def run(self, cpu: Cpu, max_steps: int) -> Stop:
         """The core's run loop with VM exits from L2 turned back into L1 execution (SDM 27.5)."""
@@ -188,7 +196,6 @@ class VmxRoot:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
-        cpu.retired += 1  # L1's VMLAUNCH/VMRESUME
 
     def _entry_region(self, cpu: Cpu, launch: bool) -> int | None:
         """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail (SDM 30.3)."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
+from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import Shadow
 from kvmodel.hw.vmx.root import VmxRoot
@@ -97,13 +98,16 @@ class NestedVmx(VmxRoot):
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """Emulated VM entry: VMfail with RIP advanced, or switch to vmcs02 with RIP unchanged."""
+        rip = self.vmx.vmcs.guest_rip
+        insn = cpu.icache.get(rip) or decode(cpu, rip)
         region = self._entry_region(cpu, launch)
         if region is None:
             self._skip_l1(cpu, next_rip)
-            cpu.retired += 1
+            self.vmx.vcpu.retire(rip, insn)
             return
         self.launched.add(region)
         self._succeed(cpu)
+        self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
         self._enter_l2()
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
@@ -192,7 +196,6 @@ class NestedVmx(VmxRoot):
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
         cpu.shadow = Shadow.NONE
         self.guest_mode = self.run_pending = False
-        cpu.retired += 1  # L1's VMLAUNCH/VMRESUME retires as L1 resumes, as on the model's CPU
         vcpu.clear_event_queues()
         vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired, "vmcs12"))
