@@ -61,10 +61,10 @@ from kvmodel.scenario.runner import RunResult, VmmStop
 
 COL_W = 24  # px per column; rotated labels need COL_W * sin(ANGLE) > the font's height
 ANGLE = 60  # label rotation, degrees above the horizontal
-LABEL_CHARS = 34  # longer labels are cut (the tooltip has the whole line)
+LABEL_CHARS = 40  # longer labels are cut (the tooltip has the whole line)
 LEFT = 160  # lane titles
 RIGHT = 130  # room for the last column's rotated label
-LABEL_H = 190  # per lane: the rotated labels
+LABEL_H = 215  # per lane: the rotated labels
 ROW_H = 44  # per lane: the marks, and the level-switch tags under them (two staggered rows)
 LANE_H = LABEL_H + ROW_H
 MIN_WIDTH = 900
@@ -361,9 +361,9 @@ text.sub, text.note { font-size: 11px; fill: #555; }
 text.same { font-size: 12px; fill: #1a7f37; font-weight: bold; }
 text.bad { font-size: 12px; fill: #c00000; font-weight: bold; }
 text.known { font-size: 12px; fill: #a06000; font-weight: bold; }
-text.lane { font-size: 12px; font-weight: bold; }
+text.lane-title { font-size: 12px; font-weight: bold; }
 text.axis { font-size: 9px; fill: #888; text-anchor: middle; }
-text.switch { font-size: 9px; fill: #8a6d00; }
+text.switch-tag { font-size: 9px; fill: #8a6d00; }
 text.divhead { font-size: 9px; font-weight: bold; text-anchor: middle; }
 """
 
@@ -420,7 +420,7 @@ class _Picture:
             top = self.lane_top(n)
             out.append(f'<rect class="lane" x="0" y="{top}" width="{self.width}" '
                        f'height="{LANE_H}" fill="{"#fafafa" if n % 2 == 0 else "#f2f4f7"}"/>')
-            out.append(f'<text class="lane" x="12" y="{top + LABEL_H + 16}">{escape(name)}</text>')
+            out.append(f'<text class="lane-title" x="12" y="{top + LABEL_H + 16}">{escape(name)}</text>')
         return out
 
     def _host_time(self) -> list[str]:
@@ -474,7 +474,7 @@ class _Picture:
             ends[row] = x + 6 * len(m.switch) + 6
             out.append(f'<g class="switch"><line x1="{x}" y1="{top}" x2="{x}" '
                        f'y2="{max(self.mark_y(m.lane), top + ROW_H - 14 + 10 * row)}" '
-                       f'stroke="#daa520" stroke-dasharray="3,3"/><text class="switch" '
+                       f'stroke="#daa520" stroke-dasharray="3,3"/><text class="switch-tag" '
                        f'x="{x + 2}" y="{top + ROW_H - 6 + 10 * row}">{escape(m.switch)}</text></g>')
         return out
 
@@ -515,7 +515,7 @@ class _Picture:
         out = ['<g class="legend">']
         for n, (kind, fill, text) in enumerate(items):
             x, y = 12 + (n % self.per_row) * LEGEND_W, self.legend_y + 20 * (n // self.per_row)
-            out.append(f'<g class="legend-item {kind}"><rect x="{x}" y="{y - 9}" width="10" '
+            out.append(f'<g class="legend-item" data-kind="{kind}"><rect x="{x}" y="{y - 9}" width="10" '
                        f'height="10" fill="{fill}"/><text x="{x + 15}" y="{y}">{escape(text)}'
                        f"</text></g>")
         out.append("</g>")
