@@ -216,3 +216,24 @@ def test_text_is_escaped(tmp_path):
     assert [label_of(m) for m in marks(root) if "output" in classes(m)] == ["out '<'", "out '&'"]
     texts = [t.text for t in root.findall("s:text", NS)]
     assert "note <&>" in texts and any(str(tmp_path / "amp&<.toml") in t for t in texts)
+
+
+@pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
+def test_every_shipped_scenario_draws(vendor):
+    """Each record kind the model traces has a label; columns and divergence as the oracle says."""
+    for path in sorted(SCENARIOS.glob("*/*.toml")):
+        c = compare(load(path), vendor)
+        root = svg_of(c)
+        if c.virt is None:
+            assert [t.text for t in find(root, "lane-title")] == ["bare metal"], path
+            continue
+        longer = max(len(guest_view(c.bare.trace)), len(guest_view(c.virt.trace)))
+        assert len(find(root, "col-guest")) == longer, path
+        assert len(marks(root)) == len(c.bare.trace) + len(c.virt.trace) + 2 + (
+            c.virt.hypervisor_error is not None), path
+        bands = find(root, "divergence")
+        if c.divergence is None:
+            assert not bands, path
+        else:
+            entry = str(c.divergence.index + 1) if c.divergence.index >= 0 else "final"
+            assert [b.get("data-entry") for b in bands] == [entry], path
