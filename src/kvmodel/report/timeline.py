@@ -28,15 +28,16 @@ that record. Text is escaped with `xml.sax.saxutils`.
 
 L1 and L2 (nested runs) share one guest lane, with the level switches
 marked; the lane is not split. The trace cannot tell the levels apart
-robustly: a nested VM exit to L1 is recorded (`NestedExitRecord`), but an
-entry into L2 is not. L1's VMRUN/VMLAUNCH/VMRESUME shows as L0's VM exit
-for that instruction, and whether L2 then ran (or the entry failed with
-VMfail, #GP or a consistency check) leaves no record of its own; on bare
-metal the hardware model records neither direction (only failed entries).
-So the L0 lane shows "L1 VMRUN" at each entry instruction and the nested
-exits in their own colour, and a dashed line crosses the KVM guest lane at
-each, tagged "L1 VMRUN" or "-> L1"; the handler labels (`l1_*`, `l2_*` by
-convention) tell the rest.
+robustly: every exit to L1 is recorded (under KVM a `NestedExitRecord`; on
+bare metal the hardware model's `ExitRecord`, the only kind of exit there),
+but no entry into L2 is. Under KVM, L1's VMRUN/VMLAUNCH/VMRESUME shows as
+L0's VM exit for that instruction, and whether L2 then ran (or the entry
+failed with VMfail, #GP or a consistency check) leaves no record of its
+own; on bare metal the entry shows at most as a retired instruction. So the
+L0 lane shows "L1 VMRUN" (or VMLAUNCH, VMRESUME) at each entry instruction
+and the exits to L1 in their own colour, and a dashed line drops through
+the guest's mark row at each, tagged "VMRUN" or "-> L1"; the handler labels
+(`l1_*`, `l2_*` by convention) tell the rest.
 """
 
 from __future__ import annotations
