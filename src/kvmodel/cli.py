@@ -29,6 +29,7 @@ from kvmodel.kvm.vcpu import Vendor
 from kvmodel.report.explore import explore_dict, print_bugs, print_findings, print_side_by_side, summary_table
 from kvmodel.report.json import JSON_SCHEMA, document
 from kvmodel.report.text import print_comparison, print_result
+from kvmodel.report.timeline import timeline_svg
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import run
 
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
                             "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
                             "(default: the scenario's [cpu] vendor, else bare)")
+    run_p.add_argument("--svg", metavar="FILE",
+                       help="also write a timeline picture (SVG) of the run: bare metal beside "
+                            "KVM and its exits, the first divergence marked (one scenario only)")
     _explore_parsers(sub)
     return parser
 
@@ -107,6 +111,8 @@ def _explore_parsers(sub) -> None:
                                     "`kvmodel explore`. Exit 1 if the finding shows again, 0 if "
                                     "not, 2 if the scenario changed since.")
     rp.add_argument("replay", metavar="FILE")
+    rp.add_argument("--svg", metavar="FILE",
+                    help="also write a timeline picture (SVG) of both runs, the divergence marked")
     bugs = sub.add_parser("bugs", help="the catalogue of known KVM bugs the model can switch on")
     bugs_sub = bugs.add_subparsers(dest="bugs_command", required=True, metavar="ACTION")
     bugs_sub.add_parser("list", help="list the catalogued bugs and their references")
@@ -139,6 +145,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return _replay(args, console)
     if args.command == "bugs":
         return _bugs(args, console)
+    if args.svg is not None and len(args.scenarios) > 1:
+        raise KvmodelError(f"--svg draws one scenario; {len(args.scenarios)} were given")
     results, errors = [], []
     worst = Exit.OK
     for path in args.scenarios:
@@ -164,6 +172,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             worst = max(worst, Exit.BAD_INPUT)
         elif not result.passed:
             worst = max(worst, Exit.FAILED)
+    if args.svg is not None and results:
+        _write_svg(args.svg, timeline_svg(results[0]), console, quiet=args.json)
     if args.json:
         print(json.dumps(document(results, errors), indent=1))
     elif len(args.scenarios) > 1:
@@ -172,6 +182,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return worst
 
 
+def _write_svg(path: str, svg: str, console: Console, quiet: bool = False) -> None:
+    try:
+        Path(path).write_text(svg)
+    except OSError as e:
+        raise KvmodelError(f"cannot write the timeline to {path}: {e.strerror or e}") from None
+    if not quiet:
+        console.print(f"timeline written to {escape(path)}", highlight=False)
 
 
 def _limit(result) -> str | None:
@@ -241,6 +258,10 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
                   + (f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""))
     comparison = replay.run()
     print_side_by_side(console, comparison)
+    if args.svg is not None:
+        bugs = f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""
+        _write_svg(args.svg, timeline_svg(comparison, note=f"replay {args.replay}: schedule "
+                                          f"{describe(replay.schedule)}{bugs}"), console)
     return Exit.OK if comparison.passed else Exit.FAILED
 
 
