@@ -59,7 +59,7 @@ def _fred_frame_text(d: Delivery, program: Program) -> str:
             f"data={data:#x}")
 
 
-def _arrival_text(obs: Arrival) -> str:
+def arrival_text(obs: Arrival) -> str:
     fate = obs.fate.name.lower()
     if obs.event == "notify_timer":
         invalid = ", VM context invalid" if obs.vector else ""
@@ -83,7 +83,7 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
                 f"[dim]frame @{obs.rsp:#x}: {escape(frame_text(obs, program, mode))}[/]")
         return obs.retired, program.where(obs.return_rip), what
     if isinstance(obs, Arrival):
-        return obs.retired, program.where(obs.rip), _arrival_text(obs)
+        return obs.retired, program.where(obs.rip), arrival_text(obs)
     if isinstance(obs, Iret):
         unblock = " (NMI unblocked)" if obs.nmi_unblocked else ""
         return obs.retired, program.where(obs.rip), f"IRET -> {program.where(obs.to_rip)}{unblock}"

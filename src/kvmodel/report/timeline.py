@@ -57,7 +57,7 @@ from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
-from kvmodel.report.text import _arrival_text, line_for
+from kvmodel.report.text import arrival_text, line_for
 from kvmodel.scenario.runner import RunResult, VmmStop
 
 COL_W = 24  # px per column; rotated labels need COL_W * sin(ANGLE) > the font's height
@@ -155,7 +155,7 @@ def label(obs, program) -> str:
     if isinstance(obs, Retire):
         return obs.text
     if isinstance(obs, Arrival):
-        return _arrival_text(obs).replace(" arrives", "")
+        return arrival_text(obs).replace(" arrives", "")
     if isinstance(obs, ExitRecord):
         if obs.reason in _ENTRY_REASONS:
             return f"L1 {obs.reason}"
