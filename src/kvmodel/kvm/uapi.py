@@ -30,8 +30,10 @@ class VcpuEventsFlag(IntFlag):
     VALID_TRIPLE_FAULT = 0x20
 
 
-class ShadowBits(IntFlag):
-    """interrupt.shadow: KVM_X86_SHADOW_INT_MOV_SS / KVM_X86_SHADOW_INT_STI."""
+class ShadowBits(IntEnum):
+    """interrupt.shadow: KVM_X86_SHADOW_INT_MOV_SS / KVM_X86_SHADOW_INT_STI.
+
+    Bits, but an IntEnum: int's own operators, as VMX tests them at every skipped instruction."""
 
     MOV_SS = 0x01
     STI = 0x02

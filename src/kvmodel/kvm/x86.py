@@ -10,7 +10,7 @@ Vendor code (svm/svm.py, vmx/vmx.py) implements `VendorOps`, the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 from typing import ClassVar, Protocol
 
 from kvmodel import _faults
@@ -30,7 +30,10 @@ DR6_RTM = 1 << 16
 EBUSY = -16  # *_allowed(): "cannot decide yet, exit at once and retry"
 
 
-class Request(IntFlag):
+class Request(IntEnum):
+    """Bits of vcpu->requests. An IntEnum, whose | & ~ are int's own: IntFlag's operators
+    cost a microsecond each, and vcpu_enter_guest() tests these on every entry."""
+
     EVENT = 1  # KVM_REQ_EVENT: re-run kvm_check_and_inject_events()
     NMI = 2  # KVM_REQ_NMI: run process_nmi()
     TRIPLE_FAULT = 4
@@ -199,7 +202,7 @@ class Vcpu:
     nmi_pending: int = 0
     nmi_injected: bool = False
     event_exit_inst_len: int = 0
-    requests: Request = Request.EVENT
+    requests: int = Request.EVENT
     mp_state: MpState = MpState.RUNNABLE
     in_guest_mode: bool = False
     stats: Stats = field(default_factory=Stats)
