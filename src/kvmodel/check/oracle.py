@@ -130,10 +130,12 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
     return Comparison(bare, virt, first_divergence(bare, virt), known)
 
 
-def first_divergence(bare: RunResult, virt: RunResult) -> Divergence | None:
+def first_divergence(bare: RunResult, virt: RunResult,
+                     views: tuple[list, list] | None = None) -> Divergence | None:
+    """`views`: guest_view() of both traces, when the caller has them already."""
     if bare.limit is not None or virt.limit is not None:
         return None  # nothing to compare: the model stopped
-    b, v = guest_view(bare.trace), guest_view(virt.trace)
+    b, v = views or (guest_view(bare.trace), guest_view(virt.trace))
     # A run cut short (step budget, or the VMM stopped the VM) says nothing about
     # what came next: only the common prefix is compared. Liveness is judged apart.
     cut = any(r.final is not None and r.final.stop in CUT_SHORT for r in (bare, virt))

@@ -152,18 +152,20 @@ class Prepared:
     """
 
     def __init__(self, scenario: Scenario):
-        self.cpu, self.program, self.resolve = _build(scenario, False)
+        self.cpu, self.program, self.resolve = _build(scenario, False, roots=False)
         self.copy = copier(self.cpu)
 
     def prepare(self, scenario: Scenario) -> tuple[Cpu, Program]:
         if self.copy is None:
             return prepare(scenario)
         cpu = self.copy()
+        _attach_roots(cpu, scenario)  # a root refers to its CPU: made afresh for each copy
         _schedule(cpu, scenario, self.resolve)
         return cpu, self.program
 
 
-def _build(scenario: Scenario, record_instructions: bool) -> tuple[Cpu, Program, Resolver]:
+def _build(scenario: Scenario, record_instructions: bool,
+           roots: bool = True) -> tuple[Cpu, Program, Resolver]:
     program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE - scenario.cs_base,
                        filename=scenario.path, line_offset=scenario.code_line,
                        defines=(("CS_BASE", scenario.cs_base),))
@@ -191,11 +193,16 @@ def _build(scenario: Scenario, record_instructions: bool) -> tuple[Cpu, Program,
         raise ScenarioError(scenario.path, scenario.code_line,
                             "the guest does not fit in memory", "raise [cpu] memory_kib")
     cpu = build_cpu(machine, record_instructions=record_instructions)
+    if roots:
+        _attach_roots(cpu, scenario)
+    return cpu, program, resolve
+
+
+def _attach_roots(cpu: Cpu, scenario: Scenario) -> None:
     if scenario.vmx:
         VmxRoot(cpu)  # L1 runs its VMX instructions on the hardware model
     if scenario.svm:
         SvmRoot(cpu)  # L1 runs VMRUN on the hardware model
-    return cpu, program, resolve
 
 
 def _schedule(cpu: Cpu, scenario: Scenario, resolve: Resolver) -> None:
@@ -220,10 +227,12 @@ def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
 
 
 def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,
-        max_steps: int | None = None, prepared: Prepared | None = None) -> RunResult:
+        max_steps: int | None = None, prepared: Prepared | None = None,
+        expectations: bool = True) -> RunResult:
     """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations.
 
     `prepared`: the scenario's CPU at reset, built before (not with record_instructions).
+    `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
     """
     vendor = vendor or Vendor(scenario.vendor)
     if prepared is not None and not record_instructions:
@@ -245,9 +254,9 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         limit = str(e)
         stop = None
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
-    mismatches = judge(scenario, program, cpu, final) if final is not None else []
-    if final is not None:
-        mismatches += _judge_stats(scenario, vendor, stats)
+    mismatches = []
+    if final is not None and expectations:
+        mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host)
 
