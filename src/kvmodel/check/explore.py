@@ -27,7 +27,8 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 from kvmodel import _faults
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
@@ -165,40 +166,52 @@ class Runner:
         self.scenario = scenario
         self.vendor = vendor
         self.max_steps = max_steps
+        # Bare runs, kept with their guest view and, instead of their memory, its changed
+        # pages (by id() of the kept result): keeping a whole memory per distinct bare run
+        # costs a page fault per fresh page.
         self.bare_runs: dict[Schedule, RunResult] = {}
-        self.bare_views: dict[int, list] = {}  # guest_view() of each bare run, by id()
+        self.bare_views: dict[int, list] = {}
+        self.bare_pages: dict[int, dict[int, bytes]] = {}
         self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
         self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
-        self.pages: PageDigest | None = None
+        self.image: PageImage | None = None
 
     def bare(self, schedule: Schedule) -> RunResult:
         external = tuple(p for p in schedule if p.kind.is_async)
         if external not in self.bare_runs:
-            self.bare_runs[external] = self.run(external, Vendor.BARE)
+            self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
         return self.bare_runs[external]
+
+    def _keep(self, result: RunResult) -> RunResult:
+        if len(result.memory) != self.image.size:
+            return result
+        kept = replace(result, memory=b"")
+        self.bare_views[id(kept)] = guest_view(result.trace)
+        self.bare_pages[id(kept)] = self.image.changed(result.memory)
+        self.prepared.recycle(result.memory)
+        return kept
 
     def outcome(self, schedule: Schedule) -> Outcome:
         bare = self.bare(schedule)
         virt = self.run(schedule, self.vendor)
         exits = sum(st.exits for st in virt.stats)
         if bare.limit is not None or virt.limit is not None:
-            return Outcome(schedule, "limit", exits, None, True)
-        if id(bare) not in self.bare_views:
-            self.bare_views[id(bare)] = guest_view(bare.trace)  # bare_runs keeps `bare` alive
-        views = (self.bare_views[id(bare)], guest_view(virt.trace))
-        return Outcome(schedule, self.digest(virt, views[1]), exits,
-                       self.judge(schedule, bare, virt, views), False)
+            outcome = Outcome(schedule, "limit", exits, None, True)
+        else:
+            view = guest_view(virt.trace)
+            outcome = Outcome(schedule, self.digest(virt, view), exits,
+                              self.judge(schedule, bare, virt, view), False)
+        self.prepared.recycle(virt.memory)  # nothing refers to `virt` any more
+        return outcome
 
     def digest(self, result: RunResult, view: list | None = None) -> str:
         """The outcome: guest-observable trace, final state, and memory (its changed pages)."""
-        if self.pages is None:
-            self.pages = PageDigest(self.prepared.cpu.mem)
         h = hashlib.blake2b(digest_size=12)
         if view is None:
             view = guest_view(result.trace)
         h.update(repr([o for _, o in view]).encode())
         h.update(repr(result.final).encode())
-        h.update(self.pages.digest(result.memory))
+        h.update(self.image.digest(result.memory))
         return h.hexdigest()
 
     def run(self, schedule: Schedule, vendor: Vendor) -> RunResult:
@@ -207,16 +220,24 @@ class Runner:
         first = self.prepared is None
         if first:
             self.prepared = Prepared(self.scenario)
+            self.image = PageImage(self.prepared.cpu.mem)
         return run(apply(self.scenario, schedule), vendor=vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=first)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
-              views: tuple[list, list] | None = None) -> Finding | None:
+              view: list | None = None) -> Finding | None:
+        """`view`: guest_view() of the KVM run's trace, when the caller has it already."""
         if virt.hypervisor_error is not None:
             return Finding("hypervisor_error", schedule, virt.hypervisor_error)
         if virt.warnings:
             return Finding("warn", schedule, "KVM WARN_ON reached: " + "; ".join(virt.warnings))
-        d = first_divergence(bare, virt, views)
+        views = None
+        if id(bare) in self.bare_views and view is not None:
+            views = (self.bare_views[id(bare)], view)
+        memory = None
+        if id(bare) in self.bare_pages:
+            memory = partial(self._memory_difference, self.bare_pages[id(bare)], virt.memory)
+        d = first_divergence(bare, virt, views, memory)
         if d is not None and not (self.known is not None and d.event_index + 1 == self.known.entry):
             where = f"entry {d.index + 1}" if d.index >= 0 else "the final state"
             return Finding("divergence", schedule, f"the guest sees something else at {where}")
@@ -236,6 +257,11 @@ class Runner:
         return None
 
 
+    def _memory_difference(self, bare_pages: dict[int, bytes],
+                           memory: bytes | bytearray) -> tuple[int, int, int] | None:
+        return self.image.first_difference(bare_pages, self.image.changed(memory))
+
+
 def stats_problem(virt: RunResult) -> str | None:
     """KVM's counters must agree with what it injected and with the exits it took."""
     injected = [o for o in virt.trace if o.kind == "inject"]
@@ -252,8 +278,8 @@ def stats_problem(virt: RunResult) -> str | None:
     return None
 
 
-class PageDigest:
-    """A memory image's CRC, over only the pages that differ from the initial image.
+class PageImage:
+    """Memory as the pages that differ from the scenario's initial image.
 
     Memory is compared in place (bytearray.startswith is a memcmp), a block
     of pages at a time and then page by page inside the blocks that differ:
@@ -264,24 +290,42 @@ class PageDigest:
 
     def __init__(self, initial: bytes | bytearray):
         self.size = len(initial)
-        self.blocks = [(at, bytes(initial[at:at + self.BLOCK]), self._pages(initial, at))
+        self.pages = {at: bytes(initial[at:at + PAGE]) for at in range(0, self.size, PAGE)}
+        self.blocks = [(at, bytes(initial[at:at + self.BLOCK]), self._pages_of(at))
                        for at in range(0, self.size, self.BLOCK)]
 
-    def _pages(self, initial: bytes | bytearray, block: int) -> list[tuple[int, bytes]]:
-        end = min(block + self.BLOCK, self.size)
-        return [(at, bytes(initial[at:at + PAGE])) for at in range(block, end, PAGE)]
+    def _pages_of(self, block: int) -> list[tuple[int, bytes]]:
+        return [(at, page) for at, page in self.pages.items() if block <= at < block + self.BLOCK]
 
-    def digest(self, memory: bytes | bytearray) -> bytes:
-        if len(memory) != self.size:
-            return zlib.crc32(memory).to_bytes(4, "little")
-        crc = 0
+    def changed(self, memory: bytes | bytearray) -> dict[int, bytes]:
+        """The pages (by address, ascending) where `memory`, of the image's size, differs."""
+        out = {}
         for start, block, pages in self.blocks:
             if memory.startswith(block, start):
                 continue
             for at, page in pages:
                 if not memory.startswith(page, at):
-                    crc = zlib.crc32(memory[at:at + PAGE], zlib.crc32(at.to_bytes(8, "little"), crc))
+                    out[at] = bytes(memory[at:at + PAGE])
+        return out
+
+    def digest(self, memory: bytes | bytearray, changed: dict[int, bytes] | None = None) -> bytes:
+        """A CRC over the changed pages only (a tenth of the time of one over all of memory)."""
+        if len(memory) != self.size:
+            return zlib.crc32(memory).to_bytes(4, "little")
+        crc = 0
+        for at, page in (self.changed(memory) if changed is None else changed).items():
+            crc = zlib.crc32(page, zlib.crc32(at.to_bytes(8, "little"), crc))
         return crc.to_bytes(4, "little")
+
+    def first_difference(self, a: dict[int, bytes], b: dict[int, bytes]) -> tuple[int, int, int] | None:
+        """The first byte where two memories, given by their changed pages, differ:
+        (address, a's byte, b's byte). Pages neither changed are the image's in both."""
+        for at in sorted(a.keys() | b.keys()):
+            page_a, page_b = a.get(at, self.pages[at]), b.get(at, self.pages[at])
+            if page_a != page_b:
+                n = next(i for i, (x, y) in enumerate(zip(page_a, page_b, strict=True)) if x != y)
+                return at + n, page_a[n], page_b[n]
+        return None
 
 
 # -- the search ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ whether an IRET ended NMI blocking: only the NMI deliveries that follow show it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
@@ -130,9 +131,14 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
     return Comparison(bare, virt, first_divergence(bare, virt), known)
 
 
-def first_divergence(bare: RunResult, virt: RunResult,
-                     views: tuple[list, list] | None = None) -> Divergence | None:
-    """`views`: guest_view() of both traces, when the caller has them already."""
+MemoryDifference = Callable[[], tuple[int, int, int] | None]  # (address, bare byte, virt byte)
+
+
+def first_divergence(bare: RunResult, virt: RunResult, views: tuple[list, list] | None = None,
+                     memory_difference: MemoryDifference | None = None) -> Divergence | None:
+    """`views`: guest_view() of both traces, when the caller has them already;
+    `memory_difference`: the first byte where the final memories differ, when the
+    caller keeps the bare run's memory in another form."""
     if bare.limit is not None or virt.limit is not None:
         return None  # nothing to compare: the model stopped
     b, v = views or (guest_view(bare.trace), guest_view(virt.trace))
@@ -158,11 +164,18 @@ def first_divergence(bare: RunResult, virt: RunResult,
     for (name, bv), (_, vv) in zip(bare.final.registers, virt.final.registers, strict=True):
         if bv != vv:
             return _final_divergence(name, bv, vv, len(virt.trace))
-    if bare.memory != virt.memory:
-        addr = next(i for i, (x, y) in enumerate(zip(bare.memory, virt.memory, strict=True)) if x != y)
-        return _final_divergence(f"memory byte {addr:#x}", bare.memory[addr], virt.memory[addr],
-                                 len(virt.trace))
+    diff = memory_difference() if memory_difference else _memory_difference(bare.memory, virt.memory)
+    if diff is not None:
+        addr, bare_byte, virt_byte = diff
+        return _final_divergence(f"memory byte {addr:#x}", bare_byte, virt_byte, len(virt.trace))
     return None
+
+
+def _memory_difference(bare: bytes | bytearray, virt: bytes | bytearray) -> tuple[int, int, int] | None:
+    if bare == virt:
+        return None
+    addr = next(i for i, (x, y) in enumerate(zip(bare, virt, strict=True)) if x != y)
+    return addr, bare[addr], virt[addr]
 
 
 def _final_divergence(name: str, bare, virt, at: int) -> Divergence:

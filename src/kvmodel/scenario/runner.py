@@ -148,20 +148,27 @@ class Prepared:
     """A scenario's CPU at reset, built once and copied for each run of its schedules.
 
     Every run given to it must be of the same scenario, up to its happenings
-    and host events (what check/schedule.py's apply() changes).
+    and host events (what check/schedule.py's apply() changes). A run's memory
+    handed back with recycle() is reused by a later copy.
     """
 
     def __init__(self, scenario: Scenario):
         self.cpu, self.program, self.resolve = _build(scenario, False, roots=False)
         self.copy = copier(self.cpu)
+        self.spare: list[bytearray] = []
 
     def prepare(self, scenario: Scenario) -> tuple[Cpu, Program]:
         if self.copy is None:
             return prepare(scenario)
-        cpu = self.copy()
+        cpu = self.copy(self.spare.pop() if self.spare else None)
         _attach_roots(cpu, scenario)  # a root refers to its CPU: made afresh for each copy
         _schedule(cpu, scenario, self.resolve)
         return cpu, self.program
+
+    def recycle(self, memory: bytes | bytearray) -> None:
+        """A finished run's memory, which nothing refers to any more."""
+        if isinstance(memory, bytearray) and len(memory) == len(self.cpu.mem) and len(self.spare) < 2:
+            self.spare.append(memory)
 
 
 def _build(scenario: Scenario, record_instructions: bool,
