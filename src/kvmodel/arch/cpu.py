@@ -496,6 +496,7 @@ class Cpu:
     def fault(self, fault: Fault, rip: int) -> None:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
+        self.retire_at = None  # a VM entry that faults did not retire early after all
         event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
                       push_rf=True, fault_address=fault.cr2)
         if self.host is not None:

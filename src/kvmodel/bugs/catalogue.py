@@ -51,11 +51,15 @@ CATALOGUE: tuple[Bug, ...] = (
         "Christopherson, 2022)",
         ("svm",), "scenarios/softint/int_n_without_nrips.toml"),
     Bug("svm_soft_int_rip_without_csbase",
-        "the linear-RIP match that decides whether the guest is still at the injected soft event "
-        "compares CS.base + RIP with the RIP KVM saved, leaving out the CS.base it snapshotted: with "
-        "a based code segment it never matches, so RIP is not unwound (nor next_rip restored)",
-        "KVM: SVM: Re-inject INT3/INTO instead of retrying the instruction (6ef88d6e36c2): "
-        "soft_int_csbase, from the review in seed 003 (Sean Christopherson, 2022-04-04)",
+        "a mutation, not a shipped bug: the linear-RIP match that decides whether the guest is still "
+        "at the injected soft event compares CS.base + RIP with the RIP KVM saved, leaving out the "
+        "CS.base it snapshotted; with a based code segment it never matches, so RIP is not unwound "
+        "(nor next_rip restored)",
+        "soft_int_csbase in KVM: SVM: Re-inject INT3/INTO instead of retrying the instruction "
+        "(6ef88d6e36c2; seed 003). The shipped CS.base bug was nested: nested_vmcb02_prepare_control() "
+        "read the stale save.cs.base, fixed by KVM: nSVM: Pull CS.Base from actual VMCB12 for soft "
+        "int/ex re-injection (Maciej S. Szmigiero, 2022-07-18); not modelled, as a based CS with "
+        "nesting is a model limit",
         ("svm",), "scenarios/softint/int_n_cs_base_without_nrips.toml"),
     Bug("process_nmi_no_req_event",
         "process_nmi() leaves an NMI pending without raising KVM_REQ_EVENT: nothing injects it until "

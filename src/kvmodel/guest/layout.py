@@ -1,9 +1,9 @@
 """Guest memory layout: where code, IDT, TSS and stacks live, and the CPU at reset.
 
     0x00000  page 0 (ordinary memory)
-    0x01000  IDT (256 gates: 16 bytes each in long mode, 8 in protected mode)
+    0x01000  IDT (256 gates: 16 bytes each in long mode, 8 in protected mode; [cpu] idt_base)
     0x03000  64-bit TSS (IST slots)
-    0x10000  guest text, then data and bss
+    0x10000  guest text, then data and bss (linked at 0x10000 - [cpu] cs_base)
     0x30000  top of the initial stack (grows down)
     0x31000+ top of IST stack k at 0x30000 + k * 0x1000, k = 1..7
 

@@ -506,9 +506,9 @@ class Vcpu:
 
     def skip_emulated_instruction(self, insn: Decoded) -> None:
         """kvm_skip_emulated_instruction(): advance RIP; TF makes it a single-step (#DB, BS)."""
-        rflags = self.ops.get_rflags()
+        rflags, rip = self.ops.get_rflags(), self.ops.rip_read()
         self.ops.skip_emulated_instruction()
-        self.retire(self.cpu.rip, insn)
+        self.retire(rip, insn)
         if rflags & TF:
             self.queue_exception(Vec.DB, payload=DR6_BS)  # kvm_vcpu_do_singlestep()
 

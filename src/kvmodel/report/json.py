@@ -57,7 +57,7 @@ def comparison_dict(c: Comparison) -> dict:
         "passed": c.passed,
         "hypervisor_error": c.virt.hypervisor_error,
         "divergence": None if d is None else {
-            "entry": d.index + 1 if d.index >= 0 else "final",
+            "entry": d.event_index + 1 if d.index >= 0 else "final",
             "bare": d.bare if isinstance(d.bare, str) or d.bare is None else to_dict(d.bare),
             "virt": d.virt if isinstance(d.virt, str) or d.virt is None else to_dict(d.virt),
             "expected": c.divergence_expected,

@@ -171,7 +171,7 @@ def _print_divergence(console: Console, comparison: Comparison, d: Divergence) -
     bare, virt = comparison.bare, comparison.virt
     label = "[bold yellow]KNOWN DIVERGENCE[/]" if comparison.divergence_expected else (
         "[bold red]DIVERGENCE[/]")
-    console.print(f"  {label} at guest-observable entry {d.index + 1 if d.index >= 0 else 'final'}:")
+    console.print(f"  {label} at guest-observable entry {d.event_index + 1 if d.index >= 0 else 'final'}:")
     console.print(f"    bare metal: {escape(_show(d.bare, bare))}")
     console.print(f"    under KVM:  {escape(_show(d.virt, virt))}")
     context = [o for o in virt.trace[max(0, d.virt_trace_index - 6):d.virt_trace_index]

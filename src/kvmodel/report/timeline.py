@@ -320,7 +320,7 @@ def _comparison_heading(c: Comparison) -> list[tuple[str, str]]:
 
 
 def _divergence_caption(c: Comparison, d: Divergence) -> list[tuple[str, str]]:
-    where = f"guest-observable entry {d.index + 1}" if d.index >= 0 else "the final state"
+    where = f"guest-observable entry {d.event_index + 1}" if d.index >= 0 else "the final state"
     if c.divergence_expected:
         head = f"KNOWN DIVERGENCE at {where}, declared at line {c.known.line}: {c.known.why}"
     else:
@@ -441,7 +441,7 @@ class _Picture:
         expected = self.comparison.divergence_expected
         stroke, band, _, word = DIVERGENCE[expected]
         cls = "divergence declared" if expected else "divergence undeclared"
-        entry = self.divergence.index + 1 if self.divergence.index >= 0 else "final"
+        entry = self.divergence.event_index + 1 if self.divergence.index >= 0 else "final"
         top = self.axis_y - 12
         return [f'<rect class="{cls}" data-entry="{entry}" x="{LEFT + self.div_col * COL_W}" '
                 f'y="{top}" width="{COL_W}" height="{self.bottom - top}" fill="{band}" '
@@ -499,7 +499,7 @@ class _Picture:
         stroke, _, dash, _ = DIVERGENCE[self.comparison.divergence_expected]
         x, y = self.x_of(self.div_col), self.mark_y(lane)
         d = self.divergence
-        entry = d.index + 1 if d.index >= 0 else "final"
+        entry = d.event_index + 1 if d.index >= 0 else "final"
         title = "<title>nothing (the trace ended)</title>" if empty else ""
         return (f'<rect class="outline{" empty" if empty else ""}" data-entry="{entry}" '
                 f'data-lane={quoteattr(self.layout.lanes[lane])} x="{x - 10}" y="{y - 10}" '

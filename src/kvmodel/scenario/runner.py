@@ -110,8 +110,9 @@ class Resolver:
     """Turns the scenario's address expressions into numbers with the assembled labels.
 
     A label is an offset in the code segment (what RIP holds and the guest's
-    `$label` gives); `linear()` is for the places that name memory: pages and
-    memory expectations. They differ by `[cpu] cs_base` only.
+    `$label` gives), also in [registers]; `linear()` is for the places that
+    name memory: pages and memory expectations. They differ by `[cpu] cs_base`
+    only.
     """
 
     def __init__(self, scenario: Scenario, program: Program):
@@ -391,7 +392,8 @@ def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[
         addr = resolve.linear(where, expected.line)
         got = int.from_bytes(cpu.mem[addr:addr + size], "little")
         if got != expected.value:
-            out.append(Mismatch(expected.line, f"memory at {program.where(addr)}: expected "
+            where = program.where(addr - scenario.cs_base)
+            out.append(Mismatch(expected.line, f"memory at {where}: expected "
                                 f"{expected.value:#x}, got {got:#x}"))
     return out
 

@@ -136,3 +136,11 @@ def test_idt_base_must_be_aligned_and_clear_of_the_tss():
     assert e.line == 10 and "idt_base 0x1ff4 is not 8-byte aligned" in str(e)
     e = error_of(MINIMAL + "\n[cpu]\nidt_base = 0x2010\n")  # 4 KiB of 64-bit gates reach the TSS
     assert "idt_base must be an integer in [0x0, 0x2000]" in str(e)
+
+
+@pytest.mark.parametrize("key", ["cs_base = 0x8000", "idt_base = 0x1ff0"])
+def test_based_segments_and_moved_idts_are_refused_with_an_l1_hypervisor(key):
+    text = MINIMAL.replace("[guest]\n", "[guest]\nmode = \"protected32\"\n")
+    text += f"\n[cpu]\nsvm = true\n{key}\n"
+    e = error_of(text)
+    assert e.line == 12 and "is not modelled with an L1 hypervisor" in str(e)

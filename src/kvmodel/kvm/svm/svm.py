@@ -514,7 +514,10 @@ class Svm:
             vmcb.rip = self.soft_int_old_rip
 
     def _linear_rip(self) -> int:
-        """kvm_get_linear_rip(): outside 64-bit mode, CS.base + EIP, truncated to 32 bits."""
+        """kvm_get_linear_rip(): outside 64-bit mode, CS.base + EIP, truncated to 32 bits;
+        0 when the guest state is protected (SEV-ES: KVM cannot read RIP)."""
+        if self.guest_state_protected:
+            return 0
         if self.guest.cpu.mode is Mode.LONG64:
             return self.vmcb.rip
         return (self.vmcb.cs_base + self.vmcb.rip) & 0xFFFFFFFF
