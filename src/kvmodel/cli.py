@@ -19,7 +19,7 @@ from kvmodel import __version__
 from kvmodel.bugs.catalogue import lookup
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
-from kvmodel.check.explore import Bounds
+from kvmodel.check.explore import Bounds, ExploreResult
 from kvmodel.check.oracle import compare
 from kvmodel.check.replay import read
 from kvmodel.check.schedule import describe
@@ -245,10 +245,20 @@ def _explore_summary(args: argparse.Namespace, console: Console, done: list[Expl
             explore_dict(item.result, item.shrunk) for item in done]}, indent=1))
     else:
         console.print(summary_table([item.result for item in done]))
-        schedules = sum(item.result.schedules for item in done)
-        console.print(f"{schedules} schedules within the bounds; "
-                      f"{sum(len(item.result.findings) for item in done)} findings")
+        console.print(_explore_verdict(args, [item.result for item in done]))
     return Exit.OK if all(item.result.passed for item in done) else Exit.FAILED
+
+
+def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult]) -> str:
+    """What was checked, exactly: never "correct", only no counterexample within the bounds."""
+    findings = sum(len(r.findings) for r in results)
+    verdict = "no counterexample" if findings == 0 else f"{findings} findings"
+    bounds = (f"up to {2 if args.max_async is None else args.max_async} asynchronous and "
+              f"{2 if args.max_host is None else args.max_host} host happenings per schedule")
+    if not all(r.complete for r in results):
+        bounds += "; cut short by the time limit"
+    return (f"{verdict} within the bounds ({bounds}): {sum(r.schedules for r in results):,} "
+            f"schedules, {sum(r.distinct for r in results):,} distinct outcomes")
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:

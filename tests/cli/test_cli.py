@@ -160,7 +160,9 @@ def test_explore_without_findings_exits_zero_with_a_summary(tmp_path, capsys):
                  str(EXPLORE), str(VIRT / "host_fault_idt_during_nmi.toml")])
     out = capsys.readouterr().out
     assert code == Exit.OK, out
-    assert "exploration" in out and "0 findings" in out
+    assert "exploration" in out
+    assert re.search(r"no counterexample within the bounds \(up to 1 asynchronous and 2 host "
+                     r"happenings per schedule\): [\d,]+ schedules, [\d,]+ distinct outcomes", out)
     assert not list(tmp_path.iterdir())
 
 
