@@ -205,12 +205,20 @@ class Cpu:
     def remember_code(self, rip: int, length: int) -> None:
         """Note which cache lines a decoded instruction came from."""
         start = self.linear(rip)
-        for line in range(start >> LINE_SHIFT, ((start + length - 1) >> LINE_SHIFT) + 1):
-            self.code_lines.setdefault(line, set()).add(rip)
+        first, last = start >> LINE_SHIFT, (start + length - 1) >> LINE_SHIFT
+        code_lines = self.code_lines
+        for line in range(first, last + 1):
+            rips = code_lines.get(line)
+            if rips is None:
+                code_lines[line] = {rip}
+            else:
+                rips.add(rip)
 
     def check_write(self, addr: int, size: int) -> None:
         """Raise the fault a write would raise, without writing or matching breakpoints."""
         addr &= self.addr_mask
+        if not self.slow_mem and addr + size <= self.mem_size:
+            return  # every page is present and mapped
         for page in range(addr >> PAGE_SHIFT, ((addr + size - 1) >> PAGE_SHIFT) + 1):
             if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
                 raise self.page_fault(max(addr, page << PAGE_SHIFT), Access.WRITE)
@@ -219,6 +227,8 @@ class Cpu:
 
     def fetch_bytes(self, addr: int, size: int) -> bytes:
         """Up to `size` code bytes at addr, stopping before a not-present page."""
+        if not self.slow_mem and addr + size <= self.mem_size:
+            return bytes(self.mem[addr:addr + size])  # no page to check: the common case
         out = bytearray()
         while len(out) < size:
             page = (addr + len(out)) >> PAGE_SHIFT

@@ -14,6 +14,7 @@ from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.host import Exiting
+from kvmodel.arch.regs import Mode
 from kvmodel.errors import ModelLimit
 
 if TYPE_CHECKING:
@@ -86,13 +87,13 @@ def _behind_intercept(decoded: Decoded) -> Run:
 
 # Decoded instructions shared by every CPU: a decoding depends only on the bytes, the
 # address, the mode, and whether a host may intercept it.
-_SHARED: dict[tuple[bytes, int, int, bool], Decoded] = {}
+_SHARED: dict[tuple[bytes, int, Mode, bool], Decoded] = {}
 
 
 def decode(cpu: Cpu, rip: int) -> Decoded:
     """Fetch and decode at rip (SDM 6.9 priority 8 and 9: fetch faults, then #UD)."""
     raw = cpu.fetch_bytes(cpu.linear(rip), MAX_INSN_LEN)
-    key = (raw, rip, cpu.mode.value, cpu.host is not None)
+    key = (raw, rip, cpu.mode, cpu.host is not None)  # Mode is an IntEnum: hashed as its value
     shared = _SHARED.get(key)
     if shared is not None:
         cpu.icache[rip] = shared
