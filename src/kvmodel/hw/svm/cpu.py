@@ -40,6 +40,7 @@ from kvmodel.hw.svm.vmcb import (
     describe,
     encode,
     event_inj_type,
+    exit_name,
 )  # fmt: skip
 
 _INSTRUCTION_EXITS = {
@@ -239,10 +240,8 @@ class SvmGuest(GuestMode):
         if rf is not None and not vmcb.sev_es:
             vmcb.rflags = (vmcb.rflags & ~RF) | (RF if rf else 0)
         self.host_interrupt = self.host_nmi = False
-        code = vmcb.exit_code
-        name = ExitCode(code).name if code in ExitCode._value2member_map_ else (
-            f"EXCP_{code - ExitCode.EXCP_BASE}")
-        self.record(name, "exit_int_info " + describe(vmcb.exit_int_info, vmcb.exit_int_info_err))
+        self.record(exit_name(vmcb.exit_code),
+                    "exit_int_info " + describe(vmcb.exit_int_info, vmcb.exit_int_info_err))
 
     def _save_guest_state(self, where: Where) -> None:
         cpu, vmcb = self.cpu, self.vmcb

@@ -96,6 +96,15 @@ class Intercept(IntEnum):
     ICEBP = 128 + 8
 
 
+_EXIT_NAMES = {code.value: code.name for code in ExitCode}
+
+
+def exit_name(code: int) -> str:
+    """The exit code's name for the trace; EXCP_<vector> for an exception intercept."""
+    name = _EXIT_NAMES.get(code)  # a table, not ExitCode(code): that costs a microsecond per exit
+    return name if name is not None else f"EXCP_{code - ExitCode.EXCP_BASE}"
+
+
 def event_inj_type(type_: EventType) -> EventInjType:
     """How SVM reports an arch event type: INT3/INTO are exceptions (APM 15.20)."""
     if type_ is EventType.EXT_INT:

@@ -48,6 +48,7 @@ from kvmodel.hw.svm.vmcb import (
     Offset,
     Vmcb,
     encode,
+    exit_name,
     read_vmcb,
     write_exit,
     write_field,
@@ -86,12 +87,6 @@ class NestedSvmState:
     ctl: Vmcb
     l1: tuple[int, int, int, int]  # vmcb01's RIP, RSP, RFLAGS, RAX
     l1_idtr: tuple[int, int]
-
-
-def _exit_name(code: int) -> str:
-    if code in ExitCode._value2member_map_:
-        return ExitCode(code).name
-    return f"EXCP_{code - ExitCode.EXCP_BASE}"
 
 
 class NestedSvm:
@@ -313,7 +308,7 @@ class NestedSvm:
         vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L1's RFLAGS
         svm.nmi_l1_to_l2 = svm.soft_int_injected = False
         vcpu.clear_event_queues()
-        cpu.trace.append(NestedExitRecord(_exit_name(vmcb02.exit_code), vmcb02.rip, cpu.retired, "vmcb12"))
+        cpu.trace.append(NestedExitRecord(exit_name(vmcb02.exit_code), vmcb02.rip, cpu.retired, "vmcb12"))
 
     def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
         """nested_svm_vmexit_update_vmcb12() and nested_save_pending_event_to_vmcb12()."""
