@@ -10,7 +10,7 @@ allowed, since the CPU adds an internal threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum, IntFlag
+from enum import IntEnum
 
 from kvmodel.kvm.uapi import InvalidArgument
 
@@ -21,14 +21,15 @@ class Cap(IntEnum):
     X86_NOTIFY_VMEXIT = 219
 
 
-class NotifyFlag(IntFlag):
-    """KVM_X86_NOTIFY_VMEXIT_*: the low half of args[0]."""
+class NotifyFlag(IntEnum):
+    """KVM_X86_NOTIFY_VMEXIT_*: the low half of args[0]. An IntEnum whose | & are int's own
+    (IntFlag's build a flag object, microseconds each, on every vCPU creation)."""
 
     ENABLED = 1 << 0
     USER = 1 << 1  # exit to userspace with KVM_EXIT_NOTIFY on every notify exit
 
 
-NOTIFY_VALID_BITS = int(NotifyFlag.ENABLED | NotifyFlag.USER)  # an int: ~IntFlag drops bits
+NOTIFY_VALID_BITS = NotifyFlag.ENABLED | NotifyFlag.USER
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ class Vm:
 
     has_notify_vmexit: bool = False  # kvm_caps.has_notify_vmexit: VMX with the control
     notify_window: int = 0
-    notify_vmexit_flags: NotifyFlag = NotifyFlag(0)
+    notify_vmexit_flags: int = 0  # NotifyFlag bits
     created_vcpus: int = 0
 
     def enable_cap(self, cap: Cap, arg0: int) -> None:
@@ -51,7 +52,7 @@ class Vm:
             raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: this CPU has no Notify VM exit")
         if self.created_vcpus:
             raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: vCPUs exist already")
-        self.notify_vmexit_flags = NotifyFlag(flags)
+        self.notify_vmexit_flags = flags
         if flags & NotifyFlag.ENABLED:
             self.notify_window = arg0 >> 32
 
