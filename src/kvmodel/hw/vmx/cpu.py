@@ -27,6 +27,7 @@ from kvmodel.hw.base import (
     soft_length,
 )  # fmt: skip
 from kvmodel.hw.vmx.vmcs import (
+    EXIT_REASONS,
     INTR_INFO_DELIVER_CODE,
     INTR_INFO_NESTED,
     INTR_INFO_RESERVED,
@@ -230,7 +231,7 @@ class VmxGuest(GuestMode):
         self.host_interrupt = self.host_nmi = False  # the host takes them once the guest is out
         detail = f"info {describe_info(vmcs.exit_intr_info, vmcs.exit_intr_error_code)} " \
                  f"idt_vectoring {describe_info(vmcs.idt_vectoring_info, vmcs.idt_vectoring_error_code)}"
-        self.record(ExitReason(vmcs.exit_reason).name, detail)
+        self.record(EXIT_REASONS[vmcs.exit_reason].name, detail)
 
     def _save_guest_state(self, where: Where) -> None:
         """Guest RIP, RFLAGS, interruptibility and activity as before the exit (SDM 27.3)."""

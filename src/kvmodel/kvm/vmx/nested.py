@@ -30,6 +30,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import Shadow
 from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.hw.vmx.vmcs import (
+    EXIT_REASONS,
     INTR_INFO_VALID,
     ExitReason,
     Interruptibility,
@@ -151,7 +152,7 @@ class NestedVmx(VmxRoot):
         """nested_vmx_reflect_vmexit(): True when the exit went to L1."""
         self.run_pending = False
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
-        reason = ExitReason(vmcs02.exit_reason)
+        reason = EXIT_REASONS[vmcs02.exit_reason]
         if not self._l1_wants(reason, vmcs02, vmcs12):
             return False
         self.exit_to_l1(reason, vmcs02.exit_intr_info, vmcs02.exit_intr_error_code,

@@ -19,6 +19,7 @@ from kvmodel.arch.regs import IF, RSP
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
+    EXIT_REASONS,
     INTR_INFO_DELIVER_CODE,
     INTR_INFO_NESTED,
     INTR_INFO_UNBLOCK_NMI,
@@ -312,7 +313,7 @@ class Vmx:
     def handle_exit(self) -> UserspaceExit | None:
         """__vmx_handle_exit() and the handlers for the exits modelled."""
         vcpu, vmcs = self.vcpu, self.vmcs
-        reason = ExitReason(vmcs.exit_reason)
+        reason = EXIT_REASONS[vmcs.exit_reason]
         if self.nested is not None and self.nested.guest_mode and self.nested.reflect():
             return None  # L1 handles it
         if vmcs.idt_vectoring_info & INTR_INFO_VALID and reason not in _VECTORING_OK:
