@@ -97,7 +97,7 @@ class Cpu:
         "nmi_blocked", "nmi_pending", "shadow", "shadow_prev", "pending_dbg", "db_hits",
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
-        "sti_blocks_nmi", "attn", "scheduled", "next_after",
+        "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "has_svm", "gif", "cs_base", "retire_at",
@@ -150,6 +150,7 @@ class Cpu:
         self.attn = True
         self.scheduled: list[Scheduled] = []
         self.next_after = _NEVER
+        self.at_rip_scheduled = False  # an event arrives by RIP: every boundary must look
         # Virtualization (see host.py); bare metal leaves these alone.
         self.host: Host | None = None
         self.host_attn = False  # the host watches every boundary (an open window)
@@ -299,6 +300,7 @@ class Cpu:
     def _update_next_after(self) -> None:
         afters = [s.after for s in self.scheduled if s.after is not None]
         self.next_after = min(afters) if afters else _NEVER
+        self.at_rip_scheduled = any(s.at_rip is not None for s in self.scheduled)
         self.attn = True
 
     def nmi_can_be_taken(self) -> bool:
@@ -410,7 +412,7 @@ class Cpu:
             return Stop.HALTED
         self.attn = bool(
             self.pending_dbg or self.nmi_pending or self.apic.irr or self.shadow_prev
-            or self.exec_bps or self.host_attn or any(s.at_rip is not None for s in self.scheduled)
+            or self.exec_bps or self.host_attn or self.at_rip_scheduled
         )
         return None
 

@@ -56,8 +56,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts
     cpu.trace = old.trace
-    cpu.scheduled = old.scheduled  # what is still to arrive from outside
-    cpu.next_after = old.next_after
+    cpu.schedule(old.scheduled)  # what is still to arrive from outside
     cpu.set_host_unmapped(old.host_unmapped)  # the host's memory map belongs to the VM
     cpu.update_breakpoints()
     return cpu
