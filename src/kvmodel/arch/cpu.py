@@ -500,7 +500,7 @@ class Cpu:
     def _record_retire(self, rip: int, insn: Decoded) -> None:
         if self.retire_at is None:
             self.trace.append(Retire(rip, insn.text, self.retired))
-        else:  # a VM entry: before what L2 showed (hw/base.py mark_entry_retire())
+        else:  # a VM entry: before what L2 showed (hw/base.py entry_retired())
             at, retired = self.retire_at
             self.trace.insert(at, Retire(rip, insn.text, retired))
             self.retire_at = None

@@ -9,7 +9,8 @@ state. The L0 hypervisor above registers `on_external` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
@@ -161,11 +162,18 @@ def back_to_l1(cpu: Cpu) -> None:
     cpu.attn = True
 
 
-def mark_entry_retire(cpu: Cpu) -> None:
+@contextmanager
+def entry_retired(cpu: Cpu) -> Iterator[None]:
     """L1's VMRUN/VMLAUNCH/VMRESUME retires as L2's state is loaded, before anything L2 shows
-    (its injected event first): its Retire goes here in the trace, not after the entry."""
+    (its injected event first). The core counts it once the instruction returns, so it is
+    counted here only meanwhile, and its Retire goes here in the trace, not after the entry."""
+    cpu.retired += 1
     if cpu.record_instructions:
         cpu.retire_at = (len(cpu.trace), cpu.retired)
+    try:
+        yield
+    finally:
+        cpu.retired -= 1
 
 
 def _unclaimed(event: External, vector: int) -> None:

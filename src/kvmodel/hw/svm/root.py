@@ -29,7 +29,7 @@ from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, mark_entry_retire
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
@@ -106,14 +106,8 @@ class SvmRoot:
         cpu.regs[RAX] = vmcb.rax
         cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
         cpu.nmi_pending, cpu.nmi_blocked = 0, False
-        # VMRUN has retired once L2's state is loaded, before the injection delivers; the
-        # core counts it after this returns, so it is counted here for the meantime.
-        cpu.retired += 1
-        mark_entry_retire(cpu)
-        try:
+        with entry_retired(cpu):
             self._enter(cpu, guest, vmcb, l1)
-        finally:
-            cpu.retired -= 1
 
     def _enter(self, cpu: Cpu, guest: SvmGuest, vmcb: Vmcb, l1: L1State) -> None:
         try:

@@ -197,7 +197,8 @@ _WIDTH = {Offset.INT_CTL: 4, Offset.INT_VECTOR: 4, Offset.INT_STATE: 4, Offset.E
 _VMRUN_READS = {Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
                 Offset.INT_STATE: "int_state", Offset.EVENT_INJ: "event_inj",
                 Offset.EVENT_INJ_ERR: "event_inj_err", Offset.NEXT_RIP: "next_rip",
-                Offset.CS_BASE: "cs_base", Offset.IDTR_LIMIT: "idtr_limit", Offset.IDTR_BASE: "idtr_base",
+                Offset.CS_BASE: "cs_base", Offset.IDTR_LIMIT: "idtr_limit",
+                Offset.IDTR_BASE: "idtr_base",
                 Offset.EFER: "efer", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
                 Offset.RSP: "rsp", Offset.RAX: "rax"}
 _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",

@@ -22,7 +22,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import RSP
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, mark_entry_retire
+from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
 
@@ -156,24 +156,19 @@ class VmxRoot:
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
-        # VMLAUNCH has retired once L2's state is loaded, before the injection delivers; the
-        # core counts it after this returns, so it is counted here for the meantime.
-        cpu.retired += 1
-        mark_entry_retire(cpu)
-        try:
-            guest.enter()
-        except EntryFailed as failed:
-            self._leave_guest(cpu, l1)
-            self._l2 = None
-            cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
-            self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
-            return
-        except VmExit:
-            self.launched.add(region)  # the entry succeeded; its injection exited
-            self._exit_to_l1(cpu)
-            return
-        finally:
-            cpu.retired -= 1
+        with entry_retired(cpu):
+            try:
+                guest.enter()
+            except EntryFailed as failed:
+                self._leave_guest(cpu, l1)
+                self._l2 = None
+                cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
+                self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
+                return
+            except VmExit:
+                self.launched.add(region)  # the entry succeeded; its injection exited
+                self._exit_to_l1(cpu)
+                return
         self.launched.add(region)
         self._succeed(cpu)
 
