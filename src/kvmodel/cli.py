@@ -19,11 +19,13 @@ from kvmodel import __version__
 from kvmodel.bugs.catalogue import lookup
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
+from kvmodel.check.differential import Verdict, differential, export, show
 from kvmodel.check.explore import Bounds, ExploreResult
 from kvmodel.check.oracle import compare
 from kvmodel.check.replay import read
 from kvmodel.check.schedule import describe
 from kvmodel.errors import KvmodelError
+from kvmodel.export.qemu import find_qemu, qemu_version
 from kvmodel.guest.asm import find_binutils
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.report.explore import explore_dict, print_bugs, print_findings, print_side_by_side, summary_table
@@ -76,7 +78,34 @@ def _parser() -> argparse.ArgumentParser:
                        help="also write a timeline picture (SVG) of the run: bare metal beside "
                             "KVM and its exits, the first divergence marked (one scenario only)")
     _explore_parsers(sub)
+    _bridge_parsers(sub)
     return parser
+
+
+def _bridge_parsers(sub) -> None:
+    ex = sub.add_parser(
+        "export", help="write a scenario as a bootable image for QEMU (multiboot, -kernel)",
+        description="Write the scenario's guest, a boot stub that reproduces the model's CPU at "
+                    "reset and logging stubs on every IDT vector into DIR: kernel.elf, boot.s and "
+                    "run.sh (the QEMU command line; the log goes to debugcon.bin).")
+    ex.add_argument("scenario", metavar="SCENARIO")
+    ex.add_argument("--out", required=True, metavar="DIR")
+    diff = sub.add_parser(
+        "differential", help="run scenarios in QEMU and compare with the bare-metal model",
+        description="Export each scenario, boot it in QEMU and compare what the guest saw "
+                    "(deliveries, port 0xE9 output, how it stopped, final registers, memory) with "
+                    "the bare-metal model. Exit 0: every realizable scenario agrees or differs "
+                    "only where its [[expect.qemu]] says; 1: a disagreement or QEMU failed; "
+                    "2: bad input.")
+    diff.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files or directories")
+    diff.add_argument("--qemu", action="store_true", required=True,
+                      help="the second opinion is QEMU (the only one so far)")
+    diff.add_argument("--accel", choices=["tcg", "kvm"], default="tcg",
+                      help="tcg: QEMU's own CPU; kvm: real KVM on this host's VMX/SVM (/dev/kvm)")
+    diff.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                      help="seconds a scenario may run in QEMU before it is stopped (default 10)")
+    diff.add_argument("--out", metavar="DIR",
+                      help="keep each scenario's image and QEMU log under DIR (default: temporary)")
 
 
 def _explore_parsers(sub) -> None:
@@ -145,6 +174,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return _replay(args, console)
     if args.command == "bugs":
         return _bugs(args, console)
+    if args.command == "export":
+        return _export(args, console)
+    if args.command == "differential":
+        return _differential(args, console)
     if args.svg is not None and len(args.scenarios) > 1:
         raise KvmodelError(f"--svg draws one scenario; {len(args.scenarios)} were given")
     results, errors = [], []
@@ -273,6 +306,37 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
         _write_svg(args.svg, timeline_svg(comparison, note=f"replay {args.replay}: schedule "
                                           f"{describe(replay.schedule)}{bugs}"), console)
     return Exit.OK if comparison.passed else Exit.FAILED
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    image = export(load(args.scenario), Path(args.out))
+    console.print(f"{escape(str(image.kernel))} written; run {escape(str(image.directory / 'run.sh'))}",
+                  highlight=False)
+    return Exit.OK
+
+
+def _differential(args: argparse.Namespace, console: Console) -> int:
+    find_qemu()
+    paths = expand(args.scenarios)
+    counts: dict[Verdict, int] = dict.fromkeys(Verdict, 0)
+    declared = 0
+    with tempfile.TemporaryDirectory(prefix="kvmodel-differential-") as tmp:
+        root = Path(args.out or tmp)
+        for n, path in enumerate(paths):
+            result = differential(load(path), root / f"{n:03d}-{path.stem}", accel=args.accel,
+                                  timeout=args.timeout)
+            counts[result.verdict] += 1
+            declared += result.verdict is Verdict.AGREE and bool(result.declared)
+            for line in show(result):
+                console.print(escape(line), highlight=False)
+    realizable = len(paths) - counts[Verdict.NOT_REALIZABLE]
+    console.print(f"{len(paths)} scenarios exported for QEMU ({args.accel}, {qemu_version()}): "
+                  f"{realizable} realizable, {counts[Verdict.AGREE]} agree ({declared} of them "
+                  f"with declared QEMU differences), {counts[Verdict.DISAGREE]} disagree, "
+                  f"{counts[Verdict.QEMU_FAILED]} QEMU failed, "
+                  f"{counts[Verdict.NOT_REALIZABLE]} not realizable")
+    failed = counts[Verdict.DISAGREE] + counts[Verdict.QEMU_FAILED]
+    return Exit.FAILED if failed else Exit.OK
 
 
 def _bugs(args: argparse.Namespace, console: Console) -> int:

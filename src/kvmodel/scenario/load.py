@@ -31,6 +31,7 @@ from kvmodel.scenario.schema import (
     HostHappening,
     KnownDivergence,
     KnownFinding,
+    QemuDifference,
     Scenario,
 )  # fmt: skip
 
@@ -153,6 +154,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         final=_final(ctx, data.get("expect", {}), mode),
         memory=_memory_expect(ctx, data.get("expect", {})),
         divergences=_divergences(ctx, data.get("expect", {})),
+        qemu=_qemu_differences(ctx, data.get("expect", {})),
         stats=_stats_expect(ctx, data.get("expect", {})),
         kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
         explore=_explore(ctx, data),
@@ -524,10 +526,36 @@ def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
     return tuple(out)
 
 
+def _qemu_differences(ctx: _Ctx, expect: Any) -> tuple[QemuDifference, ...]:
+    items = _expect(ctx, expect).get("qemu", [])
+    t = "expect.qemu"
+    if not isinstance(items, list):
+        raise ctx.error("write [[expect.qemu]] (an array of tables)", None, "expect")
+    out = []
+    for n, d in enumerate(items):
+        if not isinstance(d, dict):
+            raise ctx.error("write [[expect.qemu]] (an array of tables)", None, "expect")
+        ctx.keys(d, ("accel", "entry", "why"), t, n)
+        accels = _choice(ctx, d, "accel", {"tcg": ("tcg",), "kvm": ("kvm",),
+                                           "any": ("tcg", "kvm")}, t, index=n)
+        entry = d.get("entry")
+        if entry == "final":
+            entry = 0
+        if not isinstance(entry, int) or isinstance(entry, bool) or entry < 0:
+            raise ctx.error("entry = N (1-based, among deliveries and port output) or \"final\"",
+                            t, "entry", n)
+        why = d.get("why")
+        if not isinstance(why, str) or not why.strip():
+            raise ctx.error("a QEMU difference needs why = \"...\" (QEMU's source and the SDM rule)",
+                            t, "why", n)
+        out.append(QemuDifference(accels, entry, why, ctx.line(t, None, n)))
+    return tuple(out)
+
+
 def _expect(ctx: _Ctx, expect: Any) -> dict:
     if not isinstance(expect, dict):
         raise ctx.error("expect must be a table", None, "expect")
-    ctx.keys(expect, ("delivery", "final", "memory", "divergence", "stats"), "expect")
+    ctx.keys(expect, ("delivery", "final", "memory", "divergence", "stats", "qemu"), "expect")
     return expect
 
 

@@ -103,6 +103,20 @@ class ExpectedDelivery:
 
 
 @dataclass(frozen=True, slots=True)
+class QemuDifference:
+    """A difference QEMU is known to show from the bare-metal model, QEMU being wrong.
+
+    `kvmodel differential` accepts it instead of reporting a disagreement; one
+    that does not show (QEMU got fixed) is reported as a note.
+    """
+
+    accels: tuple[str, ...]  # "tcg", "kvm"
+    entry: int  # 1-based position among deliveries and port output; 0 for the final state
+    why: str  # the QEMU source (file, function, fixing commit) and the SDM rule
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class KnownDivergence:
     """A difference from bare metal the hypervisor is known to show, and why.
 
@@ -166,3 +180,4 @@ class Scenario:
     vmx: bool = False  # the CPU may enter VMX operation: the guest is an L1 hypervisor
     svm: bool = False  # the CPU has SVM (EFER.SVME can be set): the guest is an L1 hypervisor
     cs_base: int = 0  # the code segment's base (protected32): labels are offsets in it
+    qemu: tuple[QemuDifference, ...] = ()  # known QEMU inaccuracies ([[expect.qemu]])

@@ -1,0 +1,345 @@
+"""The boot stub and the logging stubs of an exported scenario, as GNU as text.
+
+QEMU's multiboot loader (`-kernel`) enters `kv_start` in flat 32-bit protected
+mode with paging off (Multiboot specification 0.6.96, 3.2 "Machine state").
+The stub then reproduces the model's CPU at reset (`reset.py`):
+
+- guest memory 0 .. memory_size is copied from the image byte for byte, so the
+  guest's code, data, IDT and TSS are where the model has them;
+- paging as the model's CR0/CR4/EFER say (4-level in long mode, 32-bit paging
+  otherwise), identity-mapped, with the scenario's not-present pages absent;
+- a GDT with the model's selectors (CODE_SELECTOR with CS.base, DATA_SELECTOR),
+  the IDTR limit and the TSS for IST stacks, DR0-DR7, every general register,
+  RFLAGS and RIP, loaded last by IRETQ (long mode) or a far jump (32-bit).
+
+Observation: IDTR points at a copy of the guest's IDT in which every present
+gate enters a logging stub instead of the handler (`kv_vec_N`). The stub saves
+what it touches in memory of its own (never on the guest's stack), switches
+DR7 off while it reads the frame, writes one record to the debug port and
+jumps to the guest's handler with every register, flag and the stack as the
+delivery left them. It uses only MOV, OUT and JMP: none changes RFLAGS.
+
+Record on port 0xE9: MAGIC, b"D", the vector, then RSP, DR6, CR2 and six stack
+words from RSP up, each a little-endian word of the mode's width.
+"""
+
+from __future__ import annotations
+
+from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, Mode
+from kvmodel.export.reset import PAGE, ResetState
+
+STUB_BASE = 0x1000000  # 16 MiB: above any guest memory the scenarios may ask for
+MAGIC = b"\xfeKV"
+DELIVERY = b"D"
+NO_X2APIC = b"N"  # the CPU offers no x2APIC: the model's APIC is not there
+FRAME_WORDS = 6  # stack words logged per delivery: the longest frame (SDM 6.14.2)
+SLOTS = 3 + FRAME_WORDS  # RSP, DR6, CR2, frame words
+DEBUG_PORT = 0xE9
+STUB_CODE32 = 0x20  # a flat code selector for the stub's own 32-bit code
+TSS_SELECTOR = 0x18
+MULTIBOOT_MAGIC = 0x1BADB002  # Multiboot 0.6.96, 3.1.2
+
+
+def boot_source(state: ResetState) -> str:
+    """The whole stub: multiboot header, boot code, logging stubs, tables, the guest's memory."""
+    parts = [_header(), _boot32(state)]
+    parts.append(_enter_long(state) if state.mode is Mode.LONG64 else _enter_protected(state))
+    parts += [_logger(state), _tables(state), _data(state)]
+    return "\n".join(parts) + "\n"
+
+
+def _header() -> str:
+    return f"""\
+.section .multiboot, "a"
+.balign 4
+.long {MULTIBOOT_MAGIC:#x}, 0, {-MULTIBOOT_MAGIC & 0xFFFFFFFF:#x}
+.text
+"""
+
+
+def _boot32(state: ResetState) -> str:
+    """Common to both modes: legacy IRQs off, guest memory in place, the GDT loaded."""
+    return f"""\
+.code32
+.globl kv_start
+kv_start:
+    cli
+    cld
+    mov $0xff, %al              # mask both 8259s: no legacy IRQ (PIT) reaches the guest
+    out %al, $0x21
+    out %al, $0xa1
+    mov $kv_memory, %esi
+    xor %edi, %edi
+    mov ${len(state.memory)}, %ecx
+    rep movsb
+{_patch_idt(state)}
+    lgdt kv_gdtr
+"""
+
+
+def _enter_long(state: ResetState) -> str:
+    regs = [f"    movabs ${value:#x}, %{name}" for name, value in
+            zip(_GPR64, state.regs, strict=True) if name != "rsp"]
+    return f"""\
+    mov $kv_pml4, %eax
+    mov %eax, %cr3
+    mov ${state.cr4:#x}, %eax
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx       # IA32_EFER: LME (LMA follows with CR0.PG)
+    mov ${state.efer & ~0x400:#x}, %eax
+    xor %edx, %edx
+    wrmsr
+    mov ${state.cr0:#x}, %eax
+    mov %eax, %cr0
+    ljmp ${CODE_SELECTOR:#x}, $kv_long
+.code64
+kv_long:
+    mov ${DATA_SELECTOR:#x}, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %fs
+    mov %eax, %gs
+    mov %eax, %ss
+    lidt kv_idtr
+    mov ${TSS_SELECTOR:#x}, %eax
+    ltr %ax
+{_x2apic()}
+{_debug_registers(state)}
+    mov $kv_boot_stack_top, %rsp
+    pushq ${DATA_SELECTOR:#x}
+    movabs ${state.regs[4]:#x}, %rax
+    push %rax
+    movabs ${state.rflags:#x}, %rax
+    push %rax
+    pushq ${CODE_SELECTOR:#x}
+    movabs ${state.rip:#x}, %rax
+    push %rax
+{chr(10).join(regs)}
+    iretq                       # RSP, RFLAGS (TF, IF) and RIP at once, as at the model's reset
+"""
+
+
+def _enter_protected(state: ResetState) -> str:
+    regs = [f"    mov ${value:#x}, %{name}" for name, value in zip(_GPR32, state.regs, strict=True)
+            if name != "esp"]
+    return f"""\
+    mov $kv_pd, %eax
+    mov %eax, %cr3
+    mov ${state.cr4:#x}, %eax
+    mov %eax, %cr4
+    mov ${state.cr0:#x}, %eax
+    mov %eax, %cr0
+    ljmp ${STUB_CODE32:#x}, $kv_protected
+kv_protected:
+    mov ${DATA_SELECTOR:#x}, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %fs
+    mov %eax, %gs
+    mov %eax, %ss
+    lidt kv_idtr
+{_x2apic()}
+{_debug_registers(state)}
+    mov $kv_boot_stack_top, %esp
+    pushl ${state.rflags:#x}
+    popf                        # TF is clear (export refuses it): no trap on the way in
+{chr(10).join(regs)}
+    mov ${state.regs[4]:#x}, %esp
+    ljmp ${CODE_SELECTOR:#x}, ${state.rip:#x}
+"""
+
+
+def _x2apic() -> str:
+    """The model's local APIC starts enabled in x2APIC mode (arch/apic.py); SDM 10.12.1."""
+    return f"""\
+    mov $1, %eax
+    cpuid
+    bt $21, %ecx                # CPUID.01H:ECX.x2APIC
+    jc 1f
+{_record(NO_X2APIC)}
+    jmp 2f
+1:  mov $0x1b, %ecx             # IA32_APIC_BASE: EN | EXTD
+    rdmsr
+    or $0xc00, %eax
+    wrmsr
+2:"""
+
+
+def _record(kind: bytes) -> str:
+    """Start a record on the debug port: MAGIC and its kind (leaves DX at the port)."""
+    lines = [f"    mov ${DEBUG_PORT:#x}, %edx"]
+    for byte in MAGIC + kind:
+        lines += [f"    mov ${byte:#x}, %al", "    out %al, %dx"]
+    return "\n".join(lines)
+
+
+def _debug_registers(state: ResetState) -> str:
+    lines = []
+    for n, value in [*enumerate(state.dr), (6, state.dr6), (7, state.dr7)]:
+        if state.mode is Mode.LONG64:
+            lines += [f"    movabs ${value:#x}, %rax", f"    mov %rax, %dr{n}"]
+        else:
+            lines += [f"    mov ${value:#x}, %eax", f"    mov %eax, %dr{n}"]
+    return "\n".join(lines)
+
+
+def _logger(state: ResetState) -> str:
+    """One entry per present gate, then the shared logging routine (no flag is changed)."""
+    if state.mode is Mode.LONG64:
+        ax, dx, sp, size, jump_table = "%rax", "%rdx", "%rsp", 8, "kv_handlers(,%rax,8)"
+    else:
+        ax, dx, sp, size, jump_table = "%eax", "%edx", "%esp", 4, "kv_handlers(,%eax,4)"
+    out = []
+    for gate in state.gates:
+        out += [f"kv_vec_{gate.vector}:", f"    mov {ax}, kv_save_ax",
+                f"    mov ${gate.vector}, %eax", "    jmp kv_log"]
+    out += [
+        "kv_log:",
+        "    mov %eax, kv_vector",
+        f"    mov {dx}, kv_save_dx",
+        f"    mov %dr7, {ax}",
+        f"    mov {ax}, kv_save_dr7",
+        "    mov $0x400, %eax            # DR7 at reset: the logger's reads hit no breakpoint",
+        f"    mov {ax}, %dr7",
+        f"    mov {sp}, {ax}",
+        f"    mov {ax}, kv_slots",
+        f"    mov %dr6, {ax}",
+        f"    mov {ax}, kv_slots+{size}",
+        f"    mov %cr2, {ax}",
+        f"    mov {ax}, kv_slots+{2 * size}",
+    ]
+    for k in range(FRAME_WORDS):
+        out += [f"    mov {k * size}({sp}), {ax}", f"    mov {ax}, kv_slots+{(3 + k) * size}"]
+    out.append(_record(DELIVERY))
+    out += ["    mov kv_vector, %al", "    out %al, %dx"]
+    for k in range(SLOTS * size):
+        out += [f"    mov kv_slots+{k}, %al", "    out %al, %dx"]
+    out += [
+        "    mov kv_vector, %eax",
+        f"    mov {jump_table}, {ax}",
+        f"    mov {ax}, kv_target",
+        f"    mov kv_save_dr7, {ax}",
+        f"    mov {ax}, %dr7",
+        f"    mov kv_save_dx, {dx}",
+        f"    mov kv_save_ax, {ax}",
+        "    jmp *kv_target",
+    ]
+    return "\n".join(out)
+
+
+def _tables(state: ResetState) -> str:
+    """GDT, the logging copy of the IDT, the handlers' addresses and the page tables."""
+    word = ".quad" if state.mode is Mode.LONG64 else ".long"
+    handlers = {g.vector: g.handler for g in state.gates}
+    lines = [".data", ".balign 16", "kv_gdt:", *_gdt(state), "kv_gdt_end:",
+             "kv_gdtr:", "    .word kv_gdt_end - kv_gdt - 1", "    .quad kv_gdt",
+             ".balign 16", "kv_idtr:", f"    .word {state.idtr_limit:#x}", "    .quad kv_idt",
+             ".balign 16", "kv_handlers:"]
+    lines += [f"    {word} {handlers.get(v, 0):#x}" for v in range(256)]
+    lines += [".balign 16", "kv_idt:", *_logging_idt(state)]
+    lines += [".balign 4096", *_page_tables(state)]
+    return "\n".join(lines)
+
+
+def _gdt(state: ResetState) -> list[str]:
+    """Flat descriptors at the model's selectors (SDM 3.4.5, 7.2.3 for the 64-bit TSS)."""
+    long = state.mode is Mode.LONG64
+    code = _segment(state.cs_base, 0xFFFFF if not long else 0, 0x9B, 0xA if long else 0xC)
+    data = _segment(0, 0xFFFFF, 0x93, 0xC)
+    stub = _segment(0, 0xFFFFF, 0x9B, 0xC)
+    tss_low = _segment(state.tr_base, 0x67, 0x89, 0)
+    if long:
+        return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}"]
+    return [f"    .quad 0, {code:#x}, {data:#x}, 0, {stub:#x}"]
+
+
+def _segment(base: int, limit: int, access: int, flags: int) -> int:
+    """An 8-byte segment descriptor (SDM 3.4.5 Figure 3-8)."""
+    return ((limit & 0xFFFF) | (base & 0xFFFFFF) << 16 | access << 40
+            | ((limit >> 16) & 0xF) << 48 | flags << 52 | ((base >> 24) & 0xFF) << 56)
+
+
+def _logging_idt(state: ResetState) -> list[str]:
+    """The guest's IDT bytes as they are in memory; `_patch_idt()` redirects the gates at boot."""
+    size = 16 if state.mode is Mode.LONG64 else 8
+    count = min(256, (state.idtr_limit + size) // size)
+    raw = state.memory[state.idtr_base:state.idtr_base + count * size].ljust(count * size, b"\0")
+    return [f"    .quad {int.from_bytes(raw[i:i + 8], 'little'):#x}" for i in range(0, len(raw), 8)]
+
+
+def _patch_idt(state: ResetState) -> str:
+    """Each present gate's offset becomes its logging entry, relative to CS.base (SDM 6.14.1)."""
+    size = 16 if state.mode is Mode.LONG64 else 8
+    lines = []
+    for gate in state.gates:
+        at = f"kv_idt + {gate.vector * size}"
+        lines += [f"    mov $kv_vec_{gate.vector} - {state.cs_base:#x}, %eax",
+                  f"    mov %ax, {at}", "    shr $16, %eax", f"    mov %ax, {at} + 6"]
+        if size == 16:
+            lines.append(f"    movl $0, {at} + 8")
+    return "\n".join(lines)
+
+
+def _page_tables(state: ResetState) -> list[str]:
+    holes = state.not_present
+    if state.mode is Mode.LONG64:
+        return _paging_long(holes)
+    return _paging_32(holes)
+
+
+def _paging_long(holes: frozenset[int]) -> list[str]:
+    """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent."""
+    split = sorted({page >> 9 for page in holes if page < 1 << 18})
+    lines = ["kv_pml4:", "    .quad kv_pdpt + 3", "    .fill 511, 8, 0",
+             "kv_pdpt:", "    .quad kv_pd + 3", "    .fill 511, 8, 0", "kv_pd:"]
+    for region in range(512):
+        if region in split:
+            lines.append(f"    .quad kv_pt{region} + 3")
+        else:
+            lines.append(f"    .quad {(region << 21) | 0x83:#x}")
+    for region in split:
+        lines.append(f"kv_pt{region}:")
+        lines += [f"    .quad {_pte(page, holes):#x}" for page in range(region << 9,
+                                                                       (region + 1) << 9)]
+    return lines
+
+
+def _paging_32(holes: frozenset[int]) -> list[str]:
+    """32-bit paging without PSE (the model's CR4 is 0): 4 KiB pages up to 32 MiB."""
+    tables = (STUB_BASE * 2) >> 22
+    lines = ["kv_pd:"]
+    lines += [f"    .long kv_pt{t} + 3" for t in range(tables)]
+    lines.append(f"    .fill {1024 - tables}, 4, 0")
+    for t in range(tables):
+        lines.append(f"kv_pt{t}:")
+        lines += [f"    .long {_pte(page, holes):#x}" for page in range(t << 10, (t + 1) << 10)]
+    return lines
+
+
+def _pte(page: int, holes: frozenset[int]) -> int:
+    return 0 if page in holes else page * PAGE | 3
+
+
+def _data(state: ResetState) -> str:
+    size = state.word
+    return f"""\
+.balign 16
+kv_memory:
+    .incbin "memory.bin"
+.bss
+.balign 16
+kv_save_ax: .skip {size}
+kv_save_dx: .skip {size}
+kv_save_dr7: .skip {size}
+kv_target: .skip {size}
+kv_vector: .skip 4
+kv_slots: .skip {SLOTS * size}
+.balign 16
+kv_boot_stack: .skip 256
+kv_boot_stack_top:
+"""
+
+
+_GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
+_GPR32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")

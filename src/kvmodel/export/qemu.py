@@ -1,0 +1,212 @@
+"""Run an exported image in QEMU and read what the guest showed.
+
+QEMU is driven through QMP (docs/interop/qmp-spec): the run ends when the
+guest has halted with nothing to wake it (`info registers` says HLT=1 and the
+log has stopped growing), when a triple fault shut it down (`-no-reboot
+-no-shutdown` leaves the VM in state "shutdown" with its registers), or at the
+time limit. Registers come from `info registers`, memory from `pmemsave`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from kvmodel.arch.regs import Mode
+from kvmodel.errors import ToolMissing
+from kvmodel.export.boot import DELIVERY, FRAME_WORDS, MAGIC, NO_X2APIC
+from kvmodel.export.image import LOG, QMP, qemu_command
+
+QEMU = "qemu-system-x86_64"
+INSTALL_HINT = (
+    "install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86; Fedora: dnf install qemu-system-x86)")
+LOG_LIMIT = 1 << 20  # a delivery storm is cut here: the comparison needs its start only
+_REGISTER = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=\s*([0-9a-fA-F]+)\b")
+
+
+class QemuStop(Enum):
+    HALTED = "halted"
+    SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"  # still running at the time limit (a loop or an event storm)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedDelivery:
+    """One delivery as the logging stub saw it at the gate's entry."""
+
+    vector: int
+    rsp: int
+    dr6: int
+    cr2: int
+    stack: tuple[int, ...]  # FRAME_WORDS words from RSP up
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOutput:
+    value: int  # a byte the guest wrote to port 0xE9
+
+
+@dataclass(frozen=True, slots=True)
+class QemuRun:
+    stop: QemuStop
+    events: tuple[LoggedDelivery | LoggedOutput, ...]
+    registers: dict[str, int]
+    memory: bytes
+    x2apic: bool
+    version: str
+
+
+def find_qemu() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise ToolMissing(f"{QEMU} not found on PATH: {INSTALL_HINT}")
+    return path
+
+
+def qemu_version() -> str:
+    out = subprocess.run([find_qemu(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tcg",
+              timeout: float = 10.0) -> QemuRun:
+    """Boot the image in `directory` and collect the log, the registers and the memory."""
+    find_qemu()
+    for stale in (directory / LOG, directory / QMP):
+        stale.unlink(missing_ok=True)
+    process = subprocess.Popen(qemu_command(directory, accel), cwd=directory,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    dump = directory / "memory.after"
+    try:
+        qmp = _Qmp(directory / QMP, process)
+        stop = _wait_for_stop(qmp, directory / LOG, timeout)
+        qmp.command("stop")
+        registers = _parse_registers(qmp.hmp("info registers"))
+        qmp.command("pmemsave", val=0, size=memory_size, filename=str(dump))
+        qmp.command("quit")
+        process.wait(timeout=10)
+    except (OSError, RuntimeError) as e:
+        raise QemuFailed(_failure(process, e)) from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    word = 8 if mode is Mode.LONG64 else 4
+    events, x2apic = parse_log((directory / LOG).read_bytes(), word)
+    return QemuRun(stop, events, registers, dump.read_bytes(), x2apic, qemu_version())
+
+
+class QemuFailed(Exception):
+    """QEMU itself stopped working (it crashed or refused the image): no trace to compare."""
+
+
+def _failure(process: subprocess.Popen, error: Exception) -> str:
+    try:
+        status = process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return f"QEMU stopped answering its monitor ({error})"
+    stderr = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+    how = f"signal {-status}" if status < 0 else f"status {status}"
+    return f"QEMU exited with {how}" + (f": {stderr.splitlines()[-1]}" if stderr else "")
+
+
+def parse_log(data: bytes, word: int) -> tuple[tuple[LoggedDelivery | LoggedOutput, ...], bool]:
+    """Records and the guest's own bytes, in order; a record cut off at the end is dropped."""
+    events: list[LoggedDelivery | LoggedOutput] = []
+    x2apic = True
+    at = 0
+    size = len(MAGIC) + 2 + (3 + FRAME_WORDS) * word
+    while at < len(data):
+        if not data.startswith(MAGIC, at):
+            events.append(LoggedOutput(data[at]))
+            at += 1
+            continue
+        kind = data[at + len(MAGIC):at + len(MAGIC) + 1]
+        if kind == NO_X2APIC:
+            x2apic = False
+            at += len(MAGIC) + 1
+            continue
+        if kind != DELIVERY or at + size > len(data):
+            break
+        body = data[at + len(MAGIC) + 2:at + size]
+        words = [int.from_bytes(body[i:i + word], "little") for i in range(0, len(body), word)]
+        events.append(LoggedDelivery(data[at + len(MAGIC) + 1], words[0], words[1], words[2],
+                                     tuple(words[3:])))
+        at += size
+    return tuple(events), x2apic
+
+
+def _wait_for_stop(qmp: _Qmp, log: Path, timeout: float) -> QemuStop:
+    deadline = time.monotonic() + timeout
+    halted_since = None
+    while time.monotonic() < deadline:
+        if qmp.command("query-status")["status"] == "shutdown":
+            return QemuStop.SHUTDOWN
+        size = log.stat().st_size if log.exists() else 0
+        if size > LOG_LIMIT:
+            return QemuStop.TIMEOUT
+        halted = _parse_registers(qmp.hmp("info registers")).get("HLT") == 1
+        if not halted:
+            halted_since = None
+        elif halted_since is None or halted_since[1] != size:
+            halted_since = (time.monotonic(), size)
+        elif time.monotonic() - halted_since[0] > 0.2:
+            return QemuStop.HALTED
+        time.sleep(0.02)
+    return QemuStop.TIMEOUT
+
+
+def _parse_registers(text: str) -> dict[str, int]:
+    """`info registers`: "RAX=..." pairs; a segment line's first number is its selector."""
+    registers: dict[str, int] = {}
+    for name, value in _REGISTER.findall(text):
+        registers.setdefault(name, int(value, 16))
+    return registers
+
+
+class _Qmp:
+    """A minimal QMP client: one command at a time, events skipped."""
+
+    def __init__(self, path: Path, process: subprocess.Popen):
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("QEMU did not open its monitor") from None
+                time.sleep(0.02)
+        self.file = self.sock.makefile("rwb")
+        self._read()  # greeting
+        self.command("qmp_capabilities")
+
+    def command(self, name: str, **arguments) -> dict:
+        message = {"execute": name} | ({"arguments": arguments} if arguments else {})
+        self.file.write(json.dumps(message).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error'].get('desc')}")
+
+    def hmp(self, line: str) -> str:
+        return self.command("human-monitor-command", **{"command-line": line})
+
+    def _read(self) -> dict:
+        line = self.file.readline()
+        if not line:
+            raise RuntimeError("QEMU closed its monitor")
+        return json.loads(line)
