@@ -93,7 +93,7 @@ def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
     declared = {d.entry: d for d in scenario.qemu if accel in d.accels}
     accepted = []
     first = None
-    for difference in differences(model, qemu, _StubMap(image, state)):
+    for difference in differences(model, qemu, _StubMap(image, state), frozenset(declared)):
         if difference.entry not in declared:
             first = difference
             break
@@ -158,11 +158,14 @@ class _StubMap:
         return self.entries.get(value, value)
 
 
-def differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Iterator[Difference]:
+def differences(model: RunResult, qemu: QemuRun, stub: _StubMap,
+                declared: frozenset[int] = frozenset()) -> Iterator[Difference]:
     """Every difference, entry by entry, then the stop, the final registers and memory.
 
     After a difference that breaks the pairing of entries (a delivery missing or
-    of another vector), the entries after it are not compared.
+    of another vector), the entries after it are not compared. The frames of
+    the `declared` entries are left out of the memory comparison: their
+    difference is already accounted for.
     """
     seen = [o for o in model.trace if isinstance(o, Delivery | Output)]
     stopped = _STOPS.get(model.final.stop if model.final else "", QemuStop.TIMEOUT)
@@ -185,7 +188,8 @@ def differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Iterator[Dif
     if stopped is QemuStop.HALTED and qemu.stop is QemuStop.HALTED:
         yield from _final_differences(model, qemu, stub)
     if stopped is qemu.stop and stopped is not QemuStop.TIMEOUT:
-        yield from _memory_difference(model, qemu)
+        frames = [seen[e - 1] for e in declared if 0 < e <= len(seen)]
+        yield from _memory_difference(model, qemu, [f for f in frames if isinstance(f, Delivery)])
 
 
 def _event_difference(index: int, want: Delivery | Output, got, stub: _StubMap) -> Difference | None:
@@ -218,7 +222,8 @@ def _final_differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Itera
     want = dict(final.registers) | {"rip": final.rip, "rflags": final.rflags, "cr2": final.cr2,
                                      "dr6": final.dr6, "dr7": final.dr7}
     qemu_names = {n: n.upper() for n in names} | {
-        "rip": "RIP" if long else "EIP", "rflags": "RFL", "cr2": "CR2", "dr6": "DR6", "dr7": "DR7"}
+        "rip": "RIP" if long else "EIP", "rflags": "RFL" if long else "EFL", "cr2": "CR2",
+        "dr6": "DR6", "dr7": "DR7"}
     mask = (1 << (64 if long else 32)) - 1
     for name, value in want.items():
         got = qemu.registers.get(qemu_names[name])
@@ -229,8 +234,13 @@ def _final_differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Itera
             yield Difference(FINAL, name, f"{value:#x}", f"{got:#x}")
 
 
-def _memory_difference(model: RunResult, qemu: QemuRun) -> Iterator[Difference]:
-    mine, theirs = bytes(model.memory), qemu.memory
+def _memory_difference(model: RunResult, qemu: QemuRun,
+                       excused: list[Delivery]) -> Iterator[Difference]:
+    mine, theirs = bytearray(model.memory), bytearray(qemu.memory)
+    word = 8 if model.scenario.mode is Mode.LONG64 else 4
+    for d in excused:
+        size = len(d.frame) * word
+        theirs[d.rsp:d.rsp + size] = mine[d.rsp:d.rsp + size]
     if mine == theirs:
         return
     at = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
