@@ -66,7 +66,8 @@ def build_image(state: ResetState, out: Path) -> Image:
 
 def qemu_command(directory: Path, accel: str, *, qmp: bool = True) -> list[str]:
     """The QEMU command line: no devices but the debug port, no reboot on a triple fault."""
-    argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", accel, "-cpu", "max", "-m", "64M",
+    cpu = "max" if accel == "tcg" else "host"  # all TCG offers; the real CPU under KVM
+    argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", accel, "-cpu", cpu, "-m", "64M",
             "-nodefaults", "-display", "none", "-no-reboot", "-no-shutdown",
             "-kernel", KERNEL,
             "-chardev", f"file,id=kvlog,path={LOG}",
