@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvmodel import __version__
+from kvmodel import __version__, _faults
 from kvmodel.bugs.catalogue import lookup
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
                             "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
                             "(default: the scenario's [cpu] vendor, else bare)")
+    run_p.add_argument("--bug", action="append", default=[], metavar="NAME",
+                       help="switch on a catalogued bug (kvmodel bugs list); repeatable")
     run_p.add_argument("--svg", metavar="FILE",
                        help="also write a timeline picture (SVG) of the run: bare metal beside "
                             "KVM and its exits, the first divergence marked (one scenario only)")
@@ -147,6 +149,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return _bugs(args, console)
     if args.svg is not None and len(args.scenarios) > 1:
         raise KvmodelError(f"--svg draws one scenario; {len(args.scenarios)} were given")
+    for name in args.bug:
+        lookup(name)
+    with _faults.switched_on(frozenset(args.bug)):
+        return _run_scenarios(args, console)
+
+
+def _run_scenarios(args: argparse.Namespace, console: Console) -> int:
     results, errors = [], []
     worst = Exit.OK
     for path in args.scenarios:

@@ -219,3 +219,56 @@ def test_explore_every_shipped_scenario_on_both_vendors(tmp_path, capsys):
     code = main(["explore", "--vendor", "both", "--workers", "2", "--out", str(tmp_path),
                  str(ARCH.parent)])
     assert code == Exit.OK, capsys.readouterr().out
+
+
+NOTIFY = ARCH.parent / "notify" / "db_storm_notify_exits.toml"
+
+
+def test_run_ending_in_a_hypervisor_error_says_what_kvm_returned_and_after_which_exit(capsys):
+    # With notify_kills_guest, handle_notify() returns KVM_EXIT_INTERNAL_ERROR at the first
+    # notify exit: the VMM cannot resume, so the run has no final state to print.
+    code = main(["run", "--vendor", "vmx", "--bug", "notify_kills_guest", str(NOTIFY)])
+    out = capsys.readouterr().out
+    assert code == Exit.FAILED, out
+    assert ("HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: "
+            "KVM_INTERNAL_ERROR_NO_EVENT_WINDOW") in out
+    assert re.search(r"after VM exit NOTIFY at db_handler, 5 retired \(info - idt_vectoring "
+                     r"vector 1 hw_exception\)", out)
+    assert "the VMM cannot resume the guest: no final state" in out
+    assert out.count("HYPERVISOR ERROR") == 1
+    assert "FAIL KVM gave up where bare metal went on (stop: budget)" in out
+    assert main(["run", "--json", "--vendor", "vmx", "--bug", "notify_kills_guest",
+                 str(NOTIFY)]) == Exit.FAILED
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["results"][0]["comparison"]["hypervisor_error"] == (
+        "KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: KVM_INTERNAL_ERROR_NO_EVENT_WINDOW")
+
+
+def test_replay_of_a_hypervisor_error_prints_it(tmp_path, capsys):
+    assert main(["explore", "--vendor", "vmx", "--bug", "notify_kills_guest", "--max-host", "0",
+                 "--max-async", "0", "--out", str(tmp_path), str(NOTIFY)]) == Exit.FAILED
+    capsys.readouterr()
+    replay, = tmp_path.glob("*hypervisor_error*.json")
+    assert main(["replay", str(replay)]) == Exit.FAILED
+    out = capsys.readouterr().out
+    assert "HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR" in out
+    assert "side by side" in out
+
+
+def test_run_with_an_unknown_ghcb_request_prints_the_error_under_kvm(tmp_path, capsys):
+    # Bare metal stops at a model limit (the GHCB request is not modelled) and KVM answers
+    # it with KVM_EXIT_INTERNAL_ERROR: bad input, and both said plainly.
+    source = ARCH.parent / "sev_es" / "nmi_complete_unmasks_at_once.toml"
+    text = source.read_text().replace("    NMI_COMPLETE ghcb ",
+                                      "    movl $0x72, ghcb+0x390(%rip)\n"
+                                      "    .byte 0xf3, 0x0f, 0x01, 0xd9 ")
+    assert text != source.read_text()
+    copy = tmp_path / "ghcb.toml"
+    copy.write_text(text)
+    assert main(["run", "--vendor", "svm", str(copy)]) == Exit.BAD_INPUT
+    out = capsys.readouterr().out
+    assert re.search(r"HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: GHCB request "
+                     r"0x72 not modelled\s+after VM exit VMGEXIT at after_complete", out)
+    assert re.search(r"MODEL LIMIT on bare metal: GHCB request 0x72 is not modelled at 0x[0-9a-f]+: "
+                     r"nothing to compare with", out)
+    assert "SAME AS BARE METAL" not in out

@@ -127,6 +127,9 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     if result.limit is not None:
         console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
         return
+    if result.hypervisor_error is not None:
+        _print_hypervisor_error(console, result)
+        return
     final = result.final
     regs = " ".join(f"{n}={v:#x}" for n, v in final.registers if v)
     console.print(f"  [dim]stop: {final.stop} after {final.retired} retired; rip="
@@ -138,6 +141,17 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     for m in result.mismatches:
         console.print(f"  {label} {escape(s.path)}:{m.line}: {escape(m.message)}",
                       highlight=False)
+
+
+def _print_hypervisor_error(console: Console, result: RunResult) -> None:
+    """KVM_RUN returned an error exit (failed entry, internal error): what it returned, and the
+    VM exit KVM was handling (or had handled, for a failed entry) when it gave up."""
+    console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(result.hypervisor_error)}")
+    last = next((o for o in reversed(result.trace) if isinstance(o, ExitRecord)), None)
+    if last is not None:
+        console.print(f"    after VM exit {last.reason} at {escape(result.program.where(last.rip))}, "
+                      f"{last.retired} retired ({escape(last.detail)})", highlight=False)
+    console.print("    the VMM cannot resume the guest: no final state")
 
 
 def print_comparison(console: Console, comparison: Comparison) -> None:
@@ -153,12 +167,16 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
         f"vCPU {n}: " + ", ".join(f"{k}={v}" for k, v in _stats(st).items() if v)
         for n, st in enumerate(virt.stats))
     console.print(f"  [dim]KVM stats: {escape(stats)}[/]")
-    if virt.hypervisor_error is not None:
-        console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(virt.hypervisor_error)}")
     for warning in virt.warnings:
         console.print(f"  [bold red]KVM WARN[/] {escape(warning)}")
     d = comparison.divergence
-    if d is None:
+    if bare.limit is not None:
+        console.print(f"  [bold red]MODEL LIMIT[/] on bare metal: {escape(bare.limit)}: "
+                      "nothing to compare with")
+    elif d is None and virt.hypervisor_error is not None:
+        console.print(f"  [bold red]FAIL[/] KVM gave up where bare metal went on (stop: "
+                      f"{bare.final.stop}); up to then the guest-observable trace matches")
+    elif d is None:
         console.print(f"  [bold green]SAME AS BARE METAL[/] the guest-observable trace and final "
                       f"state match ({len(virt.trace)} trace entries)")
     else:

@@ -361,7 +361,7 @@ def _stop_of(vcpu: Vcpu, outcome) -> tuple[str | None, str | None]:
                else "notify-vmexit=internal-error")
         cpu.trace.append(VmmStop("KVM_EXIT_NOTIFY", outcome.flags, cpu.retired, why))
         return "vmm", None
-    return None, f"KVM_RUN exit {outcome.reason.name}: {outcome.detail}"
+    return None, f"KVM_RUN returned KVM_EXIT_{outcome.reason.name}: {outcome.detail}"
 
 
 def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:
