@@ -88,7 +88,8 @@ def _explore_parsers(sub) -> None:
                     "asynchronous happenings within the bounds under KVM and on bare metal, and "
                     "report what the guest saw that bare metal would not have shown it. Findings "
                     "are shrunk and written as replay files. Exit 0: no finding within the "
-                    "bounds; 1: findings; 2: bad input; 130: interrupted (findings kept).")
+                    "bounds; 1: findings; 2: bad input, or a model limit stopped (part of) a scenario's "
+                    "exploration; 130: interrupted (findings kept).")
     ex.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files or directories")
     ex.add_argument("--vendor", choices=["svm", "vmx", "both"], default="both")
     ex.add_argument("--max-async", type=int, metavar="N",
@@ -222,8 +223,10 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
             print_findings(console, item.result, item.shrunk, item.known)
             if not console.is_terminal:
                 r = item.result
+                limited = "" if r.limit is None else (
+                    f", {r.model_limits} at a model limit" if r.schedules else ", model limit")
                 console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
-                              f"{r.distinct} distinct outcomes, {len(r.findings)} findings")
+                              f"{r.distinct} distinct outcomes, {len(r.findings)} findings{limited}")
 
     vendors = vendors_for(args.vendor)
     show_bar = console.is_terminal and not args.json
@@ -255,13 +258,25 @@ def _explore_summary(args: argparse.Namespace, console: Console, done: list[Expl
     else:
         console.print(summary_table([item.result for item in done]))
         console.print(_explore_verdict(args, [item.result for item in done]))
-    return Exit.OK if all(item.result.passed for item in done) else Exit.FAILED
+    return max((_explore_exit(item.result) for item in done), default=Exit.OK)
+
+
+def _explore_exit(result: ExploreResult) -> Exit:
+    """As for `run`: a model limit is bad input (part of the scenario was not explored)."""
+    if result.limit is not None:
+        return Exit.BAD_INPUT
+    return Exit.OK if result.passed else Exit.FAILED
 
 
 def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult]) -> str:
     """What was checked, exactly: never "correct", only no counterexample within the bounds."""
     findings = sum(len(r.findings) for r in results)
     verdict = "no counterexample" if findings == 0 else f"{findings} findings"
+    limited = sum(r.limit is not None for r in results)
+    if limited:
+        verdict = (f"{limited} of {len(results)} explorations (scenario and vendor) met a model "
+                   f"limit (MODEL LIMIT above); in what was explored, "
+                   + ("no finding" if findings == 0 else f"{findings} findings"))
     bounds = (f"up to {2 if args.max_async is None else args.max_async} asynchronous and "
               f"{2 if args.max_host is None else args.max_host} host happenings per schedule")
     if not all(r.complete for r in results):

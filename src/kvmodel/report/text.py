@@ -173,6 +173,8 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
     if bare.limit is not None:
         console.print(f"  [bold red]MODEL LIMIT[/] on bare metal: {escape(bare.limit)}: "
                       "nothing to compare with")
+    elif virt.limit is not None:
+        console.print("  [bold red]NOT COMPARED[/] the run under KVM stopped at the model limit above")
     elif d is None and virt.hypervisor_error is not None:
         console.print(f"  [bold red]FAIL[/] KVM gave up where bare metal went on (stop: "
                       f"{bare.final.stop}); up to then the guest-observable trace matches")
