@@ -184,3 +184,20 @@ def test_schedules_that_reach_a_model_limit_are_counted_and_named(tmp_path, vend
     assert 0 < result.model_limits < result.schedules and result.distinct >= 1
     assert result.limit == "on bare metal: instruction outside the modelled subset: 'cmc' at 0x10002"
     assert [p.kind for p in result.limit_schedule] == [Kind.NMI]
+
+
+@VENDORS
+def test_save_restore_after_an_int_n_in_an_sti_shadow_lets_the_interrupt_in_first(tmp_path, vendor):
+    # Declared candidate upstream finding: GET_VCPU_EVENTS hides the re-queued INT n and the
+    # exit during its delivery left no STI shadow to report.
+    scenario = load(ROOT / "scenarios" / "softint" / "int_n_in_sti_shadow_interrupt_pending.toml")
+    result = explore(scenario, vendor)
+    assert result.passed and result.findings == [] and result.known
+    assert all(Kind.SAVE_RESTORE in {p.kind for p in f.schedule} for f in result.known)
+    assert "save/restore after exit 2" in {describe(f.schedule) for f in result.known}
+    small = shrink(scenario, vendor, result.known[0])
+    replayed = read(write(tmp_path, scenario, vendor, small, frozenset())).run()
+    first = replayed.divergence
+    assert first.index == 0 and replayed.divergence_expected is False
+    assert (first.bare.vector, first.virt.vector) == (0x80, 0x40)
+    assert first.virt.return_rip == replayed.virt.program.symbol("sys")  # the INT n not run yet
