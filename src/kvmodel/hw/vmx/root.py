@@ -20,7 +20,7 @@ from __future__ import annotations
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import RSP
+from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
@@ -52,6 +52,7 @@ class VmxError:
     VMLAUNCH_NOT_CLEAR = 4
     VMRESUME_NOT_LAUNCHED = 5
     ENTRY_INVALID_CONTROL = 7
+    ENTRY_MOV_SS_BLOCKING = 26  # VM entry with events blocked by MOV SS
     UNSUPPORTED_FIELD = 12
     WRITE_READ_ONLY = 13
 
@@ -143,7 +144,8 @@ class VmxRoot:
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
         cpu.rip = next_rip  # where L1 continues if the entry fails
-        region = self._entry_region(cpu, launch)
+        # The MOV SS shadow the VMLAUNCH/VMRESUME itself executes in (boundary() moved it).
+        region = self._entry_region(cpu, launch, blocked_by_mov_ss=cpu.shadow_prev is Shadow.MOV_SS)
         if region is None:
             return
         vmcs = self.vmcss[region]
@@ -192,12 +194,20 @@ class VmxRoot:
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
 
-    def _entry_region(self, cpu: Cpu, launch: bool) -> int | None:
-        """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail (SDM 30.3)."""
+    def _entry_region(self, cpu: Cpu, launch: bool, blocked_by_mov_ss: bool) -> int | None:
+        """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail.
+
+        The checks in the order of SDM 30.3's VMLAUNCH/VMRESUME pseudocode (Bochs
+        vmx.cc and KVM nested_vmx_run() keep it): VMX operation, a current VMCS,
+        no blocking by MOV SS, then the launch state.
+        """
         self._require_vmxon(cpu)
         region = self.current
         if region is None:
             self._fail_invalid(cpu)
+        elif blocked_by_mov_ss:
+            self._fail_valid(cpu, VmxError.ENTRY_MOV_SS_BLOCKING)
+            return None
         elif launch == (region in self.launched):
             self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
             return None

@@ -42,6 +42,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
+from kvmodel.kvm.uapi import ShadowBits
 from kvmodel.kvm.x86 import NestedExitRecord, Request
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ class NestedVmx(VmxRoot):
         """Emulated VM entry: VMfail with RIP advanced, or switch to vmcs02 with RIP unchanged."""
         rip = self.vmx.vmcs.guest_rip
         insn = cpu.icache.get(rip) or decode(cpu, rip)
-        region = self._entry_region(cpu, launch)
+        blocked_by_mov_ss = bool(self.vmx.get_interrupt_shadow() & ShadowBits.MOV_SS)
+        region = self._entry_region(cpu, launch, blocked_by_mov_ss)
         if region is None:
             self._skip_l1(cpu, next_rip)
             self.vmx.vcpu.retire(rip, insn)
@@ -112,9 +114,11 @@ class NestedVmx(VmxRoot):
         self._enter_l2()
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
+        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
         vmcs = self.vmx.vmcs
         vmcs.guest_rip = next_rip
         vmcs.guest_rflags = cpu.rflags
+        self.vmx.set_interrupt_shadow(0)
 
     def _enter_l2(self) -> None:
         vmx, cpu = self.vmx, self.vmx.guest.cpu
