@@ -128,6 +128,8 @@ def print_result(console: Console, result: RunResult, heading: str = "",
         console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
         return
     final = result.final
+    if final is None:  # KVM gave up (failed entry, internal error): print_comparison says so
+        return
     regs = " ".join(f"{n}={v:#x}" for n, v in final.registers if v)
     console.print(f"  [dim]stop: {final.stop} after {final.retired} retired; rip="
                   f"{escape(program.where(final.rip))} rflags={describe_rflags(final.rflags)} "
