@@ -28,7 +28,9 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import Shadow
-from kvmodel.hw.vmx.root import VmxRoot
+from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.vmx.cpu import check_entry
+from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     INTR_INFO_VALID,
@@ -104,6 +106,14 @@ class NestedVmx(VmxRoot):
         insn = cpu.icache.get(rip) or decode(cpu, rip)
         blocked_by_mov_ss = bool(self.vmx.get_interrupt_shadow() & ShadowBits.MOV_SS)
         region = self._entry_region(cpu, launch, blocked_by_mov_ss)
+        if region is not None:
+            try:
+                # nested_vmx_check_controls() and the guest-state checks, in software on
+                # vmcs12 before vmcs02 exists: the hardware model's own checks.
+                check_entry(self.vmcss[region], cpu)
+            except EntryFailed:
+                self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
+                region = None
         if region is None:
             self._skip_l1(cpu, next_rip)
             self.vmx.vcpu.retire(rip, insn)
