@@ -13,7 +13,7 @@ from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.arch.regs import DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
@@ -234,7 +234,11 @@ class VmxGuest(GuestMode):
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
         # #DB: the DR6 bits; #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
-        qualification = event.dr6 if event.vector == Vec.DB else event.fault_address or 0
+        if event.vector == Vec.DB:
+            # B3-B0, BD, BS (SDM 27.2.1 Table 27-1): never the field's bit 12 (enabled breakpoint)
+            qualification = event.dr6 & DR6_CONDITIONS
+        else:
+            qualification = event.fault_address or 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
