@@ -233,12 +233,9 @@ class VmxGuest(GuestMode):
         info = intr_info(event.vector, event.type, code, event.nested and fred.enabled(cpu))
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
-        # #DB: the DR6 bits; #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
-        if event.vector == Vec.DB:
-            # B3-B0, BD, BS (SDM 27.2.1 Table 27-1): never the field's bit 12 (enabled breakpoint)
-            qualification = event.dr6 & DR6_CONDITIONS
-        else:
-            qualification = event.fault_address or 0
+        # #DB: B3-B0, BD, BS, never the pending-debug field's bit 12 (SDM 27.2.1 Table 27-1);
+        # #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
+        qualification = event.dr6 & DR6_CONDITIONS if event.vector == Vec.DB else event.fault_address or 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
