@@ -24,7 +24,7 @@ from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
-from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
+from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Interruptibility, Pin, Vmcs, info_type
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
@@ -156,13 +156,14 @@ class VmxRoot:
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
+        _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
         with entry_retired(cpu):
             try:
                 guest.enter()
             except EntryFailed as failed:
-                self._leave_guest(cpu, l1)
+                self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
                 self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
@@ -186,10 +187,12 @@ class VmxRoot:
     def _exit_to_l1(self, cpu: Cpu) -> None:
         guest, vmcs, l1 = self._l2
         self._l2 = None
+        nmi_waiting = guest.host_nmi  # an NMI for L1 that had yet to exit L2
         guest.complete_exit()
-        self._leave_guest(cpu, l1)
-        if vmcs.exit_reason == ExitReason.EXCEPTION_NMI and vmcs.exit_intr_info & INTR_INFO_VALID and (
-                info_type(vmcs.exit_intr_info) == EventType.NMI):
+        nmi_exit = vmcs.exit_reason == ExitReason.EXCEPTION_NMI and bool(
+            vmcs.exit_intr_info & INTR_INFO_VALID) and info_type(vmcs.exit_intr_info) == EventType.NMI
+        self._leave_guest(cpu, l1, nmi_waiting and not nmi_exit)
+        if nmi_exit:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
@@ -214,9 +217,29 @@ class VmxRoot:
         return region
 
     @staticmethod
-    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:
+    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool], nmi_waiting: bool) -> None:
+        """Back to L1's state; an NMI that L2 left before it could exit is L1's, pending."""
         back_to_l1(cpu)
         cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
+        if nmi_waiting:
+            cpu.nmi_pending += 1
+            cpu.attn = True
+
+
+def _pending_events_exit(guest: VmxGuest) -> None:
+    """What L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any injection.
+
+    An interrupt the APIC presents exits whatever L2's RFLAGS.IF (external-interrupt
+    exiting, SDM 25.2); with virtual NMIs no NMI is blocked in VMX non-root operation
+    (SDM 26.6.1), so a pending one exits at once (NMI exiting). Either stays L1's.
+    """
+    cpu, vmcs = guest.cpu, guest.vmcs
+    if cpu.apic.pending_vector() is not None:
+        guest.kick()
+    if cpu.nmi_pending and (vmcs.pin_based & Pin.VIRTUAL_NMIS
+                            or not vmcs.guest_interruptibility & Interruptibility.NMI):
+        cpu.nmi_pending -= 1
+        guest.host_nmi = True
 
 
 def _to_l1(guest: VmxGuest, event, vector: int) -> None:
