@@ -131,6 +131,8 @@ def print_result(console: Console, result: RunResult, heading: str = "",
         _print_hypervisor_error(console, result)
         return
     final = result.final
+    if final is None:  # KVM gave up (failed entry, internal error): print_comparison says so
+        return
     regs = " ".join(f"{n}={v:#x}" for n, v in final.registers if v)
     console.print(f"  [dim]stop: {final.stop} after {final.retired} retired; rip="
                   f"{escape(program.where(final.rip))} rflags={describe_rflags(final.rflags)} "
