@@ -68,6 +68,8 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
         cpu.dr7 &= ~DR7_GD
     while True:
         cpu.vectoring = event
+        if not event.type.is_software:
+            _drop_held_debug_traps(cpu)
         try:
             cpu.charge_delivery()  # a Notify VM exit may end the guest's turn here
             _deliver_once(cpu, event, injected)
@@ -97,6 +99,24 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
             else:
                 event = nested
             injected = False
+
+
+def _drop_held_debug_traps(cpu: Cpu) -> None:
+    """A delivery other than INT n/INT3/INTO loses the debug traps MOV SS held back.
+
+    Only INT n, INT3 and INTO carry them into the handler, where they are
+    delivered before its first instruction; a fault of the instruction after
+    MOV SS, INT1 (ICEBP) and a code breakpoint #DB lose them, and DR6 never
+    records them. Sources: SDM 26.6.3 (the same rule for an event VM entry
+    injects: pending debug exceptions survive only a software interrupt or
+    software exception under MOV SS blocking); kvm-unit-tests x86/debug.c
+    ("MOV SS + watchpoint + ICEBP": one #DB; "Single-Step + ICEBP #DB w/ MOVSS
+    blocking": DR6 = 0xffff0ff0, no BS); Linux selftests x86/mov_ss_trap.c
+    (hardware: "Any fault: drop the pending #DB trap", "ICEBP: ... do not
+    deliver the watchpoint trap"); Bochs exception.cc interrupt() discards
+    debug_trap on every delivery (wrongly for INT n/INT3/INTO).
+    """
+    cpu.pending_dbg = 0
 
 
 def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
