@@ -23,6 +23,8 @@ from kvmodel.arch.events import (
     df_class,
     double_fault_outcome,
     has_error_code,
+    saved_ip_undefined,
+    undefined_frame_bits,
 )  # fmt: skip
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
@@ -90,8 +92,9 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
                 _shutdown(cpu, event, fault.vector)
                 return
             if outcome is DfOutcome.DOUBLE_FAULT:
-                # The second exception is a fault and set RF before it turned into #DF,
-                # so the #DF frame holds RF=1 (SDM 17.3.1.1; Bochs exception.cc does so).
+                # The #DF frame's CS, RIP and RF are undefined (SDM 6.15; undefined_frame_bits()).
+                # The model pushes RF=1 as Bochs does (exception.cc: the fault set RF before it
+                # turned into #DF); the delivery record marks it undefined.
                 event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0, push_rf=True)
                 if host is not None:
                     cpu.vectoring = None  # a #DF is not "during delivery" (SDM 27.2.3)
@@ -168,7 +171,9 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         cpu.db_hits = 0
     cpu.attn = True
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
-                              handler, rsp, frame))
+                              handler, rsp, frame,
+                              undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
+                              saved_ip_undefined(event.vector, event.type)))
 
 
 def _deliver_fred(cpu: Cpu, event: Event) -> None:
