@@ -16,7 +16,7 @@ from kvmodel.arch.observe import (
     Retire,
     Shutdown,
 )  # fmt: skip
-from kvmodel.arch.regs import Mode, describe_rflags
+from kvmodel.arch.regs import RF, Mode, describe_rflags
 from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
@@ -26,21 +26,37 @@ from kvmodel.scenario.runner import RunResult, VmmStop
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
-    """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4)."""
+    """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4);
+    what the architecture leaves undefined is said so."""
     if len(d.frame) == FRED_FRAME_WORDS:
         return _fred_frame_text(d, program)
     words = list(d.frame)
+    masks = list(d.undefined) or [0] * len(words)
     parts = []
     if d.error_code is not None:
         parts.append(f"error={words.pop(0):#x}")
+        masks.pop(0)
     if mode is Mode.LONG64:
         rip, cs, rflags, rsp, ss = words
-        parts += [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
-                  f"rsp={rsp:#x}", f"ss={ss:#x}"]
+        named = [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
+                 f"rsp={rsp:#x}", f"ss={ss:#x}"]
     else:
         eip, cs, eflags = words
-        parts += [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+        named = [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+    parts += [_undefined_note(text, mask, (1 << mode.value) - 1)
+              for text, mask in zip(named, masks, strict=True)]
     return " ".join(parts)
+
+
+def _undefined_note(text: str, mask: int, word_mask: int) -> str:
+    """A frame field with the bits the architecture leaves undefined named (Delivery.undefined)."""
+    if not mask:
+        return text
+    if mask == word_mask:
+        return f"{text} (undefined)"
+    if mask == RF:
+        return f"{text} (RF undefined)"
+    return f"{text} (bits {mask:#x} undefined)"
 
 
 FRED_FRAME_WORDS = 8
@@ -49,14 +65,18 @@ FRED_FRAME_WORDS = 8
 def _fred_frame_text(d: Delivery, program: Program) -> str:
     """A FRED frame (arch/fred.py): the words by name, the SS word's event information decoded."""
     error, rip, cs, rflags, rsp, ss, data, _ = d.frame
+    undefined = d.undefined or (0,) * FRED_FRAME_WORDS
     info = f"vector={(ss >> 32) & 0xFF:#x} type={(ss >> 48) & 0xF}"
     info += "".join(f" {name}" for bit, name in ((16, "sti"), (17, "int"), (18, "nmi"),
                                                  (58, "nested")) if ss >> bit & 1)
     if ss >> 60:
         info += f" len={ss >> 60}"
-    return (f"error={error:#x} rip={program.where(rip)} cs={cs & 0xFFFF:#x} csl={(cs >> 16) & 3} "
-            f"rflags={describe_rflags(rflags)} rsp={rsp:#x} ss={ss & 0xFFFF:#x} [{info}] "
-            f"data={data:#x}")
+    word = (1 << 64) - 1
+    rip_text = _undefined_note(f"rip={program.where(rip)}", undefined[1], word)
+    cs_text = _undefined_note(f"cs={cs & 0xFFFF:#x} csl={(cs >> 16) & 3}", undefined[2], word)
+    rflags_text = _undefined_note(f"rflags={describe_rflags(rflags)}", undefined[3], word)
+    return (f"error={error:#x} {rip_text} {cs_text} {rflags_text} rsp={rsp:#x} "
+            f"ss={ss & 0xFFFF:#x} [{info}] data={data:#x}")
 
 
 def arrival_text(obs: Arrival) -> str:
