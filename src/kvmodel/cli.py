@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvmodel import __version__
+from kvmodel import __version__, _faults
 from kvmodel.bugs.catalogue import lookup
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
                             "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
                             "(default: the scenario's [cpu] vendor, else bare)")
+    run_p.add_argument("--bug", action="append", default=[], metavar="NAME",
+                       help="switch on a catalogued bug (kvmodel bugs list); repeatable")
     run_p.add_argument("--svg", metavar="FILE",
                        help="also write a timeline picture (SVG) of the run: bare metal beside "
                             "KVM and its exits, the first divergence marked (one scenario only)")
@@ -115,7 +117,8 @@ def _explore_parsers(sub) -> None:
                     "asynchronous happenings within the bounds under KVM and on bare metal, and "
                     "report what the guest saw that bare metal would not have shown it. Findings "
                     "are shrunk and written as replay files. Exit 0: no finding within the "
-                    "bounds; 1: findings; 2: bad input; 130: interrupted (findings kept).")
+                    "bounds; 1: findings; 2: bad input, or a model limit stopped (part of) a scenario's "
+                    "exploration; 130: interrupted (findings kept).")
     ex.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files or directories")
     ex.add_argument("--vendor", choices=["svm", "vmx", "both"], default="both")
     ex.add_argument("--max-async", type=int, metavar="N",
@@ -180,6 +183,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return _differential(args, console)
     if args.svg is not None and len(args.scenarios) > 1:
         raise KvmodelError(f"--svg draws one scenario; {len(args.scenarios)} were given")
+    for name in args.bug:
+        lookup(name)
+    with _faults.switched_on(frozenset(args.bug)):
+        return _run_scenarios(args, console)
+
+
+def _run_scenarios(args: argparse.Namespace, console: Console) -> int:
     results, errors = [], []
     worst = Exit.OK
     for path in args.scenarios:
@@ -246,8 +256,10 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
             print_findings(console, item.result, item.shrunk, item.known)
             if not console.is_terminal:
                 r = item.result
+                limited = "" if r.limit is None else (
+                    f", {r.model_limits} at a model limit" if r.schedules else ", model limit")
                 console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
-                              f"{r.distinct} distinct outcomes, {len(r.findings)} findings")
+                              f"{r.distinct} distinct outcomes, {len(r.findings)} findings{limited}")
 
     vendors = vendors_for(args.vendor)
     show_bar = console.is_terminal and not args.json
@@ -279,13 +291,25 @@ def _explore_summary(args: argparse.Namespace, console: Console, done: list[Expl
     else:
         console.print(summary_table([item.result for item in done]))
         console.print(_explore_verdict(args, [item.result for item in done]))
-    return Exit.OK if all(item.result.passed for item in done) else Exit.FAILED
+    return max((_explore_exit(item.result) for item in done), default=Exit.OK)
+
+
+def _explore_exit(result: ExploreResult) -> Exit:
+    """As for `run`: a model limit is bad input (part of the scenario was not explored)."""
+    if result.limit is not None:
+        return Exit.BAD_INPUT
+    return Exit.OK if result.passed else Exit.FAILED
 
 
 def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult]) -> str:
     """What was checked, exactly: never "correct", only no counterexample within the bounds."""
     findings = sum(len(r.findings) for r in results)
     verdict = "no counterexample" if findings == 0 else f"{findings} findings"
+    limited = sum(r.limit is not None for r in results)
+    if limited:
+        verdict = (f"{limited} of {len(results)} explorations (scenario and vendor) met a model "
+                   f"limit (MODEL LIMIT above); in what was explored, "
+                   + ("no finding" if findings == 0 else f"{findings} findings"))
     bounds = (f"up to {2 if args.max_async is None else args.max_async} asynchronous and "
               f"{2 if args.max_host is None else args.max_host} host happenings per schedule")
     if not all(r.complete for r in results):

@@ -116,3 +116,88 @@ def test_time_limit_ends_the_search_cleanly_with_what_was_covered():
     result = explore(load(EXPLORE), Vendor.SVM, time_limit=full.elapsed / 4)
     assert not result.complete and result.schedules < full.schedules
     assert result.unseen_known == []  # an incomplete search does not claim a known finding missing
+
+
+# Scenarios that need something the model does not cover: the explorer must say so.
+OUTSIDE_THE_SUBSET = """title = "cmc is outside the instruction subset"
+[guest]
+code = '''
+start:
+    cmc
+    hlt
+'''
+"""
+VMGEXIT_OUTSIDE_SEV_ES = """title = "VMGEXIT outside SEV-ES: #UD on bare metal and VMX, a model limit on SVM"
+[guest]
+code = '''
+start:
+    .byte 0xf3, 0x0f, 0x01, 0xd9
+    hlt
+ud_handler:
+    hlt
+'''
+[idt]
+"#UD" = "ud_handler"
+"""
+LIMIT_IN_THE_NMI_HANDLER = """title = "only schedules with an NMI reach the cmc"
+[guest]
+code = '''
+start:
+    nop
+    hlt
+nmi_handler:
+    cmc
+    iretq
+'''
+[idt]
+NMI = "nmi_handler"
+[explore]
+nmi = 1
+"""
+
+
+def _scenario(tmp_path, name, text):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load(path)
+
+
+@VENDORS
+def test_a_scenario_stopped_by_a_model_limit_reports_the_limit(tmp_path, vendor):
+    result = explore(_scenario(tmp_path, "cmc", OUTSIDE_THE_SUBSET), vendor)
+    assert result.schedules == 0 and result.findings == []
+    assert result.limit == "on bare metal: instruction outside the modelled subset: 'cmc' at 0x10000"
+    assert result.limit_schedule == ()
+
+
+def test_a_model_limit_on_one_vendor_only(tmp_path):
+    scenario = _scenario(tmp_path, "vmgexit", VMGEXIT_OUTSIDE_SEV_ES)
+    svm, vmx = explore(scenario, Vendor.SVM), explore(scenario, Vendor.VMX)
+    assert svm.limit.startswith("under KVM on SVM: VMMCALL outside an SEV-ES guest")
+    assert svm.model_limits == svm.schedules > 0 and svm.distinct == 0
+    assert vmx.limit is None and vmx.model_limits == 0 and vmx.distinct == 1 and vmx.passed
+
+
+@VENDORS
+def test_schedules_that_reach_a_model_limit_are_counted_and_named(tmp_path, vendor):
+    result = explore(_scenario(tmp_path, "nmi_cmc", LIMIT_IN_THE_NMI_HANDLER), vendor)
+    assert 0 < result.model_limits < result.schedules and result.distinct >= 1
+    assert result.limit == "on bare metal: instruction outside the modelled subset: 'cmc' at 0x10002"
+    assert [p.kind for p in result.limit_schedule] == [Kind.NMI]
+
+
+@VENDORS
+def test_save_restore_after_an_int_n_in_an_sti_shadow_lets_the_interrupt_in_first(tmp_path, vendor):
+    # Declared candidate upstream finding: GET_VCPU_EVENTS hides the re-queued INT n and the
+    # exit during its delivery left no STI shadow to report.
+    scenario = load(ROOT / "scenarios" / "softint" / "int_n_in_sti_shadow_interrupt_pending.toml")
+    result = explore(scenario, vendor)
+    assert result.passed and result.findings == [] and result.known
+    assert all(Kind.SAVE_RESTORE in {p.kind for p in f.schedule} for f in result.known)
+    assert "save/restore after exit 2" in {describe(f.schedule) for f in result.known}
+    small = shrink(scenario, vendor, result.known[0])
+    replayed = read(write(tmp_path, scenario, vendor, small, frozenset())).run()
+    first = replayed.divergence
+    assert first.index == 0 and replayed.divergence_expected is False
+    assert (first.bare.vector, first.virt.vector) == (0x80, 0x40)
+    assert first.virt.return_rip == replayed.virt.program.symbol("sys")  # the INT n not run yet

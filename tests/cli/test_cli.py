@@ -219,3 +219,116 @@ def test_explore_every_shipped_scenario_on_both_vendors(tmp_path, capsys):
     code = main(["explore", "--vendor", "both", "--workers", "2", "--out", str(tmp_path),
                  str(ARCH.parent)])
     assert code == Exit.OK, capsys.readouterr().out
+
+
+NOTIFY = ARCH.parent / "notify" / "db_storm_notify_exits.toml"
+
+
+def test_run_ending_in_a_hypervisor_error_says_what_kvm_returned_and_after_which_exit(capsys):
+    # With notify_kills_guest, handle_notify() returns KVM_EXIT_INTERNAL_ERROR at the first
+    # notify exit: the VMM cannot resume, so the run has no final state to print.
+    code = main(["run", "--vendor", "vmx", "--bug", "notify_kills_guest", str(NOTIFY)])
+    out = capsys.readouterr().out
+    assert code == Exit.FAILED, out
+    assert ("HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: "
+            "KVM_INTERNAL_ERROR_NO_EVENT_WINDOW") in out
+    assert re.search(r"after VM exit NOTIFY at db_handler, 5 retired \(info - idt_vectoring "
+                     r"vector 1 hw_exception\)", out)
+    assert "the VMM cannot resume the guest: no final state" in out
+    assert out.count("HYPERVISOR ERROR") == 1
+    assert "FAIL KVM gave up where bare metal went on (stop: budget)" in out
+    assert main(["run", "--json", "--vendor", "vmx", "--bug", "notify_kills_guest",
+                 str(NOTIFY)]) == Exit.FAILED
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["results"][0]["comparison"]["hypervisor_error"] == (
+        "KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: KVM_INTERNAL_ERROR_NO_EVENT_WINDOW")
+
+
+def test_replay_of_a_hypervisor_error_prints_it(tmp_path, capsys):
+    assert main(["explore", "--vendor", "vmx", "--bug", "notify_kills_guest", "--max-host", "0",
+                 "--max-async", "0", "--out", str(tmp_path), str(NOTIFY)]) == Exit.FAILED
+    capsys.readouterr()
+    replay, = tmp_path.glob("*hypervisor_error*.json")
+    assert main(["replay", str(replay)]) == Exit.FAILED
+    out = capsys.readouterr().out
+    assert "HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR" in out
+    assert "side by side" in out
+
+
+def test_run_with_an_unknown_ghcb_request_prints_the_error_under_kvm(tmp_path, capsys):
+    # Bare metal stops at a model limit (the GHCB request is not modelled) and KVM answers
+    # it with KVM_EXIT_INTERNAL_ERROR: bad input, and both said plainly.
+    source = ARCH.parent / "sev_es" / "nmi_complete_unmasks_at_once.toml"
+    text = source.read_text().replace("    NMI_COMPLETE ghcb ",
+                                      "    movl $0x72, ghcb+0x390(%rip)\n"
+                                      "    .byte 0xf3, 0x0f, 0x01, 0xd9 ")
+    assert text != source.read_text()
+    copy = tmp_path / "ghcb.toml"
+    copy.write_text(text)
+    assert main(["run", "--vendor", "svm", str(copy)]) == Exit.BAD_INPUT
+    out = capsys.readouterr().out
+    assert re.search(r"HYPERVISOR ERROR KVM_RUN returned KVM_EXIT_INTERNAL_ERROR: GHCB request "
+                     r"0x72 not modelled\s+after VM exit VMGEXIT at after_complete", out)
+    assert re.search(r"MODEL LIMIT on bare metal: GHCB request 0x72 is not modelled at 0x[0-9a-f]+: "
+                     r"nothing to compare with", out)
+    assert "SAME AS BARE METAL" not in out
+
+
+OUTSIDE_THE_SUBSET = """title = "cmc is outside the instruction subset"
+[guest]
+code = '''
+start:
+    cmc
+    hlt
+'''
+"""
+VMGEXIT_OUTSIDE_SEV_ES = """title = "VMGEXIT outside SEV-ES: #UD on bare metal and VMX, a model limit on SVM"
+[guest]
+code = '''
+start:
+    .byte 0xf3, 0x0f, 0x01, 0xd9
+    hlt
+ud_handler:
+    hlt
+'''
+[idt]
+"#UD" = "ud_handler"
+"""
+
+
+def test_explore_of_a_scenario_at_a_model_limit_says_what_it_could_not_explore(tmp_path, capsys):
+    cmc = tmp_path / "cmc.toml"
+    cmc.write_text(OUTSIDE_THE_SUBSET)
+    code = main(["explore", "--vendor", "both", "--out", str(tmp_path / "out"), str(cmc)])
+    out = capsys.readouterr().out
+    assert code == Exit.BAD_INPUT, out
+    for vendor in ("svm", "vmx"):
+        assert (f"MODEL LIMIT {cmc} [{vendor}]: not explored: on bare metal: instruction outside "
+                f"the modelled subset: 'cmc' at 0x10000") in out
+    assert "2 of 2 explorations (scenario and vendor) met a model limit" in out
+    assert "no counterexample" not in out
+
+
+def test_explore_with_a_model_limit_on_one_vendor_explores_the_rest(tmp_path, capsys):
+    vmgexit = tmp_path / "vmgexit.toml"
+    vmgexit.write_text(VMGEXIT_OUTSIDE_SEV_ES)
+    code = main(["explore", "--vendor", "both", "--out", str(tmp_path / "out"), str(vmgexit),
+                 str(VIRT / "nmi_wakes_hlt.toml")])
+    out = capsys.readouterr().out
+    assert code == Exit.BAD_INPUT, out
+    assert re.search(rf"MODEL LIMIT {re.escape(str(vmgexit))} \[svm\]: \d+ of \d+ schedules not "
+                     r"explored: under KVM on SVM: VMMCALL outside an SEV-ES guest \(a hypercall\) "
+                     r"is not modelled at 0x10000 \(first in: no happenings\)", out)
+    assert len(re.findall(r"^MODEL LIMIT ", out, re.M)) == 1  # not on VMX, nor nmi_wakes_hlt
+    assert "1 of 4 explorations (scenario and vendor) met a model limit" in out
+    assert main(["explore", "--json", "--vendor", "both", "--out", str(tmp_path / "out"),
+                 str(vmgexit), str(VIRT / "nmi_wakes_hlt.toml")]) == Exit.BAD_INPUT
+    explored = json.loads(capsys.readouterr().out)["explored"]
+    assert main(["run", "--vendor", "svm", str(vmgexit)]) == Exit.BAD_INPUT
+    out = capsys.readouterr().out
+    assert "MODEL LIMIT VMMCALL outside an SEV-ES guest" in out and "SAME AS BARE METAL" not in out
+    assert "NOT COMPARED the run under KVM stopped at the model limit above" in out
+    assert [(e["vendor"], e["model_limit"] is not None) for e in explored] == [
+        ("svm", True), ("vmx", False), ("svm", False), ("vmx", False)]
+    assert explored[0]["model_limit"].startswith("under KVM on SVM: VMMCALL")
+    assert all(e["schedules"] > 0 and e["distinct_outcomes"] > 0 for e in explored[1:])

@@ -32,6 +32,7 @@ from kvmodel.arch.regs import (
     CODE_SELECTOR,
     DATA_SELECTOR,
     DR6_BS,
+    DR6_CONDITIONS,
     DR6_RESET,
     DR7_RESET,
     IF,
@@ -419,7 +420,7 @@ class Cpu:
     def _take(self, source: Source) -> None:
         if source is Source.DEBUG_TRAP:
             bits, self.pending_dbg = self.pending_dbg, 0
-            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)
+            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits & DR6_CONDITIONS)
         elif source is Source.NMI:
             self.nmi_pending -= 1
             event = Event(Vec.NMI, EventType.NMI, self.rip)

@@ -23,6 +23,8 @@ from kvmodel.arch.events import (
     df_class,
     double_fault_outcome,
     has_error_code,
+    saved_ip_undefined,
+    undefined_frame_bits,
 )  # fmt: skip
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
@@ -68,6 +70,8 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
         cpu.dr7 &= ~DR7_GD
     while True:
         cpu.vectoring = event
+        if not event.type.is_software:
+            _drop_held_debug_traps(cpu)
         try:
             cpu.charge_delivery()  # a Notify VM exit may end the guest's turn here
             _deliver_once(cpu, event, injected)
@@ -88,8 +92,9 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
                 _shutdown(cpu, event, fault.vector)
                 return
             if outcome is DfOutcome.DOUBLE_FAULT:
-                # The second exception is a fault and set RF before it turned into #DF,
-                # so the #DF frame holds RF=1 (SDM 17.3.1.1; Bochs exception.cc does so).
+                # The #DF frame's CS, RIP and RF are undefined (SDM 6.15; undefined_frame_bits()).
+                # The model pushes RF=1 as Bochs does (exception.cc: the fault set RF before it
+                # turned into #DF); the delivery record marks it undefined.
                 event = Event(Vec.DF, EventType.HW_EXCEPTION, resume, error_code=0, push_rf=True)
                 if host is not None:
                     cpu.vectoring = None  # a #DF is not "during delivery" (SDM 27.2.3)
@@ -97,6 +102,24 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
             else:
                 event = nested
             injected = False
+
+
+def _drop_held_debug_traps(cpu: Cpu) -> None:
+    """A delivery other than INT n/INT3/INTO loses the debug traps MOV SS held back.
+
+    Only INT n, INT3 and INTO carry them into the handler, where they are
+    delivered before its first instruction; a fault of the instruction after
+    MOV SS, INT1 (ICEBP) and a code breakpoint #DB lose them, and DR6 never
+    records them. Sources: SDM 26.6.3 (the same rule for an event VM entry
+    injects: pending debug exceptions survive only a software interrupt or
+    software exception under MOV SS blocking); kvm-unit-tests x86/debug.c
+    ("MOV SS + watchpoint + ICEBP": one #DB; "Single-Step + ICEBP #DB w/ MOVSS
+    blocking": DR6 = 0xffff0ff0, no BS); Linux selftests x86/mov_ss_trap.c
+    (hardware: "Any fault: drop the pending #DB trap", "ICEBP: ... do not
+    deliver the watchpoint trap"); Bochs exception.cc interrupt() discards
+    debug_trap on every delivery (wrongly for INT n/INT3/INTO).
+    """
+    cpu.pending_dbg = 0
 
 
 def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
@@ -148,7 +171,9 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         cpu.db_hits = 0
     cpu.attn = True
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
-                              handler, rsp, frame))
+                              handler, rsp, frame,
+                              undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
+                              saved_ip_undefined(event.vector, event.type)))
 
 
 def _deliver_fred(cpu: Cpu, event: Event) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from kvmodel.arch.regs import RF
+
 
 class EventType(IntEnum):
     """Event type; the numbering is VMX's interruption type, also FRED's (SDM Table 24-13)."""
@@ -146,6 +148,29 @@ def df_class(vector: int, type_: EventType) -> DfClass:
         return DfClass.BENIGN
     info = _BY_VECTOR.get(vector)
     return info.df_class if info is not None else DfClass.BENIGN
+
+
+def saved_ip_undefined(vector: int, type_: EventType) -> bool:
+    """The frame's saved CS:RIP is undefined: a #DF (SDM 6.15 Interrupt 8, "Saved Instruction
+    Pointer: The saved contents of CS and EIP registers are undefined"). INT 8 is not one."""
+    return vector == Vec.DF and type_ is EventType.HW_EXCEPTION
+
+
+def undefined_frame_bits(vector: int, type_: EventType, words: int, word_mask: int) -> tuple[int, ...]:
+    """Per frame word (lowest address first), the bits the architecture leaves undefined.
+
+    Empty when every bit is defined. A #DF frame starts (error code, RIP, CS,
+    RFLAGS) in every layout (64-bit, 32-bit, FRED): its RIP and CS words are
+    undefined (SDM 6.15), and so is RF. SDM 17.3.1.1 pushes RF=1 for fault-class
+    exceptions and EFLAGS.RF otherwise; #DF is an abort, and whether the fault it
+    grew from had set EFLAGS.RF is not defined (Bochs pushes 1, classing #DF as a
+    fault; KVM's exception_type() makes it an abort and injects the guest's RF);
+    RF only qualifies a return address that is undefined anyway. FRED: the FRED
+    specification was not read; the SDM's rule is applied as is (UNVERIFIED).
+    """
+    if not saved_ip_undefined(vector, type_):
+        return ()
+    return (0, word_mask, word_mask, RF) + (0,) * (words - 4)
 
 
 class DfOutcome(IntEnum):

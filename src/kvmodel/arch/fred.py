@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmodel.arch.events import Event, EventType, Vec
+from kvmodel.arch.events import Event, EventType, Vec, saved_ip_undefined, undefined_frame_bits
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Iret
 from kvmodel.arch.regs import DR6_BS, IF, RSP, TF, Shadow
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 CR4_FRED = 1 << 32
 KERNEL_ENTRY = 256  # events that arrive at CPL 0 enter at CONFIG + 256
 FRAME_SIZE = 64
+WORD_MASK = (1 << 64) - 1  # every frame slot is 8 bytes
 RFLAGS_AFTER_DELIVERY = 0x2  # every flag cleared, IF and TF too
 
 # The SS word (frame +40)
@@ -159,4 +160,6 @@ def build_eretu(rip_here: int):
 
 def delivery_record(cpu: Cpu, event: Event, handler: int, rsp: int, frame: tuple) -> Delivery:
     return Delivery(event.vector, event.type, frame[0] if event.error_code is not None else None,
-                    event.rip, cpu.retired, handler, rsp, frame)
+                    event.rip, cpu.retired, handler, rsp, frame,
+                    undefined_frame_bits(event.vector, event.type, len(frame), WORD_MASK),
+                    saved_ip_undefined(event.vector, event.type))

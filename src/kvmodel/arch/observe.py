@@ -21,7 +21,13 @@ class ArrivalFate(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """An event delivered through the IDT; `frame` is the pushed words, lowest address first."""
+    """An event delivered through the IDT; `frame` is the pushed words, lowest address first.
+
+    The model pushes a value for every bit, but the architecture leaves some
+    undefined (a #DF's saved CS:RIP): `undefined` holds, per frame word, the
+    bits no guest can rely on (empty: all defined), and `return_undefined`
+    says the return address is such a value. Comparisons leave them out.
+    """
 
     kind: ClassVar[str] = "delivery"
     vector: int
@@ -32,6 +38,18 @@ class Delivery:
     handler: int
     rsp: int
     frame: tuple[int, ...]
+    undefined: tuple[int, ...] = ()
+    return_undefined: bool = False
+
+    def observable(self) -> tuple:
+        """What a guest can rely on (the event type aside): the undefined bits cleared,
+        an undefined return address as None."""
+        frame = self.frame
+        if self.undefined:
+            frame = tuple(word & ~mask for word, mask in zip(frame, self.undefined, strict=True))
+        return_rip = None if self.return_undefined else self.return_rip
+        return ("delivery", self.vector, self.error_code, return_rip, self.retired, self.handler,
+                self.rsp, frame)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,9 @@ def describe_rflags(value: int) -> str:
 DR6_B0_B3 = 0xF
 DR6_BD = 1 << 13
 DR6_BS = 1 << 14
+# What a #DB reports in DR6. A VMX pending-debug-exceptions field (hw/vmx) also holds bit 12,
+# "enabled breakpoint" (SDM Table 24-4): bookkeeping of the field, reserved (0) in DR6.
+DR6_CONDITIONS = DR6_B0_B3 | DR6_BD | DR6_BS
 DR6_RESET = 0xFFFF0FF0  # reserved bits read as 1 (SDM 17.2.3)
 EFER_SVME = 1 << 12  # the SVM instructions are enabled (APM 15.4)
 DR7_RESET = 0x400

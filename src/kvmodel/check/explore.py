@@ -79,7 +79,9 @@ class ExploreResult:
     findings: list[Finding] = field(default_factory=list)  # new: nobody explained them
     known: list[Finding] = field(default_factory=list)  # matched by the scenario's [[explore.known]]
     unseen_known: list[KnownFinding] = field(default_factory=list)  # declared, not found
-    model_limits: int = 0
+    model_limits: int = 0  # schedules the model could not run to the end
+    limit: str | None = None  # the first model limit met, and where: "on bare metal: ..."
+    limit_schedule: Schedule | None = None  # the first schedule that met it
     elapsed: float = 0.0
     complete: bool = True  # False: the time limit ended the search
     not_applicable: str | None = None
@@ -91,6 +93,11 @@ class ExploreResult:
     @property
     def passed(self) -> bool:
         return not self.findings and not self.unseen_known
+
+    def met_limit(self, schedule: Schedule, limit: str) -> None:
+        self.model_limits += 1
+        if self.limit is None:
+            self.limit, self.limit_schedule = limit, schedule
 
 
 # -- choice points ---------------------------------------------------------------------
@@ -171,7 +178,7 @@ class Outcome:
     digest: str
     exits: int
     finding: Finding | None
-    limit: bool
+    limit: str | None  # the model limit that stopped a run, and on which side
 
 
 class Runner:
@@ -210,12 +217,13 @@ class Runner:
         bare = self.bare(schedule)
         virt = self.run(schedule, self.vendor)
         exits = sum(st.exits for st in virt.stats)
-        if bare.limit is not None or virt.limit is not None:
-            outcome = Outcome(schedule, "limit", exits, None, True)
+        limit = limit_of(bare, virt)
+        if limit is not None:
+            outcome = Outcome(schedule, "limit", exits, None, limit)
         else:
             view = guest_view(virt.trace)
             outcome = Outcome(schedule, self.digest(virt, view), exits,
-                              self.judge(schedule, bare, virt, view), False)
+                              self.judge(schedule, bare, virt, view), None)
         self.prepared.recycle(virt.memory)  # nothing refers to `virt` any more
         return outcome
 
@@ -275,6 +283,15 @@ class Runner:
     def _memory_difference(self, bare_pages: dict[int, bytes],
                            memory: bytes | bytearray) -> tuple[int, int, int] | None:
         return self.image.first_difference(bare_pages, self.image.changed(memory))
+
+
+def limit_of(bare: RunResult, virt: RunResult) -> str | None:
+    """Where the model stopped, if it did: nothing of the run can be judged then."""
+    if bare.limit is not None:
+        return f"on bare metal: {bare.limit}"
+    if virt.limit is not None:
+        return f"under KVM on {virt.vendor.value.upper()}: {virt.limit}"
+    return None
 
 
 def stats_problem(virt: RunResult) -> str | None:
@@ -362,8 +379,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     with _faults.switched_on(bugs):
         runner = Runner(scenario, vendor, max_steps)
         base = runner.bare(())
-        if base.limit is not None or base.final is None:
-            result.model_limits += 1
+        if base.limit is not None:
+            result.limit, result.limit_schedule = f"on bare metal: {base.limit}", ()
             return result
         resolve = Resolver(scenario, base.program)
         choices = choices_for(scenario, resolve, bounds, base.final.retired)
@@ -375,7 +392,7 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     if stop_at_first and any(o.finding is not None for o in outcomes):
         second = []
     else:
-        second = sorted({s for o in outcomes if not o.limit
+        second = sorted({s for o in outcomes if o.limit is None
                          for s in with_save_restores(choices, o.schedule, o.exits)},
                         key=_smallest_first)
     if deadline is None or time.monotonic() < deadline:
@@ -386,8 +403,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     seen: set[int] = set()
     for o in outcomes:
         result.schedules += 1
-        if o.limit:
-            result.model_limits += 1
+        if o.limit is not None:
+            result.met_limit(o.schedule, o.limit)
             continue
         result.outcomes.add(o.digest)
         if o.finding is None:

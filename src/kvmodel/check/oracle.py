@@ -7,6 +7,8 @@ instruction, in order; then the final registers and memory. The event
 *type* of a delivery is left out: a guest cannot see it, only its effects
 (frame, DR6), and KVM legitimately injects INT1 as a hardware #DB. Nor is
 whether an IRET ended NMI blocking: only the NMI deliveries that follow show it.
+Nor what the architecture leaves undefined (a #DF's saved CS, RIP and RF): the
+delivery record marks it, and a difference there is no divergence.
 """
 
 from __future__ import annotations
@@ -86,14 +88,15 @@ def guest_view(trace: tuple) -> list[tuple[int, object]]:
     """(index in the full trace, comparable entry) for what the guest can observe.
 
     Deliveries and IRETs become plain tuples without the fields the guest
-    cannot see; the rest stay as they are (frozen dataclasses compare by value).
+    cannot see, and deliveries without what the architecture leaves undefined
+    (Delivery.observable()); the rest stay as they are (frozen dataclasses
+    compare by value).
     """
     out = []
     for n, obs in enumerate(trace):
         cls = type(obs)
         if cls is Delivery:
-            out.append((n, ("delivery", obs.vector, obs.error_code, obs.return_rip, obs.retired,
-                            obs.handler, obs.rsp, obs.frame)))
+            out.append((n, obs.observable()))
         elif cls is Iret:
             out.append((n, ("iret", obs.rip, obs.to_rip, obs.retired)))
         elif cls in GUEST_OBSERVABLE:

@@ -63,7 +63,9 @@ def event_where(cpu: Cpu, event: Event) -> Where:
 
 
 def shadow_at(cpu: Cpu, where: Where) -> Shadow:
-    """The interrupt shadow in force at the exit; none during delivery (SDM 27.3.4)."""
+    """The interrupt shadow in force at the exit; none during delivery, INT n's included
+    (SDM 27.1: no STI or MOV SS blocking when an indirect exit commences; 27.3.4. SVM:
+    Bochs interrupt() drops the inhibit before delivery's memory accesses; the APM is silent)."""
     if where is Where.BOUNDARY:
         return cpu.shadow
     if where is Where.INSTRUCTION:

@@ -25,6 +25,9 @@ def summary_table(results: list[ExploreResult]) -> Table:
         if r.findings or r.unseen_known:
             findings = f"[bold red]{findings}[/]"
         schedules = f"{r.schedules}" + ("" if r.complete else " [yellow](time limit)[/]")
+        if r.limit is not None:
+            schedules += f" [bold red]({r.model_limits} limited)[/]" if r.schedules else (
+                " [bold red](model limit)[/]")
         if r.not_applicable:
             schedules = "[dim]n/a[/]"
         table.add_row(escape(_short(r.scenario.path)), r.vendor.value, schedules, str(r.distinct), findings,
@@ -51,6 +54,17 @@ def print_findings(console: Console, result: ExploreResult,
     for known in result.unseen_known:
         console.print(f"[bold red]FAIL[/] {escape(result.scenario.path)}:{known.line}: the known "
                       f"finding involving {', '.join(known.involves)} did not show up")
+    if result.limit is not None:
+        console.print(f"[bold red]MODEL LIMIT[/] {escape(result.scenario.path)} "
+                      f"{escape(f'[{result.vendor.value}]')}: {escape(limit_text(result))}")
+
+
+def limit_text(result: ExploreResult) -> str:
+    """What the model could not explore, and why: the limit's message, where it was met."""
+    if result.schedules == 0:
+        return f"not explored: {result.limit}"
+    return (f"{result.model_limits} of {result.schedules} schedules not explored: {result.limit} "
+            f"(first in: {describe(result.limit_schedule)})")
 
 
 def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]) -> dict:
@@ -61,6 +75,9 @@ def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]
         "distinct_outcomes": result.distinct,
         "complete": result.complete,
         "model_limits": result.model_limits,
+        "model_limit": result.limit,
+        "model_limit_schedule": None if result.limit_schedule is None else [
+            p.to_dict() for p in result.limit_schedule],
         "not_applicable": result.not_applicable,
         "elapsed_s": round(result.elapsed, 3),
         "findings": [{"kind": f.kind, "message": f.message,

@@ -16,7 +16,7 @@ from kvmodel.arch.observe import (
     Retire,
     Shutdown,
 )  # fmt: skip
-from kvmodel.arch.regs import Mode, describe_rflags
+from kvmodel.arch.regs import RF, Mode, describe_rflags
 from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
@@ -26,21 +26,37 @@ from kvmodel.scenario.runner import RunResult, VmmStop
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
-    """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4)."""
+    """The pushed frame, named field by field (SDM 6.14.2 Figure 6-8, 6.12.1 Figure 6-4);
+    what the architecture leaves undefined is said so."""
     if len(d.frame) == FRED_FRAME_WORDS:
         return _fred_frame_text(d, program)
     words = list(d.frame)
+    masks = list(d.undefined) or [0] * len(words)
     parts = []
     if d.error_code is not None:
         parts.append(f"error={words.pop(0):#x}")
+        masks.pop(0)
     if mode is Mode.LONG64:
         rip, cs, rflags, rsp, ss = words
-        parts += [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
-                  f"rsp={rsp:#x}", f"ss={ss:#x}"]
+        named = [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
+                 f"rsp={rsp:#x}", f"ss={ss:#x}"]
     else:
         eip, cs, eflags = words
-        parts += [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+        named = [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+    parts += [_undefined_note(text, mask, (1 << mode.value) - 1)
+              for text, mask in zip(named, masks, strict=True)]
     return " ".join(parts)
+
+
+def _undefined_note(text: str, mask: int, word_mask: int) -> str:
+    """A frame field with the bits the architecture leaves undefined named (Delivery.undefined)."""
+    if not mask:
+        return text
+    if mask == word_mask:
+        return f"{text} (undefined)"
+    if mask == RF:
+        return f"{text} (RF undefined)"
+    return f"{text} (bits {mask:#x} undefined)"
 
 
 FRED_FRAME_WORDS = 8
@@ -49,14 +65,18 @@ FRED_FRAME_WORDS = 8
 def _fred_frame_text(d: Delivery, program: Program) -> str:
     """A FRED frame (arch/fred.py): the words by name, the SS word's event information decoded."""
     error, rip, cs, rflags, rsp, ss, data, _ = d.frame
+    undefined = d.undefined or (0,) * FRED_FRAME_WORDS
     info = f"vector={(ss >> 32) & 0xFF:#x} type={(ss >> 48) & 0xF}"
     info += "".join(f" {name}" for bit, name in ((16, "sti"), (17, "int"), (18, "nmi"),
                                                  (58, "nested")) if ss >> bit & 1)
     if ss >> 60:
         info += f" len={ss >> 60}"
-    return (f"error={error:#x} rip={program.where(rip)} cs={cs & 0xFFFF:#x} csl={(cs >> 16) & 3} "
-            f"rflags={describe_rflags(rflags)} rsp={rsp:#x} ss={ss & 0xFFFF:#x} [{info}] "
-            f"data={data:#x}")
+    word = (1 << 64) - 1
+    rip_text = _undefined_note(f"rip={program.where(rip)}", undefined[1], word)
+    cs_text = _undefined_note(f"cs={cs & 0xFFFF:#x} csl={(cs >> 16) & 3}", undefined[2], word)
+    rflags_text = _undefined_note(f"rflags={describe_rflags(rflags)}", undefined[3], word)
+    return (f"error={error:#x} {rip_text} {cs_text} {rflags_text} rsp={rsp:#x} "
+            f"ss={ss & 0xFFFF:#x} [{info}] data={data:#x}")
 
 
 def arrival_text(obs: Arrival) -> str:
@@ -127,7 +147,12 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     if result.limit is not None:
         console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
         return
+    if result.hypervisor_error is not None:
+        _print_hypervisor_error(console, result)
+        return
     final = result.final
+    if final is None:  # KVM gave up (failed entry, internal error): print_comparison says so
+        return
     regs = " ".join(f"{n}={v:#x}" for n, v in final.registers if v)
     console.print(f"  [dim]stop: {final.stop} after {final.retired} retired; rip="
                   f"{escape(program.where(final.rip))} rflags={describe_rflags(final.rflags)} "
@@ -138,6 +163,17 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     for m in result.mismatches:
         console.print(f"  {label} {escape(s.path)}:{m.line}: {escape(m.message)}",
                       highlight=False)
+
+
+def _print_hypervisor_error(console: Console, result: RunResult) -> None:
+    """KVM_RUN returned an error exit (failed entry, internal error): what it returned, and the
+    VM exit KVM was handling (or had handled, for a failed entry) when it gave up."""
+    console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(result.hypervisor_error)}")
+    last = next((o for o in reversed(result.trace) if isinstance(o, ExitRecord)), None)
+    if last is not None:
+        console.print(f"    after VM exit {last.reason} at {escape(result.program.where(last.rip))}, "
+                      f"{last.retired} retired ({escape(last.detail)})", highlight=False)
+    console.print("    the VMM cannot resume the guest: no final state")
 
 
 def print_comparison(console: Console, comparison: Comparison) -> None:
@@ -153,12 +189,18 @@ def print_comparison(console: Console, comparison: Comparison) -> None:
         f"vCPU {n}: " + ", ".join(f"{k}={v}" for k, v in _stats(st).items() if v)
         for n, st in enumerate(virt.stats))
     console.print(f"  [dim]KVM stats: {escape(stats)}[/]")
-    if virt.hypervisor_error is not None:
-        console.print(f"  [bold red]HYPERVISOR ERROR[/] {escape(virt.hypervisor_error)}")
     for warning in virt.warnings:
         console.print(f"  [bold red]KVM WARN[/] {escape(warning)}")
     d = comparison.divergence
-    if d is None:
+    if bare.limit is not None:
+        console.print(f"  [bold red]MODEL LIMIT[/] on bare metal: {escape(bare.limit)}: "
+                      "nothing to compare with")
+    elif virt.limit is not None:
+        console.print("  [bold red]NOT COMPARED[/] the run under KVM stopped at the model limit above")
+    elif d is None and virt.hypervisor_error is not None:
+        console.print(f"  [bold red]FAIL[/] KVM gave up where bare metal went on (stop: "
+                      f"{bare.final.stop}); up to then the guest-observable trace matches")
+    elif d is None:
         console.print(f"  [bold green]SAME AS BARE METAL[/] the guest-observable trace and final "
                       f"state match ({len(virt.trace)} trace entries)")
     else:

@@ -142,8 +142,9 @@ def label(obs, program) -> str:
     if isinstance(obs, Delivery):
         tag = {EventType.SW_INT: " (sw)", EventType.SW_EXCEPTION: " (sw)",
                EventType.PRIV_SW_EXCEPTION: " (int1)"}.get(obs.type, "")
+        undefined = " (undefined)" if obs.return_undefined else ""
         return (f"{vector_name(obs.vector)}{tag} -> {program.where(obs.handler)} "
-                f"ret {program.where(obs.return_rip)}")
+                f"ret {program.where(obs.return_rip)}{undefined}")
     if isinstance(obs, Iret):
         return f"IRET -> {program.where(obs.to_rip)}"
     if isinstance(obs, Halt):

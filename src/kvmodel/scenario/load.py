@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmodel.arch.cpu import External
-from kvmodel.arch.events import EventType, parse_vector
+from kvmodel.arch.events import EventType, parse_vector, saved_ip_undefined
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.errors import ScenarioError
 from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, IDT_BASE, TSS_BASE, GateKind, gate_size
@@ -572,9 +572,17 @@ def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
         repeats = _bool(ctx, d, "repeats", t, default=False, index=n)
         if repeats and n != len(expect["delivery"]) - 1:
             raise ctx.error("only the last [[expect.delivery]] can repeat", t, "repeats", n)
+        vector = _vector(ctx, d["vector"], t, "vector", n)
+        type_ = _choice(ctx, d, "type", EVENT_TYPES, t, index=n) if "type" in d else None
+        if "return" in d and saved_ip_undefined(vector, type_ or EventType.HW_EXCEPTION):
+            raise ctx.error(
+                "the return address of a #DF is undefined (SDM 6.15 Interrupt 8: the saved CS "
+                "and EIP are undefined): the model pushes one, but no guest can rely on it and "
+                "runs are never compared on it", t, "return", n,
+                hint='leave return out; for INT 8, a software interrupt, say type = "sw_int"')
         out.append(ExpectedDelivery(
-            vector=_vector(ctx, d["vector"], t, "vector", n),
-            type=_choice(ctx, d, "type", EVENT_TYPES, t, index=n) if "type" in d else None,
+            vector=vector,
+            type=type_,
             error_code=_int(ctx, d, "error_code", t, default=None, index=n),
             return_rip=_expr(ctx, d["return"], t, "return", n) if "return" in d else None,
             retired=_int(ctx, d, "retired", t, default=None, index=n),

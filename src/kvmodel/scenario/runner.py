@@ -361,7 +361,7 @@ def _stop_of(vcpu: Vcpu, outcome) -> tuple[str | None, str | None]:
                else "notify-vmexit=internal-error")
         cpu.trace.append(VmmStop("KVM_EXIT_NOTIFY", outcome.flags, cpu.retired, why))
         return "vmm", None
-    return None, f"KVM_RUN exit {outcome.reason.name}: {outcome.detail}"
+    return None, f"KVM_RUN returned KVM_EXIT_{outcome.reason.name}: {outcome.detail}"
 
 
 def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:
@@ -403,8 +403,9 @@ def describe(d: Delivery, program: Program) -> str:
     parts = [d.type.name.lower()]
     if d.error_code is not None:
         parts.append(f"error code {d.error_code:#x}")
+    undefined = " (undefined)" if d.return_undefined else ""
     return (f"{vector_name(d.vector)} ({', '.join(parts)}) returning to "
-            f"{program.where(d.return_rip)} after {d.retired} retired")
+            f"{program.where(d.return_rip)}{undefined} after {d.retired} retired")
 
 
 def _describe_expected(e: ExpectedDelivery, resolve: Resolver) -> str:

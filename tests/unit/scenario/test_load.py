@@ -144,3 +144,17 @@ def test_based_segments_and_moved_idts_are_refused_with_an_l1_hypervisor(key):
     text += f"\n[cpu]\nsvm = true\n{key}\n"
     e = error_of(text)
     assert e.line == 12 and "is not modelled with an L1 hypervisor" in str(e)
+
+
+def test_an_expected_return_of_a_double_fault_is_refused():
+    # SDM 6.15 Interrupt 8: a #DF's saved CS:EIP are undefined, so no run is judged on them.
+    text = MINIMAL + '\n[[expect.delivery]]\nvector = "#DF"\nerror_code = 0\nreturn = "start"\n'
+    e = error_of(text)
+    assert e.line == 12 and re.match(r"^s\.toml:12: the return address of a #DF is undefined", str(e))
+    assert 'type = "sw_int"' in e.hint
+    hw = text.replace('vector = "#DF"', 'vector = "#DF"\ntype = "hw_exception"')
+    assert error_of(hw).line == 13
+    int8 = parse(text.replace('vector = "#DF"\nerror_code = 0', 'vector = 8\ntype = "sw_int"'), "s.toml")
+    assert int8.deliveries[0].return_rip is not None
+    no_return = parse(text.replace('return = "start"\n', ""), "s.toml")
+    assert no_return.deliveries[0].error_code == 0

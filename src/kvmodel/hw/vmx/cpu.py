@@ -13,7 +13,7 @@ from kvmodel.arch.decode import Decoded
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.arch.regs import DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
@@ -104,44 +104,11 @@ class VmxGuest(GuestMode):
 
     def enter(self) -> None:
         """The VM entry itself: checks, guest state, then the injection (which may exit)."""
-        self._check_injection()
+        check_entry(self.vmcs, self.cpu)
         self._load_guest_state()
         self.cpu.open_event_window()
         if self.vmcs.entry_intr_info & INTR_INFO_VALID:
             self._inject()
-
-    def _check_injection(self) -> None:
-        """Checks on the event to inject and on interruptibility (SDM 26.2.1.3, 26.3.1.5)."""
-        vmcs = self.vmcs
-        state = vmcs.guest_interruptibility
-        if state & Interruptibility.STI and state & Interruptibility.MOV_SS:
-            raise EntryFailed("interruptibility: STI and MOV SS blocking both set")
-        if state & Interruptibility.STI and not vmcs.guest_rflags & IF:
-            raise EntryFailed("interruptibility: STI blocking with RFLAGS.IF=0")
-        info = vmcs.entry_intr_info
-        if not info & INTR_INFO_VALID:
-            return
-        vector, type_ = info_vector(info), info_type(info)
-        nested_ok = INTR_INFO_NESTED if fred.enabled(self.cpu) and type_ == EventType.HW_EXCEPTION else 0
-        if info & INTR_INFO_RESERVED & ~nested_ok:
-            raise EntryFailed("VM-entry interruption information: reserved bits set")
-        if type_ not in (0, 2, 3, 4, 5, 6):
-            raise EntryFailed(f"VM-entry interruption type {type_} is reserved")
-        if type_ == EventType.NMI and vector != Vec.NMI:
-            raise EntryFailed("NMI injection with a vector other than 2")
-        if type_ == EventType.HW_EXCEPTION and vector > 31:
-            raise EntryFailed(f"hardware exception vector {vector} > 31")
-        wants_code = type_ == EventType.HW_EXCEPTION and has_error_code(vector, EventType.HW_EXCEPTION)
-        if bool(info & INTR_INFO_DELIVER_CODE) != wants_code:
-            raise EntryFailed(f"deliver-error-code bit wrong for {vector_name(vector)} type {type_}")
-        if wants_code and vmcs.entry_exception_error_code >> 16:
-            raise EntryFailed("VM-entry exception error code bits 31:16 set")
-        if is_soft(EventType(type_)) and not 1 <= vmcs.entry_instruction_len <= 15:
-            raise EntryFailed(f"instruction length {vmcs.entry_instruction_len} for a software event")
-        if type_ == EventType.EXT_INT and (not vmcs.guest_rflags & IF or state & 3):
-            raise EntryFailed("external interrupt injected while RFLAGS.IF=0 or in an interrupt shadow")
-        if type_ == EventType.NMI and state & (Interruptibility.MOV_SS | Interruptibility.NMI):
-            raise EntryFailed("NMI injected under MOV SS or (virtual-)NMI blocking")
 
     def _load_guest_state(self) -> None:
         cpu, vmcs = self.cpu, self.vmcs
@@ -266,8 +233,9 @@ class VmxGuest(GuestMode):
         info = intr_info(event.vector, event.type, code, event.nested and fred.enabled(cpu))
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
-        # #DB: the DR6 bits; #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
-        qualification = event.dr6 if event.vector == Vec.DB else event.fault_address or 0
+        # #DB: B3-B0, BD, BS, never the pending-debug field's bit 12 (SDM 27.2.1 Table 27-1);
+        # #PF: the faulting linear address, CR2 left alone (SDM 27.2.1, 27.1)
+        qualification = event.dr6 & DR6_CONDITIONS if event.vector == Vec.DB else event.fault_address or 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
@@ -345,6 +313,61 @@ class VmxGuest(GuestMode):
     def _notify_exit(self, where: Where, qualification: int) -> None:
         self.notify_due = None
         self._exit(ExitReason.NOTIFY, where, qualification=qualification)
+
+
+def check_entry(vmcs: Vmcs, cpu: Cpu) -> None:
+    """The VM-entry checks the model makes, EntryFailed for the first that fails.
+
+    One source for the CPU (VmxGuest.enter()) and for nested KVM, which checks
+    vmcs12 before it builds vmcs02 (nested_vmx_run()).
+    """
+    check_entry_controls(vmcs, fred.enabled(cpu))
+    check_entry_interruptibility(vmcs)
+
+
+def check_entry_controls(vmcs: Vmcs, fred_on: bool) -> None:
+    """The VM-entry event-injection fields (SDM 26.2.1.3; KVM nested_check_vm_entry_controls())."""
+    info = vmcs.entry_intr_info
+    if not info & INTR_INFO_VALID:
+        return
+    vector, type_ = info_vector(info), info_type(info)
+    nested_ok = INTR_INFO_NESTED if fred_on and type_ == EventType.HW_EXCEPTION else 0
+    if info & INTR_INFO_RESERVED & ~nested_ok:
+        raise EntryFailed("VM-entry interruption information: reserved bits set")
+    if type_ not in (0, 2, 3, 4, 5, 6):
+        raise EntryFailed(f"VM-entry interruption type {type_} is reserved")
+    if type_ == EventType.NMI and vector != Vec.NMI:
+        raise EntryFailed("NMI injection with a vector other than 2")
+    if type_ == EventType.HW_EXCEPTION and vector > 31:
+        raise EntryFailed(f"hardware exception vector {vector} > 31")
+    wants_code = type_ == EventType.HW_EXCEPTION and has_error_code(vector, EventType.HW_EXCEPTION)
+    if bool(info & INTR_INFO_DELIVER_CODE) != wants_code:
+        raise EntryFailed(f"deliver-error-code bit wrong for {vector_name(vector)} type {type_}")
+    if wants_code and vmcs.entry_exception_error_code >> 16:
+        raise EntryFailed("VM-entry exception error code bits 31:16 set")
+    if is_soft(EventType(type_)) and not 1 <= vmcs.entry_instruction_len <= 15:
+        raise EntryFailed(f"instruction length {vmcs.entry_instruction_len} for a software event")
+
+
+def check_entry_interruptibility(vmcs: Vmcs) -> None:
+    """The guest's interruptibility, alone and with the event to inject (SDM 26.3.1.5).
+
+    Hardware fails these as a VM exit with reason 33 (and KVM's nested entry
+    does the same); the model reports every entry failure as VMfailValid 7.
+    """
+    state = vmcs.guest_interruptibility
+    if state & Interruptibility.STI and state & Interruptibility.MOV_SS:
+        raise EntryFailed("interruptibility: STI and MOV SS blocking both set")
+    if state & Interruptibility.STI and not vmcs.guest_rflags & IF:
+        raise EntryFailed("interruptibility: STI blocking with RFLAGS.IF=0")
+    info = vmcs.entry_intr_info
+    if not info & INTR_INFO_VALID:
+        return
+    type_ = info_type(info)
+    if type_ == EventType.EXT_INT and (not vmcs.guest_rflags & IF or state & 3):
+        raise EntryFailed("external interrupt injected while RFLAGS.IF=0 or in an interrupt shadow")
+    if type_ == EventType.NMI and state & (Interruptibility.MOV_SS | Interruptibility.NMI):
+        raise EntryFailed("NMI injected under MOV SS or (virtual-)NMI blocking")
 
 
 def _iret_at(cpu: Cpu) -> bool:

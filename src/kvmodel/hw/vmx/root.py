@@ -20,11 +20,11 @@ from __future__ import annotations
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import RSP
+from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
-from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Pin, Vmcs, info_type
+from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Interruptibility, Pin, Vmcs, info_type
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
@@ -52,6 +52,7 @@ class VmxError:
     VMLAUNCH_NOT_CLEAR = 4
     VMRESUME_NOT_LAUNCHED = 5
     ENTRY_INVALID_CONTROL = 7
+    ENTRY_MOV_SS_BLOCKING = 26  # VM entry with events blocked by MOV SS
     UNSUPPORTED_FIELD = 12
     WRITE_READ_ONLY = 13
 
@@ -143,7 +144,8 @@ class VmxRoot:
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
         cpu.rip = next_rip  # where L1 continues if the entry fails
-        region = self._entry_region(cpu, launch)
+        # The MOV SS shadow the VMLAUNCH/VMRESUME itself executes in (boundary() moved it).
+        region = self._entry_region(cpu, launch, blocked_by_mov_ss=cpu.shadow_prev is Shadow.MOV_SS)
         if region is None:
             return
         vmcs = self.vmcss[region]
@@ -154,13 +156,14 @@ class VmxRoot:
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
+        _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
         with entry_retired(cpu):
             try:
                 guest.enter()
             except EntryFailed as failed:
-                self._leave_guest(cpu, l1)
+                self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
                 self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
@@ -184,29 +187,59 @@ class VmxRoot:
     def _exit_to_l1(self, cpu: Cpu) -> None:
         guest, vmcs, l1 = self._l2
         self._l2 = None
+        nmi_waiting = guest.host_nmi  # an NMI for L1 that had yet to exit L2
         guest.complete_exit()
-        self._leave_guest(cpu, l1)
-        if vmcs.exit_reason == ExitReason.EXCEPTION_NMI and vmcs.exit_intr_info & INTR_INFO_VALID and (
-                info_type(vmcs.exit_intr_info) == EventType.NMI):
+        nmi_exit = vmcs.exit_reason == ExitReason.EXCEPTION_NMI and bool(
+            vmcs.exit_intr_info & INTR_INFO_VALID) and info_type(vmcs.exit_intr_info) == EventType.NMI
+        self._leave_guest(cpu, l1, nmi_waiting and not nmi_exit)
+        if nmi_exit:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
 
-    def _entry_region(self, cpu: Cpu, launch: bool) -> int | None:
-        """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail (SDM 30.3)."""
+    def _entry_region(self, cpu: Cpu, launch: bool, blocked_by_mov_ss: bool) -> int | None:
+        """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail.
+
+        The checks in the order of SDM 30.3's VMLAUNCH/VMRESUME pseudocode (Bochs
+        vmx.cc and KVM nested_vmx_run() keep it): VMX operation, a current VMCS,
+        no blocking by MOV SS, then the launch state.
+        """
         self._require_vmxon(cpu)
         region = self.current
         if region is None:
             self._fail_invalid(cpu)
+        elif blocked_by_mov_ss:
+            self._fail_valid(cpu, VmxError.ENTRY_MOV_SS_BLOCKING)
+            return None
         elif launch == (region in self.launched):
             self._fail_valid(cpu, VmxError.VMLAUNCH_NOT_CLEAR if launch else VmxError.VMRESUME_NOT_LAUNCHED)
             return None
         return region
 
     @staticmethod
-    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool]) -> None:
+    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool], nmi_waiting: bool) -> None:
+        """Back to L1's state; an NMI that L2 left before it could exit is L1's, pending."""
         back_to_l1(cpu)
         cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
+        if nmi_waiting:
+            cpu.nmi_pending += 1
+            cpu.attn = True
+
+
+def _pending_events_exit(guest: VmxGuest) -> None:
+    """What L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any injection.
+
+    An interrupt the APIC presents exits whatever L2's RFLAGS.IF (external-interrupt
+    exiting, SDM 25.2); with virtual NMIs no NMI is blocked in VMX non-root operation
+    (SDM 26.6.1), so a pending one exits at once (NMI exiting). Either stays L1's.
+    """
+    cpu, vmcs = guest.cpu, guest.vmcs
+    if cpu.apic.pending_vector() is not None:
+        guest.kick()
+    if cpu.nmi_pending and (vmcs.pin_based & Pin.VIRTUAL_NMIS
+                            or not vmcs.guest_interruptibility & Interruptibility.NMI):
+        cpu.nmi_pending -= 1
+        guest.host_nmi = True
 
 
 def _to_l1(guest: VmxGuest, event, vector: int) -> None:

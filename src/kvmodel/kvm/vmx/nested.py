@@ -28,7 +28,9 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import Shadow
-from kvmodel.hw.vmx.root import VmxRoot
+from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.vmx.cpu import check_entry
+from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     INTR_INFO_VALID,
@@ -42,6 +44,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
+from kvmodel.kvm.uapi import ShadowBits
 from kvmodel.kvm.x86 import NestedExitRecord, Request
 
 if TYPE_CHECKING:
@@ -101,7 +104,16 @@ class NestedVmx(VmxRoot):
         """Emulated VM entry: VMfail with RIP advanced, or switch to vmcs02 with RIP unchanged."""
         rip = self.vmx.vmcs.guest_rip
         insn = cpu.icache.get(rip) or decode(cpu, rip)
-        region = self._entry_region(cpu, launch)
+        blocked_by_mov_ss = bool(self.vmx.get_interrupt_shadow() & ShadowBits.MOV_SS)
+        region = self._entry_region(cpu, launch, blocked_by_mov_ss)
+        if region is not None:
+            try:
+                # nested_vmx_check_controls() and the guest-state checks, in software on
+                # vmcs12 before vmcs02 exists: the hardware model's own checks.
+                check_entry(self.vmcss[region], cpu)
+            except EntryFailed:
+                self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
+                region = None
         if region is None:
             self._skip_l1(cpu, next_rip)
             self.vmx.vcpu.retire(rip, insn)
@@ -112,9 +124,11 @@ class NestedVmx(VmxRoot):
         self._enter_l2()
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
+        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
         vmcs = self.vmx.vmcs
         vmcs.guest_rip = next_rip
         vmcs.guest_rflags = cpu.rflags
+        self.vmx.set_interrupt_shadow(0)
 
     def _enter_l2(self) -> None:
         vmx, cpu = self.vmx, self.vmx.guest.cpu
