@@ -188,8 +188,9 @@ def differences(model: RunResult, qemu: QemuRun, stub: _StubMap,
     if stopped is QemuStop.HALTED and qemu.stop is QemuStop.HALTED:
         yield from _final_differences(model, qemu, stub)
     if stopped is qemu.stop and stopped is not QemuStop.TIMEOUT:
-        frames = [seen[e - 1] for e in declared if 0 < e <= len(seen)]
-        yield from _memory_difference(model, qemu, [f for f in frames if isinstance(f, Delivery)])
+        excused = [seen[e - 1] for e in declared if 0 < e <= len(seen)]
+        yield from _memory_difference(model, qemu, [d for d in excused if isinstance(d, Delivery)],
+                                      [d for d in seen if isinstance(d, Delivery) and d.undefined])
 
 
 def _event_difference(index: int, want: Delivery | Output, got, stub: _StubMap) -> Difference | None:
@@ -204,7 +205,8 @@ def _event_difference(index: int, want: Delivery | Output, got, stub: _StubMap) 
     if want.rsp != got.rsp:
         return Difference(index, "RSP after delivery", f"{want.rsp:#x}", f"{got.rsp:#x}")
     for k, word in enumerate(want.frame):
-        if stub(got.stack[k]) != word:
+        defined = ~want.undefined[k] if want.undefined else -1  # SDM 6.15: a #DF's CS:RIP
+        if stub(got.stack[k]) & defined != word & defined:
             return Difference(index, f"frame word {k}", f"{word:#x}", f"{stub(got.stack[k]):#x}")
     return None
 
@@ -234,13 +236,21 @@ def _final_differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Itera
             yield Difference(FINAL, name, f"{value:#x}", f"{got:#x}")
 
 
-def _memory_difference(model: RunResult, qemu: QemuRun,
-                       excused: list[Delivery]) -> Iterator[Difference]:
+def _memory_difference(model: RunResult, qemu: QemuRun, excused: list[Delivery],
+                       undefined: list[Delivery]) -> Iterator[Difference]:
+    """The first differing byte, leaving out the frames of declared differences and the
+    bits of frames the architecture leaves undefined."""
     mine, theirs = bytearray(model.memory), bytearray(qemu.memory)
     word = 8 if model.scenario.mode is Mode.LONG64 else 4
     for d in excused:
         size = len(d.frame) * word
         theirs[d.rsp:d.rsp + size] = mine[d.rsp:d.rsp + size]
+    for d in undefined:
+        for k, mask in enumerate(d.undefined):
+            at = d.rsp + k * word
+            ours = int.from_bytes(mine[at:at + word], "little")
+            other = int.from_bytes(theirs[at:at + word], "little")
+            theirs[at:at + word] = (other & ~mask | ours & mask).to_bytes(word, "little")
     if mine == theirs:
         return
     at = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
