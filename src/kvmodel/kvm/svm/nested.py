@@ -298,6 +298,8 @@ class NestedSvm:
         vmcb02, vmcb01 = svm.vmcb, self.vmcb01
         write_exit(cpu.mem, self.vmcb12_gpa, self._vmcb12_at_exit(vmcb02, cpu))
         self.guest_mode = self.run_pending = False
+        # L1's state is loaded and runnable: a shutdown that exited (SHUTDOWN intercept) was L2's
+        cpu.shutdown = False
         svm.guest.vmcb = vmcb01
         cpu.regs[RAX] = vmcb01.rax
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
