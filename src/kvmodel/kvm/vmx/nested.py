@@ -45,7 +45,7 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 from kvmodel.kvm.uapi import ShadowBits
-from kvmodel.kvm.x86 import NestedExitRecord, Request
+from kvmodel.kvm.x86 import EBUSY, NestedExitRecord, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
@@ -275,21 +275,30 @@ class NestedVmx(VmxRoot):
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
-    def check_nested_events(self) -> bool:
-        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; True if it did."""
-        if not self.guest_mode or self.run_pending:
-            return False
+    def check_nested_events(self) -> int:
+        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; EBUSY while VMLAUNCH's
+        injection is still to go in or an event is to be re-injected into L2."""
+        if not self.guest_mode:
+            return 0
         vcpu, vmcs12 = self.vmx.vcpu, self.vmcs12
-        if vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING:
+        nmi_exit = vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING
+        intr_exit = (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
+                     and not _faults.on("nested_irq_injected_into_l2"))
+        if (nmi_exit or intr_exit) and (self.run_pending or vcpu.event_needs_reinjection()):
+            return EBUSY
+        if nmi_exit:
             self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
             # The NMI-triggered exit counts as injection: consume it, block further NMIs.
             vcpu.nmi_pending -= 1
             if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
                 self.vmx.set_nmi_mask(True)
-            return True
-        if (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
-                and not _faults.on("nested_irq_injected_into_l2")):
+        elif intr_exit:
             self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
-            return True
-        return False
+        return 0
+
+    def triple_fault(self) -> None:
+        """nested_vmx_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is always L1's VM exit."""
+        if self.guest_mode:
+            self.vmx.vcpu.requests &= ~Request.TRIPLE_FAULT
+            self.exit_to_l1(ExitReason.TRIPLE_FAULT)
 

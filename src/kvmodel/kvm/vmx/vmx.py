@@ -177,8 +177,18 @@ class Vmx:
         return n is not None and n.guest_mode and (
             n.run_pending or (for_injection and bool(n.vmcs12.pin_based & exit_control)))
 
-    def check_nested_events(self) -> bool:
-        return self.nested is not None and self.nested.check_nested_events()
+    def check_nested_events(self) -> int:
+        return self.nested.check_nested_events() if self.nested is not None else 0
+
+    def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool:
+        """nested_vmx_is_exception_vmexit(): not modelled; an exception L0 queues for L2
+        goes to L2 even if vmcs12's exception bitmap has it (exits L1 wants come from
+        the hardware's exit, reflect())."""
+        return False
+
+    def nested_triple_fault(self) -> None:
+        if self.nested is not None:
+            self.nested.triple_fault()
 
     def interrupt_blocked(self) -> bool:
         """vmx_interrupt_blocked()."""
