@@ -437,10 +437,15 @@ class Vcpu:
         return None
 
     def _wait_for_events(self) -> bool:
-        """kvm_vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits."""
+        """vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits.
+
+        In guest mode the nested events are checked before the vCPU leaves HALTED,
+        so an exit to L1 records the HLT in vmcs12's activity state."""
         while not self.has_events():
             if not self.cpu.next_arrival():
                 return False
+        if not self.event_needs_reinjection():  # block_nested_events
+            self.ops.check_nested_events()
         self.mp_state = MpState.RUNNABLE
         return True
 

@@ -32,6 +32,7 @@ from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     INTR_INFO_VALID,
+    Activity,
     ExitReason,
     Interruptibility,
     Pin,
@@ -42,7 +43,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm.x86 import NestedExitRecord, Request
+from kvmodel.kvm.x86 import MpState, NestedExitRecord, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
@@ -54,8 +55,9 @@ _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitRea
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
               ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
 # L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
+# Not the activity state: KVM never enters L2 in HLT, it halts the vCPU (mp_state) instead.
 _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
-             "guest_activity_state", "guest_pending_dbg_exceptions")
+             "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
     ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
@@ -234,10 +236,15 @@ class NestedVmx(VmxRoot):
                            self.guest_mode, self.run_pending, self.l1_idtr)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
-        """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done."""
+        """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done.
+
+        L2 halted by L0 (its HLT emulated, or entered in HLT) saves activity state HLT,
+        as the CPU would have (SDM 27.3.4): KVM takes it from mp_state."""
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
         for name in _L2_STATE:
             setattr(vmcs12, name, getattr(vmcs02, name))
+        halted = self.vmx.vcpu.mp_state is MpState.HALTED
+        vmcs12.guest_activity_state = Activity.HLT if halted else Activity.ACTIVE
         if self.run_pending:  # the entry's injection has not happened yet: it is still vmcs12's
             return
         vmcs12.entry_intr_info &= ~INTR_INFO_VALID
