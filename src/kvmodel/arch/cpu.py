@@ -359,7 +359,12 @@ class Cpu:
                 self._arrive(s)
 
     def next_arrival(self) -> bool:
-        """Time passes while nothing runs (HLT): the next event scheduled by count arrives now."""
+        """Time passes while nothing runs (HLT): an event placed at this RIP arrives now,
+        else the next one scheduled by count."""
+        here = [s for s in self.scheduled if s.at_rip == self.rip]
+        if here:
+            self._arrive(here[0])
+            return True
         by_count = [s for s in self.scheduled if s.after is not None]
         if not by_count:
             return False
