@@ -80,3 +80,13 @@ def test_vmlaunch_with_a_bad_injection_fails_valid_and_stays_in_l1():
     result = l1(body)
     assert flags(result) == 0x40
     assert any(getattr(o, "reason", "") == "VM_ENTRY_FAILED" for o in result.trace)
+
+
+def test_entry_into_the_hlt_activity_state_records_no_hlt():
+    """VMLAUNCH with activity state HLT (SDM 26.6.2) halts L2, but no HLT instruction ran:
+    the run ends on the halted L2 (nothing wakes it) with no HLT in the trace."""
+    body = (START + "L2_SETUP l2, 0x30000, start\n    VMWRITE_ VMCS_GUEST_ACTIVITY_STATE, $1\n"
+            "    vmlaunch\n    hlt\nl2:\n    nop")
+    result = l1(body)
+    assert result.final.halted
+    assert [o for o in result.trace if o.kind == "halt"] == []

@@ -27,7 +27,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import Shadow
+from kvmodel.arch.regs import IF, Shadow
 from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -55,7 +55,9 @@ _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitRea
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
               ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
 # L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
-# Not the activity state: KVM never enters L2 in HLT, it halts the vCPU (mp_state) instead.
+# Not the activity state: a halted L2 is KVM's mp_state (nested_vmx_run() halts the vCPU
+# rather than enter L2 in HLT); vmcs02's stays ACTIVE (UNVERIFIED: prepare_vmcs02() read,
+# no write of GUEST_ACTIVITY_STATE found).
 _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
              "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
@@ -112,6 +114,21 @@ class NestedVmx(VmxRoot):
         self._succeed(cpu)
         self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
         self._enter_l2()
+        if self._enters_halted(self.vmcs12):
+            # kvm_emulate_halt_noskip(): L2 waits in L0 as if its HLT had exited; no HLT ran
+            self.run_pending = False
+            self.vmx.vcpu.stats.halt_exits += 1
+            self.vmx.vcpu.mp_state = MpState.HALTED
+
+    @staticmethod
+    def _enters_halted(vmcs12: Vmcs) -> bool:
+        """nested_vmx_run(): activity state HLT, and nothing that would wake L2 at once (an
+        injected event, NMI-window exiting, interrupt-window exiting with IF=1; SDM 26.6.2)."""
+        if vmcs12.guest_activity_state != Activity.HLT or vmcs12.entry_intr_info & INTR_INFO_VALID:
+            return False
+        if vmcs12.proc_based & Proc.NMI_WINDOW_EXITING:
+            return False
+        return not (vmcs12.proc_based & Proc.INTR_WINDOW_EXITING and vmcs12.guest_rflags & IF)
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
         vmcs = self.vmx.vmcs
