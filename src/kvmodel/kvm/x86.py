@@ -465,10 +465,18 @@ class Vcpu:
         self.exception_from_userspace = False
 
     def _wait_for_events(self) -> bool:
-        """kvm_vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits."""
+        """vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits.
+
+        The core shows the guest's RIP meanwhile, so an event placed at the label
+        the vCPU halted at arrives, as it would on a halted CPU. In guest mode the
+        nested events are checked before the vCPU leaves HALTED, so an exit to L1
+        records the HLT in vmcs12's activity state."""
+        self.ops.sync_guest_state_to_core()
         while not self.has_events():
             if not self.cpu.next_arrival():
                 return False
+        if not self.event_needs_reinjection():  # block_nested_events
+            self.ops.check_nested_events()
         self.mp_state = MpState.RUNNABLE
         return True
 

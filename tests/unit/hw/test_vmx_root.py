@@ -96,3 +96,13 @@ def test_interrupt_pending_at_vmlaunch_exits_an_l2_entered_in_hlt():
     assert result.passed, [m.message for m in result.mismatches]
     final = result.final
     assert (final.value("rbx"), final.value("rdi"), final.value("rsi")) == (1, 1, 0)
+
+
+def test_entry_into_the_hlt_activity_state_records_no_hlt():
+    """VMLAUNCH with activity state HLT (SDM 26.6.2) halts L2, but no HLT instruction ran:
+    the run ends on the halted L2 (nothing wakes it) with no HLT in the trace."""
+    body = (START + "L2_SETUP l2, 0x30000, start\n    VMWRITE_ VMCS_GUEST_ACTIVITY_STATE, $1\n"
+            "    vmlaunch\n    hlt\nl2:\n    nop")
+    result = l1(body)
+    assert result.final.halted
+    assert [o for o in result.trace if o.kind == "halt"] == []
