@@ -24,7 +24,7 @@ from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.host import Host, HostExit, SvmInstructions, VmxInstructions
+from kvmodel.arch.host import Exiting, Host, HostExit, SvmInstructions, VmxInstructions
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
@@ -360,7 +360,12 @@ class Cpu:
                 self._arrive(s)
 
     def next_arrival(self) -> bool:
-        """Time passes while nothing runs (HLT): the next event scheduled by count arrives now."""
+        """Time passes while nothing runs (HLT): an event placed at this RIP arrives now,
+        else the next one scheduled by count."""
+        here = [s for s in self.scheduled if s.at_rip == self.rip]
+        if here:
+            self._arrive(here[0])
+            return True
         by_count = [s for s in self.scheduled if s.after is not None]
         if not by_count:
             return False
@@ -494,7 +499,8 @@ class Cpu:
                 self.pending_dbg |= DR6_BS  # single-step trap (SDM 17.3.1.4)
                 self.attn = True
             if self.halted:
-                self.trace.append(Halt(rip, self.retired))
+                if insn.exiting is Exiting.HLT:  # not a VM entry into the HLT activity state
+                    self.trace.append(Halt(rip, self.retired))
                 self.attn = True
         return Stop.SHUTDOWN if self.shutdown else Stop.BUDGET
 

@@ -183,7 +183,9 @@ class VendorOps(Protocol):
     def skip_emulated_instruction(self) -> bool: ...
     def kick(self) -> None: ...
     def sync_guest_state_to_core(self) -> None: ...
-    def check_nested_events(self) -> bool: ...
+    def check_nested_events(self) -> int: ...
+    def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool: ...
+    def nested_triple_fault(self) -> None: ...
     @property
     def guest_state_protected(self) -> bool: ...
     def get_nested_state(self) -> object | None: ...
@@ -197,6 +199,8 @@ class Vcpu:
     kvm: Vm = field(default_factory=Vm)
     ops: VendorOps = None  # set by the vendor constructor
     exception: QueuedException = field(default_factory=QueuedException)
+    exception_vmexit: QueuedException = field(default_factory=QueuedException)  # one for L1
+    exception_from_userspace: bool = False  # KVM_SET_VCPU_EVENTS stuffed a pending exception
     interrupt: QueuedInterrupt = field(default_factory=QueuedInterrupt)
     nmi_queued: int = 0
     nmi_pending: int = 0
@@ -261,13 +265,18 @@ class Vcpu:
 
     def queue_exception(self, vector: int, error_code: int | None = None,
                         payload: int | None = None) -> None:
-        """kvm_multiple_exception(): queue, or merge into #DF / triple fault (SDM Table 6-5)."""
+        """kvm_multiple_exception(): queue, or merge into #DF / triple fault (SDM Table 6-5).
+
+        In L2, an exception L1 intercepts is no exception for L2 at all: it waits in
+        exception_vmexit for the vendor's check_nested_events() to make it L1's VM exit,
+        before any merging with what L2 has queued (kvm_queue_exception_vmexit())."""
         self.requests |= Request.EVENT
+        if self.ops.is_exception_vmexit(vector, error_code):
+            self.exception_vmexit = _queued(vector, error_code, payload)
+            return
         exc = self.exception
         if not (exc.pending or exc.injected):
-            self.exception = QueuedException(
-                pending=True, vector=vector, has_error_code=error_code is not None,
-                error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
+            self.exception = _queued(vector, error_code, payload)
             return
         prev = exc.vector
         if prev == Vec.DF:
@@ -281,9 +290,7 @@ class Vcpu:
             self.queue_exception(Vec.DF, 0)
             return
         # Otherwise the new exception replaces the old, which re-execution regenerates.
-        self.exception = QueuedException(
-            pending=True, vector=vector, has_error_code=error_code is not None,
-            error_code=error_code or 0, has_payload=payload is not None, payload=payload or 0)
+        self.exception = _queued(vector, error_code, payload)
 
     def requeue_exception(self, vector: int, error_code: int | None, event_data: int = 0,
                           nested: bool = False) -> None:
@@ -306,19 +313,22 @@ class Vcpu:
         self.nmi_injected = False
         self.exception.pending = False
         self.exception.injected = False
+        self.exception_vmexit.pending = False
         self.interrupt.injected = False
 
     def exception_pending(self) -> bool:
         """kvm_is_exception_pending()."""
-        return self.exception.pending or bool(self.requests & Request.TRIPLE_FAULT)
+        return (self.exception.pending or self.exception_vmexit.pending
+                or bool(self.requests & Request.TRIPLE_FAULT))
 
     def event_needs_reinjection(self) -> bool:
         """kvm_event_needs_reinjection()."""
         return self.exception.injected or self.interrupt.injected or self.nmi_injected
 
-    def deliver_exception_payload(self) -> None:
-        """kvm_deliver_exception_payload(): CR2 for #PF, DR6 for #DB."""
-        exc = self.exception
+    def deliver_exception_payload(self, exc: QueuedException | None = None) -> None:
+        """kvm_deliver_exception_payload(): CR2 for #PF, DR6 for #DB; of `exc`, by default the
+        exception queued for the guest."""
+        exc = exc if exc is not None else self.exception
         if not exc.has_payload:
             return
         cpu = self.cpu
@@ -341,6 +351,9 @@ class Vcpu:
     def check_and_inject_events(self) -> bool:
         """kvm_check_and_inject_events(): returns whether an immediate exit is wanted."""
         ops = self.ops
+        # kvm_check_nested_events() first: a VM exit to L1 supersedes re-injection into L2
+        # (the event goes into vmcb12/vmcs12 then); -EBUSY: an immediate exit, and again.
+        nested = ops.check_nested_events()
         if self.exception.injected:
             self._inject_exception(reinjected=True)
         elif self.exception_pending():
@@ -350,11 +363,13 @@ class Vcpu:
         elif self.interrupt.injected:
             ops.inject_irq(reinjected=True)
             self._record("soft-int" if self.interrupt.soft else "irq", self.interrupt.nr, True)
-        can_inject = not self.event_needs_reinjection()
-        if can_inject and ops.check_nested_events():  # vmx_check_nested_events(): an exit to L1
-            can_inject = not self.event_needs_reinjection()
         self.warn_on(self.exception.injected and self.exception.pending,
                      "kvm_check_and_inject_events: exception both injected and pending")
+        if nested < 0:
+            return True
+        self.warn_on(self.exception_vmexit.pending,
+                     "kvm_check_and_inject_events: exception VM exit still pending")
+        can_inject = not self.event_needs_reinjection()
 
         exc = self.exception
         if exc.pending:
@@ -436,11 +451,32 @@ class Vcpu:
                 return UserspaceExit(KvmExit.INTR, "userspace asked for control")
         return None
 
+    def _morph_userspace_exception(self) -> None:
+        """kvm_arch_vcpu_ioctl_run(): a pending exception KVM_SET_VCPU_EVENTS stuffed while L2
+        is active becomes L1's exception VM exit if L1 intercepts it. Done at the next entry,
+        which for a VMM is the same point: it can set events only between KVM_RUNs."""
+        exc = self.exception
+        if self.exception_from_userspace and self.ops.is_exception_vmexit(
+                exc.vector, exc.error_code if exc.has_error_code else None):
+            self.exception_vmexit = QueuedException(
+                pending=True, vector=exc.vector, has_error_code=exc.has_error_code,
+                error_code=exc.error_code, has_payload=exc.has_payload, payload=exc.payload)
+            exc.pending = exc.injected = False
+        self.exception_from_userspace = False
+
     def _wait_for_events(self) -> bool:
-        """kvm_vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits."""
+        """vcpu_block(): wake on kvm_vcpu_has_events(); time passes while it waits.
+
+        The core shows the guest's RIP meanwhile, so an event placed at the label
+        the vCPU halted at arrives, as it would on a halted CPU. In guest mode the
+        nested events are checked before the vCPU leaves HALTED, so an exit to L1
+        records the HLT in vmcs12's activity state."""
+        self.ops.sync_guest_state_to_core()
         while not self.has_events():
             if not self.cpu.next_arrival():
                 return False
+        if not self.event_needs_reinjection():  # block_nested_events
+            self.ops.check_nested_events()
         self.mp_state = MpState.RUNNABLE
         return True
 
@@ -454,9 +490,12 @@ class Vcpu:
 
     def enter_guest(self, max_steps: int) -> UserspaceExit | None:
         """vcpu_enter_guest(): requests, event injection, the vendor run, exit handling."""
+        self._morph_userspace_exception()
         if self.requests & Request.TRIPLE_FAULT:
-            self.requests &= ~Request.TRIPLE_FAULT
-            return UserspaceExit(KvmExit.SHUTDOWN, "KVM_REQ_TRIPLE_FAULT")
+            self.ops.nested_triple_fault()  # in L2: L1's VM exit, if L1 asked for one
+            if self.requests & Request.TRIPLE_FAULT:
+                self.requests &= ~Request.TRIPLE_FAULT
+                return UserspaceExit(KvmExit.SHUTDOWN, "KVM_REQ_TRIPLE_FAULT")
         if self.requests & Request.NMI:
             self.requests &= ~Request.NMI
             self.process_nmi()
@@ -549,6 +588,8 @@ class Vcpu:
         """kvm_vcpu_ioctl_x86_get_vcpu_events()."""
         self.process_nmi()
         exc = self.exception
+        if self.exception_vmexit.pending and not (exc.pending or exc.injected):
+            exc = self.exception_vmexit  # the ABI has room for one; an exiting one goes as it
         out = KvmVcpuEvents()
         if not exception_is_soft(exc.vector):  # soft exceptions re-execute after restore
             out.exception_injected = int(exc.injected)
@@ -597,6 +638,8 @@ class Vcpu:
             vector=ev.exception_nr, has_error_code=bool(ev.exception_has_error_code),
             error_code=ev.exception_error_code, has_payload=bool(ev.exception_has_payload),
             payload=ev.exception_payload)
+        self.exception_vmexit = QueuedException()
+        self.exception_from_userspace = bool(ev.exception_pending)  # morphed at KVM_RUN
         self.interrupt = QueuedInterrupt(bool(ev.interrupt_injected), bool(ev.interrupt_soft),
                                          ev.interrupt_nr)
         if ev.flags & VcpuEventsFlag.VALID_SHADOW:
@@ -614,6 +657,13 @@ class Vcpu:
             else:
                 self.requests &= ~Request.TRIPLE_FAULT
         self.requests |= Request.EVENT
+
+
+def _queued(vector: int, error_code: int | None, payload: int | None) -> QueuedException:
+    """A newly pending exception, as kvm_multiple_exception() records it."""
+    return QueuedException(pending=True, vector=vector, has_error_code=error_code is not None,
+                           error_code=error_code or 0, has_payload=payload is not None,
+                           payload=payload or 0)
 
 
 _ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTOR

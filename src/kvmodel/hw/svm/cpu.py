@@ -75,6 +75,10 @@ class SvmGuest(GuestMode):
         self._saved_shadow = Shadow.NONE  # the shadow kind behind int_state at the last exit
         self._where = Where.BOUNDARY
         self._rf = False
+        # Where the guest's DR6 is while it runs: the VMCB's, which KVM clears for each run
+        # (the core's dr6 stands for vcpu->arch.dr6), or, for an L1 on the model (root.py),
+        # the core's own DR6.
+        self.dr6_in_core = False
 
     # -- VMRUN (APM 15.5, 15.20) ----------------------------------------------
 
@@ -276,8 +280,13 @@ class SvmGuest(GuestMode):
             cpu.retired += 1
             where = Where.BOUNDARY
         code = event.error_code if has_error_code(event.vector, event.type) else None
-        if event.vector == Vec.DB:  # DR6 is written before the intercept (APM 15.12): UNVERIFIED
-            self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
+        if event.vector == Vec.DB:
+            # DR6 is written before the intercept: UNVERIFIED against APM 15.12; KVM's
+            # db_interception() takes the #DB's condition from the VMCB's DR6.
+            if self.dr6_in_core:
+                cpu.dr6 = (cpu.dr6 & ~DR6_B0_B3) | event.dr6
+            else:
+                self.vmcb.dr6 = (self.vmcb.dr6 & ~DR6_B0_B3) | event.dr6
         soft = event.type is EventType.SW_EXCEPTION and event.vector in _NEXT_RIP_EXCEPTIONS
         # #PF: EXITINFO2 is the faulting address; CR2 is left alone (APM 15.12)
         self._exit(ExitCode.EXCP_BASE + event.vector, where, info_1=code or 0,

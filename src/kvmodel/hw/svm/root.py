@@ -100,6 +100,10 @@ class SvmRoot:
                      (cpu.idtr_base, cpu.idtr_limit), cpu.nmi_pending)
         guest = SvmGuest(cpu)
         guest.vmcb = vmcb
+        # L2 runs on the core's DR6 (VMRUN's load of DR6 from the VMCB is not modelled), and
+        # #VMEXIT leaves it as L2 had it: it reloads DR7, not DR6 (UNVERIFIED against APM
+        # 15.6; KVM's nested_svm_vmexit() likewise keeps L2's DR6 as L1's).
+        guest.dr6_in_core = True
         guest.on_external = lambda event, vector: self._for_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: self._for_l1(guest, External.NMI, Vec.NMI)
         self._l2 = (guest, vmcb_pa, l1)

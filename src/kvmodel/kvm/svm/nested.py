@@ -12,7 +12,9 @@ L1 while L2 runs become #VMEXITs to L1 (svm_check_nested_events()); unlike
 VMX, an NMI that exits is not consumed and reaches L1 after its STGI.
 
 Modelled: the VMCB fields hw/svm/vmcb.py reads, intercepts merged as
-vmcb01 | vmcb12, L1-injected events (soft ones returning to vmcb12's
+vmcb01 | vmcb12, exceptions L0 queues for L2 that L1 intercepts (the
+vCPU's exception_vmexit, an exit at the next check_nested_events()),
+KVM_REQ_TRIPLE_FAULT as SVM_EXIT_SHUTDOWN, L1-injected events (soft ones returning to vmcb12's
 next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
 hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
 Not modelled: nested NPT (L2 shares L1's memory), MSR and I/O permission maps
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import IF, RAX
+from kvmodel.arch.regs import DR7_GD, IF, RAX
 from kvmodel.hw.svm.root import check_vmcb_for_model, vmrun_failure
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
@@ -53,7 +55,7 @@ from kvmodel.hw.svm.vmcb import (
     write_exit,
     write_field,
 )  # fmt: skip
-from kvmodel.kvm.x86 import NestedExitRecord, Request, exception_is_soft
+from kvmodel.kvm.x86 import EBUSY, NestedExitRecord, Request, exception_is_soft
 
 if TYPE_CHECKING:
     from kvmodel.kvm.svm.svm import Svm
@@ -277,13 +279,29 @@ class NestedSvm:
         """nested_svm_is_exception_vmexit(): an exception KVM queues for L2 that L1 intercepts."""
         return self.guest_mode and bool(self.ctl.exception_intercepts >> vector & 1)
 
-    def exception_vmexit(self, vector: int, error_code: int | None) -> None:
-        """nested_svm_inject_exception_vmexit(): the exception becomes L1's #VMEXIT."""
-        vmcb02 = self.svm.vmcb
-        vmcb02.exit_code = ExitCode.EXCP_BASE + vector
-        if error_code is not None:
-            vmcb02.exit_info_1 = error_code
+    def inject_exception_vmexit(self) -> None:
+        """nested_svm_inject_exception_vmexit(): vcpu->arch.exception_vmexit becomes L1's
+        #VMEXIT. A #DB's payload goes to DR6 first, as the CPU writes DR6 before a #DB
+        intercept (KVM's db_interception() reads it from the VMCB); #PF's to EXITINFO2."""
+        vcpu = self.svm.vcpu
+        exc, vmcb02 = vcpu.exception_vmexit, self.svm.vmcb
+        vmcb02.exit_code = ExitCode.EXCP_BASE + exc.vector
+        if exc.has_error_code:
+            vmcb02.exit_info_1 = exc.error_code
+        if exc.vector == Vec.PF:
+            vmcb02.exit_info_2 = exc.payload if exc.has_payload else vcpu.cpu.cr2
+        elif exc.vector == Vec.DB:
+            vcpu.deliver_exception_payload(exc)
+            vcpu.cpu.dr7 &= ~DR7_GD
         self.vmexit()
+
+    def triple_fault(self) -> None:
+        """nested_svm_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is SVM_EXIT_SHUTDOWN for an L1
+        that intercepts SHUTDOWN."""
+        if not self.guest_mode or Intercept.SHUTDOWN not in self.ctl.intercepts:
+            return
+        self.svm.vcpu.requests &= ~Request.TRIPLE_FAULT
+        self.simple_vmexit(ExitCode.SHUTDOWN)
 
     def simple_vmexit(self, code: ExitCode) -> None:
         """nested_svm_simple_vmexit(): an exit with no information of its own."""
@@ -298,6 +316,8 @@ class NestedSvm:
         vmcb02, vmcb01 = svm.vmcb, self.vmcb01
         write_exit(cpu.mem, self.vmcb12_gpa, self._vmcb12_at_exit(vmcb02, cpu))
         self.guest_mode = self.run_pending = False
+        # L1's state is loaded and runnable: a shutdown that exited (SHUTDOWN intercept) was L2's
+        cpu.shutdown = False
         svm.guest.vmcb = vmcb01
         cpu.regs[RAX] = vmcb01.rax
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
@@ -364,19 +384,31 @@ class NestedSvm:
 
     # -- events for L1 while L2 runs (svm_check_nested_events()) --------------------------
 
-    def check_nested_events(self) -> bool:
-        """An NMI or interrupt L1 intercepts ends L2's turn; the NMI stays pending (APM 15.13)."""
-        if not self.guest_mode or self.run_pending:
-            return False
+    def check_nested_events(self) -> int:
+        """An exception L1 intercepts, then an NMI or interrupt L1 intercepts, ends L2's turn;
+        the NMI stays pending (APM 15.13). EBUSY while VMRUN's injection is still to go in or
+        an event is to be re-injected into L2 (the exception waits for VMRUN only)."""
+        if not self.guest_mode:
+            return 0
         svm, vcpu = self.svm, self.svm.vcpu
-        if vcpu.nmi_pending and not svm.nmi_blocked() and Intercept.NMI in self.ctl.intercepts:
-            self.simple_vmexit(ExitCode.NMI)
-            return True
-        if (vcpu.has_injectable_intr() and not svm.interrupt_blocked()
-                and Intercept.INTR in self.ctl.intercepts):
-            self.simple_vmexit(ExitCode.INTR)
-            return True
-        return False
+        block_events = self.run_pending or vcpu.event_needs_reinjection()
+        if vcpu.exception_vmexit.pending:
+            if self.run_pending:
+                return EBUSY
+            self.inject_exception_vmexit()
+            return 0
+        if vcpu.nmi_pending and not svm.nmi_blocked():
+            if block_events:
+                return EBUSY
+            if Intercept.NMI in self.ctl.intercepts:
+                self.simple_vmexit(ExitCode.NMI)
+            return 0
+        if vcpu.has_injectable_intr() and not svm.interrupt_blocked():
+            if block_events:
+                return EBUSY
+            if Intercept.INTR in self.ctl.intercepts:
+                self.simple_vmexit(ExitCode.INTR)
+        return 0
 
 
 def _is_soft(word: int) -> bool:

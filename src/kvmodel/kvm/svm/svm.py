@@ -437,8 +437,15 @@ class Svm:
     def kick(self) -> None:
         self.guest.kick()
 
-    def check_nested_events(self) -> bool:
-        return self.nested is not None and self.nested.check_nested_events()
+    def check_nested_events(self) -> int:
+        return self.nested.check_nested_events() if self.nested is not None else 0
+
+    def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool:
+        return self.nested is not None and self.nested.is_exception_vmexit(vector)
+
+    def nested_triple_fault(self) -> None:
+        if self.nested is not None:
+            self.nested.triple_fault()
 
     # -- the run and what follows each exit ----------------------------------------
 
@@ -531,7 +538,7 @@ class Svm:
         if code == ExitCode.EXCP_BASE + Vec.DB:
             self._db_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
-            self._queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
+            vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
         elif code == ExitCode.INTR:
             vcpu.stats.irq_exits += 1
         elif code == ExitCode.NMI:
@@ -566,18 +573,6 @@ class Svm:
         else:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exit {code:#x} not modelled")
         return None
-
-    def _queue_exception(self, vector: int, error_code: int | None = None,
-                         payload: int | None = None) -> None:
-        """kvm_queue_exception(), with the nested morph: an exception for L2 that L1
-        intercepts becomes L1's #VMEXIT (nested_svm_inject_exception_vmexit(); the model
-        takes it at once rather than at the next svm_check_nested_events())."""
-        if self.nested is not None and self.nested.is_exception_vmexit(vector):
-            if vector == Vec.DB and payload is not None:
-                self.guest.cpu.dr6 = payload ^ DR6_ACTIVE_LOW  # the payload goes to DR6 first
-            self.nested.exception_vmexit(vector, error_code)
-            return
-        self.vcpu.queue_exception(vector, error_code, payload)
 
     # -- the SVM instructions, for an L1 hypervisor (nested.py) -------------------------
 
@@ -638,7 +633,7 @@ class Svm:
     def _db_interception(self) -> None:
         """db_interception(): the guest's own #DB goes back to it, KVM's single-step ends."""
         if not self.nmi_singlestep:
-            self._queue_exception(Vec.DB, payload=self.vmcb.dr6 ^ DR6_ACTIVE_LOW)
+            self.vcpu.queue_exception(Vec.DB, payload=self.vmcb.dr6 ^ DR6_ACTIVE_LOW)
             return
         vcpu = self.vcpu
         self.disable_nmi_singlestep()

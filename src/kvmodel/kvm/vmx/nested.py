@@ -27,13 +27,14 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import Shadow
+from kvmodel.arch.regs import IF, Shadow
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import check_entry
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     INTR_INFO_VALID,
+    Activity,
     ExitReason,
     Interruptibility,
     Pin,
@@ -45,7 +46,7 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 from kvmodel.kvm.uapi import ShadowBits
-from kvmodel.kvm.x86 import NestedExitRecord, Request
+from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
@@ -57,8 +58,11 @@ _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitRea
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
               ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
 # L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
+# Not the activity state: a halted L2 is KVM's mp_state (nested_vmx_run() halts the vCPU
+# rather than enter L2 in HLT); vmcs02's stays ACTIVE (UNVERIFIED: prepare_vmcs02() read,
+# no write of GUEST_ACTIVITY_STATE found).
 _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
-             "guest_activity_state", "guest_pending_dbg_exceptions")
+             "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
     ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
@@ -122,6 +126,21 @@ class NestedVmx(VmxRoot):
         self._succeed(cpu)
         self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
         self._enter_l2()
+        if self._enters_halted(self.vmcs12):
+            # kvm_emulate_halt_noskip(): L2 waits in L0 as if its HLT had exited; no HLT ran
+            self.run_pending = False
+            self.vmx.vcpu.stats.halt_exits += 1
+            self.vmx.vcpu.mp_state = MpState.HALTED
+
+    @staticmethod
+    def _enters_halted(vmcs12: Vmcs) -> bool:
+        """nested_vmx_run(): activity state HLT, and nothing that would wake L2 at once (an
+        injected event, NMI-window exiting, interrupt-window exiting with IF=1; SDM 26.6.2)."""
+        if vmcs12.guest_activity_state != Activity.HLT or vmcs12.entry_intr_info & INTR_INFO_VALID:
+            return False
+        if vmcs12.proc_based & Proc.NMI_WINDOW_EXITING:
+            return False
+        return not (vmcs12.proc_based & Proc.INTR_WINDOW_EXITING and vmcs12.guest_rflags & IF)
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
         """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
@@ -248,10 +267,15 @@ class NestedVmx(VmxRoot):
                            self.guest_mode, self.run_pending, self.l1_idtr)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
-        """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done."""
+        """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done.
+
+        L2 halted by L0 (its HLT emulated, or entered in HLT) saves activity state HLT,
+        as the CPU would have (SDM 27.3.4): KVM takes it from mp_state."""
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
         for name in _L2_STATE:
             setattr(vmcs12, name, getattr(vmcs02, name))
+        halted = self.vmx.vcpu.mp_state is MpState.HALTED
+        vmcs12.guest_activity_state = Activity.HLT if halted else Activity.ACTIVE
         if self.run_pending:  # the entry's injection has not happened yet: it is still vmcs12's
             return
         vmcs12.entry_intr_info &= ~INTR_INFO_VALID
@@ -275,21 +299,30 @@ class NestedVmx(VmxRoot):
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
-    def check_nested_events(self) -> bool:
-        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; True if it did."""
-        if not self.guest_mode or self.run_pending:
-            return False
+    def check_nested_events(self) -> int:
+        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; EBUSY while VMLAUNCH's
+        injection is still to go in or an event is to be re-injected into L2."""
+        if not self.guest_mode:
+            return 0
         vcpu, vmcs12 = self.vmx.vcpu, self.vmcs12
-        if vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING:
+        nmi_exit = vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING
+        intr_exit = (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
+                     and not _faults.on("nested_irq_injected_into_l2"))
+        if (nmi_exit or intr_exit) and (self.run_pending or vcpu.event_needs_reinjection()):
+            return EBUSY
+        if nmi_exit:
             self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
             # The NMI-triggered exit counts as injection: consume it, block further NMIs.
             vcpu.nmi_pending -= 1
             if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
                 self.vmx.set_nmi_mask(True)
-            return True
-        if (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
-                and not _faults.on("nested_irq_injected_into_l2")):
+        elif intr_exit:
             self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
-            return True
-        return False
+        return 0
+
+    def triple_fault(self) -> None:
+        """nested_vmx_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is always L1's VM exit."""
+        if self.guest_mode:
+            self.vmx.vcpu.requests &= ~Request.TRIPLE_FAULT
+            self.exit_to_l1(ExitReason.TRIPLE_FAULT)
 

@@ -159,7 +159,10 @@ class Vmx:
         return False
 
     def nmi_blocked(self) -> bool:
-        """vmx_nmi_blocked(): STI blocks NMIs too."""
+        """vmx_nmi_blocked(): STI blocks NMIs too; an NMI L1 exits on is never blocked by
+        L2's state (it becomes a VM exit, SDM 25.2), so it wakes an L2 halted by L0."""
+        if self._l1_exits_on(Pin.NMI_EXITING):
+            return False
         return bool(self.vmcs.guest_interruptibility & (
             Interruptibility.MOV_SS | Interruptibility.STI | Interruptibility.NMI))
 
@@ -174,14 +177,35 @@ class Vmx:
         if exit_control is Pin.EXT_INTR_EXITING and _faults.on("nested_irq_injected_into_l2"):
             return False
         n = self.nested
-        return n is not None and n.guest_mode and (
-            n.run_pending or (for_injection and bool(n.vmcs12.pin_based & exit_control)))
+        if n is None or not n.guest_mode:
+            return False
+        return n.run_pending or (for_injection and self._l1_exits_on(exit_control))
 
-    def check_nested_events(self) -> bool:
-        return self.nested is not None and self.nested.check_nested_events()
+    def _l1_exits_on(self, exit_control: Pin) -> bool:
+        """nested_exit_on_nmi() / nested_exit_on_intr(): L2 runs and vmcs12 has the pin control."""
+        if exit_control is Pin.EXT_INTR_EXITING and _faults.on("nested_irq_injected_into_l2"):
+            return False
+        n = self.nested
+        return n is not None and n.guest_mode and bool(n.vmcs12.pin_based & exit_control)
+
+    def check_nested_events(self) -> int:
+        return self.nested.check_nested_events() if self.nested is not None else 0
+
+    def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool:
+        """nested_vmx_is_exception_vmexit(): not modelled; an exception L0 queues for L2
+        goes to L2 even if vmcs12's exception bitmap has it (exits L1 wants come from
+        the hardware's exit, reflect())."""
+        return False
+
+    def nested_triple_fault(self) -> None:
+        if self.nested is not None:
+            self.nested.triple_fault()
 
     def interrupt_blocked(self) -> bool:
-        """vmx_interrupt_blocked()."""
+        """vmx_interrupt_blocked(): an interrupt L1 exits on is never blocked by L2's IF or
+        shadow (it becomes a VM exit, SDM 25.2), so it wakes an L2 halted by L0 with IF=0."""
+        if self._l1_exits_on(Pin.EXT_INTR_EXITING):
+            return False
         return not self.vmcs.guest_rflags & IF or bool(
             self.vmcs.guest_interruptibility & (Interruptibility.STI | Interruptibility.MOV_SS))
 
