@@ -146,3 +146,15 @@ def test_reset_state_reads_the_gates_present_in_memory():
     state = reset_state(cpu)
     assert state.mode is Mode.LONG64
     assert [(g.vector, g.handler) for g in state.gates] == [(2, program.symbol("h1"))]
+
+
+def test_a_run_says_whether_the_guest_used_the_x2apic():
+    """The differential needs it: QEMU 7.2's TCG CPU has no x2APIC, so such a guest is not
+    realizable there; other MSRs (EFER) do not count."""
+    from kvmodel.kvm.vcpu import Vendor
+    from kvmodel.scenario.runner import run
+
+    tpr = scenario("start:\n    mov $0x808, %ecx\n    rdmsr\n    hlt\n")
+    efer = scenario("start:\n    mov $0xc0000080, %ecx\n    rdmsr\n    hlt\n")
+    assert run(tpr, vendor=Vendor.BARE).apic_used
+    assert not run(efer, vendor=Vendor.BARE).apic_used

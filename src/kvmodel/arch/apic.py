@@ -50,6 +50,7 @@ class Apic:
     irr: int = 0
     isr: int = 0
     tpr: int = 0
+    used: bool = False  # the guest read or wrote an x2APIC MSR (a CPU without x2APIC cannot run it)
 
     def ppr(self) -> int:
         """Processor priority: the higher of TPR and the in-service class (SDM 10.8.3.1)."""
@@ -82,6 +83,7 @@ class Apic:
 
     def read_msr(self, msr: int) -> int | None:
         """Value of an x2APIC MSR, or None if it cannot be read (then #GP)."""
+        self.used = True
         if X2ApicMsr.ISR0 <= msr <= X2ApicMsr.ISR0 + 7:
             return (self.isr >> (32 * (msr - X2ApicMsr.ISR0))) & 0xFFFFFFFF
         if X2ApicMsr.IRR0 <= msr <= X2ApicMsr.IRR0 + 7:
@@ -96,6 +98,7 @@ class Apic:
 
     def write_msr(self, msr: int, value: int) -> WriteResult:
         """Write an x2APIC MSR (SDM 10.12.1.2)."""
+        self.used = True
         if msr == X2ApicMsr.TPR and value <= 0xFF:
             self.tpr = value
         elif msr == X2ApicMsr.EOI and value == 0:

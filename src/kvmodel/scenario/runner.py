@@ -72,6 +72,7 @@ class RunResult:
     hypervisor_error: str | None = None  # KVM gave up: failed entry, internal error
     warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
+    apic_used: bool = False  # the guest used the x2APIC's MSRs
 
     @property
     def passed(self) -> bool:
@@ -266,7 +267,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     if final is not None and expectations:
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
-                     vendor, cpu.mem, stats, error, warnings, host)
+                     vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used)
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
