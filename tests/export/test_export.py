@@ -38,10 +38,31 @@ def test_log_records_and_guest_output_interleave_in_order():
                       LoggedOutput(ord("B")))  # a record cut off at the end is dropped
 
 
-def test_happenings_and_fred_are_not_realizable():
-    with_nmi = scenario("start:\n    hlt\n", '[[happen]]\nevent = "nmi"\nafter = 0\n')
-    assert "external events" in static_limit(with_nmi)
-    assert static_limit(scenario("start:\n    hlt\n")) is None
+def test_only_nmis_at_labels_are_realizable():
+    def limit(happen: str) -> str | None:
+        return static_limit(scenario("start:\n    nop\nidle:\n    hlt\n", happen))
+
+    assert "count" in limit('[[happen]]\nevent = "nmi"\nafter = 1\n')
+    assert "vector" in limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n')
+    assert "merges" in limit('[[happen]]\nevent = "nmi"\nat = "idle"\n' * 2)
+    assert limit('[[happen]]\nevent = "nmi"\nat = "idle"\n') is None
+    assert limit("") is None
+
+
+@needs_qemu
+def test_an_nmi_at_a_label_arrives_before_that_instruction(tmp_path):
+    sc = scenario("""\
+        start:
+            nop
+        idle:
+            hlt
+        nmi_handler:
+            hlt
+        """, '[idt]\nNMI = "nmi_handler"\n[[happen]]\nevent = "nmi"\nat = "idle"\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, result.difference
+    (delivery,) = result.qemu.events
+    assert delivery.vector == 2 and delivery.stack[0] == result.model.program.symbol("idle")
 
 
 @needs_qemu

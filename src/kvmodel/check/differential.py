@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from kvmodel.arch.observe import Delivery, Output, Retire
+from kvmodel.arch.cpu import External
+from kvmodel.arch.events import Vec
+from kvmodel.arch.observe import Arrival, Delivery, Output, Retire
 from kvmodel.arch.regs import GPR32, GPR64, TF, Mode
 from kvmodel.errors import ModelLimit
 from kvmodel.export.boot import STUB_BASE
 from kvmodel.export.image import Image, build_image
 from kvmodel.export.qemu import LoggedOutput, QemuFailed, QemuRun, QemuStop, run_image
 from kvmodel.export.reset import PAGE, ResetState, reset_state
+from kvmodel.guest.asm import Program
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import RunResult, prepare, run
+from kvmodel.scenario.runner import Resolver, RunResult, prepare, run
 from kvmodel.scenario.schema import QemuDifference, Scenario
 
 # What the model's stop is called on QEMU's side.
@@ -77,13 +80,15 @@ def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
     if model.limit is not None:
         return Differential(scenario, Verdict.NOT_REALIZABLE, f"model limit: {model.limit}",
                             model=model)
-    state = reset_state(prepare(scenario)[0])
+    cpu, program = prepare(scenario)
+    state = reset_state(cpu)
     reason = _run_limit(state, model)
     if reason is not None:
         return Differential(scenario, Verdict.NOT_REALIZABLE, reason, model=model)
     image = build_image(state, out)
     try:
-        qemu = run_image(out, state.mode, len(state.memory), accel=accel, timeout=timeout)
+        qemu = run_image(out, state.mode, len(state.memory), accel=accel, timeout=timeout,
+                         nmis_at=_nmi_places(scenario, program), cs_base=scenario.cs_base)
     except QemuFailed as e:
         return Differential(scenario, Verdict.QEMU_FAILED, str(e), model=model)
     if not qemu.x2apic and model.apic_used:
@@ -114,9 +119,9 @@ def export(scenario: Scenario, out: Path) -> Image:
 
 def static_limit(scenario: Scenario) -> str | None:
     """What keeps the scenario from booting as the model starts it, known before running."""
-    if scenario.happenings:
-        return ("external events at chosen boundaries (an NMI or interrupt from outside): the "
-                "image cannot place them yet")
+    reason = _happenings_limit(scenario)
+    if reason is not None:
+        return reason
     if scenario.fred is not None:
         return "FRED: QEMU's CPU model has no FRED"
     if scenario.vmx:
@@ -124,6 +129,8 @@ def static_limit(scenario: Scenario) -> str | None:
     if scenario.svm:
         return ("an L1 SVM hypervisor: L2 loads IDTR from the VMCB L1 writes, so L2's deliveries "
                 "would go around the logging stubs (not exported yet)")
+    if dict(scenario.kvm_params).get("sev_es"):
+        return "an SEV-ES guest: its GHCB requests (NMI_COMPLETE) need a hypervisor to answer them"
     if scenario.memory_size > STUB_BASE:
         return f"guest memory above {STUB_BASE:#x}, where the boot stub lives"
     if scenario.mode is Mode.PROTECTED32 and scenario.rflags & TF:
@@ -131,10 +138,41 @@ def static_limit(scenario: Scenario) -> str | None:
     return None
 
 
+def _happenings_limit(scenario: Scenario) -> str | None:
+    """Only NMIs placed at a label can be made to arrive exactly there (QMP inject-nmi at a
+    gdbstub breakpoint); one at a time, since QEMU merges NMIs requested together."""
+    places = [h.at for h in scenario.happenings]
+    if any(h.event is not External.NMI for h in scenario.happenings):
+        return "an interrupt from outside: QEMU has no way to raise a chosen vector at a boundary"
+    if any(at is None for at in places):
+        return ("an NMI placed by retired-instruction count: QEMU cannot count the guest's "
+                "instructions apart from the logging stubs'")
+    if len(set(places)) != len(places):
+        return "two NMIs at one place: QEMU merges NMIs requested together"
+    return None
+
+
+def _nmi_shares_its_boundary(trace: tuple) -> bool:
+    for k, record in enumerate(trace):
+        if isinstance(record, Arrival) and record.event == "nmi":
+            first = next((o for o in trace[k + 1:] if isinstance(o, Delivery)), None)
+            if first is not None and first.vector != Vec.NMI and first.return_rip == record.rip:
+                return True
+    return False
+
+
+def _nmi_places(scenario: Scenario, program: Program) -> tuple[int, ...]:
+    resolve = Resolver(scenario, program)
+    return tuple(resolve(h.at, h.line) + scenario.cs_base for h in scenario.happenings)
+
+
 def _run_limit(state: ResetState, model: RunResult) -> str | None:
     """What the model's run shows the logging copy of the IDT cannot follow."""
     if any(isinstance(o, Retire) and o.text.split()[0] in ("lidt", "sidt") for o in model.trace):
         return "the guest loads or stores IDTR: deliveries go around the logging stubs"
+    if _nmi_shares_its_boundary(model.trace):
+        return ("an NMI arrives at a boundary where another event is delivered first: a "
+                "breakpoint stops before an instruction there, and none starts at that boundary")
     size = 16 if state.mode is Mode.LONG64 else 8
     start, end = state.idtr_base, state.idtr_base + 256 * size
     if any(start // PAGE <= page <= (end - 1) // PAGE for page in state.not_present):

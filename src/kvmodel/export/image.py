@@ -20,6 +20,7 @@ from kvmodel.guest.asm import find_binutils
 KERNEL = "kernel.elf"
 LOG = "debugcon.bin"
 QMP = "qmp.sock"
+GDB = "gdb.sock"
 _LINKER_SCRIPT = f"""ENTRY(kv_start)
 SECTIONS {{
   . = {STUB_BASE:#x};

@@ -22,7 +22,8 @@ from pathlib import Path
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ToolMissing
 from kvmodel.export.boot import DELIVERY, FRAME_WORDS, MAGIC, NO_X2APIC
-from kvmodel.export.image import LOG, QMP, qemu_command
+from kvmodel.export.gdb import Gdb, GdbError, GdbTimeout
+from kvmodel.export.image import GDB, LOG, QMP, qemu_command
 
 QEMU = "qemu-system-x86_64"
 INSTALL_HINT = (
@@ -76,24 +77,32 @@ def qemu_version() -> str:
 
 
 def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tcg",
-              timeout: float = 10.0) -> QemuRun:
-    """Boot the image in `directory` and collect the log, the registers and the memory."""
+              timeout: float = 10.0, nmis_at: tuple[int, ...] = (), cs_base: int = 0) -> QemuRun:
+    """Boot the image in `directory` and collect the log, the registers and the memory.
+
+    `nmis_at`: linear addresses where an NMI arrives, once each, when execution first
+    reaches them (QMP inject-nmi while a gdbstub breakpoint holds the guest there).
+    """
     find_qemu()
-    for stale in (directory / LOG, directory / QMP):
+    for stale in (directory / LOG, directory / QMP, directory / GDB):
         stale.unlink(missing_ok=True)
-    process = subprocess.Popen(qemu_command(directory, accel), cwd=directory,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    argv = qemu_command(directory, accel)
+    if nmis_at:
+        argv += ["-S", "-gdb", f"unix:{directory / GDB},server=on,wait=off"]
+    process = subprocess.Popen(argv, cwd=directory, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     dump = directory / "memory.after"
     try:
         qmp = _Qmp(directory / QMP, process)
+        if nmis_at:
+            _arrive_at(qmp, Gdb(directory / GDB, timeout), nmis_at, cs_base)
         stop = _wait_for_stop(qmp, directory / LOG, timeout)
         qmp.command("stop")
         registers = _parse_registers(qmp.hmp("info registers"))
         qmp.command("pmemsave", val=0, size=memory_size, filename=str(dump))
         qmp.command("quit")
         process.wait(timeout=10)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, GdbError) as e:
         raise QemuFailed(_failure(process, e)) from None
     finally:
         if process.poll() is None:
@@ -142,6 +151,29 @@ def parse_log(data: bytes, word: int) -> tuple[tuple[LoggedDelivery | LoggedOutp
                                      tuple(words[3:])))
         at += size
     return tuple(events), x2apic
+
+
+def _arrive_at(qmp: _Qmp, gdb: Gdb, nmis_at: tuple[int, ...], cs_base: int) -> None:
+    """Run to each place in turn; inject the NMI there, before the instruction executes.
+
+    A place the guest never reaches (it halts or loops first) ends the waiting at the
+    time limit; the NMIs left never arrive, and the comparison shows it.
+    """
+    waiting = set(nmis_at)
+    for address in waiting:
+        gdb.set_breakpoint(address)
+    try:
+        while waiting:
+            gdb.resume_until_stop()
+            registers = _parse_registers(qmp.hmp("info registers"))
+            here = cs_base + registers.get("RIP", registers.get("EIP", -1))
+            if here in waiting:
+                qmp.command("inject-nmi")
+                gdb.clear_breakpoint(here)
+                waiting.discard(here)
+    except GdbTimeout:
+        return  # still running: the guest went on without reaching the rest
+    gdb.resume()
 
 
 def _wait_for_stop(qmp: _Qmp, log: Path, timeout: float) -> QemuStop:

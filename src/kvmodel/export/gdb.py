@@ -1,0 +1,85 @@
+"""A minimal client of QEMU's gdbstub (GDB Remote Serial Protocol, gdb/doc "Packets").
+
+Used only to stop the guest at an address: under TCG a breakpoint set
+through the gdbstub (`Z0`) is a translator breakpoint, so the guest's code,
+DR0-DR7 and flags never see it. One request at a time, no-ack mode off.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+
+class GdbError(Exception):
+    pass
+
+
+class GdbTimeout(GdbError):
+    """The guest did not stop in time (it never reached the breakpoint)."""
+
+
+class Gdb:
+    def __init__(self, path: Path, timeout: float):
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise GdbError("QEMU's gdbstub did not open") from None
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.buffer = b""
+        self.request("qSupported")
+
+    def set_breakpoint(self, address: int) -> None:
+        self._ok(self.request(f"Z0,{address:x},1"), "Z0")
+
+    def clear_breakpoint(self, address: int) -> None:
+        self._ok(self.request(f"z0,{address:x},1"), "z0")
+
+    def resume_until_stop(self) -> str:
+        """Continue; the stop reply ("T05..." at a breakpoint) when the guest stops."""
+        return self.request("c")
+
+    def resume(self) -> None:
+        """Continue without waiting: the guest runs until QEMU is stopped some other way."""
+        self._send("c")
+
+    def request(self, packet: str) -> str:
+        self._send(packet)
+        return self._receive()
+
+    def _send(self, packet: str) -> None:
+        checksum = sum(packet.encode()) & 0xFF
+        self.sock.sendall(f"${packet}#{checksum:02x}".encode())
+
+    def _receive(self) -> str:
+        while True:
+            start = self.buffer.find(b"$")
+            end = self.buffer.find(b"#", start + 1) if start >= 0 else -1
+            if start >= 0 and end >= 0 and len(self.buffer) >= end + 3:
+                body = self.buffer[start + 1:end].decode(errors="replace")
+                self.buffer = self.buffer[end + 3:]
+                self.sock.sendall(b"+")
+                return body
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                raise GdbTimeout("the guest did not reach the breakpoint in time") from None
+            if not chunk:
+                raise GdbError("QEMU closed its gdbstub")
+            self.buffer += chunk
+
+    @staticmethod
+    def _ok(reply: str, what: str) -> None:
+        if reply != "OK":
+            raise GdbError(f"gdbstub refused {what}: {reply or 'unsupported'}")
+
+    def close(self) -> None:
+        self.sock.close()
