@@ -356,7 +356,8 @@ def _differential(args: argparse.Namespace, console: Console) -> int:
     realizable = len(paths) - counts[Verdict.NOT_REALIZABLE]
     console.print(f"{len(paths)} scenarios exported for QEMU ({args.accel}, {qemu_version()}): "
                   f"{realizable} realizable, {counts[Verdict.AGREE]} agree ({declared} of them "
-                  f"with declared QEMU differences), {counts[Verdict.DISAGREE]} disagree, "
+                  f"past declared QEMU differences), {counts[Verdict.DECLARED]} compared up to a "
+                  f"declared QEMU difference, {counts[Verdict.DISAGREE]} disagree, "
                   f"{counts[Verdict.QEMU_FAILED]} QEMU failed, "
                   f"{counts[Verdict.NOT_REALIZABLE]} not realizable")
     failed = counts[Verdict.DISAGREE] + counts[Verdict.QEMU_FAILED]

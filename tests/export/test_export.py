@@ -139,11 +139,17 @@ def test_a_difference_is_reported_at_its_entry_and_can_be_declared(tmp_path):
     if result.verdict is Verdict.AGREE:
         pytest.skip(f"this QEMU ({result.qemu.version}) has the 64-bit IDT error code fixed")
     assert result.verdict is Verdict.DISAGREE
-    assert (result.difference.entry, result.difference.what) == (1, "frame word 0")
+    assert (result.difference.entry, result.difference.field) == (1, "frame word 0")
     assert (result.difference.model, result.difference.qemu) == ("0x202", "0x402")
-    declared = differential(scenario(code, idt + '[[expect.qemu]]\naccel = "tcg"\nentry = 1\n'
-                                     'why = "QEMU issue 1382"\n'), tmp_path / "b")
-    assert declared.verdict is Verdict.AGREE and len(declared.declared) == 1
+    def declared(extra: str):
+        return differential(scenario(code, idt + '[[expect.qemu]]\naccel = "tcg"\nentry = 1\n'
+                                     f'why = "QEMU issue 1382"\n{extra}'),
+                            tmp_path / f"d{len(list(tmp_path.iterdir()))}")
+
+    right = declared('field = "frame word 0"\nmask = 0x600\n')
+    assert right.verdict is Verdict.AGREE and len(right.declared) == 1
+    assert declared('field = "frame word 2"\n').verdict is Verdict.DISAGREE  # another field
+    assert declared('field = "frame word 0"\nmask = 0x10000\n').verdict is Verdict.DISAGREE
 
 
 @needs_qemu
@@ -179,3 +185,76 @@ def test_a_run_says_whether_the_guest_used_the_x2apic():
     efer = scenario("start:\n    mov $0xc0000080, %ecx\n    rdmsr\n    hlt\n")
     assert run(tpr, vendor=Vendor.BARE).apic_used
     assert not run(efer, vendor=Vendor.BARE).apic_used
+
+
+# -- the comparison itself, against made-up QEMU runs ------------------------------------
+
+def _compare(tmp_path, code: str, extra: str, qemu_events, stop, registers=None, memory=None):
+    from kvmodel.check.differential import _verdict
+    from kvmodel.check.qemu_compare import StubMap
+    from kvmodel.export.qemu import QemuRun
+    from kvmodel.kvm.vcpu import Vendor
+    from kvmodel.scenario.runner import run
+
+    sc = scenario(code, extra)
+    model = run(sc, vendor=Vendor.BARE, expectations=False)
+    state = reset_state(prepare(sc)[0])
+    fake = QemuRun(stop, tuple(qemu_events), registers or {}, memory or bytes(model.memory),
+                   True, "fake")
+    return _verdict(sc, model, fake, StubMap(build_image(state, tmp_path), state), list(sc.qemu))
+
+
+OUTPUT_A = "start:\n    mov $0x41, %al\n    mov $0xe9, %dx\n    out %al, %dx\n    hlt\n"
+
+
+def test_qemu_still_running_where_the_model_halted_is_a_difference(tmp_path):
+    result = _compare(tmp_path, OUTPUT_A, "", [LoggedOutput(0x41)], QemuStop.TIMEOUT)
+    assert result.verdict is Verdict.DISAGREE
+    assert (result.difference.field, result.difference.model) == ("stop", "halted")
+
+
+def test_a_missing_entry_is_a_difference_even_when_qemu_timed_out(tmp_path):
+    result = _compare(tmp_path, OUTPUT_A, "", [], QemuStop.TIMEOUT)
+    assert result.verdict is Verdict.DISAGREE and result.difference.field == "entry"
+
+
+def test_a_declared_unpaired_difference_ends_the_comparison_without_claiming_agreement(tmp_path):
+    extra = ('[[expect.qemu]]\naccel = "tcg"\nentry = 1\nfield = "entry"\nwhy = "w"\n')
+    result = _compare(tmp_path, OUTPUT_A, extra, [LoggedOutput(0x42)], QemuStop.HALTED)
+    assert result.verdict is Verdict.DECLARED and "entry 1" in result.reason
+
+
+def test_final_registers_and_memory_are_compared_when_both_halted(tmp_path):
+    regs = {"RAX": 0x41, "RDX": 0xE9, "RIP": 0x10008, "RFL": 2, "CR2": 0, "DR6": 0xFFFF0FF0,
+            "DR7": 0x400}
+    ok = _compare(tmp_path / "a", OUTPUT_A, "", [LoggedOutput(0x41)], QemuStop.HALTED, regs)
+    assert ok.verdict is Verdict.AGREE, ok.difference
+    bad = _compare(tmp_path / "b", OUTPUT_A, "", [LoggedOutput(0x41)], QemuStop.HALTED,
+                   regs | {"RAX": 0x40})
+    assert (bad.difference.field, bad.difference.model, bad.difference.qemu) == ("rax", "0x41", "0x40")
+    changed = bytearray(ok.model.memory)
+    changed[0x20000] ^= 1
+    mem = _compare(tmp_path / "c", OUTPUT_A, "", [LoggedOutput(0x41)], QemuStop.HALTED, regs,
+                   bytes(changed))
+    assert mem.difference.field == "memory" and "0x20000" in mem.difference.detail
+
+
+def test_fred_is_not_realizable():
+    sc = scenario("fred_entry:\n    hlt\n.balign 4096\nstart:\n    hlt\n",
+                  '[fred]\nentry = "fred_entry"\n')
+    assert "FRED" in static_limit(sc)
+
+
+def test_a_delivery_interrupted_before_its_logging_entry_ran_is_put_back_in_order():
+    """A data breakpoint hit by an NMI's push delivers #DB before the NMI's logging entry
+    runs: the #DB is logged first, the NMI when its entry runs, or never."""
+    from kvmodel.check.qemu_compare import StubMap, in_delivery_order
+    from kvmodel.export.reset import Gate
+
+    stub = StubMap.__new__(StubMap)
+    stub.entries = {0x1000100: Gate(2, 0x10020)}  # the NMI's logging entry -> nmi_handler
+    db = LoggedDelivery(1, 0x2FFA8, 0, 0, (0x1000100, 8, 2, 0x2FFD8, 0x10, 0))
+    nmi = LoggedDelivery(2, 0x2FFD8, 0, 0, (0x10011, 8, 2, 0x30000, 0x10, 0))
+    assert in_delivery_order((db, nmi), stub) == (nmi, db)
+    (placeholder, first) = in_delivery_order((db,), stub)
+    assert placeholder.vector == 2 and placeholder.stack == () and first is db

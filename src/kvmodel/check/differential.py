@@ -11,7 +11,6 @@ them would mean changing the guest's code, and so its addresses).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -19,50 +18,35 @@ from pathlib import Path
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import Vec
 from kvmodel.arch.observe import Arrival, Delivery, Output, Retire
-from kvmodel.arch.regs import GPR32, GPR64, TF, Mode
+from kvmodel.arch.regs import TF, Mode
+from kvmodel.check.qemu_compare import Difference, StubMap, differences, memory_difference
 from kvmodel.errors import ModelLimit
-from kvmodel.export.boot import STUB_BASE
+from kvmodel.export.boot import FRAME_WORDS
 from kvmodel.export.image import Image, build_image
-from kvmodel.export.qemu import LoggedOutput, QemuFailed, QemuRun, QemuStop, run_image
+from kvmodel.export.qemu import QemuFailed, QemuRun, run_image
 from kvmodel.export.reset import PAGE, ResetState, reset_state
 from kvmodel.guest.asm import Program
+from kvmodel.guest.layout import gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.runner import Resolver, RunResult, prepare, run
 from kvmodel.scenario.schema import QemuDifference, Scenario
 
-# What the model's stop is called on QEMU's side.
-_STOPS = {"halted": QemuStop.HALTED, "shutdown": QemuStop.SHUTDOWN, "budget": QemuStop.TIMEOUT}
+CONVENTIONAL_MEMORY = 0xA0000  # above it the PC has its VGA and BIOS hole (not RAM)
 
 
 class Verdict(Enum):
-    AGREE = "agree"
+    AGREE = "agree"  # nothing differs, or only declared differences after which all agrees
+    DECLARED = "declared"  # a declared difference ends the comparison (the rest follows from it)
     DISAGREE = "disagree"
     NOT_REALIZABLE = "not realizable"
     QEMU_FAILED = "QEMU failed"  # QEMU crashed or refused the image: nothing to compare
-
-
-FINAL = 0  # the entry number of the final state, as in [[expect.qemu]]
-
-
-@dataclass(frozen=True, slots=True)
-class Difference:
-    entry: int  # 1-based among deliveries and port output; FINAL for stop, registers, memory
-    what: str  # "frame word 1", "rax", "memory at counter" ("" for the entry as a whole)
-    model: str
-    qemu: str
-    paired: bool = True  # the entries after it still correspond
-
-    @property
-    def where(self) -> str:
-        place = "final state" if self.entry == FINAL else f"entry {self.entry}"
-        return f"{place}: {self.what}" if self.what else place
 
 
 @dataclass(frozen=True, slots=True)
 class Differential:
     scenario: Scenario
     verdict: Verdict
-    reason: str = ""  # why it is not realizable
+    reason: str = ""  # why it is not realizable, what QEMU failed with, where comparing ended
     difference: Difference | None = None  # the first one not declared
     declared: tuple[tuple[Difference, QemuDifference], ...] = ()  # seen and declared
     unseen: tuple[QemuDifference, ...] = ()  # declared for this accel, not seen
@@ -85,28 +69,69 @@ def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
     reason = _run_limit(state, model)
     if reason is not None:
         return Differential(scenario, Verdict.NOT_REALIZABLE, reason, model=model)
+    declared = [d for d in scenario.qemu if accel in d.accels]
     image = build_image(state, out)
     try:
         qemu = run_image(out, state.mode, len(state.memory), accel=accel, timeout=timeout,
                          nmis_at=_nmi_places(scenario, program), cs_base=scenario.cs_base)
     except QemuFailed as e:
-        return Differential(scenario, Verdict.QEMU_FAILED, str(e), model=model)
+        crash = next((d for d in declared if "crash" in d.fields), None)
+        if crash is None:
+            return Differential(scenario, Verdict.QEMU_FAILED, str(e), model=model)
+        return Differential(scenario, Verdict.DECLARED, f"{e} (declared)", model=model,
+                            unseen=tuple(d for d in declared if d is not crash))
     if not qemu.x2apic and model.apic_used:
         return Differential(scenario, Verdict.NOT_REALIZABLE,
                             f"the guest uses the x2APIC and {qemu.version}'s CPU has none "
                             "(CPUID.01H:ECX[21] = 0)", model=model, qemu=qemu)
-    declared = {d.entry: d for d in scenario.qemu if accel in d.accels}
-    accepted = []
-    first = None
-    for difference in differences(model, qemu, _StubMap(image, state), frozenset(declared)):
-        if difference.entry not in declared:
-            first = difference
-            break
-        accepted.append((difference, declared[difference.entry]))
-    seen = {d.entry for d, _ in accepted}
-    verdict = Verdict.AGREE if first is None else Verdict.DISAGREE
-    return Differential(scenario, verdict, "", first, tuple(accepted),
-                        tuple(d for e, d in declared.items() if e not in seen), model, qemu)
+    return _verdict(scenario, model, qemu, StubMap(image, state), declared)
+
+
+def _verdict(scenario: Scenario, model: RunResult, qemu: QemuRun, stub: StubMap,
+             declared: list[QemuDifference]) -> Differential:
+    """The first difference no declaration covers; or agreement, with the declared ones."""
+    accepted: list[tuple[Difference, QemuDifference]] = []
+
+    def judged(difference: Difference) -> Differential | None:
+        declaration = next((d for d in declared if covers(d, difference)), None)
+        if declaration is None:
+            return Differential(scenario, Verdict.DISAGREE, "", difference, tuple(accepted),
+                                _unseen(declared, accepted), model, qemu)
+        accepted.append((difference, declaration))
+        if not difference.paired:
+            return Differential(scenario, Verdict.DECLARED,
+                                f"compared up to {difference.where}; the rest follows from it",
+                                None, tuple(accepted), _unseen(declared, accepted), model, qemu)
+        return None
+
+    for difference in differences(model, qemu, stub):
+        result = judged(difference)
+        if result is not None:
+            return result
+    if model.final is not None and model.final.stop != "budget":
+        seen = [o for o in model.trace if isinstance(o, Delivery | Output)]
+        excused = [seen[d.entry - 1] for d, _ in accepted if 0 < d.entry <= len(seen)]
+        memory = memory_difference(model, qemu, [d for d in excused if isinstance(d, Delivery)])
+        result = judged(memory) if memory is not None else None
+        if result is not None:
+            return result
+    return Differential(scenario, Verdict.AGREE, "", None, tuple(accepted),
+                        _unseen(declared, accepted), model, qemu)
+
+
+def covers(declaration: QemuDifference, difference: Difference) -> bool:
+    """The declaration names this entry and field, and (with a mask) only masked bits differ."""
+    if declaration.entry != difference.entry or difference.field not in declaration.fields:
+        return False
+    if declaration.mask is None:
+        return True
+    return difference.bits is not None and difference.bits & ~declaration.mask == 0
+
+
+def _unseen(declared: list[QemuDifference],
+            accepted: list[tuple[Difference, QemuDifference]]) -> tuple[QemuDifference, ...]:
+    used = [d for _, d in accepted]
+    return tuple(d for d in declared if not any(d is u for u in used))
 
 
 def export(scenario: Scenario, out: Path) -> Image:
@@ -131,8 +156,9 @@ def static_limit(scenario: Scenario) -> str | None:
                 "would go around the logging stubs (not exported yet)")
     if dict(scenario.kvm_params).get("sev_es"):
         return "an SEV-ES guest: its GHCB requests (NMI_COMPLETE) need a hypervisor to answer them"
-    if scenario.memory_size > STUB_BASE:
-        return f"guest memory above {STUB_BASE:#x}, where the boot stub lives"
+    if scenario.memory_size > CONVENTIONAL_MEMORY:
+        return (f"guest memory above {CONVENTIONAL_MEMORY:#x}: a PC has its VGA and BIOS hole "
+                "there, not RAM")
     if scenario.mode is Mode.PROTECTED32 and scenario.rflags & TF:
         return "TF set at reset in 32-bit mode: the stub has no way in that leaves the stack alone"
     return None
@@ -156,7 +182,9 @@ def _nmi_shares_its_boundary(trace: tuple) -> bool:
     for k, record in enumerate(trace):
         if isinstance(record, Arrival) and record.event == "nmi":
             first = next((o for o in trace[k + 1:] if isinstance(o, Delivery)), None)
-            if first is not None and first.vector != Vec.NMI and first.return_rip == record.rip:
+            # a debug trap held for that boundary goes first (SDM 6.9 Table 6-2); a fault
+            # of the NMI's own delivery (#NP, #GP, ...) starts from the label, as in QEMU
+            if first is not None and first.vector == Vec.DB and first.return_rip == record.rip:
                 return True
     return False
 
@@ -173,8 +201,12 @@ def _run_limit(state: ResetState, model: RunResult) -> str | None:
     if _nmi_shares_its_boundary(model.trace):
         return ("an NMI arrives at a boundary where another event is delivered first: a "
                 "breakpoint stops before an instruction there, and none starts at that boundary")
-    size = 16 if state.mode is Mode.LONG64 else 8
-    start, end = state.idtr_base, state.idtr_base + 256 * size
+    if any(isinstance(o, Retire) and "cr3" in o.text for o in model.trace):
+        return "the guest reads or writes CR3: the stub's page tables are not the model's CR3"
+    reason = _logger_reads_absent_page(state, model)
+    if reason is not None:
+        return reason
+    start, end = state.idtr_base, state.idtr_base + 256 * gate_size(state.mode)
     if any(start // PAGE <= page <= (end - 1) // PAGE for page in state.not_present):
         return "the IDT is on a page the scenario marks not present: the logging copy is not"
     if bytes(model.memory[start:end]) != state.memory[start:end]:
@@ -182,117 +214,17 @@ def _run_limit(state: ResetState, model: RunResult) -> str | None:
     return None
 
 
-class _StubMap:
-    """Addresses of logging entries (what a frame holds when a trap hit at one) -> handlers."""
-
-    def __init__(self, image: Image, state: ResetState):
-        handlers = {g.vector: g.handler for g in state.gates}
-        self.entries = {image.symbols[f"kv_vec_{v}"] - state.cs_base: h
-                        for v, h in handlers.items()}
-
-    def __call__(self, value: int) -> int:
-        return self.entries.get(value, value)
-
-
-def differences(model: RunResult, qemu: QemuRun, stub: _StubMap,
-                declared: frozenset[int] = frozenset()) -> Iterator[Difference]:
-    """Every difference, entry by entry, then the stop, the final registers and memory.
-
-    After a difference that breaks the pairing of entries (a delivery missing or
-    of another vector), the entries after it are not compared. The frames of
-    the `declared` entries are left out of the memory comparison: their
-    difference is already accounted for.
-    """
-    seen = [o for o in model.trace if isinstance(o, Delivery | Output)]
-    stopped = _STOPS.get(model.final.stop if model.final else "", QemuStop.TIMEOUT)
-    count = len(seen)
-    if QemuStop.TIMEOUT in (stopped, qemu.stop):
-        count = min(count, len(qemu.events))  # a loop or storm: only its start is comparable
-    for index in range(count):
-        got = qemu.events[index] if index < len(qemu.events) else None
-        difference = _event_difference(index + 1, seen[index], got, stub)
-        if difference is not None:
-            yield difference
-            if not difference.paired:
-                return
-    if len(qemu.events) > count and stopped is not QemuStop.TIMEOUT:
-        yield Difference(count + 1, "", "nothing more", _show_event(qemu.events[count]), False)
-        return
-    if stopped is not qemu.stop and QemuStop.TIMEOUT not in (stopped, qemu.stop):
-        yield Difference(FINAL, "how the run stopped", stopped.value, qemu.stop.value, False)
-        return
-    if stopped is QemuStop.HALTED and qemu.stop is QemuStop.HALTED:
-        yield from _final_differences(model, qemu, stub)
-    if stopped is qemu.stop and stopped is not QemuStop.TIMEOUT:
-        excused = [seen[e - 1] for e in declared if 0 < e <= len(seen)]
-        yield from _memory_difference(model, qemu, [d for d in excused if isinstance(d, Delivery)],
-                                      [d for d in seen if isinstance(d, Delivery) and d.undefined])
-
-
-def _event_difference(index: int, want: Delivery | Output, got, stub: _StubMap) -> Difference | None:
-    if got is None:
-        return Difference(index, "", _show_event(want), "nothing", False)
-    if isinstance(want, Output) or isinstance(got, LoggedOutput):
-        if isinstance(want, Output) and isinstance(got, LoggedOutput) and want.value == got.value:
-            return None
-        return Difference(index, "", _show_event(want), _show_event(got), False)
-    if want.vector != got.vector:
-        return Difference(index, "vector", f"{want.vector}", f"{got.vector}", False)
-    if want.rsp != got.rsp:
-        return Difference(index, "RSP after delivery", f"{want.rsp:#x}", f"{got.rsp:#x}")
-    for k, word in enumerate(want.frame):
-        defined = ~want.undefined[k] if want.undefined else -1  # SDM 6.15: a #DF's CS:RIP
-        if stub(got.stack[k]) & defined != word & defined:
-            return Difference(index, f"frame word {k}", f"{word:#x}", f"{stub(got.stack[k]):#x}")
+def _logger_reads_absent_page(state: ResetState, model: RunResult) -> str | None:
+    """The logging stub reads FRAME_WORDS words from RSP up, whatever the frame's size."""
+    present = len(state.memory) // PAGE
+    for d in model.trace:
+        if isinstance(d, Delivery):
+            end = d.rsp + FRAME_WORDS * state.word - 1
+            pages = range(d.rsp // PAGE, end // PAGE + 1)
+            if any(page in state.not_present or page >= present for page in pages):
+                return (f"the logging stub reads {FRAME_WORDS} words above RSP {d.rsp:#x}, on a "
+                        "page that is not present: it would fault where the guest does not")
     return None
-
-
-def _show_event(event) -> str:
-    if isinstance(event, Output | LoggedOutput):
-        return f"output {event.value:#04x}"
-    return f"delivery of vector {event.vector}"
-
-
-def _final_differences(model: RunResult, qemu: QemuRun, stub: _StubMap) -> Iterator[Difference]:
-    final = model.final
-    long = model.scenario.mode is Mode.LONG64
-    names = GPR64 if long else GPR32
-    want = dict(final.registers) | {"rip": final.rip, "rflags": final.rflags, "cr2": final.cr2,
-                                     "dr6": final.dr6, "dr7": final.dr7}
-    qemu_names = {n: n.upper() for n in names} | {
-        "rip": "RIP" if long else "EIP", "rflags": "RFL" if long else "EFL", "cr2": "CR2",
-        "dr6": "DR6", "dr7": "DR7"}
-    mask = (1 << (64 if long else 32)) - 1
-    for name, value in want.items():
-        got = qemu.registers.get(qemu_names[name])
-        if got is None:
-            continue
-        got = stub(got & mask) if name == "rip" else got & mask
-        if got != value:
-            yield Difference(FINAL, name, f"{value:#x}", f"{got:#x}")
-
-
-def _memory_difference(model: RunResult, qemu: QemuRun, excused: list[Delivery],
-                       undefined: list[Delivery]) -> Iterator[Difference]:
-    """The first differing byte, leaving out the frames of declared differences and the
-    bits of frames the architecture leaves undefined."""
-    mine, theirs = bytearray(model.memory), bytearray(qemu.memory)
-    word = 8 if model.scenario.mode is Mode.LONG64 else 4
-    for d in excused:
-        size = len(d.frame) * word
-        theirs[d.rsp:d.rsp + size] = mine[d.rsp:d.rsp + size]
-    for d in undefined:
-        for k, mask in enumerate(d.undefined):
-            at = d.rsp + k * word
-            ours = int.from_bytes(mine[at:at + word], "little")
-            other = int.from_bytes(theirs[at:at + word], "little")
-            theirs[at:at + word] = (other & ~mask | ours & mask).to_bytes(word, "little")
-    if mine == theirs:
-        return
-    at = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b),
-              min(len(mine), len(theirs)))
-    where = model.program.where(at)
-    yield Difference(FINAL, f"memory at {where}", mine[at:at + 8].hex(" "), theirs[at:at + 8].hex(" "))
 
 
 def show(result: Differential) -> list[str]:
@@ -300,8 +232,11 @@ def show(result: Differential) -> list[str]:
     head = f"{result.scenario.path}: {result.verdict.value}"
     if result.verdict in (Verdict.NOT_REALIZABLE, Verdict.QEMU_FAILED):
         return [f"{head} ({result.reason})"]
-    lines = [head + (f" ({len(result.declared)} declared QEMU differences)" if result.declared
-                     else "")]
+    if result.declared:
+        head += f" ({len(result.declared)} declared QEMU differences)"
+    lines = [head]
+    if result.verdict is Verdict.DECLARED:
+        lines.append(f"    {result.reason}")
     if result.difference is not None:
         d = result.difference
         lines += [f"    {d.where}", f"      model: {d.model}", f"      QEMU:  {d.qemu}"]

@@ -17,7 +17,7 @@ gate enters a logging stub instead of the handler (`kv_vec_N`). The stub saves
 what it touches in memory of its own (never on the guest's stack), switches
 DR7 off while it reads the frame, writes one record to the debug port and
 jumps to the guest's handler with every register, flag and the stack as the
-delivery left them. It uses only MOV, OUT and JMP: none changes RFLAGS.
+delivery left them; RFLAGS is kept with PUSHF/POPF on a stack of the stub's own.
 
 Record on port 0xE9: MAGIC, b"D", the vector, then RSP, DR6, CR2 and six stack
 words from RSP up, each a little-endian word of the mode's width.
@@ -25,8 +25,9 @@ words from RSP up, each a little-endian word of the mode's width.
 
 from __future__ import annotations
 
-from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, Mode
+from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, GPR32, GPR64, Mode
 from kvmodel.export.reset import PAGE, ResetState
+from kvmodel.guest.layout import gate_size
 
 STUB_BASE = 0x1000000  # 16 MiB: above any guest memory the scenarios may ask for
 MAGIC = b"\xfeKV"
@@ -79,7 +80,7 @@ kv_start:
 
 def _enter_long(state: ResetState) -> str:
     regs = [f"    movabs ${value:#x}, %{name}" for name, value in
-            zip(_GPR64, state.regs, strict=True) if name != "rsp"]
+            zip(GPR64, state.regs, strict=True) if name != "rsp"]
     return f"""\
     mov $kv_pml4, %eax
     mov %eax, %cr3
@@ -120,7 +121,7 @@ kv_long:
 
 
 def _enter_protected(state: ResetState) -> str:
-    regs = [f"    mov ${value:#x}, %{name}" for name, value in zip(_GPR32, state.regs, strict=True)
+    regs = [f"    mov ${value:#x}, %{name}" for name, value in zip(GPR32, state.regs, strict=True)
             if name != "esp"]
     return f"""\
     mov $kv_pd, %eax
@@ -184,11 +185,16 @@ def _debug_registers(state: ResetState) -> str:
 
 
 def _logger(state: ResetState) -> str:
-    """One entry per present gate, then the shared logging routine (no flag is changed)."""
-    if state.mode is Mode.LONG64:
-        ax, dx, sp, size, jump_table = "%rax", "%rdx", "%rsp", 8, "kv_handlers(,%rax,8)"
-    else:
-        ax, dx, sp, size, jump_table = "%eax", "%edx", "%esp", 4, "kv_handlers(,%eax,4)"
+    """One entry per present gate, then the shared logging routine.
+
+    It runs on a stack of its own, where PUSHF/POPF keep RFLAGS as the delivery
+    left it (MOV to or from a debug or control register leaves the arithmetic
+    flags undefined, SDM Vol.2 MOV-2 "Flags Affected"). Not re-entrant: an
+    event delivered inside it would overwrite its save slots (none is realizable:
+    NMIs arrive at guest labels only).
+    """
+    long = state.mode is Mode.LONG64
+    ax, dx, sp, size = ("%rax", "%rdx", "%rsp", 8) if long else ("%eax", "%edx", "%esp", 4)
     out = []
     for gate in state.gates:
         out += [f"kv_vec_{gate.vector}:", f"    mov {ax}, kv_save_ax",
@@ -196,30 +202,35 @@ def _logger(state: ResetState) -> str:
     out += [
         "kv_log:",
         "    mov %eax, kv_vector",
+        f"    mov {sp}, kv_save_sp",
+        f"    mov $kv_log_stack_top, {sp}",
+        "    pushf",
         f"    mov {dx}, kv_save_dx",
         f"    mov %dr7, {ax}",
         f"    mov {ax}, kv_save_dr7",
         "    mov $0x400, %eax            # DR7 at reset: the logger's reads hit no breakpoint",
         f"    mov {ax}, %dr7",
-        f"    mov {sp}, {ax}",
-        f"    mov {ax}, kv_slots",
+        f"    mov kv_save_sp, {dx}",
+        f"    mov {dx}, kv_slots",
         f"    mov %dr6, {ax}",
         f"    mov {ax}, kv_slots+{size}",
         f"    mov %cr2, {ax}",
         f"    mov {ax}, kv_slots+{2 * size}",
     ]
     for k in range(FRAME_WORDS):
-        out += [f"    mov {k * size}({sp}), {ax}", f"    mov {ax}, kv_slots+{(3 + k) * size}"]
+        out += [f"    mov {k * size}({dx}), {ax}", f"    mov {ax}, kv_slots+{(3 + k) * size}"]
     out.append(_record(DELIVERY))
     out += ["    mov kv_vector, %al", "    out %al, %dx"]
     for k in range(SLOTS * size):
         out += [f"    mov kv_slots+{k}, %al", "    out %al, %dx"]
     out += [
         "    mov kv_vector, %eax",
-        f"    mov {jump_table}, {ax}",
+        f"    mov kv_handlers(,{ax},{size}), {ax}",
         f"    mov {ax}, kv_target",
         f"    mov kv_save_dr7, {ax}",
         f"    mov {ax}, %dr7",
+        "    popf",
+        f"    mov kv_save_sp, {sp}",
         f"    mov kv_save_dx, {dx}",
         f"    mov kv_save_ax, {ax}",
         "    jmp *kv_target",
@@ -261,7 +272,7 @@ def _segment(base: int, limit: int, access: int, flags: int) -> int:
 
 def _logging_idt(state: ResetState) -> list[str]:
     """The guest's IDT bytes as they are in memory; `_patch_idt()` redirects the gates at boot."""
-    size = 16 if state.mode is Mode.LONG64 else 8
+    size = gate_size(state.mode)
     count = min(256, (state.idtr_limit + size) // size)
     raw = state.memory[state.idtr_base:state.idtr_base + count * size].ljust(count * size, b"\0")
     return [f"    .quad {int.from_bytes(raw[i:i + 8], 'little'):#x}" for i in range(0, len(raw), 8)]
@@ -269,7 +280,7 @@ def _logging_idt(state: ResetState) -> list[str]:
 
 def _patch_idt(state: ResetState) -> str:
     """Each present gate's offset becomes its logging entry, relative to CS.base (SDM 6.14.1)."""
-    size = 16 if state.mode is Mode.LONG64 else 8
+    size = gate_size(state.mode)
     lines = []
     for gate in state.gates:
         at = f"kv_idt + {gate.vector * size}"
@@ -281,7 +292,9 @@ def _patch_idt(state: ResetState) -> str:
 
 
 def _page_tables(state: ResetState) -> list[str]:
-    holes = state.not_present
+    """The scenario's absent pages, and every page from the end of guest memory up to the
+    stub: the model's memory ends there, and an access beyond it faults (arch/cpu.py)."""
+    holes = state.not_present | frozenset(range(len(state.memory) // PAGE, STUB_BASE // PAGE))
     if state.mode is Mode.LONG64:
         return _paging_long(holes)
     return _paging_32(holes)
@@ -289,11 +302,16 @@ def _page_tables(state: ResetState) -> list[str]:
 
 def _paging_long(holes: frozenset[int]) -> list[str]:
     """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent."""
-    split = sorted({page >> 9 for page in holes if page < 1 << 18})
+    split = {page >> 9 for page in holes if page < 1 << 18}
+    absent = {region for region in split if all(p in holes for p in range(region << 9,
+                                                                          (region + 1) << 9))}
+    split = sorted(split - absent)
     lines = ["kv_pml4:", "    .quad kv_pdpt + 3", "    .fill 511, 8, 0",
              "kv_pdpt:", "    .quad kv_pd + 3", "    .fill 511, 8, 0", "kv_pd:"]
     for region in range(512):
-        if region in split:
+        if region in absent:
+            lines.append("    .quad 0")
+        elif region in split:
             lines.append(f"    .quad kv_pt{region} + 3")
         else:
             lines.append(f"    .quad {(region << 21) | 0x83:#x}")
@@ -329,6 +347,7 @@ kv_memory:
 .bss
 .balign 16
 kv_save_ax: .skip {size}
+kv_save_sp: .skip {size}
 kv_save_dx: .skip {size}
 kv_save_dr7: .skip {size}
 kv_target: .skip {size}
@@ -337,9 +356,8 @@ kv_slots: .skip {SLOTS * size}
 .balign 16
 kv_boot_stack: .skip 256
 kv_boot_stack_top:
+kv_log_stack: .skip 64
+kv_log_stack_top:
 """
 
 
-_GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
-_GPR32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")

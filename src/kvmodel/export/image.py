@@ -19,8 +19,6 @@ from kvmodel.guest.asm import find_binutils
 
 KERNEL = "kernel.elf"
 LOG = "debugcon.bin"
-QMP = "qmp.sock"
-GDB = "gdb.sock"
 _LINKER_SCRIPT = f"""ENTRY(kv_start)
 SECTIONS {{
   . = {STUB_BASE:#x};
@@ -59,13 +57,13 @@ def build_image(state: ResetState, out: Path) -> Image:
     script = out / "run.sh"
     script.write_text("#!/bin/sh\n# Boot the exported scenario; the log is written to "
                       f"{LOG}.\ncd \"$(dirname \"$0\")\"\nexec "
-                      + " ".join(shlex.quote(a) for a in qemu_command(out, "tcg", qmp=False))
+                      + " ".join(shlex.quote(a) for a in qemu_command("tcg"))
                       + ' "$@"\n')
     script.chmod(0o755)
     return Image(out, out / KERNEL, symbols)
 
 
-def qemu_command(directory: Path, accel: str, *, qmp: bool = True) -> list[str]:
+def qemu_command(accel: str, *, qmp: Path | None = None) -> list[str]:
     """The QEMU command line: no devices but the debug port, no reboot on a triple fault."""
     cpu = "max" if accel == "tcg" else "host"  # all TCG offers; the real CPU under KVM
     argv = ["qemu-system-x86_64", "-machine", "pc", "-accel", accel, "-cpu", cpu, "-m", "64M",
@@ -73,8 +71,8 @@ def qemu_command(directory: Path, accel: str, *, qmp: bool = True) -> list[str]:
             "-kernel", KERNEL,
             "-chardev", f"file,id=kvlog,path={LOG}",
             "-device", f"isa-debugcon,iobase={DEBUG_PORT:#x},chardev=kvlog"]
-    if qmp:
-        argv += ["-qmp", f"unix:{directory / QMP},server=on,wait=off"]
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     return argv
 
 

@@ -9,11 +9,13 @@ time limit. Registers come from `info registers`, memory from `pmemsave`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -23,7 +25,7 @@ from kvmodel.arch.regs import Mode
 from kvmodel.errors import ToolMissing
 from kvmodel.export.boot import DELIVERY, FRAME_WORDS, MAGIC, NO_X2APIC
 from kvmodel.export.gdb import Gdb, GdbError, GdbTimeout
-from kvmodel.export.image import GDB, LOG, QMP, qemu_command
+from kvmodel.export.image import LOG, qemu_command
 
 QEMU = "qemu-system-x86_64"
 INSTALL_HINT = (
@@ -35,7 +37,8 @@ _REGISTER = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=\s*([0-9a-fA-F]+)\b")
 class QemuStop(Enum):
     HALTED = "halted"
     SHUTDOWN = "shutdown"
-    TIMEOUT = "timeout"  # still running at the time limit (a loop or an event storm)
+    TIMEOUT = "timeout"  # still running at the time limit (a loop)
+    LOG_LIMIT = "log limit"  # still running with LOG_LIMIT bytes logged (an event storm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ def find_qemu() -> str:
     return path
 
 
+@functools.cache
 def qemu_version() -> str:
     out = subprocess.run([find_qemu(), "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
@@ -84,18 +88,19 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
     reaches them (QMP inject-nmi while a gdbstub breakpoint holds the guest there).
     """
     find_qemu()
-    for stale in (directory / LOG, directory / QMP, directory / GDB):
-        stale.unlink(missing_ok=True)
-    argv = qemu_command(directory, accel)
+    (directory / LOG).unlink(missing_ok=True)
+    # Sockets live in a short directory of their own: a socket path has at most 107 bytes.
+    sockets = Path(tempfile.mkdtemp(prefix="kvmodel-qemu-"))
+    argv = qemu_command(accel, qmp=sockets / "qmp")
     if nmis_at:
-        argv += ["-S", "-gdb", f"unix:{directory / GDB},server=on,wait=off"]
+        argv += ["-S", "-gdb", f"unix:{sockets / 'gdb'},server=on,wait=off"]
     process = subprocess.Popen(argv, cwd=directory, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     dump = directory / "memory.after"
     try:
-        qmp = _Qmp(directory / QMP, process)
+        qmp = _Qmp(sockets / "qmp", process)
         if nmis_at:
-            _arrive_at(qmp, Gdb(directory / GDB, timeout), nmis_at, cs_base)
+            _arrive_at(qmp, Gdb(sockets / "gdb", timeout), nmis_at, cs_base)
         stop = _wait_for_stop(qmp, directory / LOG, timeout)
         qmp.command("stop")
         registers = _parse_registers(qmp.hmp("info registers"))
@@ -108,7 +113,8 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
         if process.poll() is None:
             process.kill()
             process.wait()
-    word = 8 if mode is Mode.LONG64 else 4
+        shutil.rmtree(sockets, ignore_errors=True)
+    word = mode.value // 8
     events, x2apic = parse_log((directory / LOG).read_bytes(), word)
     return QemuRun(stop, events, registers, dump.read_bytes(), x2apic, qemu_version())
 
@@ -184,7 +190,7 @@ def _wait_for_stop(qmp: _Qmp, log: Path, timeout: float) -> QemuStop:
             return QemuStop.SHUTDOWN
         size = log.stat().st_size if log.exists() else 0
         if size > LOG_LIMIT:
-            return QemuStop.TIMEOUT
+            return QemuStop.LOG_LIMIT
         halted = _parse_registers(qmp.hmp("info registers")).get("HLT") == 1
         if not halted:
             halted_since = None

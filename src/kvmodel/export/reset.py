@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.regs import Mode
+from kvmodel.guest.layout import gate_size
 
 PAGE = 0x1000
 
@@ -42,7 +43,7 @@ class ResetState:
 
     @property
     def word(self) -> int:
-        return 8 if self.mode is Mode.LONG64 else 4
+        return self.mode.value // 8
 
 
 def reset_state(cpu: Cpu) -> ResetState:
@@ -57,7 +58,7 @@ def reset_state(cpu: Cpu) -> ResetState:
 
 def _present_gates(cpu: Cpu) -> tuple[Gate, ...]:
     """Handlers of the present gates in the IDT as it sits in memory (SDM 6.11, 6.14.1)."""
-    size = 16 if cpu.mode is Mode.LONG64 else 8
+    size = gate_size(cpu.mode)
     gates = []
     for vector in range(min(256, (cpu.idtr_limit + 1) // size)):
         at = cpu.idtr_base + vector * size

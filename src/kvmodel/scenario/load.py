@@ -526,6 +526,10 @@ def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
     return tuple(out)
 
 
+_QEMU_FIELD = re.compile(r"^(entry|vector|rsp|frame word [0-9]|stop|memory|crash|rip|rflags|cr2|dr6|dr7"
+                         r"|[re]?[abcd]x|[re]?[sd]i|[re]?[sb]p|r(8|9|1[0-5]))$")
+
+
 def _qemu_differences(ctx: _Ctx, expect: Any) -> tuple[QemuDifference, ...]:
     items = _expect(ctx, expect).get("qemu", [])
     t = "expect.qemu"
@@ -535,7 +539,7 @@ def _qemu_differences(ctx: _Ctx, expect: Any) -> tuple[QemuDifference, ...]:
     for n, d in enumerate(items):
         if not isinstance(d, dict):
             raise ctx.error("write [[expect.qemu]] (an array of tables)", None, "expect")
-        ctx.keys(d, ("accel", "entry", "why"), t, n)
+        ctx.keys(d, ("accel", "entry", "field", "mask", "why"), t, n)
         accels = _choice(ctx, d, "accel", {"tcg": ("tcg",), "kvm": ("kvm",),
                                            "any": ("tcg", "kvm")}, t, index=n)
         entry = d.get("entry")
@@ -544,11 +548,22 @@ def _qemu_differences(ctx: _Ctx, expect: Any) -> tuple[QemuDifference, ...]:
         if not isinstance(entry, int) or isinstance(entry, bool) or entry < 0:
             raise ctx.error("entry = N (1-based, among deliveries and port output) or \"final\"",
                             t, "entry", n)
+        fields = d.get("field")
+        fields = (fields,) if isinstance(fields, str) else fields
+        if (not isinstance(fields, list | tuple) or not fields
+                or not all(isinstance(f, str) and _QEMU_FIELD.match(f) for f in fields)):
+            raise ctx.error("field = what differs: \"entry\", \"vector\", \"rsp\", \"frame word N\", "
+                            "\"stop\", a register name, \"memory\" or \"crash\" (or a list)",
+                            t, "field", n)
+        mask = d.get("mask")
+        if mask is not None and (not isinstance(mask, int) or isinstance(mask, bool)
+                                 or not 0 < mask < 1 << 64):
+            raise ctx.error("mask = the bits that may differ (a 64-bit number)", t, "mask", n)
         why = d.get("why")
         if not isinstance(why, str) or not why.strip():
             raise ctx.error("a QEMU difference needs why = \"...\" (QEMU's source and the SDM rule)",
                             t, "why", n)
-        out.append(QemuDifference(accels, entry, why, ctx.line(t, None, n)))
+        out.append(QemuDifference(accels, entry, tuple(fields), mask, why, ctx.line(t, None, n)))
     return tuple(out)
 
 

@@ -112,6 +112,9 @@ class QemuDifference:
 
     accels: tuple[str, ...]  # "tcg", "kvm"
     entry: int  # 1-based position among deliveries and port output; 0 for the final state
+    fields: tuple[str, ...]  # what differs there: "entry", "vector", "rsp", "frame word N",
+    #                          "stop", a register, "memory", "crash" (QEMU itself fails)
+    mask: int | None  # only these bits may differ (None: any)
     why: str  # the QEMU source (file, function, fixing commit) and the SDM rule
     line: int
 
