@@ -333,9 +333,18 @@ def _replay(args: argparse.Namespace, console: Console) -> int:
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    image = export(load(args.scenario), Path(args.out))
-    console.print(f"{escape(str(image.kernel))} written; run {escape(str(image.directory / 'run.sh'))}",
-                  highlight=False)
+    exported = export(load(args.scenario), Path(args.out))
+    if exported.image is not None:
+        image = exported.image
+        console.print(f"{escape(str(image.kernel))} written; run "
+                      f"{escape(str(image.directory / 'run.sh'))}", highlight=False)
+    else:
+        console.print(f"no image: {escape(exported.not_exported or '')}", highlight=False)
+    for path in exported.reproducers:
+        if path.suffix == ".c":
+            console.print(f"{escape(str(path))} written: a KVM selftest reproducing the "
+                          f"scenario's finding (see README.md beside it; not compiled or run "
+                          f"by kvmodel)", highlight=False)
     return Exit.OK
 
 

@@ -24,6 +24,8 @@ from kvmodel.errors import ModelLimit
 from kvmodel.export.boot import FRAME_WORDS
 from kvmodel.export.image import Image, build_image
 from kvmodel.export.qemu import QemuFailed, QemuRun, run_image
+from kvmodel.export.reproducers import reproducers_for
+from kvmodel.export.reproducers import write as write_reproducers
 from kvmodel.export.reset import PAGE, ResetState, reset_state
 from kvmodel.guest.asm import Program
 from kvmodel.guest.layout import gate_size
@@ -134,12 +136,28 @@ def _unseen(declared: list[QemuDifference],
     return tuple(d for d in declared if not any(d is u for u in used))
 
 
-def export(scenario: Scenario, out: Path) -> Image:
-    """Only the image and its run script (`kvmodel export`)."""
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What `kvmodel export` wrote: the image, or why not, and the selftest reproducers."""
+
+    image: Image | None
+    not_exported: str | None  # why there is no image
+    reproducers: tuple[Path, ...]  # selftest sources and their README (export/reproducers.py)
+
+
+def export(scenario: Scenario, out: Path) -> Exported:
+    """The image and its run script (`kvmodel export`), and the selftests for its findings.
+
+    A scenario that cannot boot as an image (happenings, an L1 hypervisor,
+    ...) still gets its reproducers; with neither, it is a model limit.
+    """
+    written = write_reproducers(reproducers_for(scenario.path), out)
     reason = static_limit(scenario)
     if reason is not None:
-        raise ModelLimit(f"{scenario.path} cannot be exported: {reason}")
-    return build_image(reset_state(prepare(scenario)[0]), out)
+        if not written:
+            raise ModelLimit(f"{scenario.path} cannot be exported: {reason}")
+        return Exported(None, reason, written)
+    return Exported(build_image(reset_state(prepare(scenario)[0]), out), None, written)
 
 
 def static_limit(scenario: Scenario) -> str | None:
