@@ -95,7 +95,7 @@ def test_export_writes_the_selftest_beside_the_image(tmp_path):
 def test_export_of_a_scenario_with_no_image_still_writes_its_selftest(tmp_path, capsys):
     path = SCENARIOS["softint/int_n_in_sti_shadow_interrupt_pending"]  # it has [[happen]]
     assert main(["export", str(path), "--out", str(tmp_path)]) == Exit.OK
-    assert "no image: external events" in capsys.readouterr().out
+    assert "no image: an interrupt from outside" in capsys.readouterr().out
     assert not (tmp_path / "kernel.elf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "README.md", "int_n_sti_shadow_save_restore.c"]
