@@ -95,12 +95,15 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
     if nmis_at:
         argv += ["-S", "-gdb", f"unix:{sockets / 'gdb'},server=on,wait=off"]
     process = subprocess.Popen(argv, cwd=directory, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dump = directory / "memory.after"
+    clients: list[_Qmp | Gdb] = []
     try:
         qmp = _Qmp(sockets / "qmp", process)
+        clients.append(qmp)
         if nmis_at:
-            _arrive_at(qmp, Gdb(sockets / "gdb", timeout), nmis_at, cs_base)
+            clients.append(Gdb(sockets / "gdb", timeout))
+            _arrive_at(qmp, clients[-1], nmis_at, cs_base)
         stop = _wait_for_stop(qmp, directory / LOG, timeout)
         qmp.command("stop")
         registers = _parse_registers(qmp.hmp("info registers"))
@@ -110,9 +113,12 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
     except (OSError, RuntimeError, GdbError) as e:
         raise QemuFailed(_failure(process, e)) from None
     finally:
+        for client in clients:
+            client.close()
         if process.poll() is None:
             process.kill()
             process.wait()
+        process.stderr.close()
         shutil.rmtree(sockets, ignore_errors=True)
     word = mode.value // 8
     events, x2apic = parse_log((directory / LOG).read_bytes(), word)
@@ -239,6 +245,10 @@ class _Qmp:
                 return reply["return"]
             if "error" in reply:
                 raise RuntimeError(f"QMP {name}: {reply['error'].get('desc')}")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
 
     def hmp(self, line: str) -> str:
         return self.command("human-monitor-command", **{"command-line": line})
