@@ -255,6 +255,7 @@ class VmxGuest(GuestMode):
             self._exit(ExitReason.NMI_WINDOW, Where.BOUNDARY)
         if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
             self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
+        self.l1_interrupt_presented()
         if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:
             # acknowledged on exit, the vector is in the exit information (SDM 27.2.2)
             info = intr_info(HOST_VECTOR, EventType.EXT_INT, None) if self.ack_interrupt_on_exit else 0

@@ -156,6 +156,7 @@ class VmxRoot:
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
+        guest.l1_apic_open = lambda: True  # external-interrupt exiting, whatever L2's IF
         _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
@@ -227,15 +228,12 @@ class VmxRoot:
 
 
 def _pending_events_exit(guest: VmxGuest) -> None:
-    """What L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any injection.
-
-    An interrupt the APIC presents exits whatever L2's RFLAGS.IF (external-interrupt
-    exiting, SDM 25.2); with virtual NMIs no NMI is blocked in VMX non-root operation
-    (SDM 26.6.1), so a pending one exits at once (NMI exiting). Either stays L1's.
+    """An NMI L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any
+    injection: with virtual NMIs no NMI is blocked in VMX non-root operation (SDM 26.6.1),
+    so it exits at once (NMI exiting) and stays L1's. A pending interrupt exits the same way
+    (VmxGuest.boundary(), l1_interrupt_presented()).
     """
     cpu, vmcs = guest.cpu, guest.vmcs
-    if cpu.apic.pending_vector() is not None:
-        guest.kick()
     if cpu.nmi_pending and (vmcs.pin_based & Pin.VIRTUAL_NMIS
                             or not vmcs.guest_interruptibility & Interruptibility.NMI):
         cpu.nmi_pending -= 1
@@ -246,7 +244,7 @@ def _to_l1(guest: VmxGuest, event, vector: int) -> None:
     """An NMI or interrupt for L1 arrives while L2 runs: with the pin controls set, it exits."""
     if event is External.INTERRUPT:
         guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge on exit)
-        guest.kick()
+        guest.cpu.attn = True  # exits at this boundary if the APIC presents it
     else:
         guest.host_nmi = True
         guest.cpu.attn = True
