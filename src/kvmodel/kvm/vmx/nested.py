@@ -300,24 +300,34 @@ class NestedVmx(VmxRoot):
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
     def check_nested_events(self) -> int:
-        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; EBUSY while VMLAUNCH's
-        injection is still to go in or an event is to be re-injected into L2."""
+        """vmx_check_nested_events(), for the events modelled, in its order: an exception for L2
+        goes in first (it arose in L2's instruction: an NMI or interrupt for L1 exits at the
+        boundary after its delivery, KVM asking for an immediate exit); then an NMI, then an
+        interrupt, that L2 does not block. Such an NMI that L1 does not exit on ends the
+        search: it is L2's to take. EBUSY while VMLAUNCH's injection is still to go in, and
+        for NMIs and interrupts while an event is to be re-injected into L2."""
         if not self.guest_mode:
             return 0
-        vcpu, vmcs12 = self.vmx.vcpu, self.vmcs12
-        nmi_exit = vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING
-        intr_exit = (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
-                     and not _faults.on("nested_irq_injected_into_l2"))
-        if (nmi_exit or intr_exit) and (self.run_pending or vcpu.event_needs_reinjection()):
-            return EBUSY
-        if nmi_exit:
-            self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
-            # The NMI-triggered exit counts as injection: consume it, block further NMIs.
-            vcpu.nmi_pending -= 1
-            if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
-                self.vmx.set_nmi_mask(True)
-        elif intr_exit:
-            self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
+        vmx, vcpu = self.vmx, self.vmx.vcpu
+        block_exceptions = self.run_pending
+        block_events = block_exceptions or vcpu.event_needs_reinjection()
+        if vcpu.exception.pending:
+            return EBUSY if block_exceptions else 0
+        if vcpu.nmi_pending and not vmx.nmi_blocked():
+            if block_events:
+                return EBUSY
+            if vmx.nested_exit_on(Pin.NMI_EXITING):
+                self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
+                # The NMI-triggered exit counts as injection: consume it, block further NMIs.
+                vcpu.nmi_pending -= 1
+                if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
+                    vmx.set_nmi_mask(True)
+            return 0
+        if vcpu.has_injectable_intr() and not vmx.interrupt_blocked():
+            if block_events:
+                return EBUSY
+            if vmx.nested_exit_on(Pin.EXT_INTR_EXITING):
+                self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
         return 0
 
     def triple_fault(self) -> None:
