@@ -146,10 +146,10 @@ class VmxGuest(GuestMode):
         else:
             event = Event(vector, type_, cpu.rip, error, data=data,
                           nested=bool(info & INTR_INFO_NESTED))
-        # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2);
-        # pending debug exceptions are lost, except under MOV SS for INT n/INT3/INTO (26.6.3).
-        keep_dbg = type_ in (EventType.SW_INT, EventType.SW_EXCEPTION) and cpu.shadow is Shadow.MOV_SS
-        if not keep_dbg:
+        # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2). Pending
+        # debug exceptions survive it only under MOV SS blocking (26.6.3); which events
+        # then carry them into the handler is arch's rule (deliver._drop_held_debug_traps()).
+        if cpu.shadow is not Shadow.MOV_SS:
             cpu.pending_dbg = 0
         cpu.shadow = Shadow.NONE
         cpu.halted = False
