@@ -34,6 +34,11 @@ class EntryFailed(Exception):  # noqa: N818 - VMX "VM-entry failure" / SVM VMEXI
         self.check = check
 
 
+class InvalidGuestState(EntryFailed):
+    """VMX: a check on the guest-state area failed (SDM 26.3.1): not VMfail, but a VM exit
+    with exit reason 33 and bit 31 set that loads the host state (SDM 26.7)."""
+
+
 class Where(IntEnum):
     """Where in the guest's flow a VM exit happened; decides the saved shadow (SDM 27.3.4)."""
 

@@ -18,6 +18,7 @@ from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
     GuestMode,
+    InvalidGuestState,
     VmExit,
     Where,
     event_where,
@@ -351,24 +352,30 @@ def check_entry_controls(vmcs: Vmcs, fred_on: bool) -> None:
 
 
 def check_entry_interruptibility(vmcs: Vmcs) -> None:
-    """The guest's interruptibility, alone and with the event to inject (SDM 26.3.1.5).
+    """The guest's RFLAGS.IF and interruptibility, alone and with the event to inject
+    (SDM 26.3.1.4, 26.3.1.5: checks on the guest-state area, so InvalidGuestState).
 
-    Hardware fails these as a VM exit with reason 33 (and KVM's nested entry
-    does the same); the model reports every entry failure as VMfailValid 7.
+    Not modelled: "a processor may require" no blocking by STI for an injected NMI
+    (26.3.1.5, model-specific); the model's CPU does not.
     """
     state = vmcs.guest_interruptibility
     if state & Interruptibility.STI and state & Interruptibility.MOV_SS:
-        raise EntryFailed("interruptibility: STI and MOV SS blocking both set")
+        raise InvalidGuestState("interruptibility: STI and MOV SS blocking both set")
     if state & Interruptibility.STI and not vmcs.guest_rflags & IF:
-        raise EntryFailed("interruptibility: STI blocking with RFLAGS.IF=0")
+        raise InvalidGuestState("interruptibility: STI blocking with RFLAGS.IF=0")
     info = vmcs.entry_intr_info
     if not info & INTR_INFO_VALID:
         return
     type_ = info_type(info)
-    if type_ == EventType.EXT_INT and (not vmcs.guest_rflags & IF or state & 3):
-        raise EntryFailed("external interrupt injected while RFLAGS.IF=0 or in an interrupt shadow")
-    if type_ == EventType.NMI and state & (Interruptibility.MOV_SS | Interruptibility.NMI):
-        raise EntryFailed("NMI injected under MOV SS or (virtual-)NMI blocking")
+    if type_ == EventType.EXT_INT and not vmcs.guest_rflags & IF:
+        raise InvalidGuestState("external interrupt injected with RFLAGS.IF=0")
+    if type_ == EventType.EXT_INT and state & (Interruptibility.STI | Interruptibility.MOV_SS):
+        raise InvalidGuestState("external interrupt injected in an STI or MOV SS shadow")
+    if type_ == EventType.NMI and state & Interruptibility.MOV_SS:
+        raise InvalidGuestState("NMI injected under blocking by MOV SS")
+    if (type_ == EventType.NMI and state & Interruptibility.NMI
+            and vmcs.pin_based & Pin.VIRTUAL_NMIS):
+        raise InvalidGuestState("NMI injected under virtual-NMI blocking")
 
 
 def _iret_at(cpu: Cpu) -> bool:

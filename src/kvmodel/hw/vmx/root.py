@@ -11,8 +11,8 @@ VMCS's data beside memory, keyed by its region's address, as a CPU caches it.
 Modelled: the fields in FIELDS; VMsucceed / VMfailInvalid / VMfailValid
 with the VM-instruction error number (SDM 30.2, 30.4); launch state. Not
 modelled: VMXOFF, VMCS shadowing, the host-state checks, host segment and
-control registers (flat, unchanged), EPT (identity), MSR areas, VM-entry
-failures as exits 33/34 (reported as VMfailValid 7).
+control registers (flat, unchanged), EPT (identity), MSR areas (so no exit 34).
+A failed guest-state check is the VM exit with reason 33 (SDM 26.7).
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
+from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
-from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Interruptibility, Pin, Vmcs, info_type
+from kvmodel.hw.vmx.vmcs import (
+    FAILED_VMENTRY,
+    INTR_INFO_VALID,
+    ExitReason,
+    Interruptibility,
+    Pin,
+    Vmcs,
+    info_type,
+)
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
@@ -163,6 +171,11 @@ class VmxRoot:
         with entry_retired(cpu):
             try:
                 guest.enter()
+            except InvalidGuestState as failed:
+                self._leave_guest(cpu, l1, guest.host_nmi)
+                self._l2 = None
+                self._entry_failure_exit(cpu, vmcs, failed.check)
+                return
             except EntryFailed as failed:
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
@@ -197,6 +210,17 @@ class VmxRoot:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
+
+    @staticmethod
+    def _entry_failure_exit(cpu: Cpu, vmcs: Vmcs, check: str) -> None:
+        """A failed guest-state check (SDM 26.7): exit reason 33 with bit 31 and a zero
+        qualification, the other exit fields and the launch state unchanged, the host state
+        loaded as at a VM exit (27.5), NMI blocking as before the entry."""
+        vmcs.exit_reason = ExitReason.INVALID_GUEST_STATE | FAILED_VMENTRY
+        vmcs.exit_qualification = 0
+        cpu.trace.append(ExitRecord("VM_ENTRY_FAILURE_INVALID_GUEST_STATE", cpu.rip, cpu.retired, check))
+        cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
+        cpu.rflags = 0x2  # SDM 27.5.3
 
     def _entry_region(self, cpu: Cpu, launch: bool, blocked_by_mov_ss: bool) -> int | None:
         """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail.

@@ -28,11 +28,12 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import IF, Shadow
-from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
+    FAILED_VMENTRY,
     INTR_INFO_VALID,
     Activity,
     ExitReason,
@@ -115,6 +116,10 @@ class NestedVmx(VmxRoot):
                 # nested_vmx_check_controls() and the guest-state checks, in software on
                 # vmcs12 before vmcs02 exists: the hardware model's own checks.
                 check_entry(self.vmcss[region], cpu)
+            except InvalidGuestState as failed:
+                self._entry_failure_exit(self.vmcss[region], failed.check)
+                self.vmx.vcpu.retire(rip, insn)
+                return
             except EntryFailed:
                 self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
                 region = None
@@ -141,6 +146,21 @@ class NestedVmx(VmxRoot):
         if vmcs12.proc_based & Proc.NMI_WINDOW_EXITING:
             return False
         return not (vmcs12.proc_based & Proc.INTR_WINDOW_EXITING and vmcs12.guest_rflags & IF)
+
+    def _entry_failure_exit(self, vmcs12: Vmcs, check: str) -> None:
+        """nested_vmx_check_guest_state() failed in nested_vmx_enter_non_root_mode(): L1 gets
+        the VM exit the CPU makes (SDM 26.7), EXIT_REASON_INVALID_STATE with
+        VMX_EXIT_REASONS_FAILED_VMENTRY and qualification ENTRY_FAIL_DEFAULT (0), and resumes
+        at HOST_RIP (load_vmcs12_host_state()); vmcs12 is not launched, its other exit
+        fields stay (prepare_vmcs12())."""
+        vmcs01 = self.vmx.vmcs
+        vmcs12.exit_reason = ExitReason.INVALID_GUEST_STATE | FAILED_VMENTRY
+        vmcs12.exit_qualification = 0
+        vmcs01.guest_rip, vmcs01.guest_rsp = vmcs12.host_rip, vmcs12.host_rsp
+        vmcs01.guest_rflags = 0x2  # SDM 27.5.3
+        self.vmx.set_interrupt_shadow(0)
+        self.vmx.guest.cpu.trace.append(NestedExitRecord(
+            f"INVALID_GUEST_STATE ({check})", vmcs12.host_rip, self.vmx.guest.cpu.retired, "vmcs12"))
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
         """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
