@@ -1,5 +1,6 @@
 """The explorer: enumeration, determinism, findings, shrinking, replay."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.bugs.check import check_bug
-from kvmodel.check.explore import Bounds, Choices, async_schedules, explore, host_schedules
+from kvmodel.check.explore import Bounds, Choices, Runner, async_schedules, explore, host_schedules
 from kvmodel.check.replay import read, shrink, write
 from kvmodel.check.schedule import Kind, describe
 from kvmodel.errors import KvmodelError
@@ -168,6 +169,18 @@ def test_a_scenario_stopped_by_a_model_limit_reports_the_limit(tmp_path, vendor)
     assert result.schedules == 0 and result.findings == []
     assert result.limit == "on bare metal: instruction outside the modelled subset: 'cmc' at 0x10000"
     assert result.limit_schedule == ()
+
+
+@VENDORS
+def test_a_base_run_without_a_final_state_is_reported_not_explored(monkeypatch, vendor):
+    # A reference run that ended with no final state (as a hypervisor error leaves a run)
+    # gives no instruction count to place happenings by: reported like a model limit.
+    bare = Runner.bare
+    monkeypatch.setattr(Runner, "bare", lambda self, schedule: dataclasses.replace(
+        bare(self, schedule), final=None, hypervisor_error="KVM_EXIT_FAIL_ENTRY"))
+    result = explore(load(EXPLORE), vendor, Bounds(max_async=1, max_host=1))
+    assert result.schedules == 0 and result.findings == []
+    assert result.limit == "on bare metal: KVM_EXIT_FAIL_ENTRY" and result.limit_schedule == ()
 
 
 def test_a_model_limit_on_one_vendor_only(tmp_path):

@@ -107,17 +107,23 @@ def deliver(cpu: Cpu, event: Event, *, screened: bool = False, injected: bool = 
 def _drop_held_debug_traps(cpu: Cpu) -> None:
     """A delivery other than INT n/INT3/INTO loses the debug traps MOV SS held back.
 
-    Only INT n, INT3 and INTO carry them into the handler, where they are
+    The one statement of the rule (hw/vmx's injection relies on it too). Pending
+    debug traps reach a delivery only under MOV SS blocking: at any other boundary
+    they are delivered first (pending_source()); an event VM entry injects without
+    that blocking has cleared them already (SDM 26.6.3, hw/vmx/cpu.py _inject()).
+    Only INT n, INT3 and INTO then carry them into the handler, where they are
     delivered before its first instruction; a fault of the instruction after
-    MOV SS, INT1 (ICEBP) and a code breakpoint #DB lose them, and DR6 never
-    records them. Sources: SDM 26.6.3 (the same rule for an event VM entry
-    injects: pending debug exceptions survive only a software interrupt or
-    software exception under MOV SS blocking); kvm-unit-tests x86/debug.c
-    ("MOV SS + watchpoint + ICEBP": one #DB; "Single-Step + ICEBP #DB w/ MOVSS
-    blocking": DR6 = 0xffff0ff0, no BS); Linux selftests x86/mov_ss_trap.c
-    (hardware: "Any fault: drop the pending #DB trap", "ICEBP: ... do not
-    deliver the watchpoint trap"); Bochs exception.cc interrupt() discards
-    debug_trap on every delivery (wrongly for INT n/INT3/INTO).
+    MOV SS and INT1 (ICEBP) lose them, and DR6 never records them. Sources: SDM
+    26.6.3 (the same rule for an event VM entry injects: pending debug exceptions
+    survive only a software interrupt or software exception under MOV SS
+    blocking); kvm-unit-tests x86/debug.c ("MOV SS + watchpoint + ICEBP": one
+    #DB; "Single-Step + ICEBP #DB w/ MOVSS blocking": DR6 = 0xffff0ff0, no BS);
+    Linux selftests x86/mov_ss_trap.c (hardware: "Any fault: drop the pending
+    #DB trap", "ICEBP: ... do not deliver the watchpoint trap"); Bochs
+    exception.cc interrupt() discards debug_trap on every delivery (wrongly for
+    INT n/INT3/INTO). A code breakpoint #DB on the instruction after MOV SS
+    losing them too follows from "a hardware exception" but is UNVERIFIED: none
+    of these sources tries it.
     """
     cpu.pending_dbg = 0
 

@@ -379,8 +379,9 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     with _faults.switched_on(bugs):
         runner = Runner(scenario, vendor, max_steps)
         base = runner.bare(())
-        if base.limit is not None:
-            result.limit, result.limit_schedule = f"on bare metal: {base.limit}", ()
+        if base.limit is not None or base.final is None:  # no final state: nothing to bound by
+            why = base.limit or base.hypervisor_error or "the run ended without a final state"
+            result.limit, result.limit_schedule = f"on bare metal: {why}", ()
             return result
         resolve = Resolver(scenario, base.program)
         choices = choices_for(scenario, resolve, bounds, base.final.retired)

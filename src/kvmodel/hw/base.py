@@ -34,6 +34,11 @@ class EntryFailed(Exception):  # noqa: N818 - VMX "VM-entry failure" / SVM VMEXI
         self.check = check
 
 
+class InvalidGuestState(EntryFailed):
+    """VMX: a check on the guest-state area failed (SDM 26.3.1): not VMfail, but a VM exit
+    with exit reason 33 and bit 31 set that loads the host state (SDM 26.7)."""
+
+
 class Where(IntEnum):
     """Where in the guest's flow a VM exit happened; decides the saved shadow (SDM 27.3.4)."""
 
@@ -112,6 +117,9 @@ class GuestMode:
         self.host_nmi = False  # a host NMI is waiting to exit the guest
         self.on_external: Callable[[External, int], None] = _unclaimed
         self.on_nmi_from_apic: Callable[[], None] = _unclaimed_nmi
+        # An L1 on the model (hw/*/root.py): the core's APIC is L1's, and whether the
+        # interrupts it presents may exit L2 now. Under KVM the core's APIC is the guest's.
+        self.l1_apic_open: Callable[[], bool] = _never
         self.exits = 0
         self.longest_windowless = 0  # cycles, the most the guest held the CPU with no event window
 
@@ -140,6 +148,13 @@ class GuestMode:
 
     def notify_timer(self, context_invalid: bool) -> None:
         """The notify timer ran out early (see hw/vmx); nothing else has one."""
+
+    def l1_interrupt_presented(self) -> None:
+        """An interrupt L1's APIC presents exits L2 at this boundary, however it came to be
+        presented: it arrived, was pending at the entry, or L2 lowered the TPR or sent it
+        (SDM 25.2 external-interrupt exiting, 10.8.3.1; APM 15.13.1 INTR intercept)."""
+        if not self.host_interrupt and self.l1_apic_open() and self.cpu.apic.pending_vector() is not None:
+            self.host_interrupt = True
 
     def kick(self) -> None:
         """A host interrupt (IPI) for this CPU: it leaves the guest at the next boundary."""
@@ -176,6 +191,10 @@ def entry_retired(cpu: Cpu) -> Iterator[None]:
         yield
     finally:
         cpu.retired -= 1
+
+
+def _never() -> bool:
+    return False
 
 
 def _unclaimed(event: External, vector: int) -> None:

@@ -456,11 +456,11 @@ class Vcpu:
         is active becomes L1's exception VM exit if L1 intercepts it. Done at the next entry,
         which for a VMM is the same point: it can set events only between KVM_RUNs."""
         exc = self.exception
-        if self.exception_from_userspace and self.ops.is_exception_vmexit(
-                exc.vector, exc.error_code if exc.has_error_code else None):
-            self.exception_vmexit = QueuedException(
-                pending=True, vector=exc.vector, has_error_code=exc.has_error_code,
-                error_code=exc.error_code, has_payload=exc.has_payload, payload=exc.payload)
+        error_code = exc.error_code if exc.has_error_code else None
+        if self.exception_from_userspace and self.ops.is_exception_vmexit(exc.vector, error_code):
+            # kvm_queue_exception_vmexit()
+            self.exception_vmexit = _queued(exc.vector, error_code,
+                                            exc.payload if exc.has_payload else None)
             exc.pending = exc.injected = False
         self.exception_from_userspace = False
 
@@ -475,8 +475,8 @@ class Vcpu:
         while not self.has_events():
             if not self.cpu.next_arrival():
                 return False
-        if not self.event_needs_reinjection():  # block_nested_events
-            self.ops.check_nested_events()
+        self.warn_on(self.ops.check_nested_events() == EBUSY,
+                     "vcpu_block: kvm_check_nested_events() busy while halted")
         self.mp_state = MpState.RUNNABLE
         return True
 

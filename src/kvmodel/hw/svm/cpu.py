@@ -298,6 +298,7 @@ class SvmGuest(GuestMode):
         vmcb = self.vmcb
         if self.host_nmi and Intercept.NMI in vmcb.intercepts:
             self._exit(ExitCode.NMI, Where.BOUNDARY)
+        self.l1_interrupt_presented()
         if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
             self._exit(ExitCode.INTR, Where.BOUNDARY)
         if (vmcb.int_ctl & V_IRQ and Intercept.VINTR in vmcb.intercepts and cpu.rflags & IF

@@ -106,6 +106,7 @@ class SvmRoot:
         guest.dr6_in_core = True
         guest.on_external = lambda event, vector: self._for_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: self._for_l1(guest, External.NMI, Vec.NMI)
+        guest.l1_apic_open = lambda: self._l1_interrupts_open(l1)
         self._l2 = (guest, vmcb_pa, l1)
         cpu.regs[RAX] = vmcb.rax
         cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
@@ -126,8 +127,7 @@ class SvmRoot:
             self.exit_to_l1(cpu)  # the injection itself exited
             return
         guest.host_nmi = bool(l1.nmi_pending)  # held by GIF until now: it exits at once
-        if cpu.apic.pending_vector() is not None and self._l1_interrupts_open(l1):
-            guest.kick()
+        cpu.attn = True  # and so does an interrupt (SvmGuest.boundary())
 
     @staticmethod
     def _l1_interrupts_open(l1: L1State) -> bool:
@@ -138,8 +138,7 @@ class SvmRoot:
         """An NMI or interrupt for L1 arrives while L2 runs: the intercept exits before it is taken."""
         if event is External.INTERRUPT:
             guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge)
-            if self._l1_interrupts_open(self._l2[2]) and guest.cpu.apic.pending_vector() is not None:
-                guest.kick()
+            guest.cpu.attn = True  # exits at this boundary if L1's IF lets it (boundary())
         else:
             guest.host_nmi = True
             guest.cpu.attn = True

@@ -18,6 +18,7 @@ from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
     GuestMode,
+    InvalidGuestState,
     VmExit,
     Where,
     event_where,
@@ -146,10 +147,10 @@ class VmxGuest(GuestMode):
         else:
             event = Event(vector, type_, cpu.rip, error, data=data,
                           nested=bool(info & INTR_INFO_NESTED))
-        # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2);
-        # pending debug exceptions are lost, except under MOV SS for INT n/INT3/INTO (26.6.3).
-        keep_dbg = type_ in (EventType.SW_INT, EventType.SW_EXCEPTION) and cpu.shadow is Shadow.MOV_SS
-        if not keep_dbg:
+        # A vectoring entry leaves no shadow and an active CPU (26.6.1, 26.6.2). Pending
+        # debug exceptions survive it only under MOV SS blocking (26.6.3); which events
+        # then carry them into the handler is arch's rule (deliver._drop_held_debug_traps()).
+        if cpu.shadow is not Shadow.MOV_SS:
             cpu.pending_dbg = 0
         cpu.shadow = Shadow.NONE
         cpu.halted = False
@@ -255,6 +256,7 @@ class VmxGuest(GuestMode):
             self._exit(ExitReason.NMI_WINDOW, Where.BOUNDARY)
         if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
             self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
+        self.l1_interrupt_presented()
         if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:
             # acknowledged on exit, the vector is in the exit information (SDM 27.2.2)
             info = intr_info(HOST_VECTOR, EventType.EXT_INT, None) if self.ack_interrupt_on_exit else 0
@@ -350,24 +352,30 @@ def check_entry_controls(vmcs: Vmcs, fred_on: bool) -> None:
 
 
 def check_entry_interruptibility(vmcs: Vmcs) -> None:
-    """The guest's interruptibility, alone and with the event to inject (SDM 26.3.1.5).
+    """The guest's RFLAGS.IF and interruptibility, alone and with the event to inject
+    (SDM 26.3.1.4, 26.3.1.5: checks on the guest-state area, so InvalidGuestState).
 
-    Hardware fails these as a VM exit with reason 33 (and KVM's nested entry
-    does the same); the model reports every entry failure as VMfailValid 7.
+    Not modelled: "a processor may require" no blocking by STI for an injected NMI
+    (26.3.1.5, model-specific); the model's CPU does not.
     """
     state = vmcs.guest_interruptibility
     if state & Interruptibility.STI and state & Interruptibility.MOV_SS:
-        raise EntryFailed("interruptibility: STI and MOV SS blocking both set")
+        raise InvalidGuestState("interruptibility: STI and MOV SS blocking both set")
     if state & Interruptibility.STI and not vmcs.guest_rflags & IF:
-        raise EntryFailed("interruptibility: STI blocking with RFLAGS.IF=0")
+        raise InvalidGuestState("interruptibility: STI blocking with RFLAGS.IF=0")
     info = vmcs.entry_intr_info
     if not info & INTR_INFO_VALID:
         return
     type_ = info_type(info)
-    if type_ == EventType.EXT_INT and (not vmcs.guest_rflags & IF or state & 3):
-        raise EntryFailed("external interrupt injected while RFLAGS.IF=0 or in an interrupt shadow")
-    if type_ == EventType.NMI and state & (Interruptibility.MOV_SS | Interruptibility.NMI):
-        raise EntryFailed("NMI injected under MOV SS or (virtual-)NMI blocking")
+    if type_ == EventType.EXT_INT and not vmcs.guest_rflags & IF:
+        raise InvalidGuestState("external interrupt injected with RFLAGS.IF=0")
+    if type_ == EventType.EXT_INT and state & (Interruptibility.STI | Interruptibility.MOV_SS):
+        raise InvalidGuestState("external interrupt injected in an STI or MOV SS shadow")
+    if type_ == EventType.NMI and state & Interruptibility.MOV_SS:
+        raise InvalidGuestState("NMI injected under blocking by MOV SS")
+    if (type_ == EventType.NMI and state & Interruptibility.NMI
+            and vmcs.pin_based & Pin.VIRTUAL_NMIS):
+        raise InvalidGuestState("NMI injected under virtual-NMI blocking")
 
 
 def _iret_at(cpu: Cpu) -> bool:

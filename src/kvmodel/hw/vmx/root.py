@@ -11,8 +11,8 @@ VMCS's data beside memory, keyed by its region's address, as a CPU caches it.
 Modelled: the fields in FIELDS; VMsucceed / VMfailInvalid / VMfailValid
 with the VM-instruction error number (SDM 30.2, 30.4); launch state. Not
 modelled: VMXOFF, VMCS shadowing, the host-state checks, host segment and
-control registers (flat, unchanged), EPT (identity), MSR areas, VM-entry
-failures as exits 33/34 (reported as VMfailValid 7).
+control registers (flat, unchanged), EPT (identity), MSR areas (so no exit 34).
+A failed guest-state check is the VM exit with reason 33 (SDM 26.7).
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import RSP, Shadow
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
+from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
-from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID, ExitReason, Interruptibility, Pin, Vmcs, info_type
+from kvmodel.hw.vmx.vmcs import (
+    FAILED_VMENTRY,
+    INTR_INFO_VALID,
+    ExitReason,
+    Interruptibility,
+    Pin,
+    Vmcs,
+    info_type,
+)
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
@@ -156,12 +164,18 @@ class VmxRoot:
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
+        guest.l1_apic_open = lambda: True  # external-interrupt exiting, whatever L2's IF
         _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
         with entry_retired(cpu):
             try:
                 guest.enter()
+            except InvalidGuestState as failed:
+                self._leave_guest(cpu, l1, guest.host_nmi)
+                self._l2 = None
+                self._entry_failure_exit(cpu, vmcs, failed.check)
+                return
             except EntryFailed as failed:
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
@@ -197,6 +211,17 @@ class VmxRoot:
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
         cpu.rflags = 0x2  # SDM 27.5.3: RFLAGS is cleared except bit 1
 
+    @staticmethod
+    def _entry_failure_exit(cpu: Cpu, vmcs: Vmcs, check: str) -> None:
+        """A failed guest-state check (SDM 26.7): exit reason 33 with bit 31 and a zero
+        qualification, the other exit fields and the launch state unchanged, the host state
+        loaded as at a VM exit (27.5), NMI blocking as before the entry."""
+        vmcs.exit_reason = ExitReason.INVALID_GUEST_STATE | FAILED_VMENTRY
+        vmcs.exit_qualification = 0
+        cpu.trace.append(ExitRecord("VM_ENTRY_FAILURE_INVALID_GUEST_STATE", cpu.rip, cpu.retired, check))
+        cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
+        cpu.rflags = 0x2  # SDM 27.5.3
+
     def _entry_region(self, cpu: Cpu, launch: bool, blocked_by_mov_ss: bool) -> int | None:
         """The VMCS VMLAUNCH/VMRESUME may enter, or None after VMfail.
 
@@ -227,15 +252,12 @@ class VmxRoot:
 
 
 def _pending_events_exit(guest: VmxGuest) -> None:
-    """What L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any injection.
-
-    An interrupt the APIC presents exits whatever L2's RFLAGS.IF (external-interrupt
-    exiting, SDM 25.2); with virtual NMIs no NMI is blocked in VMX non-root operation
-    (SDM 26.6.1), so a pending one exits at once (NMI exiting). Either stays L1's.
+    """An NMI L1 left pending at VMLAUNCH/VMRESUME exits at L2's first boundary, after any
+    injection: with virtual NMIs no NMI is blocked in VMX non-root operation (SDM 26.6.1),
+    so it exits at once (NMI exiting) and stays L1's. A pending interrupt exits the same way
+    (VmxGuest.boundary(), l1_interrupt_presented()).
     """
     cpu, vmcs = guest.cpu, guest.vmcs
-    if cpu.apic.pending_vector() is not None:
-        guest.kick()
     if cpu.nmi_pending and (vmcs.pin_based & Pin.VIRTUAL_NMIS
                             or not vmcs.guest_interruptibility & Interruptibility.NMI):
         cpu.nmi_pending -= 1
@@ -246,7 +268,7 @@ def _to_l1(guest: VmxGuest, event, vector: int) -> None:
     """An NMI or interrupt for L1 arrives while L2 runs: with the pin controls set, it exits."""
     if event is External.INTERRUPT:
         guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge on exit)
-        guest.kick()
+        guest.cpu.attn = True  # exits at this boundary if the APIC presents it
     else:
         guest.host_nmi = True
         guest.cpu.attn = True

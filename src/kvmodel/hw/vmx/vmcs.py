@@ -43,9 +43,12 @@ class ExitReason(IntEnum):
     IO_INSTRUCTION = 30
     MSR_READ = 31
     MSR_WRITE = 32
+    INVALID_GUEST_STATE = 33  # a VM-entry failure (with FAILED_VMENTRY)
     EPT_VIOLATION = 48
     NOTIFY = 75  # the SDM's "instruction timeout"
 
+
+FAILED_VMENTRY = 1 << 31  # exit reason bit 31: VM entry failed (SDM 26.7)
 
 # ExitReason(n) by a dict lookup: Enum.__call__ costs most of a microsecond, twice per exit.
 EXIT_REASONS = {reason.value: reason for reason in ExitReason}

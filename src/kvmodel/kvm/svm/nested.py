@@ -385,18 +385,24 @@ class NestedSvm:
     # -- events for L1 while L2 runs (svm_check_nested_events()) --------------------------
 
     def check_nested_events(self) -> int:
-        """An exception L1 intercepts, then an NMI or interrupt L1 intercepts, ends L2's turn;
-        the NMI stays pending (APM 15.13). EBUSY while VMRUN's injection is still to go in or
-        an event is to be re-injected into L2 (the exception waits for VMRUN only)."""
+        """svm_check_nested_events(), for the events modelled, in its order: an exception L1
+        intercepts ends L2's turn; an exception for L2 goes in first (it arose in L2's
+        instruction: an NMI or interrupt for L1 exits at the boundary after its delivery, KVM
+        asking for an immediate exit); then an NMI, then an interrupt, L1 intercepts ends L2's
+        turn, the NMI staying pending (APM 15.13). EBUSY while VMRUN's injection is still to go
+        in, and for NMIs and interrupts while an event is to be re-injected into L2."""
         if not self.guest_mode:
             return 0
         svm, vcpu = self.svm, self.svm.vcpu
-        block_events = self.run_pending or vcpu.event_needs_reinjection()
+        block_exceptions = self.run_pending
+        block_events = block_exceptions or vcpu.event_needs_reinjection()
         if vcpu.exception_vmexit.pending:
-            if self.run_pending:
+            if block_exceptions:
                 return EBUSY
             self.inject_exception_vmexit()
             return 0
+        if vcpu.exception.pending:
+            return EBUSY if block_exceptions else 0
         if vcpu.nmi_pending and not svm.nmi_blocked():
             if block_events:
                 return EBUSY

@@ -28,11 +28,12 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import IF, Shadow
-from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
+    FAILED_VMENTRY,
     INTR_INFO_VALID,
     Activity,
     ExitReason,
@@ -115,6 +116,10 @@ class NestedVmx(VmxRoot):
                 # nested_vmx_check_controls() and the guest-state checks, in software on
                 # vmcs12 before vmcs02 exists: the hardware model's own checks.
                 check_entry(self.vmcss[region], cpu)
+            except InvalidGuestState as failed:
+                self._entry_failure_exit(self.vmcss[region], failed.check)
+                self.vmx.vcpu.retire(rip, insn)
+                return
             except EntryFailed:
                 self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
                 region = None
@@ -141,6 +146,21 @@ class NestedVmx(VmxRoot):
         if vmcs12.proc_based & Proc.NMI_WINDOW_EXITING:
             return False
         return not (vmcs12.proc_based & Proc.INTR_WINDOW_EXITING and vmcs12.guest_rflags & IF)
+
+    def _entry_failure_exit(self, vmcs12: Vmcs, check: str) -> None:
+        """nested_vmx_check_guest_state() failed in nested_vmx_enter_non_root_mode(): L1 gets
+        the VM exit the CPU makes (SDM 26.7), EXIT_REASON_INVALID_STATE with
+        VMX_EXIT_REASONS_FAILED_VMENTRY and qualification ENTRY_FAIL_DEFAULT (0), and resumes
+        at HOST_RIP (load_vmcs12_host_state()); vmcs12 is not launched, its other exit
+        fields stay (prepare_vmcs12())."""
+        vmcs01 = self.vmx.vmcs
+        vmcs12.exit_reason = ExitReason.INVALID_GUEST_STATE | FAILED_VMENTRY
+        vmcs12.exit_qualification = 0
+        vmcs01.guest_rip, vmcs01.guest_rsp = vmcs12.host_rip, vmcs12.host_rsp
+        vmcs01.guest_rflags = 0x2  # SDM 27.5.3
+        self.vmx.set_interrupt_shadow(0)
+        self.vmx.guest.cpu.trace.append(NestedExitRecord(
+            f"INVALID_GUEST_STATE ({check})", vmcs12.host_rip, self.vmx.guest.cpu.retired, "vmcs12"))
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
         """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
@@ -300,24 +320,34 @@ class NestedVmx(VmxRoot):
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
     def check_nested_events(self) -> int:
-        """An NMI or interrupt for L1 that L1 exits on ends L2's turn; EBUSY while VMLAUNCH's
-        injection is still to go in or an event is to be re-injected into L2."""
+        """vmx_check_nested_events(), for the events modelled, in its order: an exception for L2
+        goes in first (it arose in L2's instruction: an NMI or interrupt for L1 exits at the
+        boundary after its delivery, KVM asking for an immediate exit); then an NMI, then an
+        interrupt, that L2 does not block. Such an NMI that L1 does not exit on ends the
+        search: it is L2's to take. EBUSY while VMLAUNCH's injection is still to go in, and
+        for NMIs and interrupts while an event is to be re-injected into L2."""
         if not self.guest_mode:
             return 0
-        vcpu, vmcs12 = self.vmx.vcpu, self.vmcs12
-        nmi_exit = vcpu.nmi_pending and vmcs12.pin_based & Pin.NMI_EXITING
-        intr_exit = (vcpu.has_injectable_intr() and vmcs12.pin_based & Pin.EXT_INTR_EXITING
-                     and not _faults.on("nested_irq_injected_into_l2"))
-        if (nmi_exit or intr_exit) and (self.run_pending or vcpu.event_needs_reinjection()):
-            return EBUSY
-        if nmi_exit:
-            self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
-            # The NMI-triggered exit counts as injection: consume it, block further NMIs.
-            vcpu.nmi_pending -= 1
-            if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
-                self.vmx.set_nmi_mask(True)
-        elif intr_exit:
-            self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
+        vmx, vcpu = self.vmx, self.vmx.vcpu
+        block_exceptions = self.run_pending
+        block_events = block_exceptions or vcpu.event_needs_reinjection()
+        if vcpu.exception.pending:
+            return EBUSY if block_exceptions else 0
+        if vcpu.nmi_pending and not vmx.nmi_blocked():
+            if block_events:
+                return EBUSY
+            if vmx.nested_exit_on(Pin.NMI_EXITING):
+                self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
+                # The NMI-triggered exit counts as injection: consume it, block further NMIs.
+                vcpu.nmi_pending -= 1
+                if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
+                    vmx.set_nmi_mask(True)
+            return 0
+        if vcpu.has_injectable_intr() and not vmx.interrupt_blocked():
+            if block_events:
+                return EBUSY
+            if vmx.nested_exit_on(Pin.EXT_INTR_EXITING):
+                self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
         return 0
 
     def triple_fault(self) -> None:

@@ -161,7 +161,7 @@ class Vmx:
     def nmi_blocked(self) -> bool:
         """vmx_nmi_blocked(): STI blocks NMIs too; an NMI L1 exits on is never blocked by
         L2's state (it becomes a VM exit, SDM 25.2), so it wakes an L2 halted by L0."""
-        if self._l1_exits_on(Pin.NMI_EXITING):
+        if self.nested_exit_on(Pin.NMI_EXITING):
             return False
         return bool(self.vmcs.guest_interruptibility & (
             Interruptibility.MOV_SS | Interruptibility.STI | Interruptibility.NMI))
@@ -174,17 +174,15 @@ class Vmx:
 
     def _nested_blocks(self, for_injection: bool, exit_control: Pin) -> bool:
         """An event must not be injected into L2 if it is supposed to exit to L1."""
-        if exit_control is Pin.EXT_INTR_EXITING and _faults.on("nested_irq_injected_into_l2"):
-            return False
         n = self.nested
         if n is None or not n.guest_mode:
             return False
-        return n.run_pending or (for_injection and self._l1_exits_on(exit_control))
+        return n.run_pending or (for_injection and self.nested_exit_on(exit_control))
 
-    def _l1_exits_on(self, exit_control: Pin) -> bool:
+    def nested_exit_on(self, exit_control: Pin) -> bool:
         """nested_exit_on_nmi() / nested_exit_on_intr(): L2 runs and vmcs12 has the pin control."""
         if exit_control is Pin.EXT_INTR_EXITING and _faults.on("nested_irq_injected_into_l2"):
-            return False
+            return False  # the bug: KVM forgets that L1 exits on interrupts
         n = self.nested
         return n is not None and n.guest_mode and bool(n.vmcs12.pin_based & exit_control)
 
@@ -204,7 +202,7 @@ class Vmx:
     def interrupt_blocked(self) -> bool:
         """vmx_interrupt_blocked(): an interrupt L1 exits on is never blocked by L2's IF or
         shadow (it becomes a VM exit, SDM 25.2), so it wakes an L2 halted by L0 with IF=0."""
-        if self._l1_exits_on(Pin.EXT_INTR_EXITING):
+        if self.nested_exit_on(Pin.EXT_INTR_EXITING):
             return False
         return not self.vmcs.guest_rflags & IF or bool(
             self.vmcs.guest_interruptibility & (Interruptibility.STI | Interruptibility.MOV_SS))
