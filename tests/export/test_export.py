@@ -258,3 +258,18 @@ def test_a_delivery_interrupted_before_its_logging_entry_ran_is_put_back_in_orde
     assert in_delivery_order((db, nmi), stub) == (nmi, db)
     (placeholder, first) = in_delivery_order((db,), stub)
     assert placeholder.vector == 2 and placeholder.stack == () and first is db
+
+
+@needs_qemu
+def test_a_qemu_crash_is_reported_and_can_be_declared(tmp_path):
+    """QEMU 7.2.22 segfaults on this scenario (a code breakpoint in a based code segment);
+    the scenario declares it. A QEMU that does not crash leaves a note instead."""
+    from pathlib import Path
+
+    from kvmodel.scenario.load import load
+
+    path = Path(__file__).parents[2] / "scenarios/softint/int3_cs_base.toml"
+    result = differential(load(str(path)), tmp_path)
+    if result.verdict is not Verdict.DECLARED:
+        pytest.skip(f"this QEMU does not crash here ({result.verdict.value})")
+    assert "QEMU exited" in result.reason

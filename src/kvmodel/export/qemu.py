@@ -9,6 +9,7 @@ time limit. Registers come from `info registers`, memory from `pmemsave`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -247,7 +248,8 @@ class _Qmp:
                 raise RuntimeError(f"QMP {name}: {reply['error'].get('desc')}")
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()  # flushes: QEMU may be gone already
         self.sock.close()
 
     def hmp(self, line: str) -> str:
