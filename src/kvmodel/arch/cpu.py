@@ -71,7 +71,9 @@ class Scheduled:
     vector: int = Vec.NMI
     after: int | None = None
     at_rip: int | None = None
-    delivered: int = 0  # with `after`: not before this many deliveries completed either
+    # Set: the guest stood here when a VMM acted (after `after` retired and this many deliveries
+    # completed); it arrives there, never earlier by time passing while halted before it.
+    delivered: int | None = None
 
 
 class Stop(IntEnum):
@@ -359,7 +361,7 @@ class Cpu:
     def _fire_due(self) -> None:
         for s in list(self.scheduled):
             if (s.after is not None and self.retired >= s.after
-                    and self.delivered >= s.delivered) or s.at_rip == self.rip:
+                    and (s.delivered is None or self.delivered >= s.delivered)) or s.at_rip == self.rip:
                 self._arrive(s)
 
     def next_arrival(self) -> bool:
@@ -369,7 +371,8 @@ class Cpu:
         if here:
             self._arrive(here[0])
             return True
-        by_count = [s for s in self.scheduled if s.after is not None]
+        by_count = [s for s in self.scheduled if s.after is not None and (
+            s.delivered is None or (self.retired >= s.after and self.delivered >= s.delivered))]
         if not by_count:
             return False
         self._arrive(min(by_count, key=lambda s: s.after))

@@ -217,7 +217,8 @@ class Runner:
     def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = ()) -> RunResult:
         """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)."""
         external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
-                                + tuple(place(Kind.NMI, at, delivered) for at, delivered in vmm_nmis)))
+                                + tuple(place(Kind.NMI, at, 1 + delivered)
+                                        for at, delivered in vmm_nmis)))
         if external not in self.bare_runs:
             self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
         return self.bare_runs[external]

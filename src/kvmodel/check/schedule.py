@@ -95,8 +95,9 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
     host = list(scenario.host)
     vmm = list(scenario.vmm)
     for p in schedule:
-        if p.kind is Kind.NMI:  # `value`: deliveries it waits for (the VMM's NMIs, for bare metal)
-            happenings.append(Happening(External.NMI, Vec.NMI, p.at, None, 0, p.value))
+        if p.kind is Kind.NMI:  # `value` 1 + n: a VMM's NMI, after n deliveries (bare metal)
+            happenings.append(Happening(External.NMI, Vec.NMI, p.at, None, 0,
+                                        p.value - 1 if p.value else None))
         elif p.kind is Kind.VMM:
             call, args = CHOICES[CHOICE_NAMES[p.value]]
             vmm.append(VmmStep(call, p.at, None, args, 0))

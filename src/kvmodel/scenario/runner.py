@@ -347,8 +347,10 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
 def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None:
     """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now."""
     cpu = vcpu.cpu
-    delivered = cpu.delivered + int(in_flight(vcpu))
     done = action(step.call, step.args).perform(vcpu)
+    # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
+    # instruction runs again), so the NMIs then come before it, as on bare metal.
+    delivered = cpu.delivered + int(in_flight(vcpu))
     name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
     cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
     vmm_nmis += [(cpu.retired, delivered)] * done.nmis

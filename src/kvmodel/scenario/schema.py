@@ -49,7 +49,7 @@ class Happening:
     after: int | None
     at: Expr | None
     line: int
-    delivered: int = 0  # with `after`: also not before this many deliveries completed
+    delivered: int | None = None  # set: where a VMM acted (arch/cpu.py Scheduled.delivered)
 
 
 class HostEvent(Enum):
