@@ -71,6 +71,9 @@ class Scheduled:
     vector: int = Vec.NMI
     after: int | None = None
     at_rip: int | None = None
+    # Set: the guest stood here when a VMM acted (after `after` retired and this many deliveries
+    # completed); it arrives there, never earlier by time passing while halted before it.
+    delivered: int | None = None
 
 
 class Stop(IntEnum):
@@ -100,7 +103,7 @@ class Cpu:
         "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
-        "since_window", "window_retired", "deliveries", "ghcb_msr", "fred", "csl", "vmx", "svm",
+        "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "has_svm", "gif", "cs_base", "retire_at",
     )  # fmt: skip
 
@@ -164,6 +167,7 @@ class Cpu:
         self.since_window = 0
         self.window_retired = 0
         self.deliveries = 0  # started, like `retired` an observer's count
+        self.delivered = 0  # completed (a Delivery in the trace)
         self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
@@ -356,7 +360,8 @@ class Cpu:
 
     def _fire_due(self) -> None:
         for s in list(self.scheduled):
-            if (s.after is not None and self.retired >= s.after) or s.at_rip == self.rip:
+            if (s.after is not None and self.retired >= s.after
+                    and (s.delivered is None or self.delivered >= s.delivered)) or s.at_rip == self.rip:
                 self._arrive(s)
 
     def next_arrival(self) -> bool:
@@ -366,7 +371,8 @@ class Cpu:
         if here:
             self._arrive(here[0])
             return True
-        by_count = [s for s in self.scheduled if s.after is not None]
+        by_count = [s for s in self.scheduled if s.after is not None and (
+            s.delivered is None or (self.retired >= s.after and self.delivered >= s.delivered))]
         if not by_count:
             return False
         self._arrive(min(by_count, key=lambda s: s.after))

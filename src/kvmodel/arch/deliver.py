@@ -176,6 +176,7 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         cpu.pending_dbg |= cpu.db_hits
         cpu.db_hits = 0
     cpu.attn = True
+    cpu.delivered += 1
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
                               handler, rsp, frame,
                               undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
@@ -197,6 +198,7 @@ def _deliver_fred(cpu: Cpu, event: Event) -> None:
     cpu.pending_dbg = 0  # Bochs fred.cc: the new context starts with no debug trap
     cpu.db_hits = 0
     cpu.attn = True
+    cpu.delivered += 1
     cpu.trace.append(fred.delivery_record(cpu, event, handler, rsp, frame))
 
 

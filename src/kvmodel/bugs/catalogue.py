@@ -184,6 +184,19 @@ CATALOGUE: tuple[Bug, ...] = (
         "Kevin Cheng, 2026, svm_recalc_instruction_intercepts(): \"Intercept instructions that #UD "
         "if EFER.SVME=0, as SVME must be set even when running the guest\"; APM 15.4, 15.5.1",
         ("svm",), "scenarios/virt/clgi_without_svm_is_ud.toml"),
+    Bug("get_vcpu_events_nmi_pending_bool",
+        "KVM_GET_VCPU_EVENTS reports nmi.pending as 0 or 1: with two NMIs pending (one to deliver, "
+        "one held), a same-vCPU GET/SET round trip or a migration loses the second",
+        "KVM: x86: Save/restore all NMIs when multiple NMIs are pending (Sean Christopherson, "
+        "upstream ab2ee212a57b; Fixes 7460fb4a3400 \"KVM: Fix simultaneous NMIs\")",
+        ("svm", "vmx"), "scenarios/vmm/explore_vmm_calls.toml"),
+    Bug("set_vcpu_events_nmi_unclamped",
+        "KVM_SET_VCPU_EVENTS stores nmi.pending as is, with no KVM_REQ_NMI: process_nmi()'s limit "
+        "(two, one while NMIs are masked) never sees the NMIs userspace set, and each is delivered",
+        "KVM: x86: Save/restore all NMIs when multiple NMIs are pending (ab2ee212a57b: \"allows "
+        "userspace to restore 255 pending NMIs\", adds KVM_REQ_NMI) and KVM: x86: Route pending NMIs "
+        "from userspace through process_nmi() (upstream bdedff263132)",
+        ("svm", "vmx"), "scenarios/vmm/explore_vmm_calls.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -53,6 +53,7 @@ from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
+from kvmodel.scenario.vmm import CHOICE_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Bounds:
 
     max_async: int | None = None
     max_host: int | None = None
+    max_vmm: int | None = None  # VMM calls; None: up to 2 of those the scenario offers, else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,8 @@ class Choices:
     max_host: int
     boundaries: int  # positions 0..boundaries
     pages: tuple[int, ...]
+    max_vmm: int = 0
+    vmm: tuple[int, ...] = ()  # indexes into scenario/vmm.py CHOICE_NAMES
 
 
 def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundaries: int) -> Choices:
@@ -129,7 +133,11 @@ def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundarie
     max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
     max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
     pages = tuple(sorted({resolve.linear(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
-    return Choices(spec, max_async, max_host, boundaries, pages)
+    # VMM calls are opt-in: the scenario's `vmm = [...]`, or every call when --max-vmm asks.
+    offered_vmm = spec.vmm or (CHOICE_NAMES if bounds.max_vmm else ())
+    max_vmm = 0 if not offered_vmm else 2 if bounds.max_vmm is None else bounds.max_vmm
+    vmm = tuple(CHOICE_NAMES.index(name) for name in offered_vmm)
+    return Choices(spec, max_async, max_host, boundaries, pages, max_vmm, vmm)
 
 
 def async_schedules(c: Choices) -> Iterator[Schedule]:
@@ -170,6 +178,14 @@ def with_save_restores(c: Choices, schedule: Schedule, exits: int) -> Iterator[S
             yield tuple(sorted(schedule + tuple(place(Kind.SAVE_RESTORE, e) for e in at)))
 
 
+def with_vmm_calls(c: Choices, schedule: Schedule, exits: int) -> Iterator[Schedule]:
+    """VMM calls after any of the first `exits` VM exits, several at one exit too."""
+    slots = [(e, v) for e in range(1, exits + 1) for v in c.vmm]
+    for n in range(1, c.max_vmm + 1):
+        for calls in itertools.combinations_with_replacement(slots, n):
+            yield tuple(sorted(schedule + tuple(place(Kind.VMM, e, v) for e, v in calls)))
+
+
 # -- one run -------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -198,8 +214,11 @@ class Runner:
         self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
         self.image: PageImage | None = None
 
-    def bare(self, schedule: Schedule) -> RunResult:
-        external = tuple(p for p in schedule if p.kind.is_async)
+    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = ()) -> RunResult:
+        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)."""
+        external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
+                                + tuple(place(Kind.NMI, at, 1 + delivered)
+                                        for at, delivered in vmm_nmis)))
         if external not in self.bare_runs:
             self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
         return self.bare_runs[external]
@@ -214,8 +233,10 @@ class Runner:
         return kept
 
     def outcome(self, schedule: Schedule) -> Outcome:
-        bare = self.bare(schedule)
+        if self.prepared is None:
+            self.bare(())  # the first run judges the file's expectations
         virt = self.run(schedule, self.vendor)
+        bare = self.bare(schedule, virt.vmm_nmis)
         exits = sum(st.exits for st in virt.stats)
         limit = limit_of(bare, virt)
         if limit is not None:
@@ -244,7 +265,10 @@ class Runner:
         if first:
             self.prepared = Prepared(self.scenario)
             self.image = PageImage(self.prepared.cpu.mem)
-        return run(apply(self.scenario, schedule), vendor=vendor, max_steps=self.max_steps,
+        scenario = apply(self.scenario, schedule)
+        if vendor is Vendor.BARE:
+            scenario = replace(scenario, vmm=())  # its counterpart is in the schedule
+        return run(scenario, vendor=vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=first)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
@@ -394,7 +418,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
         second = []
     else:
         second = sorted({s for o in outcomes if o.limit is None
-                         for s in with_save_restores(choices, o.schedule, o.exits)},
+                         for s in itertools.chain(with_save_restores(choices, o.schedule, o.exits),
+                                                  with_vmm_calls(choices, o.schedule, o.exits))},
                         key=_smallest_first)
     if deadline is None or time.monotonic() < deadline:
         outcomes += _run_all(scenario, vendor, second, workers, bugs, deadline, max_steps, progress,
@@ -427,7 +452,8 @@ def _reachable(known: KnownFinding, c: Choices) -> bool:
     """The bounds allow a schedule with the declaration's happenings."""
     kinds = [Kind(k) for k in known.involves]
     return (sum(k.is_async for k in kinds) <= c.max_async
-            and sum(not k.is_async for k in kinds) <= c.max_host)
+            and sum(not k.is_async and k is not Kind.VMM for k in kinds) <= c.max_host
+            and sum(k is Kind.VMM for k in kinds) <= c.max_vmm)
 
 
 def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:

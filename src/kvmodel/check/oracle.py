@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import RunResult, run
+from kvmodel.scenario.runner import RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import KnownDivergence, Scenario
 
 GUEST_OBSERVABLE = (Delivery, Iret, Halt, Shutdown, Output, Retire)
@@ -122,14 +122,22 @@ def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
 
 def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
             max_steps: int | None = None) -> Comparison:
-    """Run bare metal and `vendor` with the same program and external events; compare."""
-    bare = run(scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
-               max_steps=max_steps)
+    """Run bare metal and `vendor` with the same program and external events; compare.
+
+    A VMM script runs under KVM first: bare metal gets its counterpart (the NMIs it
+    made) where the guest stood when the VMM acted."""
     why = not_applicable(scenario, vendor)
+    virt = None
+    if why is None:
+        virt = run(scenario, vendor=vendor, record_instructions=record_instructions,
+                   max_steps=max_steps)
+    bare_scenario = scenario
+    if virt is not None and scenario.vmm:
+        bare_scenario = bare_counterpart(scenario, virt.vmm_nmis)
+    bare = run(bare_scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
+               max_steps=max_steps)
     if why is not None:
         return Comparison(bare, None, None, not_applicable=why)
-    virt = run(scenario, vendor=vendor, record_instructions=record_instructions,
-               max_steps=max_steps)
     known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
     return Comparison(bare, virt, first_divergence(bare, virt), known)
 

@@ -4,8 +4,10 @@ A placement is one happening at one point: an external NMI, an interrupt or
 a host interrupt at guest boundary `at` (after `at` retired instructions,
 or while halted when that count is reached), a page missing from EPT/NPT
 from the start (`at` is 0: the first touch exits), or a save/restore after
-VM exit number `at`. A schedule is a sorted tuple of placements, so equal
-schedules are equal values.
+VM exit number `at`, or a VMM call (`value` indexes scenario/vmm.py's
+CHOICES) after VM exit number `at`. A schedule is a sorted tuple of
+placements, so equal schedules are equal values; calls at one exit are made
+in CHOICES order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from enum import Enum
 
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import Vec
-from kvmodel.scenario.schema import Happening, HostEvent, HostHappening, Scenario
+from kvmodel.scenario.schema import Happening, HostEvent, HostHappening, Scenario, VmmStep
+from kvmodel.scenario.vmm import CHOICE_NAMES, CHOICES
 
 
 class Kind(Enum):
@@ -25,6 +28,7 @@ class Kind(Enum):
     HOST_NMI = "host_nmi"
     HOST_FAULT = "host_fault"
     SAVE_RESTORE = "save_restore"
+    VMM = "vmm"  # a VMM call (scenario/vmm.py CHOICES) after VM exit `at`
 
     @property
     def is_async(self) -> bool:
@@ -43,6 +47,8 @@ class Placement:
         return _KINDS[self.kind_order]
 
     def to_dict(self) -> dict:
+        if self.kind is Kind.VMM:
+            return {"event": "vmm", "exit": self.at, "call": CHOICE_NAMES[self.value]}
         key = {Kind.HOST_FAULT: "page", Kind.SAVE_RESTORE: "exit"}.get(self.kind, "after")
         out = {"event": self.kind.value, key: self.value if self.kind is Kind.HOST_FAULT else self.at}
         if self.kind is Kind.INTERRUPT:
@@ -54,6 +60,8 @@ class Placement:
             return f"host fault on page {self.value:#x}"
         if self.kind is Kind.SAVE_RESTORE:
             return f"save/restore after exit {self.at}"
+        if self.kind is Kind.VMM:
+            return f"VMM {CHOICE_NAMES[self.value]} after exit {self.at}"
         what = f"interrupt {self.value:#x}" if self.kind is Kind.INTERRUPT else self.kind.value
         return f"{what.replace('_', ' ')} after {self.at} retired"
 
@@ -72,6 +80,8 @@ def from_dict(d: dict) -> Placement:
         return place(kind, 0, int(d["page"]))
     if kind is Kind.SAVE_RESTORE:
         return place(kind, int(d["exit"]))
+    if kind is Kind.VMM:
+        return place(kind, int(d["exit"]), CHOICE_NAMES.index(d["call"]))
     return place(kind, int(d["after"]), int(d.get("vector", 0)))
 
 
@@ -83,9 +93,14 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
     """The scenario with the schedule's happenings added to its own."""
     happenings = list(scenario.happenings)
     host = list(scenario.host)
+    vmm = list(scenario.vmm)
     for p in schedule:
-        if p.kind is Kind.NMI:
-            happenings.append(Happening(External.NMI, Vec.NMI, p.at, None, 0))
+        if p.kind is Kind.NMI:  # `value` 1 + n: a VMM's NMI, after n deliveries (bare metal)
+            happenings.append(Happening(External.NMI, Vec.NMI, p.at, None, 0,
+                                        p.value - 1 if p.value else None))
+        elif p.kind is Kind.VMM:
+            call, args = CHOICES[CHOICE_NAMES[p.value]]
+            vmm.append(VmmStep(call, p.at, None, args, 0))
         elif p.kind is Kind.INTERRUPT:
             happenings.append(Happening(External.INTERRUPT, p.value, p.at, None, 0))
         elif p.kind is Kind.HOST_INTERRUPT:
@@ -96,4 +111,4 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
             host.append(HostHappening(HostEvent.FAULT, p.value, None, 0))
         else:
             host.append(HostHappening(HostEvent.SAVE_RESTORE, None, p.at, 0))
-    return replace(scenario, happenings=tuple(happenings), host=tuple(host))
+    return replace(scenario, happenings=tuple(happenings), host=tuple(host), vmm=tuple(vmm))

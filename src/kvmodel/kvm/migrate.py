@@ -55,6 +55,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.fred, cpu.csl = old.fred, old.csl  # KVM_GET/SET_MSRS: the FRED MSRs and stack level
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts
+    cpu.delivered = old.delivered
     cpu.trace = old.trace
     cpu.schedule(old.scheduled)  # what is still to arrive from outside
     cpu.set_host_unmapped(old.host_unmapped)  # the host's memory map belongs to the VM

@@ -55,8 +55,14 @@ class KvmExit(IntEnum):
 KVM_NOTIFY_CONTEXT_INVALID = 1 << 0  # kvm_run->notify.flags
 
 
+EINVAL = -22  # what an ioctl returns, as the kernel returns it (negative errno)
+EINTR = -4
+
+
 class InvalidArgument(KvmodelError):
     """The ioctl would fail with -EINVAL."""
+
+    errno = EINVAL
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ Vendor code (svm/svm.py, vmx/vmx.py) implements `VendorOps`, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import ClassVar, Protocol
 
@@ -21,7 +21,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
-from kvmodel.kvm.uapi import InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
 from kvmodel.kvm.vm import Vm
 
 DR_TRAP_BITS = 0xF
@@ -451,6 +451,14 @@ class Vcpu:
                 return UserspaceExit(KvmExit.INTR, "userspace asked for control")
         return None
 
+    def run_immediate_exit(self) -> int:
+        """KVM_RUN with kvm_run->immediate_exit set (vcpu->wants_to_run false): -EINTR at once.
+
+        kvm_arch_vcpu_ioctl_run() morphs an exception userspace stuffed into L1's
+        VM exit before it looks at wants_to_run; nothing else happens."""
+        self._morph_userspace_exception()
+        return EINTR
+
     def _morph_userspace_exception(self) -> None:
         """kvm_arch_vcpu_ioctl_run(): a pending exception KVM_SET_VCPU_EVENTS stuffed while L2
         is active becomes L1's exception VM exit if L1 intercepts it. Done at the next entry,
@@ -607,6 +615,8 @@ class Vcpu:
         out.interrupt_shadow = self.ops.get_interrupt_shadow()
         out.nmi_injected = int(self.nmi_injected)
         out.nmi_pending = self.nr_pending_nmis()
+        if _faults.on("get_vcpu_events_nmi_pending_bool"):
+            out.nmi_pending = int(out.nmi_pending != 0)  # before ab2ee212a57b: one NMI at most
         out.nmi_masked = int(self.ops.get_nmi_mask())
         out.triple_fault_pending = int(bool(self.requests & Request.TRIPLE_FAULT))
         out.flags = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SHADOW
@@ -616,7 +626,11 @@ class Vcpu:
         return out
 
     def set_vcpu_events(self, ev: KvmVcpuEvents) -> None:
-        """kvm_vcpu_ioctl_x86_set_vcpu_events()."""
+        """kvm_vcpu_ioctl_x86_set_vcpu_events(): InvalidArgument (-EINVAL) before any change.
+
+        The kernel works on its own copy of the struct (copy_from_user()), so the
+        fields it forces to 0 are forced in a copy here too: the caller's is left as is."""
+        ev = replace(ev)
         if ev.flags & ~int(_ALL_FLAGS):
             raise InvalidArgument(f"unknown kvm_vcpu_events flags {ev.flags:#x}")
         if ev.flags & VcpuEventsFlag.VALID_PAYLOAD:
@@ -646,10 +660,19 @@ class Vcpu:
             self.ops.set_interrupt_shadow(ev.interrupt_shadow & (ShadowBits.MOV_SS | ShadowBits.STI))
         self.nmi_injected = bool(ev.nmi_injected)
         if ev.flags & VcpuEventsFlag.VALID_NMI_PENDING:
-            self.nmi_pending = 0
-            self.nmi_queued = ev.nmi_pending
-            if ev.nmi_pending:
-                self.requests |= Request.NMI
+            if _faults.on("set_vcpu_events_nmi_unclamped"):
+                # Before ab2ee212a57b: stored as is and no KVM_REQ_NMI, so process_nmi()'s
+                # limit never sees the NMIs userspace restored (up to 255, a u8).
+                self.nmi_pending = ev.nmi_pending
+            else:
+                # "KVM: x86: Route pending NMIs from userspace through process_nmi()"
+                # (bdedff263132): queued, so the next process_nmi() clamps them against
+                # the mask restored below; KVM_REQ_NMI only when there are some (Fixes
+                # bdedff263132: "KVM: x86: Make KVM_REQ_NMI request iff NMI pending for vcpu").
+                self.nmi_pending = 0
+                self.nmi_queued = ev.nmi_pending
+                if ev.nmi_pending:
+                    self.requests |= Request.NMI
         self.ops.set_nmi_mask(bool(ev.nmi_masked))
         if ev.flags & VcpuEventsFlag.VALID_TRIPLE_FAULT:
             if ev.triple_fault_pending:

@@ -21,8 +21,12 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
+from kvmodel.kvm.uapi import EINTR, EINVAL
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
+from kvmodel.scenario.vmm import VmmRecord
+
+_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR"}
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
@@ -130,6 +134,10 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
     if isinstance(obs, VmmStop):
         return (obs.retired, "", f"[magenta]KVM_RUN returns {obs.reason}[/] flags {obs.flags:#x}: "
                 f"the VMM stops the VM ({obs.why})")
+    if isinstance(obs, VmmRecord):
+        result = "0" if obs.result == 0 else f"{obs.result} ({_ERRNO.get(obs.result, '?')})"
+        return (obs.retired, "", f"[magenta]VMM {escape(obs.call)}[/] returns {result} "
+                f"[dim]{escape(obs.detail)}[/]")
     assert isinstance(obs, Retire)
     return obs.retired, program.where(obs.rip), f"[dim]{escape(obs.text)}[/]"
 
@@ -218,7 +226,7 @@ def _print_divergence(console: Console, comparison: Comparison, d: Divergence) -
     console.print(f"    under KVM:  {escape(_show(d.virt, virt))}")
     context = [o for o in virt.trace[max(0, d.virt_trace_index - 6):d.virt_trace_index]
                if isinstance(o, (ExitRecord, InjectRecord, SaveRestoreRecord, VmmStop,
-                                 NestedExitRecord))]
+                                 NestedExitRecord, VmmRecord))]
     if context:
         console.print("    hypervisor just before:")
         for obs in context:

@@ -59,6 +59,7 @@ from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.report.text import arrival_text, line_for
 from kvmodel.scenario.runner import RunResult, VmmStop
+from kvmodel.scenario.vmm import VmmRecord
 
 COL_W = 24  # px per column; rotated labels need COL_W * sin(ANGLE) > the font's height
 ANGLE = 60  # label rotation, degrees above the horizontal
@@ -91,6 +92,7 @@ COLOURS = {  # kind -> (fill, legend text)
     "save_restore": ("#a05195", "save/restore"),
     "nested": ("#daa520", "L1/L2 switch"),
     "vmm_stop": ("#6a3d9a", "VMM stops the VM"),
+    "vmm": ("#6a3d9a", "VMM uAPI call"),
     "final": ("#555555", "how the run stopped"),
 }
 DIVERGENCE = {False: ("#d00000", "#fde0e0", "none", "divergence"),  # stroke, band, dash, legend
@@ -171,6 +173,8 @@ def label(obs, program) -> str:
         return f"nested exit {obs.reason} -> L1"
     if isinstance(obs, VmmStop):
         return f"VMM stops: {obs.reason}"
+    if isinstance(obs, VmmRecord):
+        return f"VMM {obs.call}" + (f" = {obs.result}" if obs.result else "")
     raise TypeError(f"no timeline label for {type(obs).__name__}")
 
 
@@ -190,7 +194,7 @@ def _kind(obs) -> str:
         return "nested"
     return {Iret: "iret", Halt: "halt", Shutdown: "shutdown", Output: "output", Retire: "retire",
             Arrival: "arrival", ExitRecord: "vmexit", SaveRestoreRecord: "save_restore",
-            VmmStop: "vmm_stop"}[type(obs)]
+            VmmStop: "vmm_stop", VmmRecord: "vmm"}[type(obs)]
 
 
 def _cut(text: str) -> str:

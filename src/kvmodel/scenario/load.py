@@ -33,7 +33,11 @@ from kvmodel.scenario.schema import (
     KnownFinding,
     QemuDifference,
     Scenario,
+    VmmStep,
 )  # fmt: skip
+from kvmodel.scenario.vmm import CALLS as VMM_CALLS
+from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
+from kvmodel.scenario.vmm import EVENT_FIELDS, KVM_SET_VCPU_EVENTS
 
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
 EVENT_TYPES = {t.name.lower(): t for t in EventType}
@@ -51,7 +55,7 @@ STOPS = ("halted", "shutdown", "budget", "vmm")
 DEFAULT_MAX_STEPS = 100_000
 
 TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss", "fred",
-            "memory", "happen", "expect", "explore")
+            "memory", "happen", "expect", "explore", "vmm")
 # kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), and the SEV-ES VM type
 KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
@@ -159,6 +163,7 @@ def parse(text: str, path: str = "<scenario>") -> Scenario:
         kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
         explore=_explore(ctx, data),
         known_findings=_known_findings(ctx, data),
+        vmm=_vmm_steps(ctx, data.get("vmm", [])),
     )
 
 
@@ -418,8 +423,38 @@ def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
     return tuple(out)
 
 
-CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore")
-HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore")
+def _vmm_steps(ctx: _Ctx, items: Any) -> tuple[VmmStep, ...]:
+    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
+    at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
+    t = "vmm"
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ctx.error("vmm must be an array of tables: [[vmm]]", None, "vmm")
+    out = []
+    for n, item in enumerate(items):
+        call = _choice(ctx, item, "call", {c: c for c in VMM_CALLS}, t, index=n)
+        fields = EVENT_FIELDS if call == KVM_SET_VCPU_EVENTS else ()
+        ctx.keys(item, ("call", "exit", "at", *fields), t, n)
+        if ("exit" in item) == ("at" in item):
+            raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
+                            "(the first exit once the guest is there)", t, None, n)
+        at_exit = _int(ctx, item, "exit", t, default=None, index=n, low=1)
+        args = tuple((name, int(_bool_or_int(ctx, item, name, t, n))) for name in fields
+                     if name in item)
+        out.append(VmmStep(call, at_exit, _expr(ctx, item["at"], t, "at", n) if "at" in item
+                           else None, args, ctx.line(t, None, n)))
+    return tuple(out)
+
+
+def _bool_or_int(ctx: _Ctx, data: dict, key: str, table: str, index: int) -> int:
+    if isinstance(data[key], bool):
+        return int(data[key])
+    return _int(ctx, data, key, table, default=None, index=index, high=(1 << 64) - 1)
+
+
+CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore",
+               "vmm")
+HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore",
+                   "vmm")
 
 
 def _known_findings(ctx: _Ctx, data: dict) -> tuple[KnownFinding, ...]:
@@ -465,7 +500,17 @@ def _explore(ctx: _Ctx, data: dict) -> ExploreSpec | None:
             raise ctx.error(f"{key} = {counts[key]}: use 0..8", t, key)
     return ExploreSpec(counts["nmi"], interrupts, counts["host_interrupts"],
                        tuple((_expr(ctx, p, t, "host_faults"), line) for p in pages),
-                       counts["save_restore"], ctx.line(t, None), counts["host_nmis"])
+                       counts["save_restore"], ctx.line(t, None), counts["host_nmis"],
+                       _explore_vmm(ctx, spec))
+
+
+def _explore_vmm(ctx: _Ctx, spec: dict) -> tuple[str, ...]:
+    """[explore] vmm = ["nmi", "events_same_vcpu", ...]: the VMM calls tried after any exit."""
+    names = spec.get("vmm", [])
+    if not isinstance(names, list) or any(name not in VMM_CHOICES for name in names):
+        raise ctx.error("vmm = [...] of " + ", ".join(f'"{c}"' for c in VMM_CHOICES), "explore",
+                        "vmm")
+    return tuple(sorted(set(names), key=VMM_CHOICES.index))
 
 
 def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...]:

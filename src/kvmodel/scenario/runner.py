@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
-from kvmodel.arch.cpu import Cpu, Scheduled, Stop
-from kvmodel.arch.events import EventType, vector_name
+from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
+from kvmodel.arch.events import EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
@@ -25,7 +25,16 @@ from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
 from kvmodel.kvm.x86 import Stats, Vcpu
-from kvmodel.scenario.schema import Expected, ExpectedDelivery, Expr, HostEvent, Scenario
+from kvmodel.scenario.schema import (
+    Expected,
+    ExpectedDelivery,
+    Expr,
+    Happening,
+    HostEvent,
+    Scenario,
+    VmmStep,
+)
+from kvmodel.scenario.vmm import VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -73,6 +82,7 @@ class RunResult:
     warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
+    vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
 
     @property
     def passed(self) -> bool:
@@ -216,7 +226,7 @@ def _attach_roots(cpu: Cpu, scenario: Scenario) -> None:
 
 def _schedule(cpu: Cpu, scenario: Scenario, resolve: Resolver) -> None:
     cpu.schedule([Scheduled(h.event, h.vector, h.after,
-                            resolve(h.at, h.line) if h.at is not None else None)
+                            resolve(h.at, h.line) if h.at is not None else None, h.delivered)
                   for h in scenario.happenings])
 
 
@@ -244,6 +254,12 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
     """
     vendor = vendor or Vendor(scenario.vendor)
+    if vendor is Vendor.BARE and scenario.vmm:
+        # Bare metal has no VMM: it gets the counterpart of the script, from where the
+        # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
+        kvm_vendor = Vendor.SVM if scenario.vendor == "bare" else Vendor(scenario.vendor)
+        virt = run(scenario, vendor=kvm_vendor, max_steps=max_steps, expectations=False)
+        scenario = bare_counterpart(scenario, virt.vmm_nmis)
     if prepared is not None and not record_instructions:
         cpu, program = prepared.prepare(scenario)
     else:
@@ -253,12 +269,13 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     stats: tuple[Stats, ...] = ()
     warnings: tuple[str, ...] = ()
     host = None
+    vmm_nmis: list[tuple[int, int]] = []
     try:
         if vendor is Vendor.BARE:
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
-                                                                     vendor, steps)
+                                                                     vendor, steps, vmm_nmis)
     except ModelLimit as e:
         limit = str(e)
         stop = None
@@ -267,7 +284,16 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     if final is not None and expectations:
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
-                     vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used)
+                     vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
+                     tuple(vmm_nmis))
+
+
+def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...]) -> Scenario:
+    """The scenario for bare metal: no VMM, and an NMI for each one the VMM's calls made
+    arrive, after (retired, delivered) as the guest stood where the VMM acted."""
+    arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
+                     for after, delivered in nmis)
+    return replace(scenario, happenings=scenario.happenings + arrivals, vmm=())
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
@@ -279,14 +305,67 @@ def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
     return cpu.run(steps)
 
 
+@dataclass(slots=True)
+class _Stop:
+    """Something userspace does when KVM_RUN returns to it: a save/restore or a VMM call,
+    after VM exit `exit` or, `marker` set, at the first exit once the guest reached a label
+    (the marker, a host interrupt placed there, has arrived: a signal kicked the vCPU out)."""
+
+    exit: int | None
+    marker: Scheduled | None
+    call: VmmStep | None  # None: a save/restore
+
+    def due(self, exits: int, cpu: Cpu) -> bool:
+        if self.marker is not None:
+            return self.marker not in cpu.scheduled
+        return self.exit == exits
+
+
+def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_Stop]:
+    """Save/restores first, then the VMM's calls in file order, sorted by exit."""
+    stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
+    markers = []
+    for step in scenario.vmm:
+        marker = None
+        if step.at is not None:
+            marker = Scheduled(External.HOST_INTERRUPT, 0, None, resolve(step.at, step.line))
+            markers.append(marker)
+        stops.append(_Stop(step.exit, marker, step))
+    if markers:
+        cpu.schedule(cpu.scheduled + markers)
+    return sorted(stops, key=lambda s: s.exit if s.exit is not None else 0)
+
+
+def _next_exit(stops: list[_Stop], exits: int) -> int:
+    """The VM exit after which KVM_RUN must return next (0: none)."""
+    if any(s.marker is not None for s in stops):
+        return exits + 1  # watching for the label: every exit returns to userspace
+    later = [s.exit for s in stops if s.exit > exits]
+    return min(later) if later else 0
+
+
+def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None:
+    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now."""
+    cpu = vcpu.cpu
+    done = action(step.call, step.args).perform(vcpu)
+    # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
+    # instruction runs again), so the NMIs then come before it, as on bare metal.
+    delivered = cpu.delivered + int(in_flight(vcpu))
+    name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
+    cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
+    vmm_nmis += [(cpu.retired, delivered)] * done.nmis
+
+
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
-                                         tuple[str, ...], HostTime]:
-    """KVM_RUN until the guest halts for good, shuts down, or the budget ends."""
+                   steps: int, vmm_nmis: list[tuple[int, int]]
+                   ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
+                              tuple[str, ...], HostTime]:
+    """KVM_RUN until the guest halts for good, shuts down, or the budget ends; in between,
+    what userspace does when KVM_RUN returns to it (save/restores, the VMM's calls)."""
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
-    save_at = sorted(h.exit for h in scenario.host if h.event is HostEvent.SAVE_RESTORE)
+    stops = _userspace_stops(scenario, cpu, resolve)
     params = dict(scenario.kvm_params)
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
                     sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
@@ -308,15 +387,22 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     start = cpu.work
     while True:
         earlier = sum(s.exits for s in done)
-        vcpu.stop_at_exit = save_at[0] - earlier if save_at else 0
-        outcome = vcpu.run(steps - (vcpu.cpu.work - start))
-        if outcome is not None and outcome.reason is KvmExit.INTR:
-            save_at.pop(0)
+        exits = earlier + vcpu.stats.exits
+        for stop in [s for s in stops if s.due(exits, vcpu.cpu)]:
+            stops.remove(stop)
+            if stop.call is not None:
+                _perform(stop.call, vcpu, vmm_nmis)
+                continue
             done.append(vcpu.stats)
             warnings += vcpu.warnings
             windowless = max(windowless, vcpu.ops.guest.longest_windowless)
             problems += vcpu.host_problems
             vcpu = save_restore(vcpu, make)
+            earlier = exits
+        following = _next_exit(stops, exits)
+        vcpu.stop_at_exit = following - earlier if following else 0
+        outcome = vcpu.run(steps - (vcpu.cpu.work - start))
+        if outcome is not None and outcome.reason is KvmExit.INTR and stops:
             continue
         break
     done.append(vcpu.stats)

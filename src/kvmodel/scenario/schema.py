@@ -49,6 +49,7 @@ class Happening:
     after: int | None
     at: Expr | None
     line: int
+    delivered: int | None = None  # set: where a VMM acted (arch/cpu.py Scheduled.delivered)
 
 
 class HostEvent(Enum):
@@ -67,6 +68,22 @@ class HostHappening:
 
 
 @dataclass(frozen=True, slots=True)
+class VmmStep:
+    """[[vmm]]: one uAPI call the VMM makes when KVM_RUN has returned to it.
+
+    At the `exit`-th VM exit, or at the first exit once the guest has reached
+    the label `at` (a signal kicks the vCPU out there). `args` are the fields
+    of struct kvm_vcpu_events a crafted KVM_SET_VCPU_EVENTS changes.
+    """
+
+    call: str
+    exit: int | None
+    at: Expr | None
+    args: tuple[tuple[str, int], ...]
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExploreSpec:
     """Choice points: what the explorer may add, anywhere, up to these counts."""
 
@@ -77,6 +94,7 @@ class ExploreSpec:
     save_restores: int
     line: int
     host_nmis: int = 0  # NMIs for the host (perf, watchdog), each at any boundary
+    vmm: tuple[str, ...] = ()  # VMM calls (scenario/vmm.py CHOICES) after any VM exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,3 +202,4 @@ class Scenario:
     svm: bool = False  # the CPU has SVM (EFER.SVME can be set): the guest is an L1 hypervisor
     cs_base: int = 0  # the code segment's base (protected32): labels are offsets in it
     qemu: tuple[QemuDifference, ...] = ()  # known QEMU inaccuracies ([[expect.qemu]])
+    vmm: tuple[VmmStep, ...] = ()  # the VMM's script of uAPI calls ([[vmm]])
