@@ -219,3 +219,11 @@ def test_explore_every_shipped_scenario_on_both_vendors(tmp_path, capsys):
     code = main(["explore", "--vendor", "both", "--workers", "2", "--out", str(tmp_path),
                  str(ARCH.parent)])
     assert code == Exit.OK, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "10000001", "many"])
+def test_max_steps_option_has_the_scenarios_range(steps, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--max-steps", steps, str(EXAMPLE)])
+    assert e.value.code == Exit.BAD_INPUT
+    assert "--max-steps" in capsys.readouterr().err

@@ -352,7 +352,8 @@ class _Checker:
                 if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                     raise fail(f"an array of tables: [[{at.name}]]")
                 if most is not None and len(value) > most:
-                    raise fail(f"at most {most} tables", "split the scenario")
+                    raise self.error(f"{len(value)} [[{at.name}]] tables, more than the {most} a "
+                                     "scenario may have", at, "split the scenario")
                 for n, item in enumerate(value):
                     own = at.anchor is None  # [[name]] headers: each table has its own line
                     self.value(item, element, _At(at.name, at.table, n) if own else at, key)

@@ -58,7 +58,8 @@ class Locator:
         for n in range(start + 1, end):
             if pattern.match(self.lines[n - 1]):
                 return n
-        return start or self._dotted(table or "", key)
+        below = self.table(f"{table}.{key}" if table else key)  # [table.key] on its own
+        return below or start or self._dotted(table or "", key)
 
     def _dotted(self, table: str, key: str) -> int | None:
         """`table.key = ...` or `table = {...}` written inline."""

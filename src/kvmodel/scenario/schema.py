@@ -179,7 +179,7 @@ class Scenario:
 
 U64 = (1 << 64) - 1
 MAX_STEPS = 10_000_000  # the step budget's ceiling: about 10 s of guest instructions
-MAX_HAPPENINGS = 10_000  # [[happen]] tables in one file
+MAX_HAPPENINGS = 1_000  # [[happen]] tables in one file (arch/cpu.py looks at each at every arrival)
 MIN_MEMORY_KIB = 256  # the layout's stacks end at 0x38000 (guest/layout.py)
 MAX_MEMORY_KIB = 64 * 1024  # a run allocates and copies all of it
 
