@@ -59,6 +59,7 @@ from kvmodel.scenario.schema import (
 
 DEFAULT_MAX_STEPS = 100_000
 MAX_NESTING = 32  # arrays and inline tables inside each other; the format needs 3
+MAX_FILE = 16 << 20  # bytes of a scenario file
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
@@ -87,9 +88,12 @@ def load(path: str | Path) -> Scenario:
     """Parse and validate one scenario file."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE + 1)  # a bound, for /dev/zero and its kind
     except OSError as e:
         raise ScenarioError(str(path), None, f"cannot read scenario: {e.strerror}") from None
+    if len(raw) > MAX_FILE:
+        raise ScenarioError(str(path), None, f"larger than {MAX_FILE >> 20} MiB: not a scenario")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

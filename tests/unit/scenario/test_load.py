@@ -294,3 +294,8 @@ def test_the_locator_indexes_headers_once():
     loc = Locator(MINIMAL + '\n[[happen]]\nevent = "nmi"\n' * 3)
     assert [loc.table("happen", n) for n in range(3)] == [9, 12, 15]
     assert loc.key("happen", "event", 2) == 16 and loc.defines("happen")
+
+
+def test_an_endless_file_is_refused():
+    with pytest.raises(ScenarioError, match=r"^/dev/zero: larger than 16 MiB: not a scenario"):
+        load("/dev/zero")
