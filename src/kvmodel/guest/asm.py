@@ -108,7 +108,8 @@ def find_binutils() -> None:
                           + INSTALL_HINT)
 
 
-_memory_cache: dict[str, Program] = {}
+_memory_cache: dict[str, Program] = {}  # the most recently used first out last
+MEMORY_CACHE_ENTRIES = 256  # a long campaign assembles many programs; keep the recent ones
 
 
 def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
@@ -124,12 +125,14 @@ def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
     roots = _roots(folder)
     _check_directives(where, folder, roots)
     key = _digest(source, bits, base, line_offset, defines, folder)
-    program = _memory_cache.get(key) or _read_cache(key)
+    program = _memory_cache.pop(key, None) or _read_cache(key)
     if program is None or not _unchanged(program.deps):
         find_binutils()
         program = _build(source, bits, base, where, defines, folder, roots, max_image)
         _write_cache(key, program)
     _memory_cache[key] = program
+    if len(_memory_cache) > MEMORY_CACHE_ENTRIES:
+        del _memory_cache[next(iter(_memory_cache))]
     if len(program.image) > max_image:
         raise where.error(f"the guest image is {len(program.image):#x} bytes, more than the "
                           f"{max_image:#x} its memory has from {base:#x}", None, _MEMORY_HINT)

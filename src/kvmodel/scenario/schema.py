@@ -15,6 +15,7 @@ from pathlib import Path
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType
 from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
 
 Expr = str | int
 
@@ -178,9 +179,9 @@ class Scenario:
 # what remains for them are the rules that tie keys together.
 
 U64 = (1 << 64) - 1
-MAX_STEPS = 10_000_000  # the step budget's ceiling: about 10 s of guest instructions
+MAX_STEPS = 10_000_000  # the step budget's ceiling: a looping guest runs it in 4 s bare, 9 s under KVM
 MAX_HAPPENINGS = 1_000  # [[happen]] tables in one file (arch/cpu.py looks at each at every arrival)
-MIN_MEMORY_KIB = 256  # the layout's stacks end at 0x38000 (guest/layout.py)
+MIN_MEMORY_KIB = DEFAULT_MEMORY // 1024  # the layout's IST stacks end at 0x38000
 MAX_MEMORY_KIB = 64 * 1024  # a run allocates and copies all of it
 
 MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
@@ -329,8 +330,8 @@ DOCUMENT = Table({
                   "memory_kib": Int(low=MIN_MEMORY_KIB, high=MAX_MEMORY_KIB),
                   "idt_limit": Int(high=0xFFFF),  # IDTR.limit is 16 bits (SDM 6.10)
                   "vendor": Choice(tuple(VENDORS)), "vmx": Bool(), "svm": Bool(),
-                  "cs_base": Int(high=0x10000),  # guest/layout.py CODE_BASE: the code's load address
-                  "idt_base": Int(high=lambda mode: 0x3000 - 256 * (16 if mode is Mode.LONG64 else 8))}),
+                  "cs_base": Int(high=CODE_BASE),  # the code is loaded at CODE_BASE
+                  "idt_base": Int(high=lambda mode: TSS_BASE - 256 * gate_size(mode))}),
     "kvm": Table({name: Bool() for name in KVM_PARAMS} | {
         "notify_vmexit": Choice(tuple(NOTIFY_MODES)), "notify_window": Int(high=0xFFFF_FFFF)}),
     "registers": Table(lambda mode: {name: Address() for name in gprs(mode)}),
@@ -347,6 +348,7 @@ DOCUMENT = Table({
     "expect": Table({
         "delivery": Tables(Table(
             {"vector": Vector(), "type": Choice(tuple(EVENT_TYPES)),
+             # 32 bits (SDM 6.13; zero-extended in a 64-bit frame, 6.14.2 Figure 6-8)
              "error_code": Int(high=0xFFFF_FFFF), "return": Address(), "retired": Int(),
              "repeats": Bool()},
             required=(("vector", "each [[expect.delivery]] needs a vector"),))),

@@ -160,3 +160,15 @@ def test_labels_plus_offsets_beyond_the_mode_are_refused_when_resolved(tmp_path)
                                             r"outside \[0, 0xffffffffffffffff\]") as e:
         prepare(load(path))
     assert e.value.line == 8
+
+
+def test_the_in_process_cache_keeps_the_recent_programs_only(monkeypatch):
+    from kvmodel.guest import asm
+
+    monkeypatch.setattr(asm, "MEMORY_CACHE_ENTRIES", 3)
+    asm._memory_cache.clear()
+    for n in range(5):
+        assemble(f"start:\n .quad {n}\n", Bits.B64, 0x10000)
+    assemble("start:\n .quad 2\n", Bits.B64, 0x10000)  # used again: the newest
+    assert len(asm._memory_cache) == 3
+    assert [p.image[0] for p in asm._memory_cache.values()] == [3, 4, 2]
