@@ -48,6 +48,7 @@ TOOL_MEMORY = 2 << 30  # address space of each binutils program
 MAX_IMAGE = 64 << 20  # the largest image when the caller gives no memory size
 _ERROR = re.compile(r"^(.*?):(\d+): (?:Error|Fatal error): (.*)$")
 _DIRECTIVE = re.compile(r"\.(incbin|include)\b\s*(.*)", re.IGNORECASE)
+_COMMENT = re.compile(r'#(?=(?:[^"]*"[^"]*")*[^"]*$).*')  # from a # outside double quotes
 _SECTION = re.compile(r"^\s*\d+\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+)\s+[0-9a-f]+\s+[0-9a-f]+\s+\S+\s+(.*)$")
 _LINKER_SCRIPT = """SECTIONS {{
   . = {base:#x};
@@ -135,7 +136,8 @@ def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
         del _memory_cache[next(iter(_memory_cache))]
     if len(program.image) > max_image:
         raise where.error(f"the guest image is {len(program.image):#x} bytes, more than the "
-                          f"{max_image:#x} its memory has from {base:#x}", None, _MEMORY_HINT)
+                          f"{max_image:#x} the memory has above its load address", None,
+                          _MEMORY_HINT)
     return program
 
 
@@ -185,7 +187,7 @@ def _check_directives(where: _Where, folder: Path | None, roots: tuple[Path, ...
     folder) and then in the guest library (-I); an absolute name is used as is.
     """
     for number, text in enumerate(where.source.splitlines(), start=1):
-        for m in _DIRECTIVE.finditer(text):
+        for m in _DIRECTIVE.finditer(_COMMENT.sub("", text)):
             name = re.match(r'"([^"\\]*)"', m.group(2))
             if name is None or not name.group(1):
                 raise where.error(f".{m.group(1).lower()} takes a file name in double quotes, "

@@ -172,3 +172,8 @@ def test_the_in_process_cache_keeps_the_recent_programs_only(monkeypatch):
     assemble("start:\n .quad 2\n", Bits.B64, 0x10000)  # used again: the newest
     assert len(asm._memory_cache) == 3
     assert [p.image[0] for p in asm._memory_cache.values()] == [3, 4, 2]
+
+
+def test_directives_named_in_comments_are_not_directives(tmp_path):
+    code = 'start:  # never .incbin "/etc/passwd", nor .include of anything\n hlt\n.ascii "#"  # .include\n'
+    assert assembled(scenario_in(tmp_path, code)).image[0] == 0xF4
