@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import random
 import re
 import signal
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,35 +307,51 @@ def crash_class(outcome: Outcome) -> str:
     return f"{last} @ {where}"
 
 
-def campaign(inputs: int, seed: int, seconds: float, out: Path | None) -> dict:
-    rnd = random.Random(seed)
+def _chunk(seeds: list[int], seconds: float) -> tuple[Counter, Counter, dict]:
+    """Some inputs, in a process of their own: a long campaign's memory stays that of one chunk."""
     outcomes: Counter = Counter()
     crashes: Counter = Counter()
     examples: dict[str, dict] = {}
-    start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvmodel-fuzz-") as tmp:
-        for n in range(inputs):
-            case = random.Random(rnd.getrandbits(64))
+        path = Path(tmp) / "fuzzed.toml"
+        for seed in seeds:
             began = time.monotonic()
-            outcome, source, applied = fuzz_once(case, Path(tmp), seconds)
+            outcome, source, applied = fuzz_once(random.Random(seed), Path(tmp), seconds)
             outcomes[outcome.kind] += 1
             if outcome.kind in ("crash", "hang", "unlocated"):
                 key = crash_class(outcome) if outcome.kind == "crash" else (
                     f"{outcome.kind}: " + re.sub(r"0x[0-9a-f]+|\d+", "N", outcome.detail.replace(
-                        str(Path(tmp) / "fuzzed.toml"), "FILE"))[:100])
+                        str(path), "FILE"))[:100])
                 crashes[key] += 1
-                if key not in examples:
-                    examples[key] = {"source": source, "mutations": applied,
-                                     "input": (Path(tmp) / "fuzzed.toml").read_bytes()[:20000]
-                                     .decode("utf-8", "replace"),
-                                     "seconds": round(time.monotonic() - began, 1)}
-            if (n + 1) % 500 == 0 or n + 1 == inputs:
-                report = {"inputs": n + 1, "seconds": round(time.monotonic() - start),
-                          "outcomes": dict(outcomes), "classes": dict(crashes.most_common()),
-                          "examples": examples}
-                if out is not None:
-                    out.write_text(json.dumps(report, indent=1))
-                print(f"{n + 1} inputs, {report['seconds']} s: {dict(outcomes)}", flush=True)
+                examples.setdefault(key, {
+                    "seed": seed, "source": source, "mutations": applied,
+                    "input": path.read_bytes()[:20000].decode("utf-8", "replace"),
+                    "seconds": round(time.monotonic() - began, 1)})
+    return outcomes, crashes, examples
+
+
+def campaign(inputs: int, seed: int, seconds: float, out: Path | None, chunk: int = 1000) -> dict:
+    """`inputs` mutated scenarios, `chunk` at a time in a fresh process (one at a time)."""
+    rnd = random.Random(seed)
+    seeds = [rnd.getrandbits(64) for _ in range(inputs)]
+    outcomes: Counter = Counter()
+    crashes: Counter = Counter()
+    examples: dict[str, dict] = {}
+    start = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        for done in range(0, inputs, chunk):
+            part = pool.submit(_chunk, seeds[done:done + chunk], seconds).result()
+            outcomes.update(part[0])
+            crashes.update(part[1])
+            for key, example in part[2].items():
+                examples.setdefault(key, example)
+            report = {"inputs": min(done + chunk, inputs), "seconds": round(time.monotonic() - start),
+                      "outcomes": dict(outcomes), "classes": dict(crashes.most_common()),
+                      "examples": examples}
+            if out is not None:
+                out.write_text(json.dumps(report, indent=1))
+            print(f"{report['inputs']} inputs, {report['seconds']} s: {dict(outcomes)}", flush=True)
     return report
 
 
@@ -343,6 +361,7 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=60, help="a run longer than this is a hang")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--chunk", type=int, default=1000, help="inputs per worker process")
     args = parser.parse_args()
-    figures = campaign(args.inputs, args.seed, args.seconds, args.out)
+    figures = campaign(args.inputs, args.seed, args.seconds, args.out, args.chunk)
     sys.exit(1 if figures["classes"] else 0)
