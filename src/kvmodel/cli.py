@@ -34,6 +34,7 @@ from kvmodel.report.text import print_comparison, print_result
 from kvmodel.report.timeline import timeline_svg
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import run
+from kvmodel.scenario.schema import MAX_STEPS
 
 
 class Exit(IntEnum):
@@ -68,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="print one JSON document instead of the text trace")
     run_p.add_argument("--instructions", action="store_true",
                        help="also list every retired instruction in the trace")
-    run_p.add_argument("--max-steps", type=int, metavar="N",
-                       help="override the scenario's step budget (instructions tried)")
+    run_p.add_argument("--max-steps", type=_steps, metavar="N",
+                       help=f"override the scenario's step budget (instructions tried), "
+                            f"1..{MAX_STEPS:,}")
     run_p.add_argument("--vendor", choices=[v.value for v in Vendor],
                        help="bare: the bare-metal model; svm/vmx: run under the KVM model on "
                             "AMD SVM / Intel VMX and compare what the guest sees with bare metal "
@@ -108,6 +110,17 @@ def _bridge_parsers(sub) -> None:
                       help="seconds a scenario may run in QEMU before it is stopped (default 10)")
     diff.add_argument("--out", metavar="DIR",
                       help="keep each scenario's image and QEMU log under DIR (default: temporary)")
+
+
+def _steps(text: str) -> int:
+    """--max-steps: the same range as a scenario's max_steps."""
+    try:
+        steps = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= steps <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{steps} is not in 1..{MAX_STEPS:,}")
+    return steps
 
 
 def _explore_parsers(sub) -> None:

@@ -332,3 +332,11 @@ def test_explore_with_a_model_limit_on_one_vendor_explores_the_rest(tmp_path, ca
         ("svm", True), ("vmx", False), ("svm", False), ("vmx", False)]
     assert explored[0]["model_limit"].startswith("under KVM on SVM: VMMCALL")
     assert all(e["schedules"] > 0 and e["distinct_outcomes"] > 0 for e in explored[1:])
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "10000001", "many"])
+def test_max_steps_option_has_the_scenarios_range(steps, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--max-steps", steps, str(EXAMPLE)])
+    assert e.value.code == Exit.BAD_INPUT
+    assert "--max-steps" in capsys.readouterr().err

@@ -4,8 +4,15 @@
 links with a small script that lays .text, .rodata, .data and .bss out
 contiguously at `base`, `objcopy` produces the flat image, `nm` the labels
 and `objdump --dwarf=decodedline` the address-to-source-line map. Results are
-cached on disk by a digest of everything that goes in. Guest code is never
-run on the host.
+cached on disk by a digest of everything that goes in, and of every file the
+source included. Guest code is never run on the host.
+
+No host file reaches the guest but those in the scenario's folder and the
+guest library: `.include`/`.incbin` names are checked before `as` runs, and
+the files `as` opened (its --MD list; macros can build the directives) after.
+Each program runs with no input, a wall-clock limit and limits on memory and
+on the size of what it writes, so a `.space` or `.align` of gigabytes is an
+error, not a full disk.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -25,11 +33,23 @@ from pathlib import Path
 
 from kvmodel.errors import ScenarioError, ToolMissing
 
+try:
+    import resource
+except ImportError:  # not a Unix host
+    resource = None
+
 TOOLS = ("as", "ld", "objcopy", "nm", "objdump")
 INCLUDE_DIR = Path(__file__).parent / "include"  # macros scenarios may `.include`
 INSTALL_HINT = ("install binutils (Debian/Ubuntu: apt-get install binutils; "
                 "Fedora: dnf install binutils; macOS: brew install x86_64-elf-binutils)")
-_ERROR = re.compile(r"^[^:]*:(\d+): Error: (.*)$")
+LIBRARY_NAME = "src/kvmodel/guest/include"  # how messages name INCLUDE_DIR
+SECONDS = 30  # wall-clock limit of each binutils program
+TOOL_MEMORY = 2 << 30  # address space of each binutils program
+MAX_IMAGE = 64 << 20  # the largest image when the caller gives no memory size
+_ERROR = re.compile(r"^(.*?):(\d+): (?:Error|Fatal error): (.*)$")
+_DIRECTIVE = re.compile(r"\.(incbin|include)\b\s*(.*)", re.IGNORECASE)
+_COMMENT = re.compile(r'#(?=(?:[^"]*"[^"]*")*[^"]*$).*')  # from a # outside double quotes
+_SECTION = re.compile(r"^\s*\d+\s+(\S+)\s+([0-9a-f]+)\s+([0-9a-f]+)\s+[0-9a-f]+\s+[0-9a-f]+\s+\S+\s+(.*)$")
 _LINKER_SCRIPT = """SECTIONS {{
   . = {base:#x};
   .text : {{ *(.text) *(.text.*) }}
@@ -54,6 +74,7 @@ class Program:
     image: bytes
     symbols: tuple[tuple[str, int], ...]  # (label, address), by address then name
     lines: tuple[tuple[int, int], ...]  # (address, source line), by address
+    deps: tuple[tuple[str, str], ...] = ()  # (file, digest of its bytes) of what was included
 
     def symbol(self, name: str) -> int:
         for label, address in self.symbols:
@@ -88,29 +109,98 @@ def find_binutils() -> None:
                           + INSTALL_HINT)
 
 
-_memory_cache: dict[str, Program] = {}
+_memory_cache: dict[str, Program] = {}  # the most recently used first out last
+MEMORY_CACHE_ENTRIES = 256  # a long campaign assembles many programs; keep the recent ones
 
 
 def assemble(source: str, bits: Bits, base: int, *, filename: str = "<guest>",
-             line_offset: int = 0, defines: tuple[tuple[str, int], ...] = ()) -> Program:
+             line_offset: int = 0, defines: tuple[tuple[str, int], ...] = (),
+             folder: Path | None = None, max_image: int = MAX_IMAGE) -> Program:
     """Assemble `source`; line numbers (errors and `lines`) are offset by `line_offset`.
 
     `defines` are absolute symbols the source may use (`as --defsym`), not labels.
+    `folder`: the scenario's folder, whose files `.include`/`.incbin` may name (as
+    does the guest library); `max_image`: the most bytes the image may take.
     """
-    key = _digest(source, bits, base, line_offset, defines)
-    program = _memory_cache.get(key) or _read_cache(key)
-    if program is None:
+    where = _Where(filename, line_offset, source)
+    roots = _roots(folder)
+    _check_directives(where, folder, roots)
+    key = _digest(source, bits, base, line_offset, defines, folder)
+    program = _memory_cache.pop(key, None) or _read_cache(key)
+    if program is None or not _unchanged(program.deps):
         find_binutils()
-        program = _build(source, bits, base, filename, line_offset, defines)
+        program = _build(source, bits, base, where, defines, folder, roots, max_image)
         _write_cache(key, program)
     _memory_cache[key] = program
+    if len(_memory_cache) > MEMORY_CACHE_ENTRIES:
+        del _memory_cache[next(iter(_memory_cache))]
+    if len(program.image) > max_image:
+        raise where.error(f"the guest image is {len(program.image):#x} bytes, more than the "
+                          f"{max_image:#x} the memory has above its load address", None,
+                          _MEMORY_HINT)
     return program
 
 
-@functools.cache
-def _includes() -> str:
-    """The shipped guest library (`.include "sev_es.s"`), part of every cache key."""
-    return "".join(p.read_text() for p in sorted(INCLUDE_DIR.glob("*.s")))
+_MEMORY_HINT = "raise [cpu] memory_kib, or make the guest smaller"
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """The scenario the source comes from, to name the file:line of a problem."""
+
+    filename: str
+    line_offset: int
+    source: str
+
+    def error(self, message: str, line: int | None = None, hint: str | None = None) -> ScenarioError:
+        """`line`: of the guest source; None: the line where the code starts."""
+        return ScenarioError(self.filename, self.line_offset + (line or 1), message, hint)
+
+
+def _roots(folder: Path | None) -> tuple[Path, ...]:
+    """The folders whose files a guest may include: the guest library and the scenario's own."""
+    roots = [INCLUDE_DIR.resolve()]
+    if folder is not None:
+        roots.append(folder.resolve())
+    return tuple(roots)
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    try:
+        real = path.resolve()  # symbolic links followed, `..` gone
+    except (OSError, ValueError, RuntimeError):  # a NUL in the name, a loop of links
+        return False
+    return any(real.is_relative_to(root) for root in roots)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return True  # unreadable or unnamable: let _inside judge it
+
+
+def _check_directives(where: _Where, folder: Path | None, roots: tuple[Path, ...]) -> None:
+    """Refuse `.include`/`.incbin` of a file outside `roots`, before `as` opens it.
+
+    `as` looks for a relative name in its working directory (the scenario's
+    folder) and then in the guest library (-I); an absolute name is used as is.
+    """
+    for number, text in enumerate(where.source.splitlines(), start=1):
+        for m in _DIRECTIVE.finditer(_COMMENT.sub("", text)):
+            name = re.match(r'"([^"\\]*)"', m.group(2))
+            if name is None or not name.group(1):
+                raise where.error(f".{m.group(1).lower()} takes a file name in double quotes, "
+                                  "nothing else", number, _INCLUDE_HINT)
+            candidates = [Path(name.group(1))] if Path(name.group(1)).is_absolute() else [
+                d / name.group(1) for d in (folder, INCLUDE_DIR) if d is not None]
+            found = next((c for c in candidates if _exists(c)), None)
+            if found is not None and not _inside(found, roots):
+                raise where.error(f'.{m.group(1).lower()} "{name.group(1)}" is outside the '
+                                  "scenario's folder and the guest library", number, _INCLUDE_HINT)
+
+
+_INCLUDE_HINT = f"a guest may include files of its scenario's folder and of {LIBRARY_NAME}"
 
 
 @functools.cache
@@ -130,53 +220,157 @@ def _ld_flags() -> tuple[str, ...]:
 
 
 def _digest(source: str, bits: Bits, base: int, line_offset: int,
-            defines: tuple[tuple[str, int], ...]) -> str:
+            defines: tuple[tuple[str, int], ...], folder: Path | None) -> str:
+    """What goes in but the included files (a cached Program lists those with their digests)."""
     h = hashlib.blake2b(digest_size=16)
     for part in (source, str(int(bits)), str(base), str(line_offset), repr(defines),
-                 _as_version(), _includes()):
-        h.update(part.encode())
+                 _as_version(), str(folder.resolve()) if folder is not None else ""):
+        h.update(part.encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     return h.hexdigest()
 
 
-def _build(source: str, bits: Bits, base: int, filename: str, line_offset: int,
-           defines: tuple[tuple[str, int], ...]) -> Program:
+def _file_digest(path: str) -> str | None:
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+def _unchanged(deps: tuple[tuple[str, str], ...]) -> bool:
+    return all(_file_digest(path) == digest for path, digest in deps)
+
+
+def _build(source: str, bits: Bits, base: int, where: _Where,
+           defines: tuple[tuple[str, int], ...], folder: Path | None, roots: tuple[Path, ...],
+           max_image: int) -> Program:
     with tempfile.TemporaryDirectory(prefix="kvmodel-asm-") as tmp:
         d = Path(tmp)
-        (d / "guest.s").write_text(source if source.endswith("\n") else source + "\n")
+        src = d / "guest.s"
+        src.write_text(source if source.endswith("\n") else source + "\n", encoding="utf-8",
+                       errors="surrogateescape")
         (d / "link.ld").write_text(_LINKER_SCRIPT.format(base=base))
+        cwd = folder if folder is not None and folder.is_dir() else d / "empty"
+        cwd.mkdir(exist_ok=True)
+        # A .o holds the image and its line table; anything much larger than the image is not one.
+        limits = max_image * 4 + (16 << 20)
         emulation = "elf_x86_64" if bits is Bits.B64 else "elf_i386"
         defsyms = [arg for name, value in defines for arg in ("--defsym", f"{name}={value:#x}")]
-        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), *defsyms, "-o",
-                        "guest.o", "guest.s"], d)
+        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), *defsyms,
+                        "--MD", str(d / "deps.d"), "-o", str(d / "guest.o"), str(src)],
+                       cwd, where, limits)
+        deps = _dependencies(d / "deps.d", src, cwd, where, roots)
         if result.returncode != 0:
-            raise _assembly_error(result.stderr, filename, line_offset)
+            raise _assembly_error(result.stderr, src, where)
         _tool(["ld", "-m", emulation, *_ld_flags(), "-T", "link.ld", "-o", "guest.elf",
-               "guest.o"], d, check=True)
+               "guest.o"], d, where, limits, check=True)
+        _check_extent(_tool(["objdump", "-h", "-w", "guest.elf"], d, where, limits,
+                            check=True).stdout, base, max_image, where)
         _tool(["objcopy", "-O", "binary", "--set-section-flags", ".bss=alloc,load,contents",
-               "guest.elf", "guest.bin"], d, check=True)
+               "guest.elf", "guest.bin"], d, where, limits, check=True)
         image = (d / "guest.bin").read_bytes()
-        symbols = _symbols(_tool(["nm", "-n", "guest.elf"], d, check=True).stdout)
-        lines = _lines(_tool(["objdump", "--dwarf=decodedline", "guest.elf"], d,
-                             check=True).stdout, line_offset)
-    return Program(base, image, symbols, lines)
+        symbols = _symbols(_tool(["nm", "-n", "guest.elf"], d, where, limits, check=True).stdout)
+        lines = _lines(_tool(["objdump", "--dwarf=decodedline", "guest.elf"], d, where, limits,
+                             check=True).stdout, where.line_offset)
+    return Program(base, image, symbols, lines, deps)
 
 
-def _tool(argv: list[str], cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+def _restrict(pid: int, file_size: int) -> None:
+    """Limit a running binutils program's memory and the size of each file it writes.
+
+    Set from outside (Linux prlimit) just after it starts: a preexec_fn would make
+    every start a full fork of this process, ten times slower. It has written
+    nothing by then; elsewhere the wall-clock limit stays.
+    """
+    prlimit = getattr(resource, "prlimit", None) if resource is not None else None
+    if prlimit is None:
+        return
+    try:
+        prlimit(pid, resource.RLIMIT_FSIZE, (file_size, file_size))
+        prlimit(pid, resource.RLIMIT_AS, (TOOL_MEMORY, TOOL_MEMORY))
+    except (ProcessLookupError, PermissionError):
+        pass  # it has ended already
+
+
+def _dependencies(depfile: Path, src: Path, cwd: Path, where: _Where,
+                  roots: tuple[Path, ...]) -> tuple[tuple[str, str], ...]:
+    """The files `as` opened besides the source (its --MD list), each inside `roots`."""
+    try:
+        text = depfile.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return ()  # `as` stopped before writing it
+    names = re.split(r"(?<!\\)\s+", text.replace("\\\n", " ").partition(":")[2].strip())
+    out = []
+    for name in filter(None, names):
+        path = cwd / name.replace("\\ ", " ").replace("$$", "$")
+        if path.resolve() == src.resolve():
+            continue
+        if not _inside(path, roots):
+            raise where.error(f'the guest includes "{name}", outside the scenario\'s folder '
+                              "and the guest library", _line_naming(where.source, name),
+                              _INCLUDE_HINT)
+        out.append((str(path.resolve()), _file_digest(str(path)) or ""))
+    return tuple(sorted(set(out)))
+
+
+def _line_naming(source: str, name: str) -> int | None:
+    """The first source line that mentions a file's name (a macro's argument, say)."""
+    stem = Path(name).name
+    return next((n for n, text in enumerate(source.splitlines(), start=1) if stem in text), None)
+
+
+def _check_extent(sections: str, base: int, max_image: int, where: _Where) -> None:
+    """Every allocated section within [base, base + max_image), before objcopy writes it."""
+    for line in sections.splitlines():
+        m = _SECTION.match(line)
+        if m is None or "ALLOC" not in m.group(4):
+            continue
+        size, vma = int(m.group(2), 16), int(m.group(3), 16)
+        if size and (vma < base or vma + size > base + max_image):
+            raise where.error(f"the guest's {m.group(1)} ({size:#x} bytes at {vma:#x}) lies "
+                              f"outside the {max_image:#x} bytes of memory from {base:#x}", None,
+                              _MEMORY_HINT)
+
+
+def _tool(argv: list[str], cwd: Path, where: _Where, file_size: int,
+          check: bool = False) -> subprocess.CompletedProcess:
+    with subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                          errors="replace") as process:
+        _restrict(process.pid, file_size)
+        try:
+            stdout, stderr = process.communicate(timeout=SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise where.error(f"{argv[0]} did not finish within {SECONDS} s", None,
+                              "a .rept, .fill or .space too large?") from None
+    result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    if result.returncode == -signal.SIGXFSZ:
+        raise where.error(f"{argv[0]} wrote more than the guest's memory can hold", None,
+                          _MEMORY_HINT)
     if check and result.returncode != 0:
-        raise ScenarioError("<guest>", None, f"{argv[0]} failed: {result.stderr.strip()}")
+        message = result.stderr.strip()
+        m = re.search(r"guest\.s:(\d+)", message)
+        raise where.error(f"{argv[0]} failed: {_shorten(message)}", int(m.group(1)) if m else None)
     return result
 
 
-def _assembly_error(stderr: str, filename: str, line_offset: int) -> ScenarioError:
+def _shorten(text: str, most: int = 400) -> str:
+    return text if len(text) <= most else text[:most] + " ..."
+
+
+def _assembly_error(stderr: str, src: Path, where: _Where) -> ScenarioError:
     errors = [m for m in map(_ERROR.match, stderr.splitlines()) if m]
     if not errors:
-        return ScenarioError(filename, None, f"assembler: {stderr.strip()}")
+        text = re.sub(r"^.*?Assembler messages:\s*", "", stderr.strip(), flags=re.S)
+        return where.error(f"assembler: {_shorten(text.replace(str(src), 'guest'))}")
     first = errors[0]
     hint = f"{len(errors) - 1} more assembler errors follow" if len(errors) > 1 else None
-    return ScenarioError(filename, line_offset + int(first.group(1)),
-                         f"assembler: {first.group(2)}", hint)
+    if Path(first.group(1)) == src:
+        return where.error(f"assembler: {_shorten(first.group(3))}", int(first.group(2)), hint)
+    return where.error(f"assembler: in {Path(first.group(1)).name}:{first.group(2)}: "
+                       f"{_shorten(first.group(3))}", None, hint)
 
 
 def _symbols(nm_output: str) -> tuple[tuple[str, int], ...]:
@@ -211,7 +405,8 @@ def _read_cache(key: str) -> Program | None:
         data = json.loads((_cache_dir() / f"{key}.json").read_text())
         return Program(data["base"], bytes.fromhex(data["image"]),
                        tuple((s, a) for s, a in data["symbols"]),
-                       tuple((a, n) for a, n in data["lines"]))
+                       tuple((a, n) for a, n in data["lines"]),
+                       tuple((p, d) for p, d in data["deps"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or corrupt: assemble again
 
@@ -221,7 +416,7 @@ def _write_cache(key: str, program: Program) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         data = {"base": program.base, "image": program.image.hex(),
-                "symbols": program.symbols, "lines": program.lines}
+                "symbols": program.symbols, "lines": program.lines, "deps": program.deps}
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)

@@ -9,59 +9,63 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType, parse_vector, saved_ip_undefined
-from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.arch.regs import Mode
 from kvmodel.errors import ScenarioError
-from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, IDT_BASE, TSS_BASE, GateKind, gate_size
+from kvmodel.guest.layout import DEFAULT_MEMORY, IDT_BASE, GateKind
 from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
+    CHOICE_KEYS,
+    DOCUMENT,
+    EVENT_TYPES,
+    EVENTS,
+    KVM_PARAMS,
+    KVM_VENDORS,
+    MODES,
+    NOTIFY_MODES,
+    QEMU_ACCELS,
+    STAT_NAMES,
+    VENDORS,
+    Address,
+    Bool,
+    Choice,
+    Either,
     Expected,
     ExpectedDelivery,
     ExpectedStats,
     ExploreSpec,
     Expr,
+    Field,
     FredSpec,
     GateSpec,
     Happening,
     HostEvent,
     HostHappening,
+    Int,
     KnownDivergence,
     KnownFinding,
+    List,
+    Pattern,
     QemuDifference,
     Scenario,
+    Table,
+    Tables,
+    Tagged,
+    Text,
+    Vector,
     VmmStep,
 )  # fmt: skip
-from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import EVENT_FIELDS, KVM_SET_VCPU_EVENTS
+from kvmodel.scenario.vmm import EVENT_FIELDS
 
-MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
-EVENT_TYPES = {t.name.lower(): t for t in EventType}
-EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
-          "host_interrupt": External.HOST_INTERRUPT, "host_nmi": External.HOST_NMI,
-          "notify": External.NOTIFY_TIMER,
-          "host_fault": HostEvent.FAULT, "save_restore": HostEvent.SAVE_RESTORE}
-VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
-FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
-NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7", "retired")
-# struct kvm_vcpu_stat counters a scenario may pin, summed over the vCPUs of a run
-STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_window_exits",
-              "irq_exits", "halt_exits", "notify_window_exits")
-STOPS = ("halted", "shutdown", "budget", "vmm")
 DEFAULT_MAX_STEPS = 100_000
-
-TOP_KEYS = ("title", "cite", "max_steps", "guest", "cpu", "kvm", "registers", "idt", "tss", "fred",
-            "memory", "happen", "expect", "explore", "vmm")
-# kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
-# (kvm/vmx/vmx.py), and the SEV-ES VM type
-KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
-              "host_fred")
-# What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
-NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
+MAX_NESTING = 32  # arrays and inline tables inside each other; the format needs 3
+MAX_FILE = 16 << 20  # bytes of a scenario file
 _EXPR = re.compile(r"^\s*([A-Za-z_.$][\w.$]*)\s*(?:([+-])\s*(0x[0-9a-fA-F]+|\d+))?\s*$")
 
 
@@ -84,204 +88,387 @@ class _Ctx:
             found = self.loc.table(table, index) if table else None
         return found or 1
 
-    def keys(self, data: dict, allowed: tuple[str, ...], table: str | None,
-             index: int | None = None) -> None:
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f'did you mean "{close[0]}"?' if close else "allowed: " + ", ".join(allowed)
-                where = f"[{table}]" if table else "the top level"
-                raise self.error(f'unknown key "{key}" in {where}', table, key, index, hint)
 
 
 def load(path: str | Path) -> Scenario:
     """Parse and validate one scenario file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE + 1)  # a bound, for /dev/zero and its kind
     except OSError as e:
         raise ScenarioError(str(path), None, f"cannot read scenario: {e.strerror}") from None
-    return parse(text, str(path))
+    if len(raw) > MAX_FILE:
+        raise ScenarioError(str(path), None, f"larger than {MAX_FILE >> 20} MiB: not a scenario")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ScenarioError(str(path), line, f"not UTF-8: byte {raw[e.start]:#04x} at offset "
+                            f"{e.start}", "TOML files are UTF-8 text") from None
+    return parse(text, str(path), folder=path.parent)
 
 
-def parse(text: str, path: str = "<scenario>") -> Scenario:
+def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Scenario:
+    """`folder`: where the file is; its guest may `.include` and `.incbin` files there."""
+    _check_nesting(text, path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
-        message = re.sub(r"\s*\(at line.*\)", "", str(e))
-        raise ScenarioError(path, int(m.group(1)) if m else None,
-                            f"not valid TOML: {message}") from None
+        line = int(m.group(1)) if m else text.count("\n") + 1  # "(at end of document)"
+        message = re.sub(r"\s*\(at (line|end).*\)", "", str(e))
+        raise ScenarioError(path, line, f"not valid TOML: {message}") from None
+    except RecursionError:  # a backstop: _check_nesting's limit is far below tomllib's
+        raise ScenarioError(path, text.count("\n") + 1, "arrays or inline tables nested too "
+                            "deeply", f"at most {MAX_NESTING}") from None
     ctx = _Ctx(path, text)
-    ctx.keys(data, TOP_KEYS, None)
-    guest = _table(ctx, data, "guest", required=True)
-    ctx.keys(guest, ("mode", "entry", "code"), "guest")
-    mode = _choice(ctx, guest, "mode", MODES, "guest", default="long64")
-    code = guest.get("code")
-    if not isinstance(code, str) or not code.strip():
-        raise ctx.error("[guest] needs code = '''...''' with the guest assembly", "guest", "code")
-    cpu = _table(ctx, data, "cpu")
-    ctx.keys(cpu, ("sti_blocks_nmi", "rflags", "memory_kib", "idt_limit", "vendor", "vmx", "svm",
-                   "cs_base", "idt_base"), "cpu")
+    mode = _Checker(ctx).document(data)
+    guest = data["guest"]
+    cpu = data.get("cpu", {})
     if cpu.get("vmx") and cpu.get("svm"):
         raise ctx.error("[cpu] vmx and svm are both true: an L1 hypervisor uses one of them",
                         "cpu", "svm")
-    memory = _table(ctx, data, "memory")
-    ctx.keys(memory, ("not_present",), "memory")
+    expect = data.get("expect", {})
+    explore = data.get("explore", {})
+    happen = data.get("happen", [])
     return Scenario(
         path=path,
         text=text,
-        title=_str(ctx, data, "title", None, default=Path(path).stem),
-        cite=_str(ctx, data, "cite", None, default=""),
+        title=data.get("title", Path(path).stem),
+        cite=data.get("cite", ""),
         mode=mode,
-        code=code,
-        code_line=_code_line(ctx, text),
-        entry=_expr(ctx, guest.get("entry", "start"), "guest", "entry"),
-        gates=_gates(ctx, _table(ctx, data, "idt")),
-        ist=_ist(ctx, _table(ctx, data, "tss"), mode),
-        fred=_fred(ctx, _table(ctx, data, "fred"), mode),
-        registers=_registers(ctx, _table(ctx, data, "registers"), mode),
-        rflags=_int(ctx, cpu, "rflags", "cpu", default=0x2),
+        code=guest["code"],
+        code_line=_code_line(ctx),
+        entry=_expr(guest.get("entry", "start")),
+        gates=_gates(ctx, data.get("idt", {})),
+        ist=_ist(ctx, data.get("tss", {}), mode),
+        fred=_fred(ctx, data.get("fred", {}), mode),
+        registers=tuple((k, _expr(v), ctx.line("registers", k))
+                        for k, v in data.get("registers", {}).items()),
+        rflags=cpu.get("rflags", 0x2),
         cs_base=_cs_base(ctx, cpu, mode),
-        idt_limit=_int(ctx, cpu, "idt_limit", "cpu", default=None),
-        idt_base=_idt_base(ctx, cpu, mode),
-        memory_size=_int(ctx, cpu, "memory_kib", "cpu", default=DEFAULT_MEMORY // 1024) * 1024,
-        not_present=_not_present(ctx, memory),
-        sti_blocks_nmi=_bool(ctx, cpu, "sti_blocks_nmi", "cpu", default=True),
-        vmx=_bool(ctx, cpu, "vmx", "cpu", default=False),
-        svm=_bool(ctx, cpu, "svm", "cpu", default=False),
-        max_steps=_int(ctx, data, "max_steps", None, default=DEFAULT_MAX_STEPS),
-        happenings=_happenings(ctx, data.get("happen", [])),
-        host=_host_happenings(ctx, data.get("happen", [])),
-        vendor=_choice(ctx, cpu, "vendor", VENDORS, "cpu", default="bare"),
-        deliveries=_deliveries(ctx, data.get("expect", {})),
-        final=_final(ctx, data.get("expect", {}), mode),
-        memory=_memory_expect(ctx, data.get("expect", {})),
-        divergences=_divergences(ctx, data.get("expect", {})),
-        qemu=_qemu_differences(ctx, data.get("expect", {})),
-        stats=_stats_expect(ctx, data.get("expect", {})),
-        kvm_params=_kvm_params(ctx, _table(ctx, data, "kvm")),
-        explore=_explore(ctx, data),
-        known_findings=_known_findings(ctx, data),
+        idt_limit=cpu.get("idt_limit"),
+        idt_base=_idt_base(ctx, cpu),
+        memory_size=cpu.get("memory_kib", DEFAULT_MEMORY // 1024) * 1024,
+        not_present=_not_present(ctx, data.get("memory", {})),
+        sti_blocks_nmi=cpu.get("sti_blocks_nmi", True),
+        vmx=cpu.get("vmx", False),
+        svm=cpu.get("svm", False),
+        max_steps=data.get("max_steps", DEFAULT_MAX_STEPS),
+        happenings=_happenings(ctx, happen),
+        host=_host_happenings(ctx, happen),
+        vendor=VENDORS[cpu.get("vendor", "bare")],
+        deliveries=_deliveries(ctx, expect),
+        final=_final(ctx, expect),
+        memory=tuple((_expr(k), Expected(v, ctx.line("expect.memory", k)))
+                     for k, v in expect.get("memory", {}).items()),
+        divergences=_divergences(ctx, expect),
+        qemu=_qemu_differences(ctx, expect),
+        stats=_stats_expect(ctx, expect),
+        kvm_params=_kvm_params(ctx, data.get("kvm", {})),
+        explore=_explore(ctx, explore),
+        known_findings=_known_findings(ctx, explore),
         vmm=_vmm_steps(ctx, data.get("vmm", [])),
+        folder=folder,
     )
 
 
-def _code_line(ctx: _Ctx, text: str) -> int:
+def _check_nesting(text: str, path: str) -> None:
+    """Refuse arrays and inline tables nested deeper than MAX_NESTING, naming the line.
+
+    tomllib recurses once per level and fails with RecursionError a few hundred
+    deep; this scan skips strings and comments and is linear in the text.
+    """
+    depth, line, n, size = 0, 1, 0, len(text)
+    while n < size:
+        c = text[n]
+        if c == "\n":
+            line += 1
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ScenarioError(path, line, "arrays or inline tables nested too deeply",
+                                    f"at most {MAX_NESTING}")
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "#":
+            end = text.find("\n", n)
+            n = size if end < 0 else end
+            continue
+        elif c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, n) else c
+            end = _string_end(text, n + len(quote), quote)
+            line += text.count("\n", n, end)
+            n = end
+            continue
+        n += 1
+
+
+def _string_end(text: str, n: int, quote: str) -> int:
+    """Index just past the string whose body starts at `n` (or where tomllib will refuse it)."""
+    while True:
+        end = text.find(quote, n)
+        if end < 0:
+            return len(text)
+        if len(quote) == 1 and "\n" in text[n:end]:
+            return text.find("\n", n)  # unterminated: tomllib names the line
+        if quote[0] == '"':  # a quote after an odd number of backslashes is in the string
+            k = end
+            while k > n and text[k - 1] == "\\":
+                k -= 1
+            if (end - k) % 2:
+                n = end + 1
+                continue
+        while len(quote) == 3 and text.startswith(quote[0], end + 3):
+            end += 1  # up to two quotes may end a multi-line string's body
+        return end + len(quote)
+
+
+def _code_line(ctx: _Ctx) -> int:
     """Line holding `code = '''`: guest line k is file line code_line + k - 1 ... or + k."""
     line = ctx.loc.key("guest", "code") or 1
-    opening = ctx.loc.lines[line - 1]
+    opening = ctx.loc.lines[line - 1] if line <= len(ctx.loc.lines) else ""
     # A newline right after the opening quotes is trimmed by TOML: line 1 starts below.
-    after = opening.split("=", 1)[1].strip()
+    after = opening.split("=", 1)[1].strip() if "=" in opening else ""
     return line if after in ("'''", '"""') else line - 1
 
 
-# -- value helpers ---------------------------------------------------------------
+# -- the document against schema.DOCUMENT -----------------------------------------------
 
-def _table(ctx: _Ctx, data: dict, name: str, required: bool = False) -> dict:
-    value = data.get(name)
-    if value is None:
-        if required:
-            raise ctx.error(f"missing [{name}] table", None, None)
-        return {}
-    if not isinstance(value, dict):
-        raise ctx.error(f"{name} must be a table", None, name)
-    return value
+def _clip(text: str, most: int = 60) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
-def _int(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: Any,
-         index: int | None = None, low: int = 0, high: int = (1 << 64) - 1) -> Any:
-    value = data.get(key, default)
-    if value is default:
+def _show(value: Any) -> str:
+    """A value for a message: its repr, cut short."""
+    return _clip(repr(value))
+
+
+@dataclass(frozen=True, slots=True)
+class _At:
+    """Where a value is: the line of `anchor` in the `index`-th `[table]` (of the header
+    itself if no anchor), and the dotted name of the table it is or is in, for messages."""
+
+    name: str | None
+    table: str | None = None
+    index: int | None = None
+    anchor: str | None = None
+
+    def inside(self, key: str) -> _At:
+        """Where a key of this table is: its own line, or the line of the inline table's key."""
+        return self if self.anchor is not None else _At(self.name, self.table, self.index, key)
+
+
+class _Checker:
+    """Checks a parsed document against the declared schema; the first problem is an error."""
+
+    def __init__(self, ctx: _Ctx):
+        self.ctx = ctx
+        self.mode = Mode.LONG64
+
+    def document(self, data: dict) -> Mode:
+        """Check `data`; the guest's mode, which sets the width of registers and addresses."""
+        top = _At(None)
+        self.known(data, tuple(DOCUMENT.fields), top)
+        if "guest" not in data:
+            raise self.ctx.error("missing [guest] table", None, None)
+        self.member(data["guest"], DOCUMENT.fields["guest"], top, "guest")
+        self.mode = MODES[data["guest"].get("mode", "long64")]
+        self.table(data, DOCUMENT, top)
+        return self.mode
+
+    def error(self, message: str, at: _At, hint: str | None = None) -> ScenarioError:
+        return self.ctx.error(message, at.table, at.anchor, at.index, hint)
+
+    def known(self, data: dict, allowed: tuple[str, ...], at: _At) -> None:
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "allowed: " + ", ".join(allowed)
+                where = f"[{at.name}]" if at.name else "the top level"
+                raise self.error(f'unknown key "{_clip(key)}" in {where}', at.inside(key), hint)
+
+    def table(self, value: dict, spec: Table, at: _At) -> None:
+        fields = spec.fields(self.mode) if callable(spec.fields) else spec.fields
+        if spec.keys is None:
+            self.known(value, tuple(fields), at)
+        for key, message in spec.required:
+            if key not in value:
+                raise self.error(message, at)
+        for key, item in value.items():
+            if spec.keys is None:
+                self.member(item, fields[key], at, key)
+            else:
+                self.value(key, spec.keys, at.inside(key), key)
+                self.value(item, spec.values, at.inside(key), key)
+
+    def member(self, value: Any, spec: Field, parent: _At, key: str) -> None:
+        """A key's value; a table of its own ([name] or [[name]]) is found by its header."""
+        if not isinstance(spec, Table | Tables):
+            self.value(value, spec, parent.inside(key), key)
+            return
+        name = f"{parent.name}.{key}" if parent.name else key
+        if parent.anchor is None and self.ctx.loc.defines(name):
+            self.value(value, spec, _At(name, name), key)
+        else:
+            inline = parent.inside(key)
+            self.value(value, spec, _At(name, inline.table, inline.index, inline.anchor), key)
+
+    def value(self, value: Any, spec: Field, at: _At, key: str) -> None:
+        """Check one value against its declaration; errors name `key`, at the line of `at`."""
+        def fail(what: str, hint: str | None = None) -> ScenarioError:
+            return self.error(f"{key} must be {what}, got {_show(value)}", at, hint)
+
+        match spec:
+            case Int(low, high):
+                high = high if isinstance(high, int) else high(self.mode)
+                if not _is_int(value) or not low <= value <= high:
+                    raise fail(f"an integer in [{low:#x}, {high:#x}]")
+            case Bool():
+                if not isinstance(value, bool):
+                    raise fail("true or false")
+            case Text(nonblank):
+                if not isinstance(value, str) or nonblank and not value.strip():
+                    raise fail("a non-empty string" if nonblank else "a string")
+            case Choice(choices):
+                if not isinstance(value, str) or value not in choices:
+                    close = difflib.get_close_matches(value, choices, n=1) if isinstance(
+                        value, str) else []
+                    allowed = ", ".join(f'"{c}"' for c in choices)
+                    raise self.error(f"{key} = {_show(value)} is not one of {allowed}", at,
+                                     f'did you mean "{close[0]}"?' if close else None)
+            case Address(high):
+                high = high if isinstance(high, int) else high(self.mode)
+                if not _address_fits(value, high):
+                    raise fail(f"an address: a number up to {high:#x}, a label or label+offset")
+            case Vector(high):
+                vector = _vector_number(value)
+                if vector is None or not 0 <= vector <= high:
+                    raise fail(f'a vector 0-{high} or a name like "NMI", "#PF"')
+            case Either(options, doc):
+                chosen = next((o for o in options if _kind_fits(value, o)), None)
+                if chosen is None:
+                    raise fail(doc)
+                self.value(value, chosen, at, key)
+            case Pattern(regex, doc):
+                if not isinstance(value, str) or not regex.match(value):
+                    raise fail(doc)
+            case List(item, least):
+                if not isinstance(value, list) or len(value) < least:
+                    raise fail("a list" if least == 0 else "a non-empty list" if least == 1
+                               else f"a list of {least} or more")
+                for element in value:
+                    self.value(element, item, at, key)
+            case Table():
+                if not isinstance(value, dict):
+                    raise fail("a table")
+                self.table(value, spec, at)
+            case Tables(element, most):
+                if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                    raise fail(f"an array of tables: [[{at.name}]]")
+                if most is not None and len(value) > most:
+                    raise self.error(f"{len(value)} [[{at.name}]] tables, more than the {most} a "
+                                     "scenario may have", at, "split the scenario")
+                for n, item in enumerate(value):
+                    own = at.anchor is None  # [[name]] headers: each table has its own line
+                    self.value(item, element, _At(at.name, at.table, n) if own else at, key)
+            case Tagged():
+                self.tagged(value, spec, at)
+
+    def tagged(self, value: dict, spec: Tagged, at: _At) -> None:
+        if spec.tag not in value:
+            raise self.error(spec.missing, at)
+        self.value(value[spec.tag], Choice(tuple(spec.variants)), at.inside(spec.tag), spec.tag)
+        chosen = spec.variants[value[spec.tag]]
+        for key in value:
+            owner = next((v for v, t in spec.variants.items() if key in t.fields), None)
+            if key not in chosen.fields and owner is not None:
+                raise self.error(spec.foreign.format(key=_clip(key), name=at.name, tag=spec.tag,
+                                                     owner=owner), at.inside(key))
+        self.table(value, chosen, at)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _address_fits(value: Any, high: int) -> bool:
+    if _is_int(value):
+        return 0 <= value <= high
+    m = _EXPR.match(value) if isinstance(value, str) else None
+    return m is not None and (m.group(3) is None or int(m.group(3), 0) <= high)
+
+
+def _vector_number(value: Any) -> int | None:
+    if _is_int(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ctx.error(f"{key} must be an integer in [{low:#x}, {high:#x}], got {value!r}",
-                        table, key, index)
-    return value
-
-
-def _bool(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: bool,
-          index: int | None = None) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise ctx.error(f"{key} must be true or false, got {value!r}", table, key, index)
-    return value
-
-
-def _str(ctx: _Ctx, data: dict, key: str, table: str | None, *, default: str) -> str:
-    value = data.get(key, default)
     if not isinstance(value, str):
-        raise ctx.error(f"{key} must be a string", table, key)
-    return value
+        return None
+    parsed = parse_vector(value)
+    if parsed is None:
+        try:
+            parsed = int(value, 0)
+        except ValueError:
+            return None
+    return parsed
 
 
-def _choice(ctx: _Ctx, data: dict, key: str, choices: dict, table: str | None, *,
-            default: str | None = None, index: int | None = None) -> Any:
-    value = data.get(key, default)
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f'did you mean "{close[0]}"?' if close else None
-        allowed = ", ".join(f'"{c}"' for c in choices)
-        raise ctx.error(f"{key} = {value!r} is not one of {allowed}", table, key, index, hint)
-    return choices[value]
+def _kind_fits(value: Any, spec: Field) -> bool:
+    """Whether `value` is of the kind `spec` takes (its own check then says what is wrong)."""
+    match spec:
+        case Int():
+            return _is_int(value)
+        case Bool():
+            return isinstance(value, bool)
+        case Text() | Pattern():
+            return isinstance(value, str)
+        case List():
+            return isinstance(value, list)
+        case Address():
+            return isinstance(value, str) or _is_int(value)
+        case Choice():
+            return isinstance(value, str)
+        case Table():
+            return isinstance(value, dict)
+    return False
 
 
-def _expr(ctx: _Ctx, value: Any, table: str | None, key: str, index: int | None = None) -> Expr:
-    """An address: a number, a label, or label+offset / label-offset."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and _EXPR.match(value):
-        return value.replace(" ", "")
-    raise ctx.error(f"{key} must be an address: a number, a label or label+offset, got {value!r}",
-                    table, key, index)
+def _expr(value: Expr) -> Expr:
+    """An address the schema let through: a number, or a label expression without spaces."""
+    return value.replace(" ", "") if isinstance(value, str) else value
 
 
-def _vector(ctx: _Ctx, value: Any, table: str | None, key: str, index: int | None = None) -> int:
-    if isinstance(value, str):
-        parsed = parse_vector(value)
-        if parsed is None:
-            try:
-                parsed = int(value, 0)
-            except ValueError:
-                parsed = None
-        value = parsed if parsed is not None else value
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
-        raise ctx.error(f"{key} must be a vector 0-255 or a name like \"NMI\", \"#PF\", "
-                        f"got {value!r}", table, key, index)
-    return value
+def _vector(value: Any) -> int:
+    vector = _vector_number(value)
+    assert vector is not None, "checked by the schema"
+    return vector
 
 
-# -- sections ---------------------------------------------------------------------
+# -- sections: the rules that tie keys together (types and ranges are checked) ------------
 
 def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
     gates = []
     kinds = {"interrupt": GateKind.INTERRUPT, "trap": GateKind.TRAP}
     for key, spec in idt.items():
-        vector = _vector(ctx, key, "idt", key)
-        line = ctx.line("idt", key)
         if not isinstance(spec, dict):
             spec = {"handler": spec}
-        ctx.keys(spec, ("handler", "gate", "ist", "present", "selector"), "idt")
         gate = spec.get("gate", "interrupt")
-        if isinstance(gate, int) and not isinstance(gate, bool) and 0 <= gate <= 15:
-            kind = gate
-        else:
-            kind = _choice(ctx, spec, "gate", kinds, "idt", default="interrupt")
         gates.append(GateSpec(
-            vector=vector,
-            handler=_expr(ctx, spec.get("handler"), "idt", key),
-            kind=kind,
-            ist=_int(ctx, spec, "ist", "idt", default=0, high=7),
-            present=_bool(ctx, spec, "present", "idt", default=True),
-            selector=_int(ctx, spec, "selector", "idt", default=0x08, high=0xFFFF),
-            line=line,
+            vector=_vector(key),
+            handler=_expr(spec["handler"]),
+            kind=kinds[gate] if isinstance(gate, str) else gate,
+            ist=spec.get("ist", 0),
+            present=spec.get("present", True),
+            selector=spec.get("selector", 0x08),
+            line=ctx.line("idt", key),
         ))
     return tuple(sorted(gates, key=lambda g: g.vector))
 
 
 def _cs_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
     """The code segment's base: the guest is linked at CODE_BASE - cs_base and loaded at CODE_BASE."""
-    base = _int(ctx, cpu, "cs_base", "cpu", default=0, high=CODE_BASE)
+    base = cpu.get("cs_base", 0)
     if base and mode is not Mode.PROTECTED32:
         raise ctx.error("[cpu] cs_base needs protected32 mode (64-bit mode ignores CS.base)",
                         "cpu", "cs_base")
@@ -297,10 +484,9 @@ def _not_nested(ctx: _Ctx, cpu: dict, key: str) -> None:
                         "cpu", key)
 
 
-def _idt_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
-    """Where the loader writes the IDT; it must stay clear of the TSS."""
-    size = 256 * gate_size(mode)
-    base = _int(ctx, cpu, "idt_base", "cpu", default=IDT_BASE, high=TSS_BASE - size)
+def _idt_base(ctx: _Ctx, cpu: dict) -> int:
+    """Where the loader writes the IDT (the schema keeps it clear of the TSS)."""
+    base = cpu.get("idt_base", IDT_BASE)
     if base % 8:  # DEVIATION: the SDM only recommends it (6.10); the loader writes whole gates
         raise ctx.error(f"[cpu] idt_base {base:#x} is not 8-byte aligned", "cpu", "idt_base")
     if base != IDT_BASE:
@@ -313,29 +499,19 @@ def _fred(ctx: _Ctx, fred: dict, mode: Mode) -> FredSpec | None:
         return None
     if mode is not Mode.LONG64:
         raise ctx.error("[fred] needs long64 mode (CR4.FRED is 64-bit only)", "fred")
-    ctx.keys(fred, ("entry", "redzone", "interrupt_level", "stack_levels", "rsp1", "rsp2",
-                    "rsp3"), "fred")
-    if "entry" not in fred:
-        raise ctx.error("[fred] needs entry = \"label\" (4 KiB aligned; CPL 0 events enter at "
-                        "+256)", "fred")
-    levels = fred.get("stack_levels", {})
-    if not isinstance(levels, dict):
-        raise ctx.error("stack_levels must be a table: { \"#DB\" = 1, NMI = 2 }", "fred",
-                        "stack_levels")
     stack_levels = []
-    for name in levels:
-        vector = _vector(ctx, name, "fred", "stack_levels")
+    for name, level in fred.get("stack_levels", {}).items():
+        vector = _vector(name)
         if vector >= 32:
             raise ctx.error(f"stack_levels: vector {vector} has none (IA32_FRED_STKLVLS covers "
                             "0-31)", "fred", "stack_levels")
-        stack_levels.append((vector, _int(ctx, levels, name, "fred", default=0, high=3)))
+        stack_levels.append((vector, level))
     return FredSpec(
-        entry=_expr(ctx, fred["entry"], "fred", "entry"),
-        redzone=_int(ctx, fred, "redzone", "fred", default=1, high=7),
-        interrupt_level=_int(ctx, fred, "interrupt_level", "fred", default=0, high=3),
+        entry=_expr(fred["entry"]),
+        redzone=fred.get("redzone", 1),
+        interrupt_level=fred.get("interrupt_level", 0),
         stack_levels=tuple(stack_levels),
-        rsp=tuple((k, _expr(ctx, fred[f"rsp{k}"], "fred", f"rsp{k}")) for k in (1, 2, 3)
-                  if f"rsp{k}" in fred),
+        rsp=tuple((k, _expr(fred[f"rsp{k}"])) for k in (1, 2, 3) if f"rsp{k}" in fred),
         line=ctx.line("fred", None),
     )
 
@@ -343,47 +519,25 @@ def _fred(ctx: _Ctx, fred: dict, mode: Mode) -> FredSpec | None:
 def _ist(ctx: _Ctx, tss: dict, mode: Mode) -> tuple[tuple[int, Expr, int], ...]:
     if tss and mode is not Mode.LONG64:
         raise ctx.error("[tss] IST slots exist only in long64 mode", "tss")
-    allowed = tuple(f"ist{k}" for k in range(1, 8))
-    ctx.keys(tss, allowed, "tss")
-    return tuple((int(k[3:]), _expr(ctx, v, "tss", k), ctx.line("tss", k))
-                 for k, v in sorted(tss.items()))
-
-
-def _registers(ctx: _Ctx, regs: dict, mode: Mode) -> tuple[tuple[str, Expr, int], ...]:
-    names = GPR64 if mode is Mode.LONG64 else GPR32
-    ctx.keys(regs, names, "registers")
-    return tuple((k, _expr(ctx, v, "registers", k), ctx.line("registers", k))
-                 for k, v in regs.items())
+    return tuple((int(k[3:]), _expr(v), ctx.line("tss", k)) for k, v in sorted(tss.items()))
 
 
 def _not_present(ctx: _Ctx, memory: dict) -> tuple[tuple[Expr, int], ...]:
-    pages = memory.get("not_present", [])
-    if not isinstance(pages, list):
-        raise ctx.error("not_present must be a list of labels or addresses", "memory",
-                        "not_present")
     line = ctx.line("memory", "not_present")
-    return tuple((_expr(ctx, p, "memory", "not_present"), line) for p in pages)
+    return tuple((_expr(p), line) for p in memory.get("not_present", []))
 
 
-def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
-    if not isinstance(items, list):
-        raise ctx.error("happen must be an array of tables: [[happen]]", None, "happen")
+def _happenings(ctx: _Ctx, items: list[dict]) -> tuple[Happening, ...]:
     out = []
     for n, h in enumerate(items):
-        event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
+        event = EVENTS[h["event"]]
         if isinstance(event, HostEvent):
             continue
-        ctx.keys(h, ("event", "vector", "after", "at", "context_invalid"), "happen", n)
-        if "context_invalid" in h and event is not External.NOTIFY_TIMER:
-            raise ctx.error("context_invalid belongs to event = \"notify\"", "happen",
-                            "context_invalid", n)
         if event is External.NOTIFY_TIMER:
             # the vector slot carries NOTIFY_VM_CONTEXT_INVALID (arch/cpu.py Scheduled)
-            vector = int(_bool(ctx, h, "context_invalid", "happen", default=False, index=n))
+            vector = int(h.get("context_invalid", False))
         elif event is External.INTERRUPT:
-            if "vector" not in h:
-                raise ctx.error("an interrupt needs vector = 16..255", "happen", None, n)
-            vector = _vector(ctx, h["vector"], "happen", "vector", n)
+            vector = _vector(h["vector"])
             if vector < 16:
                 raise ctx.error(f"interrupt vector {vector} is illegal for the local APIC",
                                 "happen", "vector", n, "use 16..255, SDM 10.5.2")
@@ -395,128 +549,53 @@ def _happenings(ctx: _Ctx, items: Any) -> tuple[Happening, ...]:
         out.append(Happening(
             event=event,
             vector=vector,
-            after=_int(ctx, h, "after", "happen", default=None, index=n),
-            at=_expr(ctx, h["at"], "happen", "at", n) if "at" in h else None,
+            after=h.get("after"),
+            at=_expr(h["at"]) if "at" in h else None,
             line=ctx.line("happen", None, n),
         ))
     return tuple(out)
 
 
-def _host_happenings(ctx: _Ctx, items: list) -> tuple[HostHappening, ...]:
+def _host_happenings(ctx: _Ctx, items: list[dict]) -> tuple[HostHappening, ...]:
     out = []
     for n, h in enumerate(items):
-        event = _choice(ctx, h, "event", EVENTS, "happen", index=n)
+        event = EVENTS[h["event"]]
         if event is HostEvent.FAULT:
-            ctx.keys(h, ("event", "page"), "happen", n)
-            if "page" not in h:
-                raise ctx.error("a host fault needs page = \"label\" (the page the host has not "
-                                "mapped)", "happen", None, n)
-            out.append(HostHappening(event, _expr(ctx, h["page"], "happen", "page", n), None,
-                                     ctx.line("happen", None, n)))
+            out.append(HostHappening(event, _expr(h["page"]), None, ctx.line("happen", None, n)))
         elif event is HostEvent.SAVE_RESTORE:
-            ctx.keys(h, ("event", "exit"), "happen", n)
-            at_exit = _int(ctx, h, "exit", "happen", default=None, index=n)
-            if at_exit is None or at_exit < 1:
-                raise ctx.error("save_restore needs exit = N (1 for the first VM exit)",
-                                "happen", "exit", n)
-            out.append(HostHappening(event, None, at_exit, ctx.line("happen", None, n)))
+            out.append(HostHappening(event, None, h["exit"], ctx.line("happen", None, n)))
     return tuple(out)
 
 
-def _vmm_steps(ctx: _Ctx, items: Any) -> tuple[VmmStep, ...]:
-    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
-    at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
-    t = "vmm"
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise ctx.error("vmm must be an array of tables: [[vmm]]", None, "vmm")
-    out = []
-    for n, item in enumerate(items):
-        call = _choice(ctx, item, "call", {c: c for c in VMM_CALLS}, t, index=n)
-        fields = EVENT_FIELDS if call == KVM_SET_VCPU_EVENTS else ()
-        ctx.keys(item, ("call", "exit", "at", *fields), t, n)
-        if ("exit" in item) == ("at" in item):
-            raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
-                            "(the first exit once the guest is there)", t, None, n)
-        at_exit = _int(ctx, item, "exit", t, default=None, index=n, low=1)
-        args = tuple((name, int(_bool_or_int(ctx, item, name, t, n))) for name in fields
-                     if name in item)
-        out.append(VmmStep(call, at_exit, _expr(ctx, item["at"], t, "at", n) if "at" in item
-                           else None, args, ctx.line(t, None, n)))
-    return tuple(out)
-
-
-def _bool_or_int(ctx: _Ctx, data: dict, key: str, table: str, index: int) -> int:
-    if isinstance(data[key], bool):
-        return int(data[key])
-    return _int(ctx, data, key, table, default=None, index=index, high=(1 << 64) - 1)
-
-
-CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore",
-               "vmm")
-HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore",
-                   "vmm")
-
-
-def _known_findings(ctx: _Ctx, data: dict) -> tuple[KnownFinding, ...]:
-    items = _table(ctx, data, "explore").get("known", [])
+def _known_findings(ctx: _Ctx, explore: dict) -> tuple[KnownFinding, ...]:
     t = "explore.known"
     out = []
-    for n, k in enumerate(items):
-        ctx.keys(k, ("vendor", "involves", "same_boundary", "why"), t, n)
-        vendors = _choice(ctx, k, "vendor", {"svm": ("svm",), "vmx": ("vmx",), "any": ("svm", "vmx")},
-                          t, index=n)
-        involves = k.get("involves", [])
-        if not isinstance(involves, list) or not involves or any(
-                i not in HAPPENING_KINDS for i in involves):
-            raise ctx.error("involves = [...] of " + ", ".join(HAPPENING_KINDS), t, "involves", n)
-        why = k.get("why")
-        if not isinstance(why, str) or not why.strip():
-            raise ctx.error("a known finding needs why = \"...\"", t, "why", n)
-        same = _bool(ctx, k, "same_boundary", t, default=False)
-        out.append(KnownFinding(vendors, tuple(involves), same, why, ctx.line(t, None, n)))
+    for n, k in enumerate(explore.get("known", [])):
+        if not k["involves"]:
+            raise ctx.error("involves = [...] names at least one happening kind", t, "involves",
+                            n)
+        out.append(KnownFinding(KVM_VENDORS[k["vendor"]], tuple(k["involves"]),
+                                k.get("same_boundary", False), k["why"], ctx.line(t, None, n)))
     return tuple(out)
 
 
-def _explore(ctx: _Ctx, data: dict) -> ExploreSpec | None:
+def _explore(ctx: _Ctx, spec: dict) -> ExploreSpec | None:
     t = "explore"
-    spec = _table(ctx, data, t)
-    ctx.keys(spec, (*CHOICE_KEYS, "known"), t)
     if not any(key in spec for key in CHOICE_KEYS):
         return None
-    vectors = spec.get("interrupts", [])
-    if not isinstance(vectors, list):
-        raise ctx.error("interrupts = [vector, ...]", t, "interrupts")
-    interrupts = tuple(_vector(ctx, v, t, "interrupts") for v in vectors)
+    interrupts = tuple(_vector(v) for v in spec.get("interrupts", []))
     if any(v < 16 for v in interrupts):
         raise ctx.error("interrupt vectors must be 16..255", t, "interrupts", None, "SDM 10.5.2")
-    pages = spec.get("host_faults", [])
-    if not isinstance(pages, list):
-        raise ctx.error("host_faults = [page, ...] (labels or addresses)", t, "host_faults")
     line = ctx.line(t, "host_faults")
-    counts = {}
-    for key in ("nmi", "host_interrupts", "host_nmis", "save_restore"):
-        counts[key] = _int(ctx, spec, key, t, default=0)
-        if not 0 <= counts[key] <= 8:
-            raise ctx.error(f"{key} = {counts[key]}: use 0..8", t, key)
-    return ExploreSpec(counts["nmi"], interrupts, counts["host_interrupts"],
-                       tuple((_expr(ctx, p, t, "host_faults"), line) for p in pages),
-                       counts["save_restore"], ctx.line(t, None), counts["host_nmis"],
-                       _explore_vmm(ctx, spec))
-
-
-def _explore_vmm(ctx: _Ctx, spec: dict) -> tuple[str, ...]:
-    """[explore] vmm = ["nmi", "events_same_vcpu", ...]: the VMM calls tried after any exit."""
-    names = spec.get("vmm", [])
-    if not isinstance(names, list) or any(name not in VMM_CHOICES for name in names):
-        raise ctx.error("vmm = [...] of " + ", ".join(f'"{c}"' for c in VMM_CHOICES), "explore",
-                        "vmm")
-    return tuple(sorted(set(names), key=VMM_CHOICES.index))
+    return ExploreSpec(spec.get("nmi", 0), interrupts, spec.get("host_interrupts", 0),
+                       tuple((_expr(p), line) for p in spec.get("host_faults", [])),
+                       spec.get("save_restore", 0), ctx.line(t, None), spec.get("host_nmis", 0),
+                       tuple(sorted(set(spec.get("vmm", [])), key=VMM_CHOICES.index)))
 
 
 def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...]:
-    ctx.keys(kvm, KVM_PARAMS + ("notify_vmexit", "notify_window"), "kvm")
-    out: list[tuple[str, bool | int | str]] = [
-        (name, _bool(ctx, kvm, name, "kvm", default=True)) for name in KVM_PARAMS if name in kvm]
+    out: list[tuple[str, bool | int | str]] = [(name, kvm[name]) for name in KVM_PARAMS
+                                               if name in kvm]
     flags = dict(out)
     if flags.get("sev_es") and flags.get("nrips") is False:
         raise ctx.error("SEV-ES guests need NRIPS: drop nrips = false", "kvm", "nrips")
@@ -525,115 +604,72 @@ def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...
     if flags.get("debug_swap") and not flags.get("sev_es"):
         raise ctx.error("debug_swap is for SEV-ES guests: add sev_es = true", "kvm", "debug_swap")
     if "notify_vmexit" in kvm:
-        out.append(("notify_vmexit", _choice(ctx, kvm, "notify_vmexit", NOTIFY_MODES, "kvm")))
+        out.append(("notify_vmexit", NOTIFY_MODES[kvm["notify_vmexit"]]))
     if "notify_window" in kvm:
-        window = _int(ctx, kvm, "notify_window", "kvm", default=0, high=0xFFFFFFFF)
         if kvm.get("notify_vmexit", "disable") == "disable":
             raise ctx.error("notify_window needs notify_vmexit = \"run\" or \"internal-error\"",
                             "kvm", "notify_window")
-        out.append(("notify_window", window))
+        out.append(("notify_window", kvm["notify_window"]))
     return tuple(out)
 
 
-def _stats_expect(ctx: _Ctx, expect: Any) -> tuple[ExpectedStats, ...]:
+def _stats_expect(ctx: _Ctx, expect: dict) -> tuple[ExpectedStats, ...]:
     t = "expect.stats"
     out = []
-    for n, item in enumerate(_expect(ctx, expect).get("stats", [])):
-        ctx.keys(item, ("vendor",) + STAT_NAMES, t, n)
-        vendor = _choice(ctx, item, "vendor", {"svm": "svm", "vmx": "vmx"}, t, index=n)
-        counts = tuple((name, _int(ctx, item, name, t, default=0, index=n))
-                       for name in STAT_NAMES if name in item)
+    for n, item in enumerate(expect.get("stats", [])):
+        counts = tuple((name, item[name]) for name in STAT_NAMES if name in item)
         if not counts:
             raise ctx.error(f"give at least one KVM stat: {', '.join(STAT_NAMES)}", t, None, n)
-        out.append(ExpectedStats(vendor, counts, ctx.line(t, None, n)))
+        out.append(ExpectedStats(item["vendor"], counts, ctx.line(t, None, n)))
     return tuple(out)
 
 
-def _divergences(ctx: _Ctx, expect: Any) -> tuple[KnownDivergence, ...]:
-    items = _expect(ctx, expect).get("divergence", [])
+def _divergences(ctx: _Ctx, expect: dict) -> tuple[KnownDivergence, ...]:
     t = "expect.divergence"
-    out = []
-    for n, d in enumerate(items):
-        ctx.keys(d, ("vendor", "entry", "why"), t, n)
-        vendor = _choice(ctx, d, "vendor", {"svm": ("svm",), "vmx": ("vmx",),
-                                             "any": ("svm", "vmx")}, t, index=n)
-        entry = d.get("entry")
-        if entry == "final":
-            entry = 0
-        if not isinstance(entry, int) or isinstance(entry, bool) or entry < 1 and entry != 0:
-            raise ctx.error("entry = N (1-based, in the guest-observable trace) or \"final\"",
-                            t, "entry", n)
-        why = d.get("why")
-        if not isinstance(why, str) or not why.strip():
-            raise ctx.error("a known divergence needs why = \"...\" (the reason, with its source)",
-                            t, "why", n)
-        out.append(KnownDivergence(vendor, entry, why, ctx.line(t, None, n)))
-    return tuple(out)
+    return tuple(KnownDivergence(KVM_VENDORS[d["vendor"]], 0 if d["entry"] == "final" else d["entry"],
+                                 d["why"], ctx.line(t, None, n))
+                 for n, d in enumerate(expect.get("divergence", [])))
 
 
-_QEMU_FIELD = re.compile(r"^(entry|vector|rsp|frame word [0-9]|stop|memory|crash|rip|rflags|cr2|dr6|dr7"
-                         r"|[re]?[abcd]x|[re]?[sd]i|[re]?[sb]p|r(8|9|1[0-5]))$")
-
-
-def _qemu_differences(ctx: _Ctx, expect: Any) -> tuple[QemuDifference, ...]:
-    items = _expect(ctx, expect).get("qemu", [])
+def _qemu_differences(ctx: _Ctx, expect: dict) -> tuple[QemuDifference, ...]:
     t = "expect.qemu"
-    if not isinstance(items, list):
-        raise ctx.error("write [[expect.qemu]] (an array of tables)", None, "expect")
     out = []
-    for n, d in enumerate(items):
-        if not isinstance(d, dict):
-            raise ctx.error("write [[expect.qemu]] (an array of tables)", None, "expect")
-        ctx.keys(d, ("accel", "entry", "field", "mask", "why"), t, n)
-        accels = _choice(ctx, d, "accel", {"tcg": ("tcg",), "kvm": ("kvm",),
-                                           "any": ("tcg", "kvm")}, t, index=n)
-        entry = d.get("entry")
-        if entry == "final":
-            entry = 0
-        if not isinstance(entry, int) or isinstance(entry, bool) or entry < 0:
-            raise ctx.error("entry = N (1-based, among deliveries and port output) or \"final\"",
-                            t, "entry", n)
-        fields = d.get("field")
-        fields = (fields,) if isinstance(fields, str) else fields
-        if (not isinstance(fields, list | tuple) or not fields
-                or not all(isinstance(f, str) and _QEMU_FIELD.match(f) for f in fields)):
-            raise ctx.error("field = what differs: \"entry\", \"vector\", \"rsp\", \"frame word N\", "
-                            "\"stop\", a register name, \"memory\" or \"crash\" (or a list)",
-                            t, "field", n)
-        mask = d.get("mask")
-        if mask is not None and (not isinstance(mask, int) or isinstance(mask, bool)
-                                 or not 0 < mask < 1 << 64):
-            raise ctx.error("mask = the bits that may differ (a 64-bit number)", t, "mask", n)
-        why = d.get("why")
-        if not isinstance(why, str) or not why.strip():
-            raise ctx.error("a QEMU difference needs why = \"...\" (QEMU's source and the SDM rule)",
-                            t, "why", n)
-        out.append(QemuDifference(accels, entry, tuple(fields), mask, why, ctx.line(t, None, n)))
+    for n, d in enumerate(expect.get("qemu", [])):
+        fields = d["field"] if isinstance(d["field"], list) else [d["field"]]
+        out.append(QemuDifference(QEMU_ACCELS[d["accel"]], 0 if d["entry"] == "final" else d["entry"],
+                                  tuple(fields), d.get("mask"), d["why"], ctx.line(t, None, n)))
     return tuple(out)
 
 
-def _expect(ctx: _Ctx, expect: Any) -> dict:
-    if not isinstance(expect, dict):
-        raise ctx.error("expect must be a table", None, "expect")
-    ctx.keys(expect, ("delivery", "final", "memory", "divergence", "stats", "qemu"), "expect")
-    return expect
+def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
+    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
+    at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
+    t = "vmm"
+    out = []
+    for n, item in enumerate(items):
+        if ("exit" in item) == ("at" in item):
+            raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
+                            "(the first exit once the guest is there)", t, None, n)
+        # the schema let a field through only for KVM_SET_VCPU_EVENTS, as a bool or a number
+        args = tuple((name, int(item[name])) for name in EVENT_FIELDS if name in item)
+        out.append(VmmStep(item["call"], item.get("exit"),
+                           _expr(item["at"]) if "at" in item else None, args,
+                           ctx.line(t, None, n)))
+    return tuple(out)
 
 
-def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
-    expect = _expect(ctx, expect)
+def _deliveries(ctx: _Ctx, expect: dict) -> tuple[ExpectedDelivery, ...] | None:
     if "delivery" not in expect:
         return None
+    items = expect["delivery"]
+    t = "expect.delivery"
     out = []
-    for n, d in enumerate(expect["delivery"]):
-        t = "expect.delivery"
-        ctx.keys(d, ("vector", "type", "error_code", "return", "retired", "repeats"), t, n)
-        if "vector" not in d:
-            raise ctx.error("each [[expect.delivery]] needs a vector", t, None, n)
-        repeats = _bool(ctx, d, "repeats", t, default=False, index=n)
-        if repeats and n != len(expect["delivery"]) - 1:
+    for n, d in enumerate(items):
+        repeats = d.get("repeats", False)
+        if repeats and n != len(items) - 1:
             raise ctx.error("only the last [[expect.delivery]] can repeat", t, "repeats", n)
-        vector = _vector(ctx, d["vector"], t, "vector", n)
-        type_ = _choice(ctx, d, "type", EVENT_TYPES, t, index=n) if "type" in d else None
+        vector = _vector(d["vector"])
+        type_ = EVENT_TYPES[d["type"]] if "type" in d else None
         if "return" in d and saved_ip_undefined(vector, type_ or EventType.HW_EXCEPTION):
             raise ctx.error(
                 "the return address of a #DF is undefined (SDM 6.15 Interrupt 8: the saved CS "
@@ -643,38 +679,16 @@ def _deliveries(ctx: _Ctx, expect: Any) -> tuple[ExpectedDelivery, ...] | None:
         out.append(ExpectedDelivery(
             vector=vector,
             type=type_,
-            error_code=_int(ctx, d, "error_code", t, default=None, index=n),
-            return_rip=_expr(ctx, d["return"], t, "return", n) if "return" in d else None,
-            retired=_int(ctx, d, "retired", t, default=None, index=n),
+            error_code=d.get("error_code"),
+            return_rip=_expr(d["return"]) if "return" in d else None,
+            retired=d.get("retired"),
             line=ctx.line(t, None, n),
             repeats=repeats,
         ))
     return tuple(out)
 
 
-def _final(ctx: _Ctx, expect: Any, mode: Mode) -> tuple[tuple[str, Expected], ...]:
-    final = _expect(ctx, expect).get("final", {})
-    regs = GPR64 if mode is Mode.LONG64 else GPR32
-    allowed = regs + NUMBERS_FINAL + FLAGS_FINAL + ("stop",)
-    ctx.keys(final, allowed, "expect.final")
-    out = []
-    for key, value in final.items():
-        line = ctx.line("expect.final", key)
-        if key in FLAGS_FINAL:
-            value = _bool(ctx, final, key, "expect.final", default=False)
-        elif key == "stop":
-            _choice(ctx, final, key, {s: s for s in STOPS}, "expect.final")
-        else:
-            value = _expr(ctx, value, "expect.final", key)
-        out.append((key, Expected(value, line)))
-    return tuple(out)
-
-
-def _memory_expect(ctx: _Ctx, expect: Any) -> tuple[tuple[Expr, Expected], ...]:
-    memory = _expect(ctx, expect).get("memory", {})
-    out = []
-    for key, value in memory.items():
-        where = _expr(ctx, key, "expect.memory", key)
-        value = _int(ctx, memory, key, "expect.memory", default=None)
-        out.append((where, Expected(value, ctx.line("expect.memory", key))))
-    return tuple(out)
+def _final(ctx: _Ctx, expect: dict) -> tuple[tuple[str, Expected], ...]:
+    return tuple((key, Expected(_expr(value) if not isinstance(value, bool) else value,
+                                ctx.line("expect.final", key)))
+                 for key, value in expect.get("final", {}).items())

@@ -33,6 +33,7 @@ from kvmodel.scenario.schema import (
     HostEvent,
     Scenario,
     VmmStep,
+    word,
 )
 from kvmodel.scenario.vmm import VmmRecord, action, in_flight
 
@@ -130,6 +131,7 @@ class Resolver:
         self.scenario = scenario
         self.program = program
         self.labels = dict(program.symbols)
+        self.highest = word(scenario.mode)
 
     def __call__(self, expr: Expr, line: int) -> int:
         if isinstance(expr, int):
@@ -142,7 +144,11 @@ class Resolver:
                 sorted(self.labels)[:12])
             raise ScenarioError(self.scenario.path, line, f'unknown label "{name}"', hint)
         offset = int(m.group(3), 0) if m.group(3) else 0
-        return self.labels[m.group(1)] + (-offset if m.group(2) == "-" else offset)
+        value = self.labels[m.group(1)] + (-offset if m.group(2) == "-" else offset)
+        if not 0 <= value <= self.highest:
+            raise ScenarioError(self.scenario.path, line, f"{expr} is {value:#x}, outside "
+                                f"[0, {self.highest:#x}] ({self.scenario.mode.name.lower()})")
+        return value
 
     def linear(self, expr: Expr, line: int) -> int:
         """The linear address of a number (as is) or a label (in the code segment)."""
@@ -187,7 +193,8 @@ def _build(scenario: Scenario, record_instructions: bool,
            roots: bool = True) -> tuple[Cpu, Program, Resolver]:
     program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE - scenario.cs_base,
                        filename=scenario.path, line_offset=scenario.code_line,
-                       defines=(("CS_BASE", scenario.cs_base),))
+                       defines=(("CS_BASE", scenario.cs_base),), folder=scenario.folder,
+                       max_image=max(scenario.memory_size - CODE_BASE, 0))
     resolve = Resolver(scenario, program)
     names = GPR64 if scenario.mode is Mode.LONG64 else GPR32
     machine = Machine(

@@ -7,12 +7,19 @@ every later error can name file:line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType
-from kvmodel.arch.regs import Mode
+from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
+from kvmodel.scenario.vmm import CALLS as VMM_CALLS
+from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
+from kvmodel.scenario.vmm import EVENT_FIELDS, KVM_SET_VCPU_EVENTS
 
 Expr = str | int
 
@@ -203,3 +210,259 @@ class Scenario:
     cs_base: int = 0  # the code segment's base (protected32): labels are offsets in it
     qemu: tuple[QemuDifference, ...] = ()  # known QEMU inaccuracies ([[expect.qemu]])
     vmm: tuple[VmmStep, ...] = ()  # the VMM's script of uAPI calls ([[vmm]])
+    folder: Path | None = None  # the file's folder: its guest may include files from there
+
+
+# -- the document: every table and key a scenario file may hold, and what each takes --------
+#
+# load.py checks the whole parsed document against DOCUMENT before it builds the
+# dataclasses above, so the builders see only values of the declared type and range;
+# what remains for them are the rules that tie keys together.
+
+U64 = (1 << 64) - 1
+MAX_STEPS = 10_000_000  # the step budget's ceiling: a looping guest runs it in 4 s bare, 9 s under KVM
+MAX_HAPPENINGS = 1_000  # [[happen]] tables in one file (arch/cpu.py looks at each at every arrival)
+MIN_MEMORY_KIB = DEFAULT_MEMORY // 1024  # the layout's IST stacks end at 0x38000
+MAX_MEMORY_KIB = 64 * 1024  # a run allocates and copies all of it
+
+MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
+EVENT_TYPES = {t.name.lower(): t for t in EventType}
+EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
+          "host_interrupt": External.HOST_INTERRUPT, "host_nmi": External.HOST_NMI,
+          "notify": External.NOTIFY_TIMER,
+          "host_fault": HostEvent.FAULT, "save_restore": HostEvent.SAVE_RESTORE}
+VENDORS = {"bare": "bare", "svm": "svm", "vmx": "vmx"}
+KVM_VENDORS = {"svm": ("svm",), "vmx": ("vmx",), "any": ("svm", "vmx")}
+FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
+NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7")
+# struct kvm_vcpu_stat counters a scenario may pin, summed over the vCPUs of a run
+STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_window_exits",
+              "irq_exits", "halt_exits", "notify_window_exits")
+STOPS = ("halted", "shutdown", "budget", "vmm")
+# kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
+# (kvm/vmx/vmx.py), and the SEV-ES VM type
+KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
+              "host_fred")
+# What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
+NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
+CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore",
+               "vmm")
+HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore",
+                   "vmm")
+QEMU_ACCELS = {"tcg": ("tcg",), "kvm": ("kvm",), "any": ("tcg", "kvm")}
+# What a QEMU difference may name (check/qemu_compare.py compares these)
+QEMU_FIELD = re.compile(r"^(entry|vector|rsp|frame word [0-9]|stop|memory|crash|rip|rflags|cr2|dr6|dr7"
+                        r"|[re]?[abcd]x|[re]?[sd]i|[re]?[sb]p|r(8|9|1[0-5]))$")
+
+
+def word(mode: Mode) -> int:
+    """The largest register value or address in `mode`."""
+    return U64 if mode is Mode.LONG64 else 0xFFFF_FFFF
+
+
+def gprs(mode: Mode) -> tuple[str, ...]:
+    return GPR64 if mode is Mode.LONG64 else GPR32
+
+
+Bound = int | Callable[[Mode], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Int:
+    low: int = 0
+    high: Bound = U64
+
+
+@dataclass(frozen=True, slots=True)
+class Bool:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    nonblank: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A string matching `regex`; `doc` says what to write, for the message."""
+
+    regex: re.Pattern[str]
+    doc: str
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A number, a label, or label+offset / label-offset; a number fits the mode's width."""
+
+    high: Bound = word
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """0-255 as a number or a string ("0x30"), or a name ("NMI", "#PF")."""
+
+    high: int = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Either:
+    options: tuple[Field, ...]
+    doc: str  # what to write, for the message
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    item: Field
+    least: int = 0  # items it must have
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """`fields` by name (or by mode); `keys`/`values` for tables keyed by data ([idt])."""
+
+    fields: Mapping[str, Field] | Callable[[Mode], Mapping[str, Field]] = field(default_factory=dict)
+    required: tuple[tuple[str, str], ...] = ()  # (key, the message when it is missing)
+    keys: Field | None = None
+    values: Field | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    """A table whose keys depend on the value of one of them (`event` in [[happen]])."""
+
+    tag: str
+    variants: Mapping[str, Table]
+    missing: str  # the message when the tag is missing
+    # the message for a key of another variant ({key}, {name} of the table, {tag}, {owner})
+    foreign: str = '{key} belongs to {tag} = "{owner}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """An array of tables, [[name]]."""
+
+    table: Table | Tagged
+    most: int | None = None
+
+
+Field = (Int | Bool | Text | Choice | Pattern | Address | Vector | Either | List | Table | Tagged
+         | Tables)
+
+
+def _final_fields(mode: Mode) -> dict[str, Field]:
+    fields: dict[str, Field] = {name: Address() for name in gprs(mode) + NUMBERS_FINAL}
+    return fields | {name: Bool() for name in FLAGS_FINAL} | {
+        "retired": Int(), "stop": Choice(STOPS)}
+
+
+_QEMU_FIELD_DOC = ('"entry", "vector", "rsp", "frame word N", "stop", a register name, "memory" '
+                   'or "crash"')
+_TRIGGER = {"after": Int(), "at": Address()}
+_HAPPEN = Tagged("event", {
+    "nmi": Table({"event": Choice(tuple(EVENTS))} | _TRIGGER),
+    "interrupt": Table({"event": Choice(tuple(EVENTS)), "vector": Vector()} | _TRIGGER,
+                       required=(("vector", "an interrupt needs vector = 16..255"),)),
+    "host_interrupt": Table({"event": Choice(tuple(EVENTS))} | _TRIGGER),
+    "host_nmi": Table({"event": Choice(tuple(EVENTS))} | _TRIGGER),
+    "notify": Table({"event": Choice(tuple(EVENTS)), "context_invalid": Bool()} | _TRIGGER),
+    "host_fault": Table({"event": Choice(tuple(EVENTS)), "page": Address()}, required=(
+        ("page", 'a host fault needs page = "label" (the page the host has not mapped)'),)),
+    "save_restore": Table({"event": Choice(tuple(EVENTS)), "exit": Int(low=1)}, required=(
+        ("exit", "save_restore needs exit = N (1 for the first VM exit)"),)),
+}, missing="each [[happen]] needs event = " + ", ".join(f'"{e}"' for e in EVENTS))
+_VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
+# struct kvm_vcpu_events fields a crafted KVM_SET_VCPU_EVENTS changes, by name
+_EVENT_FIELDS = {name: Either((Bool(), Int()), "true, false or a number") for name in EVENT_FIELDS}
+_VMM = Tagged("call", {
+    call: Table(_VMM_WHEN | (_EVENT_FIELDS if call == KVM_SET_VCPU_EVENTS else {}))
+    for call in VMM_CALLS
+}, missing="each [[vmm]] needs call = " + ", ".join(f'"{c}"' for c in VMM_CALLS),
+    foreign='unknown key "{key}" in [{name}]: it belongs to {tag} = "{owner}"')
+_GATE = Table({"handler": Address(), "gate": Either((Choice(("interrupt", "trap")), Int(high=15)),
+                                                   '"interrupt", "trap" or a type 0-15'),
+               "ist": Int(high=7), "present": Bool(), "selector": Int(high=0xFFFF)},
+              required=(("handler", 'a gate needs handler = "label"'),))
+
+DOCUMENT = Table({
+    "title": Text(),
+    "cite": Text(),
+    "max_steps": Int(low=1, high=MAX_STEPS),
+    "guest": Table({"mode": Choice(tuple(MODES)), "entry": Address(), "code": Text(nonblank=True)},
+                   required=(("code", "[guest] needs code = '''...''' with the guest assembly"),)),
+    "cpu": Table({"sti_blocks_nmi": Bool(), "rflags": Int(high=word),
+                  "memory_kib": Int(low=MIN_MEMORY_KIB, high=MAX_MEMORY_KIB),
+                  "idt_limit": Int(high=0xFFFF),  # IDTR.limit is 16 bits (SDM 6.10)
+                  "vendor": Choice(tuple(VENDORS)), "vmx": Bool(), "svm": Bool(),
+                  "cs_base": Int(high=CODE_BASE),  # the code is loaded at CODE_BASE
+                  "idt_base": Int(high=lambda mode: TSS_BASE - 256 * gate_size(mode))}),
+    "kvm": Table({name: Bool() for name in KVM_PARAMS} | {
+        "notify_vmexit": Choice(tuple(NOTIFY_MODES)), "notify_window": Int(high=0xFFFF_FFFF)}),
+    "registers": Table(lambda mode: {name: Address() for name in gprs(mode)}),
+    "idt": Table(keys=Vector(), values=Either((Address(), _GATE),
+                                              'an address (the handler) or a gate table')),
+    "tss": Table({f"ist{k}": Address() for k in range(1, 8)}),
+    "fred": Table({"entry": Address(), "redzone": Int(high=7), "interrupt_level": Int(high=3),
+                   "stack_levels": Table(keys=Vector(), values=Int(high=3)),
+                   "rsp1": Address(), "rsp2": Address(), "rsp3": Address()},
+                  required=(("entry", '[fred] needs entry = "label" (4 KiB aligned; CPL 0 events '
+                                      'enter at +256)'),)),
+    "memory": Table({"not_present": List(Address())}),
+    "happen": Tables(_HAPPEN, most=MAX_HAPPENINGS),
+    "vmm": Tables(_VMM, most=MAX_HAPPENINGS),
+    "expect": Table({
+        "delivery": Tables(Table(
+            {"vector": Vector(), "type": Choice(tuple(EVENT_TYPES)),
+             # 32 bits (SDM 6.13; zero-extended in a 64-bit frame, 6.14.2 Figure 6-8)
+             "error_code": Int(high=0xFFFF_FFFF), "return": Address(), "retired": Int(),
+             "repeats": Bool()},
+            required=(("vector", "each [[expect.delivery]] needs a vector"),))),
+        "final": Table(_final_fields),
+        "memory": Table(keys=Address(), values=Int(high=word)),  # 8 bytes in long64, 4 in protected32
+        "divergence": Tables(Table(
+            {"vendor": Choice(tuple(KVM_VENDORS)),
+             "entry": Either((Int(), Choice(("final",))),
+                             'N (1-based, in the guest-observable trace) or "final"'),
+             "why": Text(nonblank=True)},
+            required=(("vendor", 'a known divergence needs vendor = "svm", "vmx" or "any"'),
+                      ("entry", 'a known divergence needs entry = N or "final"'),
+                      ("why", 'a known divergence needs why = "..." (the reason, with its '
+                              'source)')))),
+        "stats": Tables(Table(
+            {"vendor": Choice(("svm", "vmx"))} | {name: Int() for name in STAT_NAMES},
+            required=(("vendor", 'KVM stats need vendor = "svm" or "vmx"'),))),
+        "qemu": Tables(Table(
+            {"accel": Choice(tuple(QEMU_ACCELS)),
+             "entry": Either((Int(), Choice(("final",))),
+                             'N (1-based, among deliveries and port output) or "final"'),
+             "field": Either((Pattern(QEMU_FIELD, _QEMU_FIELD_DOC),
+                              List(Pattern(QEMU_FIELD, _QEMU_FIELD_DOC), least=1)),
+                             _QEMU_FIELD_DOC + " (or a list)"),
+             "mask": Int(low=1),  # only these bits may differ
+             "why": Text(nonblank=True)},
+            required=(("accel", 'a QEMU difference needs accel = "tcg", "kvm" or "any"'),
+                      ("entry", 'a QEMU difference needs entry = N (1-based, among deliveries '
+                                'and port output) or "final"'),
+                      ("field", "a QEMU difference needs field = what differs: "
+                                + _QEMU_FIELD_DOC),
+                      ("why", 'a QEMU difference needs why = "..." (QEMU\'s source and the SDM '
+                              'rule)')))),
+    }),
+    "explore": Table({
+        "nmi": Int(high=8), "interrupts": List(Vector()), "host_interrupts": Int(high=8),
+        "host_nmis": Int(high=8), "host_faults": List(Address()), "save_restore": Int(high=8),
+        "vmm": List(Choice(VMM_CHOICES)),  # VMM calls tried after any VM exit
+        "known": Tables(Table(
+            {"vendor": Choice(tuple(KVM_VENDORS)), "involves": List(Choice(HAPPENING_KINDS)),
+             "same_boundary": Bool(), "why": Text(nonblank=True)},
+            required=(("vendor", 'a known finding needs vendor = "svm", "vmx" or "any"'),
+                      ("involves", "a known finding needs involves = [...] of "
+                                   + ", ".join(HAPPENING_KINDS)),
+                      ("why", 'a known finding needs why = "..."')))),
+    }),
+}, required=(("guest", "missing [guest] table"),))

@@ -158,3 +158,158 @@ def test_an_expected_return_of_a_double_fault_is_refused():
     assert int8.deliveries[0].return_rip is not None
     no_return = parse(text.replace('return = "start"\n', ""), "s.toml")
     assert no_return.deliveries[0].error_code == 0
+
+
+# -- every bad input is a ScenarioError naming file:line (issue 23) ---------------------------
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.replace('"t"', '"caf\xe9"').encode("latin-1"))
+    with pytest.raises(ScenarioError) as info:
+        load(path)
+    assert info.value.line == 1 and "not UTF-8: byte 0xe9" in info.value.message
+
+
+@pytest.mark.parametrize("value", ["[" * 500 + "]" * 500, "{a=" * 500 + "1" + "}" * 500])
+def test_deep_nesting_is_refused_with_its_line(value):
+    e = error_of(MINIMAL + f"\n[cpu]\nrflags = {value}\n")
+    assert e.line == 10 and "nested too deeply" in e.message
+
+
+def test_nesting_inside_strings_and_comments_does_not_count():
+    s = parse(MINIMAL.replace('"t"', '"' + "[" * 100 + '" # ' + "{" * 100), "s.toml")
+    assert s.title == "[" * 100
+
+
+@pytest.mark.parametrize("text,line,message", [
+    ('[happen]\nevent = "nmi"\nafter = 1\n', 9, "happen must be an array of tables: [[happen]]"),
+    ('[expect.delivery]\nvector = 2\n', 9,
+     "delivery must be an array of tables: [[expect.delivery]]"),
+    ('[[expect.final]]\nrax = 1\n', 9, "final must be a table"),
+    ('[[expect.memory]]\n"start" = 1\n', 9, "memory must be a table"),
+    ('[expect.divergence]\nvendor = "any"\n', 9,
+     "divergence must be an array of tables: [[expect.divergence]]"),
+    ('[expect.stats]\nvendor = "svm"\n', 9, "stats must be an array of tables: [[expect.stats]]"),
+    ('[explore.known]\nvendor = "any"\n', 9,
+     "known must be an array of tables: [[explore.known]]"),
+    ("[[guest.x]]\n", 9, 'unknown key "x" in [guest]'),
+    ("happen = 5\n", 1, "happen must be an array of tables"),
+    ("expect = []\n", 1, "expect must be a table"),
+    ("[expect]\nfinal = [1]\n", 10, "final must be a table"),
+    ("[expect]\ndelivery = 3\n", 10, "delivery must be an array of tables"),
+    ("[memory]\nnot_present = 5\n", 10, "not_present must be a list"),
+    ("[explore]\ninterrupts = 48\n", 10, "interrupts must be a list"),
+    ('[[explore.known]]\nvendor = "any"\ninvolves = 5\nwhy = "w"\n', 11, "involves must be a list"),
+])
+def test_a_table_where_an_array_is_wanted_and_back(text, line, message):
+    head, _, tail = text.partition("\n")
+    whole = (head + "\n" + MINIMAL + tail) if line == 1 else MINIMAL + "\n" + text
+    e = error_of(whole)
+    assert e.line == line and message in e.message, (e.line, str(e))
+
+
+@pytest.mark.parametrize("key,value", [("mode", "[]"), ("mode", "{}"), ("entry", "[]")])
+def test_unhashable_values_where_a_choice_is_wanted(key, value):
+    e = error_of(MINIMAL.replace("[guest]\n", f"[guest]\n{key} = {value}\n"))
+    assert e.line == 4 and e.message.startswith(f"{key} ")
+
+
+def test_an_unhashable_event_is_refused():
+    e = error_of(MINIMAL + "\n[[happen]]\nevent = []\nafter = 1\n")
+    assert e.line == 10 and "event = [] is not one of" in e.message
+
+
+@pytest.mark.parametrize("table,key,value,line", [
+    ("guest", "entry", 1 << 64, 4),
+    ("tss", "ist1", 1 << 64, 10),
+    ("registers", "rax", 1 << 64, 10),
+    ("registers", "rax", -1, 10),
+    ("cpu", "rflags", 1 << 64, 10),
+    ("cpu", "idt_limit", 0x10000, 10),  # IDTR.limit has 16 bits
+    ("cpu", "memory_kib", 1 << 40, 10),
+    ("cpu", "memory_kib", 4, 10),
+    ("idt", "NMI", 1 << 64, 10),
+    ("expect.final", "rip", 1 << 64, 10),
+    ("expect.memory", '"start"', 1 << 64, 10),
+])
+def test_integers_that_do_not_fit_their_field_are_refused(table, key, value, line):
+    text = (MINIMAL.replace("[guest]\n", f"[guest]\n{key} = {value}\n") if table == "guest"
+            else MINIMAL + f"\n[{table}]\n{key} = {value}\n")
+    e = error_of(text)
+    assert e.line == line and "must be" in e.message, str(e)
+
+
+def test_widths_follow_the_mode():
+    protected = MINIMAL.replace("[guest]\n", '[guest]\nmode = "protected32"\n')
+    e = error_of(protected + "\n[registers]\neax = 0x1_0000_0000\n")
+    assert e.line == 11 and "up to 0xffffffff" in e.message
+    e = error_of(protected + '\n[idt]\nNMI = "start+0x1_0000_0000"\n')  # a 32-bit gate's offset
+    assert e.line == 11 and "NMI must be an address" in e.message
+    assert dict((k, v) for k, v, _ in parse(
+        MINIMAL + "\n[registers]\nrax = 0xffff_ffff_ffff_ffff\n", "s.toml").registers) == {
+        "rax": 0xFFFF_FFFF_FFFF_FFFF}
+
+
+@pytest.mark.parametrize("text,message", [
+    ('\n[[happen]]\nevent = "interrupt"\nvector = 256\nafter = 1\n', "vector must be a vector 0-255"),
+    ('\n[[expect.delivery]]\nvector = 0x1_0000_0000_0000_0000\n', "vector must be a vector 0-255"),
+    ('\n[[expect.delivery]]\nvector = 2\nerror_code = 0x1_0000_0000\n', "error_code must be"),
+    ("\n[kvm]\nnotify_window = 0x1_0000_0000\n", "notify_window must be"),
+    ('\n[idt]\n"#PF" = { handler = "start", gate = 16 }\n', 'gate must be an integer in [0x0, 0xf]'),
+    ('\n[idt]\n"#PF" = { handler = "start", selector = 0x10000 }\n', "selector must be"),
+    ('\n[[happen]]\nevent = "save_restore"\nexit = -1\n', "exit must be"),
+])
+def test_more_numbers_beyond_their_field(text, message):
+    assert message in error_of(MINIMAL + text).message
+
+
+def test_max_steps_has_a_ceiling():
+    from kvmodel.scenario.schema import MAX_STEPS
+    e = error_of(f"max_steps = {MAX_STEPS + 1}\n" + MINIMAL)
+    assert e.line == 1 and f"[0x1, {MAX_STEPS:#x}]" in e.message
+    assert parse(f"max_steps = {MAX_STEPS}\n" + MINIMAL, "s.toml").max_steps == MAX_STEPS
+
+
+def test_errors_inside_inline_tables_keep_their_did_you_mean():
+    e = error_of(MINIMAL + '\n[idt]\n"#PF" = { handler = "start", gaet = "trap" }\n')
+    assert e.line == 10 and 'unknown key "gaet" in [idt]' in e.message
+    assert e.hint == 'did you mean "gate"?'
+    e = error_of(MINIMAL + '\n[idt]\n"#PF" = { handler = "start", gate = "trapp" }\n')
+    assert e.hint == 'did you mean "trap"?'
+
+
+def test_a_key_of_another_event_names_it():
+    e = error_of(MINIMAL + '\n[[happen]]\nevent = "host_fault"\npage = 0\nafter = 1\n')
+    assert e.line == 12 and e.message == 'after belongs to event = "nmi"'
+
+
+def test_toml_error_at_the_end_of_the_document_has_a_line():
+    e = error_of(MINIMAL + "x = '''\nnever closed\n")
+    assert e.line == 10 and "not valid TOML" in e.message
+
+
+def test_values_in_messages_are_cut_short():
+    e = error_of(MINIMAL + f'\n[cpu]\nrflags = "{"A" * 100_000}"\n')
+    assert len(str(e)) < 200
+
+
+def test_many_happenings_load_in_linear_time_up_to_the_limit():
+    from kvmodel.scenario.schema import MAX_HAPPENINGS
+    one = '\n[[happen]]\nevent = "nmi"\nafter = 1\n'
+    s = parse(MINIMAL + one * MAX_HAPPENINGS, "s.toml")
+    assert len(s.happenings) == MAX_HAPPENINGS and s.happenings[-1].line == 9 + 4 * (MAX_HAPPENINGS - 1)
+    e = error_of(MINIMAL + one * (MAX_HAPPENINGS + 1))
+    assert e.line == 9 and f"more than the {MAX_HAPPENINGS}" in e.message
+
+
+def test_the_locator_indexes_headers_once():
+    """Looking up the n-th [[happen]] does not rescan the headers (it was quadratic)."""
+    from kvmodel.scenario.locate import Locator
+    loc = Locator(MINIMAL + '\n[[happen]]\nevent = "nmi"\n' * 3)
+    assert [loc.table("happen", n) for n in range(3)] == [9, 12, 15]
+    assert loc.key("happen", "event", 2) == 16 and loc.defines("happen")
+
+
+def test_an_endless_file_is_refused():
+    with pytest.raises(ScenarioError, match=r"^/dev/zero: larger than 16 MiB: not a scenario"):
+        load("/dev/zero")
