@@ -273,3 +273,9 @@ def test_a_qemu_crash_is_reported_and_can_be_declared(tmp_path):
     if result.verdict is not Verdict.DECLARED:
         pytest.skip(f"this QEMU does not crash here ({result.verdict.value})")
     assert "QEMU exited" in result.reason
+
+
+def test_a_vmm_script_is_not_realizable():
+    sc = scenario("start:\n    nop\nidle:\n    hlt\n",
+                  '[[vmm]]\ncall = "KVM_NMI"\nat = "idle"\n')
+    assert "VMM script" in static_limit(sc)

@@ -165,6 +165,9 @@ def static_limit(scenario: Scenario) -> str | None:
     reason = _happenings_limit(scenario)
     if reason is not None:
         return reason
+    if scenario.vmm:
+        return ("a VMM script ([[vmm]]): userspace calls such as KVM_NMI need a hypervisor; the "
+                "image runs the guest alone")
     if scenario.fred is not None:
         return "FRED: QEMU's CPU model has no FRED"
     if scenario.vmx:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,19 +21,24 @@ class GdbTimeout(GdbError):
     """The guest did not stop in time (it never reached the breakpoint)."""
 
 
+def connect_unix(path: Path, alive: Callable[[], bool], what: str) -> socket.socket:
+    """Connect to a socket QEMU is about to open; give up after 10 s or when QEMU is gone."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if not alive() or time.monotonic() > deadline:
+                raise GdbError(f"QEMU did not open its {what}") from None
+            time.sleep(0.02)
+
+
 class Gdb:
-    def __init__(self, path: Path, timeout: float):
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise GdbError("QEMU's gdbstub did not open") from None
-                time.sleep(0.02)
+    def __init__(self, path: Path, timeout: float, alive: Callable[[], bool]):
+        self.sock = connect_unix(path, alive, "gdbstub")
         self.sock.settimeout(timeout)
         self.buffer = b""
         self.request("qSupported")

@@ -14,7 +14,6 @@ import functools
 import json
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ToolMissing
 from kvmodel.export.boot import DELIVERY, FRAME_WORDS, MAGIC, NO_X2APIC
-from kvmodel.export.gdb import Gdb, GdbError, GdbTimeout
+from kvmodel.export.gdb import Gdb, GdbError, GdbTimeout, connect_unix
 from kvmodel.export.image import LOG, qemu_command
 
 QEMU = "qemu-system-x86_64"
@@ -103,7 +102,7 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
         qmp = _Qmp(sockets / "qmp", process)
         clients.append(qmp)
         if nmis_at:
-            clients.append(Gdb(sockets / "gdb", timeout))
+            clients.append(Gdb(sockets / "gdb", timeout, lambda: process.poll() is None))
             _arrive_at(qmp, clients[-1], nmis_at, cs_base)
         stop = _wait_for_stop(qmp, directory / LOG, timeout)
         qmp.command("stop")
@@ -221,17 +220,7 @@ class _Qmp:
     """A minimal QMP client: one command at a time, events skipped."""
 
     def __init__(self, path: Path, process: subprocess.Popen):
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("QEMU did not open its monitor") from None
-                time.sleep(0.02)
+        self.sock = connect_unix(path, lambda: process.poll() is None, "monitor")
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.command("qmp_capabilities")
