@@ -9,7 +9,6 @@ from kvmodel import _faults
 from kvmodel.check.explore import Bounds, choices_for, with_vmm_calls
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.kvm.uapi import EINTR, EINVAL, VcpuEventsFlag
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
 from kvmodel.kvm.x86 import Request
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import Resolver, prepare
@@ -22,13 +21,7 @@ start:
     nop
     hlt
 """
-'''
-
-
-@pytest.fixture(params=[Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
-def vcpu(request):
-    cpu, _ = prepare(parse(GUEST, "unit.toml"))
-    return create_vcpu(cpu, request.param)
+'''  # the same guest as the `vcpu` fixture's (tests/unit/conftest.py)
 
 
 def _state(vcpu):

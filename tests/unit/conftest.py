@@ -1,3 +1,5 @@
+"""A vCPU of each vendor on a two-instruction guest, for unit tests of KVM and the VMM actor."""
+
 import pytest
 
 from kvmodel.kvm.vcpu import Vendor, create_vcpu
