@@ -38,15 +38,24 @@ def test_log_records_and_guest_output_interleave_in_order():
                       LoggedOutput(ord("B")))  # a record cut off at the end is dropped
 
 
-def test_only_nmis_at_labels_are_realizable():
-    def limit(happen: str) -> str | None:
-        return static_limit(scenario("start:\n    nop\nidle:\n    hlt\n", happen))
+def test_only_events_at_labels_are_realizable_one_per_place():
+    def limit(happen: str, accel: str = "tcg") -> str | None:
+        return static_limit(scenario("start:\n    nop\nidle:\n    hlt\n", happen), accel)
 
     assert "count" in limit('[[happen]]\nevent = "nmi"\nafter = 1\n')
-    assert "vector" in limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n')
+    assert "count" in limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nafter = 1\n')
     assert "merges" in limit('[[happen]]\nevent = "nmi"\nat = "idle"\n' * 2)
+    assert "pending" in limit('[[happen]]\nevent = "nmi"\nat = "idle"\n'
+                              '[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n')
     assert limit('[[happen]]\nevent = "nmi"\nat = "idle"\n') is None
+    assert limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n') is None
     assert limit("") is None
+
+
+def test_host_side_happenings_are_nothing_to_qemus_cpu_but_not_to_real_kvm():
+    happen = '[[happen]]\nevent = "host_interrupt"\nafter = 1\n'
+    assert static_limit(scenario("start:\n    nop\n    hlt\n", happen)) is None
+    assert "host-side" in static_limit(scenario("start:\n    nop\n    hlt\n", happen), "kvm")
 
 
 @needs_qemu
@@ -65,6 +74,56 @@ def test_an_nmi_at_a_label_arrives_before_that_instruction(tmp_path):
     assert delivery.vector == 2 and delivery.stack[0] == result.model.program.symbol("idle")
 
 
+INTERRUPT_AT_LABEL = """\
+    start:
+        {enable}
+        mov $0x1234, %eax
+    here:
+        add $1, %eax
+        {after}
+        hlt
+    handler:
+        add $0x100, %eax
+        {ret}
+    """
+
+
+@needs_qemu
+@pytest.mark.parametrize("mode", ["long64", "protected32"])
+def test_an_interrupt_at_a_label_is_taken_before_that_instruction(tmp_path, mode):
+    ret = "iretq" if mode == "long64" else "iret"
+    sc = scenario(INTERRUPT_AT_LABEL.format(enable="sti", after="", ret=ret),
+                  '[idt]\n0x30 = "handler"\n[[happen]]\nevent = "interrupt"\nvector = 0x30\n'
+                  'at = "here"\n', mode)
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, result.difference
+    (delivery,) = result.qemu.events
+    assert delivery.vector == 0x30 and delivery.stack[0] == result.model.program.symbol("here")
+    assert result.qemu.registers["RAX" if mode == "long64" else "EAX"] & 0xFFFF == 0x1335
+
+
+@needs_qemu
+def test_an_interrupt_at_a_label_with_if_clear_stays_pending_until_sti(tmp_path):
+    sc = scenario(INTERRUPT_AT_LABEL.format(enable="cli", after="sti\n    nop", ret="iretq"),
+                  '[idt]\n0x30 = "handler"\n[[happen]]\nevent = "interrupt"\nvector = 0x30\n'
+                  'at = "here"\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, result.difference
+    (delivery,) = result.qemu.events
+    program = result.model.program
+    # STI's shadow covers the NOP: the IPI is taken at the HLT (SDM 6.8.3)
+    assert delivery.stack[0] == program.symbol("here") + 3 + 1 + 1
+
+
+@needs_qemu
+def test_an_interrupt_in_an_sti_shadow_is_not_realizable(tmp_path):
+    sc = scenario("start:\n    cli\n    sti\nhere:\n    nop\n    hlt\nhandler:\n    iretq\n",
+                  '[idt]\n0x30 = "handler"\n[[happen]]\nevent = "interrupt"\nvector = 0x30\n'
+                  'at = "here"\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.NOT_REALIZABLE and "shadow" in result.reason
+
+
 @needs_qemu
 @pytest.mark.parametrize("mode", ["long64", "protected32"])
 def test_boot_stub_reproduces_the_model_reset_state_field_by_field(tmp_path, mode):
@@ -78,7 +137,7 @@ def test_boot_stub_reproduces_the_model_reset_state_field_by_field(tmp_path, mod
         '[idt]\nNMI = "handler"\n', mode)
     cpu, _ = prepare(sc)
     state = reset_state(cpu)
-    run = run_image(build_image(state, tmp_path).directory, state.mode, len(state.memory))
+    run = run_image(build_image(state, tmp_path), state.mode, len(state.memory))
     got = run.registers
     assert run.stop is QemuStop.HALTED and run.events == ()
     width = 64 if mode == "long64" else 32

@@ -93,12 +93,12 @@ def test_export_writes_the_selftest_beside_the_image(tmp_path):
 
 
 def test_export_of_a_scenario_with_no_image_still_writes_its_selftest(tmp_path, capsys):
-    path = SCENARIOS["softint/int_n_in_sti_shadow_interrupt_pending"]  # it has [[happen]]
+    path = SCENARIOS["vnmi/nmi_and_interrupt_together"]  # two events at one place
     assert main(["export", str(path), "--out", str(tmp_path)]) == Exit.OK
-    assert "no image: an interrupt from outside" in capsys.readouterr().out
+    assert "no image: two events at one place" in capsys.readouterr().out
     assert not (tmp_path / "kernel.elf").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "README.md", "int_n_sti_shadow_save_restore.c"]
+        "README.md", "vnmi_set_events_extra_nmi.c"]
 
 
 def test_export_of_a_scenario_with_neither_is_still_refused(tmp_path):

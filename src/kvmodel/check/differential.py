@@ -17,13 +17,13 @@ from pathlib import Path
 
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import Vec
-from kvmodel.arch.observe import Arrival, Delivery, Output, Retire
+from kvmodel.arch.observe import Arrival, Delivery, Halt, Output, Retire
 from kvmodel.arch.regs import TF, Mode
 from kvmodel.check.qemu_compare import Difference, StubMap, differences, memory_difference
 from kvmodel.errors import ModelLimit
 from kvmodel.export.boot import FRAME_WORDS
 from kvmodel.export.image import Image, build_image
-from kvmodel.export.qemu import QemuFailed, QemuRun, run_image
+from kvmodel.export.qemu import Arrive, QemuFailed, QemuRun, run_image
 from kvmodel.export.reproducers import reproducers_for
 from kvmodel.export.reproducers import write as write_reproducers
 from kvmodel.export.reset import PAGE, ResetState, reset_state
@@ -59,7 +59,7 @@ class Differential:
 def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
                  timeout: float = 10.0) -> Differential:
     """Export `scenario` into `out`, run it in QEMU and compare with the bare-metal model."""
-    reason = static_limit(scenario)
+    reason = static_limit(scenario, accel)
     if reason is not None:
         return Differential(scenario, Verdict.NOT_REALIZABLE, reason)
     model = run(scenario, vendor=Vendor.BARE, record_instructions=True, expectations=False)
@@ -74,14 +74,17 @@ def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
     declared = [d for d in scenario.qemu if accel in d.accels]
     image = build_image(state, out)
     try:
-        qemu = run_image(out, state.mode, len(state.memory), accel=accel, timeout=timeout,
-                         nmis_at=_nmi_places(scenario, program), cs_base=scenario.cs_base)
+        qemu = run_image(image, state.mode, len(state.memory), accel=accel, timeout=timeout,
+                         arrivals=_arrivals(scenario, program), cs_base=scenario.cs_base)
     except QemuFailed as e:
         crash = next((d for d in declared if "crash" in d.fields), None)
         if crash is None:
             return Differential(scenario, Verdict.QEMU_FAILED, str(e), model=model)
         return Differential(scenario, Verdict.DECLARED, f"{e} (declared)", model=model,
                             unseen=tuple(d for d in declared if d is not crash))
+    if qemu.unrealized:
+        return Differential(scenario, Verdict.NOT_REALIZABLE, qemu.unrealized, model=model,
+                            qemu=qemu)
     if not qemu.x2apic and model.apic_used:
         return Differential(scenario, Verdict.NOT_REALIZABLE,
                             f"the guest uses the x2APIC and {qemu.version}'s CPU has none "
@@ -160,9 +163,9 @@ def export(scenario: Scenario, out: Path) -> Exported:
     return Exported(build_image(reset_state(prepare(scenario)[0]), out), None, written)
 
 
-def static_limit(scenario: Scenario) -> str | None:
+def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
     """What keeps the scenario from booting as the model starts it, known before running."""
-    reason = _happenings_limit(scenario)
+    reason = _happenings_limit(scenario, accel)
     if reason is not None:
         return reason
     if scenario.vmm:
@@ -185,43 +188,71 @@ def static_limit(scenario: Scenario) -> str | None:
     return None
 
 
-def _happenings_limit(scenario: Scenario) -> str | None:
-    """Only NMIs placed at a label can be made to arrive exactly there (QMP inject-nmi at a
-    gdbstub breakpoint); one at a time, since QEMU merges NMIs requested together."""
-    places = [h.at for h in scenario.happenings]
-    if any(h.event is not External.NMI for h in scenario.happenings):
-        return "an interrupt from outside: QEMU has no way to raise a chosen vector at a boundary"
+# What the hypervisor alone sees: on bare metal (and in QEMU's CPU) these do not exist.
+_HOST_SIDE = (External.HOST_INTERRUPT, External.HOST_NMI, External.NOTIFY_TIMER)
+
+
+def _happenings_limit(scenario: Scenario, accel: str) -> str | None:
+    """NMIs and interrupts placed at a label can be made to arrive exactly there (a gdbstub
+    breakpoint, then QMP inject-nmi or the stub's self-IPI); one event per place, since
+    QEMU merges NMIs requested together and an interrupt's trampoline would run with an
+    NMI pending. Host-side happenings are nothing to QEMU's CPU; real KVM cannot be made
+    to take them at a chosen boundary."""
+    guest = [h for h in scenario.happenings if h.event not in _HOST_SIDE]
+    host_side = len(guest) < len(scenario.happenings) or scenario.host
+    if host_side and accel != "tcg":
+        return ("a host-side happening (a host interrupt, NMI, fault or save/restore): "
+                "real KVM cannot be made to take one at a chosen boundary")
+    places = [h.at for h in guest]
     if any(at is None for at in places):
-        return ("an NMI placed by retired-instruction count: QEMU cannot count the guest's "
-                "instructions apart from the logging stubs'")
+        return ("an NMI or interrupt placed by retired-instruction count: QEMU cannot count the "
+                "guest's instructions apart from the logging stubs'")
     if len(set(places)) != len(places):
-        return "two NMIs at one place: QEMU merges NMIs requested together"
+        return ("two events at one place: QEMU merges NMIs requested together, and the "
+                "self-IPI's code would run with the NMI pending")
     return None
 
 
-def _nmi_shares_its_boundary(trace: tuple) -> bool:
-    for k, record in enumerate(trace):
-        if isinstance(record, Arrival) and record.event == "nmi":
-            first = next((o for o in trace[k + 1:] if isinstance(o, Delivery)), None)
-            # a debug trap held for that boundary goes first (SDM 6.9 Table 6-2); a fault
-            # of the NMI's own delivery (#NP, #GP, ...) starts from the label, as in QEMU
-            if first is not None and first.vector == Vec.DB and first.return_rip == record.rip:
-                return True
+def _debug_exception_at_an_arrival(trace: tuple) -> bool:
+    """A #DB whose frame returns to an arrival's place: a trap held for that boundary goes
+    before the event (SDM 6.9 Table 6-2), and the gdbstub cannot stop between them; a
+    code breakpoint there shares QEMU's breakpoint list with the gdbstub's, and TCG then
+    raises it again and again, whatever RF says. (A fault of the event's own delivery,
+    #NP or #GP, starts from the label, as in QEMU.)"""
+    places = {r.rip for r in trace if isinstance(r, Arrival)}
+    return any(isinstance(o, Delivery) and o.vector == Vec.DB and o.return_rip in places
+               for o in trace)
+
+
+def _arrives_while_halted(trace: tuple) -> bool:
+    """A breakpoint stops before an instruction executes; a halted CPU executes none."""
+    last = None
+    for record in trace:
+        if isinstance(record, Arrival) and isinstance(last, Halt):
+            return True
+        if isinstance(record, Halt | Retire | Delivery):
+            last = record
     return False
 
 
-def _nmi_places(scenario: Scenario, program: Program) -> tuple[int, ...]:
+def _arrivals(scenario: Scenario, program: Program) -> tuple[Arrive, ...]:
     resolve = Resolver(scenario, program)
-    return tuple(resolve(h.at, h.line) + scenario.cs_base for h in scenario.happenings)
+    return tuple(Arrive(resolve(h.at, h.line) + scenario.cs_base,
+                        None if h.event is External.NMI else h.vector)
+                 for h in scenario.happenings if h.event not in _HOST_SIDE)
 
 
 def _run_limit(state: ResetState, model: RunResult) -> str | None:
     """What the model's run shows the logging copy of the IDT cannot follow."""
     if any(isinstance(o, Retire) and o.text.split()[0] in ("lidt", "sidt") for o in model.trace):
         return "the guest loads or stores IDTR: deliveries go around the logging stubs"
-    if _nmi_shares_its_boundary(model.trace):
-        return ("an NMI arrives at a boundary where another event is delivered first: a "
-                "breakpoint stops before an instruction there, and none starts at that boundary")
+    if _debug_exception_at_an_arrival(model.trace):
+        return ("a #DB returns to the place where an NMI or interrupt arrives: the gdbstub "
+                "breakpoint that holds the guest there cannot be told apart from the guest's "
+                "own debug trap or code breakpoint")
+    if _arrives_while_halted(model.trace):
+        return ("an NMI or interrupt arrives while the CPU is halted: a breakpoint stops before "
+                "an instruction executes, and a halted CPU executes none")
     if any(isinstance(o, Retire) and "cr3" in o.text for o in model.trace):
         return "the guest reads or writes CR3: the stub's page tables are not the model's CR3"
     reason = _logger_reads_absent_page(state, model)

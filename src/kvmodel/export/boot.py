@@ -21,6 +21,13 @@ delivery left them; RFLAGS is kept with PUSHF/POPF on a stack of the stub's own.
 
 Record on port 0xE9: MAGIC, b"D", the vector, then RSP, DR6, CR2 and six stack
 words from RSP up, each a little-endian word of the mode's width.
+
+Interrupts from outside: QEMU has no way to raise a chosen vector at a chosen
+boundary, so the runner stops the guest at the boundary (a gdbstub
+breakpoint) and sends it through `kv_raise`, which writes a fixed self-IPI to
+the local APIC's ICR (SDM 10.6.1) and jumps back. The IPI is then pending in
+the IRR at that boundary, as the model's arrival is. The APIC is software-enabled
+at boot as the model's is (SVR = 0x1FF) and its page is mapped uncached.
 """
 
 from __future__ import annotations
@@ -39,13 +46,19 @@ DEBUG_PORT = 0xE9
 STUB_CODE32 = 0x20  # a flat code selector for the stub's own 32-bit code
 TSS_SELECTOR = 0x18
 MULTIBOOT_MAGIC = 0x1BADB002  # Multiboot 0.6.96, 3.1.2
+APIC_BASE = 0xFEE00000  # IA32_APIC_BASE at reset (SDM 10.4.4)
+APIC_SVR = APIC_BASE + 0xF0  # xAPIC register offsets, SDM 10.4.1 Table 10-1
+APIC_ICR_LOW = APIC_BASE + 0x300
+SVR_AT_MODEL_RESET = 0x1FF  # APIC software-enabled, spurious vector 0xFF (arch/apic.py)
+_UNCACHED = 0x18  # PWT | PCD in a paging entry: the APIC page is memory-mapped I/O
+ICR_FIXED_TO_SELF = 1 << 18  # delivery mode fixed, destination shorthand self (SDM 10.6.1)
 
 
 def boot_source(state: ResetState) -> str:
     """The whole stub: multiboot header, boot code, logging stubs, tables, the guest's memory."""
     parts = [_header(), _boot32(state)]
     parts.append(_enter_long(state) if state.mode is Mode.LONG64 else _enter_protected(state))
-    parts += [_logger(state), _tables(state), _data(state)]
+    parts += [_logger(state), _raise_interrupt(state), _tables(state), _data(state)]
     return "\n".join(parts) + "\n"
 
 
@@ -69,6 +82,7 @@ kv_start:
     mov $0xff, %al              # mask both 8259s: no legacy IRQ (PIT) reaches the guest
     out %al, $0x21
     out %al, $0xa1
+    movl ${SVR_AT_MODEL_RESET:#x}, {APIC_SVR:#x}   # xAPIC: paging is still off here
     mov $kv_memory, %esi
     xor %edi, %edi
     mov ${len(state.memory)}, %ecx
@@ -238,6 +252,24 @@ def _logger(state: ResetState) -> str:
     return "\n".join(out)
 
 
+def _raise_interrupt(state: ResetState) -> str:
+    """`kv_raise` (guest IF=0) and `kv_raise_if` (IF=1): write `kv_raise_icr` to the ICR and
+    jump to `kv_raise_return`, changing no register or flag the guest can see.
+
+    With IF=1 the IPI must not be taken inside the stub: CLI holds it, and STI's shadow
+    (SDM 6.8.3) covers the jump, so it is recognized at the guest's boundary and nowhere
+    before. Only the runner enters here, at a stop it has checked has no shadow and no TF.
+    """
+    long = state.mode is Mode.LONG64
+    ax = "%rax" if long else "%eax"
+    store = "movabs" if long else "mov"  # a 64-bit absolute address needs the moffs form
+    body = [f"    mov {ax}, kv_raise_ax", "    mov kv_raise_icr, %eax",
+            f"    {store} %eax, {APIC_ICR_LOW:#x}", f"    mov kv_raise_ax, {ax}"]
+    return "\n".join(["kv_raise_if:", "    cli", *body, "    sti",
+                      "    jmp *kv_raise_return",
+                      "kv_raise:", *body, "    jmp *kv_raise_return"])
+
+
 def _tables(state: ResetState) -> str:
     """GDT, the logging copy of the IDT, the handlers' addresses and the page tables."""
     word = ".quad" if state.mode is Mode.LONG64 else ".long"
@@ -306,8 +338,13 @@ def _paging_long(holes: frozenset[int]) -> list[str]:
     absent = {region for region in split if all(p in holes for p in range(region << 9,
                                                                           (region + 1) << 9))}
     split = sorted(split - absent)
+    apic_gib, apic_region = APIC_BASE >> 30, (APIC_BASE >> 21) & 511
     lines = ["kv_pml4:", "    .quad kv_pdpt + 3", "    .fill 511, 8, 0",
-             "kv_pdpt:", "    .quad kv_pd + 3", "    .fill 511, 8, 0", "kv_pd:"]
+             "kv_pdpt:", "    .quad kv_pd + 3", f"    .fill {apic_gib - 1}, 8, 0",
+             "    .quad kv_pd_apic + 3", f"    .fill {511 - apic_gib}, 8, 0",
+             "kv_pd_apic:", f"    .fill {apic_region}, 8, 0",
+             f"    .quad {APIC_BASE | _UNCACHED | 0x83:#x}", f"    .fill {511 - apic_region}, 8, 0",
+             "kv_pd:"]
     for region in range(512):
         if region in absent:
             lines.append("    .quad 0")
@@ -325,9 +362,13 @@ def _paging_long(holes: frozenset[int]) -> list[str]:
 def _paging_32(holes: frozenset[int]) -> list[str]:
     """32-bit paging without PSE (the model's CR4 is 0): 4 KiB pages up to 32 MiB."""
     tables = (STUB_BASE * 2) >> 22
+    apic_table, apic_page = APIC_BASE >> 22, (APIC_BASE >> 12) & 1023
     lines = ["kv_pd:"]
     lines += [f"    .long kv_pt{t} + 3" for t in range(tables)]
-    lines.append(f"    .fill {1024 - tables}, 4, 0")
+    lines += [f"    .fill {apic_table - tables}, 4, 0", "    .long kv_pt_apic + 3",
+              f"    .fill {1023 - apic_table}, 4, 0",
+              "kv_pt_apic:", f"    .fill {apic_page}, 4, 0",
+              f"    .long {APIC_BASE | _UNCACHED | 3:#x}", f"    .fill {1023 - apic_page}, 4, 0"]
     for t in range(tables):
         lines.append(f"kv_pt{t}:")
         lines += [f"    .long {_pte(page, holes):#x}" for page in range(t << 10, (t + 1) << 10)]
@@ -352,6 +393,9 @@ kv_save_dx: .skip {size}
 kv_save_dr7: .skip {size}
 kv_target: .skip {size}
 kv_vector: .skip 4
+kv_raise_ax: .skip 8
+kv_raise_return: .skip 8
+kv_raise_icr: .skip 4
 kv_slots: .skip {SLOTS * size}
 .balign 16
 kv_boot_stack: .skip 256

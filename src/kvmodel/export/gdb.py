@@ -1,8 +1,9 @@
 """A minimal client of QEMU's gdbstub (GDB Remote Serial Protocol, gdb/doc "Packets").
 
-Used only to stop the guest at an address: under TCG a breakpoint set
-through the gdbstub (`Z0`) is a translator breakpoint, so the guest's code,
-DR0-DR7 and flags never see it. One request at a time, no-ack mode off.
+Used to stop the guest at an address (under TCG a breakpoint set through the
+gdbstub, `Z0`, is a translator breakpoint, so the guest's code, DR0-DR7 and
+flags never see it) and to send it through the stub's interrupt trampoline
+(`M` memory and `P` register writes). One request at a time, no-ack mode off.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+RIP_REGISTER = 16
 
 
 class GdbError(Exception):
@@ -48,6 +51,18 @@ class Gdb:
 
     def clear_breakpoint(self, address: int) -> None:
         self._ok(self.request(f"z0,{address:x},1"), "z0")
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        """Write RAM (QEMU's debug writes skip memory-mapped I/O)."""
+        self._ok(self.request(f"M{address:x},{len(data):x}:{data.hex()}"), "M")
+
+    def write_rip(self, rip: int) -> None:
+        """RIP is register 16 in QEMU's x86-64 layout, 8 bytes in every mode (gdb-xml).
+
+        QEMU answers `P` only to a client that has read the target description.
+        """
+        self.request("qXfer:features:read:target.xml:0,ffb")
+        self._ok(self.request(f"P{RIP_REGISTER:x}={rip.to_bytes(8, 'little').hex()}"), "P")
 
     def resume_until_stop(self) -> str:
         """Continue; the stop reply ("T05..." at a breakpoint) when the guest stops."""

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ToolMissing
-from kvmodel.export.boot import DELIVERY, FRAME_WORDS, MAGIC, NO_X2APIC
+from kvmodel.export.boot import DELIVERY, FRAME_WORDS, ICR_FIXED_TO_SELF, MAGIC, NO_X2APIC
 from kvmodel.export.gdb import Gdb, GdbError, GdbTimeout, connect_unix
-from kvmodel.export.image import LOG, qemu_command
+from kvmodel.export.image import LOG, Image, qemu_command
 
 QEMU = "qemu-system-x86_64"
 INSTALL_HINT = (
@@ -65,6 +65,15 @@ class QemuRun:
     memory: bytes
     x2apic: bool
     version: str
+    unrealized: str = ""  # why an arrival could not be made where the scenario puts it
+
+
+@dataclass(frozen=True, slots=True)
+class Arrive:
+    """An event from outside, raised once when execution first reaches `address` (linear)."""
+
+    address: int
+    vector: int | None = None  # None: an NMI; else a fixed interrupt, sent as a self-IPI
 
 
 def find_qemu() -> str:
@@ -80,30 +89,34 @@ def qemu_version() -> str:
     return out.stdout.splitlines()[0] if out.stdout else "unknown"
 
 
-def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tcg",
-              timeout: float = 10.0, nmis_at: tuple[int, ...] = (), cs_base: int = 0) -> QemuRun:
-    """Boot the image in `directory` and collect the log, the registers and the memory.
+def run_image(image: Image, mode: Mode, memory_size: int, *, accel: str = "tcg",
+              timeout: float = 10.0, arrivals: tuple[Arrive, ...] = (),
+              cs_base: int = 0) -> QemuRun:
+    """Boot `image` and collect the log, the registers and the memory.
 
-    `nmis_at`: linear addresses where an NMI arrives, once each, when execution first
-    reaches them (QMP inject-nmi while a gdbstub breakpoint holds the guest there).
+    `arrivals`: events raised while a gdbstub breakpoint holds the guest at their
+    place, the first time execution reaches it: an NMI by QMP inject-nmi, an
+    interrupt through the stub's self-IPI trampoline (boot.py).
     """
+    directory = image.directory
     find_qemu()
     (directory / LOG).unlink(missing_ok=True)
     # Sockets live in a short directory of their own: a socket path has at most 107 bytes.
     sockets = Path(tempfile.mkdtemp(prefix="kvmodel-qemu-"))
     argv = qemu_command(accel, qmp=sockets / "qmp")
-    if nmis_at:
+    if arrivals:
         argv += ["-S", "-gdb", f"unix:{sockets / 'gdb'},server=on,wait=off"]
     process = subprocess.Popen(argv, cwd=directory, stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dump = directory / "memory.after"
     clients: list[_Qmp | Gdb] = []
+    unrealized = ""
     try:
         qmp = _Qmp(sockets / "qmp", process)
         clients.append(qmp)
-        if nmis_at:
+        if arrivals:
             clients.append(Gdb(sockets / "gdb", timeout, lambda: process.poll() is None))
-            _arrive_at(qmp, clients[-1], nmis_at, cs_base)
+            unrealized = _arrive_at(qmp, clients[-1], arrivals, _Trampoline(image, cs_base))
         stop = _wait_for_stop(qmp, directory / LOG, timeout)
         qmp.command("stop")
         registers = _parse_registers(qmp.hmp("info registers"))
@@ -122,7 +135,8 @@ def run_image(directory: Path, mode: Mode, memory_size: int, *, accel: str = "tc
         shutil.rmtree(sockets, ignore_errors=True)
     word = mode.value // 8
     events, x2apic = parse_log((directory / LOG).read_bytes(), word)
-    return QemuRun(stop, events, registers, dump.read_bytes(), x2apic, qemu_version())
+    return QemuRun(stop, events, registers, dump.read_bytes(), x2apic, qemu_version(),
+                   unrealized)
 
 
 class QemuFailed(Exception):
@@ -165,27 +179,69 @@ def parse_log(data: bytes, word: int) -> tuple[tuple[LoggedDelivery | LoggedOutp
     return tuple(events), x2apic
 
 
-def _arrive_at(qmp: _Qmp, gdb: Gdb, nmis_at: tuple[int, ...], cs_base: int) -> None:
-    """Run to each place in turn; inject the NMI there, before the instruction executes.
+def _arrive_at(qmp: _Qmp, gdb: Gdb, arrivals: tuple[Arrive, ...],
+               trampoline: _Trampoline) -> str:
+    """Run to each place in turn and raise its event there, before the instruction executes.
 
     A place the guest never reaches (it halts or loops first) ends the waiting at the
-    time limit; the NMIs left never arrive, and the comparison shows it.
+    time limit; the events left never arrive, and the comparison shows it. Returns why
+    an interrupt could not be raised where it belongs, or "".
     """
-    waiting = set(nmis_at)
+    waiting = {a.address: a for a in arrivals}
     for address in waiting:
         gdb.set_breakpoint(address)
     try:
         while waiting:
             gdb.resume_until_stop()
             registers = _parse_registers(qmp.hmp("info registers"))
-            here = cs_base + registers.get("RIP", registers.get("EIP", -1))
-            if here in waiting:
+            here = trampoline.cs_base + registers.get("RIP", registers.get("EIP", -1))
+            arrival = waiting.pop(here, None)
+            if arrival is None:
+                continue
+            gdb.clear_breakpoint(here)
+            if arrival.vector is None:
                 qmp.command("inject-nmi")
-                gdb.clear_breakpoint(here)
-                waiting.discard(here)
+                continue
+            blocked = _trampoline_blocked(registers)
+            if blocked:
+                gdb.resume()
+                return f"the interrupt at {here:#x}: {blocked}"
+            trampoline.send(gdb, arrival.vector, here, _flags(registers) & _IF)
     except GdbTimeout:
-        return  # still running: the guest went on without reaching the rest
+        return ""  # still running: the guest went on without reaching the rest
     gdb.resume()
+    return ""
+
+
+_IF, _TF = 1 << 9, 1 << 8
+
+
+def _flags(registers: dict[str, int]) -> int:
+    return registers.get("RFL", registers.get("EFL", 0))  # `info registers` in 64/32-bit form
+
+
+def _trampoline_blocked(registers: dict[str, int]) -> str:
+    """What would make the trampoline's own instructions visible to the guest."""
+    if _flags(registers) & _TF:
+        return "TF is set there, so the self-IPI's instructions would be single-stepped"
+    if registers.get("II"):
+        return "an interrupt shadow (STI, MOV SS) holds there, and the self-IPI's code would end it"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Trampoline:
+    """The stub's `kv_raise` entries and their data (boot.py `_raise_interrupt()`)."""
+
+    image: Image
+    cs_base: int
+
+    def send(self, gdb: Gdb, vector: int, here: int, interrupts_enabled: int) -> None:
+        symbols = self.image.symbols
+        gdb.write_memory(symbols["kv_raise_icr"], (vector | ICR_FIXED_TO_SELF).to_bytes(4, "little"))
+        gdb.write_memory(symbols["kv_raise_return"], (here - self.cs_base).to_bytes(8, "little"))
+        entry = symbols["kv_raise_if" if interrupts_enabled else "kv_raise"]
+        gdb.write_rip((entry - self.cs_base) & 0xFFFFFFFFFFFFFFFF)
 
 
 def _wait_for_stop(qmp: _Qmp, log: Path, timeout: float) -> QemuStop:
