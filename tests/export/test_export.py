@@ -38,18 +38,51 @@ def test_log_records_and_guest_output_interleave_in_order():
                       LoggedOutput(ord("B")))  # a record cut off at the end is dropped
 
 
-def test_only_events_at_labels_are_realizable_one_per_place():
-    def limit(happen: str, accel: str = "tcg") -> str | None:
-        return static_limit(scenario("start:\n    nop\nidle:\n    hlt\n", happen), accel)
+@pytest.mark.parametrize(("happen", "reason"), [
+    ('[[happen]]\nevent = "nmi"\nat = "idle"\n' * 2, "two events at one place"),
+    ('[[happen]]\nevent = "nmi"\nat = "idle"\n[[happen]]\nevent = "interrupt"\n'
+     'vector = 0x30\nat = "idle"\n', "two events at one place"),
+    ('[[happen]]\nevent = "interrupt"\nvector = 0x30\nafter = 1\n'
+     '[[happen]]\nevent = "interrupt"\nvector = 0x31\nafter = 3\n', "two arrivals at one address"),
+    ('[[happen]]\nevent = "nmi"\nafter = 1\n[[happen]]\nevent = "nmi"\nafter = 4\n',
+     "after a delivery returned there"),
+])
+def test_arrivals_a_breakpoint_cannot_place_are_not_realizable(tmp_path, happen, reason):
+    sc = scenario("start:\n    cli\nidle:\n    nop\n    jmp idle\nnmi_handler:\n    iretq\n",
+                  '[idt]\nNMI = "nmi_handler"\n0x30 = "nmi_handler"\n' + happen)
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.NOT_REALIZABLE and reason in result.reason
 
-    assert "count" in limit('[[happen]]\nevent = "nmi"\nafter = 1\n')
-    assert "count" in limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nafter = 1\n')
-    assert "merges" in limit('[[happen]]\nevent = "nmi"\nat = "idle"\n' * 2)
-    assert "pending" in limit('[[happen]]\nevent = "nmi"\nat = "idle"\n'
-                              '[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n')
-    assert limit('[[happen]]\nevent = "nmi"\nat = "idle"\n') is None
-    assert limit('[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "idle"\n') is None
-    assert limit("") is None
+
+@needs_qemu
+def test_an_nmi_while_halted_wakes_the_cpu_past_its_hlt(tmp_path):
+    sc = scenario("start:\n    hlt\nwoken:\n    hlt\nnmi_handler:\n    iretq\n",
+                  '[idt]\nNMI = "nmi_handler"\n[[happen]]\nevent = "nmi"\nafter = 1\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, result.difference
+    (delivery,) = result.qemu.events
+    assert delivery.vector == 2 and delivery.stack[0] == result.model.program.symbol("woken")
+
+
+@needs_qemu
+def test_an_nmi_by_retired_count_arrives_at_the_nth_reach_of_its_place(tmp_path):
+    sc = scenario("""\
+        start:
+            mov $3, %ecx
+        again:
+            dec %ecx
+            jnz again
+            hlt
+        nmi_handler:
+            mov %ecx, %eax
+            hlt
+        """, '[idt]\nNMI = "nmi_handler"\n[[happen]]\nevent = "nmi"\nafter = 4\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, result.difference
+    (delivery,) = result.qemu.events
+    # after mov, dec, jnz, dec: the second reach of jnz, with ECX = 1
+    assert delivery.stack[0] == result.model.program.symbol("again") + 2
+    assert result.qemu.registers["RAX"] == 1
 
 
 def test_host_side_happenings_are_nothing_to_qemus_cpu_but_not_to_real_kvm():

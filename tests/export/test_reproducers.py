@@ -93,16 +93,15 @@ def test_export_writes_the_selftest_beside_the_image(tmp_path):
 
 
 def test_export_of_a_scenario_with_no_image_still_writes_its_selftest(tmp_path, capsys):
-    path = SCENARIOS["vnmi/nmi_and_interrupt_together"]  # two events at one place
+    path = SCENARIOS["nested/vmx_l1_nmi_while_l2_runs"]
     assert main(["export", str(path), "--out", str(tmp_path)]) == Exit.OK
-    assert "no image: two events at one place" in capsys.readouterr().out
+    assert "no image: an L1 VMX hypervisor" in capsys.readouterr().out
     assert not (tmp_path / "kernel.elf").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "README.md", "vnmi_set_events_extra_nmi.c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "masked_nmi_wakes_hlt.c"]
 
 
 def test_export_of_a_scenario_with_neither_is_still_refused(tmp_path):
-    path = SCENARIOS["arch/nmi_iret_unblocks_even_when_it_faults"]
+    path = SCENARIOS["fred/data_breakpoint_on_frame_no_storm"]
     assert reproducers_for(path) == ()
     assert main(["export", str(path), "--out", str(tmp_path)]) == Exit.BAD_INPUT
     assert not any(tmp_path.iterdir())

@@ -27,10 +27,9 @@ from kvmodel.export.qemu import Arrive, QemuFailed, QemuRun, run_image
 from kvmodel.export.reproducers import reproducers_for
 from kvmodel.export.reproducers import write as write_reproducers
 from kvmodel.export.reset import PAGE, ResetState, reset_state
-from kvmodel.guest.asm import Program
 from kvmodel.guest.layout import gate_size
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import Resolver, RunResult, prepare, run
+from kvmodel.scenario.runner import RunResult, prepare, run
 from kvmodel.scenario.schema import QemuDifference, Scenario
 
 CONVENTIONAL_MEMORY = 0xA0000  # above it the PC has its VGA and BIOS hole (not RAM)
@@ -69,13 +68,16 @@ def differential(scenario: Scenario, out: Path, *, accel: str = "tcg",
     cpu, program = prepare(scenario)
     state = reset_state(cpu)
     reason = _run_limit(state, model)
+    arrivals = _arrivals(model, scenario.cs_base)
+    if reason is None and isinstance(arrivals, str):
+        reason = arrivals
     if reason is not None:
         return Differential(scenario, Verdict.NOT_REALIZABLE, reason, model=model)
     declared = [d for d in scenario.qemu if accel in d.accels]
     image = build_image(state, out)
     try:
         qemu = run_image(image, state.mode, len(state.memory), accel=accel, timeout=timeout,
-                         arrivals=_arrivals(scenario, program), cs_base=scenario.cs_base)
+                         arrivals=arrivals, cs_base=scenario.cs_base)
     except QemuFailed as e:
         crash = next((d for d in declared if "crash" in d.fields), None)
         if crash is None:
@@ -193,23 +195,12 @@ _HOST_SIDE = (External.HOST_INTERRUPT, External.HOST_NMI, External.NOTIFY_TIMER)
 
 
 def _happenings_limit(scenario: Scenario, accel: str) -> str | None:
-    """NMIs and interrupts placed at a label can be made to arrive exactly there (a gdbstub
-    breakpoint, then QMP inject-nmi or the stub's self-IPI); one event per place, since
-    QEMU merges NMIs requested together and an interrupt's trampoline would run with an
-    NMI pending. Host-side happenings are nothing to QEMU's CPU; real KVM cannot be made
-    to take them at a chosen boundary."""
-    guest = [h for h in scenario.happenings if h.event not in _HOST_SIDE]
-    host_side = len(guest) < len(scenario.happenings) or scenario.host
+    """Host-side happenings are nothing to QEMU's CPU; real KVM cannot be made to take
+    them at a chosen boundary."""
+    host_side = scenario.host or any(h.event in _HOST_SIDE for h in scenario.happenings)
     if host_side and accel != "tcg":
         return ("a host-side happening (a host interrupt, NMI, fault or save/restore): "
                 "real KVM cannot be made to take one at a chosen boundary")
-    places = [h.at for h in guest]
-    if any(at is None for at in places):
-        return ("an NMI or interrupt placed by retired-instruction count: QEMU cannot count the "
-                "guest's instructions apart from the logging stubs'")
-    if len(set(places)) != len(places):
-        return ("two events at one place: QEMU merges NMIs requested together, and the "
-                "self-IPI's code would run with the NMI pending")
     return None
 
 
@@ -224,22 +215,53 @@ def _debug_exception_at_an_arrival(trace: tuple) -> bool:
                for o in trace)
 
 
-def _arrives_while_halted(trace: tuple) -> bool:
-    """A breakpoint stops before an instruction executes; a halted CPU executes none."""
-    last = None
-    for record in trace:
-        if isinstance(record, Arrival) and isinstance(last, Halt):
-            return True
+def _arrivals(model: RunResult, cs_base: int) -> tuple[Arrive, ...] | str:
+    """Where the model's NMIs and interrupts from outside arrived, as "before the instruction
+    at this address, the k-th time execution reaches it" (a gdbstub breakpoint counts the
+    reaches), or "while halted there"; or why that cannot say it. A label and a
+    retired-instruction count become the same kind of place."""
+    reached: dict[int, int] = {}
+    returned_to: set[int] = set()
+    arrivals: dict[tuple[int, int], Arrive] = {}
+    halted = False
+    for record in model.trace:
+        if isinstance(record, Retire):
+            reached[record.rip] = reached.get(record.rip, 0) + 1
+        elif isinstance(record, Delivery):
+            returned_to.add(record.return_rip)
         if isinstance(record, Halt | Retire | Delivery):
-            last = record
-    return False
+            halted = isinstance(record, Halt)
+        if not (isinstance(record, Arrival) and record.event in ("nmi", "interrupt")):
+            continue
+        reason = _unplaceable(record, halted, returned_to, arrivals)
+        if reason:
+            return reason
+        place = (record.rip + cs_base, reached.get(record.rip, 0) + 1)
+        if place in arrivals:
+            return ("two events at one place: QEMU merges NMIs requested together, and the "
+                    "self-IPI's code would run with the NMI pending")
+        vector = None if record.event == "nmi" else record.vector
+        arrivals[place] = Arrive(place[0], vector, place[1], halted)
+    addresses = [address for address, _ in arrivals]
+    if len(set(addresses)) != len(addresses):
+        return ("two arrivals at one address: the breakpoint is gone once the first event "
+                "is raised there")
+    return tuple(arrivals.values())
 
 
-def _arrivals(scenario: Scenario, program: Program) -> tuple[Arrive, ...]:
-    resolve = Resolver(scenario, program)
-    return tuple(Arrive(resolve(h.at, h.line) + scenario.cs_base,
-                        None if h.event is External.NMI else h.vector)
-                 for h in scenario.happenings if h.event not in _HOST_SIDE)
+def _unplaceable(arrival: Arrival, halted: bool, returned_to: set[int],
+                 before: dict[tuple[int, int], Arrive]) -> str:
+    if halted and arrival.event == "interrupt":
+        return ("an interrupt arrives while the CPU is halted: the self-IPI's code cannot run "
+                "on a halted CPU")
+    if halted and any(a.halted for a in before.values()):
+        return "two NMIs while halted: QEMU cannot tell the halts apart"
+    if not halted and any(a.halted for a in before.values()):
+        return "an event at a breakpoint after an NMI while halted: they are raised in that order"
+    if not halted and arrival.rip in returned_to:
+        return (f"an event arrives at {arrival.rip:#x} after a delivery returned there: "
+                "a breakpoint cannot tell a resumed instruction from a new one")
+    return ""
 
 
 def _run_limit(state: ResetState, model: RunResult) -> str | None:
@@ -250,9 +272,6 @@ def _run_limit(state: ResetState, model: RunResult) -> str | None:
         return ("a #DB returns to the place where an NMI or interrupt arrives: the gdbstub "
                 "breakpoint that holds the guest there cannot be told apart from the guest's "
                 "own debug trap or code breakpoint")
-    if _arrives_while_halted(model.trace):
-        return ("an NMI or interrupt arrives while the CPU is halted: a breakpoint stops before "
-                "an instruction executes, and a halted CPU executes none")
     if any(isinstance(o, Retire) and "cr3" in o.text for o in model.trace):
         return "the guest reads or writes CR3: the stub's page tables are not the model's CR3"
     reason = _logger_reads_absent_page(state, model)

@@ -42,6 +42,7 @@ def connect_unix(path: Path, alive: Callable[[], bool], what: str) -> socket.soc
 class Gdb:
     def __init__(self, path: Path, timeout: float, alive: Callable[[], bool]):
         self.sock = connect_unix(path, alive, "gdbstub")
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         self.buffer = b""
         self.request("qSupported")
@@ -67,6 +68,10 @@ class Gdb:
     def resume_until_stop(self) -> str:
         """Continue; the stop reply ("T05..." at a breakpoint) when the guest stops."""
         return self.request("c")
+
+    def step(self) -> str:
+        """Execute one instruction (QEMU's default: no interrupts or timers meanwhile)."""
+        return self.request("s")
 
     def resume(self) -> None:
         """Continue without waiting: the guest runs until QEMU is stopped some other way."""

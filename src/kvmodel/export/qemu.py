@@ -74,6 +74,8 @@ class Arrive:
 
     address: int
     vector: int | None = None  # None: an NMI; else a fixed interrupt, sent as a self-IPI
+    reach: int = 1  # the k-th time execution reaches `address`
+    halted: bool = False  # an NMI for a CPU halted with RIP at `address` (no breakpoint)
 
 
 def find_qemu() -> str:
@@ -181,24 +183,36 @@ def parse_log(data: bytes, word: int) -> tuple[tuple[LoggedDelivery | LoggedOutp
 
 def _arrive_at(qmp: _Qmp, gdb: Gdb, arrivals: tuple[Arrive, ...],
                trampoline: _Trampoline) -> str:
-    """Run to each place in turn and raise its event there, before the instruction executes.
+    """Raise each event where it belongs, in the model's order, before the next instruction.
 
-    A place the guest never reaches (it halts or loops first) ends the waiting at the
-    time limit; the events left never arrive, and the comparison shows it. Returns why
-    an interrupt could not be raised where it belongs, or "".
+    A breakpoint stays at an address until its last arrival; a reach with no arrival
+    steps over the instruction (QEMU would stop at the same breakpoint again). An NMI
+    for a halted CPU waits for QEMU to show it halted there; the differential sends
+    those only after every breakpoint arrival. A place the guest never reaches (it
+    halts or loops first) ends the waiting at the time limit; the events left never
+    arrive, and the comparison shows it. Returns why an interrupt could not be raised
+    where it belongs, or "".
     """
-    waiting = {a.address: a for a in arrivals}
-    for address in waiting:
+    at_breakpoints = [a for a in arrivals if not a.halted]
+    waiting = {(a.address, a.reach): a for a in at_breakpoints}
+    reaches: dict[int, int] = {}
+    for address in {a.address for a in at_breakpoints}:
         gdb.set_breakpoint(address)
     try:
         while waiting:
             gdb.resume_until_stop()
             registers = _parse_registers(qmp.hmp("info registers"))
             here = trampoline.cs_base + registers.get("RIP", registers.get("EIP", -1))
-            arrival = waiting.pop(here, None)
-            if arrival is None:
-                continue
+            reaches[here] = reaches.get(here, 0) + 1
+            arrival = waiting.pop((here, reaches[here]), None)
             gdb.clear_breakpoint(here)
+            if arrival is None:
+                if _flags(registers) & _TF:
+                    gdb.resume()  # a gdbstub step swallows the guest's own single-step trap
+                    return f"stepping over {here:#x} to count its reaches: TF is set there"
+                gdb.step()
+                gdb.set_breakpoint(here)
+                continue
             if arrival.vector is None:
                 qmp.command("inject-nmi")
                 continue
@@ -210,7 +224,24 @@ def _arrive_at(qmp: _Qmp, gdb: Gdb, arrivals: tuple[Arrive, ...],
     except GdbTimeout:
         return ""  # still running: the guest went on without reaching the rest
     gdb.resume()
+    for arrival in arrivals:
+        if arrival.halted and not _wait_halted_at(qmp, arrival.address, trampoline.cs_base,
+                                                  gdb.timeout):
+            return ""
+        if arrival.halted:
+            qmp.command("inject-nmi")
     return ""
+
+
+def _wait_halted_at(qmp: _Qmp, address: int, cs_base: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        registers = _parse_registers(qmp.hmp("info registers"))
+        if registers.get("HLT") == 1 and cs_base + registers.get(
+                "RIP", registers.get("EIP", -1)) == address:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 _IF, _TF = 1 << 9, 1 << 8
