@@ -249,6 +249,7 @@ class NestedVmx(VmxRoot):
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
         cpu.shadow = Shadow.NONE
+        cpu.shutdown = False  # L1's state is loaded and runnable: a triple fault was L2's
         self.guest_mode = self.run_pending = False
         vcpu.clear_event_queues()
         vcpu.requests |= Request.EVENT
