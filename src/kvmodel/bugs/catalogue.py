@@ -223,6 +223,15 @@ CATALOGUE: tuple[Bug, ...] = (
         "upstream 4020da3b9f0c): block only on nested_run_pending in svm_check_nested_events() and "
         "vmx_check_nested_events()",
         ("svm",), "scenarios/nested/svm_l1_intercepts_gp_during_nmi_delivery.toml"),
+    Bug("nested_svm_exitintinfo_from_vmcb02",
+        "nested_svm_vmexit() copies vmcb02's EXITINTINFO and clears only the exception and interrupt "
+        "queues, and svm_complete_interrupts() runs only for exits L0 keeps: an NMI L0 re-injected "
+        "into L2 (an L1-injected NMI retried after an NPF) stays nmi_injected across a #VMEXIT to L1 "
+        "and is injected into L1, while vmcb12 never reflects what L0 had queued for L2",
+        "KVM: nSVM: synthesize correct EXITINTINFO on vmexit (Paolo Bonzini, 2020, [PATCH 21/30] of "
+        "the nested SVM rework; upstream hash not found here): nested_vmcb_save_pending_event(), "
+        "svm_complete_interrupts() moved before the nested exit; APM 15.7.2",
+        ("svm",), "scenarios/nested/svm_l1_intercepts_pf_during_reinjected_nmi.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}
