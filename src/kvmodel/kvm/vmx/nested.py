@@ -13,7 +13,9 @@ goes to L1 as IDT-vectoring information (vmcs12_save_pending_event()).
 Modelled: the vmcs12 fields hw/vmx/root.py knows, pin/processor/exception
 controls merged as KVM merges them, NMI and external-interrupt exits for
 L1, L1-injected events (soft ones with L1's instruction length), the notify
-window applied to vmcs02. Not modelled: nested EPT (identity), MSR bitmaps
+window applied to vmcs02, exceptions L0 queues for L2 that L1 intercepts
+(exception_vmexit, an exit at the next check_nested_events()), and
+KVM_REQ_TRIPLE_FAULT in L2 as EXIT_REASON_TRIPLE_FAULT. Not modelled: nested EPT (identity), MSR bitmaps
 (every MSR exit goes to L1), VMCS shadowing, KVM_GET/SET_NESTED_STATE,
 nested SVM.
 """
