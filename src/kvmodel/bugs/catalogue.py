@@ -197,6 +197,41 @@ CATALOGUE: tuple[Bug, ...] = (
         "userspace to restore 255 pending NMIs\", adds KVM_REQ_NMI) and KVM: x86: Route pending NMIs "
         "from userspace through process_nmi() (upstream bdedff263132)",
         ("svm", "vmx"), "scenarios/vmm/explore_vmm_calls.toml"),
+    Bug("nested_triple_fault_kills_l1",
+        "KVM_REQ_TRIPLE_FAULT raised while L2 runs (a fault KVM merges onto a #DF it re-queued, e.g. "
+        "an L0-intercepted #GP while delivering L2's #DF) ends KVM_RUN with KVM_EXIT_SHUTDOWN: the "
+        "VMM kills L1, where the CPU would have given L1 a TRIPLE_FAULT (VMX) or SHUTDOWN (SVM) exit",
+        "KVM: x86: Handle triple fault in L2 without killing L1 (Sean Christopherson, upstream "
+        "cb6a32c2b877): nested_ops->triple_fault(), nested_vmx_triple_fault(), "
+        "nested_svm_triple_fault(); the SVM twin is nested/svm_l2_gp_during_injected_df_shutdown_exit",
+        ("vmx",), "scenarios/nested/vmx_l2_gp_during_injected_df_triple_fault_exit.toml"),
+    Bug("exception_morph_at_injection",
+        "an exception KVM queues for L2 is checked against L1's intercepts only when it is about to "
+        "be injected: before that it merges with what L2 has queued, so an L1-intercepted #GP on "
+        "the delivery of an injected #DE becomes a #DF in L2 (and a shutdown), and its payload "
+        "(CR2, DR6) reaches L2's registers before the exit to L1",
+        "KVM: x86: Morph pending exceptions to pending VM-Exits at queue time (Sean Christopherson, "
+        "upstream 7709aba8f716); the payload half, as the 2026 \"Defer non-architectural deliver of "
+        "exception payload\" patch describes da998b46d244's time; the VMX twin (DR6 written before "
+        "the #DB exit) is nested/vmx_l2_single_step_over_emulated_cr8_write",
+        ("svm",), "scenarios/nested/svm_l1_intercepts_gp_during_injected_de.toml"),
+    Bug("nested_exception_blocked_by_injected_event",
+        "an exception L1 intercepts is held back (-EBUSY) while L0 re-injects an event into L2; "
+        "the re-injection is dropped for the pending exception, and the next completion clears both: "
+        "L1 never gets the exception's exit, nor the event in its EXITINTINFO",
+        "KVM: x86: pending exceptions must not be blocked by an injected event (Maxim Levitsky, "
+        "upstream 4020da3b9f0c): block only on nested_run_pending in svm_check_nested_events() and "
+        "vmx_check_nested_events()",
+        ("svm",), "scenarios/nested/svm_l1_intercepts_gp_during_nmi_delivery.toml"),
+    Bug("nested_svm_exitintinfo_from_vmcb02",
+        "nested_svm_vmexit() copies vmcb02's EXITINTINFO and clears only the exception and interrupt "
+        "queues, and svm_complete_interrupts() runs only for exits L0 keeps: an NMI L0 re-injected "
+        "into L2 (an L1-injected NMI retried after an NPF) stays nmi_injected across a #VMEXIT to L1 "
+        "and is injected into L1, while vmcb12 never reflects what L0 had queued for L2",
+        "KVM: nSVM: synthesize correct EXITINTINFO on vmexit (Paolo Bonzini, 2020, [PATCH 21/30] of "
+        "the nested SVM rework; upstream hash not found here): nested_vmcb_save_pending_event(), "
+        "svm_complete_interrupts() moved before the nested exit; APM 15.7.2",
+        ("svm",), "scenarios/nested/svm_l1_intercepts_pf_during_reinjected_nmi.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -19,7 +19,7 @@ from kvmodel.arch.decode import Decoded, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.observe import Halt, Retire
+from kvmodel.arch.observe import Halt, Retire, Shutdown
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
 from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
 from kvmodel.kvm.vm import Vm
@@ -188,6 +188,8 @@ class VendorOps(Protocol):
     def nested_triple_fault(self) -> None: ...
     @property
     def guest_state_protected(self) -> bool: ...
+    @property
+    def guest_mode(self) -> bool: ...  # is_guest_mode(): L1's L2 is what runs
     def get_nested_state(self) -> object | None: ...
 
 
@@ -271,9 +273,16 @@ class Vcpu:
         exception_vmexit for the vendor's check_nested_events() to make it L1's VM exit,
         before any merging with what L2 has queued (kvm_queue_exception_vmexit())."""
         self.requests |= Request.EVENT
+        if _faults.on("exception_morph_at_injection"):
+            self._queue_for_late_morph(vector, error_code, payload)
+            return
         if self.ops.is_exception_vmexit(vector, error_code):
             self.exception_vmexit = _queued(vector, error_code, payload)
             return
+        self._queue_or_merge(vector, error_code, payload)
+
+    def _queue_or_merge(self, vector: int, error_code: int | None, payload: int | None) -> None:
+        """kvm_multiple_exception() past the nested check: queue, or merge with what is queued."""
         exc = self.exception
         if not (exc.pending or exc.injected):
             self.exception = _queued(vector, error_code, payload)
@@ -291,6 +300,34 @@ class Vcpu:
             return
         # Otherwise the new exception replaces the old, which re-execution regenerates.
         self.exception = _queued(vector, error_code, payload)
+
+    def _queue_for_late_morph(self, vector: int, error_code: int | None, payload: int | None) -> None:
+        """The bug "exception_morph_at_injection": before 7709aba8f716 ("KVM: x86: Morph pending
+        exceptions to pending VM-Exits at queue time") an exception for L2 was queued, and merged
+        into #DF or a triple fault, as for any guest, with its payload (CR2, DR6) written at once
+        as KVM did before payloads existed; whether L1 intercepts it was asked only when it was
+        about to be injected (morph_pending_exception_late())."""
+        self._queue_or_merge(vector, error_code, payload)
+        if self.ops.guest_mode and self.exception.pending and self.exception.has_payload:
+            self.deliver_exception_payload()
+
+    def morph_pending_exception_late(self) -> None:
+        """The other half of "exception_morph_at_injection": nested check_events() turns a pending
+        exception L1 intercepts into L1's VM exit only now (nested_{svm,vmx}_check_exception())."""
+        exc = self.exception
+        if not (_faults.on("exception_morph_at_injection") and exc.pending):
+            return
+        error_code = exc.error_code if exc.has_error_code else None
+        if self.ops.is_exception_vmexit(exc.vector, error_code):
+            self.exception_vmexit = replace(exc)
+            self.exception = QueuedException()
+
+    def trace_l2_shutdown(self) -> None:
+        """KVM_REQ_TRIPLE_FAULT in L2 becomes L1's VM exit: L2 shut down, as on a CPU (the
+        Shutdown record the core writes when it triple-faults itself)."""
+        first, second = self.triple_fault_cause
+        self.ops.sync_guest_state_to_core()
+        self.cpu.trace.append(Shutdown(self.cpu.rip, self.cpu.retired, first, second))
 
     def requeue_exception(self, vector: int, error_code: int | None, event_data: int = 0,
                           nested: bool = False) -> None:
@@ -500,7 +537,8 @@ class Vcpu:
         """vcpu_enter_guest(): requests, event injection, the vendor run, exit handling."""
         self._morph_userspace_exception()
         if self.requests & Request.TRIPLE_FAULT:
-            self.ops.nested_triple_fault()  # in L2: L1's VM exit, if L1 asked for one
+            if not _faults.on("nested_triple_fault_kills_l1"):
+                self.ops.nested_triple_fault()  # in L2: L1's VM exit, if L1 asked for one
             if self.requests & Request.TRIPLE_FAULT:
                 self.requests &= ~Request.TRIPLE_FAULT
                 return UserspaceExit(KvmExit.SHUTDOWN, "KVM_REQ_TRIPLE_FAULT")

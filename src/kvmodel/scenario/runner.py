@@ -376,10 +376,12 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     params = dict(scenario.kvm_params)
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
                     sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
-                    vgif=params.get("vgif", True), nested=scenario.svm)
+                    vgif=params.get("vgif", True), nested=scenario.svm,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
                     intercept_db=params.get("intercept_db", True),
-                    host_fred=params.get("host_fred", False), nested=scenario.vmx)
+                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)

@@ -240,9 +240,9 @@ STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_windo
               "irq_exits", "halt_exits", "notify_window_exits")
 STOPS = ("halted", "shutdown", "budget", "vmm")
 # kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
-# (kvm/vmx/vmx.py), and the SEV-ES VM type
+# (kvm/vmx/vmx.py), the SEV-ES VM type, and kvm.enable_vmware_backdoor (#GP intercepted)
 KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
-              "host_fred")
+              "host_fred", "vmware_backdoor")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore",

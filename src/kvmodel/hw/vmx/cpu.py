@@ -94,14 +94,22 @@ class VmxGuest(GuestMode):
         except VmExit:
             self.complete_exit()
             return None
-        if stop is Stop.SHUTDOWN:  # a triple fault exits (SDM 25.2)
-            self._exit(ExitReason.TRIPLE_FAULT, Where.BOUNDARY, raise_=False)
+        if self.exit_on_stop(stop):
             self.complete_exit()
             return None
         if stop is Stop.HALTED:
             raise EntryFailed("guest halted with HLT exiting off: not modelled")
         self._save_guest_state(Where.BOUNDARY)
         return stop
+
+    def exit_on_stop(self, stop: Stop) -> bool:
+        """A triple fault in the guest always exits, with reason 2 (SDM 25.2 "Triple fault"; no
+        control to turn it off); complete_exit() follows. Whoever takes the exit decides what
+        the shutdown means (the core's flag stays until then)."""
+        if stop is not Stop.SHUTDOWN:
+            return False
+        self._exit(ExitReason.TRIPLE_FAULT, Where.BOUNDARY, raise_=False)
+        return True
 
     def enter(self) -> None:
         """The VM entry itself: checks, guest state, then the injection (which may exit)."""

@@ -194,9 +194,14 @@ class VmxRoot:
         start = cpu.work
         while True:
             try:
-                return cpu.run(max(0, max_steps - (cpu.work - start)))
+                stop = cpu.run(max(0, max_steps - (cpu.work - start)))
             except VmExit:
                 self._exit_to_l1(cpu)
+                continue
+            if self._l2 is not None and self._l2[0].exit_on_stop(stop):
+                self._exit_to_l1(cpu)  # L2's triple fault: L1 goes on at HOST_RIP
+                continue
+            return stop
 
     def _exit_to_l1(self, cpu: Cpu) -> None:
         guest, vmcs, l1 = self._l2
@@ -245,6 +250,7 @@ class VmxRoot:
     def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool], nmi_waiting: bool) -> None:
         """Back to L1's state; an NMI that L2 left before it could exit is L1's, pending."""
         back_to_l1(cpu)
+        cpu.shutdown = False  # a triple fault that exited was L2's
         cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
         if nmi_waiting:
             cpu.nmi_pending += 1

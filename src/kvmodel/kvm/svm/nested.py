@@ -300,7 +300,9 @@ class NestedSvm:
         that intercepts SHUTDOWN."""
         if not self.guest_mode or Intercept.SHUTDOWN not in self.ctl.intercepts:
             return
-        self.svm.vcpu.requests &= ~Request.TRIPLE_FAULT
+        vcpu = self.svm.vcpu
+        vcpu.requests &= ~Request.TRIPLE_FAULT
+        vcpu.trace_l2_shutdown()  # L2 shut down, as on a CPU
         self.simple_vmexit(ExitCode.SHUTDOWN)
 
     def simple_vmexit(self, code: ExitCode) -> None:
@@ -327,7 +329,13 @@ class NestedSvm:
         svm.set_gif(False)
         vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L1's RFLAGS
         svm.nmi_l1_to_l2 = svm.soft_int_injected = False
-        vcpu.clear_event_queues()
+        if _faults.on("nested_svm_exitintinfo_from_vmcb02"):
+            # before the fix: only the exception and interrupt queues were cleared
+            nmi_injected = vcpu.nmi_injected
+            vcpu.clear_event_queues()
+            vcpu.nmi_injected = nmi_injected
+        else:
+            vcpu.clear_event_queues()
         cpu.trace.append(NestedExitRecord(exit_name(vmcb02.exit_code), vmcb02.rip, cpu.retired, "vmcb12"))
 
     def _vmcb12_at_exit(self, vmcb02: Vmcb, cpu: Cpu) -> Vmcb:
@@ -346,7 +354,12 @@ class NestedSvm:
         return vmcb12
 
     def _pending_event(self) -> tuple[int, int]:
-        """What L0 was about to (re-)inject into L2 goes to L1 as EXITINTINFO."""
+        """nested_save_pending_event_to_vmcb12(): what L0 was about to (re-)inject into L2 goes
+        to L1 as EXITINTINFO ("KVM: nSVM: synthesize correct EXITINTINFO on vmexit"; before it,
+        vmcb02's EXITINTINFO as the last real exit left it, the bug of that name)."""
+        if _faults.on("nested_svm_exitintinfo_from_vmcb02"):
+            vmcb02 = self.svm.vmcb
+            return vmcb02.exit_int_info, vmcb02.exit_int_info_err
         vcpu = self.svm.vcpu
         exc, irq = vcpu.exception, vcpu.interrupt
         if exc.injected:
@@ -394,8 +407,13 @@ class NestedSvm:
         if not self.guest_mode:
             return 0
         svm, vcpu = self.svm, self.svm.vcpu
-        block_exceptions = self.run_pending
-        block_events = block_exceptions or vcpu.event_needs_reinjection()
+        block_events = self.run_pending or vcpu.event_needs_reinjection()
+        # "KVM: x86: pending exceptions must not be blocked by an injected event" (4020da3b9f0c):
+        # only VMRUN's own injection holds an exception back; an event L0 is re-injecting goes
+        # to L1 as EXITINTINFO of the exception's exit, or is lost to the exception in L2.
+        block_exceptions = block_events if _faults.on(
+            "nested_exception_blocked_by_injected_event") else self.run_pending
+        vcpu.morph_pending_exception_late()  # a fault point: a no-op unless it is on
         if vcpu.exception_vmexit.pending:
             if block_exceptions:
                 return EBUSY

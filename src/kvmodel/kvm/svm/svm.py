@@ -61,6 +61,7 @@ class SvmParams:
     debug_swap: bool = False  # kvm_amd.debug_swap (SEV-ES only)
     vgif: bool = True  # kvm_amd.vgif on a CPU with vGIF: the guest's STGI/CLGI need no exit
     nested: bool = False  # kvm_amd.nested, with SVM in the guest's CPUID (nested.py)
+    vmware_backdoor: bool = False  # kvm.enable_vmware_backdoor: #GP is intercepted too
 
 
 class Svm:
@@ -92,9 +93,12 @@ class Svm:
         self.soft_int_csbase = 0
         self.soft_int_old_rip = 0
         self.soft_int_next_rip = 0
+        self.late_completion = False  # the bug nested_svm_exitintinfo_from_vmcb02's order
         vmcb = guest.vmcb
         vmcb.intercepts = set(INTERCEPTS)
         vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
+        if params.vmware_backdoor:
+            vmcb.exception_intercepts |= 1 << Vec.GP  # init_vmcb()
         vmcb.int_ctl = V_INTR_MASKING | (V_NMI_ENABLE if params.vnmi else 0) | (
             V_GIF_ENABLE | V_GIF if params.vgif else 0)
         cpu = guest.cpu
@@ -467,7 +471,12 @@ class Svm:
         if stop is not None:
             self.sync_guest_state_to_core()
             return BUDGET
-        self.complete_interrupts()
+        self.late_completion = self.guest_mode and _faults.on("nested_svm_exitintinfo_from_vmcb02")
+        if not self.late_completion:
+            # Before the nested exit decision ("KVM: nSVM: synthesize correct EXITINTINFO on
+            # vmexit" moved it there): what was being vectored is requeued first, and a VM
+            # exit to L1 reports it from the queues.
+            self.complete_interrupts()
         return None
 
     def complete_interrupts(self) -> None:
@@ -535,8 +544,13 @@ class Svm:
         code = vmcb.exit_code
         if self.guest_mode and self.nested.reflect():
             return None  # L1 handles it
+        if self.late_completion:  # the bug's order: completion only for exits L0 keeps
+            self.late_completion = False
+            self.complete_interrupts()
         if code == ExitCode.EXCP_BASE + Vec.DB:
             self._db_interception()
+        elif code == ExitCode.EXCP_BASE + Vec.GP:
+            self._gp_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
             vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
         elif code == ExitCode.INTR:
@@ -638,6 +652,13 @@ class Svm:
         vcpu = self.vcpu
         self.disable_nmi_singlestep()
         vcpu.requests |= Request.EVENT
+
+    def _gp_interception(self) -> None:
+        """gp_interception() (#GP intercepted for the VMware backdoor): a non-zero error code
+        goes back at once; with 0, KVM decodes the instruction, and for anything but the SVM
+        instructions and (outside L2) the backdoor's IN/OUT/RDPMC, which never #GP at CPL 0,
+        the model's only CPL, queues #GP(0) again. In L2 the queueing may make it L1's exit."""
+        self.vcpu.queue_exception(Vec.GP, self.vmcb.exit_info_1)
 
     def iret_interception(self) -> None:
         """iret_interception(): NMIs stay masked until RIP has moved past this IRET."""

@@ -13,7 +13,9 @@ goes to L1 as IDT-vectoring information (vmcs12_save_pending_event()).
 Modelled: the vmcs12 fields hw/vmx/root.py knows, pin/processor/exception
 controls merged as KVM merges them, NMI and external-interrupt exits for
 L1, L1-injected events (soft ones with L1's instruction length), the notify
-window applied to vmcs02. Not modelled: nested EPT (identity), MSR bitmaps
+window applied to vmcs02, exceptions L0 queues for L2 that L1 intercepts
+(exception_vmexit, an exit at the next check_nested_events()), and
+KVM_REQ_TRIPLE_FAULT in L2 as EXIT_REASON_TRIPLE_FAULT. Not modelled: nested EPT (identity), MSR bitmaps
 (every MSR exit goes to L1), VMCS shadowing, KVM_GET/SET_NESTED_STATE,
 nested SVM.
 """
@@ -34,6 +36,7 @@ from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     FAILED_VMENTRY,
+    INTR_INFO_UNBLOCK_NMI,
     INTR_INFO_VALID,
     Activity,
     ExitReason,
@@ -47,11 +50,19 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 from kvmodel.kvm.uapi import ShadowBits
-from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, Request
+from kvmodel.kvm.x86 import (
+    DR6_ACTIVE_LOW,
+    EBUSY,
+    MpState,
+    NestedExitRecord,
+    Request,
+    exception_is_soft,
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
 
+DR6_BT = 1 << 15  # a task switch's #DB, not in a #DB exit's qualification (SDM Table 27-1)
 # Exits L0 keeps for itself (nested_vmx_l0_wants_exit()): its host IRQs and NMIs, EPT, notify.
 _L0_ALWAYS = (ExitReason.EXTERNAL_INTERRUPT, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
 # Exits L1 always gets (nested_vmx_l1_wants_exit()): CPUID, the VMX instructions, triple fault.
@@ -249,16 +260,24 @@ class NestedVmx(VmxRoot):
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
         cpu.shadow = Shadow.NONE
+        cpu.shutdown = False  # L1's state is loaded and runnable: a triple fault was L2's
         self.guest_mode = self.run_pending = False
         vcpu.clear_event_queues()
         vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired, "vmcs12"))
 
     def _save_pending_event(self, vmcs12: Vmcs) -> None:
-        """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1."""
+        """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1;
+        nothing for a triple fault or a #DF exit, which consumed the event."""
         vcpu = self.vmx.vcpu
         exc, irq = vcpu.exception, vcpu.interrupt
-        if exc.injected:
+        if vmcs12.exit_reason == ExitReason.TRIPLE_FAULT or (
+                vmcs12.exit_reason == ExitReason.EXCEPTION_NMI
+                and vmcs12.exit_intr_info & INTR_INFO_VALID
+                and info_type(vmcs12.exit_intr_info) == EventType.HW_EXCEPTION
+                and info_vector(vmcs12.exit_intr_info) == Vec.DF):
+            vmcs12.idt_vectoring_info = vmcs12.idt_vectoring_error_code = 0
+        elif exc.injected:
             type_ = EventType.SW_EXCEPTION if exc.vector in (Vec.BP, Vec.OF) else EventType.HW_EXCEPTION
             code = exc.error_code if exc.has_error_code else None
             vmcs12.idt_vectoring_info = intr_info(exc.vector, type_, code)
@@ -329,8 +348,15 @@ class NestedVmx(VmxRoot):
         if not self.guest_mode:
             return 0
         vmx, vcpu = self.vmx, self.vmx.vcpu
-        block_exceptions = self.run_pending
-        block_events = block_exceptions or vcpu.event_needs_reinjection()
+        block_events = self.run_pending or vcpu.event_needs_reinjection()
+        block_exceptions = block_events if _faults.on(
+            "nested_exception_blocked_by_injected_event") else self.run_pending
+        vcpu.morph_pending_exception_late()  # a fault point: a no-op unless it is on
+        if vcpu.exception_vmexit.pending:
+            if block_exceptions:
+                return EBUSY
+            self.inject_exception_vmexit()
+            return 0
         if vcpu.exception.pending:
             return EBUSY if block_exceptions else 0
         if vcpu.nmi_pending and not vmx.nmi_blocked():
@@ -350,9 +376,38 @@ class NestedVmx(VmxRoot):
                 self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
         return 0
 
+    def inject_exception_vmexit(self) -> None:
+        """nested_vmx_inject_exception_vmexit(): vcpu->arch.exception_vmexit becomes L1's
+        EXCEPTION_NMI exit. The payload is the exit qualification, never L2's CR2 or DR6
+        (SDM 27.1: a #PF or #DB that exits leaves them alone); the error code keeps 16 bits.
+        NMI unblocking (bit 12) is set when no event is being vectored and NMIs are masked,
+        as KVM does (it reads vmcs12's IDT-vectoring field; the model reads its queues)."""
+        vmx, vcpu = self.vmx, self.vmx.vcpu
+        exc = vcpu.exception_vmexit
+        if exc.has_payload:
+            qualification = exc.payload
+        elif exc.vector == Vec.PF:
+            qualification = vcpu.cpu.cr2
+        elif exc.vector == Vec.DB:
+            qualification = (vcpu.cpu.dr6 & ~DR6_BT) ^ DR6_ACTIVE_LOW
+        else:
+            qualification = 0
+        type_ = EventType.SW_EXCEPTION if exception_is_soft(exc.vector) else EventType.HW_EXCEPTION
+        code = exc.error_code & 0xFFFF if exc.has_error_code else None
+        info = intr_info(exc.vector, type_, code)
+        if vmx.get_nmi_mask() and not vcpu.event_needs_reinjection():
+            info |= INTR_INFO_UNBLOCK_NMI
+        self.exit_to_l1(ExitReason.EXCEPTION_NMI, info, code or 0, qualification,
+                        vcpu.event_exit_inst_len if type_ is EventType.SW_EXCEPTION else 0)
+
     def triple_fault(self) -> None:
-        """nested_vmx_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is always L1's VM exit."""
-        if self.guest_mode:
-            self.vmx.vcpu.requests &= ~Request.TRIPLE_FAULT
-            self.exit_to_l1(ExitReason.TRIPLE_FAULT)
+        """nested_vmx_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is always L1's VM exit.
+        L2 shut down as the CPU would have (the Shutdown record); vmcs12_save_pending_event()
+        reports no IDT-vectoring information for it."""
+        if not self.guest_mode:
+            return
+        vcpu = self.vmx.vcpu
+        vcpu.requests &= ~Request.TRIPLE_FAULT
+        vcpu.trace_l2_shutdown()
+        self.exit_to_l1(ExitReason.TRIPLE_FAULT)
 

@@ -55,6 +55,7 @@ class VmxParams:
     intercept_db: bool = True  # the model's switch, see above
     host_fred: bool = False  # the host kernel takes its own IRQs and NMIs through FRED
     nested: bool = False  # kvm_intel.nested, with VMX in the guest's CPUID (nested.py)
+    vmware_backdoor: bool = False  # kvm.enable_vmware_backdoor: #GP is intercepted too
 
 
 class Vmx:
@@ -76,6 +77,8 @@ class Vmx:
         guest.ack_interrupt_on_exit = True  # VM_EXIT_ACK_INTR_ON_EXIT
         if not params.intercept_db:
             vmcs.exception_bitmap &= ~(1 << Vec.DB)
+        if params.vmware_backdoor:
+            vmcs.exception_bitmap |= 1 << Vec.GP  # vmx_update_exception_bitmap()
         if vcpu.kvm.notify_enabled:
             # vmx_secondary_exec_control() and init_vmcs()
             vmcs.secondary_exec |= Secondary.NOTIFY_VM_EXITING
@@ -91,6 +94,10 @@ class Vmx:
         return self.guest.vmcs
 
     guest_state_protected = False  # TDX is not modelled
+
+    @property
+    def guest_mode(self) -> bool:
+        return self.nested is not None and self.nested.guest_mode
 
     def get_nested_state(self) -> NestedState | None:
         """KVM_GET_NESTED_STATE: None when L1 is not in VMX operation."""
@@ -190,10 +197,10 @@ class Vmx:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
     def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool:
-        """nested_vmx_is_exception_vmexit(): not modelled; an exception L0 queues for L2
-        goes to L2 even if vmcs12's exception bitmap has it (exits L1 wants come from
-        the hardware's exit, reflect())."""
-        return False
+        """nested_vmx_is_exception_vmexit(): L2 runs and vmcs12's exception bitmap has the
+        vector (#PF's error-code mask and match are not modelled: the bitmap bit decides)."""
+        n = self.nested
+        return n is not None and n.guest_mode and bool(n.vmcs12.exception_bitmap >> vector & 1)
 
     def nested_triple_fault(self) -> None:
         if self.nested is not None:
@@ -416,6 +423,13 @@ class Vmx:
         vector = info_vector(info)
         if self._is_host_nmi():
             return None  # handled right after the exit (vmx_handle_nmi())
+        if vector == Vec.GP and self.params.vmware_backdoor:
+            # Before the vectoring check, so a #GP while delivering an event is handled too.
+            # A non-zero error code goes back at once; with 0, the emulator takes only the
+            # backdoor's IN/OUT/RDPMC (EMULTYPE_VMWARE_GP), which never #GP at CPL 0 (the
+            # model's only CPL), and queues #GP(0) for anything else.
+            vcpu.queue_exception(Vec.GP, vmcs.exit_intr_error_code)
+            return None
         if vmcs.idt_vectoring_info & INTR_INFO_VALID:
             return UserspaceExit(KvmExit.INTERNAL_ERROR,
                                  f"KVM_INTERNAL_ERROR_SIMUL_EX: #{vector} while vectoring")
