@@ -92,8 +92,9 @@ def test_crafted_nmi_pending_unclamped_before_the_fix(vcpu):
 
 
 def test_crafted_state_without_counterpart_is_a_model_limit(vcpu):
-    with pytest.raises(ModelLimit, match="nmi_masked"):
-        SetVcpuEvents((("nmi_masked", 1),)).perform(vcpu)
+    with pytest.raises(ModelLimit, match="instruction length"):  # no INT 0x80 at RIP
+        SetVcpuEvents((("interrupt_injected", 1), ("interrupt_nr", 0x80),
+                       ("interrupt_soft", 1))).perform(vcpu)
 
 
 def test_immediate_exit_is_eintr_and_runs_nothing(vcpu):
