@@ -207,7 +207,7 @@ CATALOGUE: tuple[Bug, ...] = (
         "Christopherson, 2026-02-18, lore 20260218005438.2619063-1-seanjc@google.com; Cc stable): "
         "\"the quirked behavior ... only works if userspace does KVM_GET_VCPU_EVENTS *before* CR2 "
         "or DR6 is saved, i.e. before KVM_GET_SREGS{,2} and KVM_GET_DEBUGREGS\"",
-        ("svm", "vmx"), "scenarios/vmm/payload_quirk_registers_first.toml"),
+        ("svm", "vmx"), "scenarios/vmm/explore_register_orders.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from kvmodel.arch.cpu import Forced
 from kvmodel.arch.events import VECTORS, Event, EventType, Vec
-from kvmodel.arch.regs import Shadow
+from kvmodel.arch.regs import IF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
 from kvmodel.kvm.x86 import ExceptionType, Vcpu, exception_type
@@ -114,8 +114,8 @@ class SetVcpuEvents:
             return Performed(e.errno, 0, str(e))
         applied = as_applied(crafted)
         states = crafted_states(vcpu, as_applied(before), applied, flying)
-        return Performed(0, _added_nmis(as_applied(before), applied, states), crafted.pack().hex(),
-                         states)
+        return Performed(0, _added_nmis(as_applied(before), applied, states is not None),
+                         crafted.pack().hex(), states or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +126,9 @@ class ImmediateExit:
         return Performed(vcpu.run_immediate_exit(), 0)
 
 
-def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents,
-                states: tuple[Forced, ...]) -> int:
+def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents, covered: bool) -> int:
     """The bare-metal counterpart of an accepted crafted state: NMIs arriving, or a limit for
-    a change that neither they nor `states` (crafted_states()) stand for."""
+    a change that neither they nor crafted_states() (`covered`) stand for."""
     changed = [f for f in EVENT_FIELDS if getattr(before, f) != getattr(crafted, f)]
     dropped_flags = before.flags & ~crafted.flags
     for name in changed:
@@ -139,7 +138,7 @@ def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents,
         if (name == "nmi_pending" and crafted.flags & VcpuEventsFlag.VALID_NMI_PENDING
                 and crafted.nmi_pending > before.nmi_pending):
             continue
-        if name in _STATE_FIELDS and states:
+        if name in _STATE_FIELDS and covered:
             continue
         if name in _IGNORED_FIELDS:
             continue
@@ -184,7 +183,7 @@ def as_applied(ev: KvmVcpuEvents) -> KvmVcpuEvents:
 
 
 def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
-                   flying: bool) -> tuple[Forced, ...]:
+                   flying: bool) -> tuple[Forced, ...] | None:
     """What an accepted crafted event state stands for on bare metal, at the boundary where
     the guest stands: "a crafted legal state must be delivered as the state says" (issue 19).
 
@@ -199,20 +198,24 @@ def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
       as an external interrupt from outside the local APIC (an 8259 in ExtINT mode: no ISR);
     - interrupt.injected (soft) where the guest stands at that very INT n: nothing, the CPU
       runs it.
-    Anything else is a ModelLimit naming what the oracle lacks.
+    None: no such change. Anything else is a ModelLimit naming what the oracle lacks.
     """
     state = Forced()
+    if_set = bool(vcpu.ops.get_rflags() & IF)
+    if after.interrupt_shadow & ShadowBits.STI and not before.interrupt_shadow and not if_set:
+        raise ModelLimit("a crafted STI shadow with RFLAGS.IF=0: no state bare metal can be in "
+                         "(only an STI that sets IF opens one, SDM Vol.2 STI)")
     if after.nmi_masked != before.nmi_masked:
         state = replace(state, nmi_blocked=bool(after.nmi_masked))
     if after.interrupt_shadow != before.interrupt_shadow:
         state = replace(state, shadow=_shadow_of(after.interrupt_shadow))
-    event, cr2 = _crafted_event(vcpu, before, after)
+    event, cr2, soft = _crafted_event(vcpu, before, after)
     if event is not None and state.shadow not in (None, Shadow.NONE):
         raise ModelLimit("KVM_SET_VCPU_EVENTS with an event to inject and an interrupt shadow: "
                          "VM entry's checks on that pair (SDM 26.3.1.5) are not modelled")
     state = replace(state, event=event, cr2=cr2)
     if state == Forced():
-        return ()
+        return () if soft else None
     if flying:
         raise ModelLimit("KVM_SET_VCPU_EVENTS crafted a new event state while an event was in "
                          "flight (its delivery cut short): the model has no bare-metal "
@@ -227,8 +230,9 @@ def _shadow_of(bits: int) -> Shadow:
 
 
 def _crafted_event(vcpu: Vcpu, before: KvmVcpuEvents,
-                   after: KvmVcpuEvents) -> tuple[Event | None, int | None]:
-    """The event a crafted state injects, as bare metal delivers it, and CR2 before it."""
+                   after: KvmVcpuEvents) -> tuple[Event | None, int | None, bool]:
+    """The event a crafted state injects, as bare metal delivers it, CR2 before it, and
+    whether it was a soft interrupt the guest's own INT n stands for."""
     exception = _exception_of(after)
     irq = (after.interrupt_injected, after.interrupt_nr, after.interrupt_soft)
     fresh = (exception is not None and exception != _exception_of(before),
@@ -236,22 +240,25 @@ def _crafted_event(vcpu: Vcpu, before: KvmVcpuEvents,
              bool(after.interrupt_injected) and irq != (
                  before.interrupt_injected, before.interrupt_nr, before.interrupt_soft))
     if not any(fresh):
-        return None, None
+        return None, None, False
     if (exception is not None) + after.nmi_injected + after.interrupt_injected > 1:
         raise ModelLimit("KVM_SET_VCPU_EVENTS with more than one of an exception, an NMI and an "
                          "interrupt to inject: KVM injects one per entry and the oracle has no "
                          "counterpart for the others")
     new = fresh
     if new[0]:
-        return _exception_event(after)
+        return *_exception_event(after), False
     if new[1]:
-        return Event(Vec.NMI, EventType.NMI, 0), None
+        return Event(Vec.NMI, EventType.NMI, 0), None, False
     if new[2]:
         if after.interrupt_soft:
             _check_at_int_n(vcpu, after.interrupt_nr)
-            return None, None
-        return Event(after.interrupt_nr, EventType.EXT_INT, 0), None
-    return None, None
+            return None, None, True
+        if not vcpu.ops.get_rflags() & IF or after.interrupt_shadow:
+            raise ModelLimit("a crafted external interrupt with RFLAGS.IF=0 or in a shadow: bare "
+                             "metal never takes one there (SDM 6.8.1, 6.8.3)")
+        return Event(after.interrupt_nr, EventType.EXT_INT, 0), None, False
+    return None, None, False
 
 
 def _exception_of(ev: KvmVcpuEvents) -> tuple | None:
