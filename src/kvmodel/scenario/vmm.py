@@ -39,7 +39,7 @@ from kvmodel.arch.events import VECTORS, Event, EventType, Vec
 from kvmodel.arch.regs import IF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
-from kvmodel.kvm.x86 import ExceptionType, Vcpu, exception_type
+from kvmodel.kvm.x86 import ExceptionType, MpState, Vcpu, exception_type
 
 KVM_NMI = "KVM_NMI"
 KVM_SET_VCPU_EVENTS = "KVM_SET_VCPU_EVENTS"
@@ -213,6 +213,10 @@ def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
     if event is not None and state.shadow not in (None, Shadow.NONE):
         raise ModelLimit("KVM_SET_VCPU_EVENTS with an event to inject and an interrupt shadow: "
                          "VM entry's checks on that pair (SDM 26.3.1.5) are not modelled")
+    if event is not None and vcpu.mp_state is MpState.HALTED:
+        raise ModelLimit("a crafted event for a halted vCPU: KVM wakes it for a pending exception "
+                         "only (kvm_vcpu_has_events()), and a VMM says which with "
+                         "KVM_SET_MP_STATE, which is not modelled")
     state = replace(state, event=event, cr2=cr2)
     if state == Forced():
         return () if soft else None
