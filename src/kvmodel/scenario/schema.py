@@ -80,8 +80,10 @@ class VmmStep:
     """[[vmm]]: one uAPI call the VMM makes when KVM_RUN has returned to it.
 
     At the `exit`-th VM exit, or at the first exit once the guest has reached
-    the label `at` (a signal kicks the vCPU out there). `args` are the fields
-    of struct kvm_vcpu_events a crafted KVM_SET_VCPU_EVENTS changes.
+    the label `at` (a signal kicks the vCPU out there). `args` are the call's
+    arguments (scenario/vmm.py CALL_FIELDS): the fields of struct
+    kvm_vcpu_events or kvm_debugregs a crafted SET changes, a capability's
+    `enable`.
     """
 
     call: str
