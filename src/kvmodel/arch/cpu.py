@@ -14,7 +14,7 @@ instruction itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from kvmodel.arch import deliver
@@ -57,6 +57,25 @@ class External(IntEnum):
     HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
     NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
     HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
+    STATE = 5  # no arrival: the CPU is in `Scheduled.state` at this boundary (below)
+
+
+@dataclass(frozen=True, slots=True)
+class Forced:
+    """A state the CPU is in at one boundary, which the instruction stream before it did not
+    make: bare metal's counterpart of an event state a VMM set (KVM_SET_VCPU_EVENTS).
+
+    `nmi_blocked`: as inside an NMI handler (True, blocked until the next IRET, SDM 6.7.1) or
+    as after its IRET (False). `shadow`: the boundary is in an STI or MOV SS shadow (SDM
+    6.8.3). `event`: delivered here before anything else, with the return address of this
+    boundary and RF as `push_rf` says, leaving DR6/DR7 alone (as a VM entry injects it, SDM
+    26.6.1); `cr2`: a #PF's address, written first (SDM 4.7).
+    """
+
+    nmi_blocked: bool | None = None
+    shadow: Shadow | None = None
+    event: Event | None = None
+    cr2: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +93,7 @@ class Scheduled:
     # Set: the guest stood here when a VMM acted (after `after` retired and this many deliveries
     # completed); it arrives there, never earlier by time passing while halted before it.
     delivered: int | None = None
+    state: Forced | None = None  # External.STATE: what the CPU's state is there
 
 
 class Stop(IntEnum):
@@ -345,6 +365,10 @@ class Cpu:
 
     def _arrive(self, s: Scheduled) -> None:
         self.scheduled.remove(s)
+        if s.event is External.STATE:
+            self._update_next_after()
+            self._force(s.state)
+            return
         if self.host is not None:
             fate = self.host.external(self, s.event, s.vector)
             name = s.event.name.lower()
@@ -357,6 +381,18 @@ class Cpu:
             fate, name = self.raise_interrupt(s.vector), "interrupt"
         self.trace.append(Arrival(name, s.vector, self.retired, self.rip, fate))
         self._update_next_after()
+
+    def _force(self, state: Forced) -> None:
+        """Put the CPU in `state` at this boundary (Forced)."""
+        if state.nmi_blocked is not None:
+            self.nmi_blocked = state.nmi_blocked
+        if state.shadow is not None:
+            self.shadow = state.shadow
+        if state.cr2 is not None:
+            self.cr2 = state.cr2
+        if state.event is not None:
+            self.halted = False
+            deliver.deliver(self, replace(state.event, rip=self.rip), injected=True)
 
     def _fire_due(self) -> None:
         for s in list(self.scheduled):

@@ -232,6 +232,17 @@ CATALOGUE: tuple[Bug, ...] = (
         "the nested SVM rework; upstream hash not found here): nested_vmcb_save_pending_event(), "
         "svm_complete_interrupts() moved before the nested exit; APM 15.7.2",
         ("svm",), "scenarios/nested/svm_l1_intercepts_pf_during_reinjected_nmi.toml"),
+    Bug("payload_quirk_events_only",
+        "without KVM_CAP_EXCEPTION_PAYLOAD, only KVM_GET_VCPU_EVENTS delivers a pending exception's "
+        "payload for userspace: a VMM that reads KVM_GET_SREGS / KVM_GET_DEBUGREGS before the events "
+        "saves CR2/DR6 without it and puts the stale value back, so the guest's #DB handler sees DR6 "
+        "without BS (the model has no early delivery at queue time, which upstream did outside L2: "
+        "this is the behaviour upstream had for an exception queued in L2, shown on L1)",
+        "KVM: x86: Defer non-architectural deliver of exception payload to userspace read (Sean "
+        "Christopherson, 2026-02-18, lore 20260218005438.2619063-1-seanjc@google.com; Cc stable): "
+        "\"the quirked behavior ... only works if userspace does KVM_GET_VCPU_EVENTS *before* CR2 "
+        "or DR6 is saved, i.e. before KVM_GET_SREGS{,2} and KVM_GET_DEBUGREGS\"",
+        ("svm", "vmx"), "scenarios/vmm/explore_register_orders.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -52,7 +52,7 @@ from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
-from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
+from kvmodel.scenario.schema import ExploreSpec, Happening, KnownFinding, Scenario
 from kvmodel.scenario.vmm import CHOICE_NAMES
 
 
@@ -214,14 +214,17 @@ class Runner:
         self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
         self.image: PageImage | None = None
 
-    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = ()) -> RunResult:
-        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)."""
+    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = (),
+             vmm_states: tuple[Happening, ...] = ()) -> RunResult:
+        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered);
+        `vmm_states`: the states its crafted KVM_SET_VCPU_EVENTS put the CPU in."""
         external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
                                 + tuple(place(Kind.NMI, at, 1 + delivered)
                                         for at, delivered in vmm_nmis)))
-        if external not in self.bare_runs:
-            self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
-        return self.bare_runs[external]
+        key = (external, vmm_states) if vmm_states else external
+        if key not in self.bare_runs:
+            self.bare_runs[key] = self._keep(self.run(external, Vendor.BARE, vmm_states))
+        return self.bare_runs[key]
 
     def _keep(self, result: RunResult) -> RunResult:
         if len(result.memory) != self.image.size:
@@ -236,7 +239,7 @@ class Runner:
         if self.prepared is None:
             self.bare(())  # the first run judges the file's expectations
         virt = self.run(schedule, self.vendor)
-        bare = self.bare(schedule, virt.vmm_nmis)
+        bare = self.bare(schedule, virt.vmm_nmis, virt.vmm_states)
         exits = sum(st.exits for st in virt.stats)
         limit = limit_of(bare, virt)
         if limit is not None:
@@ -258,7 +261,8 @@ class Runner:
         h.update(self.image.digest(result.memory))
         return h.hexdigest()
 
-    def run(self, schedule: Schedule, vendor: Vendor) -> RunResult:
+    def run(self, schedule: Schedule, vendor: Vendor,
+            vmm_states: tuple[Happening, ...] = ()) -> RunResult:
         # The first run judges the file's expectations, so a bad label there is still an
         # error; the others are judged against bare metal only.
         first = self.prepared is None
@@ -266,8 +270,8 @@ class Runner:
             self.prepared = Prepared(self.scenario)
             self.image = PageImage(self.prepared.cpu.mem)
         scenario = apply(self.scenario, schedule)
-        if vendor is Vendor.BARE:
-            scenario = replace(scenario, vmm=())  # its counterpart is in the schedule
+        if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule and `vmm_states`
+            scenario = replace(scenario, vmm=(), happenings=vmm_states + scenario.happenings)
         return run(scenario, vendor=vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=first)
 

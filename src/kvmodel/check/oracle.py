@@ -133,7 +133,7 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
                    max_steps=max_steps)
     bare_scenario = scenario
     if virt is not None and scenario.vmm:
-        bare_scenario = bare_counterpart(scenario, virt.vmm_nmis)
+        bare_scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_states)
     bare = run(bare_scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
                max_steps=max_steps)
     if why is not None:

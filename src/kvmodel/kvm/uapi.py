@@ -104,3 +104,42 @@ class KvmVcpuEvents:
 
 # The fields in header order; dataclasses.astuple() would deep-copy each one (16 us a pack).
 _FIELD_VALUES = attrgetter(*(f.name for f in fields(KvmVcpuEvents)))
+
+
+# -- KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_GET/SET_DEBUGREGS ----------------------------
+# The parts of struct kvm_regs / kvm_sregs / kvm_debugregs (include/uapi/asm/kvm.h) the model
+# holds; a VMM passes back what it read, so they need no byte layout here.
+
+
+@dataclass(frozen=True, slots=True)
+class KvmRegs:
+    """struct kvm_regs: the general registers in the mode's order, RIP, RFLAGS."""
+
+    gprs: tuple[int, ...]
+    rip: int
+    rflags: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvmSregs:
+    """struct kvm_sregs, the fields events touch. `interrupt_bitmap` holds the vector of an
+    injected hard interrupt (__get_sregs(): interrupt.injected && !soft), or None."""
+
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    efer: int
+    idt_base: int
+    idt_limit: int
+    interrupt_bitmap: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KvmDebugregs:
+    """struct kvm_debugregs: db[4], dr6, dr7, flags (must be 0), reserved."""
+
+    db: tuple[int, int, int, int]
+    dr6: int
+    dr7: int
+    flags: int = 0

@@ -20,8 +20,18 @@ from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
-from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
-from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, RSP, TF
+from kvmodel.kvm.uapi import (
+    EINTR,
+    InvalidArgument,
+    KvmDebugregs,
+    KvmExit,
+    KvmRegs,
+    KvmSregs,
+    KvmVcpuEvents,
+    ShadowBits,
+    VcpuEventsFlag,
+)
 from kvmodel.kvm.vm import Vm
 
 DR_TRAP_BITS = 0xF
@@ -178,6 +188,7 @@ class VendorOps(Protocol):
     def set_vnmi_pending(self) -> bool: ...
     def get_rflags(self) -> int: ...
     def set_rflags(self, rflags: int) -> None: ...
+    def rsp_write(self, rsp: int) -> None: ...
     def rip_read(self) -> int: ...
     def rip_write(self, rip: int) -> None: ...
     def skip_emulated_instruction(self) -> bool: ...
@@ -633,9 +644,8 @@ class Vcpu:
     def get_vcpu_events(self) -> KvmVcpuEvents:
         """kvm_vcpu_ioctl_x86_get_vcpu_events()."""
         self.process_nmi()
-        exc = self.exception
-        if self.exception_vmexit.pending and not (exc.pending or exc.injected):
-            exc = self.exception_vmexit  # the ABI has room for one; an exiting one goes as it
+        self._exception_payload_quirk()
+        exc = self._exception_to_save()
         out = KvmVcpuEvents()
         if not exception_is_soft(exc.vector):  # soft exceptions re-execute after restore
             out.exception_injected = int(exc.injected)
@@ -664,7 +674,8 @@ class Vcpu:
         return out
 
     def set_vcpu_events(self, ev: KvmVcpuEvents) -> None:
-        """kvm_vcpu_ioctl_x86_set_vcpu_events(): InvalidArgument (-EINVAL) before any change.
+        """kvm_vcpu_ioctl_x86_set_vcpu_events(): InvalidArgument (-EINVAL), before any change
+        except for SMM state (below).
 
         The kernel works on its own copy of the struct (copy_from_user()), so the
         fields it forces to 0 are forced in a copy here too: the caller's is left as is."""
@@ -712,6 +723,13 @@ class Vcpu:
                 if ev.nmi_pending:
                     self.requests |= Request.NMI
         self.ops.set_nmi_mask(bool(ev.nmi_masked))
+        if ev.flags & VcpuEventsFlag.VALID_SMM and (ev.smi_smm or ev.smi_pending
+                                                    or ev.smi_smm_inside_nmi):
+            # The model's KVM is built without CONFIG_KVM_SMM (SMM is not modelled), where
+            # the ioctl refuses any SMM state, but only here: the exception, interrupt and
+            # NMI state above is already written when it returns -EINVAL.
+            raise InvalidArgument("SMM state without CONFIG_KVM_SMM (the events before it "
+                                  "were applied)")
         if ev.flags & VcpuEventsFlag.VALID_TRIPLE_FAULT:
             if ev.triple_fault_pending:
                 self.requests |= Request.TRIPLE_FAULT
@@ -720,12 +738,127 @@ class Vcpu:
         self.requests |= Request.EVENT
 
 
+    # -- KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD) and the payload quirk --------
+
+    def enable_exception_payload(self, enabled: bool) -> int:
+        """KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD) on the VM: kvm_vm_ioctl_enable_cap() sets
+        kvm->arch.exception_payload_enabled = args[0], on or off, at any time. Returns 0."""
+        self.exception_payload_enabled = enabled
+        return 0
+
+    def _exception_to_save(self) -> QueuedException:
+        """kvm_get_exception_to_save(): the ABI has room for one exception; an exiting one
+        (exception_vmexit) goes when nothing is queued for the guest itself."""
+        exc = self.exception
+        if self.exception_vmexit.pending and not (exc.pending or exc.injected):
+            return self.exception_vmexit
+        return exc
+
+    def _exception_payload_quirk(self) -> None:
+        """kvm_handle_exception_payload_quirk(): without KVM_CAP_EXCEPTION_PAYLOAD userspace may
+        not carry a payload across save/restore, so the pending exception's payload (CR2, DR6)
+        is delivered before it reads any state a payload touches: vCPU events, sregs (CR2),
+        debug registers (DR6). "KVM: x86: Defer non-architectural deliver of exception payload
+        to userspace read" (Sean Christopherson, 2026)."""
+        exc = self._exception_to_save()
+        if not self.exception_payload_enabled and exc.pending and exc.has_payload:
+            self.deliver_exception_payload(exc)
+
+    def _payload_quirk_on_register_read(self) -> None:
+        if not _faults.on("payload_quirk_events_only"):
+            self._exception_payload_quirk()
+        # Before that commit only KVM_GET_VCPU_EVENTS did it: a VMM reading sregs or debug
+        # registers first saved CR2/DR6 without the payload, and put them back afterwards.
+
+    # -- KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_GET/SET_DEBUGREGS --------------
+
+    def _check_state_accessible(self) -> None:
+        """A protected guest's registers are not KVM's to give (SEV-ES: "KVM: x86: Update
+        __get_sregs() / __set_sregs() to support SEV-ES", kvm_arch_vcpu_ioctl_get_regs() etc.)."""
+        if self.ops.guest_state_protected:
+            raise InvalidArgument("the guest state is protected (SEV-ES)")
+
+    def get_regs(self) -> KvmRegs:
+        """KVM_GET_REGS: __get_regs()."""
+        self._check_state_accessible()
+        self.ops.sync_guest_state_to_core()
+        return KvmRegs(tuple(self.cpu.regs), self.ops.rip_read(), self.ops.get_rflags())
+
+    def set_regs(self, regs: KvmRegs) -> None:
+        """KVM_SET_REGS: __set_regs() writes the registers, RIP and RFLAGS (kvm_set_rflags(),
+        fixed bit 1 set), drops a *pending* exception (exception.pending and
+        exception_vmexit.pending = false: it belonged to the old register state) and raises
+        KVM_REQ_EVENT. An injected one stays."""
+        self._check_state_accessible()
+        if len(regs.gprs) != len(self.cpu.regs):
+            raise InvalidArgument(f"struct kvm_regs with {len(regs.gprs)} registers")
+        self.cpu.regs = list(regs.gprs)
+        self.ops.rsp_write(regs.gprs[RSP])
+        self.ops.rip_write(regs.rip)
+        self.ops.set_rflags(regs.rflags | 0x2)
+        self.exception.pending = False
+        self.exception_vmexit.pending = False
+        self.requests |= Request.EVENT
+
+    def get_sregs(self) -> KvmSregs:
+        """KVM_GET_SREGS: __get_sregs() (after the payload quirk); the injected hard interrupt
+        goes in interrupt_bitmap."""
+        self._check_state_accessible()
+        self._payload_quirk_on_register_read()
+        cpu, irq = self.cpu, self.interrupt
+        pending = irq.nr if irq.injected and not irq.soft else None
+        return KvmSregs(cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer, cpu.idtr_base,
+                        cpu.idtr_limit, pending)
+
+    def set_sregs(self, sregs: KvmSregs) -> None:
+        """KVM_SET_SREGS: kvm_is_valid_sregs() (-EINVAL), then __set_sregs(): the control
+        registers, CR2, IDTR; a vector in interrupt_bitmap is queued again as an injected hard
+        interrupt (kvm_queue_interrupt()); KVM_REQ_EVENT."""
+        self._check_state_accessible()
+        long_mode = sregs.efer & _EFER_LME and sregs.cr0 & _CR0_PG
+        if long_mode and not (sregs.cr4 & _CR4_PAE and sregs.efer & _EFER_LMA):
+            raise InvalidArgument("kvm_is_valid_sregs(): long mode without CR4.PAE or EFER.LMA")
+        if not long_mode and sregs.efer & _EFER_LMA:
+            raise InvalidArgument("kvm_is_valid_sregs(): EFER.LMA outside long mode")
+        cpu = self.cpu
+        cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = (sregs.cr0, sregs.cr2, sregs.cr3,
+                                                        sregs.cr4, sregs.efer)
+        cpu.idtr_base, cpu.idtr_limit = sregs.idt_base, sregs.idt_limit
+        if sregs.interrupt_bitmap is not None:
+            self.queue_interrupt(sregs.interrupt_bitmap, soft=False)
+        self.requests |= Request.EVENT
+
+    def get_debugregs(self) -> KvmDebugregs:
+        """KVM_GET_DEBUGREGS: kvm_vcpu_ioctl_x86_get_debugregs() (after the payload quirk)."""
+        self._check_state_accessible()
+        self._payload_quirk_on_register_read()
+        cpu = self.cpu
+        return KvmDebugregs(tuple(cpu.dr), cpu.dr6, cpu.dr7)
+
+    def set_debugregs(self, regs: KvmDebugregs) -> None:
+        """KVM_SET_DEBUGREGS: kvm_vcpu_ioctl_x86_set_debugregs(): -EINVAL for flags, or DR6/DR7
+        bits above 31 (kvm_dr6_valid(), kvm_dr7_valid()); then DR0-3, DR6, DR7."""
+        self._check_state_accessible()
+        if regs.flags:
+            raise InvalidArgument(f"struct kvm_debugregs flags {regs.flags:#x}")
+        if regs.dr6 >> 32 or regs.dr7 >> 32:
+            raise InvalidArgument(f"DR6 {regs.dr6:#x} / DR7 {regs.dr7:#x} has bits above 31")
+        cpu = self.cpu
+        cpu.dr, cpu.dr6, cpu.dr7 = list(regs.db), regs.dr6, regs.dr7
+        cpu.update_breakpoints()  # kvm_update_dr0123(), kvm_update_dr7()
+
+
 def _queued(vector: int, error_code: int | None, payload: int | None) -> QueuedException:
     """A newly pending exception, as kvm_multiple_exception() records it."""
     return QueuedException(pending=True, vector=vector, has_error_code=error_code is not None,
                            error_code=error_code or 0, has_payload=payload is not None,
                            payload=payload or 0)
 
+
+_CR0_PG = 1 << 31
+_CR4_PAE = 1 << 5
+_EFER_LME = 1 << 8
+_EFER_LMA = 1 << 10
 
 _ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTOR
               | VcpuEventsFlag.VALID_SHADOW | VcpuEventsFlag.VALID_SMM

@@ -60,8 +60,8 @@ from kvmodel.scenario.schema import (
     Vector,
     VmmStep,
 )  # fmt: skip
+from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import EVENT_FIELDS
 
 DEFAULT_MAX_STEPS = 100_000
 MAX_NESTING = 32  # arrays and inline tables inside each other; the format needs 3
@@ -642,16 +642,18 @@ def _qemu_differences(ctx: _Ctx, expect: dict) -> tuple[QemuDifference, ...]:
 
 
 def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
-    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
-    at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
+    """[[vmm]]: call = one of scenario/vmm.py CALLS, exit = N or at = "label"; a call's
+    arguments by name (CALL_FIELDS: struct kvm_vcpu_events or kvm_debugregs fields a crafted
+    SET changes, `enable` for KVM_ENABLE_CAP_EXCEPTION_PAYLOAD)."""
     t = "vmm"
     out = []
     for n, item in enumerate(items):
         if ("exit" in item) == ("at" in item):
             raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
                             "(the first exit once the guest is there)", t, None, n)
-        # the schema let a field through only for KVM_SET_VCPU_EVENTS, as a bool or a number
-        args = tuple((name, int(item[name])) for name in EVENT_FIELDS if name in item)
+        # the schema let through only the call's own arguments, as bools or numbers
+        args = tuple((name, int(item[name])) for name in VMM_CALL_FIELDS.get(item["call"], ())
+                     if name in item)
         out.append(VmmStep(item["call"], item.get("exit"),
                            _expr(item["at"]) if "at" in item else None, args,
                            ctx.line(t, None, n)))

@@ -84,6 +84,7 @@ class RunResult:
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
     vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
+    vmm_states: tuple[Happening, ...] = ()  # bare metal's counterparts of crafted event states
 
     @property
     def passed(self) -> bool:
@@ -233,7 +234,8 @@ def _attach_roots(cpu: Cpu, scenario: Scenario) -> None:
 
 def _schedule(cpu: Cpu, scenario: Scenario, resolve: Resolver) -> None:
     cpu.schedule([Scheduled(h.event, h.vector, h.after,
-                            resolve(h.at, h.line) if h.at is not None else None, h.delivered)
+                            resolve(h.at, h.line) if h.at is not None else None, h.delivered,
+                            h.state)
                   for h in scenario.happenings])
 
 
@@ -266,7 +268,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
         kvm_vendor = Vendor.SVM if scenario.vendor == "bare" else Vendor(scenario.vendor)
         virt = run(scenario, vendor=kvm_vendor, max_steps=max_steps, expectations=False)
-        scenario = bare_counterpart(scenario, virt.vmm_nmis)
+        scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_states)
     if prepared is not None and not record_instructions:
         cpu, program = prepared.prepare(scenario)
     else:
@@ -277,12 +279,13 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     warnings: tuple[str, ...] = ()
     host = None
     vmm_nmis: list[tuple[int, int]] = []
+    vmm_states: list[Happening] = []
     try:
         if vendor is Vendor.BARE:
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
-            cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
-                                                                     vendor, steps, vmm_nmis)
+            cpu, stop, stats, error, warnings, host = _run_under_kvm(
+                scenario, program, cpu, vendor, steps, vmm_nmis, vmm_states)
     except ModelLimit as e:
         limit = str(e)
         stop = None
@@ -292,15 +295,17 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
-                     tuple(vmm_nmis))
+                     tuple(vmm_nmis), tuple(vmm_states))
 
 
-def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...]) -> Scenario:
+def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
+                     states: tuple[Happening, ...] = ()) -> Scenario:
     """The scenario for bare metal: no VMM, and an NMI for each one the VMM's calls made
-    arrive, after (retired, delivered) as the guest stood where the VMM acted."""
+    arrive, after (retired, delivered) as the guest stood where the VMM acted; the CPU put in
+    each state a crafted KVM_SET_VCPU_EVENTS set, there (`states`, first)."""
     arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
                      for after, delivered in nmis)
-    return replace(scenario, happenings=scenario.happenings + arrivals, vmm=())
+    return replace(scenario, happenings=scenario.happenings + states + arrivals, vmm=())
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
@@ -351,10 +356,16 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
     return min(later) if later else 0
 
 
-def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None:
-    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now."""
+def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]],
+             vmm_states: list[Happening]) -> None:
+    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now, and
+    the states it sets hold there (before anything in flight, which a crafted state may not
+    replace: scenario/vmm.py crafted_states())."""
     cpu = vcpu.cpu
+    here = cpu.delivered
     done = action(step.call, step.args).perform(vcpu)
+    vmm_states += [Happening(External.STATE, 0, cpu.retired, None, 0, here, state)
+                   for state in done.states]
     # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
     # instruction runs again), so the NMIs then come before it, as on bare metal.
     delivered = cpu.delivered + int(in_flight(vcpu))
@@ -364,7 +375,7 @@ def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int, vmm_nmis: list[tuple[int, int]]
+                   steps: int, vmm_nmis: list[tuple[int, int]], vmm_states: list[Happening]
                    ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                               tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends; in between,
@@ -400,7 +411,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         for stop in [s for s in stops if s.due(exits, vcpu.cpu)]:
             stops.remove(stop)
             if stop.call is not None:
-                _perform(stop.call, vcpu, vmm_nmis)
+                _perform(stop.call, vcpu, vmm_nmis, vmm_states)
                 continue
             done.append(vcpu.stats)
             warnings += vcpu.warnings

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from kvmodel.arch.cpu import External
+from kvmodel.arch.cpu import External, Forced
 from kvmodel.arch.events import EventType
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
+from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import EVENT_FIELDS, KVM_SET_VCPU_EVENTS
 
 Expr = str | int
 
@@ -57,6 +57,7 @@ class Happening:
     at: Expr | None
     line: int
     delivered: int | None = None  # set: where a VMM acted (arch/cpu.py Scheduled.delivered)
+    state: Forced | None = None  # External.STATE: bare metal's counterpart of a VMM's state
 
 
 class HostEvent(Enum):
@@ -79,8 +80,10 @@ class VmmStep:
     """[[vmm]]: one uAPI call the VMM makes when KVM_RUN has returned to it.
 
     At the `exit`-th VM exit, or at the first exit once the guest has reached
-    the label `at` (a signal kicks the vCPU out there). `args` are the fields
-    of struct kvm_vcpu_events a crafted KVM_SET_VCPU_EVENTS changes.
+    the label `at` (a signal kicks the vCPU out there). `args` are the call's
+    arguments (scenario/vmm.py CALL_FIELDS): the fields of struct
+    kvm_vcpu_events or kvm_debugregs a crafted SET changes, a capability's
+    `enable`.
     """
 
     call: str
@@ -377,10 +380,11 @@ _HAPPEN = Tagged("event", {
         ("exit", "save_restore needs exit = N (1 for the first VM exit)"),)),
 }, missing="each [[happen]] needs event = " + ", ".join(f'"{e}"' for e in EVENTS))
 _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
-# struct kvm_vcpu_events fields a crafted KVM_SET_VCPU_EVENTS changes, by name
-_EVENT_FIELDS = {name: Either((Bool(), Int()), "true, false or a number") for name in EVENT_FIELDS}
+# A call's arguments by name (scenario/vmm.py CALL_FIELDS): struct kvm_vcpu_events or
+# kvm_debugregs fields a crafted SET changes, a capability's args[0]
 _VMM = Tagged("call", {
-    call: Table(_VMM_WHEN | (_EVENT_FIELDS if call == KVM_SET_VCPU_EVENTS else {}))
+    call: Table(_VMM_WHEN | {name: Either((Bool(), Int()), "true, false or a number")
+                             for name in VMM_CALL_FIELDS.get(call, ())})
     for call in VMM_CALLS
 }, missing="each [[vmm]] needs call = " + ", ".join(f'"{c}"' for c in VMM_CALLS),
     foreign='unknown key "{key}" in [{name}]: it belongs to {tag} = "{owner}"')

@@ -16,11 +16,17 @@ given at the guest boundary where the VMM acted (`Performed.nmis`):
   arriving there (KVM clamps them as process_nmi() does, bare metal drops
   the ones beyond the one held, SDM 6.7.1);
 - KVM_RUN with immediate_exit set (-EINTR at once): nothing;
-- a rejected call: nothing.
+- a rejected call: nothing;
+- a crafted KVM_SET_VCPU_EVENTS that sets another legal state: the CPU in
+  that state at that boundary (`Performed.states`, arch/cpu.py Forced): NMIs
+  masked as inside an NMI handler, a shadow, an exception, NMI or external
+  interrupt delivered there as the state says (crafted_states());
+- KVM_GET/SET_REGS, _SREGS, _DEBUGREGS round trips, alone or in a VMM's
+  order with the events (RegistersRoundTrip, StateRoundTrip), and
+  KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD): nothing.
 
-A crafted state that changes anything else (NMI masking, an exception or
-interrupt to inject, a shadow) has no bare-metal counterpart in the model
-yet: performing one stops the run with a model limit.
+A crafted state the oracle has no counterpart for stops the run with a model
+limit naming what is missing.
 """
 
 from __future__ import annotations
@@ -28,15 +34,36 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
+from kvmodel.arch.cpu import Forced
+from kvmodel.arch.events import VECTORS, Event, EventType, Vec
+from kvmodel.arch.regs import IF, Shadow
 from kvmodel.errors import ModelLimit
-from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, VcpuEventsFlag
-from kvmodel.kvm.x86 import Vcpu
+from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.kvm.x86 import ExceptionType, MpState, Vcpu, exception_type
 
 KVM_NMI = "KVM_NMI"
 KVM_SET_VCPU_EVENTS = "KVM_SET_VCPU_EVENTS"
 IMMEDIATE_EXIT = "immediate_exit"
-CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT)
+KVM_SET_REGS = "KVM_SET_REGS"
+KVM_SET_SREGS = "KVM_SET_SREGS"
+KVM_SET_DEBUGREGS = "KVM_SET_DEBUGREGS"
+KVM_ENABLE_CAP_EXCEPTION_PAYLOAD = "KVM_ENABLE_CAP_EXCEPTION_PAYLOAD"
+# kvm_arch_get_registers() then kvm_arch_put_registers() on the same vCPU, in one VMM's order
+GET_PUT_QEMU = "get_put_qemu"
+GET_PUT_QEMU_OLD = "get_put_qemu_old"
+GET_PUT_REGISTERS_FIRST = "get_put_registers_first"
+REGISTER_CALLS = (KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_DEBUGREGS)
+STATE_ORDERS = (GET_PUT_QEMU, GET_PUT_QEMU_OLD, GET_PUT_REGISTERS_FIRST)
+CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT, *REGISTER_CALLS,
+         KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS)
 EVENT_FIELDS = tuple(f.name for f in fields(KvmVcpuEvents))
+DEBUGREGS_FIELDS = ("dr6", "dr7", "flags")  # struct kvm_debugregs fields a crafted SET changes
+# The arguments each call takes in a [[vmm]] step, by name (integers; the loader checks them).
+CALL_FIELDS: dict[str, tuple[str, ...]] = {
+    KVM_SET_VCPU_EVENTS: EVENT_FIELDS,
+    KVM_SET_DEBUGREGS: DEBUGREGS_FIELDS,
+    KVM_ENABLE_CAP_EXCEPTION_PAYLOAD: ("enable",),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +71,7 @@ class Performed:
     result: int  # what the ioctl returned: 0, or a negative errno
     nmis: int  # NMIs the bare-metal counterpart receives at this boundary
     detail: str = ""
+    states: tuple[Forced, ...] = ()  # the state bare metal is in at this boundary
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +107,15 @@ class SetVcpuEvents:
     def perform(self, vcpu: Vcpu) -> Performed:
         before = vcpu.get_vcpu_events()
         crafted = replace(before, **dict(self.changes))
+        flying = in_flight(vcpu)
         try:
             vcpu.set_vcpu_events(KvmVcpuEvents.unpack(crafted.pack()))
         except InvalidArgument as e:
             return Performed(e.errno, 0, str(e))
-        return Performed(0, _added_nmis(before, crafted), crafted.pack().hex())
+        applied = as_applied(crafted)
+        states = crafted_states(vcpu, as_applied(before), applied, flying)
+        return Performed(0, _added_nmis(as_applied(before), applied, states is not None),
+                         crafted.pack().hex(), states or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +126,9 @@ class ImmediateExit:
         return Performed(vcpu.run_immediate_exit(), 0)
 
 
-VmmAction = KvmNmi | SetVcpuEvents | ImmediateExit
-
-
-def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents) -> int:
-    """The bare-metal counterpart of an accepted crafted state: NMIs arriving, or a limit."""
+def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents, covered: bool) -> int:
+    """The bare-metal counterpart of an accepted crafted state: NMIs arriving, or a limit for
+    a change that neither they nor crafted_states() (`covered`) stand for."""
     changed = [f for f in EVENT_FIELDS if getattr(before, f) != getattr(crafted, f)]
     dropped_flags = before.flags & ~crafted.flags
     for name in changed:
@@ -108,12 +138,262 @@ def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents) -> int:
         if (name == "nmi_pending" and crafted.flags & VcpuEventsFlag.VALID_NMI_PENDING
                 and crafted.nmi_pending > before.nmi_pending):
             continue
+        if name in _STATE_FIELDS and covered:
+            continue
+        if name in _IGNORED_FIELDS:
+            continue
         raise ModelLimit(f"KVM_SET_VCPU_EVENTS with {name} = {getattr(crafted, name):#x} (was "
                          f"{getattr(before, name):#x}) was accepted, but the model has no "
-                         "bare-metal counterpart for that state yet (only more pending NMIs)")
+                         "bare-metal counterpart for that change")
     if crafted.flags & VcpuEventsFlag.VALID_NMI_PENDING:
         return max(0, crafted.nmi_pending - before.nmi_pending)
     return 0
+
+
+# Fields crafted_states() turns into a state, and fields with no effect once applied
+# (as_applied() cleared them, or KVM keeps nothing of them: sipi_vector needs an INIT).
+_STATE_FIELDS = frozenset({
+    "exception_injected", "exception_pending", "exception_nr", "exception_has_error_code",
+    "exception_error_code", "exception_has_payload", "exception_payload", "interrupt_injected",
+    "interrupt_nr", "interrupt_soft", "interrupt_shadow", "nmi_injected", "nmi_masked"})
+_IGNORED_FIELDS = frozenset({"sipi_vector", "nmi_pad", "smi_latched_init"})
+
+
+def as_applied(ev: KvmVcpuEvents) -> KvmVcpuEvents:
+    """The state KVM keeps of an accepted struct, by the ABI (api.rst KVM_SET_VCPU_EVENTS;
+    kvm_vcpu_ioctl_x86_set_vcpu_events()): without KVM_VCPUEVENT_VALID_PAYLOAD no exception
+    is pending and none has a payload; with it, a pending exception is not injected and
+    only a pending one keeps its payload; the shadow needs VALID_SHADOW."""
+    out = replace(ev)
+    if ev.flags & VcpuEventsFlag.VALID_PAYLOAD:
+        if ev.exception_pending:
+            out.exception_injected = 0
+        else:
+            out.exception_has_payload = out.exception_payload = 0
+    else:
+        out.exception_pending = 0
+        out.exception_has_payload = out.exception_payload = 0
+    if not ev.flags & VcpuEventsFlag.VALID_SHADOW:
+        out.interrupt_shadow = 0
+    if not (out.exception_injected or out.exception_pending):
+        out.exception_nr = out.exception_has_error_code = out.exception_error_code = 0
+    if not out.interrupt_injected:
+        out.interrupt_nr = out.interrupt_soft = 0
+    return out
+
+
+def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
+                   flying: bool) -> tuple[Forced, ...] | None:
+    """What an accepted crafted event state stands for on bare metal, at the boundary where
+    the guest stands: "a crafted legal state must be delivered as the state says" (issue 19).
+
+    - nmi.masked: NMIs blocked as inside an NMI handler, until the next IRET (SDM 6.7.1), or
+      unblocked as after it;
+    - interrupt.shadow: this boundary in an STI shadow (KVM_X86_SHADOW_INT_STI) or a MOV SS
+      shadow (MOV_SS only), SDM 6.8.3;
+    - an exception pending or injected: delivered here with its error code, a pending fault
+      with RF set as KVM sets it at injection (kvm_check_and_inject_events()), a pending #PF's
+      payload in CR2 first (kvm_deliver_exception_payload());
+    - nmi.injected: an NMI delivered here; interrupt.injected (hard): its vector delivered
+      as an external interrupt from outside the local APIC (an 8259 in ExtINT mode: no ISR);
+    - interrupt.injected (soft) where the guest stands at that very INT n: nothing, the CPU
+      runs it.
+    None: no such change. Anything else is a ModelLimit naming what the oracle lacks.
+    """
+    state = Forced()
+    if_set = bool(vcpu.ops.get_rflags() & IF)
+    if after.interrupt_shadow & ShadowBits.STI and not before.interrupt_shadow and not if_set:
+        raise ModelLimit("a crafted STI shadow with RFLAGS.IF=0: no state bare metal can be in "
+                         "(only an STI that sets IF opens one, SDM Vol.2 STI)")
+    if after.nmi_masked != before.nmi_masked:
+        state = replace(state, nmi_blocked=bool(after.nmi_masked))
+    if after.interrupt_shadow != before.interrupt_shadow:
+        state = replace(state, shadow=_shadow_of(after.interrupt_shadow))
+    event, cr2, soft = _crafted_event(vcpu, before, after)
+    if event is not None and state.shadow not in (None, Shadow.NONE):
+        raise ModelLimit("KVM_SET_VCPU_EVENTS with an event to inject and an interrupt shadow: "
+                         "VM entry's checks on that pair (SDM 26.3.1.5) are not modelled")
+    if event is not None and vcpu.mp_state is MpState.HALTED:
+        raise ModelLimit("a crafted event for a halted vCPU: KVM wakes it for a pending exception "
+                         "only (kvm_vcpu_has_events()), and a VMM says which with "
+                         "KVM_SET_MP_STATE, which is not modelled")
+    state = replace(state, event=event, cr2=cr2)
+    if state == Forced():
+        return () if soft else None
+    if flying:
+        raise ModelLimit("KVM_SET_VCPU_EVENTS crafted a new event state while an event was in "
+                         "flight (its delivery cut short): the model has no bare-metal "
+                         "counterpart for replacing it")
+    return (state,)
+
+
+def _shadow_of(bits: int) -> Shadow:
+    if bits & ShadowBits.STI:
+        return Shadow.STI
+    return Shadow.MOV_SS if bits & ShadowBits.MOV_SS else Shadow.NONE
+
+
+def _crafted_event(vcpu: Vcpu, before: KvmVcpuEvents,
+                   after: KvmVcpuEvents) -> tuple[Event | None, int | None, bool]:
+    """The event a crafted state injects, as bare metal delivers it, CR2 before it, and
+    whether it was a soft interrupt the guest's own INT n stands for."""
+    exception = _exception_of(after)
+    irq = (after.interrupt_injected, after.interrupt_nr, after.interrupt_soft)
+    fresh = (exception is not None and exception != _exception_of(before),
+             bool(after.nmi_injected and not before.nmi_injected),
+             bool(after.interrupt_injected) and irq != (
+                 before.interrupt_injected, before.interrupt_nr, before.interrupt_soft))
+    if not any(fresh):
+        return None, None, False
+    if (exception is not None) + after.nmi_injected + after.interrupt_injected > 1:
+        raise ModelLimit("KVM_SET_VCPU_EVENTS with more than one of an exception, an NMI and an "
+                         "interrupt to inject: KVM injects one per entry and the oracle has no "
+                         "counterpart for the others")
+    new = fresh
+    if new[0]:
+        return *_exception_event(after), False
+    if new[1]:
+        return Event(Vec.NMI, EventType.NMI, 0), None, False
+    if new[2]:
+        if after.interrupt_soft:
+            _check_at_int_n(vcpu, after.interrupt_nr)
+            return None, None, True
+        if not vcpu.ops.get_rflags() & IF or after.interrupt_shadow:
+            raise ModelLimit("a crafted external interrupt with RFLAGS.IF=0 or in a shadow: bare "
+                             "metal never takes one there (SDM 6.8.1, 6.8.3)")
+        return Event(after.interrupt_nr, EventType.EXT_INT, 0), None, False
+    return None, None, False
+
+
+def _exception_of(ev: KvmVcpuEvents) -> tuple | None:
+    if not (ev.exception_injected or ev.exception_pending):
+        return None
+    return (ev.exception_pending, ev.exception_nr, ev.exception_has_error_code,
+            ev.exception_error_code, ev.exception_has_payload, ev.exception_payload)
+
+
+def _exception_event(ev: KvmVcpuEvents) -> tuple[Event, int | None]:
+    vector = ev.exception_nr
+    info = VECTORS[vector]
+    if vector in (Vec.BP, Vec.OF):
+        raise ModelLimit(f"a crafted {info.name}: KVM injects it as a software exception with an "
+                         "instruction length the uAPI does not carry (kvm_exception_is_soft())")
+    if vector == Vec.DB:
+        raise ModelLimit("a crafted #DB: KVM's DR6/DR7 updates at its injection (payload, "
+                         "DR7.GD) have no bare-metal counterpart in the model")
+    if bool(ev.exception_has_error_code) != info.error_code:
+        raise ModelLimit(f"a crafted {info.name} {'with' if ev.exception_has_error_code else 'without'}"
+                         " an error code: bare metal never delivers it so (SDM 6.3.1 Table 6-1)")
+    cr2 = ev.exception_payload if (vector == Vec.PF and ev.exception_pending
+                                   and ev.exception_has_payload) else None
+    fault = exception_type(vector) is ExceptionType.FAULT
+    return Event(vector, EventType.HW_EXCEPTION, 0,
+                 error_code=ev.exception_error_code if info.error_code else None,
+                 push_rf=bool(ev.exception_pending) and fault), cr2
+
+
+def _check_at_int_n(vcpu: Vcpu, vector: int) -> None:
+    """A soft interrupt KVM injects returns past the instruction at RIP (SVM decodes it, VMX
+    uses the last exit's length): bare metal does the same only if that is INT n itself."""
+    cpu = vcpu.cpu
+    at = cpu.linear(vcpu.ops.rip_read())
+    if bytes(cpu.mem[at:at + 2]) != bytes((0xCD, vector)):
+        raise ModelLimit(f"a crafted soft interrupt {vector:#x} where the guest is not at an "
+                         f"INT {vector:#x}: the uAPI carries no instruction length, so bare metal "
+                         "has no counterpart")
+
+
+@dataclass(frozen=True, slots=True)
+class EnableExceptionPayload:
+    """KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD) with args[0] = `enable`: whether GET reports
+    pending exceptions and their payload (and the payload is not delivered early for
+    userspace, kvm_handle_exception_payload_quirk()). Nothing the guest can see."""
+
+    enable: bool
+
+    def perform(self, vcpu: Vcpu) -> Performed:
+        return Performed(vcpu.enable_exception_payload(self.enable), 0,
+                         f"exception_payload_enabled={int(self.enable)}")
+
+
+def _get(vcpu: Vcpu, which: str):
+    """KVM_GET_REGS / KVM_GET_SREGS / KVM_GET_DEBUGREGS / KVM_GET_VCPU_EVENTS."""
+    return {"regs": vcpu.get_regs, "sregs": vcpu.get_sregs, "debugregs": vcpu.get_debugregs,
+            "events": vcpu.get_vcpu_events}[which]()
+
+
+def _set(vcpu: Vcpu, which: str, value) -> None:
+    if which == "events":
+        vcpu.set_vcpu_events(KvmVcpuEvents.unpack(value.pack()))
+        return
+    {"regs": vcpu.set_regs, "sregs": vcpu.set_sregs, "debugregs": vcpu.set_debugregs}[which](value)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistersRoundTrip:
+    """KVM_GET_REGS/SREGS/DEBUGREGS, then the SET of it with `changes` made (debug registers
+    only: a crafted SET the validation refuses). A round trip stands for nothing on bare metal;
+    a crafted value KVM accepts has no counterpart in the model (a limit)."""
+
+    call: str
+    changes: tuple[tuple[str, int], ...] = ()
+
+    def perform(self, vcpu: Vcpu) -> Performed:
+        which = {KVM_SET_REGS: "regs", KVM_SET_SREGS: "sregs", KVM_SET_DEBUGREGS: "debugregs"}[
+            self.call]
+        try:
+            value = _get(vcpu, which)
+            crafted = replace(value, **dict(self.changes))
+            _set(vcpu, which, crafted)
+        except InvalidArgument as e:
+            return Performed(e.errno, 0, str(e))
+        if crafted != value:
+            raise ModelLimit(f"{self.call} with {dict(self.changes)} was accepted, but the model "
+                             "has no bare-metal counterpart for register writes from outside")
+        return Performed(0, 0)
+
+
+# The order of the ioctls in a VMM's save (get) and restore (put) of a vCPU; the parts the
+# model has (no FPU, XSAVE, MSRs, MP state, LAPIC).
+ORDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # QEMU 9.2 target/i386/kvm/kvm.c: kvm_arch_get_registers() reads the events first (then
+    # MP state, regs, xsave, xcrs, sregs, MSRs, LAPIC, debugregs, nested state);
+    # kvm_arch_put_registers(): sregs (before the nested state), regs, xsave, xcrs, MSRs,
+    # events, MP state, debugregs.
+    GET_PUT_QEMU: (("events", "regs", "sregs", "debugregs"),
+                   ("sregs", "regs", "events", "debugregs")),
+    # Older QEMU: registers, then the events, then debugregs, both ways (put as in QEMU 2.x
+    # kvm_arch_put_registers(); the get order is UNVERIFIED, taken to mirror it).
+    GET_PUT_QEMU_OLD: (("regs", "sregs", "events", "debugregs"),
+                       ("regs", "sregs", "events", "debugregs")),
+    # A VMM that saves every register before the events ("registers before events": the
+    # order the payload quirk fix names, KVM_GET_SREGS / KVM_GET_DEBUGREGS first).
+    GET_PUT_REGISTERS_FIRST: (("regs", "sregs", "debugregs", "events"),
+                              ("regs", "sregs", "debugregs", "events")),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StateRoundTrip:
+    """A VMM's save then restore of the vCPU's state on the same vCPU, in `order` (ORDERS):
+    every GET, then every SET of what it read. It must change nothing the guest can see; the
+    first failing ioctl ends it, as QEMU stops there."""
+
+    order: str
+
+    def perform(self, vcpu: Vcpu) -> Performed:
+        gets, puts = ORDERS[self.order]
+        try:
+            saved = {which: _get(vcpu, which) for which in gets}
+            for which in puts:
+                _set(vcpu, which, saved[which])
+        except InvalidArgument as e:
+            return Performed(e.errno, 0, str(e))
+        return Performed(0, 0, "get " + ", ".join(gets) + "; put " + ", ".join(puts))
+
+
+VmmAction = (KvmNmi | SetVcpuEvents | ImmediateExit | EnableExceptionPayload | RegistersRoundTrip
+             | StateRoundTrip)
 
 
 def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
@@ -122,6 +402,12 @@ def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
         return KvmNmi()
     if call == IMMEDIATE_EXIT:
         return ImmediateExit()
+    if call in REGISTER_CALLS:
+        return RegistersRoundTrip(call, args)
+    if call == KVM_ENABLE_CAP_EXCEPTION_PAYLOAD:
+        return EnableExceptionPayload(bool(dict(args).get("enable", 1)))
+    if call in STATE_ORDERS:
+        return StateRoundTrip(call)
     return SetVcpuEvents(args)
 
 
@@ -135,6 +421,25 @@ CHOICES: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {
     # Rejected with -EINVAL, changing nothing: an unknown flag, an NMI as an exception.
     "reject_flags": (KVM_SET_VCPU_EVENTS, (("flags", 0xFF),)),
     "reject_nmi_vector": (KVM_SET_VCPU_EVENTS, (("exception_injected", 1), ("exception_nr", 2))),
+    # Register round trips alone and in a VMM's order with the events; the payload cap.
+    "payload_cap_off": (KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, (("enable", 0),)),
+    "regs_same_vcpu": (KVM_SET_REGS, ()),
+    "sregs_same_vcpu": (KVM_SET_SREGS, ()),
+    "debugregs_same_vcpu": (KVM_SET_DEBUGREGS, ()),
+    "get_put_qemu": (GET_PUT_QEMU, ()),
+    "get_put_qemu_old": (GET_PUT_QEMU_OLD, ()),
+    "get_put_registers_first": (GET_PUT_REGISTERS_FIRST, ()),
+    "reject_debugregs_flags": (KVM_SET_DEBUGREGS, (("flags", 1),)),
+    "reject_dr7_high": (KVM_SET_DEBUGREGS, (("dr7", 1 << 32 | 0x400),)),
+    "reject_smm": (KVM_SET_VCPU_EVENTS, (("smi_smm", 1),)),
+    # Crafted legal event states, each delivered as it says (crafted_states()).
+    "nmi_masked": (KVM_SET_VCPU_EVENTS, (("nmi_masked", 1),)),
+    "sti_shadow": (KVM_SET_VCPU_EVENTS, (("interrupt_shadow", int(ShadowBits.STI)),)),
+    "inject_ud": (KVM_SET_VCPU_EVENTS, (("exception_injected", 1), ("exception_nr", Vec.UD))),
+    "pending_gp": (KVM_SET_VCPU_EVENTS, (("exception_pending", 1), ("exception_nr", Vec.GP),
+                                         ("exception_has_error_code", 1),
+                                         ("exception_error_code", 0))),
+    "inject_irq_0x30": (KVM_SET_VCPU_EVENTS, (("interrupt_injected", 1), ("interrupt_nr", 0x30))),
 }
 CHOICE_NAMES = tuple(CHOICES)
 

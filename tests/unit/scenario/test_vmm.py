@@ -12,7 +12,7 @@ from kvmodel.kvm.uapi import EINTR, EINVAL, VcpuEventsFlag
 from kvmodel.kvm.x86 import Request
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import Resolver, prepare
-from kvmodel.scenario.vmm import ImmediateExit, KvmNmi, SetVcpuEvents
+from kvmodel.scenario.vmm import CHOICE_NAMES, ImmediateExit, KvmNmi, SetVcpuEvents
 
 GUEST = '''
 [guest]
@@ -92,8 +92,9 @@ def test_crafted_nmi_pending_unclamped_before_the_fix(vcpu):
 
 
 def test_crafted_state_without_counterpart_is_a_model_limit(vcpu):
-    with pytest.raises(ModelLimit, match="nmi_masked"):
-        SetVcpuEvents((("nmi_masked", 1),)).perform(vcpu)
+    with pytest.raises(ModelLimit, match="instruction length"):  # no INT 0x80 at RIP
+        SetVcpuEvents((("interrupt_injected", 1), ("interrupt_nr", 0x80),
+                       ("interrupt_soft", 1))).perform(vcpu)
 
 
 def test_immediate_exit_is_eintr_and_runs_nothing(vcpu):
@@ -138,4 +139,4 @@ def test_vmm_choice_points_are_opt_in():
     offered = _choices('[explore]\nvmm = ["nmi", "events_same_vcpu"]\n', Bounds())
     assert len(list(with_vmm_calls(offered, (), 3))) == 6 + 21  # one or two of 3 exits x 2 calls
     asked = _choices("", Bounds(max_vmm=1))
-    assert len(list(with_vmm_calls(asked, (), 1))) == 6  # every call, once, after the one exit
+    assert len(list(with_vmm_calls(asked, (), 1))) == len(CHOICE_NAMES)  # each, after the exit
