@@ -51,7 +51,7 @@ from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
-from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
+from kvmodel.scenario.runner import Prepared, Resolver, RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
 from kvmodel.scenario.vmm import CHOICE_NAMES
 
@@ -67,7 +67,7 @@ class Bounds:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation, host
+    kind: str  # divergence, liveness, hypervisor_error, bug, warn, stats, starvation, host
     schedule: Schedule
     message: str
 
@@ -207,21 +207,24 @@ class Runner:
         # Bare runs, kept with their guest view and, instead of their memory, its changed
         # pages (by id() of the kept result): keeping a whole memory per distinct bare run
         # costs a page fault per fresh page.
-        self.bare_runs: dict[Schedule, RunResult] = {}
+        self.bare_runs: dict[tuple[Schedule, tuple], RunResult] = {}
         self.bare_views: dict[int, list] = {}
         self.bare_pages: dict[int, dict[int, bytes]] = {}
         self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
         self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
         self.image: PageImage | None = None
 
-    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = ()) -> RunResult:
-        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)."""
+    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = (),
+             vmm_extints: tuple[tuple[int, int, int], ...] = ()) -> RunResult:
+        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered);
+        `vmm_extints`: the vectors its 8259 raised on INTR (vector, retired, delivered)."""
         external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
                                 + tuple(place(Kind.NMI, at, 1 + delivered)
                                         for at, delivered in vmm_nmis)))
-        if external not in self.bare_runs:
-            self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
-        return self.bare_runs[external]
+        key = (external, vmm_extints)
+        if key not in self.bare_runs:
+            self.bare_runs[key] = self._keep(self.run(external, Vendor.BARE, vmm_extints))
+        return self.bare_runs[key]
 
     def _keep(self, result: RunResult) -> RunResult:
         if len(result.memory) != self.image.size:
@@ -236,7 +239,7 @@ class Runner:
         if self.prepared is None:
             self.bare(())  # the first run judges the file's expectations
         virt = self.run(schedule, self.vendor)
-        bare = self.bare(schedule, virt.vmm_nmis)
+        bare = self.bare(schedule, virt.vmm_nmis, virt.vmm_extints)
         exits = sum(st.exits for st in virt.stats)
         limit = limit_of(bare, virt)
         if limit is not None:
@@ -258,7 +261,8 @@ class Runner:
         h.update(self.image.digest(result.memory))
         return h.hexdigest()
 
-    def run(self, schedule: Schedule, vendor: Vendor) -> RunResult:
+    def run(self, schedule: Schedule, vendor: Vendor,
+            vmm_extints: tuple[tuple[int, int, int], ...] = ()) -> RunResult:
         # The first run judges the file's expectations, so a bad label there is still an
         # error; the others are judged against bare metal only.
         first = self.prepared is None
@@ -266,14 +270,16 @@ class Runner:
             self.prepared = Prepared(self.scenario)
             self.image = PageImage(self.prepared.cpu.mem)
         scenario = apply(self.scenario, schedule)
-        if vendor is Vendor.BARE:
-            scenario = replace(scenario, vmm=())  # its counterpart is in the schedule
+        if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule, or here
+            scenario = bare_counterpart(scenario, (), vmm_extints)
         return run(scenario, vendor=vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=first)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
               view: list | None = None) -> Finding | None:
         """`view`: guest_view() of the KVM run's trace, when the caller has it already."""
+        if virt.host_bug is not None:
+            return Finding("bug", schedule, virt.host_bug)
         if virt.hypervisor_error is not None:
             return Finding("hypervisor_error", schedule, virt.hypervisor_error)
         if virt.warnings:

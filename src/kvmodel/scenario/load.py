@@ -132,6 +132,8 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
     expect = data.get("expect", {})
     explore = data.get("explore", {})
     happen = data.get("happen", [])
+    if data.get("kvm", {}).get("irqchip") == "userspace":
+        _no_apic_interrupts(ctx, happen, explore)
     return Scenario(
         path=path,
         text=text,
@@ -610,6 +612,8 @@ def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...
             raise ctx.error("notify_window needs notify_vmexit = \"run\" or \"internal-error\"",
                             "kvm", "notify_window")
         out.append(("notify_window", kvm["notify_window"]))
+    if "irqchip" in kvm:
+        out.append(("irqchip", kvm["irqchip"]))
     return tuple(out)
 
 
@@ -641,17 +645,33 @@ def _qemu_differences(ctx: _Ctx, expect: dict) -> tuple[QemuDifference, ...]:
     return tuple(out)
 
 
+def _no_apic_interrupts(ctx: _Ctx, happen: list[dict], explore: dict) -> None:
+    """With a userspace irqchip KVM has no local APIC to accept an interrupt: the VMM's 8259
+    sends them ([[vmm]] interrupt_window or KVM_INTERRUPT)."""
+    why = 'irqchip = "userspace" has no in-kernel local APIC'
+    hint = 'the VMM\'s 8259 sends interrupts: [[vmm]] call = "interrupt_window"'
+    for n, h in enumerate(happen):
+        if h.get("event") == "interrupt":
+            raise ctx.error(f"an interrupt happening needs a local APIC: {why}", "happen", "event",
+                            n, hint)
+    if explore.get("interrupts"):
+        raise ctx.error(f"explored interrupts need a local APIC: {why}", "explore", "interrupts",
+                        None, hint)
+
+
 def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
-    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
-    at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
+    """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit" | "KVM_INTERRUPT" |
+    "interrupt_window", exit = N or at = "label"; a KVM_SET_VCPU_EVENTS may change struct
+    kvm_vcpu_events fields by name, the last two take vector = N."""
     t = "vmm"
     out = []
     for n, item in enumerate(items):
         if ("exit" in item) == ("at" in item):
             raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
                             "(the first exit once the guest is there)", t, None, n)
-        # the schema let a field through only for KVM_SET_VCPU_EVENTS, as a bool or a number
-        args = tuple((name, int(item[name])) for name in EVENT_FIELDS if name in item)
+        # the schema let a field through only for KVM_SET_VCPU_EVENTS, as a bool or a number,
+        # and `vector` only for KVM_INTERRUPT and interrupt_window
+        args = tuple((name, int(item[name])) for name in EVENT_FIELDS + ("vector",) if name in item)
         out.append(VmmStep(item["call"], item.get("exit"),
                            _expr(item["at"]) if "at" in item else None, args,
                            ctx.line(t, None, n)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
@@ -22,9 +22,9 @@ from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
-from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
+from kvmodel.kvm.vm import Cap, IrqChip, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.kvm.x86 import Stats, Vcpu
+from kvmodel.kvm.x86 import HostBug, Stats, Vcpu
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
@@ -35,7 +35,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import VmmRecord, action, in_flight
+from kvmodel.scenario.vmm import KVM_INTERRUPT, Performed, Pic, VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -84,10 +84,13 @@ class RunResult:
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
     vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
+    vmm_extints: tuple[tuple[int, int, int], ...] = ()  # (vector, retired, delivered), the 8259's
+    host_bug: str | None = None  # KVM reached a BUG_ON(): the host died, the run ended there
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches and self.limit is None and self.hypervisor_error is None
+        return (not self.mismatches and self.limit is None and self.hypervisor_error is None
+                and self.host_bug is None)
 
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
@@ -266,7 +269,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
         kvm_vendor = Vendor.SVM if scenario.vendor == "bare" else Vendor(scenario.vendor)
         virt = run(scenario, vendor=kvm_vendor, max_steps=max_steps, expectations=False)
-        scenario = bare_counterpart(scenario, virt.vmm_nmis)
+        scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_extints)
     if prepared is not None and not record_instructions:
         cpu, program = prepared.prepare(scenario)
     else:
@@ -275,14 +278,15 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     limit = error = None
     stats: tuple[Stats, ...] = ()
     warnings: tuple[str, ...] = ()
-    host = None
-    vmm_nmis: list[tuple[int, int]] = []
+    host = bug = None
+    vmm = _VmmLog()
     try:
         if vendor is Vendor.BARE:
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
-                                                                     vendor, steps, vmm_nmis)
+                                                                     vendor, steps, vmm)
+            bug = vmm.host_bug
     except ModelLimit as e:
         limit = str(e)
         stop = None
@@ -292,15 +296,33 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
-                     tuple(vmm_nmis))
+                     tuple(vmm.nmis), tuple(vmm.extints), bug)
 
 
-def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...]) -> Scenario:
+def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
+                     extints: tuple[tuple[int, int, int], ...] = ()) -> Scenario:
     """The scenario for bare metal: no VMM, and an NMI for each one the VMM's calls made
-    arrive, after (retired, delivered) as the guest stood where the VMM acted."""
-    arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
-                     for after, delivered in nmis)
-    return replace(scenario, happenings=scenario.happenings + arrivals, vmm=())
+    arrive, after (retired, delivered) as the guest stood where the VMM acted; so too
+    the vectors its 8259 raised on INTR (vector, retired, delivered)."""
+    return replace(scenario, happenings=scenario.happenings + vmm_arrivals(nmis, extints), vmm=())
+
+
+def vmm_arrivals(nmis: tuple[tuple[int, int], ...],
+                 extints: tuple[tuple[int, int, int], ...]) -> tuple[Happening, ...]:
+    """The bare-metal arrivals that stand for the VMM's calls."""
+    return (tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
+                  for after, delivered in nmis)
+            + tuple(Happening(External.EXTINT, vector, after, None, 0, delivered)
+                    for vector, after, delivered in extints))
+
+
+@dataclass(slots=True)
+class _VmmLog:
+    """What the VMM's calls in a run under KVM stand for on bare metal, and how it ended."""
+
+    nmis: list[tuple[int, int]] = field(default_factory=list)
+    extints: list[tuple[int, int, int]] = field(default_factory=list)
+    host_bug: str | None = None
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
@@ -351,24 +373,31 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
     return min(later) if later else 0
 
 
-def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None:
-    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now."""
+def _perform(step: VmmStep, vcpu: Vcpu, log: _VmmLog, pic: Pic) -> None:
+    """One VMM call; the NMIs and INTR it makes arrive on bare metal where the guest stands now."""
     cpu = vcpu.cpu
-    done = action(step.call, step.args).perform(vcpu)
+    done = action(step.call, step.args).perform(vcpu, pic)
     # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
     # instruction runs again), so the NMIs then come before it, as on bare metal.
     delivered = cpu.delivered + int(in_flight(vcpu))
     name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
+    _record(vcpu, name, done)
+    log.nmis += [(cpu.retired, delivered)] * done.nmis
+    log.extints += [(vector, cpu.retired, delivered) for vector in done.extints]
+
+
+def _record(vcpu: Vcpu, name: str, done: Performed) -> None:
+    cpu = vcpu.cpu
     cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
-    vmm_nmis += [(cpu.retired, delivered)] * done.nmis
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int, vmm_nmis: list[tuple[int, int]]
+                   steps: int, log: _VmmLog
                    ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                               tuple[str, ...], HostTime]:
-    """KVM_RUN until the guest halts for good, shuts down, or the budget ends; in between,
-    what userspace does when KVM_RUN returns to it (save/restores, the VMM's calls)."""
+    """KVM_RUN until the guest halts for good, shuts down, or the budget ends (or KVM hits a
+    BUG_ON); in between, what userspace does when KVM_RUN returns to it (save/restores, the
+    VMM's calls, and its 8259's KVM_INTERRUPT once the guest is ready for it)."""
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
@@ -387,6 +416,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         return create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
 
     vcpu = make(cpu)
+    pic = Pic()  # the VMM's 8259 (a userspace or split irqchip): lives across save/restores
     done: list[Stats] = []
     warnings: list[str] = []
     problems: list[str] = []
@@ -398,7 +428,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         for stop in [s for s in stops if s.due(exits, vcpu.cpu)]:
             stops.remove(stop)
             if stop.call is not None:
-                _perform(stop.call, vcpu, vmm_nmis)
+                _perform(stop.call, vcpu, log, pic)
                 continue
             done.append(vcpu.stats)
             warnings += vcpu.warnings
@@ -408,8 +438,16 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
             earlier = exits
         following = _next_exit(stops, exits)
         vcpu.stop_at_exit = following - earlier if following else 0
-        outcome = vcpu.run(steps - (vcpu.cpu.work - start))
-        if outcome is not None and outcome.reason is KvmExit.INTR and stops:
+        injected = pic.pre_run(vcpu)
+        if injected is not None:
+            _record(vcpu, KVM_INTERRUPT, injected)
+        try:
+            outcome = vcpu.run(steps - (vcpu.cpu.work - start))
+        except HostBug as e:
+            log.host_bug, outcome = str(e), None
+            break
+        if outcome is not None and (outcome.reason is KvmExit.IRQ_WINDOW_OPEN
+                                    or outcome.reason is KvmExit.INTR and stops):
             continue
         break
     done.append(vcpu.stats)
@@ -418,13 +456,15 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     problems += vcpu.host_problems
     kvm = vcpu.kvm
     limit = kvm.notify_window + NOTIFY_THRESHOLD + DELIVERY_CYCLES if kvm.notify_enabled else None
-    stop, error = _stop_of(vcpu, outcome)
+    stop, error = _stop_of(vcpu, outcome) if log.host_bug is None else (None, None)
     return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
             HostTime(windowless, limit, tuple(problems)))
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:
-    """What QEMU does before KVM_CREATE_VCPU: notify exits if the host has them, else nothing."""
+    """What QEMU does before KVM_CREATE_VCPU: the irqchip it asked for (KVM_CREATE_IRQCHIP,
+    KVM_CAP_SPLIT_IRQCHIP, or none), notify exits if the host has them."""
+    vm.irqchip = IrqChip(params.get("irqchip", IrqChip.KERNEL.value))
     mode = params.get("notify_vmexit", "disable")
     if mode == "disable" or not vm.has_notify_vmexit:  # KVM_CHECK_EXTENSION says no: skip
         return

@@ -16,6 +16,11 @@ given at the guest boundary where the VMM acted (`Performed.nmis`):
   arriving there (KVM clamps them as process_nmi() does, bare metal drops
   the ones beyond the one held, SDM 6.7.1);
 - KVM_RUN with immediate_exit set (-EINTR at once): nothing;
+- KVM_INTERRUPT (userspace or split irqchip): the 8259's vector on INTR, arriving there
+  (SDM 10.5.1 ExtINT; taken at a boundary with IF=1, no shadow, GIF=1);
+- the interrupt-window protocol (`Pic`, QEMU's kvm_arch_pre_run()): the same, at the
+  boundary where the VMM's 8259 raised INTR; KVM_INTERRUPT comes later, when KVM says
+  the guest is ready;
 - a rejected call: nothing.
 
 A crafted state that changes anything else (NMI masking, an exception or
@@ -25,17 +30,20 @@ yet: performing one stops the run with a model limit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 from kvmodel.errors import ModelLimit
-from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, VcpuEventsFlag
+from kvmodel.kvm.uapi import EEXIST, EINVAL, ENXIO, InvalidArgument, KvmVcpuEvents, VcpuEventsFlag
 from kvmodel.kvm.x86 import Vcpu
 
 KVM_NMI = "KVM_NMI"
 KVM_SET_VCPU_EVENTS = "KVM_SET_VCPU_EVENTS"
 IMMEDIATE_EXIT = "immediate_exit"
-CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT)
+KVM_INTERRUPT = "KVM_INTERRUPT"
+IRQ_WINDOW = "interrupt_window"  # the protocol: raise INTR, KVM_INTERRUPT once KVM says ready
+CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT, KVM_INTERRUPT, IRQ_WINDOW)
+VECTOR_CALLS = (KVM_INTERRUPT, IRQ_WINDOW)  # the calls that take `vector`
 EVENT_FIELDS = tuple(f.name for f in fields(KvmVcpuEvents))
 
 
@@ -44,6 +52,7 @@ class Performed:
     result: int  # what the ioctl returned: 0, or a negative errno
     nmis: int  # NMIs the bare-metal counterpart receives at this boundary
     detail: str = ""
+    extints: tuple[int, ...] = ()  # vectors the 8259 presents on INTR from this boundary on
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +70,7 @@ class VmmRecord:
 class KvmNmi:
     """KVM_NMI: kvm_vcpu_ioctl_nmi() -> kvm_inject_nmi(): nmi_queued++, KVM_REQ_NMI. Returns 0."""
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         vcpu.inject_nmi()
         return Performed(0, 1)
 
@@ -76,7 +85,7 @@ class SetVcpuEvents:
 
     changes: tuple[tuple[str, int], ...] = ()
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         before = vcpu.get_vcpu_events()
         crafted = replace(before, **dict(self.changes))
         try:
@@ -90,11 +99,66 @@ class SetVcpuEvents:
 class ImmediateExit:
     """KVM_RUN with kvm_run->immediate_exit = 1: returns -EINTR without entering the guest."""
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         return Performed(vcpu.run_immediate_exit(), 0)
 
 
-VmmAction = KvmNmi | SetVcpuEvents | ImmediateExit
+@dataclass(frozen=True, slots=True)
+class KvmInterrupt:
+    """KVM_INTERRUPT now, whatever the last exit said (kvm_vcpu_ioctl_interrupt()): what a VMM
+    does that ignores ready_for_interrupt_injection and if_flag, or has a split irqchip (KVM
+    then waits for the window itself)."""
+
+    vector: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        result = vcpu.kvm_interrupt(self.vector)
+        return Performed(result, 0, "" if result == 0 else _ERRNO.get(result, ""),
+                         (self.vector,) if result == 0 else ())
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptWindow:
+    """The VMM's 8259 raises INTR with `vector`: userspace keeps it until KVM says the guest
+    can take it (Pic.pre_run()). Returns 0; the KVM_INTERRUPT is traced when it is made."""
+
+    vector: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        if vcpu.kvm.pic_in_kernel:  # the VMM's 8259 is KVM's: it uses KVM_IRQ_LINE instead
+            return Performed(ENXIO, 0, "the 8259 is in the kernel (full irqchip)")
+        if pic is None:
+            raise ModelLimit("an interrupt window needs the VMM's 8259 (Pic)")
+        pic.pending.append(self.vector)
+        return Performed(0, 0, "", (self.vector,))
+
+
+@dataclass(slots=True)
+class Pic:
+    """The VMM's 8259, for a userspace or split irqchip: the vectors it has raised on INTR and
+    not yet handed to KVM, oldest first (no priorities, masks or EOI)."""
+
+    pending: list[int] = field(default_factory=list)
+
+    def pre_run(self, vcpu: Vcpu) -> Performed | None:
+        """Before each KVM_RUN, as QEMU's kvm_arch_pre_run(): KVM_INTERRUPT if the last exit
+        said ready_for_interrupt_injection with IF=1; then request_interrupt_window while a
+        vector still waits (api.rst, "request_interrupt_window"). The KVM_INTERRUPT made, if any."""
+        done = None
+        run = vcpu.kvm_run
+        if self.pending and run.ready_for_interrupt_injection and run.if_flag:
+            vector = self.pending[0]
+            result = vcpu.kvm_interrupt(vector)
+            if result == 0:
+                self.pending.pop(0)
+            done = Performed(result, 0, f"vector {vector:#x}: the guest is ready for it")
+        run.request_interrupt_window = bool(self.pending)
+        return done
+
+
+VmmAction = KvmNmi | SetVcpuEvents | ImmediateExit | KvmInterrupt | InterruptWindow
+_ERRNO = {EINVAL: "vector >= KVM_NR_INTERRUPTS", ENXIO: "the 8259 is in the kernel (full irqchip)",
+          EEXIST: "the split irqchip holds a vector already"}
 
 
 def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents) -> int:
@@ -122,6 +186,10 @@ def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
         return KvmNmi()
     if call == IMMEDIATE_EXIT:
         return ImmediateExit()
+    if call == KVM_INTERRUPT:
+        return KvmInterrupt(dict(args)["vector"])
+    if call == IRQ_WINDOW:
+        return InterruptWindow(dict(args)["vector"])
     return SetVcpuEvents(args)
 
 
@@ -135,6 +203,10 @@ CHOICES: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {
     # Rejected with -EINVAL, changing nothing: an unknown flag, an NMI as an exception.
     "reject_flags": (KVM_SET_VCPU_EVENTS, (("flags", 0xFF),)),
     "reject_nmi_vector": (KVM_SET_VCPU_EVENTS, (("exception_injected", 1), ("exception_nr", 2))),
+    # A userspace or split irqchip's interrupt: by the protocol, and with no regard for it.
+    "irq_window": (IRQ_WINDOW, (("vector", 0x30),)),
+    "kvm_interrupt": (KVM_INTERRUPT, (("vector", 0x30),)),
+    "reject_vector_256": (KVM_INTERRUPT, (("vector", 0x100),)),  # -EINVAL
 }
 CHOICE_NAMES = tuple(CHOICES)
 
