@@ -399,7 +399,9 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
             workers: int = 1, time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
             progress: Progress | None = None, max_steps: int | None = None,
             stop_at_first: bool = False) -> ExploreResult:
-    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is."""
+    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is.
+
+    `stop_at_first`: stop at the first finding the scenario does not declare."""
     start = time.monotonic()
     bounds = bounds or Bounds()
     result = ExploreResult(scenario, vendor)
@@ -418,9 +420,11 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     first = [a + h for a in async_schedules(choices) for h in host_schedules(choices)]
     first = sorted(set(tuple(sorted(s)) for s in first), key=_smallest_first)
     deadline = None if time_limit is None else start + time_limit
+    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
+    stop = partial(_is_new, declared=declared) if stop_at_first else None
     outcomes = _run_all(scenario, vendor, first, workers, bugs, deadline, max_steps, progress, 0,
-                        stop_at_first)
-    if stop_at_first and any(o.finding is not None for o in outcomes):
+                        stop)
+    if stop is not None and any(stop(o) for o in outcomes):
         second = []
     else:
         second = sorted({s for o in outcomes if o.limit is None
@@ -429,9 +433,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
                         key=_smallest_first)
     if deadline is None or time.monotonic() < deadline:
         outcomes += _run_all(scenario, vendor, second, workers, bugs, deadline, max_steps, progress,
-                             len(first), stop_at_first)
+                             len(first), stop)
     result.complete = len(outcomes) == len(first) + len(second) and not stop_at_first
-    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
     seen: set[int] = set()
     for o in outcomes:
         result.schedules += 1
@@ -452,6 +455,11 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
                                if n not in seen and _reachable(k, choices)]
     result.elapsed = time.monotonic() - start
     return result
+
+
+def _is_new(outcome: Outcome, declared: list[KnownFinding]) -> bool:
+    """A finding no declaration explains."""
+    return outcome.finding is not None and _explained_by(outcome.finding, declared) is None
 
 
 def _reachable(known: KnownFinding, c: Choices) -> bool:
@@ -481,9 +489,11 @@ def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
 
 def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], workers: int,
              bugs: frozenset[str], deadline: float | None, max_steps: int | None,
-             progress: Progress | None, offset: int, stop_at_first: bool = False) -> list[Outcome]:
+             progress: Progress | None, offset: int,
+             stop_at: Callable[[Outcome], bool] | None = None) -> list[Outcome]:
+    """`stop_at`: the outcome that ends the search (run in this process, one by one)."""
     out: list[Outcome] = []
-    if workers <= 1 or stop_at_first:
+    if workers <= 1 or stop_at is not None:
         with _faults.switched_on(bugs):
             runner = Runner(scenario, vendor, max_steps)
             for n, schedule in enumerate(schedules):
@@ -492,7 +502,7 @@ def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], work
                 out.append(runner.outcome(schedule))
                 if progress is not None:
                     progress(offset + n + 1, offset + len(schedules))
-                if stop_at_first and out[-1].finding is not None:
+                if stop_at is not None and stop_at(out[-1]):
                     break
         return out
     chunks = [schedules[i:i + 64] for i in range(0, len(schedules), 64)]
