@@ -53,7 +53,7 @@ from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import Prepared, Resolver, RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
-from kvmodel.scenario.vmm import CHOICE_NAMES
+from kvmodel.scenario.vmm import CHOICE_NAMES, DEFAULT_CHOICE_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +133,9 @@ def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundarie
     max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
     max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
     pages = tuple(sorted({resolve.linear(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
-    # VMM calls are opt-in: the scenario's `vmm = [...]`, or every call when --max-vmm asks.
-    offered_vmm = spec.vmm or (CHOICE_NAMES if bounds.max_vmm else ())
+    # VMM calls are opt-in: the scenario's `vmm = [...]`, or every call that keeps to the
+    # protocol when --max-vmm asks.
+    offered_vmm = spec.vmm or (DEFAULT_CHOICE_NAMES if bounds.max_vmm else ())
     max_vmm = 0 if not offered_vmm else 2 if bounds.max_vmm is None else bounds.max_vmm
     vmm = tuple(CHOICE_NAMES.index(name) for name in offered_vmm)
     return Choices(spec, max_async, max_host, boundaries, pages, max_vmm, vmm)
