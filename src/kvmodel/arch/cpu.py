@@ -58,6 +58,7 @@ class External(IntEnum):
     NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
     HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
     STATE = 5  # no arrival: the CPU is in `Scheduled.state` at this boundary (below)
+    EXTINT = 6  # an 8259's interrupt on INTR (LINT0 in virtual-wire mode): the vector it presents
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at",
+        "has_svm", "gif", "cs_base", "retire_at", "extint",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -197,6 +198,10 @@ class Cpu:
         # GIF (APM 15.17): clear, it holds NMIs and interrupts. In an SVM guest it
         # stands for vGIF's V_GIF; otherwise only CLGI clears it.
         self.gif = True
+        # Vectors an 8259 presents on INTR, oldest first, each acknowledged once (INTA). The
+        # 8259 itself is not modelled (no IRR/ISR priority, masks or EOI): it is what a VMM's
+        # KVM_INTERRUPT stands for on bare metal.
+        self.extint: tuple[int, ...] = ()
 
     # -- memory --------------------------------------------------------------
 
@@ -357,6 +362,13 @@ class Cpu:
         self.apic.request(vector)
         return ArrivalFate.PENDING
 
+    def raise_extint(self, vector: int) -> ArrivalFate:
+        """INTR from the 8259: a maskable interrupt outside the APIC's priority scheme (SDM
+        10.5.1 ExtINT), taken like any at a boundary with IF=1, no shadow and GIF=1."""
+        self.attn = True
+        self.extint += (vector,)
+        return ArrivalFate.PENDING
+
     def nmi_from_apic(self) -> ArrivalFate:
         """The local APIC sent this CPU an NMI (ICR delivery mode NMI)."""
         if self.host is not None:
@@ -377,6 +389,8 @@ class Cpu:
             return
         elif s.event is External.NMI:
             fate, name = self.raise_nmi(), "nmi"
+        elif s.event is External.EXTINT:
+            fate, name = self.raise_extint(s.vector), "extint"
         else:
             fate, name = self.raise_interrupt(s.vector), "interrupt"
         self.trace.append(Arrival(name, s.vector, self.retired, self.rip, fate))
@@ -423,8 +437,8 @@ class Cpu:
             return Source.DEBUG_TRAP
         if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
-        if (self.rflags & IF and shadow is Shadow.NONE and self.apic_delivers and self.gif
-                and self.apic.pending_vector() is not None):
+        if self.rflags & IF and shadow is Shadow.NONE and self.gif and (self.extint or (
+                self.apic_delivers and self.apic.pending_vector() is not None)):
             return Source.INTR
         if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
             return Source.CODE_BREAKPOINT
@@ -459,7 +473,7 @@ class Cpu:
         if self.halted:
             return Stop.HALTED
         self.attn = bool(
-            self.pending_dbg or self.nmi_pending or self.apic.irr or self.shadow_prev
+            self.pending_dbg or self.nmi_pending or self.apic.irr or self.extint or self.shadow_prev
             or self.exec_bps or self.host_attn or self.at_rip_scheduled
         )
         return None
@@ -472,7 +486,13 @@ class Cpu:
             self.nmi_pending -= 1
             event = Event(Vec.NMI, EventType.NMI, self.rip)
         elif source is Source.INTR:
-            event = Event(self.apic.acknowledge(), EventType.EXT_INT, self.rip)
+            # The ExtINT first, as KVM's kvm_cpu_get_interrupt() (UNVERIFIED on hardware: the
+            # SDM does not order an 8259's INTR against a pending fixed APIC interrupt).
+            if self.extint:
+                vector, self.extint = self.extint[0], self.extint[1:]
+            else:
+                vector = self.apic.acknowledge()
+            event = Event(vector, EventType.EXT_INT, self.rip)
         else:
             bits = self.exec_bps[self.rip]
             event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits)

@@ -243,6 +243,21 @@ CATALOGUE: tuple[Bug, ...] = (
         "\"the quirked behavior ... only works if userspace does KVM_GET_VCPU_EVENTS *before* CR2 "
         "or DR6 is saved, i.e. before KVM_GET_SREGS{,2} and KVM_GET_DEBUGREGS\"",
         ("svm", "vmx"), "scenarios/vmm/explore_register_orders.toml"),
+    Bug("interrupt_window_with_event_in_flight",
+        "kvm_vcpu_ready_for_interrupt_injection() ignores an exception pending or an event to "
+        "re-inject: with a userspace irqchip the VMM, told the guest is ready, KVM_INTERRUPTs while a "
+        "#UD is queued, and its interrupt is dropped when the #UD's delivery completes",
+        "KVM: x86: accept userspace interrupt only if no event is injected (Paolo Bonzini, 2021, "
+        "upstream fa7a549d321a; Fixes 71cc849b7093 \"KVM: x86: Fix split-irqchip vs interrupt injection "
+        "window request\"; reported by Stas Sergeev for DOSEMU)",
+        ("svm", "vmx"), "scenarios/vmm/interrupt_window_waits_for_pending_exception.toml"),
+    Bug("svm_bug_on_irq_with_gif_clear",
+        "svm_inject_irq() has BUG_ON(!gif_set(svm)): a VMM that KVM_INTERRUPTs (userspace irqchip) "
+        "while the guest has run CLGI makes the host oops",
+        "KVM: SVM: Don't BUG if userspace injects an interrupt with GIF=0 (Maciej S. Szmigiero and Sean "
+        "Christopherson, 2022, upstream f17c31c48e5c; Fixes 219b65dcf6c0 \"KVM: SVM: Improve nested "
+        "interrupt injection\")",
+        ("svm",), "scenarios/vmm/kvm_interrupt_with_gif_clear.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -38,6 +38,8 @@ def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
     elapsed = time.monotonic() - start
     d = comparison.divergence
     retired = comparison.virt.final.retired if comparison.virt and comparison.virt.final else 0
+    if comparison.virt and comparison.virt.host_bug is not None and comparison.virt.trace:
+        retired = comparison.virt.trace[-1].retired  # where the host died (BUG_ON)
     if d is not None and d.virt is not None and not isinstance(d.virt, str):
         retired = d.virt.retired  # guest instructions before the first divergence
     reproduced = not comparison.passed

@@ -51,9 +51,9 @@ from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
-from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
+from kvmodel.scenario.runner import Prepared, Resolver, RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import ExploreSpec, Happening, KnownFinding, Scenario
-from kvmodel.scenario.vmm import CHOICE_NAMES
+from kvmodel.scenario.vmm import CHOICE_NAMES, DEFAULT_CHOICE_NAMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ class Bounds:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation, host
+    kind: str  # divergence, liveness, hypervisor_error, bug, warn, stats, starvation, host
     schedule: Schedule
     message: str
 
@@ -133,8 +133,9 @@ def choices_for(scenario: Scenario, resolve: Resolver, bounds: Bounds, boundarie
     max_async = min(offered_async, 2 if bounds.max_async is None else bounds.max_async)
     max_host = min(offered_host, 2 if bounds.max_host is None else bounds.max_host)
     pages = tuple(sorted({resolve.linear(p, line) // PAGE * PAGE for p, line in spec.host_faults}))
-    # VMM calls are opt-in: the scenario's `vmm = [...]`, or every call when --max-vmm asks.
-    offered_vmm = spec.vmm or (CHOICE_NAMES if bounds.max_vmm else ())
+    # VMM calls are opt-in: the scenario's `vmm = [...]`, or every call that keeps to the
+    # protocol when --max-vmm asks.
+    offered_vmm = spec.vmm or (DEFAULT_CHOICE_NAMES if bounds.max_vmm else ())
     max_vmm = 0 if not offered_vmm else 2 if bounds.max_vmm is None else bounds.max_vmm
     vmm = tuple(CHOICE_NAMES.index(name) for name in offered_vmm)
     return Choices(spec, max_async, max_host, boundaries, pages, max_vmm, vmm)
@@ -207,7 +208,7 @@ class Runner:
         # Bare runs, kept with their guest view and, instead of their memory, its changed
         # pages (by id() of the kept result): keeping a whole memory per distinct bare run
         # costs a page fault per fresh page.
-        self.bare_runs: dict[Schedule, RunResult] = {}
+        self.bare_runs: dict[tuple[Schedule, tuple], RunResult] = {}
         self.bare_views: dict[int, list] = {}
         self.bare_pages: dict[int, dict[int, bytes]] = {}
         self.known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
@@ -215,15 +216,16 @@ class Runner:
         self.image: PageImage | None = None
 
     def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = (),
-             vmm_states: tuple[Happening, ...] = ()) -> RunResult:
+             vmm_happenings: tuple[Happening, ...] = ()) -> RunResult:
         """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered);
-        `vmm_states`: the states its crafted KVM_SET_VCPU_EVENTS put the CPU in."""
+        `vmm_happenings`: the states its crafted KVM_SET_VCPU_EVENTS put the CPU in and the
+        vectors its 8259 raised on INTR."""
         external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
                                 + tuple(place(Kind.NMI, at, 1 + delivered)
                                         for at, delivered in vmm_nmis)))
-        key = (external, vmm_states) if vmm_states else external
+        key = (external, vmm_happenings) if vmm_happenings else external
         if key not in self.bare_runs:
-            self.bare_runs[key] = self._keep(self.run(external, Vendor.BARE, vmm_states))
+            self.bare_runs[key] = self._keep(self.run(external, Vendor.BARE, vmm_happenings))
         return self.bare_runs[key]
 
     def _keep(self, result: RunResult) -> RunResult:
@@ -239,7 +241,7 @@ class Runner:
         if self.prepared is None:
             self.bare(())  # the first run judges the file's expectations
         virt = self.run(schedule, self.vendor)
-        bare = self.bare(schedule, virt.vmm_nmis, virt.vmm_states)
+        bare = self.bare(schedule, virt.vmm_nmis, virt.vmm_happenings)
         exits = sum(st.exits for st in virt.stats)
         limit = limit_of(bare, virt)
         if limit is not None:
@@ -262,7 +264,7 @@ class Runner:
         return h.hexdigest()
 
     def run(self, schedule: Schedule, vendor: Vendor,
-            vmm_states: tuple[Happening, ...] = ()) -> RunResult:
+            vmm_happenings: tuple[Happening, ...] = ()) -> RunResult:
         # The first run judges the file's expectations, so a bad label there is still an
         # error; the others are judged against bare metal only.
         first = self.prepared is None
@@ -270,14 +272,16 @@ class Runner:
             self.prepared = Prepared(self.scenario)
             self.image = PageImage(self.prepared.cpu.mem)
         scenario = apply(self.scenario, schedule)
-        if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule and `vmm_states`
-            scenario = replace(scenario, vmm=(), happenings=vmm_states + scenario.happenings)
+        if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule, or here
+            scenario = bare_counterpart(scenario, (), vmm_happenings)
         return run(scenario, vendor=vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=first)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
               view: list | None = None) -> Finding | None:
         """`view`: guest_view() of the KVM run's trace, when the caller has it already."""
+        if virt.host_bug is not None:
+            return Finding("bug", schedule, virt.host_bug)
         if virt.hypervisor_error is not None:
             return Finding("hypervisor_error", schedule, virt.hypervisor_error)
         if virt.warnings:
@@ -397,7 +401,9 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
             workers: int = 1, time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
             progress: Progress | None = None, max_steps: int | None = None,
             stop_at_first: bool = False) -> ExploreResult:
-    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is."""
+    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is.
+
+    `stop_at_first`: stop at the first finding the scenario does not declare."""
     start = time.monotonic()
     bounds = bounds or Bounds()
     result = ExploreResult(scenario, vendor)
@@ -416,9 +422,11 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     first = [a + h for a in async_schedules(choices) for h in host_schedules(choices)]
     first = sorted(set(tuple(sorted(s)) for s in first), key=_smallest_first)
     deadline = None if time_limit is None else start + time_limit
+    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
+    stop = partial(_is_new, declared=declared) if stop_at_first else None
     outcomes = _run_all(scenario, vendor, first, workers, bugs, deadline, max_steps, progress, 0,
-                        stop_at_first)
-    if stop_at_first and any(o.finding is not None for o in outcomes):
+                        stop)
+    if stop is not None and any(stop(o) for o in outcomes):
         second = []
     else:
         second = sorted({s for o in outcomes if o.limit is None
@@ -427,9 +435,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
                         key=_smallest_first)
     if deadline is None or time.monotonic() < deadline:
         outcomes += _run_all(scenario, vendor, second, workers, bugs, deadline, max_steps, progress,
-                             len(first), stop_at_first)
+                             len(first), stop)
     result.complete = len(outcomes) == len(first) + len(second) and not stop_at_first
-    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
     seen: set[int] = set()
     for o in outcomes:
         result.schedules += 1
@@ -450,6 +457,11 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
                                if n not in seen and _reachable(k, choices)]
     result.elapsed = time.monotonic() - start
     return result
+
+
+def _is_new(outcome: Outcome, declared: list[KnownFinding]) -> bool:
+    """A finding no declaration explains."""
+    return outcome.finding is not None and _explained_by(outcome.finding, declared) is None
 
 
 def _reachable(known: KnownFinding, c: Choices) -> bool:
@@ -479,9 +491,11 @@ def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
 
 def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], workers: int,
              bugs: frozenset[str], deadline: float | None, max_steps: int | None,
-             progress: Progress | None, offset: int, stop_at_first: bool = False) -> list[Outcome]:
+             progress: Progress | None, offset: int,
+             stop_at: Callable[[Outcome], bool] | None = None) -> list[Outcome]:
+    """`stop_at`: the outcome that ends the search (run in this process, one by one)."""
     out: list[Outcome] = []
-    if workers <= 1 or stop_at_first:
+    if workers <= 1 or stop_at is not None:
         with _faults.switched_on(bugs):
             runner = Runner(scenario, vendor, max_steps)
             for n, schedule in enumerate(schedules):
@@ -490,7 +504,7 @@ def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], work
                 out.append(runner.outcome(schedule))
                 if progress is not None:
                     progress(offset + n + 1, offset + len(schedules))
-                if stop_at_first and out[-1].finding is not None:
+                if stop_at is not None and stop_at(out[-1]):
                     break
         return out
     chunks = [schedules[i:i + 64] for i in range(0, len(schedules), 64)]

@@ -59,6 +59,8 @@ class Comparison:
             return out
         if self.divergence is not None and not self.divergence_expected:
             out.append("the guest saw something bare metal would not have shown it")
+        if self.virt.host_bug is not None:
+            out.append(self.virt.host_bug)
         out += [f"KVM WARN_ON reached: {w}" for w in self.virt.warnings]
         bare_final, virt_final = self.bare.final, self.virt.final
         if (bare_final is not None and virt_final is not None and virt_final.stop == "budget"
@@ -133,7 +135,7 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
                    max_steps=max_steps)
     bare_scenario = scenario
     if virt is not None and scenario.vmm:
-        bare_scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_states)
+        bare_scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_happenings)
     bare = run(bare_scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
                max_steps=max_steps)
     if why is not None:

@@ -86,6 +86,10 @@ NOT_REPRODUCED: dict[str, str] = {
     "nested/svm_l1_injects_soft_int": _NESTED_INJECTION,
     "nested/vmx_l1_injects_int3_without_instruction": _NESTED_INJECTION,
     "nested/svm_l1_injects_nmi": _NESTED_INJECTION,
+    "vmm/kvm_interrupt_split_irqchip": (
+        "a split irqchip's vector held in pending_external_vector is lost by a save/restore, which "
+        "KVM_GET_VCPU_EVENTS has no field for; only a VMM that calls KVM_INTERRUPT before "
+        "ready_for_interrupt_injection gets there, and no selftest is written for it yet"),
 }
 
 

@@ -45,6 +45,7 @@ class KvmExit(IntEnum):
 
     IO = 2
     HLT = 5
+    IRQ_WINDOW_OPEN = 7
     SHUTDOWN = 8
     FAIL_ENTRY = 9
     INTR = 10
@@ -57,6 +58,21 @@ KVM_NOTIFY_CONTEXT_INVALID = 1 << 0  # kvm_run->notify.flags
 
 EINVAL = -22  # what an ioctl returns, as the kernel returns it (negative errno)
 EINTR = -4
+ENXIO = -6
+EEXIST = -17
+KVM_NR_INTERRUPTS = 256  # KVM_INTERRUPT's vector bound (arch/x86/include/asm/kvm_host.h)
+
+
+@dataclass(slots=True)
+class KvmRun:
+    """The struct kvm_run fields the interrupt-window protocol uses (api.rst, "kvm_run").
+
+    `request_interrupt_window` is userspace's to write before KVM_RUN; the others
+    KVM writes as KVM_RUN returns (post_kvm_run_save())."""
+
+    request_interrupt_window: bool = False
+    ready_for_interrupt_injection: bool = False
+    if_flag: bool = False
 
 
 class InvalidArgument(KvmodelError):

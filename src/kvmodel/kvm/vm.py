@@ -10,9 +10,23 @@ allowed, since the CPU adds an internal threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 from kvmodel.kvm.uapi import InvalidArgument
+
+
+class IrqChip(Enum):
+    """kvm->arch.irqchip_mode: where the interrupt controllers are (irq.h).
+
+    KERNEL: KVM_CREATE_IRQCHIP, the 8259s, IOAPIC and local APICs in KVM (the in-kernel
+    8259 is not modelled: its output is never raised). SPLIT: KVM_CAP_SPLIT_IRQCHIP,
+    the local APICs in KVM and the 8259s in userspace, whose ExtINT vectors come in
+    through KVM_INTERRUPT. USERSPACE: no in-kernel irqchip at all; KVM_INTERRUPT
+    queues the vector for injection as is."""
+
+    KERNEL = "kernel"
+    SPLIT = "split"
+    USERSPACE = "userspace"
 
 
 class Cap(IntEnum):
@@ -40,6 +54,17 @@ class Vm:
     notify_window: int = 0
     notify_vmexit_flags: int = 0  # NotifyFlag bits
     created_vcpus: int = 0
+    irqchip: IrqChip = IrqChip.KERNEL
+
+    @property
+    def lapic_in_kernel(self) -> bool:
+        """lapic_in_kernel() / irqchip_in_kernel(): KERNEL or SPLIT."""
+        return self.irqchip is not IrqChip.USERSPACE
+
+    @property
+    def pic_in_kernel(self) -> bool:
+        """pic_in_kernel() (irqchip_full())."""
+        return self.irqchip is IrqChip.KERNEL
 
     def enable_cap(self, cap: Cap, arg0: int) -> None:
         """KVM_ENABLE_CAP on the VM; InvalidArgument where the ioctl gives -EINVAL."""

@@ -20,24 +20,34 @@ from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
-from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, RSP, TF
+from kvmodel.arch.regs import DR6_BS, DR7_GD, IF, RF, RSP, TF
+from kvmodel.errors import KvmodelError
 from kvmodel.kvm.uapi import (
+    EEXIST,
     EINTR,
+    EINVAL,
+    ENXIO,
+    KVM_NR_INTERRUPTS,
     InvalidArgument,
     KvmDebugregs,
     KvmExit,
     KvmRegs,
+    KvmRun,
     KvmSregs,
     KvmVcpuEvents,
     ShadowBits,
     VcpuEventsFlag,
 )
-from kvmodel.kvm.vm import Vm
+from kvmodel.kvm.vm import IrqChip, Vm
 
 DR_TRAP_BITS = 0xF
 DR6_ACTIVE_LOW = 0xFFFF0FF0
 DR6_RTM = 1 << 16
 EBUSY = -16  # *_allowed(): "cannot decide yet, exit at once and retry"
+
+
+class HostBug(KvmodelError):
+    """KVM reached a BUG_ON(): the host kernel oopses, and the vCPU's run ends there."""
 
 
 class Request(IntEnum):
@@ -130,6 +140,7 @@ class Stats:
     halt_exits: int = 0
     req_event: int = 0
     notify_window_exits: int = 0
+    request_irq_exits: int = 0  # KVM_EXIT_IRQ_WINDOW_OPEN
     exits: int = 0
 
 
@@ -228,6 +239,8 @@ class Vcpu:
     warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
     host_problems: list[str] = field(default_factory=list)  # the host's own event handling
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
+    kvm_run: KvmRun = field(default_factory=KvmRun)  # the struct kvm_run fields shared with userspace
+    pending_external_vector: int | None = None  # split irqchip: KVM_INTERRUPT's ExtINT vector
 
     @property
     def lapic(self):
@@ -390,9 +403,85 @@ class Vcpu:
         exc.has_payload = False
         exc.payload = 0
 
+    def has_extint(self) -> bool:
+        """kvm_cpu_has_extint(): an interrupt from outside the local APIC, not yet acknowledged.
+
+        With a userspace irqchip it is the interrupt KVM_INTERRUPT queued (upstream's FIXME:
+        interrupt.injected stands for it); with the split irqchip, KVM_INTERRUPT's vector,
+        if LINT0 takes ExtINT (kvm_apic_accept_pic_intr(), always true here: the model's
+        APIC has no LVT0, and firmware leaves the BSP in virtual-wire mode). The in-kernel
+        8259 of a full irqchip is not modelled: its output is never raised."""
+        chip = self.kvm.irqchip
+        if chip is IrqChip.USERSPACE:
+            return self.interrupt.injected
+        return chip is IrqChip.SPLIT and self.pending_external_vector is not None
+
     def has_injectable_intr(self) -> bool:
-        """kvm_cpu_has_injectable_intr() with the in-kernel local APIC."""
-        return self.lapic.pending_vector() is not None
+        """kvm_cpu_has_injectable_intr(): an ExtINT, else the in-kernel local APIC's IRR."""
+        if self.has_extint():
+            return True
+        return self.kvm.lapic_in_kernel and self.lapic.pending_vector() is not None
+
+    def get_interrupt(self) -> int:
+        """kvm_cpu_get_interrupt(): acknowledge the ExtINT first (kvm_cpu_get_extint()), else the
+        local APIC's highest request (IRR to ISR)."""
+        if self.has_extint():
+            if self.kvm.irqchip is IrqChip.USERSPACE:
+                return self.interrupt.nr
+            vector, self.pending_external_vector = self.pending_external_vector, None
+            return vector
+        return self.lapic.acknowledge()
+
+    # -- KVM_INTERRUPT and the interrupt window (userspace or split irqchip) ------
+
+    def accept_dm_intr(self) -> bool:
+        """kvm_cpu_accept_dm_intr(): room for one more vector from userspace's 8259 (none while
+        one waits) and, with an in-kernel local APIC, LINT0 taking ExtINT (always, see
+        has_extint())."""
+        return not self.has_extint()
+
+    def ready_for_interrupt_injection(self) -> bool:
+        """kvm_vcpu_ready_for_interrupt_injection(): interrupts allowed, room for the vector, and
+        nothing half-injected or pending, so that the window is an instruction boundary ("KVM:
+        x86: accept userspace interrupt only if no event is injected", fa7a549d321a).
+
+        kvm_arch_interrupt_allowed() is the vendor's interrupt_allowed(vcpu, false), whose
+        -EBUSY counts as true in C."""
+        ready = self.ops.interrupt_allowed(False) != 0 and self.accept_dm_intr()
+        if _faults.on("interrupt_window_with_event_in_flight"):
+            return ready  # before fa7a549d321a (71cc849b7093's test)
+        return ready and not self.event_needs_reinjection() and not self.exception_pending()
+
+    def dm_request_for_irq_injection(self) -> bool:
+        """dm_request_for_irq_injection(): userspace waits for a window, and its 8259 is its own."""
+        return self.kvm_run.request_interrupt_window and not self.kvm.pic_in_kernel
+
+    def post_kvm_run_save(self) -> None:
+        """post_kvm_run_save(): what KVM_RUN leaves in kvm_run for userspace (if_flag is
+        get_if_flag(), RFLAGS.IF outside SEV-ES)."""
+        self.kvm_run.if_flag = bool(self.ops.get_rflags() & IF)
+        self.kvm_run.ready_for_interrupt_injection = (self.kvm.pic_in_kernel
+                                                  or self.ready_for_interrupt_injection())
+
+    def kvm_interrupt(self, vector: int) -> int:
+        """KVM_INTERRUPT: kvm_vcpu_ioctl_interrupt(). 0, or a negative errno with nothing changed.
+
+        A userspace irqchip's vector is queued as an interrupt to inject (kvm_queue_interrupt(),
+        not soft); the split irqchip's waits as the ExtINT LINT0 will present, one at a time;
+        with the 8259 in KVM the ioctl is not for userspace."""
+        if not 0 <= vector < KVM_NR_INTERRUPTS:
+            return EINVAL
+        if self.kvm.irqchip is IrqChip.USERSPACE:
+            self.queue_interrupt(vector, soft=False)
+            self.requests |= Request.EVENT
+            return 0
+        if self.kvm.pic_in_kernel:
+            return ENXIO
+        if self.pending_external_vector is not None:
+            return EEXIST
+        self.pending_external_vector = vector
+        self.requests |= Request.EVENT
+        return 0
 
     # -- kvm_check_and_inject_events() ----------------------------------------
 
@@ -450,13 +539,18 @@ class Vcpu:
             if allowed < 0:
                 return True
             if allowed:
-                self.queue_interrupt(self.lapic.acknowledge(), soft=False)
+                self.queue_interrupt(self.get_interrupt(), soft=False)
                 ops.inject_irq(reinjected=False)
                 self._record("irq", self.interrupt.nr, reinjected=False)
             if self.has_injectable_intr():
                 ops.enable_irq_window()
         self.warn_on(self.exception.pending, "kvm_check_and_inject_events: exception still pending")
         return False
+
+    def bug_on(self, condition: bool, what: str) -> None:
+        """BUG_ON(): the host oopses; nothing of this vCPU runs on."""
+        if condition:
+            raise HostBug(f"KVM BUG_ON reached: {what}")
 
     def warn_on(self, condition: bool, what: str) -> None:
         """WARN_ON_ONCE(): a condition KVM's authors say cannot happen; recorded, run goes on."""
@@ -483,21 +577,35 @@ class Vcpu:
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
-            if self.mp_state is MpState.HALTED:
+            woke = self.mp_state is MpState.HALTED
+            if woke:
                 if not self._wait_for_events():
-                    return UserspaceExit(KvmExit.HLT, "halted with nothing left to wake it")
+                    return self._to_userspace(UserspaceExit(KvmExit.HLT,
+                                                            "halted with nothing left to wake it"))
+            else:
+                budget = max_steps - (self.cpu.work - start)
+                if budget <= 0:
+                    return self._to_userspace(None)
+                outcome = self.enter_guest(budget)
+                if outcome is BUDGET:
+                    return self._to_userspace(None)
+                if outcome is not None:
+                    return self._to_userspace(outcome)
+            # vcpu_run(): after each exit handled in the kernel (or a wake-up), the window
+            # userspace asked for, once its interrupt can go in.
+            if self.dm_request_for_irq_injection() and self.ready_for_interrupt_injection():
+                self.stats.request_irq_exits += 1
+                return self._to_userspace(UserspaceExit(KvmExit.IRQ_WINDOW_OPEN))
+            if woke:
                 continue
-            budget = max_steps - (self.cpu.work - start)
-            if budget <= 0:
-                return None
-            outcome = self.enter_guest(budget)
-            if outcome is BUDGET:
-                return None
-            if outcome is not None:
-                return outcome
             if self.stats.exits == self.stop_at_exit:
-                return UserspaceExit(KvmExit.INTR, "userspace asked for control")
-        return None
+                return self._to_userspace(UserspaceExit(KvmExit.INTR, "userspace asked for control"))
+        return self._to_userspace(None)
+
+    def _to_userspace(self, outcome: UserspaceExit | None) -> UserspaceExit | None:
+        """KVM_RUN returns: kvm_arch_vcpu_ioctl_run()'s post_kvm_run_save()."""
+        self.post_kvm_run_save()
+        return outcome
 
     def run_immediate_exit(self) -> int:
         """KVM_RUN with kvm_run->immediate_exit set (vcpu->wants_to_run false): -EINTR at once.
@@ -505,6 +613,7 @@ class Vcpu:
         kvm_arch_vcpu_ioctl_run() morphs an exception userspace stuffed into L1's
         VM exit before it looks at wants_to_run; nothing else happens."""
         self._morph_userspace_exception()
+        self.post_kvm_run_save()
         return EINTR
 
     def _morph_userspace_exception(self) -> None:
@@ -557,12 +666,16 @@ class Vcpu:
             self.requests &= ~Request.NMI
             self.process_nmi()
         immediate_exit = False
-        if self.requests & Request.EVENT:
+        # userspace waits for a window and has room for its vector: open one (req_int_win)
+        req_int_win = self.dm_request_for_irq_injection() and self.accept_dm_intr()
+        if self.requests & Request.EVENT or req_int_win:
             self.requests &= ~Request.EVENT
             self.stats.req_event += 1
             immediate_exit = self.check_and_inject_events()
             if self.requests & Request.TRIPLE_FAULT:
                 return self.enter_guest(max_steps)
+            if req_int_win:
+                self.ops.enable_irq_window()
         if immediate_exit:
             self.requests |= Request.EVENT
         self.in_guest_mode = True

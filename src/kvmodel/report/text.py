@@ -21,12 +21,12 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
-from kvmodel.kvm.uapi import EINTR, EINVAL
+from kvmodel.kvm.uapi import EEXIST, EINTR, EINVAL, ENXIO
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
-_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR"}
+_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR", ENXIO: "-ENXIO", EEXIST: "-EEXIST"}
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
@@ -94,6 +94,8 @@ def arrival_text(obs: Arrival) -> str:
         return f"host NMI arrives: {fate}"
     if obs.event == "interrupt":
         return f"interrupt {obs.vector:#x} arrives: {fate}"
+    if obs.event == "extint":
+        return f"8259 INTR with vector {obs.vector:#x} arrives: {fate}"
     source = " (self-IPI)" if obs.event == "self_nmi" else ""
     return f"NMI arrives{source}: {fate}"
 
@@ -157,6 +159,10 @@ def print_result(console: Console, result: RunResult, heading: str = "",
         return
     if result.hypervisor_error is not None:
         _print_hypervisor_error(console, result)
+        return
+    if result.host_bug is not None:
+        console.print(f"  [bold red]HOST BUG[/] {escape(result.host_bug)}: the host kernel oopses, "
+                      "no final state")
         return
     final = result.final
     if final is None:  # KVM gave up (failed entry, internal error): print_comparison says so

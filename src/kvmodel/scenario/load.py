@@ -132,6 +132,8 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
     expect = data.get("expect", {})
     explore = data.get("explore", {})
     happen = data.get("happen", [])
+    if data.get("kvm", {}).get("irqchip") == "userspace":
+        _no_apic_interrupts(ctx, happen, explore)
     return Scenario(
         path=path,
         text=text,
@@ -610,6 +612,8 @@ def _kvm_params(ctx: _Ctx, kvm: dict) -> tuple[tuple[str, bool | int | str], ...
             raise ctx.error("notify_window needs notify_vmexit = \"run\" or \"internal-error\"",
                             "kvm", "notify_window")
         out.append(("notify_window", kvm["notify_window"]))
+    if "irqchip" in kvm:
+        out.append(("irqchip", kvm["irqchip"]))
     return tuple(out)
 
 
@@ -641,10 +645,25 @@ def _qemu_differences(ctx: _Ctx, expect: dict) -> tuple[QemuDifference, ...]:
     return tuple(out)
 
 
+def _no_apic_interrupts(ctx: _Ctx, happen: list[dict], explore: dict) -> None:
+    """With a userspace irqchip KVM has no local APIC to accept an interrupt: the VMM's 8259
+    sends them ([[vmm]] interrupt_window or KVM_INTERRUPT)."""
+    why = 'irqchip = "userspace" has no in-kernel local APIC'
+    hint = 'the VMM\'s 8259 sends interrupts: [[vmm]] call = "interrupt_window"'
+    for n, h in enumerate(happen):
+        if h.get("event") == "interrupt":
+            raise ctx.error(f"an interrupt happening needs a local APIC: {why}", "happen", "event",
+                            n, hint)
+    if explore.get("interrupts"):
+        raise ctx.error(f"explored interrupts need a local APIC: {why}", "explore", "interrupts",
+                        None, hint)
+
+
 def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
     """[[vmm]]: call = one of scenario/vmm.py CALLS, exit = N or at = "label"; a call's
     arguments by name (CALL_FIELDS: struct kvm_vcpu_events or kvm_debugregs fields a crafted
-    SET changes, `enable` for KVM_ENABLE_CAP_EXCEPTION_PAYLOAD)."""
+    SET changes, `enable` for KVM_ENABLE_CAP_EXCEPTION_PAYLOAD; `vector` for KVM_INTERRUPT
+    and interrupt_window)."""
     t = "vmm"
     out = []
     for n, item in enumerate(items):
@@ -652,8 +671,8 @@ def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
             raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
                             "(the first exit once the guest is there)", t, None, n)
         # the schema let through only the call's own arguments, as bools or numbers
-        args = tuple((name, int(item[name])) for name in VMM_CALL_FIELDS.get(item["call"], ())
-                     if name in item)
+        names = VMM_CALL_FIELDS.get(item["call"], ()) + ("vector",)
+        args = tuple((name, int(item[name])) for name in names if name in item)
         out.append(VmmStep(item["call"], item.get("exit"),
                            _expr(item["at"]) if "at" in item else None, args,
                            ctx.line(t, None, n)))

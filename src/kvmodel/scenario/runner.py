@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
@@ -22,9 +22,9 @@ from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
-from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
+from kvmodel.kvm.vm import Cap, IrqChip, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.kvm.x86 import Stats, Vcpu
+from kvmodel.kvm.x86 import HostBug, Stats, Vcpu
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
@@ -35,7 +35,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import VmmRecord, action, in_flight
+from kvmodel.scenario.vmm import KVM_INTERRUPT, Performed, Pic, VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -84,11 +84,15 @@ class RunResult:
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
     vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
-    vmm_states: tuple[Happening, ...] = ()  # bare metal's counterparts of crafted event states
+    # bare metal's counterparts of the VMM's calls other than NMIs: crafted event states
+    # (External.STATE) and the 8259's vectors on INTR (External.EXTINT), in call order
+    vmm_happenings: tuple[Happening, ...] = ()
+    host_bug: str | None = None  # KVM reached a BUG_ON(): the host died, the run ended there
 
     @property
     def passed(self) -> bool:
-        return not self.mismatches and self.limit is None and self.hypervisor_error is None
+        return (not self.mismatches and self.limit is None and self.hypervisor_error is None
+                and self.host_bug is None)
 
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
@@ -268,7 +272,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
         kvm_vendor = Vendor.SVM if scenario.vendor == "bare" else Vendor(scenario.vendor)
         virt = run(scenario, vendor=kvm_vendor, max_steps=max_steps, expectations=False)
-        scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_states)
+        scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_happenings)
     if prepared is not None and not record_instructions:
         cpu, program = prepared.prepare(scenario)
     else:
@@ -277,15 +281,15 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     limit = error = None
     stats: tuple[Stats, ...] = ()
     warnings: tuple[str, ...] = ()
-    host = None
-    vmm_nmis: list[tuple[int, int]] = []
-    vmm_states: list[Happening] = []
+    host = bug = None
+    vmm = _VmmLog()
     try:
         if vendor is Vendor.BARE:
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
-            cpu, stop, stats, error, warnings, host = _run_under_kvm(
-                scenario, program, cpu, vendor, steps, vmm_nmis, vmm_states)
+            cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
+                                                                     vendor, steps, vmm)
+            bug = vmm.host_bug
     except ModelLimit as e:
         limit = str(e)
         stop = None
@@ -295,17 +299,27 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
-                     tuple(vmm_nmis), tuple(vmm_states))
+                     tuple(vmm.nmis), tuple(vmm.happenings), bug)
 
 
 def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
-                     states: tuple[Happening, ...] = ()) -> Scenario:
-    """The scenario for bare metal: no VMM, and an NMI for each one the VMM's calls made
-    arrive, after (retired, delivered) as the guest stood where the VMM acted; the CPU put in
-    each state a crafted KVM_SET_VCPU_EVENTS set, there (`states`, first)."""
+                     happenings: tuple[Happening, ...] = ()) -> Scenario:
+    """The scenario for bare metal: no VMM; the CPU put in each state a crafted
+    KVM_SET_VCPU_EVENTS set and the 8259's vectors on INTR, where the VMM acted
+    (`happenings`, first); and an NMI for each one the VMM's calls made arrive, after
+    (retired, delivered) as the guest stood where the VMM acted."""
     arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
                      for after, delivered in nmis)
-    return replace(scenario, happenings=scenario.happenings + states + arrivals, vmm=())
+    return replace(scenario, happenings=scenario.happenings + happenings + arrivals, vmm=())
+
+
+@dataclass(slots=True)
+class _VmmLog:
+    """What the VMM's calls in a run under KVM stand for on bare metal, and how it ended."""
+
+    nmis: list[tuple[int, int]] = field(default_factory=list)
+    happenings: list[Happening] = field(default_factory=list)
+    host_bug: str | None = None
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
@@ -356,30 +370,37 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
     return min(later) if later else 0
 
 
-def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]],
-             vmm_states: list[Happening]) -> None:
-    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now, and
-    the states it sets hold there (before anything in flight, which a crafted state may not
-    replace: scenario/vmm.py crafted_states())."""
+def _perform(step: VmmStep, vcpu: Vcpu, log: _VmmLog, pic: Pic) -> None:
+    """One VMM call; the NMIs and INTR it makes arrive on bare metal where the guest stands
+    now, and the states it sets hold there (before anything in flight, which a crafted state
+    may not replace: scenario/vmm.py crafted_states())."""
     cpu = vcpu.cpu
     here = cpu.delivered
-    done = action(step.call, step.args).perform(vcpu)
-    vmm_states += [Happening(External.STATE, 0, cpu.retired, None, 0, here, state)
-                   for state in done.states]
+    done = action(step.call, step.args).perform(vcpu, pic)
+    log.happenings += [Happening(External.STATE, 0, cpu.retired, None, 0, here, state)
+                       for state in done.states]
     # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
     # instruction runs again), so the NMIs then come before it, as on bare metal.
     delivered = cpu.delivered + int(in_flight(vcpu))
     name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
+    _record(vcpu, name, done)
+    log.nmis += [(cpu.retired, delivered)] * done.nmis
+    log.happenings += [Happening(External.EXTINT, vector, cpu.retired, None, 0, delivered)
+                       for vector in done.extints]
+
+
+def _record(vcpu: Vcpu, name: str, done: Performed) -> None:
+    cpu = vcpu.cpu
     cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
-    vmm_nmis += [(cpu.retired, delivered)] * done.nmis
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int, vmm_nmis: list[tuple[int, int]], vmm_states: list[Happening]
+                   steps: int, log: _VmmLog
                    ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                               tuple[str, ...], HostTime]:
-    """KVM_RUN until the guest halts for good, shuts down, or the budget ends; in between,
-    what userspace does when KVM_RUN returns to it (save/restores, the VMM's calls)."""
+    """KVM_RUN until the guest halts for good, shuts down, or the budget ends (or KVM hits a
+    BUG_ON); in between, what userspace does when KVM_RUN returns to it (save/restores, the
+    VMM's calls, and its 8259's KVM_INTERRUPT once the guest is ready for it)."""
     resolve = Resolver(scenario, program)
     cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
@@ -400,6 +421,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         return create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
 
     vcpu = make(cpu)
+    pic = Pic()  # the VMM's 8259 (a userspace or split irqchip): lives across save/restores
     done: list[Stats] = []
     warnings: list[str] = []
     problems: list[str] = []
@@ -411,7 +433,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         for stop in [s for s in stops if s.due(exits, vcpu.cpu)]:
             stops.remove(stop)
             if stop.call is not None:
-                _perform(stop.call, vcpu, vmm_nmis, vmm_states)
+                _perform(stop.call, vcpu, log, pic)
                 continue
             done.append(vcpu.stats)
             warnings += vcpu.warnings
@@ -421,8 +443,16 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
             earlier = exits
         following = _next_exit(stops, exits)
         vcpu.stop_at_exit = following - earlier if following else 0
-        outcome = vcpu.run(steps - (vcpu.cpu.work - start))
-        if outcome is not None and outcome.reason is KvmExit.INTR and stops:
+        injected = pic.pre_run(vcpu)
+        if injected is not None:
+            _record(vcpu, KVM_INTERRUPT, injected)
+        try:
+            outcome = vcpu.run(steps - (vcpu.cpu.work - start))
+        except HostBug as e:
+            log.host_bug, outcome = str(e), None
+            break
+        if outcome is not None and (outcome.reason is KvmExit.IRQ_WINDOW_OPEN
+                                    or outcome.reason is KvmExit.INTR and stops):
             continue
         break
     done.append(vcpu.stats)
@@ -431,13 +461,15 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     problems += vcpu.host_problems
     kvm = vcpu.kvm
     limit = kvm.notify_window + NOTIFY_THRESHOLD + DELIVERY_CYCLES if kvm.notify_enabled else None
-    stop, error = _stop_of(vcpu, outcome)
+    stop, error = _stop_of(vcpu, outcome) if log.host_bug is None else (None, None)
     return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
             HostTime(windowless, limit, tuple(problems)))
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:
-    """What QEMU does before KVM_CREATE_VCPU: notify exits if the host has them, else nothing."""
+    """What QEMU does before KVM_CREATE_VCPU: the irqchip it asked for (KVM_CREATE_IRQCHIP,
+    KVM_CAP_SPLIT_IRQCHIP, or none), notify exits if the host has them."""
+    vm.irqchip = IrqChip(params.get("irqchip", IrqChip.KERNEL.value))
     mode = params.get("notify_vmexit", "disable")
     if mode == "disable" or not vm.has_notify_vmexit:  # KVM_CHECK_EXTENSION says no: skip
         return

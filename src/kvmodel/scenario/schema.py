@@ -20,6 +20,7 @@ from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
 from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
+from kvmodel.scenario.vmm import VECTOR_CALLS
 
 Expr = str | int
 
@@ -240,7 +241,7 @@ FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
 NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7")
 # struct kvm_vcpu_stat counters a scenario may pin, summed over the vCPUs of a run
 STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_window_exits",
-              "irq_exits", "halt_exits", "notify_window_exits")
+              "irq_exits", "halt_exits", "notify_window_exits", "request_irq_exits")
 STOPS = ("halted", "shutdown", "budget", "vmm")
 # kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), the SEV-ES VM type, and kvm.enable_vmware_backdoor (#GP intercepted)
@@ -248,6 +249,8 @@ KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", 
               "host_fred", "vmware_backdoor")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
+# Where the interrupt controllers are (kvm/vm.py IrqChip): KVM_CREATE_IRQCHIP, KVM_CAP_SPLIT_IRQCHIP, none
+IRQCHIPS = ("kernel", "split", "userspace")
 CHOICE_KEYS = ("nmi", "interrupts", "host_interrupts", "host_nmis", "host_faults", "save_restore",
                "vmm")
 HAPPENING_KINDS = ("nmi", "interrupt", "host_interrupt", "host_nmi", "host_fault", "save_restore",
@@ -381,10 +384,15 @@ _HAPPEN = Tagged("event", {
 }, missing="each [[happen]] needs event = " + ", ".join(f'"{e}"' for e in EVENTS))
 _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 # A call's arguments by name (scenario/vmm.py CALL_FIELDS): struct kvm_vcpu_events or
-# kvm_debugregs fields a crafted SET changes, a capability's args[0]
+# kvm_debugregs fields a crafted SET changes, a capability's args[0]; KVM_INTERRUPT's
+# struct kvm_interrupt.irq is a __u32 (KVM refuses 256 and above with -EINVAL)
+_VECTOR = {"vector": Int(high=0xFFFF_FFFF)}
 _VMM = Tagged("call", {
     call: Table(_VMM_WHEN | {name: Either((Bool(), Int()), "true, false or a number")
-                             for name in VMM_CALL_FIELDS.get(call, ())})
+                             for name in VMM_CALL_FIELDS.get(call, ())}
+                | (_VECTOR if call in VECTOR_CALLS else {}),
+                required=(("vector", f'{call} needs vector = N (the 8259\'s vector)'),)
+                if call in VECTOR_CALLS else ())
     for call in VMM_CALLS
 }, missing="each [[vmm]] needs call = " + ", ".join(f'"{c}"' for c in VMM_CALLS),
     foreign='unknown key "{key}" in [{name}]: it belongs to {tag} = "{owner}"')
@@ -406,7 +414,8 @@ DOCUMENT = Table({
                   "cs_base": Int(high=CODE_BASE),  # the code is loaded at CODE_BASE
                   "idt_base": Int(high=lambda mode: TSS_BASE - 256 * gate_size(mode))}),
     "kvm": Table({name: Bool() for name in KVM_PARAMS} | {
-        "notify_vmexit": Choice(tuple(NOTIFY_MODES)), "notify_window": Int(high=0xFFFF_FFFF)}),
+        "notify_vmexit": Choice(tuple(NOTIFY_MODES)), "notify_window": Int(high=0xFFFF_FFFF),
+        "irqchip": Choice(IRQCHIPS)}),
     "registers": Table(lambda mode: {name: Address() for name in gprs(mode)}),
     "idt": Table(keys=Vector(), values=Either((Address(), _GATE),
                                               'an address (the handler) or a gate table')),

@@ -23,7 +23,12 @@ given at the guest boundary where the VMM acted (`Performed.nmis`):
   interrupt delivered there as the state says (crafted_states());
 - KVM_GET/SET_REGS, _SREGS, _DEBUGREGS round trips, alone or in a VMM's
   order with the events (RegistersRoundTrip, StateRoundTrip), and
-  KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD): nothing.
+  KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD): nothing;
+- KVM_INTERRUPT (userspace or split irqchip): the 8259's vector on INTR, arriving there
+  (SDM 10.5.1 ExtINT; taken at a boundary with IF=1, no shadow, GIF=1);
+- the interrupt-window protocol (`Pic`, QEMU's kvm_arch_pre_run()): the same, at the
+  boundary where the VMM's 8259 raised INTR; KVM_INTERRUPT comes later, when KVM says
+  the guest is ready.
 
 A crafted state the oracle has no counterpart for stops the run with a model
 limit naming what is missing.
@@ -31,14 +36,22 @@ limit naming what is missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 from kvmodel.arch.cpu import Forced
 from kvmodel.arch.events import VECTORS, Event, EventType, Vec
 from kvmodel.arch.regs import IF, Shadow
 from kvmodel.errors import ModelLimit
-from kvmodel.kvm.uapi import InvalidArgument, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.kvm.uapi import (
+    EEXIST,
+    EINVAL,
+    ENXIO,
+    InvalidArgument,
+    KvmVcpuEvents,
+    ShadowBits,
+    VcpuEventsFlag,
+)
 from kvmodel.kvm.x86 import ExceptionType, MpState, Vcpu, exception_type
 
 KVM_NMI = "KVM_NMI"
@@ -48,6 +61,8 @@ KVM_SET_REGS = "KVM_SET_REGS"
 KVM_SET_SREGS = "KVM_SET_SREGS"
 KVM_SET_DEBUGREGS = "KVM_SET_DEBUGREGS"
 KVM_ENABLE_CAP_EXCEPTION_PAYLOAD = "KVM_ENABLE_CAP_EXCEPTION_PAYLOAD"
+KVM_INTERRUPT = "KVM_INTERRUPT"
+IRQ_WINDOW = "interrupt_window"  # the protocol: raise INTR, KVM_INTERRUPT once KVM says ready
 # kvm_arch_get_registers() then kvm_arch_put_registers() on the same vCPU, in one VMM's order
 GET_PUT_QEMU = "get_put_qemu"
 GET_PUT_QEMU_OLD = "get_put_qemu_old"
@@ -55,7 +70,8 @@ GET_PUT_REGISTERS_FIRST = "get_put_registers_first"
 REGISTER_CALLS = (KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_DEBUGREGS)
 STATE_ORDERS = (GET_PUT_QEMU, GET_PUT_QEMU_OLD, GET_PUT_REGISTERS_FIRST)
 CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT, *REGISTER_CALLS,
-         KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS)
+         KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS, KVM_INTERRUPT, IRQ_WINDOW)
+VECTOR_CALLS = (KVM_INTERRUPT, IRQ_WINDOW)  # the calls that take `vector`
 EVENT_FIELDS = tuple(f.name for f in fields(KvmVcpuEvents))
 DEBUGREGS_FIELDS = ("dr6", "dr7", "flags")  # struct kvm_debugregs fields a crafted SET changes
 # The arguments each call takes in a [[vmm]] step, by name (integers; the loader checks them).
@@ -72,6 +88,7 @@ class Performed:
     nmis: int  # NMIs the bare-metal counterpart receives at this boundary
     detail: str = ""
     states: tuple[Forced, ...] = ()  # the state bare metal is in at this boundary
+    extints: tuple[int, ...] = ()  # vectors the 8259 presents on INTR from this boundary on
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +106,7 @@ class VmmRecord:
 class KvmNmi:
     """KVM_NMI: kvm_vcpu_ioctl_nmi() -> kvm_inject_nmi(): nmi_queued++, KVM_REQ_NMI. Returns 0."""
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         vcpu.inject_nmi()
         return Performed(0, 1)
 
@@ -104,7 +121,7 @@ class SetVcpuEvents:
 
     changes: tuple[tuple[str, int], ...] = ()
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         before = vcpu.get_vcpu_events()
         crafted = replace(before, **dict(self.changes))
         flying = in_flight(vcpu)
@@ -122,8 +139,65 @@ class SetVcpuEvents:
 class ImmediateExit:
     """KVM_RUN with kvm_run->immediate_exit = 1: returns -EINTR without entering the guest."""
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         return Performed(vcpu.run_immediate_exit(), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class KvmInterrupt:
+    """KVM_INTERRUPT now, whatever the last exit said (kvm_vcpu_ioctl_interrupt()): what a VMM
+    does that ignores ready_for_interrupt_injection and if_flag, or has a split irqchip (KVM
+    then waits for the window itself)."""
+
+    vector: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        result = vcpu.kvm_interrupt(self.vector)
+        return Performed(result, 0, "" if result == 0 else _ERRNO.get(result, ""),
+                         extints=(self.vector,) if result == 0 else ())
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptWindow:
+    """The VMM's 8259 raises INTR with `vector`: userspace keeps it until KVM says the guest
+    can take it (Pic.pre_run()). Returns 0; the KVM_INTERRUPT is traced when it is made."""
+
+    vector: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        if vcpu.kvm.pic_in_kernel:  # the VMM's 8259 is KVM's: it uses KVM_IRQ_LINE instead
+            return Performed(ENXIO, 0, "the 8259 is in the kernel (full irqchip)")
+        if pic is None:
+            raise ModelLimit("an interrupt window needs the VMM's 8259 (Pic)")
+        pic.pending.append(self.vector)
+        return Performed(0, 0, "", extints=(self.vector,))
+
+
+@dataclass(slots=True)
+class Pic:
+    """The VMM's 8259, for a userspace or split irqchip: the vectors it has raised on INTR and
+    not yet handed to KVM, oldest first (no priorities, masks or EOI)."""
+
+    pending: list[int] = field(default_factory=list)
+
+    def pre_run(self, vcpu: Vcpu) -> Performed | None:
+        """Before each KVM_RUN, as QEMU's kvm_arch_pre_run(): KVM_INTERRUPT if the last exit
+        said ready_for_interrupt_injection with IF=1; then request_interrupt_window while a
+        vector still waits (api.rst, "request_interrupt_window"). The KVM_INTERRUPT made, if any."""
+        done = None
+        run = vcpu.kvm_run
+        if self.pending and run.ready_for_interrupt_injection and run.if_flag:
+            vector = self.pending[0]
+            result = vcpu.kvm_interrupt(vector)
+            if result == 0:
+                self.pending.pop(0)
+            done = Performed(result, 0, f"vector {vector:#x}: the guest is ready for it")
+        run.request_interrupt_window = bool(self.pending)
+        return done
+
+
+_ERRNO = {EINVAL: "vector >= KVM_NR_INTERRUPTS", ENXIO: "the 8259 is in the kernel (full irqchip)",
+          EEXIST: "the split irqchip holds a vector already"}
 
 
 def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents, covered: bool) -> int:
@@ -311,7 +385,7 @@ class EnableExceptionPayload:
 
     enable: bool
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         return Performed(vcpu.enable_exception_payload(self.enable), 0,
                          f"exception_payload_enabled={int(self.enable)}")
 
@@ -338,7 +412,7 @@ class RegistersRoundTrip:
     call: str
     changes: tuple[tuple[str, int], ...] = ()
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         which = {KVM_SET_REGS: "regs", KVM_SET_SREGS: "sregs", KVM_SET_DEBUGREGS: "debugregs"}[
             self.call]
         try:
@@ -381,7 +455,7 @@ class StateRoundTrip:
 
     order: str
 
-    def perform(self, vcpu: Vcpu) -> Performed:
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
         gets, puts = ORDERS[self.order]
         try:
             saved = {which: _get(vcpu, which) for which in gets}
@@ -393,7 +467,7 @@ class StateRoundTrip:
 
 
 VmmAction = (KvmNmi | SetVcpuEvents | ImmediateExit | EnableExceptionPayload | RegistersRoundTrip
-             | StateRoundTrip)
+             | StateRoundTrip | KvmInterrupt | InterruptWindow)
 
 
 def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
@@ -408,6 +482,10 @@ def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
         return EnableExceptionPayload(bool(dict(args).get("enable", 1)))
     if call in STATE_ORDERS:
         return StateRoundTrip(call)
+    if call == KVM_INTERRUPT:
+        return KvmInterrupt(dict(args)["vector"])
+    if call == IRQ_WINDOW:
+        return InterruptWindow(dict(args)["vector"])
     return SetVcpuEvents(args)
 
 
@@ -440,8 +518,16 @@ CHOICES: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {
                                          ("exception_has_error_code", 1),
                                          ("exception_error_code", 0))),
     "inject_irq_0x30": (KVM_SET_VCPU_EVENTS, (("interrupt_injected", 1), ("interrupt_nr", 0x30))),
+    # A userspace or split irqchip's interrupt: by the protocol, and with no regard for it.
+    "irq_window": (IRQ_WINDOW, (("vector", 0x30),)),
+    "kvm_interrupt": (KVM_INTERRUPT, (("vector", 0x30),)),
+    "reject_vector_256": (KVM_INTERRUPT, (("vector", 0x100),)),  # -EINVAL
 }
 CHOICE_NAMES = tuple(CHOICES)
+# Calls that break api.rst's protocol, whose findings are userspace's: only a scenario that
+# names them gets them, never `--max-vmm` alone.
+PROTOCOL_BREAKING = ("kvm_interrupt",)
+DEFAULT_CHOICE_NAMES = tuple(n for n in CHOICE_NAMES if n not in PROTOCOL_BREAKING)
 
 
 def in_flight(vcpu: Vcpu) -> bool:

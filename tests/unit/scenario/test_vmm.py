@@ -2,17 +2,31 @@
 (kvm_vcpu_ioctl_x86_set_vcpu_events() returns -EINVAL before touching the vCPU)."""
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from kvmodel import _faults
-from kvmodel.check.explore import Bounds, choices_for, with_vmm_calls
+from kvmodel.arch.events import Vec
+from kvmodel.arch.regs import IF
+from kvmodel.check.explore import Bounds, choices_for, explore, with_vmm_calls
 from kvmodel.errors import ModelLimit, ScenarioError
-from kvmodel.kvm.uapi import EINTR, EINVAL, VcpuEventsFlag
-from kvmodel.kvm.x86 import Request
-from kvmodel.scenario.load import parse
+from kvmodel.kvm.uapi import EEXIST, EINTR, EINVAL, ENXIO, VcpuEventsFlag
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.kvm.vm import IrqChip
+from kvmodel.kvm.x86 import QueuedInterrupt, Request
+from kvmodel.scenario.load import load, parse
 from kvmodel.scenario.runner import Resolver, prepare
-from kvmodel.scenario.vmm import CHOICE_NAMES, ImmediateExit, KvmNmi, SetVcpuEvents
+from kvmodel.scenario.vmm import (
+    CHOICE_NAMES,
+    PROTOCOL_BREAKING,
+    ImmediateExit,
+    InterruptWindow,
+    KvmInterrupt,
+    KvmNmi,
+    Pic,
+    SetVcpuEvents,
+)
 
 GUEST = '''
 [guest]
@@ -139,4 +153,141 @@ def test_vmm_choice_points_are_opt_in():
     offered = _choices('[explore]\nvmm = ["nmi", "events_same_vcpu"]\n', Bounds())
     assert len(list(with_vmm_calls(offered, (), 3))) == 6 + 21  # one or two of 3 exits x 2 calls
     asked = _choices("", Bounds(max_vmm=1))
-    assert len(list(with_vmm_calls(asked, (), 1))) == len(CHOICE_NAMES)  # each, after the exit
+    # every call that keeps to the protocol, once
+    assert len(list(with_vmm_calls(asked, (), 1))) == len(CHOICE_NAMES) - len(PROTOCOL_BREAKING)
+
+
+# -- KVM_INTERRUPT and the interrupt window (kvm_vcpu_ioctl_interrupt()) ---------------------
+
+def _irq_state(vcpu):
+    """What KVM_INTERRUPT could change."""
+    return (copy.copy(vcpu.interrupt), vcpu.pending_external_vector, vcpu.requests,
+            copy.copy(vcpu.exception), vcpu.nmi_pending, vcpu.nmi_injected)
+
+
+def _with_irqchip(vcpu, chip: IrqChip):
+    vcpu.kvm.irqchip = chip
+    vcpu.requests = 0  # so that a KVM_REQ_EVENT raised by the call shows
+    return vcpu
+
+
+@pytest.mark.parametrize("chip", list(IrqChip), ids=lambda c: c.value)
+@pytest.mark.parametrize("vector", [0x100, 0x1_0000, 0xFFFF_FFFF])
+def test_kvm_interrupt_vector_256_and_above_is_einval_and_changes_nothing(vcpu, chip, vector):
+    _with_irqchip(vcpu, chip)
+    before = _irq_state(vcpu)
+    done = KvmInterrupt(vector).perform(vcpu)
+    assert (done.result, done.extints) == (EINVAL, ())
+    assert "KVM_NR_INTERRUPTS" in done.detail
+    assert _irq_state(vcpu) == before
+
+
+def test_kvm_interrupt_with_the_8259_in_the_kernel_is_enxio_and_changes_nothing(vcpu):
+    _with_irqchip(vcpu, IrqChip.KERNEL)
+    before = _irq_state(vcpu)
+    done = KvmInterrupt(0x30).perform(vcpu)
+    assert (done.result, done.extints) == (ENXIO, ())
+    assert _irq_state(vcpu) == before
+    # The protocol call knows it too: the VMM's 8259 is KVM's, nothing is raised on bare metal.
+    pic = Pic()
+    assert InterruptWindow(0x30).perform(vcpu, pic).result == ENXIO and pic.pending == []
+
+
+def test_split_irqchip_holds_one_vector_then_eexist_changes_nothing(vcpu):
+    _with_irqchip(vcpu, IrqChip.SPLIT)
+    done = KvmInterrupt(0x30).perform(vcpu)
+    assert (done.result, done.extints) == (0, (0x30,))
+    assert vcpu.pending_external_vector == 0x30 and vcpu.requests & Request.EVENT
+    assert not vcpu.interrupt.injected  # the ExtINT is acknowledged only at injection
+    before = _irq_state(vcpu)
+    done = KvmInterrupt(0x31).perform(vcpu)
+    assert (done.result, done.extints) == (EEXIST, ())
+    assert _irq_state(vcpu) == before
+    assert vcpu.has_injectable_intr() and not vcpu.accept_dm_intr()
+    assert vcpu.get_interrupt() == 0x30 and vcpu.pending_external_vector is None
+
+
+def test_userspace_irqchip_queues_the_vector_as_an_interrupt_to_inject(vcpu):
+    _with_irqchip(vcpu, IrqChip.USERSPACE)
+    done = KvmInterrupt(0x30).perform(vcpu)
+    assert (done.result, done.extints) == (0, (0x30,))
+    assert vcpu.interrupt == QueuedInterrupt(injected=True, soft=False, nr=0x30)
+    assert vcpu.requests & Request.EVENT
+    # kvm_cpu_has_extint() is interrupt.injected: no room for another until it is delivered
+    assert vcpu.has_injectable_intr() and not vcpu.accept_dm_intr()
+
+
+def test_ready_for_interrupt_injection_needs_no_event_in_flight(vcpu):
+    """fa7a549d321a: a pending exception or an event to re-inject closes the window."""
+    _with_irqchip(vcpu, IrqChip.USERSPACE)
+    vcpu.ops.set_rflags(vcpu.ops.get_rflags() | IF)
+    vcpu.post_kvm_run_save()
+    assert vcpu.kvm_run.ready_for_interrupt_injection and vcpu.kvm_run.if_flag
+    vcpu.queue_exception(Vec.UD)
+    vcpu.post_kvm_run_save()
+    assert not vcpu.kvm_run.ready_for_interrupt_injection
+    with _faults.switched_on(frozenset({"interrupt_window_with_event_in_flight"})):
+        vcpu.post_kvm_run_save()  # before the fix: IF=1 and no shadow was enough
+    assert vcpu.kvm_run.ready_for_interrupt_injection
+
+
+def test_ready_for_interrupt_injection_is_always_set_with_the_8259_in_the_kernel(vcpu):
+    _with_irqchip(vcpu, IrqChip.KERNEL)
+    vcpu.ops.set_rflags(vcpu.ops.get_rflags() & ~IF)
+    vcpu.post_kvm_run_save()
+    assert vcpu.kvm_run.ready_for_interrupt_injection and not vcpu.kvm_run.if_flag
+
+
+def test_the_vmms_8259_waits_for_the_window(vcpu):
+    """QEMU's kvm_arch_pre_run(): KVM_INTERRUPT only when ready and IF=1, else ask for a window."""
+    _with_irqchip(vcpu, IrqChip.USERSPACE)
+    pic = Pic()
+    vcpu.ops.set_rflags(vcpu.ops.get_rflags() & ~IF)
+    vcpu.post_kvm_run_save()
+    done = InterruptWindow(0x30).perform(vcpu, pic)
+    assert (done.result, done.extints) == (0, (0x30,))
+    assert pic.pre_run(vcpu) is None and vcpu.kvm_run.request_interrupt_window
+    assert not vcpu.interrupt.injected
+    vcpu.ops.set_rflags(vcpu.ops.get_rflags() | IF)
+    vcpu.post_kvm_run_save()
+    injected = pic.pre_run(vcpu)
+    assert injected is not None and injected.result == 0
+    assert vcpu.interrupt.nr == 0x30 and vcpu.interrupt.injected
+    assert not vcpu.kvm_run.request_interrupt_window and pic.pending == []
+
+
+def test_kvm_interrupt_and_interrupt_window_steps_are_parsed():
+    s = parse(GUEST + '[kvm]\nirqchip = "split"\n[[vmm]]\ncall = "KVM_INTERRUPT"\nexit = 1\n'
+              'vector = 0x100\n[[vmm]]\ncall = "interrupt_window"\nexit = 2\nvector = 0x30\n',
+              "unit.toml")
+    assert [(v.call, v.exit, v.args) for v in s.vmm] == [
+        ("KVM_INTERRUPT", 1, (("vector", 0x100),)), ("interrupt_window", 2, (("vector", 0x30),))]
+    assert dict(s.kvm_params)["irqchip"] == "split"
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[vmm]]\ncall = "KVM_INTERRUPT"\nexit = 1\n', "KVM_INTERRUPT needs vector"),
+    ('[[vmm]]\ncall = "KVM_NMI"\nexit = 1\nvector = 3\n', 'unknown key "vector"'),
+    ('[kvm]\nirqchip = "pic"\n', "is not one of"),
+    ('[kvm]\nirqchip = "userspace"\n[[happen]]\nevent = "interrupt"\nvector = 0x30\nafter = 1\n',
+     "needs a local APIC"),
+    ('[kvm]\nirqchip = "userspace"\n[explore]\ninterrupts = [0x30]\n', "need a local APIC"),
+])
+def test_bad_interrupt_steps_are_scenario_errors(text, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse(GUEST + text, "unit.toml")
+
+
+GIF_CLEAR = Path(__file__).parents[3] / "scenarios" / "vmm" / "kvm_interrupt_with_gif_clear.toml"
+
+
+def test_bug_on_is_a_finding_of_its_own_kind():
+    """Before f17c31c48e5c, svm_inject_irq() BUG()s on an interrupt injected with GIF=0: the host
+    dies, the run ends without a final state, and that is a `bug` finding, never excused by
+    the declared divergence the fixed KVM shows there."""
+    scenario = load(GIF_CLEAR)
+    found = explore(scenario, Vendor.SVM, bugs=frozenset({"svm_bug_on_irq_with_gif_clear"}),
+                    stop_at_first=True).findings
+    assert [f.kind for f in found] == ["bug"] and "BUG_ON(!gif_set(svm))" in found[0].message
+    fixed = explore(scenario, Vendor.SVM)
+    assert fixed.findings == [] and fixed.known

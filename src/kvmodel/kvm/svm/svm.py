@@ -350,7 +350,14 @@ class Svm:
         return "nmi"
 
     def inject_irq(self, reinjected: bool) -> None:
-        """svm_inject_irq(): INTn goes through EVENTINJ with next_rip as its return address."""
+        """svm_inject_irq(): INTn goes through EVENTINJ with next_rip as its return address.
+
+        Whatever GIF is: userspace can queue an interrupt while the guest's GIF is clear
+        (KVM_INTERRUPT with a userspace irqchip, KVM_SET_VCPU_EVENTS), so it is not KVM's
+        bug to WARN on ("KVM: SVM: Don't BUG if userspace injects an interrupt with GIF=0",
+        f17c31c48e5c, dropped the BUG_ON 219b65dcf6c0 had added)."""
+        if _faults.on("svm_bug_on_irq_with_gif_clear"):
+            self.vcpu.bug_on(not self.gif_set(), "svm_inject_irq: BUG_ON(!gif_set(svm))")
         irq = self.vcpu.interrupt
         if irq.soft and not self._update_soft_interrupt_rip():
             return
