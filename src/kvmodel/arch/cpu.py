@@ -104,7 +104,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at",
+        "has_svm", "gif", "cs_base", "retire_at", "hif",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -177,6 +177,10 @@ class Cpu:
         # GIF (APM 15.17): clear, it holds NMIs and interrupts. In an SVM guest it
         # stands for vGIF's V_GIF; otherwise only CLGI clears it.
         self.gif = True
+        # SVM's V_INTR_MASKING for an L2 on the model that takes physical interrupts itself:
+        # the host's IF, saved at VMRUN, masks them instead of the guest's (APM 15.21.1).
+        # None: RFLAGS.IF does, as everywhere else.
+        self.hif: int | None = None
 
     # -- memory --------------------------------------------------------------
 
@@ -387,7 +391,8 @@ class Cpu:
             return Source.DEBUG_TRAP
         if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
-        if (self.rflags & IF and shadow is Shadow.NONE and self.apic_delivers and self.gif
+        if_flag = self.rflags if self.hif is None else self.hif
+        if (if_flag & IF and shadow is Shadow.NONE and self.apic_delivers and self.gif
                 and self.apic.pending_vector() is not None):
             return Source.INTR
         if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
