@@ -104,7 +104,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at", "hif",
+        "has_svm", "gif", "cs_base", "retire_at", "hif", "vtpr",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -181,6 +181,9 @@ class Cpu:
         # the host's IF, saved at VMRUN, masks them instead of the guest's (APM 15.21.1).
         # None: RFLAGS.IF does, as everywhere else.
         self.hif: int | None = None
+        # SVM's V_TPR while an L2 with V_INTR_MASKING runs: its CR8 reads and writes go to
+        # the VMCB's virtual TPR, not to the APIC's (APM 15.21.4). None: the APIC's TPR.
+        self.vtpr: int | None = None
 
     # -- memory --------------------------------------------------------------
 
@@ -411,7 +414,10 @@ class Cpu:
                 self._fire_due()
             source = self.pending_source()
             if source is not Source.DEBUG_TRAP and self.host is not None:
+                started = self.deliveries
                 self.host.boundary(self)  # window exits rank below debug traps (SDM 25.2)
+                if self.deliveries != started:
+                    continue  # it delivered a virtual interrupt (SVM V_IRQ): look again
             if source is not None:
                 if allowance <= 0:
                     return Stop.BUDGET

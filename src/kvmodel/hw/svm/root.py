@@ -19,8 +19,9 @@ no VMCB field holds without vNMI, so it stays as L2 left it at #VMEXIT.
 Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
 beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
 memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
-move, vGIF for L2, V_TPR, virtual interrupts taken by L2, vNMI for L2
-without the NMI intercept (ModelLimit). vNMI for L2 (V_NMI_ENABLE in L1's
+move, vGIF for L2, vNMI for L2 without the NMI intercept (ModelLimit).
+L1's V_IRQ for L2 exits with VINTR or is taken through L2's IDT, and
+with V_INTR_MASKING L2's CR8 is V_TPR (cpu.py; APM 15.21.4). vNMI for L2 (V_NMI_ENABLE in L1's
 VMCB) is the guest model's own (cpu.py).
 """
 
@@ -38,7 +39,6 @@ from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
     V_INTR_MASKING,
-    V_IRQ,
     V_NMI_ENABLE,
     VMCB_SIZE,
     ExitCode,
@@ -72,8 +72,6 @@ def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
         raise ModelLimit("vNMI for L2 without the NMI intercept is not modelled", rip)
     if vmcb.int_ctl & V_GIF_ENABLE:
         raise ModelLimit("vGIF for L2 is not modelled", rip)
-    if vmcb.int_ctl & V_IRQ and Intercept.VINTR not in vmcb.intercepts:
-        raise ModelLimit("virtual interrupts (V_IRQ) taken by L2 are not modelled", rip)
 
 
 def vmrun_failure(vmcb: Vmcb) -> str | None:
@@ -107,6 +105,7 @@ class SvmRoot:
         # #VMEXIT leaves it as L2 had it: it reloads DR7, not DR6 (UNVERIFIED against APM
         # 15.6; KVM's nested_svm_vmexit() likewise keeps L2's DR6 as L1's).
         guest.dr6_in_core = True
+        guest.tpr_virtualized = lambda: bool(vmcb.int_ctl & V_INTR_MASKING)  # L2's CR8 (15.21.4)
         guest.on_external = lambda event, vector: self._arrival(guest, event, vector)
         guest.on_nmi_from_apic = lambda: self._arrival(guest, External.NMI, Vec.NMI)
         guest.l1_apic_open = lambda: self._l1_interrupts_open(guest, l1)

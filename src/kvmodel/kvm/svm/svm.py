@@ -102,10 +102,16 @@ class Svm:
         vmcb.cs_base = cpu.cs_base  # KVM_SET_SREGS
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
+        guest.tpr_virtualized = self._virtualize_tpr
         if params.sev_es:
             sev.init_vmcb(self, params.debug_swap)
         self.nested = NestedSvm(cpu, self) if params.nested else None
         self._recalc_instruction_intercepts()
+
+    def _virtualize_tpr(self) -> bool:
+        """nested_svm_virtualize_tpr(): L2 with L1's V_INTR_MASKING owns vmcb02's V_TPR; otherwise
+        V_TPR mirrors the APIC's TPR (svm_sync_lapic_to_cr8() skips only this case)."""
+        return self.guest_mode and bool(self.nested.ctl.int_ctl & V_INTR_MASKING)
 
     @property
     def guest_mode(self) -> bool:
