@@ -310,10 +310,13 @@ class SvmGuest(GuestMode):
         """A physical interrupt exits first; then a virtual interrupt, which exits with VINTR
         (KVM's window) or, unintercepted, is taken through the guest IDT (APM 15.21.4)."""
         vmcb = self.vmcb
-        if self.host_nmi and Intercept.NMI in vmcb.intercepts:
+        # A guest's unintercepted CLGI without vGIF clears the real GIF, which holds physical
+        # NMIs and interrupts, intercepted ones too, until its STGI (APM 15.17).
+        real_gif = cpu.gif or bool(vmcb.int_ctl & V_GIF_ENABLE)
+        if self.host_nmi and Intercept.NMI in vmcb.intercepts and real_gif:
             self._exit(ExitCode.NMI, Where.BOUNDARY)
         self.l1_interrupt_presented()
-        if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
+        if self.host_interrupt and Intercept.INTR in vmcb.intercepts and real_gif:
             self._exit(ExitCode.INTR, Where.BOUNDARY)
         if not self._virtual_interrupt_due(cpu):
             return
