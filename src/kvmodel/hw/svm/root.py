@@ -19,7 +19,10 @@ no VMCB field holds without vNMI, so it stays as L2 left it at #VMEXIT.
 Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
 beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
 memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
-move, vGIF for L2, vNMI for L2 without the NMI intercept (ModelLimit).
+move, vNMI for L2 without the NMI intercept, vGIF for L2 without both the
+INTR and NMI intercepts (ModelLimit). With vGIF (V_GIF_ENABLE in L1's
+VMCB) L2's STGI/CLGI flip V_GIF, which holds its virtual interrupts and
+never L1's intercepted events (guest model, cpu.py; APM 15.33).
 L1's V_IRQ for L2 exits with VINTR or is taken through L2's IDT, and
 with V_INTR_MASKING L2's CR8 is V_TPR (cpu.py; APM 15.21.4). vNMI for L2 (V_NMI_ENABLE in L1's
 VMCB) is the guest model's own (cpu.py).
@@ -70,8 +73,8 @@ def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
         raise ModelLimit("code segments with a base (CS.base) in nested SVM are not modelled", rip)
     if vmcb.int_ctl & V_NMI_ENABLE and Intercept.NMI not in vmcb.intercepts:
         raise ModelLimit("vNMI for L2 without the NMI intercept is not modelled", rip)
-    if vmcb.int_ctl & V_GIF_ENABLE:
-        raise ModelLimit("vGIF for L2 is not modelled", rip)
+    if vmcb.int_ctl & V_GIF_ENABLE and not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
+        raise ModelLimit("vGIF for L2 that takes L1's interrupts or NMIs itself is not modelled", rip)
 
 
 def vmrun_failure(vmcb: Vmcb) -> str | None:

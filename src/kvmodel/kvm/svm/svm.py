@@ -306,9 +306,15 @@ class Svm:
     # -- GIF (APM 15.17) -----------------------------------------------------------
 
     def gif_set(self) -> bool:
-        """gif_set(): with vGIF, V_GIF of the VMCB in use (vmcb02 in L2, L1 not using
-        nested vGIF); otherwise KVM's own guest_gif."""
-        return bool(self.vmcb.int_ctl & V_GIF) if self.vgif else self.guest_gif
+        """gif_set(): with vGIF, V_GIF of get_vgif_vmcb(); otherwise KVM's own guest_gif."""
+        return bool(self._vgif_vmcb().int_ctl & V_GIF) if self.vgif else self.guest_gif
+
+    def _vgif_vmcb(self):
+        """get_vgif_vmcb(): L1's GIF is vmcb02's V_GIF while L2 runs, unless L1 uses nested
+        vGIF: then vmcb02's V_GIF is L2's and L1's stays in vmcb01."""
+        if self.guest_mode and self.nested.vgif_enabled():
+            return self.nested.vmcb01
+        return self.vmcb
 
     def set_gif(self, value: bool) -> None:
         """svm_set_gif() (STGI, CLGI, VMRUN, #VMEXIT)."""
@@ -329,7 +335,8 @@ class Svm:
 
     def _write_gif(self, value: bool) -> None:
         if self.vgif:
-            self.vmcb.int_ctl = self.vmcb.int_ctl | V_GIF if value else self.vmcb.int_ctl & ~V_GIF
+            vmcb = self._vgif_vmcb()
+            vmcb.int_ctl = vmcb.int_ctl | V_GIF if value else vmcb.int_ctl & ~V_GIF
         else:
             self.guest_gif = value
 
