@@ -125,7 +125,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at", "extint",
+        "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -202,6 +202,13 @@ class Cpu:
         # 8259 itself is not modelled (no IRR/ISR priority, masks or EOI): it is what a VMM's
         # KVM_INTERRUPT stands for on bare metal.
         self.extint: tuple[int, ...] = ()
+        # SVM's V_INTR_MASKING for an L2 on the model that takes physical interrupts itself:
+        # the host's IF, saved at VMRUN, masks them instead of the guest's (APM 15.21.1).
+        # None: RFLAGS.IF does, as everywhere else.
+        self.hif: int | None = None
+        # SVM's V_TPR while an L2 with V_INTR_MASKING runs: its CR8 reads and writes go to
+        # the VMCB's virtual TPR, not to the APIC's (APM 15.21.4). None: the APIC's TPR.
+        self.vtpr: int | None = None
 
     # -- memory --------------------------------------------------------------
 
@@ -437,7 +444,8 @@ class Cpu:
             return Source.DEBUG_TRAP
         if self.nmi_pending and self.nmi_can_be_taken():
             return Source.NMI
-        if self.rflags & IF and shadow is Shadow.NONE and self.gif and (self.extint or (
+        if_flag = self.rflags if self.hif is None else self.hif
+        if if_flag & IF and shadow is Shadow.NONE and self.gif and (self.extint or (
                 self.apic_delivers and self.apic.pending_vector() is not None)):
             return Source.INTR
         if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
@@ -456,7 +464,10 @@ class Cpu:
                 self._fire_due()
             source = self.pending_source()
             if source is not Source.DEBUG_TRAP and self.host is not None:
+                started = self.deliveries
                 self.host.boundary(self)  # window exits rank below debug traps (SDM 25.2)
+                if self.deliveries != started:
+                    continue  # it delivered a virtual interrupt (SVM V_IRQ): look again
             if source is not None:
                 if allowance <= 0:
                     return Stop.BUDGET

@@ -240,6 +240,8 @@ def _dr_access(c, n: int, value: int | None) -> int:
 
 def _cr_access(c, n: int, value: int | None) -> int:
     if value is None:
+        if n == 8 and c.vtpr is not None:
+            return c.vtpr  # SVM V_TPR (APM 15.21.4)
         if n == 8:
             return c.apic.tpr >> 4  # CR8 is TPR[7:4] (SDM 10.8.6.1)
         return {0: c.cr0, 2: c.cr2, 3: c.cr3, 4: c.cr4}[n]
@@ -247,6 +249,9 @@ def _cr_access(c, n: int, value: int | None) -> int:
         c.cr2 = value
     elif n == 3:
         c.cr3 = value
+    elif n == 8 and c.vtpr is not None:
+        c.vtpr = value & 0xF
+        c.attn = True
     elif n == 8:
         c.apic.tpr = (value & 0xF) << 4
         c.attn = True

@@ -172,6 +172,8 @@ def back_to_l1(cpu: Cpu) -> None:
     cpu.host = None
     cpu.host_attn = False
     cpu.apic_delivers = True
+    cpu.hif = None
+    cpu.vtpr = None
     cpu.icache.clear()  # decoded instructions lose their intercept checks again
     cpu.code_lines.clear()
     cpu.shadow = Shadow.NONE

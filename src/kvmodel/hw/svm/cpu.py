@@ -7,6 +7,8 @@ shadow, virtual interrupts), 15.25.6 (#NPF).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvmodel.arch import deliver
 from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded
@@ -15,6 +17,7 @@ from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.ghcb import MSR_AMD64_SEV_ES_GHCB
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
+from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import DR6_B0_B3, IF, RCX, RF, RSP, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, frame_rf, shadow_at
@@ -28,11 +31,15 @@ from kvmodel.hw.svm.vmcb import (
     NPF_WRITE,
     V_GIF,
     V_GIF_ENABLE,
+    V_IGN_TPR,
     V_INTR_MASKING,
+    V_INTR_PRIO_MASK,
+    V_INTR_PRIO_SHIFT,
     V_IRQ,
     V_NMI_BLOCKING,
     V_NMI_ENABLE,
     V_NMI_PENDING,
+    V_TPR_MASK,
     EventInjType,
     ExitCode,
     Intercept,
@@ -79,6 +86,9 @@ class SvmGuest(GuestMode):
         # (the core's dr6 stands for vcpu->arch.dr6), or, for an L1 on the model (root.py),
         # the core's own DR6.
         self.dr6_in_core = False
+        # Whether V_TPR is the guest's own CR8 (an L2 whose L1 set V_INTR_MASKING), rather
+        # than a copy of the APIC's TPR a VMM keeps in step (KVM's sync_lapic_to_cr8()).
+        self.tpr_virtualized: Callable[[], bool] = _never
 
     # -- VMRUN (APM 15.5, 15.20) ----------------------------------------------
 
@@ -154,6 +164,7 @@ class SvmGuest(GuestMode):
         cpu.halted = False
         # vGIF (APM 15.33): STGI/CLGI in the guest flip V_GIF, which gates virtual interrupts and vNMI
         cpu.gif = bool(vmcb.int_ctl & V_GIF) if vmcb.int_ctl & V_GIF_ENABLE else True
+        cpu.vtpr = vmcb.int_ctl & V_TPR_MASK if self.tpr_virtualized() else None
         self._load_vnmi()
         self.intercepts_changed()
 
@@ -185,7 +196,7 @@ class SvmGuest(GuestMode):
         vmcb.int_ctl |= (V_NMI_PENDING if cpu.nmi_pending else 0) | (V_NMI_BLOCKING if blocked else 0)
 
     def intercepts_changed(self) -> None:
-        self.cpu.host_attn = Intercept.VINTR in self.vmcb.intercepts and bool(self.vmcb.int_ctl & V_IRQ)
+        self.cpu.host_attn = bool(self.vmcb.int_ctl & V_IRQ)  # a virtual interrupt, taken or exiting
         self.cpu.attn = True
 
     def inject(self) -> None:
@@ -251,6 +262,8 @@ class SvmGuest(GuestMode):
         cpu, vmcb = self.cpu, self.vmcb
         if vmcb.int_ctl & V_GIF_ENABLE:
             vmcb.int_ctl = vmcb.int_ctl | V_GIF if cpu.gif else vmcb.int_ctl & ~V_GIF
+        if cpu.vtpr is not None:
+            vmcb.int_ctl = (vmcb.int_ctl & ~V_TPR_MASK) | cpu.vtpr
         shadow = shadow_at(cpu, where)
         self._saved_shadow = shadow
         vmcb.int_state = INTERRUPT_SHADOW if shadow is not Shadow.NONE else 0
@@ -294,16 +307,39 @@ class SvmGuest(GuestMode):
                    next_rip=event.rip if soft else 0, rf=event.push_rf)
 
     def boundary(self, cpu: Cpu) -> None:
-        """A physical interrupt exits first; then the virtual interrupt KVM uses as a window."""
+        """A physical interrupt exits first; then a virtual interrupt, which exits with VINTR
+        (KVM's window) or, unintercepted, is taken through the guest IDT (APM 15.21.4)."""
         vmcb = self.vmcb
-        if self.host_nmi and Intercept.NMI in vmcb.intercepts:
+        # A guest's unintercepted CLGI without vGIF clears the real GIF, which holds physical
+        # NMIs and interrupts, intercepted ones too, until its STGI (APM 15.17).
+        real_gif = cpu.gif or bool(vmcb.int_ctl & V_GIF_ENABLE)
+        if self.host_nmi and Intercept.NMI in vmcb.intercepts and real_gif:
             self._exit(ExitCode.NMI, Where.BOUNDARY)
         self.l1_interrupt_presented()
-        if self.host_interrupt and Intercept.INTR in vmcb.intercepts:
+        if self.host_interrupt and Intercept.INTR in vmcb.intercepts and real_gif:
             self._exit(ExitCode.INTR, Where.BOUNDARY)
-        if (vmcb.int_ctl & V_IRQ and Intercept.VINTR in vmcb.intercepts and cpu.rflags & IF
-                and cpu.shadow is Shadow.NONE and cpu.gif):
+        if not self._virtual_interrupt_due(cpu):
+            return
+        if Intercept.VINTR in vmcb.intercepts:
             self._exit(ExitCode.VINTR, Where.BOUNDARY)
+        # It ranks below NMIs and physical interrupts the guest takes, above code breakpoints
+        # (APM 15.21.4, SDM 6.9); taking it clears V_IRQ (Bochs SvmVirtualInterruptAcknowledge()).
+        if cpu.pending_source() in (None, Source.CODE_BREAKPOINT):
+            vmcb.int_ctl &= ~V_IRQ
+            cpu.host_attn = False
+            deliver.deliver(cpu, Event(vmcb.int_vector & 0xFF, EventType.EXT_INT, cpu.rip))
+
+    def _virtual_interrupt_due(self, cpu: Cpu) -> bool:
+        """V_IRQ with the guest's IF (under V_INTR_MASKING, the virtual IF), GIF (or V_GIF), no
+        shadow, and V_IGN_TPR or a priority of at least V_TPR (APM 15.21.4; the comparison is
+        QEMU's ctl_has_irq(), UNVERIFIED against the APM's wording)."""
+        int_ctl = self.vmcb.int_ctl
+        if not (int_ctl & V_IRQ and cpu.rflags & IF and cpu.shadow is Shadow.NONE and cpu.gif):
+            return False
+        if int_ctl & V_IGN_TPR:
+            return True
+        tpr = cpu.vtpr if cpu.vtpr is not None else int_ctl & V_TPR_MASK
+        return (int_ctl & V_INTR_PRIO_MASK) >> V_INTR_PRIO_SHIFT >= tpr
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         if self.vmcb.sev_es:
@@ -313,8 +349,10 @@ class SvmGuest(GuestMode):
             raise ModelLimit("VMMCALL outside an SEV-ES guest (a hypercall) is not modelled", cpu.rip)
         intercept_exit = _INSTRUCTION_EXITS.get(insn.exiting)
         if intercept_exit is None or intercept_exit[0] not in self.vmcb.intercepts:
-            if insn.exiting is Exiting.CR8_WRITE and self.vmcb.int_ctl & V_INTR_MASKING:
-                raise ModelLimit("a guest CR8 write to V_TPR (V_INTR_MASKING) is not modelled", cpu.rip)
+            if (insn.exiting is Exiting.CR8_WRITE and self.vmcb.int_ctl & V_INTR_MASKING
+                    and cpu.vtpr is None):
+                raise ModelLimit("a CR8 write to V_TPR the VMM keeps in step with the APIC's TPR "
+                                 "is not modelled", cpu.rip)
             return
         info_1 = 1 if insn.exiting is Exiting.WRMSR else 0
         self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, next_rip=cpu.rip + insn.length)
@@ -359,3 +397,7 @@ class SvmGuest(GuestMode):
         if insn.exiting is Exiting.HLT:
             cpu.trace.append(Halt(rip, cpu.retired))
         self._exit(code, Where.BOUNDARY, next_rip=cpu.rip)
+
+
+def _never() -> bool:
+    return False

@@ -10,14 +10,22 @@ writes the VMCB back, clears GIF and resumes L1 after its VMRUN (APM 15.5,
 Events for L1 while L2 runs (APM 15.13): the NMI and INTR intercepts exit
 before the event is taken, and the event stays pending for L1, held by GIF
 until L1's STGI. With V_INTR_MASKING, L1's RFLAGS.IF at VMRUN decides
-whether its interrupts can exit L2 at all (15.21.1).
+whether its interrupts can exit L2 at all (15.21.1), else L2's IF does.
+Without the intercept, L2 takes the NMI or interrupt through its own IDT
+(15.21): an interrupt masked by L1's IF at VMRUN under V_INTR_MASKING (the
+core's `hif`), else by L2's IF; an NMI by the core's one NMI mask, which
+no VMCB field holds without vNMI, so it stays as L2 left it at #VMEXIT.
 
 Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
 beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
 memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
-move, vGIF for L2, V_TPR, virtual interrupts taken by L2, an L1 that leaves
-NMI or INTR unintercepted or V_INTR_MASKING clear (ModelLimit). vNMI for L2
-(V_NMI_ENABLE in L1's VMCB) is the guest model's own (cpu.py).
+move, vNMI for L2 without the NMI intercept, vGIF for L2 without both the
+INTR and NMI intercepts (ModelLimit). With vGIF (V_GIF_ENABLE in L1's
+VMCB) L2's STGI/CLGI flip V_GIF, which holds its virtual interrupts and
+never L1's intercepted events (guest model, cpu.py; APM 15.33).
+L1's V_IRQ for L2 exits with VINTR or is taken through L2's IDT, and
+with V_INTR_MASKING L2's CR8 is V_TPR (cpu.py; APM 15.21.4). vNMI for L2 (V_NMI_ENABLE in L1's
+VMCB) is the guest model's own (cpu.py).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from kvmodel.hw.svm.cpu import SvmGuest
 from kvmodel.hw.svm.vmcb import (
     V_GIF_ENABLE,
     V_INTR_MASKING,
-    V_IRQ,
+    V_NMI_ENABLE,
     VMCB_SIZE,
     ExitCode,
     Intercept,
@@ -63,14 +71,10 @@ def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
     rip = cpu.rip
     if vmcb.cs_base or cpu.cs_base:
         raise ModelLimit("code segments with a base (CS.base) in nested SVM are not modelled", rip)
-    if not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
-        raise ModelLimit("an L1 that does not intercept INTR and NMI is not modelled", rip)
-    if not vmcb.int_ctl & V_INTR_MASKING:
-        raise ModelLimit("an L1 without V_INTR_MASKING is not modelled", rip)
-    if vmcb.int_ctl & V_GIF_ENABLE:
-        raise ModelLimit("vGIF for L2 is not modelled", rip)
-    if vmcb.int_ctl & V_IRQ and Intercept.VINTR not in vmcb.intercepts:
-        raise ModelLimit("virtual interrupts (V_IRQ) taken by L2 are not modelled", rip)
+    if vmcb.int_ctl & V_NMI_ENABLE and Intercept.NMI not in vmcb.intercepts:
+        raise ModelLimit("vNMI for L2 without the NMI intercept is not modelled", rip)
+    if vmcb.int_ctl & V_GIF_ENABLE and not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
+        raise ModelLimit("vGIF for L2 that takes L1's interrupts or NMIs itself is not modelled", rip)
 
 
 def vmrun_failure(vmcb: Vmcb) -> str | None:
@@ -104,13 +108,18 @@ class SvmRoot:
         # #VMEXIT leaves it as L2 had it: it reloads DR7, not DR6 (UNVERIFIED against APM
         # 15.6; KVM's nested_svm_vmexit() likewise keeps L2's DR6 as L1's).
         guest.dr6_in_core = True
-        guest.on_external = lambda event, vector: self._for_l1(guest, event, vector)
-        guest.on_nmi_from_apic = lambda: self._for_l1(guest, External.NMI, Vec.NMI)
-        guest.l1_apic_open = lambda: self._l1_interrupts_open(l1)
+        guest.tpr_virtualized = lambda: bool(vmcb.int_ctl & V_INTR_MASKING)  # L2's CR8 (15.21.4)
+        guest.on_external = lambda event, vector: self._arrival(guest, event, vector)
+        guest.on_nmi_from_apic = lambda: self._arrival(guest, External.NMI, Vec.NMI)
+        guest.l1_apic_open = lambda: self._l1_interrupts_open(guest, l1)
         self._l2 = (guest, vmcb_pa, l1)
         cpu.regs[RAX] = vmcb.rax
         cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
         cpu.nmi_pending, cpu.nmi_blocked = 0, False
+        if Intercept.INTR not in vmcb.intercepts:
+            # L1's interrupts are L2's to take through L2's IDT (APM 15.21.1)
+            cpu.apic_delivers = True
+            cpu.hif = l1.rflags & IF if vmcb.int_ctl & V_INTR_MASKING else None
         with entry_retired(cpu):
             self._enter(cpu, guest, vmcb, l1)
 
@@ -124,24 +133,38 @@ class SvmRoot:
             self._vmrun_failed(cpu, failed.check)
             return
         except VmExit:
+            if Intercept.NMI not in vmcb.intercepts:
+                cpu.nmi_pending = l1.nmi_pending  # still latched: the exit leaves it so
             self.exit_to_l1(cpu)  # the injection itself exited
             return
-        guest.host_nmi = bool(l1.nmi_pending)  # held by GIF until now: it exits at once
+        if Intercept.NMI in vmcb.intercepts:
+            guest.host_nmi = bool(l1.nmi_pending)  # held by GIF until now: it exits at once
+        else:
+            cpu.nmi_pending = l1.nmi_pending  # held by GIF until now: L2 takes it (15.21)
         cpu.attn = True  # and so does an interrupt (SvmGuest.boundary())
 
     @staticmethod
-    def _l1_interrupts_open(l1: L1State) -> bool:
-        """With V_INTR_MASKING, L1's IF at VMRUN masks physical interrupts during L2 (15.21.1)."""
-        return bool(l1.rflags & IF)
+    def _l1_interrupts_open(guest: SvmGuest, l1: L1State) -> bool:
+        """Whether a physical interrupt is unmasked in L2, so that its intercept exits (15.21.1):
+        with V_INTR_MASKING L1's IF at VMRUN decides, else L2's own IF."""
+        if Intercept.INTR not in guest.vmcb.intercepts:
+            return False  # L2 takes it (the core's hif)
+        if guest.vmcb.int_ctl & V_INTR_MASKING:
+            return bool(l1.rflags & IF)
+        return bool(guest.cpu.rflags & IF)
 
-    def _for_l1(self, guest: SvmGuest, event: External, vector: int) -> None:
-        """An NMI or interrupt for L1 arrives while L2 runs: the intercept exits before it is taken."""
+    @staticmethod
+    def _arrival(guest: SvmGuest, event: External, vector: int) -> None:
+        """An NMI or interrupt for L1 arrives while L2 runs: the intercept exits before it is
+        taken (15.13); without one, L2 takes it through its own IDT (15.21)."""
+        cpu, intercepts = guest.cpu, guest.vmcb.intercepts
         if event is External.INTERRUPT:
-            guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge)
-            guest.cpu.attn = True  # exits at this boundary if L1's IF lets it (boundary())
-        else:
+            cpu.apic.request(vector)  # stays pending in L1's APIC until an exit or L2 takes it
+        elif Intercept.NMI in intercepts:
             guest.host_nmi = True
-            guest.cpu.attn = True
+        else:
+            cpu.raise_nmi()
+        cpu.attn = True  # exits or is taken at this boundary if unmasked (boundary())
 
     def run(self, cpu: Cpu, max_steps: int) -> Stop:
         """The core's run loop with #VMEXITs from L2 turned back into L1 execution."""
@@ -161,6 +184,7 @@ class SvmRoot:
         """#VMEXIT: the VMCB gets L2's state and the exit fields; L1 resumes after VMRUN (15.6)."""
         guest, vmcb_pa, l1 = self._l2
         nmi_for_l1 = guest.host_nmi
+        l2_nmis = None if Intercept.NMI in guest.vmcb.intercepts else (cpu.nmi_pending, cpu.nmi_blocked)
         guest.complete_exit()
         vmcb = guest.vmcb
         vmcb.rax = cpu.regs[RAX]
@@ -174,6 +198,11 @@ class SvmRoot:
         # An intercepted NMI was never taken: it is still the one NMI latched for L1 (one
         # pending at VMRUN became host_nmi; another arriving meanwhile was lost), held by GIF.
         cpu.nmi_pending = 1 if nmi_for_l1 else l1.nmi_pending
+        if l2_nmis is not None:
+            # L2 took NMIs itself: the core's one NMI latch and mask are as L2 left them, no
+            # VMCB field holding them without vNMI (UNVERIFIED against APM 15.6; KVM's
+            # nmi_masked is likewise one per vCPU, kept across nested_svm_vmexit()).
+            cpu.nmi_pending, cpu.nmi_blocked = l2_nmis
 
     def _vmrun_failed(self, cpu: Cpu, check: str) -> None:
         """VMEXIT_INVALID: nothing ran; the exit code and infos change (APM 15.5.1), and EVENTINJ

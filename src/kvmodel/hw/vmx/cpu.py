@@ -252,17 +252,20 @@ class VmxGuest(GuestMode):
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
         if self.notify_due is not None and not _iret_at(cpu):
             self._notify_exit(Where.BOUNDARY, self.notify_due)
-        if self.host_nmi and self.vmcs.pin_based & Pin.NMI_EXITING:  # NMI before INTR (SDM 25.2)
-            self._exit(ExitReason.EXCEPTION_NMI, Where.BOUNDARY,
-                       info=intr_info(Vec.NMI, EventType.NMI, None))
         proc = self.vmcs.proc_based
         shadow = cpu.shadow
         # NMI-window: no virtual-NMI blocking, no MOV SS; STI blocking also holds it
-        # here, one of the two behaviours SDM 25.3 allows.
+        # here, one of the two behaviours SDM 25.2 allows. It ranks above NMIs (SDM 25.2).
         if (proc & Proc.NMI_WINDOW_EXITING and not cpu.nmi_blocked
                 and shadow is Shadow.NONE):
             self._exit(ExitReason.NMI_WINDOW, Where.BOUNDARY)
-        if proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE:
+        if self.host_nmi and self.vmcs.pin_based & Pin.NMI_EXITING:  # NMI before INTR (SDM 25.2)
+            self._exit(ExitReason.EXCEPTION_NMI, Where.BOUNDARY,
+                       info=intr_info(Vec.NMI, EventType.NMI, None))
+        # Interrupt-window: below NMIs, so also below one the guest takes itself (NMI
+        # exiting off, an L1 on the model), above external interrupts (SDM 25.2).
+        if (proc & Proc.INTR_WINDOW_EXITING and cpu.rflags & IF and shadow is Shadow.NONE
+                and not (cpu.nmi_pending and cpu.nmi_can_be_taken())):
             self._exit(ExitReason.INTERRUPT_WINDOW, Where.BOUNDARY)
         self.l1_interrupt_presented()
         if self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING:

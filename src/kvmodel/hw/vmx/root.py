@@ -13,6 +13,11 @@ with the VM-instruction error number (SDM 30.2, 30.4); launch state. Not
 modelled: VMXOFF, VMCS shadowing, the host-state checks, host segment and
 control registers (flat, unchanged), EPT (identity), MSR areas (so no exit 34).
 A failed guest-state check is the VM exit with reason 33 (SDM 26.7).
+
+Events for L1 while L2 runs: with external-interrupt or NMI exiting they exit
+(SDM 25.2); without, L2 takes them through its own IDT, masked by L2's IF and
+blocking. Without virtual NMIs the blocking by NMI L2 leaves is the core's
+after the exit: only an NMI exit changes it (SDM 27.5.5).
 """
 
 from __future__ import annotations
@@ -157,14 +162,14 @@ class VmxRoot:
         if region is None:
             return
         vmcs = self.vmcss[region]
-        if vmcs.pin_based & (Pin.EXT_INTR_EXITING | Pin.NMI_EXITING) != (
-                Pin.EXT_INTR_EXITING | Pin.NMI_EXITING):
-            raise ModelLimit("an L1 without external-interrupt and NMI exiting is not modelled", cpu.rip)
         l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked)
         guest = VmxGuest(cpu, vmcs)
-        guest.on_external = lambda event, vector: _to_l1(guest, event, vector)
-        guest.on_nmi_from_apic = lambda: _to_l1(guest, None, Vec.NMI)
-        guest.l1_apic_open = lambda: True  # external-interrupt exiting, whatever L2's IF
+        guest.on_external = lambda event, vector: _arrival(guest, event, vector)
+        guest.on_nmi_from_apic = lambda: _arrival(guest, External.NMI, Vec.NMI)
+        if vmcs.pin_based & Pin.EXT_INTR_EXITING:
+            guest.l1_apic_open = lambda: True  # external-interrupt exiting, whatever L2's IF
+        else:
+            cpu.apic_delivers = True  # L2 takes them through its own IDT (SDM 25.2: no exit)
         _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
@@ -210,7 +215,11 @@ class VmxRoot:
         guest.complete_exit()
         nmi_exit = vmcs.exit_reason == ExitReason.EXCEPTION_NMI and bool(
             vmcs.exit_intr_info & INTR_INFO_VALID) and info_type(vmcs.exit_intr_info) == EventType.NMI
+        l2_blocked = cpu.nmi_blocked
         self._leave_guest(cpu, l1, nmi_waiting and not nmi_exit)
+        if not vmcs.pin_based & Pin.VIRTUAL_NMIS:
+            # L2's blocking by NMI was the physical one; only an NMI exit changes it (SDM 27.5.5)
+            cpu.nmi_blocked = l2_blocked
         if nmi_exit:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
@@ -264,18 +273,23 @@ def _pending_events_exit(guest: VmxGuest) -> None:
     (VmxGuest.boundary(), l1_interrupt_presented()).
     """
     cpu, vmcs = guest.cpu, guest.vmcs
+    if not vmcs.pin_based & Pin.NMI_EXITING:
+        return  # it stays in the core's latch: L2 takes it through its IDT once unblocked
     if cpu.nmi_pending and (vmcs.pin_based & Pin.VIRTUAL_NMIS
                             or not vmcs.guest_interruptibility & Interruptibility.NMI):
         cpu.nmi_pending -= 1
         guest.host_nmi = True
 
 
-def _to_l1(guest: VmxGuest, event, vector: int) -> None:
-    """An NMI or interrupt for L1 arrives while L2 runs: with the pin controls set, it exits."""
+def _arrival(guest: VmxGuest, event: External, vector: int) -> None:
+    """An NMI or interrupt for L1 arrives while L2 runs: with the pin control set, it exits;
+    without, L2 takes it through its own IDT as a CPU outside VMX would (SDM 25.2, 26.7.5)."""
+    cpu = guest.cpu
     if event is External.INTERRUPT:
-        guest.cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge on exit)
-        guest.cpu.attn = True  # exits at this boundary if the APIC presents it
-    else:
+        cpu.apic.request(vector)  # stays pending in L1's APIC (no acknowledge on exit)
+    elif guest.vmcs.pin_based & Pin.NMI_EXITING:
         guest.host_nmi = True
-        guest.cpu.attn = True
+    else:
+        cpu.raise_nmi()
+    cpu.attn = True  # exits, or is taken, at this boundary if unblocked
 

@@ -17,8 +17,11 @@ vCPU's exception_vmexit, an exit at the next check_nested_events()),
 KVM_REQ_TRIPLE_FAULT as SVM_EXIT_SHUTDOWN, L1-injected events (soft ones returning to vmcb12's
 next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
 hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
-Not modelled: nested NPT (L2 shares L1's memory), MSR and I/O permission maps
-(those exits go to L1), nested vGIF, VMLOAD/VMSAVE's state.
+Also L1's events left to L2 (no INTR/NMI intercept: injected into L2 by the
+common code), vmcb12's V_IRQ/V_TPR in vmcb02 (nested_svm_virtualize_tpr()) and
+nested vGIF (nested_vgif_enabled(), get_vgif_vmcb()). Not modelled: nested NPT
+(L2 shares L1's memory), MSR and I/O permission maps (those exits go to L1),
+VMLOAD/VMSAVE's state.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import Vec
 from kvmodel.arch.regs import DR7_GD, IF, RAX
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.svm.root import check_vmcb_for_model, vmrun_failure
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
@@ -114,6 +118,9 @@ class NestedSvm:
             return
         vmcb12 = read_vmcb(cpu.mem, vmcb_pa)
         check_vmcb_for_model(vmcb12, cpu)
+        if vmcb12.int_ctl & V_GIF_ENABLE and not self.svm.vgif:
+            raise ModelLimit("V_GIF_ENABLE in vmcb12 on an L0 without vGIF (L1 is not offered it, "
+                             "KVM ignores the bit) is not modelled", cpu.rip)
         failure = vmrun_failure(vmcb12) or self._check_controls(vmcb12)
         self.svm.skip_svm_instruction()
         if failure is not None:
@@ -201,8 +208,10 @@ class NestedSvm:
         svm, vmcb01 = self.svm, self.vmcb01
         vmcb02 = Vmcb(cs_base=vmcb12.cs_base)  # nested_vmcb02_prepare_save()
         self._merge_intercepts(vmcb02, vmcb12)
+        # V_GIF/V_GIF_ENABLE are L2's own with nested vGIF, else vmcb01's (L1's GIF)
+        gif_from = vmcb12.int_ctl if self.vgif_enabled() else vmcb01.int_ctl
         vmcb02.int_ctl = (vmcb12.int_ctl & (V_TPR_MASK | V_IRQ_INJECTION_BITS | self._vnmi_bits())) | (
-            vmcb01.int_ctl & (V_INTR_MASKING | V_GIF | V_GIF_ENABLE))
+            vmcb01.int_ctl & V_INTR_MASKING) | (gif_from & (V_GIF | V_GIF_ENABLE))
         self._take_l1_vnmi()
         vmcb02.int_vector = vmcb12.int_vector & 0xFF
         vmcb02.int_state = vmcb12.int_state & INTERRUPT_SHADOW
@@ -239,6 +248,10 @@ class NestedSvm:
     def recalc_intercepts(self) -> None:
         """recalc_intercepts(): vmcb01 changed while L2 runs."""
         self._merge_intercepts(self.svm.vmcb, self.ctl)
+
+    def vgif_enabled(self) -> bool:
+        """nested_vgif_enabled(): L1 is offered vGIF when L0 uses it, and vmcb12 enables it."""
+        return self.svm.vgif and bool(self.ctl.int_ctl & V_GIF_ENABLE)
 
     def _vnmi_bits(self) -> int:
         """nested_vnmi_enabled(): L1 is offered vNMI when L0 uses it, and vmcb12 enables it."""
@@ -375,6 +388,8 @@ class NestedSvm:
         """nested_sync_control_from_vmcb02(): V_TPR, V_IRQ and (nested vNMI) L2's NMI bits as
         L2 left them, unless the VINTR intercept (and so V_IRQ) is L0's own window."""
         mask = V_TPR_MASK | V_IRQ | (self._vnmi_bits() & ~V_NMI_ENABLE)
+        if self.vgif_enabled():
+            mask |= V_GIF  # L2's own vGIF
         if Intercept.VINTR in vmcb02.intercepts and Intercept.VINTR not in self.ctl.intercepts:
             mask &= ~V_IRQ
         return (self.ctl.int_ctl & ~mask) | (vmcb02.int_ctl & mask)

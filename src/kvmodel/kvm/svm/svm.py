@@ -106,10 +106,16 @@ class Svm:
         vmcb.cs_base = cpu.cs_base  # KVM_SET_SREGS
         guest.on_external = vcpu.external
         guest.on_nmi_from_apic = vcpu.inject_nmi
+        guest.tpr_virtualized = self._virtualize_tpr
         if params.sev_es:
             sev.init_vmcb(self, params.debug_swap)
         self.nested = NestedSvm(cpu, self) if params.nested else None
         self._recalc_instruction_intercepts()
+
+    def _virtualize_tpr(self) -> bool:
+        """nested_svm_virtualize_tpr(): L2 with L1's V_INTR_MASKING owns vmcb02's V_TPR; otherwise
+        V_TPR mirrors the APIC's TPR (svm_sync_lapic_to_cr8() skips only this case)."""
+        return self.guest_mode and bool(self.nested.ctl.int_ctl & V_INTR_MASKING)
 
     @property
     def guest_mode(self) -> bool:
@@ -307,9 +313,15 @@ class Svm:
     # -- GIF (APM 15.17) -----------------------------------------------------------
 
     def gif_set(self) -> bool:
-        """gif_set(): with vGIF, V_GIF of the VMCB in use (vmcb02 in L2, L1 not using
-        nested vGIF); otherwise KVM's own guest_gif."""
-        return bool(self.vmcb.int_ctl & V_GIF) if self.vgif else self.guest_gif
+        """gif_set(): with vGIF, V_GIF of get_vgif_vmcb(); otherwise KVM's own guest_gif."""
+        return bool(self._vgif_vmcb().int_ctl & V_GIF) if self.vgif else self.guest_gif
+
+    def _vgif_vmcb(self):
+        """get_vgif_vmcb(): L1's GIF is vmcb02's V_GIF while L2 runs, unless L1 uses nested
+        vGIF: then vmcb02's V_GIF is L2's and L1's stays in vmcb01."""
+        if self.guest_mode and self.nested.vgif_enabled():
+            return self.nested.vmcb01
+        return self.vmcb
 
     def set_gif(self, value: bool) -> None:
         """svm_set_gif() (STGI, CLGI, VMRUN, #VMEXIT)."""
@@ -330,7 +342,8 @@ class Svm:
 
     def _write_gif(self, value: bool) -> None:
         if self.vgif:
-            self.vmcb.int_ctl = self.vmcb.int_ctl | V_GIF if value else self.vmcb.int_ctl & ~V_GIF
+            vmcb = self._vgif_vmcb()
+            vmcb.int_ctl = vmcb.int_ctl | V_GIF if value else vmcb.int_ctl & ~V_GIF
         else:
             self.guest_gif = value
 
