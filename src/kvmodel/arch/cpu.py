@@ -404,6 +404,8 @@ class Cpu:
         while not self.shutdown:
             if self.scheduled:
                 self._fire_due()
+            if self.host is not None:
+                self.host.before_traps(self)
             source = self.pending_source()
             if source is not Source.DEBUG_TRAP and self.host is not None:
                 self.host.boundary(self)  # window exits rank below debug traps (SDM 25.2)

@@ -584,6 +584,30 @@ def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_vmcall(i: iced.Instruction, mode: Mode) -> Run:
+    """VMCALL: #UD outside VMX operation, and always on a CPU without VMX (an AMD CPU, whose
+    hypercall is VMMCALL); in VMX non-root operation it exits before it runs (SDM 25.1.2);
+    in VMX root operation it fails (SDM Vol.2 VMCALL, default treatment of SMIs and SMM)."""
+    nxt = i.next_ip
+
+    def run(c):
+        _vmx(c).vmcall(c)
+        c.rip = nxt
+
+    return run
+
+
+def build_vmmcall(i: iced.Instruction, mode: Mode) -> Run:
+    """VMMCALL: a guest's call to its VMM, which only an intercept makes (APM 15.18: "If VMMCALL
+    instruction is not intercepted, the instruction raises a #UD exception"); #UD too with
+    EFER.SVME clear, and on a CPU without SVM (an Intel CPU, whose hypercall is VMCALL)."""
+
+    def run(c):
+        raise Fault(Vec.UD)
+
+    return run
+
+
 def build_nop(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
@@ -824,7 +848,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JBE, Mnemonic.JA, Mnemonic.JS, Mnemonic.JNS, Mnemonic.JP, Mnemonic.JNP,
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
-    Mnemonic.VMGEXIT: build_vmgexit,
+    Mnemonic.VMGEXIT: build_vmgexit, Mnemonic.VMCALL: build_vmcall, Mnemonic.VMMCALL: build_vmmcall,
     Mnemonic.VMRUN: build_vmrun, Mnemonic.VMLOAD: build_vmload_vmsave,
     Mnemonic.VMSAVE: build_vmload_vmsave, Mnemonic.STGI: build_gif, Mnemonic.CLGI: build_gif,
     Mnemonic.VMXON: build_vmx_region, Mnemonic.VMCLEAR: build_vmx_region,

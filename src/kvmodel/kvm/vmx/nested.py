@@ -27,9 +27,9 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import IF, Shadow
+from kvmodel.arch.regs import DR6_BD, IF, RCX, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
-from kvmodel.hw.vmx.cpu import check_entry
+from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -47,17 +47,19 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 from kvmodel.kvm.uapi import ShadowBits
-from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, Request
+from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, QueuedException, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
+
+DR6_BT = 1 << 15  # a task switch's T-flag #DB (SDM 17.2.3), outranking MTF
 
 # Exits L0 keeps for itself (nested_vmx_l0_wants_exit()): its host IRQs and NMIs, EPT, notify.
 _L0_ALWAYS = (ExitReason.EXTERNAL_INTERRUPT, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
 # Exits L1 always gets (nested_vmx_l1_wants_exit()): CPUID, the VMX instructions, triple fault.
 _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitReason.VMPTRLD,
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
-              ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
+              ExitReason.TRIPLE_FAULT, ExitReason.VMCALL)
 # L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
 # Not the activity state: a halted L2 is KVM's mp_state (nested_vmx_run() halts the vCPU
 # rather than enter L2 in HLT); vmcs02's stays ACTIVE (UNVERIFIED: prepare_vmcs02() read,
@@ -66,11 +68,14 @@ _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
              "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
-    ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
     ExitReason.CR_ACCESS: Proc.CR8_LOAD_EXITING,
     ExitReason.INTERRUPT_WINDOW: Proc.INTR_WINDOW_EXITING,
     ExitReason.NMI_WINDOW: Proc.NMI_WINDOW_EXITING,
+    ExitReason.MONITOR_TRAP_FLAG: Proc.MONITOR_TRAP_FLAG,
 }
+# prepare_vmcs02_early(): L2's I/O always exits to L0 (L1's bitmaps are checked on the exit); the
+# model's L0 has no MSR bitmap of its own, so every MSR access of L2 exits to L0 too.
+_VMCS02_PROC_CLEAR = Proc.USE_IO_BITMAPS | Proc.USE_MSR_BITMAPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,7 @@ class NestedState:
     guest_mode: bool
     run_pending: bool
     l1_idtr: tuple[int, int]  # stands for vmcs12's HOST_IDTR_BASE (host state the model keeps apart)
+    mtf_pending: bool = False  # KVM_STATE_NESTED_MTF_PENDING
 
 
 class NestedVmx(VmxRoot):
@@ -98,6 +104,9 @@ class NestedVmx(VmxRoot):
         self.run_pending = False  # nested_run_pending: the entry's injection is still to happen
         self.vmcs01: Vmcs | None = None
         self.l1_idtr = (0, 0)
+        # An MTF VM exit L0 owes L1 after emulating one of L2's instructions (the hardware's
+        # monitor trap flag never saw that instruction run): vmx_update_emulated_instruction().
+        self.mtf_pending = False
 
     @property
     def vmcs12(self) -> Vmcs:
@@ -187,8 +196,8 @@ class NestedVmx(VmxRoot):
         """prepare_vmcs02(): L0's controls OR L1's; L2's state and L1's injection from vmcs12."""
         vmcs02 = Vmcs()
         vmcs02.pin_based = vmcs01.pin_based | vmcs12.pin_based
-        vmcs02.proc_based = (vmcs01.proc_based & ~(Proc.INTR_WINDOW_EXITING | Proc.NMI_WINDOW_EXITING)
-                             ) | vmcs12.proc_based
+        vmcs02.proc_based = ((vmcs01.proc_based & ~(Proc.INTR_WINDOW_EXITING | Proc.NMI_WINDOW_EXITING)
+                              ) | vmcs12.proc_based | Proc.UNCOND_IO_EXITING) & ~_VMCS02_PROC_CLEAR
         vmcs02.exception_bitmap = vmcs01.exception_bitmap | vmcs12.exception_bitmap
         if not _faults.on("notify_window_not_in_vmcs02"):
             # prepare_vmcs02_constant_state(): L0's window, or L1 escapes it by running its loop in L2
@@ -206,7 +215,7 @@ class NestedVmx(VmxRoot):
         self.run_pending = False
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
         reason = EXIT_REASONS[vmcs02.exit_reason]
-        if not self._l1_wants(reason, vmcs02, vmcs12):
+        if not self._l1_wants(reason, vmcs02, vmcs12, self.vmx.guest.cpu):
             return False
         self.exit_to_l1(reason, vmcs02.exit_intr_info, vmcs02.exit_intr_error_code,
                         vmcs02.exit_qualification, vmcs02.exit_instruction_len,
@@ -214,7 +223,7 @@ class NestedVmx(VmxRoot):
         return True
 
     @staticmethod
-    def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs) -> bool:
+    def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs, cpu: Cpu) -> bool:
         if reason is ExitReason.NOTIFY and _faults.on("notify_reflected_to_l1"):
             return True  # v2 of the Notify series: L1 never enabled it (seed 002, Paolo Bonzini)
         if reason in _L0_ALWAYS:
@@ -226,6 +235,12 @@ class NestedVmx(VmxRoot):
             if info_type(info) == EventType.NMI:
                 return False  # a host NMI
             return bool(vmcs12.exception_bitmap >> info_vector(info) & 1)
+        if reason is ExitReason.IO_INSTRUCTION:  # nested_vmx_exit_handled_io()
+            qualification = vmcs02.exit_qualification
+            return io_exits(cpu.mem, vmcs12, qualification >> 16, (qualification & 7) + 1)
+        if reason in (ExitReason.MSR_READ, ExitReason.MSR_WRITE):  # nested_vmx_exit_handled_msr()
+            return msr_exits(cpu.mem, vmcs12, cpu.regs[RCX] & 0xFFFFFFFF,
+                             write=reason is ExitReason.MSR_WRITE)
         control = _L1_IF_CONTROL.get(reason)
         return control is not None and bool(vmcs12.proc_based & control)
 
@@ -234,6 +249,8 @@ class NestedVmx(VmxRoot):
                    vectoring_error: int = 0) -> None:
         """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
         vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
+        if not _faults.on("nested_mtf_pending_survives_vmexit"):
+            self.mtf_pending = False  # a pending MTF is a property of this run of L2
         vmcs12 = self.vmcs12
         vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
         vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
@@ -284,7 +301,8 @@ class NestedVmx(VmxRoot):
         return NestedState(self.vmxon_region, self.current,
                            tuple((k, replace(v)) for k, v in self.vmcss.items()),
                            frozenset(self.launched), tuple(self.errors.items()),
-                           self.guest_mode, self.run_pending, self.l1_idtr)
+                           self.guest_mode, self.run_pending, self.l1_idtr,
+                           self.guest_mode and self.mtf_pending)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
         """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done.
@@ -316,6 +334,9 @@ class NestedVmx(VmxRoot):
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
         self.guest_mode, self.run_pending = True, state.run_pending
+        self.mtf_pending = state.mtf_pending
+        if self.mtf_pending:
+            vmx.vcpu.requests |= Request.EVENT  # vmx_set_nested_state()
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
@@ -331,7 +352,21 @@ class NestedVmx(VmxRoot):
         vmx, vcpu = self.vmx, self.vmx.vcpu
         block_exceptions = self.run_pending
         block_events = block_exceptions or vcpu.event_needs_reinjection()
-        if vcpu.exception.pending:
+        mtf_pending = self.mtf_pending
+        if not block_events and _faults.on("nested_mtf_pending_survives_vmexit"):
+            self.mtf_pending = False  # before 2022: cleared here only, when nothing blocks
+        exc = vcpu.exception
+        # An exception outranks MTF unless it is a debug trap of the instruction just completed
+        # (vmx_is_low_priority_db_trap()), which the MTF VM exit saves instead.
+        if exc.pending and not _low_priority_db_trap(exc):
+            return EBUSY if block_exceptions else 0
+        if mtf_pending:
+            if block_events:
+                return EBUSY
+            self._update_pending_dbg()
+            self.exit_to_l1(ExitReason.MONITOR_TRAP_FLAG)
+            return 0
+        if exc.pending:
             return EBUSY if block_exceptions else 0
         if vcpu.nmi_pending and not vmx.nmi_blocked():
             if block_events:
@@ -350,9 +385,45 @@ class NestedVmx(VmxRoot):
                 self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
         return 0
 
+    def _update_pending_dbg(self) -> None:
+        """nested_vmx_update_pending_dbg(): a debug trap KVM queued for L2 goes into the pending
+        debug exceptions that the MTF VM exit saves for L1 (SDM 27.3.4), not into L2."""
+        trap = _pending_db_trap(self.vmx.vcpu.exception)
+        if trap:
+            self.vmx.vmcs.guest_pending_dbg_exceptions = trap
+
+    def update_emulated_instruction(self) -> None:
+        """vmx_update_emulated_instruction(): L0 completed one of L2's instructions, so an MTF
+        VM exit is pending if L1 single-steps L2 with MTF, unless the instruction raised an
+        exception other than #DB; with KVM_REQ_EVENT, so vmx_check_nested_events() runs before
+        L2 does again."""
+        if not self.guest_mode:
+            return
+        vcpu = self.vmx.vcpu
+        if self.vmcs12.proc_based & Proc.MONITOR_TRAP_FLAG and all(
+                not exc.pending or exc.vector == Vec.DB for exc in (vcpu.exception, vcpu.exception_vmexit)):
+            self.mtf_pending = True
+            if not _faults.on("nested_mtf_no_event_request"):
+                vcpu.requests |= Request.EVENT
+        else:
+            self.mtf_pending = False
+
     def triple_fault(self) -> None:
         """nested_vmx_triple_fault(): KVM_REQ_TRIPLE_FAULT in L2 is always L1's VM exit."""
         if self.guest_mode:
             self.vmx.vcpu.requests &= ~Request.TRIPLE_FAULT
             self.exit_to_l1(ExitReason.TRIPLE_FAULT)
 
+
+
+def _pending_db_trap(exc: QueuedException) -> int:
+    """vmx_get_pending_dbg_trap(): the DR6 bits of a pending #DB, a general-detect #DB aside
+    (always fault-like)."""
+    if not exc.pending or exc.vector != Vec.DB:
+        return 0
+    return exc.payload & ~DR6_BD
+
+
+def _low_priority_db_trap(exc: QueuedException) -> bool:
+    """vmx_is_low_priority_db_trap(): a debug trap MTF outranks (all but the TSS T-flag's)."""
+    return bool(_pending_db_trap(exc) & ~DR6_BT)

@@ -13,9 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmodel import _faults
+from kvmodel.arch.cpu import Cpu
+from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
+from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import IF, RSP
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
@@ -121,7 +125,14 @@ class Vmx:
         cpu.rip, cpu.rflags, cpu.regs[RSP] = vmcs.guest_rip, vmcs.guest_rflags, vmcs.guest_rsp
 
     def skip_emulated_instruction(self) -> bool:
-        """skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends."""
+        """vmx_skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends;
+        in L2, the instruction's MTF VM exit (vmx_update_emulated_instruction())."""
+        if self.nested is not None:
+            self.nested.update_emulated_instruction()
+        return self._skip()
+
+    def _skip(self) -> bool:
+        """skip_emulated_instruction(), vmx.c's own, which INT1's #DB exit uses."""
         self.vmcs.guest_rip += self.vmcs.exit_instruction_len
         self.set_interrupt_shadow(0)
         return True
@@ -363,6 +374,11 @@ class Vmx:
         elif reason in (ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.MSR_READ,
                         ExitReason.MSR_WRITE, ExitReason.CR_ACCESS):
             vcpu.emulate_and_skip()
+        elif reason is ExitReason.VMCALL:
+            # handle_vmcall(): L1's own VMCALL is a hypercall to L0 (kvm_emulate_hypercall()),
+            # KVM's paravirtual interface, which no bare-metal CPU has (L2's went to L1).
+            raise ModelLimit("a hypercall to KVM (VMCALL, kvm_emulate_hypercall()) is not modelled",
+                             vmcs.guest_rip)
         elif reason is ExitReason.EPT_VIOLATION:
             self._handle_ept_violation()
         elif reason is ExitReason.TRIPLE_FAULT:
@@ -421,10 +437,11 @@ class Vmx:
                                  f"KVM_INTERNAL_ERROR_SIMUL_EX: #{vector} while vectoring")
         if vector == Vec.DB:
             if info_type(info) == EventType.PRIV_SW_EXCEPTION:  # is_icebp(): INT1 is skipped first
-                self.skip_emulated_instruction()
+                self._skip()
                 vcpu.cpu.retired += 1
             vcpu.queue_exception(Vec.DB, payload=vmcs.exit_qualification)
         elif vector == Vec.UD:
+            _no_hypercall_patching(self.guest.cpu, vmcs.guest_rip, Exiting.VMMCALL)
             vcpu.queue_exception(Vec.UD)  # handle_ud(): UD2 does not emulate, so #UD goes back
         else:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exception {vector} exit not modelled")
@@ -437,3 +454,17 @@ class Vmx:
             self.set_nmi_mask(True)
         cpu = self.guest.cpu
         cpu.set_host_unmapped(cpu.host_unmapped - {vmcs.guest_physical_address >> 12})
+
+
+def _no_hypercall_patching(cpu: Cpu, rip: int, foreign: Exiting) -> None:
+    """handle_ud() emulates the other vendor's hypercall instruction: with
+    KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default) emulator_fix_hypercall() rewrites it in
+    guest memory into the native one and restarts it, a hypercall to KVM then; without the
+    quirk the guest gets #UD. Neither is modelled: stop rather than give the #UD hardware gives."""
+    try:
+        insn = cpu.icache.get(rip) or decode(cpu, rip)
+    except Fault:
+        return  # no instruction there (UD2's invalid opcode, say)
+    if insn.exiting is foreign:
+        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD (emulator_fix_hypercall(), "
+                         "KVM_X86_QUIRK_FIX_HYPERCALL_INSN) is not modelled", rip)
