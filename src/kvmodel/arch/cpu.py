@@ -104,7 +104,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at",
+        "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -169,6 +169,7 @@ class Cpu:
         self.deliveries = 0  # started, like `retired` an observer's count
         self.delivered = 0  # completed (a Delivery in the trace)
         self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
+        self.vm_hsave_pa = 0  # VM_HSAVE_PA (APM 15.30.4), on a CPU with SVM
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
         self.vmx: VmxInstructions | None = None  # VMX root operation, for an L1 on the model

@@ -726,6 +726,9 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
 IA32_APIC_BASE = 0x1B
 APIC_BASE_VALUE = 0xFEE00000 | (1 << 11) | (1 << 10) | (1 << 8)  # EN, EXTD (x2APIC), BSP
 IA32_EFER = 0xC0000080
+VM_HSAVE_PA = 0xC0010117
+# No CPUID leaf 80000008H: MAXPHYADDR is 36 (SDM 4.1.4; KVM's cpuid_query_maxphyaddr() agrees).
+MAXPHYADDR = 36
 
 
 def _read_msr(c, msr: int) -> int:
@@ -739,6 +742,8 @@ def _read_msr(c, msr: int) -> int:
         return c.efer
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         return c.ghcb_msr
+    elif msr == VM_HSAVE_PA and c.has_svm:
+        return c.vm_hsave_pa
     raise Fault(Vec.GP, 0)
 
 
@@ -752,6 +757,12 @@ def _write_msr(c, msr: int, value: int) -> None:
         c.attn = True
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         c.ghcb_msr = value
+    elif msr == VM_HSAVE_PA and c.has_svm:
+        # Bits 11:0 and those above MAXPHYADDR are reserved: #GP (APM 15.30.4, as QEMU's
+        # d09c79010ffd reads it; KVM's svm_set_msr() with page_address_valid() agrees).
+        if value & 0xFFF or value >> MAXPHYADDR:
+            raise Fault(Vec.GP, 0)
+        c.vm_hsave_pa = value
     elif msr == IA32_EFER and value ^ c.efer == EFER_SVME:
         if not c.has_svm:
             raise Fault(Vec.GP, 0)  # SVME is reserved on a CPU without SVM

@@ -197,6 +197,15 @@ CATALOGUE: tuple[Bug, ...] = (
         "userspace to restore 255 pending NMIs\", adds KVM_REQ_NMI) and KVM: x86: Route pending NMIs "
         "from userspace through process_nmi() (upstream bdedff263132)",
         ("svm", "vmx"), "scenarios/vmm/explore_vmm_calls.toml"),
+    Bug("nested_mtf_no_event_request",
+        "after L0 emulates an instruction of L2 that L1 single-steps with the monitor trap flag, "
+        "mtf_pending is set without KVM_REQ_EVENT: vmx_check_nested_events() does not run before "
+        "the next entry, L2 executes one more instruction, and L1's MTF VM exit comes one "
+        "instruction late",
+        "KVM: nVMX: Make an event request when pending an MTF nested VM-Exit (Sean "
+        "Christopherson, [PATCH v4 02/12], Sep 2022; Fixes 5ef8acbdd687 \"KVM: nVMX: Emulate MTF "
+        "when performing instruction emulation\"); vmx_update_emulated_instruction()",
+        ("vmx",), "scenarios/nested/vmx_l2_mtf_after_io_l0_emulates.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -21,6 +21,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
+from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
 from kvmodel.kvm.vm import Vm
 
@@ -692,3 +693,17 @@ def _queued(vector: int, error_code: int | None, payload: int | None) -> QueuedE
 _ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTOR
               | VcpuEventsFlag.VALID_SHADOW | VcpuEventsFlag.VALID_SMM
               | VcpuEventsFlag.VALID_PAYLOAD | VcpuEventsFlag.VALID_TRIPLE_FAULT)
+
+
+def no_hypercall_patching(cpu: Cpu, rip: int, foreign: Exiting) -> None:
+    """handle_ud() emulates the other vendor's hypercall instruction: with
+    KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default) emulator_fix_hypercall() rewrites it in
+    guest memory into the native one and restarts it, a hypercall to KVM then; without the
+    quirk the guest gets #UD. Neither is modelled: stop rather than give the #UD hardware gives."""
+    try:
+        insn = cpu.icache.get(rip) or decode(cpu, rip)
+    except Fault:
+        return  # no instruction there (UD2's invalid opcode, say)
+    if insn.exiting is foreign:
+        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD (emulator_fix_hypercall(), "
+                         "KVM_X86_QUIRK_FIX_HYPERCALL_INSN) is not modelled", rip)

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmodel import _faults
-from kvmodel.arch.cpu import Cpu
-from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
@@ -43,7 +41,15 @@ from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, InvalidArgument, KvmExi
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
 from kvmodel.kvm.vmx.nested import NestedState, NestedVmx
-from kvmodel.kvm.x86 import BUDGET, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
+from kvmodel.kvm.x86 import (
+    BUDGET,
+    EBUSY,
+    Request,
+    UserspaceExit,
+    Vcpu,
+    exception_is_soft,
+    no_hypercall_patching,
+)
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
 EXCEPTION_BITMAP = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.DB) | (1 << Vec.AC)
@@ -441,7 +447,7 @@ class Vmx:
                 vcpu.cpu.retired += 1
             vcpu.queue_exception(Vec.DB, payload=vmcs.exit_qualification)
         elif vector == Vec.UD:
-            _no_hypercall_patching(self.guest.cpu, vmcs.guest_rip, Exiting.VMMCALL)
+            no_hypercall_patching(self.guest.cpu, vmcs.guest_rip, Exiting.VMMCALL)
             vcpu.queue_exception(Vec.UD)  # handle_ud(): UD2 does not emulate, so #UD goes back
         else:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exception {vector} exit not modelled")
@@ -455,16 +461,3 @@ class Vmx:
         cpu = self.guest.cpu
         cpu.set_host_unmapped(cpu.host_unmapped - {vmcs.guest_physical_address >> 12})
 
-
-def _no_hypercall_patching(cpu: Cpu, rip: int, foreign: Exiting) -> None:
-    """handle_ud() emulates the other vendor's hypercall instruction: with
-    KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default) emulator_fix_hypercall() rewrites it in
-    guest memory into the native one and restarts it, a hypercall to KVM then; without the
-    quirk the guest gets #UD. Neither is modelled: stop rather than give the #UD hardware gives."""
-    try:
-        insn = cpu.icache.get(rip) or decode(cpu, rip)
-    except Fault:
-        return  # no instruction there (UD2's invalid opcode, say)
-    if insn.exiting is foreign:
-        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD (emulator_fix_hypercall(), "
-                         "KVM_X86_QUIRK_FIX_HYPERCALL_INSN) is not modelled", rip)
