@@ -17,8 +17,10 @@ vCPU's exception_vmexit, an exit at the next check_nested_events()),
 KVM_REQ_TRIPLE_FAULT as SVM_EXIT_SHUTDOWN, L1-injected events (soft ones returning to vmcb12's
 next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
 hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
-Not modelled: nested NPT (L2 shares L1's memory), MSR and I/O permission maps
-(those exits go to L1), nested vGIF, VMLOAD/VMSAVE's state.
+L1's MSR and I/O permission maps decide which of L2's MSR and IOIO exits are
+L1's (nested_svm_exit_handled_msr(), nested_svm_intercept_ioio()); L0 emulates
+the rest. Not modelled: nested NPT (L2 shares L1's memory), nested vGIF,
+VMLOAD/VMSAVE's state.
 """
 
 from __future__ import annotations

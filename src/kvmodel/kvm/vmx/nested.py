@@ -13,9 +13,9 @@ goes to L1 as IDT-vectoring information (vmcs12_save_pending_event()).
 Modelled: the vmcs12 fields hw/vmx/root.py knows, pin/processor/exception
 controls merged as KVM merges them, NMI and external-interrupt exits for
 L1, L1-injected events (soft ones with L1's instruction length), the notify
-window applied to vmcs02. Not modelled: nested EPT (identity), MSR bitmaps
-(every MSR exit goes to L1), VMCS shadowing, KVM_GET/SET_NESTED_STATE,
-nested SVM.
+window applied to vmcs02, L1's I/O and MSR bitmaps (nested_vmx_exit_handled_io/msr(): L0
+takes every such exit and emulates those L1 does not want), the monitor trap flag and
+mtf_pending. Not modelled: nested EPT (identity), VMCS shadowing.
 """
 
 from __future__ import annotations
