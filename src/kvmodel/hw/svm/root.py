@@ -12,8 +12,8 @@ before the event is taken, and the event stays pending for L1, held by GIF
 until L1's STGI. With V_INTR_MASKING, L1's RFLAGS.IF at VMRUN decides
 whether its interrupts can exit L2 at all (15.21.1).
 
-Not modelled: the host save area's contents (VM_HSAVE_PA holds an address,
-checked at WRMSR; the model keeps L1's state beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
+Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
+beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
 memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
 move, vGIF for L2, V_TPR, virtual interrupts taken by L2, an L1 that leaves
 NMI or INTR unintercepted or V_INTR_MASKING clear (ModelLimit). vNMI for L2

@@ -249,8 +249,10 @@ class NestedVmx(VmxRoot):
                    vectoring_error: int = 0) -> None:
         """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
         vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
-        if not _faults.on("nested_mtf_pending_survives_vmexit"):
-            self.mtf_pending = False  # a pending MTF is a property of this run of L2
+        # A pending MTF is a property of this run of L2 ("KVM: nVMX: Unconditionally clear
+        # mtf_pending on nested VM-Exit"; before it, only an unblocked vmx_check_nested_events()
+        # cleared it, which always runs between the emulation that sets it and any exit here).
+        self.mtf_pending = False
         vmcs12 = self.vmcs12
         vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
         vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
@@ -343,7 +345,8 @@ class NestedVmx(VmxRoot):
     def check_nested_events(self) -> int:
         """vmx_check_nested_events(), for the events modelled, in its order: an exception for L2
         goes in first (it arose in L2's instruction: an NMI or interrupt for L1 exits at the
-        boundary after its delivery, KVM asking for an immediate exit); then an NMI, then an
+        boundary after its delivery, KVM asking for an immediate exit), unless it is a debug
+        trap, which a pending MTF VM exit outranks; then the MTF VM exit; then an NMI, then an
         interrupt, that L2 does not block. Such an NMI that L1 does not exit on ends the
         search: it is L2's to take. EBUSY while VMLAUNCH's injection is still to go in, and
         for NMIs and interrupts while an event is to be re-injected into L2."""
@@ -352,15 +355,12 @@ class NestedVmx(VmxRoot):
         vmx, vcpu = self.vmx, self.vmx.vcpu
         block_exceptions = self.run_pending
         block_events = block_exceptions or vcpu.event_needs_reinjection()
-        mtf_pending = self.mtf_pending
-        if not block_events and _faults.on("nested_mtf_pending_survives_vmexit"):
-            self.mtf_pending = False  # before 2022: cleared here only, when nothing blocks
         exc = vcpu.exception
         # An exception outranks MTF unless it is a debug trap of the instruction just completed
         # (vmx_is_low_priority_db_trap()), which the MTF VM exit saves instead.
         if exc.pending and not _low_priority_db_trap(exc):
             return EBUSY if block_exceptions else 0
-        if mtf_pending:
+        if self.mtf_pending:
             if block_events:
                 return EBUSY
             self._update_pending_dbg()
