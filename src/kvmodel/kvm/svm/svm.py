@@ -447,6 +447,9 @@ class Svm:
     def kick(self) -> None:
         self.guest.kick()
 
+    def has_nested_events(self) -> bool:
+        return False  # svm_nested_ops has no has_events
+
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 

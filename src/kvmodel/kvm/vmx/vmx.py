@@ -203,6 +203,11 @@ class Vmx:
         n = self.nested
         return n is not None and n.guest_mode and bool(n.vmcs12.pin_based & exit_control)
 
+    def has_nested_events(self) -> bool:
+        """vmx_has_nested_events(): an MTF VM exit owed to L1 wakes an L2 that L0 halted."""
+        n = self.nested
+        return n is not None and n.guest_mode and n.mtf_pending
+
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
