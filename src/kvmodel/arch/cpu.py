@@ -125,7 +125,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
+        "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -190,6 +190,7 @@ class Cpu:
         self.deliveries = 0  # started, like `retired` an observer's count
         self.delivered = 0  # completed (a Delivery in the trace)
         self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
+        self.vm_hsave_pa = 0  # VM_HSAVE_PA (APM 15.30.4), on a CPU with SVM
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
         self.vmx: VmxInstructions | None = None  # VMX root operation, for an L1 on the model
@@ -462,6 +463,8 @@ class Cpu:
         while not self.shutdown:
             if self.scheduled:
                 self._fire_due()
+            if self.host is not None:
+                self.host.before_traps(self)
             source = self.pending_source()
             if source is not Source.DEBUG_TRAP and self.host is not None:
                 started = self.deliveries

@@ -6,7 +6,7 @@ naming it and its address; an undefined opcode is #UD, as on hardware.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import iced_x86 as iced
 
@@ -31,14 +31,34 @@ class Decoded:
     the host's intercept check when a host may intercept it (`exiting`).
     """
 
-    __slots__ = ("execute", "semantics", "text", "length", "exiting")
+    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io")
 
-    def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting):
+    def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting,
+                 io: IoAccess | None = None):
         self.semantics = semantics
         self.execute = semantics
         self.text = text
         self.length = length
         self.exiting = exiting
+        self.io = io
+
+
+class IoAccess(NamedTuple):
+    """What an IN or OUT accesses, for the I/O intercepts (SDM Table 27-5, APM 15.10.2)."""
+
+    size: int  # bytes
+    is_in: bool
+    port: int | None  # the immediate port; None: the port is in DX
+
+
+_IO_SIZE = {iced.Register.AL: 1, iced.Register.AX: 2, iced.Register.EAX: 4}
+
+
+def _io_access(insn: iced.Instruction) -> IoAccess:
+    is_in = insn.mnemonic == iced.Mnemonic.IN
+    data, port = (0, 1) if is_in else (1, 0)  # IN AL, port; OUT port, AL
+    immediate = insn.op_kind(port) == iced.OpKind.IMMEDIATE8
+    return IoAccess(_IO_SIZE[insn.op_register(data)], is_in, insn.immediate(port) if immediate else None)
 
 
 _EXITING = {
@@ -64,6 +84,8 @@ _EXITING = {
     iced.Mnemonic.VMSAVE: Exiting.VMSAVE,
     iced.Mnemonic.STGI: Exiting.STGI,
     iced.Mnemonic.CLGI: Exiting.CLGI,
+    iced.Mnemonic.VMCALL: Exiting.VMCALL,
+    iced.Mnemonic.VMMCALL: Exiting.VMMCALL,
 }
 
 
@@ -119,7 +141,8 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
         execute = builder(insn, cpu.mode)
     except ModelLimit as limit:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
-    decoded = Decoded(execute, text, insn.len, _exiting(insn))
+    exiting = _exiting(insn)
+    decoded = Decoded(execute, text, insn.len, exiting, _io_access(insn) if exiting is Exiting.IO else None)
     if cpu.host is not None and decoded.exiting:
         decoded.execute = _behind_intercept(decoded)
     cpu.icache[rip] = decoded

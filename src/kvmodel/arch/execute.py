@@ -589,6 +589,30 @@ def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_vmcall(i: iced.Instruction, mode: Mode) -> Run:
+    """VMCALL: #UD outside VMX operation, and always on a CPU without VMX (an AMD CPU, whose
+    hypercall is VMMCALL); in VMX non-root operation it exits before it runs (SDM 25.1.2);
+    in VMX root operation it fails (SDM Vol.2 VMCALL, default treatment of SMIs and SMM)."""
+    nxt = i.next_ip
+
+    def run(c):
+        _vmx(c).vmcall(c)
+        c.rip = nxt
+
+    return run
+
+
+def build_vmmcall(i: iced.Instruction, mode: Mode) -> Run:
+    """VMMCALL: a guest's call to its VMM, which only an intercept makes (APM 15.18: "If VMMCALL
+    instruction is not intercepted, the instruction raises a #UD exception"); #UD too with
+    EFER.SVME clear, and on a CPU without SVM (an Intel CPU, whose hypercall is VMCALL)."""
+
+    def run(c):
+        raise Fault(Vec.UD)
+
+    return run
+
+
 def build_nop(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
@@ -707,6 +731,9 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
 IA32_APIC_BASE = 0x1B
 APIC_BASE_VALUE = 0xFEE00000 | (1 << 11) | (1 << 10) | (1 << 8)  # EN, EXTD (x2APIC), BSP
 IA32_EFER = 0xC0000080
+VM_HSAVE_PA = 0xC0010117
+# No CPUID leaf 80000008H: MAXPHYADDR is 36 (SDM 4.1.4; KVM's cpuid_query_maxphyaddr() agrees).
+MAXPHYADDR = 36
 
 
 def _read_msr(c, msr: int) -> int:
@@ -720,6 +747,8 @@ def _read_msr(c, msr: int) -> int:
         return c.efer
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         return c.ghcb_msr
+    elif msr == VM_HSAVE_PA and c.has_svm:
+        return c.vm_hsave_pa
     raise Fault(Vec.GP, 0)
 
 
@@ -733,6 +762,12 @@ def _write_msr(c, msr: int, value: int) -> None:
         c.attn = True
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         c.ghcb_msr = value
+    elif msr == VM_HSAVE_PA and c.has_svm:
+        # Bits 11:0 and those above MAXPHYADDR are reserved: #GP (APM 15.30.4, as QEMU's
+        # d09c79010ffd reads it; KVM's svm_set_msr() with page_address_valid() agrees).
+        if value & 0xFFF or value >> MAXPHYADDR:
+            raise Fault(Vec.GP, 0)
+        c.vm_hsave_pa = value
     elif msr == IA32_EFER and value ^ c.efer == EFER_SVME:
         if not c.has_svm:
             raise Fault(Vec.GP, 0)  # SVME is reserved on a CPU without SVM
@@ -829,7 +864,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
         Mnemonic.JBE, Mnemonic.JA, Mnemonic.JS, Mnemonic.JNS, Mnemonic.JP, Mnemonic.JNP,
         Mnemonic.JL, Mnemonic.JGE, Mnemonic.JLE, Mnemonic.JG)},
     Mnemonic.CLI: build_cli, Mnemonic.STI: build_sti, Mnemonic.HLT: build_hlt,
-    Mnemonic.VMGEXIT: build_vmgexit,
+    Mnemonic.VMGEXIT: build_vmgexit, Mnemonic.VMCALL: build_vmcall, Mnemonic.VMMCALL: build_vmmcall,
     Mnemonic.VMRUN: build_vmrun, Mnemonic.VMLOAD: build_vmload_vmsave,
     Mnemonic.VMSAVE: build_vmload_vmsave, Mnemonic.STGI: build_gif, Mnemonic.CLGI: build_gif,
     Mnemonic.VMXON: build_vmx_region, Mnemonic.VMCLEAR: build_vmx_region,

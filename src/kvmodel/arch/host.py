@@ -6,8 +6,9 @@ The bare-metal core knows nothing of VMX or SVM. It asks `cpu.host`
 - before a guest event starts its delivery (exception bitmap / intercepts,
   SDM 25.2, APM 15.12), with `cpu.vectoring` naming the event whose delivery
   was under way when a nested exception arose (SDM 27.2.3, APM 15.7.2);
-- at an instruction boundary, after debug traps (NMI-window and
-  interrupt-window exiting, VINTR, a pending host interrupt; SDM 25.2);
+- at an instruction boundary, before debug traps (the monitor trap
+  flag, SDM 25.5.2) and after them (NMI-window and interrupt-window
+  exiting, VINTR, a pending host interrupt; SDM 25.2);
 - before an instruction that can be intercepted executes (SDM 25.1.3);
 - on a guest-physical access to a page the host has not mapped (EPT
   violation, #NPF; SDM 28.2.3, APM 15.25.6);
@@ -64,6 +65,8 @@ class Exiting(IntEnum):
     VMSAVE = 20
     STGI = 21
     CLGI = 22
+    VMCALL = 23  # exits unconditionally in VMX non-root operation (SDM 25.1.2)
+    VMMCALL = 24  # SVM's hypercall, with its own intercept (APM 15.9)
 
 
 class VmxInstructions(Protocol):
@@ -80,6 +83,7 @@ class VmxInstructions(Protocol):
     def vmwrite(self, cpu: Cpu, field: int, value: int) -> None: ...
     def vmread(self, cpu: Cpu, field: int) -> int | None: ...
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None: ...
+    def vmcall(self, cpu: Cpu) -> None: ...
 
 
 class SvmInstructions(Protocol):
@@ -99,6 +103,10 @@ class Host(Protocol):
 
     def event(self, cpu: Cpu, event: Event) -> None:
         """A guest event is about to be delivered; raise HostExit to intercept it."""
+
+    def before_traps(self, cpu: Cpu) -> None:
+        """An instruction boundary, before debug traps are taken; raise HostExit for an exit that
+        outranks them (VMX's monitor trap flag, SDM 25.5.2)."""
 
     def boundary(self, cpu: Cpu) -> None:
         """An instruction boundary with no debug trap due; raise HostExit for a window exit."""

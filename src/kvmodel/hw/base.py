@@ -146,6 +146,9 @@ class GuestMode:
         if cpu.since_window > self.longest_windowless:
             self.longest_windowless = cpu.since_window
 
+    def before_traps(self, cpu: Cpu) -> None:
+        """Exits that outrank debug traps: only VMX's monitor trap flag has one (hw/vmx)."""
+
     def notify_timer(self, context_invalid: bool) -> None:
         """The notify timer ran out early (see hw/vmx); nothing else has one."""
 

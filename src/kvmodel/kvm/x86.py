@@ -21,7 +21,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
 from kvmodel.arch.regs import DR6_BS, DR7_GD, IF, RF, RSP, TF
-from kvmodel.errors import KvmodelError
+from kvmodel.errors import KvmodelError, ModelLimit
 from kvmodel.kvm.uapi import (
     EEXIST,
     EINTR,
@@ -206,6 +206,7 @@ class VendorOps(Protocol):
     def kick(self) -> None: ...
     def sync_guest_state_to_core(self) -> None: ...
     def check_nested_events(self) -> int: ...
+    def has_nested_events(self) -> bool: ...
     def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool: ...
     def nested_triple_fault(self) -> None: ...
     @property
@@ -649,6 +650,8 @@ class Vcpu:
         """kvm_vcpu_has_events(), the parts that can be true here."""
         if self.exception_pending() or self.requests & Request.NMI:
             return True
+        if self.ops.has_nested_events():  # kvm_x86_ops.nested_ops->has_events()
+            return True
         if self.nmi_pending and self.ops.nmi_allowed(False) > 0:
             return True
         return self.ops.interrupt_allowed(False) > 0 and self.has_injectable_intr()
@@ -976,3 +979,17 @@ _EFER_LMA = 1 << 10
 _ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTOR
               | VcpuEventsFlag.VALID_SHADOW | VcpuEventsFlag.VALID_SMM
               | VcpuEventsFlag.VALID_PAYLOAD | VcpuEventsFlag.VALID_TRIPLE_FAULT)
+
+
+def no_hypercall_patching(cpu: Cpu, rip: int, foreign: Exiting) -> None:
+    """handle_ud() emulates the other vendor's hypercall instruction: with
+    KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default) emulator_fix_hypercall() rewrites it in
+    guest memory into the native one and restarts it, a hypercall to KVM then; without the
+    quirk the guest gets #UD. Neither is modelled: stop rather than give the #UD hardware gives."""
+    try:
+        insn = cpu.icache.get(rip) or decode(cpu, rip)
+    except Fault:
+        return  # no instruction there (UD2's invalid opcode, say)
+    if insn.exiting is foreign:
+        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD (emulator_fix_hypercall(), "
+                         "KVM_X86_QUIRK_FIX_HYPERCALL_INSN) is not modelled", rip)

@@ -5,7 +5,16 @@ import pytest
 
 from kvmodel.arch.events import Vec
 from kvmodel.errors import ScenarioError
-from kvmodel.hw.svm.vmcb import Intercept, Offset, Vmcb, read_vmcb, write_exit, write_field
+from kvmodel.hw.svm.vmcb import (
+    Intercept,
+    Offset,
+    Vmcb,
+    io_intercepted,
+    msr_intercepted,
+    read_vmcb,
+    write_exit,
+    write_field,
+)
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import run
@@ -123,3 +132,34 @@ def test_vmx_and_svm_together_is_refused():
     text = L1.replace("{body}", "nop").replace("{svm}", "true\nvmx = true").replace("{extra}", "")
     with pytest.raises(ScenarioError, match="vmx and svm"):
         parse(text, "l1.toml")
+
+
+@BOTH
+def test_vmmcall_outside_a_guest_and_vmcall_on_an_amd_cpu_are_ud(vendor):
+    """APM 15.18: an unintercepted VMMCALL raises #UD; VMCALL is no AMD instruction. Under KVM the
+    first is L1's hypercall (a model limit) and the second an emulated one: both stop."""
+    for insn in ("vmmcall", "vmcall"):
+        result = l1("SVM_START\n    " + insn, vendor=vendor)
+        if vendor is Vendor.BARE:
+            assert result.final.value("r10") == Vec.UD
+        else:
+            assert result.limit is not None and "not modelled" in result.limit
+
+
+@BOTH
+def test_vm_hsave_pa_is_gp_on_a_cpu_without_svm(vendor):
+    result = l1("mov $0xc0010117, %ecx\n    rdmsr", vendor=vendor, svm=False)
+    assert result.final.value("r10") == Vec.GP
+
+
+def test_permission_maps_select_the_intercepts():
+    """APM 15.10.1: one IOPM bit per port, every byte checked; 15.11: two MSRPM bits per MSR in
+    three ranges, read then write; an MSR outside them and a VMCB without a map always intercept."""
+    mem = bytearray(0x6000)
+    mem[0x1000 + 0x81 // 8] |= 1 << (0x81 % 8)
+    mem[0x4000 + 0x1000 + (2 * 0x117 + 1) // 8] |= 1 << ((2 * 0x117 + 1) % 8)  # write C0010117
+    assert not io_intercepted(mem, 0x1000, 0x80, 1) and io_intercepted(mem, 0x1000, 0x80, 2)
+    assert io_intercepted(mem, None, 0xE9, 1)
+    assert msr_intercepted(mem, 0x4000, 0xC0010117, write=True)
+    assert not msr_intercepted(mem, 0x4000, 0xC0010117, write=False)
+    assert msr_intercepted(mem, 0x4000, 0x2000, write=False) and msr_intercepted(mem, None, 0x10, write=False)

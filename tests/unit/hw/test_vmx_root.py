@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from kvmodel.arch.events import Vec
+from kvmodel.hw.vmx.cpu import io_exits, msr_exits
+from kvmodel.hw.vmx.vmcs import Proc, Vmcs
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import run
@@ -105,3 +107,40 @@ def test_entry_into_the_hlt_activity_state_records_no_hlt():
     result = l1(body)
     assert result.final.halted
     assert [o for o in result.trace if o.kind == "halt"] == []
+
+
+def test_vmcall_in_vmx_root_fails_valid_with_error_1_and_is_ud_outside_vmx_operation():
+    """SDM Vol.2 VMCALL: #UD outside VMX operation; in VMX root operation without the dual-monitor
+    treatment, VMfail "VMCALL executed in VMX root operation" (error 1, SDM 30.4)."""
+    assert [d.vector for d in l1("vmcall", vmx=False).deliveries] == [Vec.UD]
+    assert [d.vector for d in l1("vmcall").deliveries] == [Vec.UD]  # VMX on, but no VMXON
+    result = l1(START + "vmcall\n    pushfq\n    pop %rsi\n    VMREAD_ VMCS_INSTRUCTION_ERROR, %rcx")
+    assert result.final.value("rsi") & 0x41 == 0x40 and result.final.value("rcx") == 1
+
+
+def test_vmmcall_is_ud_on_an_intel_cpu():
+    assert [d.vector for d in l1("vmmcall").deliveries] == [Vec.UD]
+
+
+def test_l1s_own_vmcall_under_kvm_is_a_hypercall_the_model_stops_at():
+    """handle_vmcall(): L1's VMCALL is a hypercall to KVM, not the VMfail the hardware gives."""
+    text = L1.replace("{body}", START + "vmcall").replace("{vmx}", "true")
+    result = run(parse(text, "l1.toml"), vendor=Vendor.VMX)
+    assert result.limit is not None and "kvm_emulate_hypercall" in result.limit
+
+
+def test_io_and_msr_bitmaps_select_the_exits():
+    """SDM 25.1.3: bitmap A/B by port, every byte of a wide access, wrap-around always exits;
+    MSRs outside the two ranges always exit; the write bitmaps sit 2048 bytes on."""
+    mem = bytearray(0x4000)
+    vmcs = Vmcs(proc_based=Proc.USE_IO_BITMAPS | Proc.USE_MSR_BITMAPS,
+                io_bitmap_a=0x1000, io_bitmap_b=0x2000, msr_bitmap=0x3000)
+    mem[0x1000 + 0x81 // 8] |= 1 << (0x81 % 8)  # port 0x81
+    mem[0x2000 + 0x7FFF // 8] |= 0x80  # port 0xFFFF
+    mem[0x3000 + 2048 + 1024 + 0x80 // 8] |= 1  # write of 0xC0000080
+    assert not io_exits(mem, vmcs, 0x80, 1) and io_exits(mem, vmcs, 0x80, 2)
+    assert io_exits(mem, vmcs, 0xFFFF, 1) and io_exits(mem, vmcs, 0xFFFE, 4)
+    assert io_exits(mem, Vmcs(proc_based=Proc.UNCOND_IO_EXITING), 0xE9, 1)
+    assert not io_exits(mem, Vmcs(), 0xE9, 1)
+    assert msr_exits(mem, vmcs, 0xC0000080, write=True) and not msr_exits(mem, vmcs, 0xC0000080, write=False)
+    assert msr_exits(mem, vmcs, 0x2000, write=False) and msr_exits(mem, Vmcs(), 0x10, write=False)

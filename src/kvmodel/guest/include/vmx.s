@@ -1,6 +1,9 @@
 # An L1 hypervisor's VMX helpers for scenarios: `.include "vmx.s"` (64-bit; [cpu] vmx = true).
 # Field encodings: SDM Appendix B (Linux asm/vmx.h enum vmcs_field).
 
+.set VMCS_IO_BITMAP_A, 0x2000
+.set VMCS_IO_BITMAP_B, 0x2002
+.set VMCS_MSR_BITMAP, 0x2004
 .set VMCS_PIN_BASED, 0x4000
 .set VMCS_PROC_BASED, 0x4002
 .set VMCS_EXCEPTION_BITMAP, 0x4004
@@ -22,6 +25,7 @@
 .set VMCS_GUEST_RSP, 0x681c
 .set VMCS_GUEST_RIP, 0x681e
 .set VMCS_GUEST_RFLAGS, 0x6820
+.set VMCS_GUEST_PENDING_DBG_EXCEPTIONS, 0x6822
 .set VMCS_HOST_RSP, 0x6c14
 .set VMCS_HOST_RIP, 0x6c16
 
@@ -29,6 +33,18 @@
 .set PIN_NMI_EXITING, 0x8
 .set PIN_VIRTUAL_NMIS, 0x20
 .set PROC_HLT_EXITING, 0x80
+.set PROC_UNCOND_IO_EXITING, 1 << 24
+.set PROC_USE_IO_BITMAPS, 1 << 25
+.set PROC_MONITOR_TRAP_FLAG, 1 << 27
+.set PROC_USE_MSR_BITMAPS, 1 << 28
+
+# basic exit reasons (SDM Appendix C)
+.set EXIT_REASON_EXCEPTION_NMI, 0
+.set EXIT_REASON_VMCALL, 18
+.set EXIT_REASON_IO_INSTRUCTION, 30
+.set EXIT_REASON_MSR_READ, 31
+.set EXIT_REASON_MSR_WRITE, 32
+.set EXIT_REASON_MONITOR_TRAP_FLAG, 37
 
 # VMX_START vmxon_region, vmcs_region, scratch: VMXON, VMCLEAR and VMPTRLD; `scratch`
 # is 16 bytes that hold the two region addresses. Clobbers RAX.

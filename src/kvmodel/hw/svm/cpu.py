@@ -18,7 +18,7 @@ from kvmodel.arch.ghcb import MSR_AMD64_SEV_ES_GHCB
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.priority import Source
-from kvmodel.arch.regs import DR6_B0_B3, IF, RCX, RF, RSP, Shadow
+from kvmodel.arch.regs import DR6_B0_B3, IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, GuestMode, VmExit, Where, event_where, frame_rf, shadow_at
 from kvmodel.hw.svm.vmcb import (
@@ -48,13 +48,16 @@ from kvmodel.hw.svm.vmcb import (
     encode,
     event_inj_type,
     exit_name,
+    io_intercepted,
+    ioio_info,
+    msr_intercepted,
 )  # fmt: skip
 
 _INSTRUCTION_EXITS = {
     Exiting.HLT: (Intercept.HLT, ExitCode.HLT),
     Exiting.CPUID: (Intercept.CPUID, ExitCode.CPUID),
     Exiting.IO: (Intercept.IOIO, ExitCode.IOIO),
-    Exiting.RDMSR: (Intercept.MSR, ExitCode.MSR),  # the MSR permission map is not modelled
+    Exiting.RDMSR: (Intercept.MSR, ExitCode.MSR),  # MSR_PROT, with the MSR permission map
     Exiting.WRMSR: (Intercept.MSR, ExitCode.MSR),
     Exiting.CR8_WRITE: (Intercept.CR8_WRITE, ExitCode.WRITE_CR8),
     Exiting.IRET: (Intercept.IRET, ExitCode.IRET),
@@ -64,6 +67,7 @@ _INSTRUCTION_EXITS = {
     Exiting.VMSAVE: (Intercept.VMSAVE, ExitCode.VMSAVE),
     Exiting.STGI: (Intercept.STGI, ExitCode.STGI),
     Exiting.CLGI: (Intercept.CLGI, ExitCode.CLGI),
+    Exiting.VMMCALL: (Intercept.VMMCALL, ExitCode.VMMCALL),
 }
 _NEXT_RIP_EXCEPTIONS = (Vec.BP, Vec.OF)  # with BOUND, the exceptions that save nRIP (15.7.1)
 # NMI and the vectors below 32 that are no exception on AMD (APM 8.2 Table 8-1)
@@ -354,8 +358,19 @@ class SvmGuest(GuestMode):
                 raise ModelLimit("a CR8 write to V_TPR the VMM keeps in step with the APIC's TPR "
                                  "is not modelled", cpu.rip)
             return
-        info_1 = 1 if insn.exiting is Exiting.WRMSR else 0
-        self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, next_rip=cpu.rip + insn.length)
+        kind, info_1, info_2 = insn.exiting, 0, 0
+        next_rip = cpu.rip + insn.length
+        if kind in (Exiting.RDMSR, Exiting.WRMSR):
+            info_1 = 1 if kind is Exiting.WRMSR else 0
+            if not msr_intercepted(cpu.mem, self.vmcb.msrpm_base_pa, cpu.regs[RCX] & 0xFFFFFFFF,
+                                   write=kind is Exiting.WRMSR):
+                return
+        elif kind is Exiting.IO:
+            port = insn.io.port if insn.io.port is not None else cpu.regs[RDX] & 0xFFFF
+            if not io_intercepted(cpu.mem, self.vmcb.iopm_base_pa, port, insn.io.size):
+                return
+            info_1, info_2 = ioio_info(port, insn.io.size, insn.io.is_in), next_rip  # APM 15.10.2
+        self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, info_2=info_2, next_rip=next_rip)
 
     def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:
         """#NPF: exit_info_1 is the error code, exit_info_2 the guest-physical address (15.25.6)."""

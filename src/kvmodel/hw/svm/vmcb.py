@@ -145,6 +145,10 @@ class Vmcb:
     event_inj: int = 0
     event_inj_err: int = 0
     next_rip: int = 0
+    # The I/O and MSR permission maps (APM 15.10.1, 15.11) that IOIO_PROT and MSR_PROT consult;
+    # None: no map, every access is intercepted (L0's own VMCBs, which the model builds).
+    iopm_base_pa: int | None = None
+    msrpm_base_pa: int | None = None
     sev_es: bool = False  # SEV-ES: guest state lives in the encrypted VMSA (APM 15.35)
     sev_features: int = 0
     ghcb_gpa: int = 0  # the GHCB MSR, saved by VMGEXIT
@@ -169,6 +173,8 @@ class Offset(IntEnum):
     INTERCEPT_EXCEPTIONS = 0x008
     INTERCEPT_WORD3 = 0x00C
     INTERCEPT_WORD4 = 0x010
+    IOPM_BASE_PA = 0x040
+    MSRPM_BASE_PA = 0x048
     INT_CTL = 0x060
     INT_VECTOR = 0x064
     INT_STATE = 0x068
@@ -194,7 +200,8 @@ _WIDTH = {Offset.INT_CTL: 4, Offset.INT_VECTOR: 4, Offset.INT_STATE: 4, Offset.E
           Offset.EXIT_INT_INFO_ERR: 4, Offset.EVENT_INJ: 4, Offset.EVENT_INJ_ERR: 4,
           Offset.IDTR_LIMIT: 4}  # the rest are 8 bytes wide
 # Vmcb attribute <- offset, for what VMRUN reads (besides the intercepts) and #VMEXIT writes.
-_VMRUN_READS = {Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
+_VMRUN_READS = {Offset.IOPM_BASE_PA: "iopm_base_pa", Offset.MSRPM_BASE_PA: "msrpm_base_pa",
+                Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
                 Offset.INT_STATE: "int_state", Offset.EVENT_INJ: "event_inj",
                 Offset.EVENT_INJ_ERR: "event_inj_err", Offset.NEXT_RIP: "next_rip",
                 Offset.CS_BASE: "cs_base", Offset.IDTR_LIMIT: "idtr_limit",
@@ -240,3 +247,45 @@ def write_exit(mem: bytearray, vmcb_pa: int, vmcb: Vmcb) -> None:
     """#VMEXIT's writes to the VMCB in memory: guest state and the exit fields (APM 15.6)."""
     for offset, name in _VMEXIT_WRITES.items():
         write_field(mem, vmcb_pa, offset, getattr(vmcb, name))
+
+
+# MSRPM (APM 15.11): two bits per MSR, read then write, for three ranges of 8K MSRs.
+_MSRPM_RANGES = ((0x00000000, 0x000), (0xC0000000, 0x800), (0xC0010000, 0x1000))
+IOIO_TYPE_IN = 1 << 0  # EXITINFO1 of an IOIO intercept (APM 15.10.2)
+IOIO_SIZE_SHIFT = 4  # SZ8, SZ16, SZ32 in bits 6:4
+IOIO_SIZE_MASK = 0x7 << IOIO_SIZE_SHIFT
+IOIO_A64 = 1 << 9  # address size
+
+
+def msr_intercepted(mem: bytearray, msrpm_base_pa: int | None, msr: int, write: bool) -> bool:
+    """MSR_PROT: is this RDMSR/WRMSR intercepted (APM 15.11)? Its bit in the MSR permission map,
+    and always for an MSR outside the map's ranges. One source for the CPU and for nested KVM
+    (nested_svm_exit_handled_msr())."""
+    if msrpm_base_pa is None:
+        return True
+    for first, offset in _MSRPM_RANGES:
+        if first <= msr < first + 0x2000:
+            bit = 2 * (msr - first) + (1 if write else 0)
+            return _bit(mem, msrpm_base_pa + offset, bit)
+    return True
+
+
+def io_intercepted(mem: bytearray, iopm_base_pa: int | None, port: int, size: int) -> bool:
+    """IOIO_PROT: is an IN/OUT of `size` bytes at `port` intercepted (APM 15.10.1)? One bit per
+    port in the I/O permission map, every byte accessed checked (the map has room past FFFFh).
+    One source for the CPU and for nested KVM (nested_svm_intercept_ioio())."""
+    if iopm_base_pa is None:
+        return True
+    return any(_bit(mem, iopm_base_pa, each) for each in range(port, port + size))
+
+
+def ioio_info(port: int, size: int, is_in: bool) -> int:
+    """EXITINFO1 of an IN/OUT intercept (APM 15.10.2): port, size, direction, 64-bit address
+    size (the model runs 64-bit code; UNVERIFIED for other modes, which the model's nested
+    guests never use). String and REP forms are not modelled."""
+    return port << 16 | IOIO_A64 | (size << IOIO_SIZE_SHIFT) | (IOIO_TYPE_IN if is_in else 0)
+
+
+def _bit(mem: bytearray, base: int, n: int) -> bool:
+    at = base + n // 8
+    return at >= len(mem) or bool(mem[at] >> (n % 8) & 1)  # no memory there: KVM intercepts

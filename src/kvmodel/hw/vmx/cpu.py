@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kvmodel.arch import deliver, fred
 from kvmodel.arch.cpu import Cpu, Stop
-from kvmodel.arch.decode import Decoded
+from kvmodel.arch.decode import Decoded, IoAccess
 from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
@@ -57,12 +57,9 @@ _VMX_INSTRUCTION_EXITS = {
     Exiting.VMRESUME: ExitReason.VMRESUME, Exiting.VMWRITE: ExitReason.VMWRITE,
     Exiting.VMXON: ExitReason.VMXON,
 }
-_INSTRUCTION_EXITS = {
-    Exiting.CPUID: ExitReason.CPUID,
-    Exiting.IO: ExitReason.IO_INSTRUCTION,
-    Exiting.RDMSR: ExitReason.MSR_READ,  # the MSR bitmap is not modelled: every MSR exits
-    Exiting.WRMSR: ExitReason.MSR_WRITE,
-}
+_MSR_EXITS = {Exiting.RDMSR: ExitReason.MSR_READ, Exiting.WRMSR: ExitReason.MSR_WRITE}
+IO_QUAL_IN = 1 << 3  # exit qualification for I/O instructions (SDM Table 27-5)
+IO_QUAL_IMMEDIATE = 1 << 6
 CR8_QUALIFICATION = 8  # MOV to CR8 from a GPR (SDM Table 27-3; register bits not modelled)
 # The CPU adds an internal threshold to NOTIFY_WINDOW, so that 0 is a safe window
 # (KVM api.rst, KVM_CAP_X86_NOTIFY_VMEXIT). Its value is not architectural; the
@@ -83,6 +80,8 @@ class VmxGuest(GuestMode):
         self._rf: bool | None = None
         self.notify_due: int | None = None  # the notify timer ran out: the exit qualification
         self.ack_interrupt_on_exit = False  # VM-exit control bit 15 (KVM sets it)
+        self._mtf_from = 0  # cpu.work at the last VM entry: the monitor trap flag's start
+        self._mtf_exit = False  # the exit being made is an MTF VM exit
 
     # -- VM entry (SDM 26) ----------------------------------------------------
 
@@ -115,6 +114,7 @@ class VmxGuest(GuestMode):
         """The VM entry itself: checks, guest state, then the injection (which may exit)."""
         check_entry(self.vmcs, self.cpu)
         self._load_guest_state()
+        self._mtf_from = self.cpu.work
         self.cpu.open_event_window()
         if self.vmcs.entry_intr_info & INTR_INFO_VALID:
             self._inject()
@@ -139,7 +139,8 @@ class VmxGuest(GuestMode):
     def cpu_windows_changed(self) -> None:
         """Window exiting means the guest core must check every boundary."""
         proc = self.vmcs.proc_based
-        self.cpu.host_attn = bool(proc & (Proc.NMI_WINDOW_EXITING | Proc.INTR_WINDOW_EXITING))
+        self.cpu.host_attn = bool(proc & (Proc.NMI_WINDOW_EXITING | Proc.INTR_WINDOW_EXITING
+                                          | Proc.MONITOR_TRAP_FLAG))
         self.cpu.attn = True
 
     def _inject(self) -> None:
@@ -223,8 +224,11 @@ class VmxGuest(GuestMode):
             state |= Interruptibility.MOV_SS
         vmcs.guest_interruptibility = state
         vmcs.guest_activity_state = Activity.HLT if cpu.halted else Activity.ACTIVE
-        # Pending debug exceptions survive only where MOV SS holds them back (27.3.4).
-        vmcs.guest_pending_dbg_exceptions = cpu.pending_dbg if shadow is Shadow.MOV_SS else 0
+        # Pending debug exceptions survive where MOV SS holds them back, and in an MTF VM exit,
+        # which outranks the debug trap (27.3.4); every other exit saves the field clear.
+        keep = shadow is Shadow.MOV_SS or self._mtf_exit
+        vmcs.guest_pending_dbg_exceptions = cpu.pending_dbg if keep else 0
+        self._mtf_exit = False
         cpu.pending_dbg = 0
         cpu.halted = False
 
@@ -247,6 +251,17 @@ class VmxGuest(GuestMode):
         qualification = event.dr6 & DR6_CONDITIONS if event.vector == Vec.DB else event.fault_address or 0
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
+
+    def before_traps(self, cpu: Cpu) -> None:
+        """The monitor trap flag (SDM 25.5.2): an MTF VM exit is pending at the boundary after the
+        guest's first instruction since the entry, after the delivery of an event the entry
+        injected, or of a fault or other event taken before an instruction could complete (all
+        counted by cpu.work). It outranks debug traps (KVM's vmx_update_emulated_instruction():
+        "MTF takes priority over debug-trap exceptions besides T-bit traps"), which it saves as
+        pending debug exceptions (SDM 27.3.4), and every lower-priority event."""
+        if self.vmcs.proc_based & Proc.MONITOR_TRAP_FLAG and cpu.work != self._mtf_from:
+            self._mtf_exit = True
+            self._exit(ExitReason.MONITOR_TRAP_FLAG, Where.BOUNDARY)
 
     def boundary(self, cpu: Cpu) -> None:
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
@@ -285,10 +300,20 @@ class VmxGuest(GuestMode):
             reason, qualification = ExitReason.HLT, 0
         elif kind is Exiting.CR8_WRITE and proc & Proc.CR8_LOAD_EXITING:
             reason, qualification = ExitReason.CR_ACCESS, CR8_QUALIFICATION
-        elif kind is Exiting.IO and proc & Proc.UNCOND_IO_EXITING:
-            reason, qualification = ExitReason.IO_INSTRUCTION, (cpu.regs[RDX] & 0xFFFF) << 16
-        elif kind in _INSTRUCTION_EXITS:
-            reason, qualification = _INSTRUCTION_EXITS[kind], cpu.regs[RCX] & 0xFFFFFFFF
+        elif kind is Exiting.IO:
+            port = insn.io.port if insn.io.port is not None else cpu.regs[RDX] & 0xFFFF
+            if not io_exits(cpu.mem, self.vmcs, port, insn.io.size):
+                return
+            reason, qualification = ExitReason.IO_INSTRUCTION, io_qualification(insn.io, port)
+        elif kind in _MSR_EXITS:
+            msr = cpu.regs[RCX] & 0xFFFFFFFF
+            if not msr_exits(cpu.mem, self.vmcs, msr, write=kind is Exiting.WRMSR):
+                return
+            reason, qualification = _MSR_EXITS[kind], msr
+        elif kind is Exiting.CPUID:
+            reason, qualification = ExitReason.CPUID, cpu.regs[RCX] & 0xFFFFFFFF
+        elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
+            reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:
             reason, qualification = _VMX_INSTRUCTION_EXITS[kind], 0
         else:
@@ -394,3 +419,47 @@ def _iret_at(cpu: Cpu) -> bool:
     at = cpu.linear(cpu.rip)
     first, second = cpu.mem[at:at + 2].ljust(2, b"\0")
     return first == IRET_OPCODE or (cpu.mode.value == 64 and first >> 4 == 4 and second == IRET_OPCODE)
+
+
+def io_exits(mem: bytearray, vmcs: Vmcs, port: int, size: int) -> bool:
+    """Does an IN/OUT of `size` bytes at `port` exit (SDM 25.1.3)? With "use I/O bitmaps", when
+    the bit of any port it touches is set in bitmap A (ports 0-7FFF) or B (8000-FFFF), or when it
+    wraps around the port space; else "unconditional I/O exiting" decides. One source for the
+    CPU and for nested KVM (nested_vmx_exit_handled_io(), nested_vmx_check_io_bitmaps())."""
+    if not vmcs.proc_based & Proc.USE_IO_BITMAPS:
+        return bool(vmcs.proc_based & Proc.UNCOND_IO_EXITING)
+    for each in range(port, port + size):
+        if each > 0xFFFF:
+            return True
+        bitmap = vmcs.io_bitmap_a if each < 0x8000 else vmcs.io_bitmap_b
+        if _bit(mem, bitmap, each & 0x7FFF):
+            return True
+    return False
+
+
+def msr_exits(mem: bytearray, vmcs: Vmcs, msr: int, write: bool) -> bool:
+    """Does RDMSR/WRMSR of `msr` exit (SDM 25.1.3, 24.6.9)? Always without "use MSR bitmaps" and
+    for MSRs outside 0-1FFF and C0000000-C0001FFF; else the bit in the read or write bitmap for
+    low or high MSRs (at offsets 0, 1024, 2048, 3072). One source for the CPU and for nested KVM
+    (nested_vmx_exit_handled_msr())."""
+    if not vmcs.proc_based & Proc.USE_MSR_BITMAPS:
+        return True
+    offset = 2048 if write else 0
+    if msr >= 0xC0000000:
+        msr -= 0xC0000000
+        offset += 1024
+    if msr >= 0x2000:
+        return True
+    return _bit(mem, vmcs.msr_bitmap + offset, msr)
+
+
+def io_qualification(io: IoAccess, port: int) -> int:
+    """Exit qualification of an IN/OUT (SDM Table 27-5): size - 1, direction, operand encoding,
+    port; string and REP forms are not modelled."""
+    return ((io.size - 1) | (IO_QUAL_IN if io.is_in else 0)
+            | (IO_QUAL_IMMEDIATE if io.port is not None else 0) | port << 16)
+
+
+def _bit(mem: bytearray, base: int, n: int) -> bool:
+    at = base + n // 8
+    return at >= len(mem) or bool(mem[at] >> (n % 8) & 1)  # no memory there: KVM exits

@@ -54,6 +54,7 @@ FIELDS = {
     0x4812: "guest_idtr_limit", 0x4824: "guest_interruptibility", 0x4826: "guest_activity_state",
     0x6818: "guest_idtr_base", 0x681C: "guest_rsp", 0x681E: "guest_rip", 0x6820: "guest_rflags",
     0x6822: "guest_pending_dbg_exceptions", 0x6C14: "host_rsp", 0x6C16: "host_rip",
+    0x2000: "io_bitmap_a", 0x2002: "io_bitmap_b", 0x2004: "msr_bitmap",
 }
 READ_ONLY = {0x4400, 0x4402, 0x4404, 0x4406, 0x4408, 0x440A, 0x440C, 0x6400, 0x2400}
 
@@ -61,6 +62,7 @@ READ_ONLY = {0x4400, 0x4402, 0x4404, 0x4406, 0x4408, 0x440A, 0x440C, 0x6400, 0x2
 class VmxError:
     """VM-instruction error numbers (SDM 30.4)."""
 
+    VMCALL_IN_ROOT = 1
     VMCLEAR_VMXON_POINTER = 3
     VMLAUNCH_NOT_CLEAR = 4
     VMRESUME_NOT_LAUNCHED = 5
@@ -153,6 +155,12 @@ class VmxRoot:
             return None
         self._succeed(cpu)
         return int(getattr(self.vmcss[self.current], FIELDS[field]))
+
+    def vmcall(self, cpu: Cpu) -> None:
+        """VMCALL in VMX root operation, without the dual-monitor treatment of SMIs and SMM:
+        VMfail with error 1, "VMCALL executed in VMX root operation" (SDM Vol.2 VMCALL, 30.4)."""
+        self._require_vmxon(cpu)
+        self._fail_valid(cpu, VmxError.VMCALL_IN_ROOT)
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""

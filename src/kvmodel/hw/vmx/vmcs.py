@@ -32,6 +32,7 @@ class ExitReason(IntEnum):
     NMI_WINDOW = 8
     CPUID = 10
     HLT = 12
+    VMCALL = 18
     VMCLEAR = 19
     VMLAUNCH = 20
     VMPTRLD = 21
@@ -44,6 +45,7 @@ class ExitReason(IntEnum):
     MSR_READ = 31
     MSR_WRITE = 32
     INVALID_GUEST_STATE = 33  # a VM-entry failure (with FAILED_VMENTRY)
+    MONITOR_TRAP_FLAG = 37
     EPT_VIOLATION = 48
     NOTIFY = 75  # the SDM's "instruction timeout"
 
@@ -70,6 +72,9 @@ class Proc(IntEnum):
     CR8_LOAD_EXITING = 1 << 19
     NMI_WINDOW_EXITING = 1 << 22
     UNCOND_IO_EXITING = 1 << 24
+    USE_IO_BITMAPS = 1 << 25
+    MONITOR_TRAP_FLAG = 1 << 27
+    USE_MSR_BITMAPS = 1 << 28
 
 
 class Secondary(IntEnum):
@@ -100,6 +105,10 @@ class Vmcs:
     secondary_exec: int = 0
     exception_bitmap: int = 0
     notify_window: int = 0  # NOTIFY_WINDOW (0x4024), in cycles (arch/cost.py)
+    # physical addresses of the 4 KiB I/O bitmaps A and B and of the MSR bitmap (SDM 24.6.4, 24.6.9)
+    io_bitmap_a: int = 0
+    io_bitmap_b: int = 0
+    msr_bitmap: int = 0
     # VM-entry event injection (SDM 24.8.3)
     entry_intr_info: int = 0
     entry_exception_error_code: int = 0

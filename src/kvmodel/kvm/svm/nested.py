@@ -19,8 +19,10 @@ next_rip, tracked in soft_int_* and nmi_l1_to_l2 for re-injection), the vNMI
 hand-over of L1's pending NMI at VMRUN and #VMEXIT, KVM_GET/SET_NESTED_STATE.
 Also L1's events left to L2 (no INTR/NMI intercept: injected into L2 by the
 common code), vmcb12's V_IRQ/V_TPR in vmcb02 (nested_svm_virtualize_tpr()) and
-nested vGIF (nested_vgif_enabled(), get_vgif_vmcb()). Not modelled: nested NPT
-(L2 shares L1's memory), MSR and I/O permission maps (those exits go to L1),
+nested vGIF (nested_vgif_enabled(), get_vgif_vmcb()). L1's MSR and I/O
+permission maps decide which of L2's MSR and IOIO exits are L1's
+(nested_svm_exit_handled_msr(), nested_svm_intercept_ioio()); L0 emulates the
+rest. Not modelled: nested NPT (L2 shares L1's memory),
 VMLOAD/VMSAVE's state.
 """
 
@@ -32,12 +34,14 @@ from typing import TYPE_CHECKING
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import DR7_GD, IF, RAX
+from kvmodel.arch.regs import DR7_GD, IF, RAX, RCX
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.svm.root import check_vmcb_for_model, vmrun_failure
 from kvmodel.hw.svm.vmcb import (
     EVTINJ_VALID,
     INTERRUPT_SHADOW,
+    IOIO_SIZE_MASK,
+    IOIO_SIZE_SHIFT,
     V_GIF,
     V_GIF_ENABLE,
     V_INTR_MASKING,
@@ -55,6 +59,8 @@ from kvmodel.hw.svm.vmcb import (
     Vmcb,
     encode,
     exit_name,
+    io_intercepted,
+    msr_intercepted,
     read_vmcb,
     write_exit,
     write_field,
@@ -77,6 +83,7 @@ _EXIT_INTERCEPT = {
     ExitCode.SHUTDOWN: Intercept.SHUTDOWN, ExitCode.ICEBP: Intercept.ICEBP,
     ExitCode.VMRUN: Intercept.VMRUN, ExitCode.VMLOAD: Intercept.VMLOAD,
     ExitCode.VMSAVE: Intercept.VMSAVE, ExitCode.STGI: Intercept.STGI, ExitCode.CLGI: Intercept.CLGI,
+    ExitCode.VMMCALL: Intercept.VMMCALL,
 }
 
 
@@ -286,7 +293,17 @@ class NestedSvm:
             vector = code - ExitCode.EXCP_BASE
             return not self.vmcb01.exception_intercepts >> vector & 1
         intercept = _EXIT_INTERCEPT.get(code)
-        return intercept is not None and intercept in self.ctl.intercepts
+        if intercept is None or intercept not in self.ctl.intercepts:
+            return False
+        vmcb02, cpu = self.svm.vmcb, self.svm.guest.cpu
+        if code == ExitCode.MSR:  # nested_svm_exit_handled_msr(): L1's MSR permission map
+            return msr_intercepted(cpu.mem, self.ctl.msrpm_base_pa, cpu.regs[RCX] & 0xFFFFFFFF,
+                                   write=bool(vmcb02.exit_info_1 & 1))
+        if code == ExitCode.IOIO:  # nested_svm_intercept_ioio(): L1's I/O permission map
+            info = vmcb02.exit_info_1
+            return io_intercepted(cpu.mem, self.ctl.iopm_base_pa, info >> 16,
+                                  (info & IOIO_SIZE_MASK) >> IOIO_SIZE_SHIFT)
+        return True
 
     def is_exception_vmexit(self, vector: int) -> bool:
         """nested_svm_is_exception_vmexit(): an exception KVM queues for L2 that L1 intercepts."""

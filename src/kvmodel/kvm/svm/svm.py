@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from kvmodel import _faults
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import Vec
+from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import EFER_SVME, IF, RAX, RF, RSP, TF, Mode
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
@@ -42,13 +43,22 @@ from kvmodel.hw.svm.vmcb import (
 from kvmodel.kvm.svm import sev
 from kvmodel.kvm.svm.nested import NestedSvm, NestedSvmState
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
-from kvmodel.kvm.x86 import BUDGET, DR6_ACTIVE_LOW, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
+from kvmodel.kvm.x86 import (
+    BUDGET,
+    DR6_ACTIVE_LOW,
+    EBUSY,
+    Request,
+    UserspaceExit,
+    Vcpu,
+    exception_is_soft,
+    no_hypercall_patching,
+)
 
 # init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
 EXCEPTION_INTERCEPTS = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.AC) | (1 << Vec.DB)
 INTERCEPTS = {Intercept.INTR, Intercept.NMI, Intercept.SHUTDOWN, Intercept.HLT, Intercept.CPUID,
               Intercept.IOIO, Intercept.MSR, Intercept.CR8_WRITE, Intercept.VMRUN,
-              Intercept.VMLOAD, Intercept.VMSAVE, Intercept.STGI, Intercept.CLGI}
+              Intercept.VMLOAD, Intercept.VMSAVE, Intercept.STGI, Intercept.CLGI, Intercept.VMMCALL}
 _SVM_INSTRUCTION_INTERCEPTS = (Intercept.VMLOAD, Intercept.VMSAVE, Intercept.STGI, Intercept.CLGI)
 _INSTRUCTION_EXITS = (ExitCode.CPUID, ExitCode.IOIO, ExitCode.MSR, ExitCode.WRITE_CR8)
 
@@ -464,6 +474,9 @@ class Svm:
     def kick(self) -> None:
         self.guest.kick()
 
+    def has_nested_events(self) -> bool:
+        return False  # svm_nested_ops has no has_events
+
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
@@ -575,7 +588,10 @@ class Svm:
         elif code == ExitCode.EXCP_BASE + Vec.GP:
             self._gp_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
+            no_hypercall_patching(self.guest.cpu, vmcb.rip, Exiting.VMCALL)
             vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
+        elif code == ExitCode.VMMCALL:
+            self._vmmcall_interception()
         elif code == ExitCode.INTR:
             vcpu.stats.irq_exits += 1
         elif code == ExitCode.NMI:
@@ -666,6 +682,18 @@ class Svm:
         vcpu = self.vcpu
         if svme and self.vgif and (vcpu.nmi_pending or vcpu.has_injectable_intr()):
             vcpu.requests |= Request.EVENT  # an event GIF holds may need its window again
+
+    def _vmmcall_interception(self) -> None:
+        """vmmcall_interception(): L2's VMMCALL that L1 does not intercept is #UD, as the APM has
+        it for an unintercepted VMMCALL ("KVM: SVM: Raise #UD if VMMCALL instruction is not
+        intercepted", Kevin Cheng, 2026, with Sean Christopherson's change that keeps vmcb02's
+        intercept); L1's own is a hypercall to KVM (kvm_emulate_hypercall()), KVM's paravirtual
+        interface, which no bare-metal CPU has."""
+        if self.guest_mode:
+            self.vcpu.queue_exception(Vec.UD)
+            return
+        raise ModelLimit("a hypercall to KVM (VMMCALL, kvm_emulate_hypercall()) is not modelled",
+                         self.vmcb.rip)
 
     def _db_interception(self) -> None:
         """db_interception(): the guest's own #DB goes back to it, KVM's single-step ends."""

@@ -14,10 +14,10 @@ Modelled: the vmcs12 fields hw/vmx/root.py knows, pin/processor/exception
 controls merged as KVM merges them, NMI and external-interrupt exits for
 L1, L1-injected events (soft ones with L1's instruction length), the notify
 window applied to vmcs02, exceptions L0 queues for L2 that L1 intercepts
-(exception_vmexit, an exit at the next check_nested_events()), and
-KVM_REQ_TRIPLE_FAULT in L2 as EXIT_REASON_TRIPLE_FAULT. Not modelled: nested EPT (identity), MSR bitmaps
-(every MSR exit goes to L1), VMCS shadowing, KVM_GET/SET_NESTED_STATE,
-nested SVM.
+(exception_vmexit, an exit at the next check_nested_events()), KVM_REQ_TRIPLE_FAULT in
+L2 as EXIT_REASON_TRIPLE_FAULT, L1's I/O and MSR bitmaps (nested_vmx_exit_handled_io/msr():
+L0 takes every such exit and emulates those L1 does not want), the monitor trap flag and
+mtf_pending. Not modelled: nested EPT (identity), VMCS shadowing, nested SVM.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import IF, Shadow
+from kvmodel.arch.regs import DR6_BD, IF, RCX, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
-from kvmodel.hw.vmx.cpu import check_entry
+from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -55,6 +55,7 @@ from kvmodel.kvm.x86 import (
     EBUSY,
     MpState,
     NestedExitRecord,
+    QueuedException,
     Request,
     exception_is_soft,
 )  # fmt: skip
@@ -62,13 +63,15 @@ from kvmodel.kvm.x86 import (
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
 
-DR6_BT = 1 << 15  # a task switch's #DB, not in a #DB exit's qualification (SDM Table 27-1)
+DR6_BT = 1 << 15  # a task switch's T-flag #DB (SDM 17.2.3): not in a #DB exit's qualification
+# (SDM Table 27-1), and it outranks MTF
+
 # Exits L0 keeps for itself (nested_vmx_l0_wants_exit()): its host IRQs and NMIs, EPT, notify.
 _L0_ALWAYS = (ExitReason.EXTERNAL_INTERRUPT, ExitReason.EPT_VIOLATION, ExitReason.NOTIFY)
 # Exits L1 always gets (nested_vmx_l1_wants_exit()): CPUID, the VMX instructions, triple fault.
 _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitReason.VMPTRLD,
               ExitReason.VMREAD, ExitReason.VMRESUME, ExitReason.VMWRITE, ExitReason.VMXON,
-              ExitReason.TRIPLE_FAULT, ExitReason.MSR_READ, ExitReason.MSR_WRITE)
+              ExitReason.TRIPLE_FAULT, ExitReason.VMCALL)
 # L2's state that moves between vmcs12 and vmcs02 (prepare_vmcs02(), sync_vmcs02_to_vmcs12()).
 # Not the activity state: a halted L2 is KVM's mp_state (nested_vmx_run() halts the vCPU
 # rather than enter L2 in HLT); vmcs02's stays ACTIVE (UNVERIFIED: prepare_vmcs02() read,
@@ -77,11 +80,14 @@ _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
              "guest_pending_dbg_exceptions")
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
-    ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
     ExitReason.CR_ACCESS: Proc.CR8_LOAD_EXITING,
     ExitReason.INTERRUPT_WINDOW: Proc.INTR_WINDOW_EXITING,
     ExitReason.NMI_WINDOW: Proc.NMI_WINDOW_EXITING,
+    ExitReason.MONITOR_TRAP_FLAG: Proc.MONITOR_TRAP_FLAG,
 }
+# prepare_vmcs02_early(): L2's I/O always exits to L0 (L1's bitmaps are checked on the exit); the
+# model's L0 has no MSR bitmap of its own, so every MSR access of L2 exits to L0 too.
+_VMCS02_PROC_CLEAR = Proc.USE_IO_BITMAPS | Proc.USE_MSR_BITMAPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,7 @@ class NestedState:
     guest_mode: bool
     run_pending: bool
     l1_idtr: tuple[int, int]  # stands for vmcs12's HOST_IDTR_BASE (host state the model keeps apart)
+    mtf_pending: bool = False  # KVM_STATE_NESTED_MTF_PENDING
 
 
 class NestedVmx(VmxRoot):
@@ -109,6 +116,9 @@ class NestedVmx(VmxRoot):
         self.run_pending = False  # nested_run_pending: the entry's injection is still to happen
         self.vmcs01: Vmcs | None = None
         self.l1_idtr = (0, 0)
+        # An MTF VM exit L0 owes L1 after emulating one of L2's instructions (the hardware's
+        # monitor trap flag never saw that instruction run): vmx_update_emulated_instruction().
+        self.mtf_pending = False
 
     @property
     def vmcs12(self) -> Vmcs:
@@ -198,8 +208,8 @@ class NestedVmx(VmxRoot):
         """prepare_vmcs02(): L0's controls OR L1's; L2's state and L1's injection from vmcs12."""
         vmcs02 = Vmcs()
         vmcs02.pin_based = vmcs01.pin_based | vmcs12.pin_based
-        vmcs02.proc_based = (vmcs01.proc_based & ~(Proc.INTR_WINDOW_EXITING | Proc.NMI_WINDOW_EXITING)
-                             ) | vmcs12.proc_based
+        vmcs02.proc_based = ((vmcs01.proc_based & ~(Proc.INTR_WINDOW_EXITING | Proc.NMI_WINDOW_EXITING)
+                              ) | vmcs12.proc_based | Proc.UNCOND_IO_EXITING) & ~_VMCS02_PROC_CLEAR
         vmcs02.exception_bitmap = vmcs01.exception_bitmap | vmcs12.exception_bitmap
         if not _faults.on("notify_window_not_in_vmcs02"):
             # prepare_vmcs02_constant_state(): L0's window, or L1 escapes it by running its loop in L2
@@ -217,7 +227,7 @@ class NestedVmx(VmxRoot):
         self.run_pending = False
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
         reason = EXIT_REASONS[vmcs02.exit_reason]
-        if not self._l1_wants(reason, vmcs02, vmcs12):
+        if not self._l1_wants(reason, vmcs02, vmcs12, self.vmx.guest.cpu):
             return False
         self.exit_to_l1(reason, vmcs02.exit_intr_info, vmcs02.exit_intr_error_code,
                         vmcs02.exit_qualification, vmcs02.exit_instruction_len,
@@ -225,7 +235,7 @@ class NestedVmx(VmxRoot):
         return True
 
     @staticmethod
-    def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs) -> bool:
+    def _l1_wants(reason: ExitReason, vmcs02: Vmcs, vmcs12: Vmcs, cpu: Cpu) -> bool:
         if reason is ExitReason.NOTIFY and _faults.on("notify_reflected_to_l1"):
             return True  # v2 of the Notify series: L1 never enabled it (seed 002, Paolo Bonzini)
         if reason in _L0_ALWAYS:
@@ -237,6 +247,12 @@ class NestedVmx(VmxRoot):
             if info_type(info) == EventType.NMI:
                 return False  # a host NMI
             return bool(vmcs12.exception_bitmap >> info_vector(info) & 1)
+        if reason is ExitReason.IO_INSTRUCTION:  # nested_vmx_exit_handled_io()
+            qualification = vmcs02.exit_qualification
+            return io_exits(cpu.mem, vmcs12, qualification >> 16, (qualification & 7) + 1)
+        if reason in (ExitReason.MSR_READ, ExitReason.MSR_WRITE):  # nested_vmx_exit_handled_msr()
+            return msr_exits(cpu.mem, vmcs12, cpu.regs[RCX] & 0xFFFFFFFF,
+                             write=reason is ExitReason.MSR_WRITE)
         control = _L1_IF_CONTROL.get(reason)
         return control is not None and bool(vmcs12.proc_based & control)
 
@@ -245,6 +261,10 @@ class NestedVmx(VmxRoot):
                    vectoring_error: int = 0) -> None:
         """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
         vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
+        # A pending MTF is a property of this run of L2 ("KVM: nVMX: Unconditionally clear
+        # mtf_pending on nested VM-Exit"; before it, only an unblocked vmx_check_nested_events()
+        # cleared it, which always runs between the emulation that sets it and any exit here).
+        self.mtf_pending = False
         vmcs12 = self.vmcs12
         vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
         vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
@@ -303,7 +323,8 @@ class NestedVmx(VmxRoot):
         return NestedState(self.vmxon_region, self.current,
                            tuple((k, replace(v)) for k, v in self.vmcss.items()),
                            frozenset(self.launched), tuple(self.errors.items()),
-                           self.guest_mode, self.run_pending, self.l1_idtr)
+                           self.guest_mode, self.run_pending, self.l1_idtr,
+                           self.guest_mode and self.mtf_pending)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
         """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done.
@@ -335,13 +356,17 @@ class NestedVmx(VmxRoot):
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
         self.guest_mode, self.run_pending = True, state.run_pending
+        self.mtf_pending = state.mtf_pending
+        if self.mtf_pending:
+            vmx.vcpu.requests |= Request.EVENT  # vmx_set_nested_state()
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
     def check_nested_events(self) -> int:
         """vmx_check_nested_events(), for the events modelled, in its order: an exception for L2
         goes in first (it arose in L2's instruction: an NMI or interrupt for L1 exits at the
-        boundary after its delivery, KVM asking for an immediate exit); then an NMI, then an
+        boundary after its delivery, KVM asking for an immediate exit), unless it is a debug
+        trap, which a pending MTF VM exit outranks; then the MTF VM exit; then an NMI, then an
         interrupt, that L2 does not block. Such an NMI that L1 does not exit on ends the
         search: it is L2's to take. EBUSY while VMLAUNCH's injection is still to go in, and
         for NMIs and interrupts while an event is to be re-injected into L2."""
@@ -352,12 +377,28 @@ class NestedVmx(VmxRoot):
         block_exceptions = block_events if _faults.on(
             "nested_exception_blocked_by_injected_event") else self.run_pending
         vcpu.morph_pending_exception_late()  # a fault point: a no-op unless it is on
-        if vcpu.exception_vmexit.pending:
+        exc, vmexit = vcpu.exception, vcpu.exception_vmexit
+        # An exception outranks MTF unless it is a debug trap of the instruction just completed
+        # (vmx_is_low_priority_db_trap()), which the MTF VM exit saves instead.
+        if vmexit.pending and not _low_priority_db_trap(vmexit):
             if block_exceptions:
                 return EBUSY
             self.inject_exception_vmexit()
             return 0
-        if vcpu.exception.pending:
+        if exc.pending and not _low_priority_db_trap(exc):
+            return EBUSY if block_exceptions else 0
+        if self.mtf_pending:
+            if block_events:
+                return EBUSY
+            self._update_pending_dbg()
+            self.exit_to_l1(ExitReason.MONITOR_TRAP_FLAG)
+            return 0
+        if vmexit.pending:
+            if block_exceptions:
+                return EBUSY
+            self.inject_exception_vmexit()
+            return 0
+        if exc.pending:
             return EBUSY if block_exceptions else 0
         if vcpu.nmi_pending and not vmx.nmi_blocked():
             if block_events:
@@ -375,6 +416,29 @@ class NestedVmx(VmxRoot):
             if vmx.nested_exit_on(Pin.EXT_INTR_EXITING):
                 self.exit_to_l1(ExitReason.EXTERNAL_INTERRUPT)  # no acknowledge: it stays in the APIC
         return 0
+
+    def _update_pending_dbg(self) -> None:
+        """nested_vmx_update_pending_dbg(): a debug trap KVM queued for L2 goes into the pending
+        debug exceptions that the MTF VM exit saves for L1 (SDM 27.3.4), not into L2."""
+        trap = _pending_db_trap(self.vmx.vcpu.exception)
+        if trap:
+            self.vmx.vmcs.guest_pending_dbg_exceptions = trap
+
+    def update_emulated_instruction(self) -> None:
+        """vmx_update_emulated_instruction(): L0 completed one of L2's instructions, so an MTF
+        VM exit is pending if L1 single-steps L2 with MTF, unless the instruction raised an
+        exception other than #DB; with KVM_REQ_EVENT, so vmx_check_nested_events() runs before
+        L2 does again."""
+        if not self.guest_mode:
+            return
+        vcpu = self.vmx.vcpu
+        if self.vmcs12.proc_based & Proc.MONITOR_TRAP_FLAG and all(
+                not exc.pending or exc.vector == Vec.DB for exc in (vcpu.exception, vcpu.exception_vmexit)):
+            self.mtf_pending = True
+            if not _faults.on("nested_mtf_no_event_request"):
+                vcpu.requests |= Request.EVENT
+        else:
+            self.mtf_pending = False
 
     def inject_exception_vmexit(self) -> None:
         """nested_vmx_inject_exception_vmexit(): vcpu->arch.exception_vmexit becomes L1's
@@ -411,3 +475,16 @@ class NestedVmx(VmxRoot):
         vcpu.trace_l2_shutdown()
         self.exit_to_l1(ExitReason.TRIPLE_FAULT)
 
+
+
+def _pending_db_trap(exc: QueuedException) -> int:
+    """vmx_get_pending_dbg_trap(): the DR6 bits of a pending #DB, a general-detect #DB aside
+    (always fault-like)."""
+    if not exc.pending or exc.vector != Vec.DB:
+        return 0
+    return exc.payload & ~DR6_BD
+
+
+def _low_priority_db_trap(exc: QueuedException) -> bool:
+    """vmx_is_low_priority_db_trap(): a debug trap MTF outranks (all but the TSS T-flag's)."""
+    return bool(_pending_db_trap(exc) & ~DR6_BT)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from kvmodel import _faults
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
+from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import IF, RSP
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
@@ -39,7 +41,15 @@ from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, InvalidArgument, KvmExi
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
 from kvmodel.kvm.vmx.nested import NestedState, NestedVmx
-from kvmodel.kvm.x86 import BUDGET, EBUSY, Request, UserspaceExit, Vcpu, exception_is_soft
+from kvmodel.kvm.x86 import (
+    BUDGET,
+    EBUSY,
+    Request,
+    UserspaceExit,
+    Vcpu,
+    exception_is_soft,
+    no_hypercall_patching,
+)
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
 EXCEPTION_BITMAP = (1 << Vec.UD) | (1 << Vec.MC) | (1 << Vec.DB) | (1 << Vec.AC)
@@ -131,7 +141,14 @@ class Vmx:
         cpu.rip, cpu.rflags, cpu.regs[RSP] = vmcs.guest_rip, vmcs.guest_rflags, vmcs.guest_rsp
 
     def skip_emulated_instruction(self) -> bool:
-        """skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends."""
+        """vmx_skip_emulated_instruction(): RIP += VM-exit instruction length; the shadow ends;
+        in L2, the instruction's MTF VM exit (vmx_update_emulated_instruction())."""
+        if self.nested is not None:
+            self.nested.update_emulated_instruction()
+        return self._skip()
+
+    def _skip(self) -> bool:
+        """skip_emulated_instruction(), vmx.c's own, which INT1's #DB exit uses."""
         self.vmcs.guest_rip += self.vmcs.exit_instruction_len
         self.set_interrupt_shadow(0)
         return True
@@ -195,6 +212,11 @@ class Vmx:
             return False  # the bug: KVM forgets that L1 exits on interrupts
         n = self.nested
         return n is not None and n.guest_mode and bool(n.vmcs12.pin_based & exit_control)
+
+    def has_nested_events(self) -> bool:
+        """vmx_has_nested_events(): an MTF VM exit owed to L1 wakes an L2 that L0 halted."""
+        n = self.nested
+        return n is not None and n.guest_mode and n.mtf_pending
 
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
@@ -373,6 +395,11 @@ class Vmx:
         elif reason in (ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.MSR_READ,
                         ExitReason.MSR_WRITE, ExitReason.CR_ACCESS):
             vcpu.emulate_and_skip()
+        elif reason is ExitReason.VMCALL:
+            # handle_vmcall(): L1's own VMCALL is a hypercall to L0 (kvm_emulate_hypercall()),
+            # KVM's paravirtual interface, which no bare-metal CPU has (L2's went to L1).
+            raise ModelLimit("a hypercall to KVM (VMCALL, kvm_emulate_hypercall()) is not modelled",
+                             vmcs.guest_rip)
         elif reason is ExitReason.EPT_VIOLATION:
             self._handle_ept_violation()
         elif reason is ExitReason.TRIPLE_FAULT:
@@ -438,10 +465,11 @@ class Vmx:
                                  f"KVM_INTERNAL_ERROR_SIMUL_EX: #{vector} while vectoring")
         if vector == Vec.DB:
             if info_type(info) == EventType.PRIV_SW_EXCEPTION:  # is_icebp(): INT1 is skipped first
-                self.skip_emulated_instruction()
+                self._skip()
                 vcpu.cpu.retired += 1
             vcpu.queue_exception(Vec.DB, payload=vmcs.exit_qualification)
         elif vector == Vec.UD:
+            no_hypercall_patching(self.guest.cpu, vmcs.guest_rip, Exiting.VMMCALL)
             vcpu.queue_exception(Vec.UD)  # handle_ud(): UD2 does not emulate, so #UD goes back
         else:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exception {vector} exit not modelled")
@@ -454,3 +482,4 @@ class Vmx:
             self.set_nmi_mask(True)
         cpu = self.guest.cpu
         cpu.set_host_unmapped(cpu.host_unmapped - {vmcs.guest_physical_address >> 12})
+
