@@ -543,10 +543,10 @@ class Cpu:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
         self.retire_at = None  # a VM entry that faults did not retire early after all
-        # Faults push RF=1 so the IRET back does not re-raise a code breakpoint (SDM 17.3.1.1);
-        # a fault-like #DB (general detect) pushes RF as it is, as Bochs exception.cc does and
-        # as KVM injects it (exception_type() is EXCPT_DB, not a fault: no RF). UNVERIFIED
-        # against hardware for general detect.
+        # Faults push RF=1 (SDM 17.3.1.1), except a fault-like #DB (general detect), which
+        # pushes RF as it is, like a code breakpoint: KVM inject_pending_event()'s comment
+        # ("most versions of Intel's SDM and AMD's APM incorrectly describe the behavior of
+        # General Detect #DBs ... They do _not_ set RF"; 5623f751bd9c); Bochs exception.cc.
         event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
                       push_rf=fault.vector != Vec.DB, fault_address=fault.cr2, dr6=fault.dr6)
         if self.host is not None:

@@ -323,16 +323,18 @@ def _mov_special(i: iced.Instruction, mode: Mode, reg: int, to_special: bool) ->
 
 
 def _dr_access(c, n: int, value: int | None) -> int:
-    """In Bochs crregs.cc's order: DR4/DR5 with CR4.DE=1 is #UD, else they alias DR6/DR7
-    (SDM 17.2.2); DR7.GD makes any MOV DR a fault-like #DB with DR6.BD (SDM 17.2.4, 17.3.1.2),
-    even at CPL 3; then CPL > 0 is #GP(0)."""
+    """DR4/DR5 with CR4.DE=1 is #UD, else they alias DR6/DR7 (SDM 17.2.2); then CPL > 0 is
+    #GP(0); then DR7.GD makes the access a fault-like #DB with DR6.BD (SDM 17.2.4, 17.3.1.2).
+    The order is KVM handle_dr()'s (kvm_require_dr(), the CPL check, then GD), which has to
+    match what the CPU does after a MOV-DR exit; QEMU also checks CPL first; Bochs
+    crregs.cc raises the GD #DB before the CPL #GP."""
     if n in (4, 5):
         if c.cr4 & CR4_DE:
             raise Fault(Vec.UD)
         n += 2
+    require_cpl0(c)
     if c.dr7 & DR7_GD:
         raise Fault(Vec.DB, dr6=DR6_BD)
-    require_cpl0(c)
     if value is None:
         return c.dr[n] if n < 4 else (c.dr6 if n == 6 else c.dr7)
     if n < 4:

@@ -139,6 +139,8 @@ kv_protected:
     mov %eax, %gs
     mov %eax, %ss
     lidt kv_idtr
+    mov ${TSS_SELECTOR:#x}, %eax
+    ltr %ax
 {_x2apic()}
 {_debug_registers(state)}
     mov $kv_boot_stack_top, %esp
@@ -259,9 +261,12 @@ def _gdt(state: ResetState) -> list[str]:
     data = _segment(0, 0xFFFFF, 0x93, 0xC)
     stub = _segment(0, 0xFFFFF, 0x9B, 0xC)
     tss_low = _segment(state.tr_base, 0x67, 0x89, 0)
+    # USER_CODE_SELECTOR and USER_DATA_SELECTOR (index 5 and 6): the same segments at DPL 3
+    user = (f"{_segment(state.cs_base, 0xFFFFF if not long else 0, 0xFB, 0xA if long else 0xC):#x}, "
+            f"{_segment(0, 0xFFFFF, 0xF3, 0xC):#x}")
     if long:
-        return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}"]
-    return [f"    .quad 0, {code:#x}, {data:#x}, 0, {stub:#x}"]
+        return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}, {user}"]
+    return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {stub:#x}, {user}"]
 
 
 def _segment(base: int, limit: int, access: int, flags: int) -> int:
@@ -301,20 +306,21 @@ def _page_tables(state: ResetState) -> list[str]:
 
 
 def _paging_long(holes: frozenset[int]) -> list[str]:
-    """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent."""
+    """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent; every
+    level user-accessible (U/S=1), as the model's pages are to CPL 3."""
     split = {page >> 9 for page in holes if page < 1 << 18}
     absent = {region for region in split if all(p in holes for p in range(region << 9,
                                                                           (region + 1) << 9))}
     split = sorted(split - absent)
-    lines = ["kv_pml4:", "    .quad kv_pdpt + 3", "    .fill 511, 8, 0",
-             "kv_pdpt:", "    .quad kv_pd + 3", "    .fill 511, 8, 0", "kv_pd:"]
+    lines = ["kv_pml4:", "    .quad kv_pdpt + 7", "    .fill 511, 8, 0",
+             "kv_pdpt:", "    .quad kv_pd + 7", "    .fill 511, 8, 0", "kv_pd:"]
     for region in range(512):
         if region in absent:
             lines.append("    .quad 0")
         elif region in split:
-            lines.append(f"    .quad kv_pt{region} + 3")
+            lines.append(f"    .quad kv_pt{region} + 7")
         else:
-            lines.append(f"    .quad {(region << 21) | 0x83:#x}")
+            lines.append(f"    .quad {(region << 21) | 0x87:#x}")
     for region in split:
         lines.append(f"kv_pt{region}:")
         lines += [f"    .quad {_pte(page, holes):#x}" for page in range(region << 9,
@@ -326,7 +332,7 @@ def _paging_32(holes: frozenset[int]) -> list[str]:
     """32-bit paging without PSE (the model's CR4 is 0): 4 KiB pages up to 32 MiB."""
     tables = (STUB_BASE * 2) >> 22
     lines = ["kv_pd:"]
-    lines += [f"    .long kv_pt{t} + 3" for t in range(tables)]
+    lines += [f"    .long kv_pt{t} + 7" for t in range(tables)]
     lines.append(f"    .fill {1024 - tables}, 4, 0")
     for t in range(tables):
         lines.append(f"kv_pt{t}:")
@@ -335,7 +341,7 @@ def _paging_32(holes: frozenset[int]) -> list[str]:
 
 
 def _pte(page: int, holes: frozenset[int]) -> int:
-    return 0 if page in holes else page * PAGE | 3
+    return 0 if page in holes else page * PAGE | 7  # P, R/W, U/S: CPL 3 may touch every page
 
 
 def _data(state: ResetState) -> str:
