@@ -84,8 +84,9 @@ def test_privilege_change_switches_to_the_tss_stack_and_pushes_ss_rsp(mode):
 
 def test_32bit_bad_ss0_is_ts_with_its_selector_and_ext():
     cpu = user_cpu(Mode.PROTECTED32, 3)
-    cpu.mem[cpu.idtr_base + Vec.TS * 8:cpu.idtr_base + Vec.TS * 8 + 8] = encode_gate(
-        Gate(HANDLER + 0x20), Mode.PROTECTED32)
+    for vector in (Vec.TS, Vec.DF):
+        at = cpu.idtr_base + vector * 8
+        cpu.mem[at:at + 8] = encode_gate(Gate(HANDLER + 0x20), Mode.PROTECTED32)
     cpu.mem[cpu.tr_base + 8] = 0x2B  # SS0: the user code segment
     deliver(cpu, Event(VECTOR, EventType.EXT_INT, 0x10000))
     # SDM 6.12.1: SS0 is checked before any push: #TS. Its own delivery, from CPL 3 too,
