@@ -2,7 +2,6 @@
 
 import pytest
 
-from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import deliver
 from kvmodel.arch.events import Event, EventType, Vec
@@ -20,8 +19,6 @@ from kvmodel.arch.regs import (
     Mode,
 )  # fmt: skip
 from kvmodel.guest.layout import STACK_TOP, Gate, Machine, build_cpu, encode_gate
-from kvmodel.kvm.vmx.nested import is_low_priority_db_trap, pending_dbg_trap
-from kvmodel.kvm.x86 import QueuedException
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import run
 
@@ -229,21 +226,6 @@ out:
     regs = dict(result.final.registers)
     assert regs["rbx"] & 0x3200 == 0x200  # IOPL unchanged (0), IF unchanged as CPL > IOPL
     assert (regs["rcx"], regs["rdx"]) == (USER_CODE_SELECTOR, USER_DATA_SELECTOR)
-
-
-# vmx_get_pending_dbg_trap(): (payload, pending) -> trap bits; GD (BD) is fault-like.
-@pytest.mark.parametrize("payload,trap", [(0x4000, 0x4000), (0x1, 0x1), (0x2000, 0),
-                                          (0x2000 | 0x4000, 0x4000), (0x8000, 0x8000)])
-def test_pending_dbg_trap_leaves_out_general_detect(payload, trap):
-    exc = QueuedException(pending=True, vector=Vec.DB, has_payload=True, payload=payload)
-    assert pending_dbg_trap(exc) == trap
-    assert is_low_priority_db_trap(exc) == bool(trap & ~0x8000)  # a task-switch trap ranks above MTF
-
-
-def test_pending_dbg_trap_with_the_old_rule_counts_general_detect():
-    exc = QueuedException(pending=True, vector=Vec.DB, has_payload=True, payload=0x2000)
-    with _faults.switched_on(frozenset({"nvmx_gd_db_trap_like"})):
-        assert pending_dbg_trap(exc) == 0x2000 and is_low_priority_db_trap(exc)
 
 
 def test_gate_encoding_carries_dpl():

@@ -27,7 +27,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import DR6_BD, IF, Shadow
+from kvmodel.arch.regs import IF, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry
 from kvmodel.hw.vmx.root import VmxError, VmxRoot
@@ -47,7 +47,7 @@ from kvmodel.hw.vmx.vmcs import (
     intr_info,
 )  # fmt: skip
 from kvmodel.kvm.uapi import ShadowBits
-from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, QueuedException, Request
+from kvmodel.kvm.x86 import EBUSY, MpState, NestedExitRecord, Request
 
 if TYPE_CHECKING:
     from kvmodel.kvm.vmx.vmx import Vmx
@@ -64,29 +64,6 @@ _L1_ALWAYS = (ExitReason.CPUID, ExitReason.VMCLEAR, ExitReason.VMLAUNCH, ExitRea
 # no write of GUEST_ACTIVITY_STATE found).
 _L2_STATE = ("guest_rip", "guest_rsp", "guest_rflags", "guest_interruptibility",
              "guest_pending_dbg_exceptions")
-DR6_BT = 1 << 15  # task-switch #DB (SDM 17.2.3): trap-like, but above MTF
-
-
-def pending_dbg_trap(exc: QueuedException) -> int:
-    """vmx_get_pending_dbg_trap(): the condition bits of a pending #DB that is trap-like.
-
-    KVM infers a #DB's class from its payload (the DR6 bits to be): a debug trap has
-    some; a general-detect #DB has BD, yet is fault-like (SDM 17.3.1.2), so BD does not
-    count. Upstream "KVM: nVMX: Treat General Detect #DB (DR7.GD=1) as fault-like" (Sean
-    Christopherson, 2022-07-15, [PATCH v2 04/24], Fixes 684c0422da71); the fault point
-    puts back the rule before it, where any payload made a #DB trap-like.
-    """
-    if not exc.pending or exc.vector != Vec.DB:
-        return 0
-    if _faults.on("nvmx_gd_db_trap_like"):
-        return exc.payload
-    return exc.payload & ~DR6_BD
-
-
-def is_low_priority_db_trap(exc: QueuedException) -> bool:
-    """vmx_is_low_priority_db_trap(): a pending #DB that ranks below an MTF VM exit (a debug
-    trap other than a TSS T-flag trap; SDM 6.9 Table 6-2 and 25.5.2)."""
-    return bool(pending_dbg_trap(exc) & ~DR6_BT)
 _L1_IF_CONTROL = {
     ExitReason.HLT: Proc.HLT_EXITING,
     ExitReason.IO_INSTRUCTION: Proc.UNCOND_IO_EXITING,
@@ -354,11 +331,6 @@ class NestedVmx(VmxRoot):
         vmx, vcpu = self.vmx, self.vmx.vcpu
         block_exceptions = self.run_pending
         block_events = block_exceptions or vcpu.event_needs_reinjection()
-        # Exceptions above an MTF VM exit (fault-like ones, ICEBP), then MTF, then debug traps.
-        # MTF is not modelled yet (hw/vmx has no monitor trap flag): both branches take the
-        # exception, as upstream does when no MTF VM exit is pending.
-        if vcpu.exception.pending and not is_low_priority_db_trap(vcpu.exception):
-            return EBUSY if block_exceptions else 0
         if vcpu.exception.pending:
             return EBUSY if block_exceptions else 0
         if vcpu.nmi_pending and not vmx.nmi_blocked():
