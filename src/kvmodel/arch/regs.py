@@ -89,11 +89,13 @@ class Shadow(IntEnum):
 # Flat segments kvmodel provides (DEVIATION: the GDT is part of the model,
 # not of guest memory; these are the only valid selectors). The user segments
 # are the same flat segments at DPL 3 (the user code segment has CODE_SELECTOR's
-# base); the selectors carry RPL 3. GDT index 3 (and 4 in long mode) is the TSS.
+# base); the selectors carry RPL 3 and are Linux's __USER_DS and __USER_CS, in the
+# order SYSRET needs (SS = STAR[63:48] + 8, CS = + 16). GDT index 3 (and 4 in long
+# mode) is the TSS.
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
-USER_CODE_SELECTOR = 0x2B  # GDT index 5, RPL 3
-USER_DATA_SELECTOR = 0x33  # GDT index 6, RPL 3
+USER_DATA_SELECTOR = 0x2B  # GDT index 5, RPL 3
+USER_CODE_SELECTOR = 0x33  # GDT index 6, RPL 3
 RPL_MASK = 3
 
 

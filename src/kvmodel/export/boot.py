@@ -261,9 +261,9 @@ def _gdt(state: ResetState) -> list[str]:
     data = _segment(0, 0xFFFFF, 0x93, 0xC)
     stub = _segment(0, 0xFFFFF, 0x9B, 0xC)
     tss_low = _segment(state.tr_base, 0x67, 0x89, 0)
-    # USER_CODE_SELECTOR and USER_DATA_SELECTOR (index 5 and 6): the same segments at DPL 3
-    user = (f"{_segment(state.cs_base, 0xFFFFF if not long else 0, 0xFB, 0xA if long else 0xC):#x}, "
-            f"{_segment(0, 0xFFFFF, 0xF3, 0xC):#x}")
+    # USER_DATA_SELECTOR and USER_CODE_SELECTOR (index 5 and 6): the same segments at DPL 3
+    user = (f"{_segment(0, 0xFFFFF, 0xF3, 0xC):#x}, "
+            f"{_segment(state.cs_base, 0xFFFFF if not long else 0, 0xFB, 0xA if long else 0xC):#x}")
     if long:
         return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}, {user}"]
     return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {stub:#x}, {user}"]

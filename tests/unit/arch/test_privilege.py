@@ -84,7 +84,7 @@ def test_32bit_bad_ss0_is_ts_with_its_selector_and_ext():
     for vector in (Vec.TS, Vec.DF):
         at = cpu.idtr_base + vector * 8
         cpu.mem[at:at + 8] = encode_gate(Gate(HANDLER + 0x20), Mode.PROTECTED32)
-    cpu.mem[cpu.tr_base + 8] = 0x2B  # SS0: the user code segment
+    cpu.mem[cpu.tr_base + 8] = 0x33  # SS0: the user code segment
     deliver(cpu, Event(VECTOR, EventType.EXT_INT, 0x10000))
     # SDM 6.12.1: SS0 is checked before any push: #TS. Its own delivery, from CPL 3 too,
     # needs SS0 again: #TS, #DF (Table 6-5: contributory twice), then shutdown.
@@ -193,10 +193,10 @@ def test_changing_other_cr4_bits_is_a_named_model_limit():
 
 def test_in_out_above_iopl_is_a_model_limit():
     result = final_of("""\
-    pushq $0x33
+    pushq $0x2b
     pushq $0x20000
     pushq $0x2
-    pushq $0x2b
+    pushq $0x33
     pushq $user
     iretq
 user:
@@ -206,10 +206,10 @@ user:
 
 def test_iret_to_cpl3_loads_user_segments_and_popf_keeps_iopl():
     result = final_of("""\
-    pushq $0x33
+    pushq $0x2b
     pushq $0x20000
     pushq $0x202
-    pushq $0x2b
+    pushq $0x33
     pushq $user
     iretq
 user:
