@@ -827,6 +827,9 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
             raise ModelLimit("IRET to virtual-8086 mode is not modelled", rip_here)
         new_cpl = _iret_code_segment(c, cs)
         outer = new_cpl > cpl_of(c.cs)
+        if outer and (c.vmx is not None or c.has_svm):
+            # hw/ and kvm/ switch RIP, RSP and RFLAGS between L1 and L2, not CS and SS
+            raise ModelLimit("CPL 3 with an L1 hypervisor is not modelled", rip_here)
         if c.mode is Mode.LONG64 or outer:
             new_rsp, ss = c.read(sp + 3 * size, size), c.read(sp + 4 * size, size) & 0xFFFF
             _check_return_ss(c, ss, new_cpl)

@@ -231,3 +231,15 @@ out:
 def test_gate_encoding_carries_dpl():
     raw = encode_gate(Gate(HANDLER, dpl=3), Mode.LONG64)
     assert (raw[5] >> 5) & 3 == 3
+
+
+def test_cpl3_with_an_l1_hypervisor_is_a_model_limit():
+    text = """[cpu]\nvmx = true\n\n[guest]\ncode = '''\nstart:
+    pushq $0x2b
+    pushq $0x20000
+    pushq $0x2
+    pushq $0x33
+    pushq $start
+    iretq\n'''\n"""
+    result = run(parse(text, "t.toml"))
+    assert result.limit is not None and result.limit.startswith("CPL 3 with an L1 hypervisor")
