@@ -106,7 +106,7 @@ class Cpu:
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
-        "has_svm", "gif", "cs_base", "retire_at",
+        "has_svm", "gif", "cs_base", "retire_at", "star", "lstar", "fmask",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -180,6 +180,8 @@ class Cpu:
         # GIF (APM 15.17): clear, it holds NMIs and interrupts. In an SVM guest it
         # stands for vGIF's V_GIF; otherwise only CLGI clears it.
         self.gif = True
+        # SYSCALL/SYSRET's MSRs (IA32_STAR, IA32_LSTAR, IA32_FMASK; SDM Vol.2 SYSCALL)
+        self.star = self.lstar = self.fmask = 0
 
     # -- memory --------------------------------------------------------------
 

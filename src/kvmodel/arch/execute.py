@@ -42,6 +42,7 @@ from kvmodel.arch.regs import (
     DR6_BD,
     DR7_GD,
     EFER_NXE,
+    EFER_SCE,
     EFER_SVME,
     ID,
     IF,
@@ -746,6 +747,60 @@ def build_vmgexit(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def _check_syscall(c, name: str) -> None:
+    """SYSCALL/SYSRET are #UD without EFER.SCE (SDM Vol.2 SYSCALL, SYSRET; the model runs them
+    in 64-bit mode only). Single-step after them follows TF as they leave it, not as it was
+    (the OS masks TF with IA32_FMASK; QEMU c52ab08aee6f "Fix eflags.TF/#DB handling of
+    syscall/sysret insns"): the model does not, so TF there is a model limit."""
+    if not c.efer & EFER_SCE:
+        raise Fault(Vec.UD)
+    if c.rflags & TF:
+        raise ModelLimit(f"{name} with TF=1 (single-step after it) is not modelled", c.rip)
+
+
+def build_syscall(i: iced.Instruction, mode: Mode) -> Run:
+    """SYSCALL (SDM Vol.2): RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~IA32_FMASK (RF too), CS and
+    SS from IA32_STAR[47:32] at CPL 0, RIP = IA32_LSTAR. No stack switch."""
+    nxt = i.next_ip
+
+    def run(c):
+        _check_syscall(c, "SYSCALL")
+        selector = (c.star >> 32) & 0xFFFC
+        if selector != CODE_SELECTOR:
+            raise ModelLimit(f"SYSCALL to CS {selector:#x} (the model's GDT has 0x8)", c.rip)
+        c.regs[RCX], c.regs[11] = nxt, c.rflags
+        c.rflags = (c.rflags & ~c.fmask & ~RF) | RFLAGS_FIXED
+        c.cs, c.ss = CODE_SELECTOR, DATA_SELECTOR
+        c.rip = c.lstar
+        c.attn = True
+
+    return run
+
+
+def build_sysret(i: iced.Instruction, mode: Mode) -> Run:
+    """SYSRETQ (SDM Vol.2 SYSRET): #GP(0) at CPL > 0 or with a non-canonical RCX; RIP = RCX,
+    RFLAGS = R11 (RF and VM clear, bit 1 set), CS = IA32_STAR[63:48] + 16 and SS = + 8, RPL 3."""
+    if i.code != Code.SYSRETQ:
+        raise ModelLimit("SYSRET to 32-bit compatibility mode is not modelled")
+
+    def run(c):
+        _check_syscall(c, "SYSRET")
+        require_cpl0(c)
+        if c.regs[RCX] >> 47 not in (0, (1 << 17) - 1):
+            raise Fault(Vec.GP, 0)
+        if c.regs[11] & TF:
+            raise ModelLimit("SYSRET to TF=1 (single-step after it) is not modelled", c.rip)
+        base = (c.star >> 48) & 0xFFFC
+        if (base + 16) | 3 != USER_CODE_SELECTOR:
+            raise ModelLimit(f"SYSRET to CS {(base + 16) | 3:#x} (the model's user CS is 0x33)", c.rip)
+        c.rflags = (c.regs[11] & 0x3C7FD7) | RFLAGS_FIXED
+        c.cs, c.ss = USER_CODE_SELECTOR, USER_DATA_SELECTOR
+        c.rip = c.regs[RCX]
+        c.attn = True
+
+    return run
+
+
 def build_nop(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
@@ -891,6 +946,8 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
 IA32_APIC_BASE = 0x1B
 APIC_BASE_VALUE = 0xFEE00000 | (1 << 11) | (1 << 10) | (1 << 8)  # EN, EXTD (x2APIC), BSP
 IA32_EFER = 0xC0000080
+IA32_STAR, IA32_LSTAR, IA32_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
+_SYSCALL_MSRS = {IA32_STAR: "star", IA32_LSTAR: "lstar", IA32_FMASK: "fmask"}
 
 
 def _read_msr(c, msr: int) -> int:
@@ -904,6 +961,8 @@ def _read_msr(c, msr: int) -> int:
         return c.efer
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         return c.ghcb_msr
+    elif msr in _SYSCALL_MSRS and c.mode is Mode.LONG64:
+        return getattr(c, _SYSCALL_MSRS[msr])
     raise Fault(Vec.GP, 0)
 
 
@@ -917,8 +976,10 @@ def _write_msr(c, msr: int, value: int) -> None:
         c.attn = True
     elif msr == ghcb.MSR_AMD64_SEV_ES_GHCB:
         c.ghcb_msr = value
-    elif msr == IA32_EFER and value ^ c.efer == EFER_NXE and c.mode is Mode.LONG64:
-        c.efer = value  # NXE: only the I/D bit of #PF error codes depends on it here (SDM 4.7)
+    elif msr in _SYSCALL_MSRS and c.mode is Mode.LONG64:
+        setattr(c, _SYSCALL_MSRS[msr], value & (0xFFFFFFFF if msr == IA32_FMASK else (1 << 64) - 1))
+    elif msr == IA32_EFER and value ^ c.efer in (EFER_NXE, EFER_SCE) and c.mode is Mode.LONG64:
+        c.efer = value  # NXE (the I/D bit of #PF error codes, SDM 4.7) or SCE (SYSCALL/SYSRET)
     elif msr == IA32_EFER and value ^ c.efer == EFER_SVME:
         if not c.has_svm:
             raise Fault(Vec.GP, 0)  # SVME is reserved on a CPU without SVM
@@ -1049,4 +1110,5 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
     Mnemonic.IN: build_in, Mnemonic.OUT: build_out, Mnemonic.CPUID: build_cpuid,
     Mnemonic.DIV: build_div, Mnemonic.IDIV: build_div, Mnemonic.CLTS: build_clts,
     Mnemonic.FNOP: build_x87_nop, Mnemonic.WAIT: build_x87_nop,
+    Mnemonic.SYSCALL: build_syscall, Mnemonic.SYSRETQ: build_sysret, Mnemonic.SYSRET: build_sysret,
 }  # fmt: skip

@@ -114,3 +114,4 @@ CR0_EM = 1 << 2
 CR0_TS = 1 << 3
 CR4_DE = 1 << 3
 EFER_NXE = 1 << 11
+EFER_SCE = 1 << 0  # SYSCALL/SYSRET enabled

@@ -52,6 +52,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.idtr_base, cpu.idtr_limit, cpu.tr_base = old.idtr_base, old.idtr_limit, old.tr_base
     cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7
     cpu.ghcb_msr = old.ghcb_msr
+    cpu.star, cpu.lstar, cpu.fmask = old.star, old.lstar, old.fmask  # KVM_GET/SET_MSRS
     cpu.fred, cpu.csl = old.fred, old.csl  # KVM_GET/SET_MSRS: the FRED MSRs and stack level
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts

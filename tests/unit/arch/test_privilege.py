@@ -243,3 +243,40 @@ def test_cpl3_with_an_l1_hypervisor_is_a_model_limit():
     iretq\n'''\n"""
     result = run(parse(text, "t.toml"))
     assert result.limit is not None and result.limit.startswith("CPL 3 with an L1 hypervisor")
+
+
+def test_syscall_without_efer_sce_is_ud_and_sysret_at_cpl3_is_gp():
+    result = final_of("""\
+    syscall
+    hlt
+ud:
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $1, %eax
+    wrmsr
+    pushq $0x2b
+    pushq $0x20000
+    pushq $0x2
+    pushq $0x33
+    pushq $user
+    iretq
+user:
+    sysretq
+gp:
+    hlt""", '[idt]\n"#UD" = "ud"\n"#GP" = "gp"\n')
+    assert result.limit is None, result.limit
+    d = [o for o in result.trace if isinstance(o, Delivery)]
+    assert [(x.vector, x.error_code) for x in d] == [(Vec.UD, None), (Vec.GP, 0)]
+
+
+def test_syscall_with_tf_is_a_named_model_limit():
+    result = final_of("""\
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $1, %eax
+    wrmsr
+    pushfq
+    orq $0x100, (%rsp)
+    popfq
+    syscall""")
+    assert result.limit is not None and result.limit.startswith("SYSCALL with TF=1")
