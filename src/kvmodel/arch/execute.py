@@ -790,6 +790,8 @@ def build_sysret(i: iced.Instruction, mode: Mode) -> Run:
             raise Fault(Vec.GP, 0)
         if c.regs[11] & TF:
             raise ModelLimit("SYSRET to TF=1 (single-step after it) is not modelled", c.rip)
+        if c.vmx is not None or c.has_svm:
+            raise ModelLimit("CPL 3 with an L1 hypervisor is not modelled", c.rip)
         base = (c.star >> 48) & 0xFFFC
         if (base + 16) | 3 != USER_CODE_SELECTOR:
             raise ModelLimit(f"SYSRET to CS {(base + 16) | 3:#x} (the model's user CS is 0x33)", c.rip)
