@@ -30,6 +30,7 @@ from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
     BREAKPOINT_LEN,
     CODE_SELECTOR,
+    CR4_DE,
     DATA_SELECTOR,
     DR6_BS,
     DR6_CONDITIONS,
@@ -38,6 +39,7 @@ from kvmodel.arch.regs import (
     IF,
     RF,
     RFLAGS_FIXED,
+    RPL_MASK,
     TF,
     BreakpointRw,
     Mode,
@@ -107,8 +109,8 @@ _NEVER = 1 << 62
 
 
 class Cpu:
-    """One logical processor at CPL 0 with flat segments, except that in protected mode the
-    code segment may have a base (`cs_base`, constant for the run).
+    """One logical processor with flat segments at CPL 0 or 3 (CPL is CS.RPL), except that in
+    protected mode the code segments may have a base (`cs_base`, constant for the run).
 
     RIP is the offset in the code segment, as pushed on the stack and saved in a
     VMCB/VMCS; fetches, the decoded-instruction cache's lines and code breakpoints
@@ -121,11 +123,12 @@ class Cpu:
         "efer", "idtr_base", "idtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
         "nmi_blocked", "nmi_pending", "shadow", "shadow_prev", "pending_dbg", "db_hits",
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
-        "exec_bps", "data_bps", "icache", "code_lines", "trace", "record_instructions",
+        "exec_bps", "data_bps", "io_bps", "icache", "code_lines", "trace", "record_instructions",
         "sti_blocks_nmi", "attn", "scheduled", "next_after", "at_rip_scheduled",
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
+        "star", "lstar", "fmask",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -164,6 +167,7 @@ class Cpu:
         self.not_present = not_present
         self.exec_bps: dict[int, int] = {}
         self.data_bps: tuple[tuple[int, int, int, bool], ...] = ()
+        self.io_bps: tuple[tuple[int, int, int], ...] = ()  # (first port, end, DR6 bit)
         self.slow_mem = bool(not_present)
         self.icache: dict[int, Decoded] = {}
         self.code_lines: dict[int, set[int]] = {}
@@ -210,6 +214,8 @@ class Cpu:
         # SVM's V_TPR while an L2 with V_INTR_MASKING runs: its CR8 reads and writes go to
         # the VMCB's virtual TPR, not to the APIC's (APM 15.21.4). None: the APIC's TPR.
         self.vtpr: int | None = None
+        # SYSCALL/SYSRET's MSRs (IA32_STAR, IA32_LSTAR, IA32_FMASK; SDM Vol.2 SYSCALL)
+        self.star = self.lstar = self.fmask = 0
 
     # -- memory --------------------------------------------------------------
 
@@ -291,8 +297,14 @@ class Cpu:
                 self.db_hits |= bit
 
     def page_fault(self, addr: int, access: Access) -> Fault:
-        """#PF for a not-present page (SDM 4.7): P=0, W/R, U/S=0 at CPL 0, I/D."""
+        """#PF for a not-present page (SDM 4.7): P=0, W/R, U/S, I/D.
+
+        U/S is 1 for an access at CPL 3, other than the supervisor-mode accesses event
+        delivery makes (IDT, TSS, the handler's stack: SDM 4.6 "implicit supervisor-mode
+        accesses"), which run while `vectoring` names the event."""
         code = 2 if access is Access.WRITE else 0
+        if self.cs & RPL_MASK == 3 and self.vectoring is None:
+            code |= 4
         if access is Access.FETCH and self.efer & 0x800:  # I/D needs PAE paging with NXE
             code |= 0x10
         return Fault(Vec.PF, code, cr2=addr)
@@ -303,6 +315,7 @@ class Cpu:
         """Derive the breakpoint lookups from DR0-DR3 and DR7 (SDM 17.2.4, 17.2.5)."""
         exec_bps: dict[int, int] = {}
         data_bps = []
+        io_bps = []
         for n in range(4):
             if not (self.dr7 >> (2 * n)) & 3:
                 continue
@@ -313,13 +326,24 @@ class Cpu:
                 key = (self.dr[n] - self.cs_base) & self.addr_mask  # the RIP that fetches there
                 exec_bps[key] = exec_bps.get(key, 0) | (1 << n)
             elif rw is BreakpointRw.IO:
-                raise ModelLimit("I/O breakpoints (DR7 R/W=10b) are not modelled", self.rip)
+                if not self.cr4 & CR4_DE:  # R/W=10b is undefined without CR4.DE (SDM 17.2.4)
+                    raise ModelLimit("DR7 R/W=10b with CR4.DE=0 is undefined", self.rip)
+                port = self.dr[n] & 0xFFFF & ~(length - 1)
+                io_bps.append((port, port + length, 1 << n))
             else:
                 data_bps.append((addr, addr + length, 1 << n, rw is BreakpointRw.WRITE))
         self.exec_bps = exec_bps
         self.data_bps = tuple(data_bps)
+        self.io_bps = tuple(io_bps)
         self._update_slow_mem()
         self.attn = True
+
+    def io_access(self, port: int, size: int) -> None:
+        """IN/OUT touch ports port..port+size-1: I/O breakpoints match like data ones and
+        trap after the instruction (SDM 17.2.4, 17.3.1.2)."""
+        for lo, hi, bit in self.io_bps:
+            if port < hi and lo < port + size:
+                self.db_hits |= bit
 
     def _update_slow_mem(self) -> None:
         self.slow_mem = bool(self.not_present or self.data_bps or self.host_unmapped)
@@ -592,8 +616,12 @@ class Cpu:
         """Deliver an exception raised by the instruction at `rip` (a fault: RIP is not advanced)."""
         self.db_hits = 0  # the faulting instruction's accesses do not count
         self.retire_at = None  # a VM entry that faults did not retire early after all
+        # Faults push RF=1 (SDM 17.3.1.1), except a fault-like #DB (general detect), which
+        # pushes RF as it is, like a code breakpoint: KVM inject_pending_event()'s comment
+        # ("most versions of Intel's SDM and AMD's APM incorrectly describe the behavior of
+        # General Detect #DBs ... They do _not_ set RF"; 5623f751bd9c); Bochs exception.cc.
         event = Event(fault.vector, EventType.HW_EXCEPTION, rip, error_code=fault.error_code,
-                      push_rf=True, fault_address=fault.cr2)
+                      push_rf=fault.vector != Vec.DB, fault_address=fault.cr2, dr6=fault.dr6)
         if self.host is not None:
             self.host.event(self, event)  # an intercepted #PF leaves CR2 alone (SDM 27.1)
         self.iret_unblocked_nmi = False  # the exit above may report it (SDM 27.2.2 bit 12)

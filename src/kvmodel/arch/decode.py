@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import iced_x86 as iced
 
 from kvmodel.arch.events import Vec
-from kvmodel.arch.execute import BUILDERS, Run
+from kvmodel.arch.execute import BUILDERS, Run, check_io_privilege, require_cpl0
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import Mode
@@ -31,16 +31,17 @@ class Decoded:
     the host's intercept check when a host may intercept it (`exiting`).
     """
 
-    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io")
+    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io", "privileged")
 
     def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting,
-                 io: IoAccess | None = None):
+                 io: IoAccess | None = None, privileged: bool = False):
         self.semantics = semantics
         self.execute = semantics
         self.text = text
         self.length = length
         self.exiting = exiting
         self.io = io
+        self.privileged = privileged  # #GP(0) at CPL > 0, before any intercept
 
 
 class IoAccess(NamedTuple):
@@ -89,6 +90,21 @@ _EXITING = {
 }
 
 
+# Instructions an intercept may catch that are #GP(0) at CPL > 0 first (SDM 25.1.1: faults
+# based on privilege level have priority over VM exits; APM 15.7.1 likewise for intercepts).
+_PRIVILEGED = frozenset({
+    iced.Mnemonic.HLT, iced.Mnemonic.RDMSR, iced.Mnemonic.WRMSR, iced.Mnemonic.VMCLEAR,
+    iced.Mnemonic.VMLAUNCH, iced.Mnemonic.VMPTRLD, iced.Mnemonic.VMREAD, iced.Mnemonic.VMRESUME,
+    iced.Mnemonic.VMWRITE, iced.Mnemonic.VMXON,
+})
+
+
+def _privileged(insn: iced.Instruction) -> bool:
+    if insn.mnemonic == iced.Mnemonic.MOV and insn.op0_register == iced.Register.CR8:
+        return True
+    return insn.mnemonic in _PRIVILEGED
+
+
 def _exiting(insn: iced.Instruction) -> Exiting:
     if insn.mnemonic == iced.Mnemonic.MOV and insn.op0_register == iced.Register.CR8:
         return Exiting.CR8_WRITE
@@ -100,7 +116,13 @@ def _exiting(insn: iced.Instruction) -> Exiting:
 def _behind_intercept(decoded: Decoded) -> Run:
     semantics = decoded.semantics
 
+    privileged, io = decoded.privileged, decoded.exiting is Exiting.IO
+
     def execute(c):
+        if privileged:
+            require_cpl0(c)
+        elif io:
+            check_io_privilege(c)
         c.host.instruction(c, decoded)
         return semantics(c)
 
@@ -142,7 +164,8 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
     except ModelLimit as limit:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
     exiting = _exiting(insn)
-    decoded = Decoded(execute, text, insn.len, exiting, _io_access(insn) if exiting is Exiting.IO else None)
+    decoded = Decoded(execute, text, insn.len, exiting,
+                      _io_access(insn) if exiting is Exiting.IO else None, _privileged(insn))
     if cpu.host is not None and decoded.exiting:
         decoded.execute = _behind_intercept(decoded)
     cpu.icache[rip] = decoded

@@ -12,7 +12,7 @@ address (SDM 26.5.1.1 states the same for injected events).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvmodel.arch import fred
 from kvmodel.arch.events import (
@@ -30,15 +30,21 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
 from kvmodel.arch.regs import (
     CODE_SELECTOR,
+    DATA_SELECTOR,
     DR6_B0_B3,
     DR7_GD,
     IF,
     NT,
     RF,
+    RPL_MASK,
     RSP,
     TF,
+    TSS_RSP0,
+    TSS_SS0,
+    USER_CODE_SELECTOR,
     Mode,
     Shadow,
+    cpl_of,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 
@@ -145,28 +151,29 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         return
     ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
     idt_error = event.vector * 8 + 2 + ext
-    if cpu.mode is Mode.LONG64:
-        handler, gate_type, ist, selector = _read_gate64(cpu, event.vector, idt_error)
-    else:
-        handler, gate_type, selector = _read_gate32(cpu, event.vector, idt_error)
-        ist = 0
-    if selector & 0xFFFC == 0:
-        raise Fault(Vec.GP, ext)
-    if selector & 0xFFFC != CODE_SELECTOR:
-        raise Fault(Vec.GP, (selector & 0xFFFC) | ext)
+    gate = (_read_gate64 if cpu.mode is Mode.LONG64 else _read_gate32)(cpu, event.vector, idt_error)
+    cpl = cpl_of(cpu.cs)
+    # INT n, INT3 and INTO through a gate of lower privilege than the caller: #GP with the
+    # gate's IDT error code, EXT clear; INT1 and hardware events skip the check (SDM 6.12.1.1).
+    if event.type.is_software and gate.dpl < cpl:
+        raise Fault(Vec.GP, event.vector * 8 + 2)
+    if not gate.present:
+        raise Fault(Vec.NP, idt_error)
+    target_cpl = _target_privilege(cpu, gate.selector, cpl, ext)
 
     pushed_flags = cpu.rflags | RF if event.push_rf else cpu.rflags
     error_code = event.error_code if has_error_code(event.vector, event.type) else None
     if cpu.mode is Mode.LONG64:
-        rsp, frame = _push_frame64(cpu, event, ist, pushed_flags, error_code)
+        rsp, ss, frame = _push_frame64(cpu, event, gate.ist, target_cpl < cpl, pushed_flags, error_code)
     else:
-        rsp, frame = _push_frame32(cpu, event, pushed_flags, error_code)
+        rsp, ss, frame = _push_frame32(cpu, event, target_cpl < cpl, pushed_flags, error_code, ext)
 
     # Success: only now does the processor state change (SDM 6.12.1.2).
     cpu.regs[RSP] = rsp
-    cpu.rip = handler
-    cpu.cs = selector
-    cleared = TF | NT | RF | (IF if gate_type == INTERRUPT_GATE else 0)
+    cpu.rip = gate.offset
+    cpu.cs = (gate.selector & ~RPL_MASK) | target_cpl  # CS.RPL becomes the new CPL (SDM 6.12.1)
+    cpu.ss = ss
+    cleared = TF | NT | RF | (IF if gate.type == INTERRUPT_GATE else 0)
     cpu.rflags &= ~cleared
     cpu.shadow = Shadow.NONE
     cpu.halted = False
@@ -178,13 +185,29 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     cpu.attn = True
     cpu.delivered += 1
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
-                              handler, rsp, frame,
+                              gate.offset, rsp, frame,
                               undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
                               saved_ip_undefined(event.vector, event.type)))
 
 
+def _target_privilege(cpu: Cpu, selector: int, cpl: int, ext: int) -> int:
+    """The handler's CPL, the DPL of the gate's code segment, checked as the INT n pseudocode
+    (SDM Vol.2) does: a null selector is #GP(EXT); a segment that is not code, or whose DPL
+    is above CPL, is #GP(selector + EXT)."""
+    if selector & 0xFFFC == 0:
+        raise Fault(Vec.GP, ext)
+    if selector & 0xFFFC == CODE_SELECTOR:
+        return 0
+    if selector & 0xFFFC == USER_CODE_SELECTOR & 0xFFFC and cpl == 3:
+        raise ModelLimit("an interrupt handler at CPL 3 (a gate to the user code segment) "
+                         "is not modelled", cpu.rip)
+    raise Fault(Vec.GP, (selector & 0xFFFC) | ext)  # not a code segment, or DPL > CPL
+
+
 def _deliver_fred(cpu: Cpu, event: Event) -> None:
     """FRED delivery (fred.py): one 64-byte frame, RFLAGS = 2, pending debug traps dropped."""
+    if cpl_of(cpu.cs):
+        raise ModelLimit("FRED delivery from CPL 3 is not modelled", cpu.rip)
     pushed_flags = cpu.rflags | RF if event.push_rf else cpu.rflags
     error_code = event.error_code if has_error_code(event.vector, event.type) else None
     handler, rsp, frame = fred.deliver_once(cpu, event, pushed_flags, error_code)
@@ -202,8 +225,17 @@ def _deliver_fred(cpu: Cpu, event: Event) -> None:
     cpu.trace.append(fred.delivery_record(cpu, event, handler, rsp, frame))
 
 
-def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int, int]:
-    """16-byte IA-32e gate (SDM 6.14.1 Figure 6-7): offset, type, IST, selector."""
+class _Gate(NamedTuple):
+    offset: int
+    type: int
+    ist: int
+    selector: int
+    dpl: int
+    present: bool
+
+
+def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> _Gate:
+    """16-byte IA-32e gate (SDM 6.14.1 Figure 6-7): offset, type, IST, selector, DPL, P."""
     if vector * 16 + 15 > cpu.idtr_limit:
         raise Fault(Vec.GP, idt_error)
     addr = cpu.idtr_base + vector * 16
@@ -212,14 +244,13 @@ def _read_gate64(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int, 
     gate_type = (low >> 40) & 0x1F  # bit 4 (S) must be 0 for a gate
     if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
         raise Fault(Vec.GP, idt_error)
-    if not (low >> 47) & 1:
-        raise Fault(Vec.NP, idt_error)
     offset = (low & 0xFFFF) | ((low >> 32) & 0xFFFF0000) | ((high & 0xFFFFFFFF) << 32)
-    return offset, gate_type, (low >> 32) & 7, (low >> 16) & 0xFFFF
+    return _Gate(offset, gate_type, (low >> 32) & 7, (low >> 16) & 0xFFFF, (low >> 45) & 3,
+                 bool((low >> 47) & 1))
 
 
-def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int]:
-    """8-byte protected-mode gate (SDM 6.11 Figure 6-2): offset, type, selector."""
+def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> _Gate:
+    """8-byte protected-mode gate (SDM 6.11 Figure 6-2): offset, type, selector, DPL, P."""
     if vector * 8 + 7 > cpu.idtr_limit:
         raise Fault(Vec.GP, idt_error)
     gate = cpu.read(cpu.idtr_base + vector * 8, 8)
@@ -231,31 +262,48 @@ def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> tuple[int, int, int]:
         raise ModelLimit(f"16-bit gate for vector {vector} is not modelled", cpu.rip)
     if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
         raise Fault(Vec.GP, idt_error)
-    if not (gate >> 47) & 1:
-        raise Fault(Vec.NP, idt_error)
     offset = (gate & 0xFFFF) | ((gate >> 32) & 0xFFFF0000)
-    return offset, gate_type, (gate >> 16) & 0xFFFF
+    return _Gate(offset, gate_type, 0, (gate >> 16) & 0xFFFF, (gate >> 45) & 3,
+                 bool((gate >> 47) & 1))
 
 
-def _push_frame64(cpu: Cpu, event: Event, ist: int, rflags: int,
-                  error_code: int | None) -> tuple[int, tuple[int, ...]]:
-    """Align to 16 and push SS, RSP, RFLAGS, CS, RIP[, error code] (SDM 6.14.2, 6.14.5)."""
+def _push_frame64(cpu: Cpu, event: Event, ist: int, inner: bool, rflags: int,
+                  error_code: int | None) -> tuple[int, int, tuple[int, ...]]:
+    """Align to 16 and push SS, RSP, RFLAGS, CS, RIP[, error code] (SDM 6.14.2, 6.14.5).
+
+    `inner`: the handler is more privileged; the stack is the TSS's RSP0 (or the IST
+    slot) and SS becomes a null selector with RPL 0 (SDM 6.14.4). Returns RSP, SS, frame."""
     old_rsp = cpu.regs[RSP]
-    top = cpu.read(cpu.tr_base + TSS_IST1 + 8 * (ist - 1), 8) if ist else old_rsp
+    if ist:
+        top = cpu.read(cpu.tr_base + TSS_IST1 + 8 * (ist - 1), 8)
+    elif inner:
+        top = cpu.read(cpu.tr_base + TSS_RSP0, 8)
+    else:
+        top = old_rsp
     top &= ~0xF
     words = [cpu.ss, old_rsp, rflags, cpu.cs, event.rip]
     if error_code is not None:
         words.append(error_code)
-    return _push(cpu, top, words, 8)
+    rsp, frame = _push(cpu, top, words, 8)
+    return rsp, 0 if inner else cpu.ss, frame
 
 
-def _push_frame32(cpu: Cpu, event: Event, eflags: int,
-                  error_code: int | None) -> tuple[int, tuple[int, ...]]:
-    """Same-privilege frame: EFLAGS, CS, EIP[, error code] (SDM 6.12.1 Figure 6-4)."""
+def _push_frame32(cpu: Cpu, event: Event, inner: bool, eflags: int, error_code: int | None,
+                  ext: int) -> tuple[int, int, tuple[int, ...]]:
+    """EFLAGS, CS, EIP[, error code] (SDM 6.12.1 Figure 6-4); to a more privileged handler,
+    first SS and ESP, on the stack SS0:ESP0 of the TSS names (SDM 6.12.1). Returns ESP, SS, frame."""
     words = [eflags, cpu.cs, event.rip]
     if error_code is not None:
         words.append(error_code)
-    return _push(cpu, cpu.regs[RSP], words, 4)
+    if not inner:
+        rsp, frame = _push(cpu, cpu.regs[RSP], words, 4)
+        return rsp, cpu.ss, frame
+    esp0 = cpu.read(cpu.tr_base + TSS_RSP0, 4)
+    ss0 = cpu.read(cpu.tr_base + TSS_SS0, 2)
+    if ss0 != DATA_SELECTOR:  # SS0 must be a writable data segment with DPL and RPL 0
+        raise Fault(Vec.TS, (ss0 & 0xFFFC) | ext)
+    rsp, frame = _push(cpu, esp0, [cpu.ss, cpu.regs[RSP], *words], 4)
+    return rsp, ss0, frame
 
 
 def _push(cpu: Cpu, top: int, words: list[int], size: int) -> tuple[int, tuple[int, ...]]:

@@ -33,8 +33,16 @@ from kvmodel.arch.regs import (
     ARITH_FLAGS,
     CF,
     CODE_SELECTOR,
+    CR0_EM,
+    CR0_MP,
+    CR0_TS,
+    CR4_DE,
     DATA_SELECTOR,
     DF,
+    DR6_BD,
+    DR7_GD,
+    EFER_NXE,
+    EFER_SCE,
     EFER_SVME,
     ID,
     IF,
@@ -48,15 +56,19 @@ from kvmodel.arch.regs import (
     RDX,
     RF,
     RFLAGS_FIXED,
+    RPL_MASK,
     RSP,
     SF,
     TF,
+    USER_CODE_SELECTOR,
+    USER_DATA_SELECTOR,
     VIF,
     VIP,
     VM,
     ZF,
     Mode,
     Shadow,
+    cpl_of,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 
@@ -68,6 +80,35 @@ DEBUG_PORT = 0xE9
 # Flags POPF may change at CPL 0 (SDM Vol.2 POPF): not RF, VM, VIF, VIP.
 POPF_MASK = CF | PF | AF | ZF | SF | TF | IF | DF | OF | IOPL | NT | AC | ID
 IRET_MASK = POPF_MASK | RF | VIF | VIP  # IRET also loads RF (SDM 17.3.1.1)
+
+
+def require_cpl0(c) -> None:
+    """A privileged instruction at CPL > 0 is #GP(0) (SDM 5.9); the check has priority over
+    VM exits and SVM intercepts (SDM 25.1.1, APM 15.7.1), so decode.py makes it first."""
+    if c.cs & RPL_MASK:
+        raise Fault(Vec.GP, 0)
+
+
+def iopl(rflags: int) -> int:
+    return (rflags & IOPL) >> 12
+
+
+def loadable_flags(c, mask: int) -> int:
+    """Of `mask`, the flags POPF or IRET may change at the current CPL (SDM Vol.2 POPF, IRET):
+    IOPL, VIF and VIP only at CPL 0, IF only while CPL <= IOPL; the rest are left alone."""
+    cpl = c.cs & RPL_MASK
+    if cpl == 0:
+        return mask
+    mask &= ~(IOPL | VIF | VIP)
+    if cpl > iopl(c.rflags):
+        mask &= ~IF
+    return mask
+
+
+def _require_iopl(c) -> None:
+    """CLI and STI with CPL > IOPL are #GP(0) (SDM Vol.2 CLI, STI; CR4.VME/PVI are 0)."""
+    if c.cs & RPL_MASK > iopl(c.rflags):
+        raise Fault(Vec.GP, 0)
 
 
 def _szp(res: int, sign: int) -> int:
@@ -139,6 +180,57 @@ def build_incdec(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_div(i: iced.Instruction, mode: Mode) -> Run:
+    """DIV / IDIV: rDX:rAX (AX for a byte) by the operand; quotient to rAX (AL), remainder to
+    rDX (AH). A zero divisor or a quotient too wide for the destination is #DE, a fault
+    (SDM Vol.2 DIV, IDIV; Table 6-1). The flags are undefined: the model leaves them alone."""
+    size = size_of(i, 0)
+    bits = 8 * size
+    mask = (1 << bits) - 1
+    get, nxt = reader(i, 0, mode), i.next_ip
+    signed = i.mnemonic == Mnemonic.IDIV
+
+    def run(c):
+        divisor = get(c)
+        high = c.regs[RAX] >> 8 & 0xFF if size == 1 else c.regs[RDX] & mask
+        dividend = high << bits | (c.regs[RAX] & mask)
+        if divisor == 0:
+            raise Fault(Vec.DE)
+        quotient, remainder = divide(dividend, divisor, bits, signed)
+        if quotient is None:
+            raise Fault(Vec.DE)
+        if size == 1:
+            c.regs[RAX] = (c.regs[RAX] & ~0xFFFF) | (remainder & 0xFF) << 8 | (quotient & 0xFF)
+        elif size == 2:
+            c.regs[RAX] = (c.regs[RAX] & ~0xFFFF) | (quotient & 0xFFFF)
+            c.regs[RDX] = (c.regs[RDX] & ~0xFFFF) | (remainder & 0xFFFF)
+        else:  # a 32-bit result zero-extends in 64-bit mode (SDM Vol.1 3.4.1.1)
+            c.regs[RAX], c.regs[RDX] = quotient & mask, remainder & mask
+        c.rip = nxt
+
+    return run
+
+
+def divide(dividend: int, divisor: int, bits: int, signed: bool) -> tuple[int | None, int]:
+    """A double-width dividend by a `bits`-wide divisor, as DIV / IDIV compute it: the quotient
+    truncated toward zero, the remainder with the dividend's sign; None for the quotient when
+    it does not fit in `bits` (#DE). The divisor is not zero."""
+    if not signed:
+        quotient, remainder = divmod(dividend, divisor)
+        return (quotient if quotient >> bits == 0 else None), remainder
+    n = _signed(dividend, 2 * bits)
+    d = _signed(divisor, bits)
+    quotient = abs(n) // abs(d) * (1 if (n < 0) == (d < 0) else -1)
+    remainder = n - quotient * d
+    if not -(1 << (bits - 1)) <= quotient < 1 << (bits - 1):
+        return None, remainder
+    return quotient, remainder
+
+
+def _signed(value: int, bits: int) -> int:
+    return value - (1 << bits) if value >> (bits - 1) & 1 else value
+
+
 def build_mov(i: iced.Instruction, mode: Mode) -> Run:
     dst, src = (i.op_register(n) if i.op_kind(n) == OpKind.REGISTER else None for n in (0, 1))
     if dst is not None and RegisterExt.is_segment_register(dst):
@@ -166,14 +258,22 @@ def build_lea(i: iced.Instruction, mode: Mode) -> Run:
 
 
 def _selector(c, reg: int) -> int:
-    return c.ss if reg == Register.SS else (CODE_SELECTOR if reg == Register.CS else DATA_SELECTOR)
+    """SS and CS as loaded; DS, ES, FS and GS are not tracked: they read as DATA_SELECTOR."""
+    return c.ss if reg == Register.SS else (c.cs if reg == Register.CS else DATA_SELECTOR)
 
 
-def _check_data_selector(c, selector: int) -> None:
-    """Flat data segments only; a null SS is legal at CPL 0 in 64-bit mode (SDM 5.4.1.1)."""
-    if selector & 0xFFFC == DATA_SELECTOR:
-        return
-    if selector & 0xFFFC == 0 and c.mode is Mode.LONG64:
+def _check_data_selector(c, selector: int, is_ss: bool = True) -> None:
+    """The model's flat data segments (SDM 5.4.1, Vol.2 MOV/POP): SS needs RPL = DPL = CPL,
+    so DATA_SELECTOR at CPL 0 and USER_DATA_SELECTOR at CPL 3, or a null SS at CPL 0 in
+    64-bit mode (SDM 5.4.1.1); DS and friends take a segment with DPL >= CPL and RPL <= DPL."""
+    cpl = c.cs & RPL_MASK
+    if is_ss:
+        if selector == (DATA_SELECTOR if cpl == 0 else USER_DATA_SELECTOR):
+            return
+        if selector & 0xFFFC == 0 and c.mode is Mode.LONG64 and cpl == 0:
+            return
+    elif selector & 0xFFFC == USER_DATA_SELECTOR & 0xFFFC or (
+            selector & 0xFFFC == DATA_SELECTOR and cpl == 0 and selector & RPL_MASK == 0):
         return
     raise Fault(Vec.GP, selector & 0xFFFC)
 
@@ -193,7 +293,7 @@ def _mov_to_sreg(i: iced.Instruction, mode: Mode, reg: int) -> Run:
     def run(c):
         selector = get(c) & 0xFFFF
         if selector & 0xFFFC or is_ss:
-            _check_data_selector(c, selector)
+            _check_data_selector(c, selector, is_ss)
         if is_ss:
             _load_ss(c, selector)
         c.rip = nxt
@@ -207,13 +307,13 @@ def _mov_special(i: iced.Instruction, mode: Mode, reg: int, to_special: bool) ->
     is_dr = RegisterExt.is_dr(reg)
     gpr = i.op_register(1 if to_special else 0)
     get, put, nxt = reg_reader(gpr), reg_writer(gpr), i.next_ip
-    if is_dr and n in (4, 5):
-        n += 2  # DR4/DR5 alias DR6/DR7 while CR4.DE = 0 (SDM 17.2.2)
     if is_dr and n > 7 or not is_dr and n not in (0, 2, 3, 4, 8):
         raise ModelLimit(f"mov with {'DR' if is_dr else 'CR'}{n} is not modelled")
     access = _dr_access if is_dr else _cr_access
 
     def run(c):
+        if not is_dr:
+            require_cpl0(c)
         if to_special:
             access(c, n, get(c))
         else:
@@ -224,8 +324,18 @@ def _mov_special(i: iced.Instruction, mode: Mode, reg: int, to_special: bool) ->
 
 
 def _dr_access(c, n: int, value: int | None) -> int:
-    if c.dr7 & (1 << 13):
-        raise ModelLimit("DR7.GD general-detect #DB is not modelled", c.rip)
+    """DR4/DR5 with CR4.DE=1 is #UD, else they alias DR6/DR7 (SDM 17.2.2); then CPL > 0 is
+    #GP(0); then DR7.GD makes the access a fault-like #DB with DR6.BD (SDM 17.2.4, 17.3.1.2).
+    The order is KVM handle_dr()'s (kvm_require_dr(), the CPL check, then GD), which has to
+    match what the CPU does after a MOV-DR exit; QEMU also checks CPL first; Bochs
+    crregs.cc raises the GD #DB before the CPL #GP."""
+    if n in (4, 5):
+        if c.cr4 & CR4_DE:
+            raise Fault(Vec.UD)
+        n += 2
+    require_cpl0(c)
+    if c.dr7 & DR7_GD:
+        raise Fault(Vec.DB, dr6=DR6_BD)
     if value is None:
         return c.dr[n] if n < 4 else (c.dr6 if n == 6 else c.dr7)
     if n < 4:
@@ -236,6 +346,11 @@ def _dr_access(c, n: int, value: int | None) -> int:
         c.dr7 = (value & 0xFFFF2BFF) | 0x400
     c.update_breakpoints()
     return 0
+
+
+# CR0 and CR4 bits a guest may flip: those the #NM rule and the debug extensions read.
+CR0_WRITABLE = CR0_TS | CR0_MP | CR0_EM
+CR4_WRITABLE = CR4_DE
 
 
 def _cr_access(c, n: int, value: int | None) -> int:
@@ -255,9 +370,51 @@ def _cr_access(c, n: int, value: int | None) -> int:
     elif n == 8:
         c.apic.tpr = (value & 0xF) << 4
         c.attn = True
-    elif value != (c.cr0 if n == 0 else c.cr4):
-        raise ModelLimit(f"changing CR{n} is not modelled", c.rip)
+    elif n == 0:
+        if (value ^ c.cr0) & ~CR0_WRITABLE & 0xFFFFFFFF:
+            raise ModelLimit(f"changing CR0 bits other than TS, MP and EM is not modelled "
+                             f"({c.cr0:#x} -> {value:#x})", c.rip)
+        c.cr0 = value
+    else:
+        if (value ^ c.cr4) & ~CR4_WRITABLE:
+            raise ModelLimit(f"changing CR4 bits other than DE is not modelled "
+                             f"({c.cr4:#x} -> {value:#x})", c.rip)
+        c.cr4 = value
+        c.update_breakpoints()  # CR4.DE decides what DR7 R/W=10b means (SDM 17.2.4)
     return 0
+
+
+def build_clts(i: iced.Instruction, mode: Mode) -> Run:
+    """CLTS clears CR0.TS (SDM Vol.2 CLTS)."""
+    nxt = i.next_ip
+
+    def run(c):
+        require_cpl0(c)
+        c.cr0 &= ~CR0_TS
+        c.rip = nxt
+
+    return run
+
+
+def nm_fault(cr0: int, is_wait: bool) -> bool:
+    """Whether an x87 instruction raises #NM (SDM 2.5 Table 2-2, 9.2): any x87 instruction
+    with EM or TS set; WAIT/FWAIT only with both MP and TS."""
+    if is_wait:
+        return bool(cr0 & CR0_MP and cr0 & CR0_TS)
+    return bool(cr0 & (CR0_EM | CR0_TS))
+
+
+def build_x87_nop(i: iced.Instruction, mode: Mode) -> Run:
+    """FNOP and FWAIT: nothing to do but the #NM check (the model has no x87 state, so no
+    x87 exception is ever pending for FWAIT)."""
+    nxt, is_wait = i.next_ip, i.mnemonic == Mnemonic.WAIT
+
+    def run(c):
+        if nm_fault(c.cr0, is_wait):
+            raise Fault(Vec.NM)
+        c.rip = nxt
+
+    return run
 
 
 # -- stack ---------------------------------------------------------------------
@@ -332,7 +489,8 @@ def build_popf(i: iced.Instruction, mode: Mode) -> Run:
     def run(c):
         image = c.read(c.regs[RSP], size)
         c.regs[RSP] = (c.regs[RSP] + size) & c.addr_mask
-        c.rflags = (c.rflags & ~POPF_MASK) | (image & POPF_MASK) | RFLAGS_FIXED
+        mask = loadable_flags(c, POPF_MASK)
+        c.rflags = (c.rflags & ~mask) | (image & mask) | RFLAGS_FIXED
         c.attn = True  # IF or TF may have changed
         c.rip = nxt
 
@@ -440,6 +598,7 @@ def build_cli(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
     def run(c):
+        _require_iopl(c)
         c.rflags &= ~IF
         c.rip = nxt
 
@@ -451,6 +610,7 @@ def build_sti(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
     def run(c):
+        _require_iopl(c)
         if not c.rflags & IF:
             c.rflags |= IF
             c.shadow = Shadow.STI
@@ -465,6 +625,7 @@ def build_hlt(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
     def run(c):
+        require_cpl0(c)
         c.halted = True
         c.rip = nxt
 
@@ -475,6 +636,7 @@ def _vmx(c):
     """The VMX instructions are #UD outside VMX-capable operation (SDM 30.3)."""
     if c.vmx is None:
         raise Fault(Vec.UD)
+    require_cpl0(c)
     return c.vmx
 
 
@@ -530,12 +692,13 @@ def build_vmentry(i: iced.Instruction, mode: Mode) -> Run:
 
 
 def _svm_enabled(c) -> None:
-    """The SVM instructions are #UD with EFER.SVME clear (APM 15.4); the model runs at CPL 0.
+    """The SVM instructions are #UD with EFER.SVME clear (APM 15.4), then #GP(0) at CPL > 0.
 
     Under a host, the CPU checks its own EFER, which an SVM guest always has SVME in:
     only an intercept can give the guest the #UD its own EFER calls for."""
     if not (c.efer & EFER_SVME or (c.host is not None and c.host.efer_svme)):
         raise Fault(Vec.UD)
+    require_cpl0(c)
 
 
 def build_vmrun(i: iced.Instruction, mode: Mode) -> Run:
@@ -602,6 +765,36 @@ def build_vmcall(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def _check_syscall(c, name: str) -> None:
+    """SYSCALL/SYSRET are #UD without EFER.SCE (SDM Vol.2 SYSCALL, SYSRET; the model runs them
+    in 64-bit mode only). Single-step after them follows TF as they leave it, not as it was
+    (the OS masks TF with IA32_FMASK; QEMU c52ab08aee6f "Fix eflags.TF/#DB handling of
+    syscall/sysret insns"): the model does not, so TF there is a model limit."""
+    if not c.efer & EFER_SCE:
+        raise Fault(Vec.UD)
+    if c.rflags & TF:
+        raise ModelLimit(f"{name} with TF=1 (single-step after it) is not modelled", c.rip)
+
+
+def build_syscall(i: iced.Instruction, mode: Mode) -> Run:
+    """SYSCALL (SDM Vol.2): RCX = next RIP, R11 = RFLAGS, RFLAGS &= ~IA32_FMASK (RF too), CS and
+    SS from IA32_STAR[47:32] at CPL 0, RIP = IA32_LSTAR. No stack switch."""
+    nxt = i.next_ip
+
+    def run(c):
+        _check_syscall(c, "SYSCALL")
+        selector = (c.star >> 32) & 0xFFFC
+        if selector != CODE_SELECTOR:
+            raise ModelLimit(f"SYSCALL to CS {selector:#x} (the model's GDT has 0x8)", c.rip)
+        c.regs[RCX], c.regs[11] = nxt, c.rflags
+        c.rflags = (c.rflags & ~c.fmask & ~RF) | RFLAGS_FIXED
+        c.cs, c.ss = CODE_SELECTOR, DATA_SELECTOR
+        c.rip = c.lstar
+        c.attn = True
+
+    return run
+
+
 def build_vmmcall(i: iced.Instruction, mode: Mode) -> Run:
     """VMMCALL: a guest's call to its VMM, which only an intercept makes (APM 15.18: "If VMMCALL
     instruction is not intercepted, the instruction raises a #UD exception"); #UD too with
@@ -609,6 +802,32 @@ def build_vmmcall(i: iced.Instruction, mode: Mode) -> Run:
 
     def run(c):
         raise Fault(Vec.UD)
+
+    return run
+
+
+def build_sysret(i: iced.Instruction, mode: Mode) -> Run:
+    """SYSRETQ (SDM Vol.2 SYSRET): #GP(0) at CPL > 0 or with a non-canonical RCX; RIP = RCX,
+    RFLAGS = R11 (RF and VM clear, bit 1 set), CS = IA32_STAR[63:48] + 16 and SS = + 8, RPL 3."""
+    if i.code != Code.SYSRETQ:
+        raise ModelLimit("SYSRET to 32-bit compatibility mode is not modelled")
+
+    def run(c):
+        _check_syscall(c, "SYSRET")
+        require_cpl0(c)
+        if c.regs[RCX] >> 47 not in (0, (1 << 17) - 1):
+            raise Fault(Vec.GP, 0)
+        if c.regs[11] & TF:
+            raise ModelLimit("SYSRET to TF=1 (single-step after it) is not modelled", c.rip)
+        if c.vmx is not None or c.has_svm:
+            raise ModelLimit("CPL 3 with an L1 hypervisor is not modelled", c.rip)
+        base = (c.star >> 48) & 0xFFFC
+        if (base + 16) | 3 != USER_CODE_SELECTOR:
+            raise ModelLimit(f"SYSRET to CS {(base + 16) | 3:#x} (the model's user CS is 0x33)", c.rip)
+        c.rflags = (c.regs[11] & 0x3C7FD7) | RFLAGS_FIXED
+        c.cs, c.ss = USER_CODE_SELECTOR, USER_DATA_SELECTOR
+        c.rip = c.regs[RCX]
+        c.attn = True
 
     return run
 
@@ -667,14 +886,16 @@ def build_ud2(i: iced.Instruction, mode: Mode) -> Run:
 
 
 def build_iret(i: iced.Instruction, mode: Mode) -> Run:
-    """IRET at CPL 0 to CPL 0 (SDM Vol.2 IRET; 6.14.3 for IRETQ).
+    """IRET to CPL 0 or 3 (SDM Vol.2 IRET; 6.14.3 for IRETQ).
 
     NMI blocking ends before any check, so it ends even if IRET faults (SDM 6.7.1).
+    In 64-bit mode IRET always pops SS:RSP; in 32-bit mode only when it returns to an
+    outer privilege level. DS, ES, FS and GS are not nulled on the way out (the model
+    does not track them; see _selector()).
     """
     if i.mnemonic == Mnemonic.IRET:
         raise ModelLimit("16-bit IRET is not modelled")
     size = 8 if i.mnemonic == Mnemonic.IRETQ else 4
-    pops_stack = mode is Mode.LONG64  # 64-bit mode IRET always pops SS:RSP
     rip_here = i.ip
 
     def run(c):
@@ -682,33 +903,57 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
         c.nmi_blocked = False
         c.iret_unblocked_nmi = was_blocked
         sp = c.regs[RSP]
-        words = [c.read(sp + size * k, size) for k in range(5 if pops_stack else 3)]
-        new_rip, cs, flags = words[0], words[1] & 0xFFFF, words[2]
-        if cs & 3:
-            raise ModelLimit("IRET to CPL > 0 is not modelled", rip_here)
-        if cs & 0xFFFC != CODE_SELECTOR:
-            raise Fault(Vec.GP, cs & 0xFFFC)
+        new_rip, cs, flags = (c.read(sp + size * k, size) for k in range(3))
+        cs &= 0xFFFF
         if c.rflags & NT:
             if c.mode is Mode.LONG64:
                 raise Fault(Vec.GP, 0)  # no task return in IA-32e mode (SDM Vol.2 IRET)
             raise ModelLimit("IRET with NT=1 (task return) is not modelled", rip_here)
-        if c.mode is Mode.PROTECTED32 and flags & VM:
+        if c.mode is Mode.PROTECTED32 and flags & VM and cpl_of(c.cs) == 0:
             raise ModelLimit("IRET to virtual-8086 mode is not modelled", rip_here)
-        if pops_stack:
-            ss = words[4] & 0xFFFF
-            _check_data_selector(c, ss)
-            c.ss = ss
-            c.regs[RSP] = words[3]
+        new_cpl = _iret_code_segment(c, cs)
+        outer = new_cpl > cpl_of(c.cs)
+        if outer and (c.vmx is not None or c.has_svm):
+            # hw/ and kvm/ switch RIP, RSP and RFLAGS between L1 and L2, not CS and SS
+            raise ModelLimit("CPL 3 with an L1 hypervisor is not modelled", rip_here)
+        if c.mode is Mode.LONG64 or outer:
+            new_rsp, ss = c.read(sp + 3 * size, size), c.read(sp + 4 * size, size) & 0xFFFF
+            _check_return_ss(c, ss, new_cpl)
         else:
-            c.regs[RSP] = (sp + 3 * size) & c.addr_mask
-        mask = IRET_MASK if size == 8 else IRET_MASK & 0xFFFFFFFF
+            new_rsp, ss = (sp + 3 * size) & c.addr_mask, c.ss
+        mask = loadable_flags(c, IRET_MASK if size == 8 else IRET_MASK & 0xFFFFFFFF)
         c.rflags = (c.rflags & ~mask) | (flags & mask) | RFLAGS_FIXED
+        c.cs, c.ss, c.regs[RSP] = cs, ss, new_rsp
         c.rip = new_rip
         c.attn = True
         c.iret_unblocked_nmi = False
         c.trace.append(Iret(rip_here, new_rip, c.retired + 1, was_blocked))
 
     return run
+
+
+def _iret_code_segment(c, cs: int) -> int:
+    """The return CS's checks (SDM Vol.2 IRET, PROTECTED-MODE-RETURN): null is #GP(0); an RPL
+    below CPL, or a selector that is not one of the model's code segments with DPL = RPL, is
+    #GP(selector). Returns the new CPL."""
+    if cs & 0xFFFC == 0:
+        raise Fault(Vec.GP, 0)
+    rpl = cs & RPL_MASK
+    if rpl < cpl_of(c.cs) or cs not in (CODE_SELECTOR, USER_CODE_SELECTOR):
+        raise Fault(Vec.GP, cs & 0xFFFC)
+    return rpl
+
+
+def _check_return_ss(c, ss: int, new_cpl: int) -> None:
+    """The popped SS (SDM Vol.2 IRET, RETURN-TO-OUTER-PRIVILEGE-LEVEL; 6.14.3): a writable data
+    segment with RPL = DPL = the new CPL; a null SS is #GP(0), except in 64-bit mode
+    returning to CPL 0 (SDM 5.4.1.1)."""
+    if ss & 0xFFFC == 0:
+        if c.mode is Mode.LONG64 and new_cpl == 0:
+            return
+        raise Fault(Vec.GP, 0)
+    if ss != (DATA_SELECTOR if new_cpl == 0 else USER_DATA_SELECTOR):
+        raise Fault(Vec.GP, ss & 0xFFFC)
 
 
 # -- system instructions -------------------------------------------------------------
@@ -719,6 +964,7 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
     base_size = 8 if mode is Mode.LONG64 else 4
 
     def run(c):
+        require_cpl0(c)
         addr = ea(c)
         limit = c.read(addr, 2)
         base = c.read(addr + 2, base_size)
@@ -734,6 +980,8 @@ IA32_EFER = 0xC0000080
 VM_HSAVE_PA = 0xC0010117
 # No CPUID leaf 80000008H: MAXPHYADDR is 36 (SDM 4.1.4; KVM's cpuid_query_maxphyaddr() agrees).
 MAXPHYADDR = 36
+IA32_STAR, IA32_LSTAR, IA32_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
+_SYSCALL_MSRS = {IA32_STAR: "star", IA32_LSTAR: "lstar", IA32_FMASK: "fmask"}
 
 
 def _read_msr(c, msr: int) -> int:
@@ -749,6 +997,8 @@ def _read_msr(c, msr: int) -> int:
         return c.ghcb_msr
     elif msr == VM_HSAVE_PA and c.has_svm:
         return c.vm_hsave_pa
+    elif msr in _SYSCALL_MSRS and c.mode is Mode.LONG64:
+        return getattr(c, _SYSCALL_MSRS[msr])
     raise Fault(Vec.GP, 0)
 
 
@@ -768,6 +1018,10 @@ def _write_msr(c, msr: int, value: int) -> None:
         if value & 0xFFF or value >> MAXPHYADDR:
             raise Fault(Vec.GP, 0)
         c.vm_hsave_pa = value
+    elif msr in _SYSCALL_MSRS and c.mode is Mode.LONG64:
+        setattr(c, _SYSCALL_MSRS[msr], value & (0xFFFFFFFF if msr == IA32_FMASK else (1 << 64) - 1))
+    elif msr == IA32_EFER and value ^ c.efer in (EFER_NXE, EFER_SCE) and c.mode is Mode.LONG64:
+        c.efer = value  # NXE (the I/D bit of #PF error codes, SDM 4.7) or SCE (SYSCALL/SYSRET)
     elif msr == IA32_EFER and value ^ c.efer == EFER_SVME:
         if not c.has_svm:
             raise Fault(Vec.GP, 0)  # SVME is reserved on a CPU without SVM
@@ -783,6 +1037,7 @@ def build_rdmsr(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
     def run(c):
+        require_cpl0(c)
         value = _read_msr(c, c.regs[RCX] & 0xFFFFFFFF)
         c.regs[RAX] = value & 0xFFFFFFFF
         c.regs[RDX] = value >> 32
@@ -795,6 +1050,7 @@ def build_wrmsr(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
 
     def run(c):
+        require_cpl0(c)
         value = (c.regs[RDX] & 0xFFFFFFFF) << 32 | (c.regs[RAX] & 0xFFFFFFFF)
         _write_msr(c, c.regs[RCX] & 0xFFFFFFFF, value)
         c.rip = nxt
@@ -809,14 +1065,26 @@ def _port(i: iced.Instruction, n: int):
     return lambda c: port
 
 
+def check_io_privilege(c) -> None:
+    """IN/OUT with CPL > IOPL consult the TSS's I/O permission bitmap (SDM 18.5.2), which the
+    model does not have."""
+    if c.cs & RPL_MASK > iopl(c.rflags):
+        raise ModelLimit("IN/OUT with CPL > IOPL (the I/O permission bitmap) is not modelled",
+                         c.rip)
+
+
 def build_out(i: iced.Instruction, mode: Mode) -> Run:
     """OUT: a byte to port 0xE9 is recorded as output; other ports ignore writes."""
     port, get, nxt = _port(i, 0), reg_reader(i.op_register(1)), i.next_ip
+    size = size_of(i, 1)
 
     def run(c):
+        check_io_privilege(c)
         p = port(c)
         if p == DEBUG_PORT:
             c.trace.append(Output(p, get(c) & 0xFF, c.retired + 1))
+        if c.io_bps:
+            c.io_access(p, size)
         c.rip = nxt
 
     return run
@@ -825,8 +1093,12 @@ def build_out(i: iced.Instruction, mode: Mode) -> Run:
 def build_in(i: iced.Instruction, mode: Mode) -> Run:
     """IN: no device answers, so the bus floats to all ones."""
     put, nxt = reg_writer(i.op_register(0)), i.next_ip
+    port, size = _port(i, 1), size_of(i, 0)
 
     def run(c):
+        check_io_privilege(c)
+        if c.io_bps:
+            c.io_access(port(c), size)
         put(c, -1)
         c.rip = nxt
 
@@ -878,4 +1150,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
     Mnemonic.IRET: build_iret, Mnemonic.IRETD: build_iret, Mnemonic.IRETQ: build_iret,
     Mnemonic.LIDT: build_lidt, Mnemonic.RDMSR: build_rdmsr, Mnemonic.WRMSR: build_wrmsr,
     Mnemonic.IN: build_in, Mnemonic.OUT: build_out, Mnemonic.CPUID: build_cpuid,
+    Mnemonic.DIV: build_div, Mnemonic.IDIV: build_div, Mnemonic.CLTS: build_clts,
+    Mnemonic.FNOP: build_x87_nop, Mnemonic.WAIT: build_x87_nop,
+    Mnemonic.SYSCALL: build_syscall, Mnemonic.SYSRETQ: build_sysret, Mnemonic.SYSRET: build_sysret,
 }  # fmt: skip

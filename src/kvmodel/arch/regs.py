@@ -87,6 +87,31 @@ class Shadow(IntEnum):
 
 
 # Flat segments kvmodel provides (DEVIATION: the GDT is part of the model,
-# not of guest memory; these are the only valid selectors).
+# not of guest memory; these are the only valid selectors). The user segments
+# are the same flat segments at DPL 3 (the user code segment has CODE_SELECTOR's
+# base); the selectors carry RPL 3 and are Linux's __USER_DS and __USER_CS, in the
+# order SYSRET needs (SS = STAR[63:48] + 8, CS = + 16). GDT index 3 (and 4 in long
+# mode) is the TSS.
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
+USER_DATA_SELECTOR = 0x2B  # GDT index 5, RPL 3
+USER_CODE_SELECTOR = 0x33  # GDT index 6, RPL 3
+RPL_MASK = 3
+
+
+def cpl_of(cs: int) -> int:
+    """CPL is CS.RPL in protected and IA-32e mode (SDM 5.5)."""
+    return cs & RPL_MASK
+
+
+# TSS fields the model reads (SDM 7.2.1 Figure 7-2, 7.7 Figure 7-11).
+TSS_RSP0 = 0x04  # 64-bit TSS: RSP0; 32-bit TSS: ESP0
+TSS_SS0 = 0x08  # 32-bit TSS only
+
+# CR0 and CR4 bits event delivery depends on (SDM 2.5).
+CR0_MP = 1 << 1
+CR0_EM = 1 << 2
+CR0_TS = 1 << 3
+CR4_DE = 1 << 3
+EFER_NXE = 1 << 11
+EFER_SCE = 1 << 0  # SYSCALL/SYSRET enabled

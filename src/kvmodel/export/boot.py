@@ -153,6 +153,8 @@ kv_protected:
     mov %eax, %gs
     mov %eax, %ss
     lidt kv_idtr
+    mov ${TSS_SELECTOR:#x}, %eax
+    ltr %ax
 {_x2apic()}
 {_debug_registers(state)}
     mov $kv_boot_stack_top, %esp
@@ -291,9 +293,12 @@ def _gdt(state: ResetState) -> list[str]:
     data = _segment(0, 0xFFFFF, 0x93, 0xC)
     stub = _segment(0, 0xFFFFF, 0x9B, 0xC)
     tss_low = _segment(state.tr_base, 0x67, 0x89, 0)
+    # USER_DATA_SELECTOR and USER_CODE_SELECTOR (index 5 and 6): the same segments at DPL 3
+    user = (f"{_segment(0, 0xFFFFF, 0xF3, 0xC):#x}, "
+            f"{_segment(state.cs_base, 0xFFFFF if not long else 0, 0xFB, 0xA if long else 0xC):#x}")
     if long:
-        return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}"]
-    return [f"    .quad 0, {code:#x}, {data:#x}, 0, {stub:#x}"]
+        return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {state.tr_base >> 32:#x}, {user}"]
+    return [f"    .quad 0, {code:#x}, {data:#x}, {tss_low:#x}, {stub:#x}, {user}"]
 
 
 def _segment(base: int, limit: int, access: int, flags: int) -> int:
@@ -333,14 +338,15 @@ def _page_tables(state: ResetState) -> list[str]:
 
 
 def _paging_long(holes: frozenset[int]) -> list[str]:
-    """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent."""
+    """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent; every
+    level user-accessible (U/S=1), as the model's pages are to CPL 3."""
     split = {page >> 9 for page in holes if page < 1 << 18}
     absent = {region for region in split if all(p in holes for p in range(region << 9,
                                                                           (region + 1) << 9))}
     split = sorted(split - absent)
     apic_gib, apic_region = APIC_BASE >> 30, (APIC_BASE >> 21) & 511
-    lines = ["kv_pml4:", "    .quad kv_pdpt + 3", "    .fill 511, 8, 0",
-             "kv_pdpt:", "    .quad kv_pd + 3", f"    .fill {apic_gib - 1}, 8, 0",
+    lines = ["kv_pml4:", "    .quad kv_pdpt + 7", "    .fill 511, 8, 0",
+             "kv_pdpt:", "    .quad kv_pd + 7", f"    .fill {apic_gib - 1}, 8, 0",
              "    .quad kv_pd_apic + 3", f"    .fill {511 - apic_gib}, 8, 0",
              "kv_pd_apic:", f"    .fill {apic_region}, 8, 0",
              f"    .quad {APIC_BASE | _UNCACHED | 0x83:#x}", f"    .fill {511 - apic_region}, 8, 0",
@@ -349,9 +355,9 @@ def _paging_long(holes: frozenset[int]) -> list[str]:
         if region in absent:
             lines.append("    .quad 0")
         elif region in split:
-            lines.append(f"    .quad kv_pt{region} + 3")
+            lines.append(f"    .quad kv_pt{region} + 7")
         else:
-            lines.append(f"    .quad {(region << 21) | 0x83:#x}")
+            lines.append(f"    .quad {(region << 21) | 0x87:#x}")
     for region in split:
         lines.append(f"kv_pt{region}:")
         lines += [f"    .quad {_pte(page, holes):#x}" for page in range(region << 9,
@@ -364,7 +370,7 @@ def _paging_32(holes: frozenset[int]) -> list[str]:
     tables = (STUB_BASE * 2) >> 22
     apic_table, apic_page = APIC_BASE >> 22, (APIC_BASE >> 12) & 1023
     lines = ["kv_pd:"]
-    lines += [f"    .long kv_pt{t} + 3" for t in range(tables)]
+    lines += [f"    .long kv_pt{t} + 7" for t in range(tables)]
     lines += [f"    .fill {apic_table - tables}, 4, 0", "    .long kv_pt_apic + 3",
               f"    .fill {1023 - apic_table}, 4, 0",
               "kv_pt_apic:", f"    .fill {apic_page}, 4, 0",
@@ -376,7 +382,7 @@ def _paging_32(holes: frozenset[int]) -> list[str]:
 
 
 def _pte(page: int, holes: frozenset[int]) -> int:
-    return 0 if page in holes else page * PAGE | 3
+    return 0 if page in holes else page * PAGE | 7  # P, R/W, U/S: CPL 3 may touch every page
 
 
 def _data(state: ResetState) -> str:

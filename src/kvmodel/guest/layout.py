@@ -2,7 +2,7 @@
 
     0x00000  page 0 (ordinary memory)
     0x01000  IDT (256 gates: 16 bytes each in long mode, 8 in protected mode; [cpu] idt_base)
-    0x03000  64-bit TSS (IST slots)
+    0x03000  TSS: RSP0 (ESP0, SS0 in protected mode) = 0x30000, and the 64-bit IST slots
     0x10000  guest text, then data and bss (linked at 0x10000 - [cpu] cs_base)
     0x30000  top of the initial stack (grows down)
     0x31000+ top of IST stack k at 0x30000 + k * 0x1000, k = 1..7
@@ -22,7 +22,7 @@ from kvmodel.arch.apic import Apic
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
 from kvmodel.arch.fred import CR4_FRED, FredMsrs
-from kvmodel.arch.regs import CODE_SELECTOR, RSP, Mode
+from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, RSP, TSS_RSP0, TSS_SS0, Mode
 
 IDT_BASE = 0x1000
 TSS_BASE = 0x3000
@@ -95,6 +95,12 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     for vector, gate in machine.gates:
         at = machine.idt_base + vector * gate_size(mode)
         mem[at:at + gate_size(mode)] = encode_gate(gate, mode)
+    # The stack a delivery from CPL 3 switches to (SDM 6.12.1, 6.14.4): the initial one.
+    if mode is Mode.LONG64:
+        mem[TSS_BASE + TSS_RSP0:TSS_BASE + TSS_RSP0 + 8] = STACK_TOP.to_bytes(8, "little")
+    else:
+        mem[TSS_BASE + TSS_RSP0:TSS_BASE + TSS_RSP0 + 4] = STACK_TOP.to_bytes(4, "little")
+        mem[TSS_BASE + TSS_SS0:TSS_BASE + TSS_SS0 + 2] = DATA_SELECTOR.to_bytes(2, "little")
     if mode is Mode.LONG64:
         tops = {k: IST_STACK_BASE + k * PAGE for k in range(1, 8)} | dict(machine.ist)
         for k, top in tops.items():

@@ -53,6 +53,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7
     cpu.ghcb_msr = old.ghcb_msr
     cpu.vm_hsave_pa = old.vm_hsave_pa  # KVM_GET/SET_MSRS
+    cpu.star, cpu.lstar, cpu.fmask = old.star, old.lstar, old.fmask  # KVM_GET/SET_MSRS
     cpu.fred, cpu.csl = old.fred, old.csl  # KVM_GET/SET_MSRS: the FRED MSRs and stack level
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts

@@ -44,9 +44,10 @@ def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
         rip, cs, rflags, rsp, ss = words
         named = [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",
                  f"rsp={rsp:#x}", f"ss={ss:#x}"]
-    else:
-        eip, cs, eflags = words
+    else:  # with SS:ESP after a privilege change (SDM 6.12.1 Figure 6-4)
+        eip, cs, eflags, *outer = words
         named = [f"eip={program.where(eip)}", f"cs={cs:#x}", f"eflags={describe_rflags(eflags)}"]
+        named += [f"{name}={value:#x}" for name, value in zip(("esp", "ss"), outer, strict=False)]
     parts += [_undefined_note(text, mask, (1 << mode.value) - 1)
               for text, mask in zip(named, masks, strict=True)]
     return " ".join(parts)

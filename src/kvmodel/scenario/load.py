@@ -464,6 +464,7 @@ def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
             present=spec.get("present", True),
             selector=spec.get("selector", 0x08),
             line=ctx.line("idt", key),
+            dpl=spec.get("dpl", 0),
         ))
     return tuple(sorted(gates, key=lambda g: g.vector))
 

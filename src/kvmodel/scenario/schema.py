@@ -34,6 +34,7 @@ class GateSpec:
     present: bool
     selector: int
     line: int
+    dpl: int = 0  # the gate's DPL: 3 lets INT n, INT3 and INTO through from CPL 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +399,8 @@ _VMM = Tagged("call", {
     foreign='unknown key "{key}" in [{name}]: it belongs to {tag} = "{owner}"')
 _GATE = Table({"handler": Address(), "gate": Either((Choice(("interrupt", "trap")), Int(high=15)),
                                                    '"interrupt", "trap" or a type 0-15'),
-               "ist": Int(high=7), "present": Bool(), "selector": Int(high=0xFFFF)},
+               "ist": Int(high=7), "present": Bool(), "selector": Int(high=0xFFFF),
+               "dpl": Int(high=3)},
               required=(("handler", 'a gate needs handler = "label"'),))
 
 DOCUMENT = Table({
