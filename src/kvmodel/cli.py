@@ -158,8 +158,11 @@ def _explore_parsers(sub) -> None:
     rp = sub.add_parser("replay", help="re-run a replay file, side by side with bare metal",
                         description="Re-run the exact schedule of a replay file written by "
                                     "`kvmodel explore`. Exit 1 if the finding shows again, 0 if "
-                                    "not, 2 if the scenario changed since.")
+                                    "not, 2 if the file is not a valid replay, the scenario "
+                                    "changed since, or the model cannot run it to the end.")
     rp.add_argument("replay", metavar="FILE")
+    rp.add_argument("--json", action="store_true",
+                    help="one JSON document (the replayed comparison) instead of text")
     rp.add_argument("--svg", metavar="FILE",
                     help="also write a timeline picture (SVG) of both runs, the divergence marked")
     bugs = sub.add_parser("bugs", help="the catalogue of known KVM bugs the model can switch on")
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, console)
     except KvmodelError as e:
-        console.print(f"[bold red]error[/]: {escape(str(e))}")
+        _error(str(e))
         return Exit.BAD_INPUT
     except Exception:  # noqa: BLE001 - report, save, and say it is ours
         with tempfile.NamedTemporaryFile("w", prefix="kvmodel-crash-", suffix=".txt",
@@ -184,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: this is probably a kvmodel bug; traceback saved to {f.name}",
               file=sys.stderr)
         return Exit.MODEL_BUG
+
+
+def _error(message: str, label: str = "[bold red]error[/]") -> None:
+    """Errors go to stderr, so stdout (a report, a JSON document) stays clean; the message is
+    printed as text, never read as markup (it may quote a scenario or a replay file)."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"{label}: {escape(message)}")
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -222,7 +231,7 @@ def _run_scenarios(args: argparse.Namespace, console: Console) -> int:
         except KvmodelError as e:
             errors.append({"path": path, "error": str(e)})
             if not args.json:
-                console.print(f"[bold red]error[/]: {escape(str(e))}", highlight=False)
+                _error(str(e))
             worst = max(worst, Exit.BAD_INPUT)
             continue
         results.append(result)
@@ -337,15 +346,35 @@ def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult]) -> 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
     replay = read(args.replay)
-    console.print(f"replaying {args.replay}: {replay.document['finding']['kind']} on "
-                  f"{replay.vendor.value}, schedule: {describe(replay.schedule)}"
-                  + (f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""))
+    for name in sorted(replay.bugs):
+        try:
+            lookup(name)
+        except KvmodelError as e:
+            raise KvmodelError(f"{args.replay}: {e}") from None
     comparison = replay.run()
-    print_side_by_side(console, comparison)
+    bugs = f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""
+    what = f"{replay.finding_kind} on {replay.vendor.value}, schedule: {describe(replay.schedule)}{bugs}"
+    if args.json:
+        doc = document([comparison], [])
+        doc["replay"] = {"file": str(args.replay), "scenario": replay.scenario.path,
+                         "vendor": replay.vendor.value, "bugs": sorted(replay.bugs),
+                         "finding": replay.document["finding"],
+                         "schedule": [p.to_dict() for p in replay.schedule]}
+        print(json.dumps(doc, indent=1))
+    else:
+        console.print(f"replaying {escape(str(args.replay))}: {escape(what)}")
+        print_side_by_side(console, comparison)
     if args.svg is not None:
-        bugs = f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""
-        _write_svg(args.svg, timeline_svg(comparison, note=f"replay {args.replay}: schedule "
-                                          f"{describe(replay.schedule)}{bugs}"), console)
+        note = f"replay {args.replay}: schedule {describe(replay.schedule)}{bugs}"
+        _write_svg(args.svg, timeline_svg(comparison, note=note), console, quiet=args.json)
+    return _replay_exit(comparison)
+
+
+def _replay_exit(comparison) -> Exit:
+    """1 if the finding shows again, 0 if not; 2 if the model could not run it to the end, or
+    the vendor cannot run the scenario at all (then nothing was replayed)."""
+    if comparison.not_applicable is not None or _limit(comparison) is not None:
+        return Exit.BAD_INPUT
     return Exit.OK if comparison.passed else Exit.FAILED
 
 

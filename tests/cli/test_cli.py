@@ -42,14 +42,14 @@ def test_malformed_file_exits_two_with_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE.read_text().replace('[idt]\nNMI = "nmi_handler"', '[idt]\nNMI = 5 5'))
     assert main(["run", str(bad)]) == Exit.BAD_INPUT
-    assert re.search(rf"error: {re.escape(str(bad))}:\d+: not valid TOML", capsys.readouterr().out)
+    assert re.search(rf"error: {re.escape(str(bad))}:\d+: not valid TOML", capsys.readouterr().err)
 
 
 def test_unknown_label_exits_two(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE.read_text().replace('NMI = "nmi_handler"', 'NMI = "nmi_handlr"'))
     assert main(["run", str(bad)]) == Exit.BAD_INPUT
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert 'unknown label "nmi_handlr"' in out and "nmi_handler" in out
 
 
@@ -95,7 +95,7 @@ def test_missing_gnu_as_says_how_to_install(monkeypatch, capsys, tmp_path):
     fresh = tmp_path / "fresh.toml"
     fresh.write_text(text)
     assert main(["run", str(fresh)]) == Exit.BAD_INPUT
-    assert "apt-get install binutils" in capsys.readouterr().out
+    assert "apt-get install binutils" in capsys.readouterr().err
 
 
 VIRT = ARCH.parent / "virt"
@@ -201,7 +201,7 @@ def test_explore_json(tmp_path, capsys):
 
 def test_unknown_bug_is_bad_input(capsys):
     assert main(["explore", "--bug", "no_such_bug", str(EXPLORE)]) == Exit.BAD_INPUT
-    assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().out
+    assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().err
 
 
 def test_bugs_list_and_check(tmp_path, capsys):

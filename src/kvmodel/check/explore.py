@@ -65,9 +65,12 @@ class Bounds:
     max_vmm: int | None = None  # VMM calls; None: up to 2 of those the scenario offers, else 0
 
 
+FINDING_KINDS = ("divergence", "liveness", "hypervisor_error", "warn", "stats", "starvation", "host")
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, warn, stats, starvation, host
+    kind: str  # one of FINDING_KINDS
     schedule: Schedule
     message: str
 
