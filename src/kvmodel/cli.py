@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import traceback
+from contextlib import contextmanager
 from enum import IntEnum
 from pathlib import Path
 
@@ -43,8 +45,10 @@ class Exit(IntEnum):
     OK = 0  # every expectation holds
     FAILED = 1  # an expectation does not hold
     BAD_INPUT = 2  # malformed scenario, missing tool, or outside what the model covers
+    INCOMPLETE = 3  # explore: the time limit ended the search before the bounds were covered
     MODEL_BUG = 4  # an internal error: probably a kvmodel bug
-    INTERRUPTED = 130  # Ctrl-C: what was found so far is written
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): what was found so far is written (128 + 2)
+    TERMINATED = 143  # SIGTERM: the same (128 + 15)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +127,34 @@ def _steps(text: str) -> int:
     return steps
 
 
+def _bound(text: str) -> int:
+    """--max-async/--max-host/--max-vmm: a negative bound would allow no schedule at all."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} allows no schedule: it must be 0 or more")
+    return value
+
+
+def _workers(text: str) -> int:
+    value = _bound(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1 worker")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} allows no schedule: it must be more than 0 s")
+    return value
+
+
 def _explore_parsers(sub) -> None:
     ex = sub.add_parser(
         "explore", help="try every placement of the choice points and report findings",
@@ -131,22 +163,24 @@ def _explore_parsers(sub) -> None:
                     "report what the guest saw that bare metal would not have shown it. Findings "
                     "are shrunk and written as replay files. Exit 0: no finding within the "
                     "bounds; 1: findings; 2: bad input, or a model limit stopped (part of) a scenario's "
-                    "exploration; 130: interrupted (findings kept).")
+                    "exploration; 3: the time limit ended the search early; 130/143: interrupted "
+                    "by SIGINT/SIGTERM (the summary so far is printed, replay files kept).")
     ex.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files or directories")
     ex.add_argument("--vendor", choices=["svm", "vmx", "both"], default="both")
-    ex.add_argument("--max-async", type=int, metavar="N",
+    ex.add_argument("--max-async", type=_bound, metavar="N",
                     help="at most N external NMIs/interrupts per schedule (default: 2)")
-    ex.add_argument("--max-host", type=int, metavar="N",
+    ex.add_argument("--max-host", type=_bound, metavar="N",
                     help="at most N host happenings per schedule: host interrupts, host faults, "
                          "save/restores (default: 2)")
-    ex.add_argument("--max-vmm", type=int, metavar="N",
+    ex.add_argument("--max-vmm", type=_bound, metavar="N",
                     help="at most N VMM uAPI calls per schedule, each after any VM exit: those the "
                          "scenario's [explore] vmm lists, or all of them (default: 2 if it lists "
                          "some, else none)")
-    ex.add_argument("--workers", type=int, default=1, metavar="N",
-                    help="processes to spread each scenario's schedules over")
-    ex.add_argument("--time-limit", type=float, metavar="S",
-                    help="stop each scenario's search after S seconds, reporting what was covered")
+    ex.add_argument("--workers", type=_workers, default=1, metavar="N",
+                    help="processes to spread the scenarios over")
+    ex.add_argument("--time-limit", type=_seconds, metavar="S",
+                    help="stop the whole search after S seconds, reporting what was covered "
+                         "(exit 3 if that was not everything)")
     ex.add_argument("--bug", action="append", default=[], metavar="NAME",
                     help="switch on a catalogued bug (kvmodel bugs list); repeatable")
     ex.add_argument("--out", default="kvmodel-findings", metavar="DIR",
@@ -272,19 +306,23 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
         lookup(name)
     paths = expand(args.scenarios)
     bounds = Bounds(args.max_async, args.max_host, args.max_vmm)
-    if args.workers < 1:
-        raise KvmodelError("--workers must be at least 1")
     done: list[Explored] = []
+    bad_files: set[str] = set()
 
     def report(item: Explored) -> None:
         done.append(item)
+        if item.error is not None:
+            if item.path not in bad_files and not args.json:
+                _error(item.error)
+            bad_files.add(item.path)
+            return
         if not args.json:
             print_findings(console, item.result, item.shrunk, item.known)
             if not console.is_terminal:
                 r = item.result
                 limited = "" if r.limit is None else (
                     f", {r.model_limits} at a model limit" if r.schedules else ", model limit")
-                console.print(f"{r.scenario.path} ({r.vendor.value}): {r.schedules} schedules, "
+                console.print(f"{escape(r.scenario.path)} ({r.vendor.value}): {r.schedules} schedules, "
                               f"{r.distinct} distinct outcomes, {len(r.findings)} findings{limited}")
 
     vendors = vendors_for(args.vendor)
@@ -296,50 +334,99 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
 
     def advance(item: Explored) -> None:
         report(item)
-        bar.update(task, advance=1, description=f"{item.result.scenario.path} ({item.result.vendor.value})")
+        bar.update(task, advance=1, description=f"{item.path} ({item.vendor.value})")
 
+    with _signals_as_interrupts() as caught:
+        try:
+            with bar:
+                explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
+                            bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
+                            done=advance)
+        except KeyboardInterrupt:
+            caught.setdefault("signal", signal.SIGINT)
+    interrupted = caught.get("signal")
+    if interrupted is not None:
+        _error(f"{interrupted.name} after {len(done)} of {len(paths) * len(vendors)} explorations; "
+               "the summary so far follows, replay files written are kept", label="[yellow]interrupted[/]")
+    return _explore_summary(args, console, done, len(paths) * len(vendors), interrupted)
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM ends the search as Ctrl-C does (a KeyboardInterrupt: workers ended, summary
+    printed); which signal it was is kept for the exit code."""
+    caught: dict[str, signal.Signals] = {}
+
+    def on_signal(signum, frame):
+        caught.setdefault("signal", signal.Signals(signum))
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with bar:
-            explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
-                        bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
-                        done=advance)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: the findings above are written")
-        _explore_summary(args, console, done)
-        return Exit.INTERRUPTED
-    return _explore_summary(args, console, done)
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _explore_summary(args: argparse.Namespace, console: Console, done: list[Explored]) -> int:
+def _explore_summary(args: argparse.Namespace, console: Console, done: list[Explored], planned: int,
+                     interrupted: signal.Signals | None) -> int:
+    results = [item.result for item in done if item.result is not None]
+    errors = [{"path": item.path, "vendor": item.vendor.value, "error": item.error}
+              for item in done if item.error is not None]
     if args.json:
-        print(json.dumps({"schema": JSON_SCHEMA, "explored": [
-            explore_dict(item.result, item.shrunk) for item in done]}, indent=1))
+        print(json.dumps({"schema": JSON_SCHEMA, "interrupted": interrupted and interrupted.name,
+                          "complete": interrupted is None and len(done) == planned
+                          and all(r.complete for r in results),
+                          "explored": [explore_dict(item.result, item.shrunk) for item in done
+                                       if item.result is not None],
+                          "errors": errors}, indent=1))
     else:
-        console.print(summary_table([item.result for item in done]))
-        console.print(_explore_verdict(args, [item.result for item in done]))
-    return max((_explore_exit(item.result) for item in done), default=Exit.OK)
+        console.print(summary_table(results))
+        console.print(_explore_verdict(args, results, errors, planned, interrupted))
+    if interrupted is not None:
+        return Exit.TERMINATED if interrupted is signal.SIGTERM else Exit.INTERRUPTED
+    return _explore_exit(results, errors)
 
 
-def _explore_exit(result: ExploreResult) -> Exit:
-    """As for `run`: a model limit is bad input (part of the scenario was not explored)."""
-    if result.limit is not None:
+def _explore_exit(results: list[ExploreResult], errors: list[dict]) -> Exit:
+    """As for `run`: a model limit or a file that cannot be read is bad input (part of what was
+    asked was not explored); then findings; then a search the time limit cut short."""
+    if errors or any(r.limit is not None for r in results):
         return Exit.BAD_INPUT
-    return Exit.OK if result.passed else Exit.FAILED
+    if not all(r.passed for r in results):
+        return Exit.FAILED
+    if not all(r.complete for r in results):
+        return Exit.INCOMPLETE
+    return Exit.OK
 
 
-def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult]) -> str:
-    """What was checked, exactly: never "correct", only no counterexample within the bounds."""
+def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult], errors: list[dict],
+                     planned: int, interrupted: signal.Signals | None) -> str:
+    """What was checked, exactly: never "correct", and "no counterexample" only for a search
+    that covered all it was asked to."""
     findings = sum(len(r.findings) for r in results)
-    verdict = "no counterexample" if findings == 0 else f"{findings} findings"
+    found = "no finding" if findings == 0 else f"{findings} findings"
+    caveats = []
+    if interrupted is not None:
+        caveats.append(f"interrupted by {interrupted.name} after {len(results) + len(errors)} of "
+                       f"{planned} explorations (scenario and vendor)")
+    if errors:
+        files = len({e["path"] for e in errors})
+        caveats.append(f"{files} scenario file{'s' if files > 1 else ''} could not be explored "
+                       "(errors above)")
     limited = sum(r.limit is not None for r in results)
     if limited:
-        verdict = (f"{limited} of {len(results)} explorations (scenario and vendor) met a model "
-                   f"limit (MODEL LIMIT above); in what was explored, "
-                   + ("no finding" if findings == 0 else f"{findings} findings"))
+        caveats.append(f"{limited} of {len(results)} explorations (scenario and vendor) met a model "
+                       f"limit (MODEL LIMIT above)")
+    if interrupted is None and not all(r.complete for r in results):
+        caveats.append("the time limit ended the search before the bounds were covered")
+    if caveats:
+        verdict = "; ".join(caveats) + f"; in what was explored, {found}"
+    else:
+        verdict = "no counterexample" if findings == 0 else f"{findings} findings"
     bounds = (f"up to {2 if args.max_async is None else args.max_async} asynchronous and "
               f"{2 if args.max_host is None else args.max_host} host happenings per schedule")
-    if not all(r.complete for r in results):
-        bounds += "; cut short by the time limit"
     return (f"{verdict} within the bounds ({bounds}): {sum(r.schedules for r in results):,} "
             f"schedules, {sum(r.distinct for r in results):,} distinct outcomes")
 
