@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,17 @@ def test_bugs_list_and_check(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = sum(len(bug.vendors) for bug in CATALOGUE)
     assert out.count("yes") == expected >= 7 and "NO" not in out
+    # The replays it writes render, one of each finding kind: text, JSON and SVG.
+    kinds = {}
+    for replay in sorted(tmp_path.glob("*.json")):
+        kinds.setdefault(replay.stem.rsplit("-", 2)[1], replay)
+    assert {"divergence", "warn", "hypervisor_error", "host", "liveness", "starvation"} <= set(kinds)
+    for replay in kinds.values():
+        assert main(["replay", "--json", "--svg", str(tmp_path / "r.svg"), str(replay)]) == Exit.FAILED
+        assert json.loads(capsys.readouterr().out)["results"][0]["comparison"]["passed"] is False
+        ET.fromstring((tmp_path / "r.svg").read_text())
+        assert main(["replay", str(replay)]) == Exit.FAILED
+        assert "side by side" in capsys.readouterr().out
 
 
 @pytest.mark.slow

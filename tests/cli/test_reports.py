@@ -138,21 +138,6 @@ def test_replay_renders_every_stop_as_text_json_and_svg(tmp_path, capsys, vendor
     ET.fromstring(svg.read_text())
 
 
-def test_every_replay_bugs_check_writes_renders(tmp_path, capsys):
-    from kvmodel.bugs.catalogue import CATALOGUE
-
-    assert main(["bugs", "check", "--out", str(tmp_path)]) == Exit.OK
-    capsys.readouterr()
-    replays = sorted(tmp_path.glob("*.json"))
-    assert len(replays) >= sum(len(b.vendors) for b in CATALOGUE) - 1
-    for replay in replays:
-        assert main(["replay", "--json", "--svg", str(tmp_path / "r.svg"), str(replay)]) == Exit.FAILED
-        assert json.loads(capsys.readouterr().out)["results"][0]["comparison"]["passed"] is False
-        ET.fromstring((tmp_path / "r.svg").read_text())
-        assert main(["replay", str(replay)]) == Exit.FAILED
-        assert "side by side" in capsys.readouterr().out
-
-
 def test_scenario_text_is_printed_never_read_as_markup(tmp_path, capsys):
     head, body = EXAMPLE.read_text().split("\n[guest]", 1)
     assert head.startswith("title = ") and "cite = " in head
