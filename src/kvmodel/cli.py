@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from enum import IntEnum
@@ -18,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvmodel import __version__, _faults
-from kvmodel.bugs.catalogue import lookup
+from kvmodel.bugs.catalogue import CATALOGUE, lookup
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
 from kvmodel.check.differential import Verdict, differential, export, show
@@ -31,7 +33,7 @@ from kvmodel.export.qemu import find_qemu, qemu_version
 from kvmodel.guest.asm import find_binutils
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.report.explore import explore_dict, print_bugs, print_findings, print_side_by_side, summary_table
-from kvmodel.report.json import JSON_SCHEMA, document
+from kvmodel.report.json import SCHEMA_VERSION, document
 from kvmodel.report.text import print_comparison, print_result
 from kvmodel.report.timeline import timeline_svg
 from kvmodel.scenario.load import load
@@ -208,7 +210,7 @@ def _explore_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(highlight=False, soft_wrap=True)
+    console = _console()
     try:
         return _run(args, console)
     except KvmodelError as e:
@@ -221,6 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: this is probably a kvmodel bug; traceback saved to {f.name}",
               file=sys.stderr)
         return Exit.MODEL_BUG
+
+
+PIPED_WIDTH = 400  # columns for tables when stdout is not a terminal: nothing cut to fit 80
+
+
+def _console(**kwargs) -> Console:
+    """Stdout. On a terminal, its width; piped, wide enough that no table cell is cut short
+    ("0.01…"), unless COLUMNS says otherwise."""
+    console = Console(highlight=False, soft_wrap=True, **kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
 
 
 def _error(message: str, label: str = "[bold red]error[/]") -> None:
@@ -326,22 +340,18 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
                               f"{r.distinct} distinct outcomes, {len(r.findings)} findings{limited}")
 
     vendors = vendors_for(args.vendor)
-    show_bar = console.is_terminal and not args.json
-    bar = Progress(TextColumn("exploring"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                   disable=not show_bar)
-    task = bar.add_task("", total=len(paths) * len(vendors))
+    bar = _ExploreProgress(console, len(paths) * len(vendors), quiet=args.json)
 
     def advance(item: Explored) -> None:
         report(item)
-        bar.update(task, advance=1, description=f"{item.path} ({item.vendor.value})")
+        bar.finished(item)
 
     with _signals_as_interrupts() as caught:
         try:
-            with bar:
+            with bar.live:
                 explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
                             bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
-                            done=advance)
+                            done=advance, progress=bar.running)
         except KeyboardInterrupt:
             caught.setdefault("signal", signal.SIGINT)
     interrupted = caught.get("signal")
@@ -349,6 +359,37 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
         _error(f"{interrupted.name} after {len(done)} of {len(paths) * len(vendors)} explorations; "
                "the summary so far follows, replay files written are kept", label="[yellow]interrupted[/]")
     return _explore_summary(args, console, done, len(paths) * len(vendors), interrupted)
+
+
+class _ExploreProgress:
+    """A progress bar on a terminal (explorations done, schedules and their rate, findings so
+    far), nothing when piped or with --json. With one worker the running exploration's
+    schedules count as they are judged; with more, each exploration when it is done."""
+
+    def __init__(self, console: Console, total: int, quiet: bool):
+        self.live = Progress(TextColumn("exploring"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[counts]}"), TimeElapsedColumn(),
+                             TextColumn("{task.description}"), console=console,
+                             disable=quiet or not console.is_terminal)
+        self.task = self.live.add_task("", total=total, counts="")
+        self.start = time.monotonic()
+        self.schedules = self.findings = 0  # of the finished explorations
+
+    def _show(self, schedules: int, findings: int, **kwargs) -> None:
+        rate = schedules / max(time.monotonic() - self.start, 1e-3)
+        self.live.update(self.task, counts=f"{schedules:,} schedules ({rate:,.0f}/s), "
+                                            f"{findings} findings", **kwargs)
+
+    def running(self, result: ExploreResult) -> None:
+        self._show(self.schedules + result.schedules, self.findings + len(result.findings),
+                   description=f"{result.scenario.path} ({result.vendor.value})")
+
+    def finished(self, item: Explored) -> None:
+        if item.result is not None:
+            self.schedules += item.result.schedules
+            self.findings += len(item.result.findings)
+        self._show(self.schedules, self.findings, advance=1,
+                   description=f"{item.path} ({item.vendor.value})")
 
 
 @contextmanager
@@ -375,7 +416,7 @@ def _explore_summary(args: argparse.Namespace, console: Console, done: list[Expl
     errors = [{"path": item.path, "vendor": item.vendor.value, "error": item.error}
               for item in done if item.error is not None]
     if args.json:
-        print(json.dumps({"schema": JSON_SCHEMA, "interrupted": interrupted and interrupted.name,
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "interrupted": interrupted and interrupted.name,
                           "complete": interrupted is None and len(done) == planned
                           and all(r.complete for r in results),
                           "explored": [explore_dict(item.result, item.shrunk) for item in done
@@ -510,7 +551,19 @@ def _bugs(args: argparse.Namespace, console: Console) -> int:
     if args.bugs_command == "list":
         print_bugs(console)
         return Exit.OK
-    checks = check_all(Path(args.out))
+    bar = Progress(TextColumn("checking bugs"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[found]} found"), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=console, disable=not console.is_terminal)
+    task = bar.add_task("", total=sum(len(bug.vendors) for bug in CATALOGUE), found=0)
+    found = 0
+
+    def checked(c) -> None:
+        nonlocal found
+        found += c.found and c.reproduced
+        bar.update(task, advance=1, found=found, description=f"{c.bug.name} ({c.vendor.value})")
+
+    with bar:
+        checks = check_all(Path(args.out), done=checked)
     table = Table(title="kvmodel bugs check")
     table.add_column("bug", no_wrap=True, min_width=max(len(c.bug.name) for c in checks))
     for column in ("vendor", "found", "happenings", "retired", "time"):

@@ -7,9 +7,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.cli import Exit, main
+from kvmodel.report.json import json_schema
 
 ARCH = Path(__file__).parents[2] / "scenarios" / "arch"
 EXAMPLE = ARCH / "nmi_latched_until_iret.toml"
@@ -66,7 +68,7 @@ def test_instruction_outside_the_subset_is_named_with_its_address(tmp_path, caps
 def test_json_document(capsys):
     assert main(["run", "--json", str(EXAMPLE)]) == Exit.OK
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == 1
+    assert doc["schema_version"] == 1
     result = doc["results"][0]
     assert result["verdict"] == {"passed": True, "mismatches": [], "model_limit": None}
     deliveries = [e for e in result["trace"] if e["kind"] == "delivery"]
@@ -196,6 +198,8 @@ def test_explore_json(tmp_path, capsys):
     assert main(["explore", "--json", "--vendor", "both", "--max-host", "1", "--out", str(tmp_path),
                  str(VIRT / "nmi_wakes_hlt.toml")]) == Exit.OK
     doc = json.loads(capsys.readouterr().out)
+    Draft202012Validator(json_schema("explore")).validate(doc)
+    assert doc["schema_version"] == 1 and doc["complete"] is True and doc["interrupted"] is None
     assert [e["vendor"] for e in doc["explored"]] == ["svm", "vmx"]
     assert all(e["schedules"] > 10 and e["findings"] == [] for e in doc["explored"])
 

@@ -12,15 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from kvmodel.check.replay import read
 from kvmodel.cli import Exit, main
+from kvmodel.report.json import json_schema
 
 ROOT = Path(__file__).parents[2]
 SCENARIOS = ROOT / "scenarios"
 SLOW = SCENARIOS / "virt" / "explore_nmi_with_host_faults.toml"  # seconds per vendor
 QUICK = SCENARIOS / "virt" / "nmi_wakes_hlt.toml"
 BUGGY = SCENARIOS / "virt" / "int3_code_breakpoint_host_fault.toml"  # svm_retry_soft_exception
+
+
+def valid(doc: dict, command: str) -> dict:
+    Draft202012Validator(json_schema(command)).validate(doc)
+    return doc
 
 
 def _kvmodel(*args: str) -> subprocess.Popen:
@@ -90,7 +97,7 @@ def test_an_interrupt_with_json_prints_a_valid_document_and_keeps_the_replays(tm
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == Exit.TERMINATED, err
-    doc = json.loads(out)  # stdout is the document and nothing else
+    doc = valid(json.loads(out), "explore")  # stdout is the document and nothing else
     assert doc["interrupted"] == "SIGTERM" and doc["complete"] is False
     first, second = doc["explored"]
     assert first["findings"] and first["complete"] and not first["interrupted"]
@@ -155,7 +162,7 @@ def test_one_bad_file_among_many_is_reported_and_the_others_still_run(tmp_path, 
     assert "2 scenario files could not be explored (errors above); in what was explored, no finding" in out
     assert "no counterexample" not in out
     assert main(["explore", "--json", *args[1:]]) == Exit.BAD_INPUT
-    doc = json.loads(capsys.readouterr().out)
+    doc = valid(json.loads(capsys.readouterr().out), "explore")
     assert [e["path"] for e in doc["errors"]] == [str(bad)] * 2 + [str(unlabelled)] * 2
     assert [e["vendor"] for e in doc["explored"]] == ["svm", "vmx"]
 

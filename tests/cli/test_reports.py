@@ -7,11 +7,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from kvmodel.check.explore import Finding
 from kvmodel.check.replay import write
 from kvmodel.cli import Exit, main
 from kvmodel.kvm.vcpu import Vendor
+from kvmodel.report.json import json_schema
 from kvmodel.scenario.load import load
 
 SCENARIOS = Path(__file__).parents[2] / "scenarios"
@@ -86,6 +88,12 @@ STOPS = [
 ]
 
 
+def valid(doc: dict, command: str) -> dict:
+    """The document as its shipped JSON Schema says (kvmodel/report/schemas/)."""
+    Draft202012Validator(json_schema(command)).validate(doc)
+    return doc
+
+
 def _path(tmp_path: Path, scenario) -> Path:
     return scenario(tmp_path) if callable(scenario) else scenario
 
@@ -105,7 +113,7 @@ def test_run_renders_every_stop_as_text_json_and_svg(tmp_path, capsys, vendor, s
     out, err = capsys.readouterr()
     assert line in out and err == ""
     assert main([*args[:1], "--json", *args[1:]]) == code
-    result, = json.loads(capsys.readouterr().out)["results"]
+    result, = valid(json.loads(capsys.readouterr().out), "run")["results"]
     assert _field(result, field) == field[2]
     svg = tmp_path / "run.svg"
     assert main([*args[:1], "--svg", str(svg), *args[1:]]) == code
@@ -130,7 +138,7 @@ def test_replay_renders_every_stop_as_text_json_and_svg(tmp_path, capsys, vendor
     assert line in out and "side by side" in out or "NOT APPLICABLE" in out
     assert err == ""
     assert main(["replay", "--json", str(replay)]) == expected
-    doc = json.loads(capsys.readouterr().out)
+    doc = valid(json.loads(capsys.readouterr().out), "run")
     assert doc["replay"]["vendor"] == vendor and doc["replay"]["bugs"] == sorted(bugs)
     assert _field(doc["results"][0], field) == field[2]
     svg = tmp_path / "replay.svg"
@@ -169,5 +177,14 @@ def test_errors_go_to_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and f"error: {bad}:1: not valid TOML" in err
     assert main(["run", "--json", str(bad), str(EXAMPLE)]) == Exit.BAD_INPUT
-    doc = json.loads(capsys.readouterr().out)  # stdout holds the document and nothing else
+    doc = valid(json.loads(capsys.readouterr().out), "run")  # stdout: the document, nothing else
     assert doc["errors"][0]["path"] == str(bad) and len(doc["results"]) == 1
+
+
+@pytest.mark.parametrize("command", ["run", "explore"])
+def test_the_shipped_json_schemas_are_schemas_and_not_vacuous(command):
+    schema = json_schema(command)
+    Draft202012Validator.check_schema(schema)
+    validator = Draft202012Validator(schema)
+    assert not validator.is_valid({"schema_version": 1})
+    assert not validator.is_valid({})
