@@ -19,14 +19,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvmodel import __version__, _faults
-from kvmodel.bugs.catalogue import CATALOGUE, lookup
+from kvmodel import __version__, api
+from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.bugs.check import check_all
-from kvmodel.check.campaign import Explored, expand, explore_all, vendors_for
+from kvmodel.check.campaign import Explored, expand, vendors_for
 from kvmodel.check.differential import Verdict, differential, export, show
 from kvmodel.check.explore import Bounds, ExploreResult
-from kvmodel.check.oracle import compare
-from kvmodel.check.replay import read
 from kvmodel.check.schedule import describe
 from kvmodel.errors import KvmodelError
 from kvmodel.export.qemu import find_qemu, qemu_version
@@ -37,7 +35,6 @@ from kvmodel.report.json import SCHEMA_VERSION, document
 from kvmodel.report.text import print_comparison, print_result
 from kvmodel.report.timeline import timeline_svg
 from kvmodel.scenario.load import load
-from kvmodel.scenario.runner import run
 from kvmodel.scenario.schema import MAX_STEPS
 
 
@@ -257,10 +254,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return _differential(args, console)
     if args.svg is not None and len(args.scenarios) > 1:
         raise KvmodelError(f"--svg draws one scenario; {len(args.scenarios)} were given")
-    for name in args.bug:
-        lookup(name)
-    with _faults.switched_on(frozenset(args.bug)):
-        return _run_scenarios(args, console)
+    api.check_bugs(args.bug)
+    return _run_scenarios(args, console)
 
 
 def _run_scenarios(args: argparse.Namespace, console: Console) -> int:
@@ -268,26 +263,21 @@ def _run_scenarios(args: argparse.Namespace, console: Console) -> int:
     worst = Exit.OK
     for path in args.scenarios:
         try:
-            scenario = load(path)
-            vendor = Vendor(args.vendor or scenario.vendor)
-            if vendor is Vendor.BARE:
-                result = run(scenario, vendor=vendor, record_instructions=args.instructions,
-                             max_steps=args.max_steps)
-            else:
-                result = compare(scenario, vendor, record_instructions=args.instructions,
-                                 max_steps=args.max_steps)
+            outcome = api.run(api.load(path), args.vendor, bugs=args.bug, max_steps=args.max_steps,
+                              instructions=args.instructions)
         except KvmodelError as e:
             errors.append({"path": path, "error": str(e)})
             if not args.json:
                 _error(str(e))
             worst = max(worst, Exit.BAD_INPUT)
             continue
+        result = outcome.comparison or outcome.result
         results.append(result)
         if not args.json:
-            (print_result if vendor is Vendor.BARE else print_comparison)(console, result)
-        if _limit(result) is not None:
+            (print_result if outcome.comparison is None else print_comparison)(console, result)
+        if outcome.model_limit is not None:
             worst = max(worst, Exit.BAD_INPUT)
-        elif not result.passed:
+        elif not outcome.passed:
             worst = max(worst, Exit.FAILED)
     if args.svg is not None and results:
         _write_svg(args.svg, timeline_svg(results[0]), console, quiet=args.json)
@@ -316,8 +306,7 @@ def _limit(result) -> str | None:
 
 
 def _explore(args: argparse.Namespace, console: Console) -> int:
-    for name in args.bug:
-        lookup(name)
+    api.check_bugs(args.bug)
     paths = expand(args.scenarios)
     bounds = Bounds(args.max_async, args.max_host, args.max_vmm)
     done: list[Explored] = []
@@ -349,7 +338,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     with _signals_as_interrupts() as caught:
         try:
             with bar.live:
-                explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
+                api.explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
                             bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
                             done=advance, progress=bar.running)
         except KeyboardInterrupt:
@@ -473,13 +462,8 @@ def _explore_verdict(args: argparse.Namespace, results: list[ExploreResult], err
 
 
 def _replay(args: argparse.Namespace, console: Console) -> int:
-    replay = read(args.replay)
-    for name in sorted(replay.bugs):
-        try:
-            lookup(name)
-        except KvmodelError as e:
-            raise KvmodelError(f"{args.replay}: {e}") from None
-    comparison = replay.run()
+    replay = api.read_replay(args.replay)
+    comparison = api.replay(replay).comparison
     bugs = f", bugs: {', '.join(sorted(replay.bugs))}" if replay.bugs else ""
     what = f"{replay.finding_kind} on {replay.vendor.value}, schedule: {describe(replay.schedule)}{bugs}"
     if args.json:
