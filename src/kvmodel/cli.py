@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         description="An executable model of how KVM virtualizes x86 events, checked against "
                     "a bare-metal x86 model (Intel SDM / AMD APM).",
         epilog="Exit codes: 0 all expectations hold, 1 an expectation fails, 2 bad input "
-               "(scenario error, missing GNU as, instruction outside the model), "
-               "4 internal error.",
+               "(scenario error, missing GNU as, instruction outside the model), 3 explore: "
+               "the time limit ended the search early, 4 internal error, 130/143 explore "
+               "interrupted by SIGINT/SIGTERM.",
     )
     parser.add_argument("--version", action="version", version=f"kvmodel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
