@@ -75,10 +75,49 @@ def test_second_stage_is_the_old_sorted_set_in_the_same_order(c):
 
 
 def test_a_scenario_with_millions_of_schedules_starts_at_once():
-    # About 10^13 first-stage schedules: building them first never ends.
+    # Five million boundaries, about 10^25 first-stage schedules: building them first never ends.
     huge = _choices(nmis=2, interrupts=(0x40, 0x50), host_interrupts=2, host_nmis=1,
-                    pages=(0x1000, 0x2000), max_async=4, max_host=4, n=5000)
+                    pages=(0x1000, 0x2000), max_async=4, max_host=4, n=5_000_000)
     start = time.monotonic()
     head = list(itertools.islice(first_schedules(huge), 20000))
     assert time.monotonic() - start < 5
     assert head[0] == () and head == sorted(head, key=_smallest_first) and len(set(head)) == len(head)
+
+
+LONG_GUEST = """title = "20,000 boundaries, four happenings anywhere: far too many schedules to list first"
+[guest]
+code = '''
+start:
+    sti
+    mov $5000, %ecx
+again:
+    add %rcx, %rax
+    nop
+    loop again
+    hlt
+nmi_handler:
+    iretq
+irq_handler:
+    iretq
+'''
+[idt]
+NMI = "nmi_handler"
+0x40 = "irq_handler"
+0x50 = "irq_handler"
+[explore]
+nmi = 2
+interrupts = [0x40, 0x50]
+"""
+
+
+def test_the_time_limit_works_from_the_first_schedule(tmp_path):
+    from kvmodel.check.explore import Bounds, explore
+    from kvmodel.kvm.vcpu import Vendor
+    from kvmodel.scenario.load import load
+
+    path = tmp_path / "long.toml"
+    path.write_text(LONG_GUEST)
+    start = time.monotonic()
+    result = explore(load(path), Vendor.SVM, Bounds(max_async=4, max_host=0), time_limit=1.0)
+    assert time.monotonic() - start < 6
+    assert not result.complete and result.schedules >= 1 and result.findings == []

@@ -215,10 +215,27 @@ def with_vmm_calls(c: Choices, schedule: Schedule, exits: int, size: int | None 
 
 
 @dataclass(frozen=True, slots=True)
+class _Placements:
+    """place(kind, at, value) for every `at` in `ats` and, at each, every value, in order; made
+    on demand (a guest with millions of boundaries must not cost millions of records)."""
+
+    kind: Kind
+    ats: range
+    values: tuple[int, ...] = (0,)
+
+    def __len__(self) -> int:
+        return len(self.ats) * len(self.values)
+
+    def __getitem__(self, j: int) -> Placement:
+        at, n = divmod(j, len(self.values))
+        return place(self.kind, self.ats[at], self.values[n])
+
+
+@dataclass(frozen=True, slots=True)
 class _Region:
     """The placements of one kind, in order, and how many of them one schedule may hold."""
 
-    items: tuple[Placement, ...]
+    items: _Placements
     cap: int  # of this kind
     host: bool  # counts against max_host, else max_async
     repeat: bool  # the same placement may occur again (NMIs, host interrupts at one boundary)
@@ -226,16 +243,13 @@ class _Region:
 
 def _regions(c: Choices) -> list[_Region]:
     positions = range(c.boundaries + 1)
-    vectors = sorted(set(c.spec.interrupts))
+    vectors = tuple(sorted(set(c.spec.interrupts)))
     return [
-        _Region(tuple(place(Kind.NMI, at) for at in positions), min(c.spec.nmis, c.max_async),
-                False, True),
-        _Region(tuple(place(Kind.INTERRUPT, at, v) for at in positions for v in vectors),
-                len(c.spec.interrupts), False, True),
-        _Region(tuple(place(Kind.HOST_INTERRUPT, at) for at in positions), c.spec.host_interrupts,
-                True, True),
-        _Region(tuple(place(Kind.HOST_NMI, at) for at in positions), c.spec.host_nmis, True, True),
-        _Region(tuple(place(Kind.HOST_FAULT, 0, p) for p in c.pages), len(c.pages), True, False),
+        _Region(_Placements(Kind.NMI, positions), min(c.spec.nmis, c.max_async), False, True),
+        _Region(_Placements(Kind.INTERRUPT, positions, vectors), len(c.spec.interrupts), False, True),
+        _Region(_Placements(Kind.HOST_INTERRUPT, positions), c.spec.host_interrupts, True, True),
+        _Region(_Placements(Kind.HOST_NMI, positions), c.spec.host_nmis, True, True),
+        _Region(_Placements(Kind.HOST_FAULT, range(1), c.pages), len(c.pages), True, False),
     ]
 
 
