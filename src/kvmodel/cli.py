@@ -308,7 +308,9 @@ def _limit(result) -> str | None:
 
 def _explore(args: argparse.Namespace, console: Console) -> int:
     api.check_bugs(args.bug)
-    paths = expand(args.scenarios)
+    # A path that is not there is reported like an unreadable file: the others still run.
+    missing = [p for p in args.scenarios if not Path(p).exists()]
+    paths = expand([p for p in args.scenarios if p not in missing] or args.scenarios)
     bounds = Bounds(args.max_async, args.max_host, args.max_vmm)
     done: list[Explored] = []
     bad_files: set[str] = set()
@@ -330,6 +332,9 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
                               f"{r.distinct} distinct outcomes, {len(r.findings)} findings{limited}")
 
     vendors = vendors_for(args.vendor)
+    for path in missing:
+        for vendor in vendors:
+            report(Explored(path, vendor, None, error=f"{path}: no such scenario file or directory"))
     bar = _ExploreProgress(console, len(paths) * len(vendors), quiet=args.json)
 
     def advance(item: Explored) -> None:
@@ -348,7 +353,8 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     if interrupted is not None:
         _error(f"{interrupted.name} after {len(done)} of {len(paths) * len(vendors)} explorations; "
                "the summary so far follows, replay files written are kept", label="[yellow]interrupted[/]")
-    return _explore_summary(args, console, done, len(paths) * len(vendors), interrupted)
+    return _explore_summary(args, console, done, (len(paths) + len(missing)) * len(vendors),
+                            interrupted)
 
 
 class _ExploreProgress:

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from kvmodel.check.explore import Finding
 from kvmodel.check.replay import read, write
@@ -133,3 +135,36 @@ def test_no_partial_file_is_left_behind(replay):
 def test_reading_an_absent_replay_is_bad_input(tmp_path):
     with pytest.raises(KvmodelError, match="not a readable replay file"):
         read(tmp_path / "none.json")
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(min_value=-(1 << 80), max_value=1 << 80)
+                     | st.floats(allow_nan=False) | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+_PATHS = [("kvmodel_replay",), ("scenario",), ("scenario_from_replay",), ("scenario_sha256",),
+          ("vendor",), ("kvm_params",), ("bugs",), ("finding",), ("finding", "kind"),
+          ("finding", "message"), ("schedule",), ("schedule", 0), ("schedule", 0, "after"),
+          ("schedule", 0, "event"), ("schedule", 1, "page"), ("schedule", 1)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(_PATHS), value=_JSON, drop=st.booleans())
+def test_any_tampered_field_is_refused_or_replays_never_crashes(replay, where, value, drop):
+    doc = json.loads(replay.read_text())
+    target = doc
+    for key in where[:-1]:
+        target = target[key]
+    if drop and isinstance(target, dict):
+        target.pop(where[-1], None)
+    else:
+        target[where[-1]] = value
+    tampered = replay.with_name("tampered.json")
+    tampered.write_text(json.dumps(doc))
+    try:
+        loaded = read(tampered)
+    except KvmodelError as e:
+        assert str(tampered) in str(e)
+        event("refused")
+        return
+    event("accepted")
+    loaded.run()  # accepted: it must run

@@ -153,17 +153,21 @@ def test_one_bad_file_among_many_is_reported_and_the_others_still_run(tmp_path, 
     unlabelled = tmp_path / "unlabelled.toml"  # fails later, at the first run
     unlabelled.write_text(QUICK.read_text().replace('NMI = "nmi_handler"', 'NMI = "no_such"'))
     assert unlabelled.read_text() != QUICK.read_text()
-    args = ["explore", "--out", str(tmp_path / "out"), str(bad), str(QUICK), str(unlabelled)]
+    missing = tmp_path / "missing.toml"
+    args = ["explore", "--out", str(tmp_path / "out"), str(bad), str(QUICK), str(unlabelled),
+            str(missing)]
     assert main(args) == Exit.BAD_INPUT
     out, err = capsys.readouterr()
     assert err.count(f"error: {bad}:1: not valid TOML") == 1  # once, not once per vendor
     assert err.count("no_such") == 1
+    assert err.count(f"{missing}: no such scenario file or directory") == 1
     assert out.count("nmi_wakes_hlt") >= 2  # explored on both vendors
-    assert "2 scenario files could not be explored (errors above); in what was explored, no finding" in out
+    assert "3 scenario files could not be explored (errors above); in what was explored, no finding" in out
     assert "no counterexample" not in out
     assert main(["explore", "--json", *args[1:]]) == Exit.BAD_INPUT
     doc = valid(json.loads(capsys.readouterr().out), "explore")
-    assert [e["path"] for e in doc["errors"]] == [str(bad)] * 2 + [str(unlabelled)] * 2
+    assert [e["path"] for e in doc["errors"]] == [str(missing)] * 2 + [str(bad)] * 2 + [
+        str(unlabelled)] * 2
     assert [e["vendor"] for e in doc["explored"]] == ["svm", "vmx"]
 
 

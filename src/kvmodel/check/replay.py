@@ -159,7 +159,7 @@ def _validated(path: Path, doc: dict) -> Replay:
     finding = doc["finding"]
     if not isinstance(finding, dict) or set(finding) != {"kind", "message"}:
         raise _Bad("finding must be {\"kind\": ..., \"message\": ...}")
-    if finding["kind"] not in FINDING_KINDS:
+    if not isinstance(finding["kind"], str) or finding["kind"] not in FINDING_KINDS:
         raise _Bad(f"unknown finding kind {finding['kind']!r}; known: {', '.join(FINDING_KINDS)}")
     if not isinstance(finding["message"], str):
         raise _Bad("finding message must be text")
@@ -209,7 +209,8 @@ _FIELDS = {Kind.HOST_FAULT: {"page"}, Kind.SAVE_RESTORE: {"exit"}, Kind.VMM: {"e
 def _placement(n: int, d: object, scenario: Scenario) -> Placement:
     """One schedule entry, with the same fields and ranges Placement.to_dict() writes."""
     where = f"schedule entry {n}"
-    if not isinstance(d, dict) or d.get("event") not in {k.value for k in Kind}:
+    if not isinstance(d, dict) or not isinstance(d.get("event"), str) or d["event"] not in (
+            k.value for k in Kind):
         raise _Bad(f"{where}: needs event = one of {', '.join(k.value for k in Kind)}")
     kind = Kind(d["event"])
     fields = _FIELDS.get(kind, {"after"})
@@ -229,7 +230,7 @@ def _placement(n: int, d: object, scenario: Scenario) -> Placement:
             raise _Bad(f"{where}: page {page:#x} is not page-aligned")
         return place(kind, 0, page)
     if kind is Kind.VMM:
-        if d["call"] not in CHOICE_NAMES:
+        if not isinstance(d["call"], str) or d["call"] not in CHOICE_NAMES:
             raise _Bad(f"{where}: unknown VMM call {d['call']!r}; known: {', '.join(CHOICE_NAMES)}")
         return place(kind, number("exit", 0, MAX_STEPS), CHOICE_NAMES.index(d["call"]))
     if kind is Kind.SAVE_RESTORE:
