@@ -3,12 +3,15 @@
 import json
 import re
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.cli import Exit, main
+from kvmodel.report.json import json_schema
 
 ARCH = Path(__file__).parents[2] / "scenarios" / "arch"
 EXAMPLE = ARCH / "nmi_latched_until_iret.toml"
@@ -42,14 +45,14 @@ def test_malformed_file_exits_two_with_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE.read_text().replace('[idt]\nNMI = "nmi_handler"', '[idt]\nNMI = 5 5'))
     assert main(["run", str(bad)]) == Exit.BAD_INPUT
-    assert re.search(rf"error: {re.escape(str(bad))}:\d+: not valid TOML", capsys.readouterr().out)
+    assert re.search(rf"error: {re.escape(str(bad))}:\d+: not valid TOML", capsys.readouterr().err)
 
 
 def test_unknown_label_exits_two(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(EXAMPLE.read_text().replace('NMI = "nmi_handler"', 'NMI = "nmi_handlr"'))
     assert main(["run", str(bad)]) == Exit.BAD_INPUT
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert 'unknown label "nmi_handlr"' in out and "nmi_handler" in out
 
 
@@ -65,7 +68,7 @@ def test_instruction_outside_the_subset_is_named_with_its_address(tmp_path, caps
 def test_json_document(capsys):
     assert main(["run", "--json", str(EXAMPLE)]) == Exit.OK
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == 1
+    assert doc["schema_version"] == 1
     result = doc["results"][0]
     assert result["verdict"] == {"passed": True, "mismatches": [], "model_limit": None}
     deliveries = [e for e in result["trace"] if e["kind"] == "delivery"]
@@ -95,7 +98,7 @@ def test_missing_gnu_as_says_how_to_install(monkeypatch, capsys, tmp_path):
     fresh = tmp_path / "fresh.toml"
     fresh.write_text(text)
     assert main(["run", str(fresh)]) == Exit.BAD_INPUT
-    assert "apt-get install binutils" in capsys.readouterr().out
+    assert "apt-get install binutils" in capsys.readouterr().err
 
 
 VIRT = ARCH.parent / "virt"
@@ -195,13 +198,15 @@ def test_explore_json(tmp_path, capsys):
     assert main(["explore", "--json", "--vendor", "both", "--max-host", "1", "--out", str(tmp_path),
                  str(VIRT / "nmi_wakes_hlt.toml")]) == Exit.OK
     doc = json.loads(capsys.readouterr().out)
+    Draft202012Validator(json_schema("explore")).validate(doc)
+    assert doc["schema_version"] == 1 and doc["complete"] is True and doc["interrupted"] is None
     assert [e["vendor"] for e in doc["explored"]] == ["svm", "vmx"]
     assert all(e["schedules"] > 10 and e["findings"] == [] for e in doc["explored"])
 
 
 def test_unknown_bug_is_bad_input(capsys):
     assert main(["explore", "--bug", "no_such_bug", str(EXPLORE)]) == Exit.BAD_INPUT
-    assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().out
+    assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().err
 
 
 def test_bugs_list_and_check(tmp_path, capsys):
@@ -212,6 +217,17 @@ def test_bugs_list_and_check(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = sum(len(bug.vendors) for bug in CATALOGUE)
     assert out.count("yes") == expected >= 7 and "NO" not in out
+    # The replays it writes render, one of each finding kind: text, JSON and SVG.
+    kinds = {}
+    for replay in sorted(tmp_path.glob("*.json")):
+        kinds.setdefault(replay.stem.rsplit("-", 2)[1], replay)
+    assert {"divergence", "warn", "hypervisor_error", "host", "liveness", "starvation"} <= set(kinds)
+    for replay in kinds.values():
+        assert main(["replay", "--json", "--svg", str(tmp_path / "r.svg"), str(replay)]) == Exit.FAILED
+        assert json.loads(capsys.readouterr().out)["results"][0]["comparison"]["passed"] is False
+        ET.fromstring((tmp_path / "r.svg").read_text())
+        assert main(["replay", str(replay)]) == Exit.FAILED
+        assert "side by side" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_run_svg_refuses_two_scenarios(tmp_path, capsys):
     svg = tmp_path / "two.svg"
     code = main(["run", "--svg", str(svg), str(EXAMPLE), str(INT3)])
     assert code == Exit.BAD_INPUT
-    assert "error: --svg draws one scenario; 2 were given" in capsys.readouterr().out
+    assert "error: --svg draws one scenario; 2 were given" in capsys.readouterr().err
     assert not svg.exists()
 
 
@@ -60,7 +60,7 @@ def test_run_svg_with_json_keeps_stdout_one_document(tmp_path, capsys):
 def test_unwritable_svg_is_bad_input(tmp_path, capsys):
     code = main(["run", "--svg", str(tmp_path / "missing" / "t.svg"), str(EXAMPLE)])
     assert code == Exit.BAD_INPUT
-    assert "cannot write the timeline to" in capsys.readouterr().out
+    assert "cannot write the timeline to" in capsys.readouterr().err
 
 
 def test_replay_svg_marks_the_catalogued_bugs_divergence(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,5 +47,12 @@ def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
     return BugCheck(bug, vendor, True, len(small.schedule), retired, elapsed, str(path), reproduced)
 
 
-def check_all(out_dir: Path) -> list[BugCheck]:
-    return [check_bug(bug, Vendor(v), out_dir) for bug in CATALOGUE for v in bug.vendors]
+def check_all(out_dir: Path, done: Callable[[BugCheck], None] | None = None) -> list[BugCheck]:
+    """`done`: told of each check as it finishes (a progress bar)."""
+    checks = []
+    for bug in CATALOGUE:
+        for v in bug.vendors:
+            checks.append(check_bug(bug, Vendor(v), out_dir))
+            if done is not None:
+                done(checks[-1])
+    return checks

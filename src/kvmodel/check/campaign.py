@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmodel.check.explore import Bounds, ExploreResult, Finding, explore
+from kvmodel.check.explore import (
+    Bounds,
+    ExploreResult,
+    Finding,
+    Progress,
+    check_bounds,
+    explore,
+    worker_pool,
+)  # fmt: skip
 from kvmodel.check.replay import shrink, write
 from kvmodel.errors import KvmodelError
 from kvmodel.kvm.vcpu import Vendor
@@ -36,55 +44,72 @@ def vendors_for(choice: str) -> tuple[Vendor, ...]:
 
 @dataclass(slots=True)
 class Explored:
-    result: ExploreResult
+    path: str
+    vendor: Vendor
+    result: ExploreResult | None  # None: the scenario file could not be read (see `error`)
     shrunk: list[tuple[Finding, str | None]] = field(default_factory=list)
     known: list[tuple[Finding, str | None]] = field(default_factory=list)  # with --known
+    error: str | None = None  # why the scenario could not be explored (bad input)
 
 
 def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, *, workers: int = 1,
                 time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
                 out_dir: Path | None = None, known: bool = False,
-                done: Callable[[Explored], None] | None = None) -> list[Explored]:
+                done: Callable[[Explored], None] | None = None,
+                progress: Progress | None = None) -> list[Explored]:
     """Explore each scenario on each vendor; new findings are shrunk and written as replays.
 
+    `time_limit` bounds the whole call: every exploration stops at the same deadline. A
+    scenario file that cannot be read is an item with its error; the others still run.
     With several workers, whole (scenario, vendor) explorations go to worker processes
     and come back in the order they were given, so the result does not depend on
-    `workers`.
+    `workers`. On KeyboardInterrupt (SIGINT; the CLI raises it for SIGTERM too) the worker
+    processes are ended, `done` has had every exploration finished so far (and, with one
+    worker, the interrupted one, `result.interrupted` set), and the interrupt goes on up.
+    `progress` (one worker only) sees the running exploration's result as it grows.
     """
+    check_bounds(bounds, time_limit)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     jobs = [(str(path), vendor) for path in paths for vendor in vendors]
     explored = []
+
+    def finished(item: Explored) -> None:
+        explored.append(item)
+        if done is not None:
+            done(item)
+        if item.result is not None and item.result.interrupted:
+            raise KeyboardInterrupt
+
     if workers <= 1:
         for path, vendor in jobs:
-            item = explore_one(path, vendor, bounds, time_limit, bugs, out_dir, known)
-            explored.append(item)
-            if done is not None:
-                done(item)
+            finished(explore_one(path, vendor, bounds, deadline, bugs, out_dir, known, progress))
         return explored
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(explore_one, path, vendor, bounds, time_limit, bugs, out_dir, known)
+    with worker_pool(workers) as pool:
+        futures = [pool.submit(explore_one, path, vendor, bounds, deadline, bugs, out_dir, known)
                    for path, vendor in jobs]
-        try:
-            for future in futures:
-                item = future.result()
-                explored.append(item)
-                if done is not None:
-                    done(item)
-        except KeyboardInterrupt:
-            for future in futures:
-                future.cancel()
-            raise
+        for future in futures:
+            finished(future.result())
     return explored
 
 
-def explore_one(path: str, vendor: Vendor, bounds: Bounds, time_limit: float | None,
-                bugs: frozenset[str], out_dir: Path | None, known: bool = False) -> Explored:
+def explore_one(path: str, vendor: Vendor, bounds: Bounds, deadline: float | None,
+                bugs: frozenset[str], out_dir: Path | None, known: bool = False,
+                progress: Progress | None = None) -> Explored:
     """`known`: also shrink and write the declared findings, e.g. to report them upstream."""
-    scenario = load(path)
-    result = explore(scenario, vendor, bounds, time_limit=time_limit, bugs=bugs)
-    item = Explored(result)
-    item.shrunk = _shrink_each_kind(scenario, vendor, result.findings, bugs, out_dir)
-    if known:
-        item.known = _shrink_each_kind(scenario, vendor, result.known, bugs, out_dir)
+    try:
+        scenario = load(path)
+        result = explore(scenario, vendor, bounds, deadline=deadline, bugs=bugs, progress=progress)
+    except KvmodelError as e:
+        return Explored(path, vendor, None, error=str(e))
+    item = Explored(path, vendor, result)
+    if result.interrupted:
+        return item  # nothing shrunk: back to the caller at once
+    try:
+        item.shrunk = _shrink_each_kind(scenario, vendor, result.findings, bugs, out_dir)
+        if known:
+            item.known = _shrink_each_kind(scenario, vendor, result.known, bugs, out_dir)
+    except KeyboardInterrupt:
+        result.interrupted = True  # the findings are all there; only their replays are missing
     return item
 
 

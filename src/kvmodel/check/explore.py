@@ -23,6 +23,13 @@ Only a Runner's first run judges the scenario file's expectations; every run
 is judged against bare metal. Runs that end in the same state (trace and
 final state) count as one distinct outcome.
 
+Schedules are made lazily, in the order the search runs them (fewest happenings
+first, then by placement), and judged outcomes are folded into the result as
+they come: a scenario with millions of schedules starts at once, its progress
+and time limit work from the first schedule, and memory holds one VM exit
+count per first-stage schedule (for the save/restores and VMM calls after
+them), not the schedules.
+
 Not done: prefix sharing (running the common prefix once and resuming each
 schedule from a snapshot where its first happening lands) and memoizing
 outcomes once the whole state repeats. A run can only be paused at the top
@@ -36,18 +43,23 @@ run (about 110 us).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
+import signal
 import time
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kvmodel import _faults
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
-from kvmodel.check.schedule import Kind, Schedule, apply, place
+from kvmodel.check.schedule import Kind, Placement, Schedule, apply, place
+from kvmodel.errors import KvmodelError
 from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
@@ -65,9 +77,13 @@ class Bounds:
     max_vmm: int | None = None  # VMM calls; None: up to 2 of those the scenario offers, else 0
 
 
+FINDING_KINDS = ("divergence", "liveness", "hypervisor_error", "bug", "warn", "stats", "starvation",
+                 "host")
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # divergence, liveness, hypervisor_error, bug, warn, stats, starvation, host
+    kind: str  # one of FINDING_KINDS
     schedule: Schedule
     message: str
 
@@ -85,7 +101,8 @@ class ExploreResult:
     limit: str | None = None  # the first model limit met, and where: "on bare metal: ..."
     limit_schedule: Schedule | None = None  # the first schedule that met it
     elapsed: float = 0.0
-    complete: bool = True  # False: the time limit ended the search
+    complete: bool = True  # False: the time limit ended the search (or it was interrupted)
+    interrupted: bool = False  # SIGINT/SIGTERM ended it: what is here was explored so far
     not_applicable: str | None = None
 
     @property
@@ -170,21 +187,158 @@ def host_schedules(c: Choices) -> Iterator[Schedule]:
                                                + [place(Kind.HOST_NMI, at) for at in nmis]))
 
 
-def with_save_restores(c: Choices, schedule: Schedule, exits: int) -> Iterator[Schedule]:
-    """Save/restores after any of the first `exits` VM exits, within the host bound."""
+def with_save_restores(c: Choices, schedule: Schedule, exits: int, size: int | None = None
+                       ) -> Iterator[Schedule]:
+    """Save/restores after any of the first `exits` VM exits, within the host bound
+    (`size`: only that many), in order."""
     used = sum(1 for p in schedule if not p.kind.is_async)
     room = min(c.spec.save_restores, c.max_host - used)
-    for n in range(1, room + 1):
+    for n in range(1, room + 1) if size is None else [size] if 1 <= size <= room else []:
         for at in itertools.combinations(range(1, exits + 1), n):
-            yield tuple(sorted(schedule + tuple(place(Kind.SAVE_RESTORE, e) for e in at)))
+            yield schedule + tuple(place(Kind.SAVE_RESTORE, e) for e in at)
 
 
-def with_vmm_calls(c: Choices, schedule: Schedule, exits: int) -> Iterator[Schedule]:
-    """VMM calls after any of the first `exits` VM exits, several at one exit too."""
+def with_vmm_calls(c: Choices, schedule: Schedule, exits: int, size: int | None = None
+                   ) -> Iterator[Schedule]:
+    """VMM calls after any of the first `exits` VM exits, several at one exit too, in order."""
     slots = [(e, v) for e in range(1, exits + 1) for v in c.vmm]
-    for n in range(1, c.max_vmm + 1):
+    for n in range(1, c.max_vmm + 1) if size is None else [size] if 1 <= size <= c.max_vmm else []:
         for calls in itertools.combinations_with_replacement(slots, n):
-            yield tuple(sorted(schedule + tuple(place(Kind.VMM, e, v) for e, v in calls)))
+            yield schedule + tuple(place(Kind.VMM, e, v) for e, v in calls)
+
+
+# -- enumeration, lazily and in order ------------------------------------------------------
+#
+# The search runs schedules fewest happenings first, then in the order of their placements
+# (_smallest_first): the first finding is already small, and the order of findings never
+# depends on how the schedules were made. Both stages below generate exactly that order
+# without building the set first, so a scenario with millions of schedules starts at once
+# and its memory stays bounded (a few bytes per first-stage schedule, for the second).
+
+
+@dataclass(frozen=True, slots=True)
+class _Placements:
+    """place(kind, at, value) for every `at` in `ats` and, at each, every value, in order; made
+    on demand (a guest with millions of boundaries must not cost millions of records)."""
+
+    kind: Kind
+    ats: range
+    values: tuple[int, ...] = (0,)
+
+    def __len__(self) -> int:
+        return len(self.ats) * len(self.values)
+
+    def __getitem__(self, j: int) -> Placement:
+        at, n = divmod(j, len(self.values))
+        return place(self.kind, self.ats[at], self.values[n])
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """The placements of one kind, in order, and how many of them one schedule may hold."""
+
+    items: _Placements
+    cap: int  # of this kind
+    host: bool  # counts against max_host, else max_async
+    repeat: bool  # the same placement may occur again (NMIs, host interrupts at one boundary)
+
+
+def _regions(c: Choices) -> list[_Region]:
+    positions = range(c.boundaries + 1)
+    vectors = tuple(sorted(set(c.spec.interrupts)))
+    return [
+        _Region(_Placements(Kind.NMI, positions), min(c.spec.nmis, c.max_async), False, True),
+        _Region(_Placements(Kind.INTERRUPT, positions, vectors), len(c.spec.interrupts), False, True),
+        _Region(_Placements(Kind.HOST_INTERRUPT, positions), c.spec.host_interrupts, True, True),
+        _Region(_Placements(Kind.HOST_NMI, positions), c.spec.host_nmis, True, True),
+        _Region(_Placements(Kind.HOST_FAULT, range(1), c.pages), len(c.pages), True, False),
+    ]
+
+
+def first_schedules(c: Choices, size: int | None = None) -> Iterator[Schedule]:
+    """async_schedules() x host_schedules(), in _smallest_first order, made lazily
+    (`size`: only schedules of that many happenings)."""
+    regions = _regions(c)
+    vector_caps = Counter(c.spec.interrupts)  # each vector once (twice if listed twice)
+    longest = c.max_async + c.max_host
+    for n in range(longest + 1) if size is None else [size]:
+        yield from _sequences(regions, vector_caps, c, n)
+
+
+def _sequences(regions: list[_Region], vector_caps: Counter, c: Choices, n: int
+               ) -> Iterator[Schedule]:
+    """Sorted tuples of n placements within the caps, in lexicographic order: each next
+    placement is the same or a later one (a recursion over regions and their items)."""
+    used = [0] * len(regions)
+    vectors: Counter = Counter()
+
+    def room(r: int, i: int, async_used: int, host_used: int) -> int:
+        """How many more placements could still follow (an upper bound: prunes dead ends)."""
+        free = {False: 0, True: 0}
+        for k in range(r, len(regions)):
+            region = regions[k]
+            left = region.cap - used[k]
+            if not region.repeat:
+                left = min(left, len(region.items) - (i if k == r else 0))
+            free[region.host] += max(0, left)
+        return (min(free[False], c.max_async - async_used)
+                + min(free[True], c.max_host - host_used))
+
+    def grow(r: int, i: int, left: int, async_used: int, host_used: int) -> Iterator[Schedule]:
+        if left == 0:
+            yield ()
+            return
+        if room(r, i, async_used, host_used) < left:
+            return
+        for k in range(r, len(regions)):
+            region = regions[k]
+            if used[k] >= region.cap:
+                continue
+            if (host_used if region.host else async_used) >= (c.max_host if region.host else c.max_async):
+                continue
+            for j in range(i if k == r else 0, len(region.items)):
+                p = region.items[j]
+                if p.kind is Kind.INTERRUPT:
+                    if vectors[p.value] >= vector_caps[p.value]:
+                        continue
+                    vectors[p.value] += 1
+                used[k] += 1
+                for rest in grow(k, j if region.repeat else j + 1, left - 1,
+                                 async_used + (not region.host), host_used + region.host):
+                    yield (p, *rest)
+                used[k] -= 1
+                if p.kind is Kind.INTERRUPT:
+                    vectors[p.value] -= 1
+
+    yield from grow(0, 0, n, 0, 0)
+
+
+def second_stage_possible(c: Choices) -> bool:
+    return (c.spec.save_restores > 0 and c.max_host > 0) or (c.max_vmm > 0 and bool(c.vmm))
+
+
+def second_schedules(c: Choices, exits: Sequence[int], sizes: Sequence[int]) -> Iterator[Schedule]:
+    """Each first-stage schedule with save/restores or VMM calls after its VM exits, in
+    _smallest_first order. `exits[k]`: how many VM exits the k-th first-stage schedule took
+    (-1: a model limit stopped it, nothing to add); `sizes[n]`: how many of those had n
+    happenings (they come in that order). A second-stage schedule is its first-stage one
+    (kinds NMI..HOST_FAULT) followed by what it adds (SAVE_RESTORE, VMM: later kinds), so
+    for one first-stage length the order is the first-stage order, then the additions';
+    heapq.merge interleaves the lengths."""
+    most = max(min(c.spec.save_restores, c.max_host), c.max_vmm)
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    for total in range(1, len(sizes) + most):
+        streams = [_extended(c, n, total - n, exits, offsets[n])
+                   for n in range(max(0, total - most), min(total - 1, len(sizes) - 1) + 1)]
+        yield from heapq.merge(*streams)
+
+
+def _extended(c: Choices, n: int, extra: int, exits: Sequence[int], offset: int
+              ) -> Iterator[Schedule]:
+    for k, base in enumerate(first_schedules(c, n)):
+        if exits[offset + k] >= 0:
+            yield from with_save_restores(c, base, exits[offset + k], extra)
+            yield from with_vmm_calls(c, base, exits[offset + k], extra)
 
 
 # -- one run -------------------------------------------------------------------------------
@@ -394,74 +548,118 @@ class PageImage:
 
 # -- the search ----------------------------------------------------------------------------
 
-Progress = Callable[[int, int], None]  # (done, total known so far)
+Progress = Callable[["ExploreResult"], None]  # called as schedules are judged, with the result so far
+
+
+def check_bounds(bounds: Bounds, time_limit: float | None = None) -> None:
+    """Bounds that allow no schedule at all would report an empty search as a clean one."""
+    for name in ("max_async", "max_host", "max_vmm"):
+        value = getattr(bounds, name)
+        if value is not None and value < 0:
+            raise KvmodelError(f"{name.replace('_', '-')} {value} allows no schedule: "
+                               "it must be 0 or more")
+    if time_limit is not None and not time_limit > 0:
+        raise KvmodelError(f"time limit {time_limit} allows no schedule: it must be more than 0 s")
 
 
 def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
-            workers: int = 1, time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
-            progress: Progress | None = None, max_steps: int | None = None,
-            stop_at_first: bool = False) -> ExploreResult:
+            workers: int = 1, time_limit: float | None = None, deadline: float | None = None,
+            bugs: frozenset[str] = frozenset(), progress: Progress | None = None,
+            max_steps: int | None = None, stop_at_first: bool = False) -> ExploreResult:
     """Run every schedule within the bounds; findings in schedule order, whatever `workers` is.
 
-    `stop_at_first`: stop at the first finding the scenario does not declare."""
+    `time_limit` (seconds from now) or `deadline` (a time.monotonic() value, shared by the
+    explorations of one command) ends the search early: `complete` is then False. A
+    KeyboardInterrupt (SIGINT, or SIGTERM as the CLI maps it) ends it too: the result so far
+    comes back with `interrupted` set, and the caller decides whether to go on."""
     start = time.monotonic()
     bounds = bounds or Bounds()
+    check_bounds(bounds, time_limit)
+    if time_limit is not None:
+        deadline = start + time_limit if deadline is None else min(deadline, start + time_limit)
     result = ExploreResult(scenario, vendor)
     result.not_applicable = not_applicable(scenario, vendor)
     if result.not_applicable is not None:
         return result
-    with _faults.switched_on(bugs):
-        runner = Runner(scenario, vendor, max_steps)
-        base = runner.bare(())
-        if base.limit is not None or base.final is None:  # no final state: nothing to bound by
-            why = base.limit or base.hypervisor_error or "the run ended without a final state"
-            result.limit, result.limit_schedule = f"on bare metal: {why}", ()
-            return result
-        resolve = Resolver(scenario, base.program)
-        choices = choices_for(scenario, resolve, bounds, base.final.retired)
-    first = [a + h for a in async_schedules(choices) for h in host_schedules(choices)]
-    first = sorted(set(tuple(sorted(s)) for s in first), key=_smallest_first)
-    deadline = None if time_limit is None else start + time_limit
-    declared = [k for k in scenario.known_findings if vendor.value in k.vendors]
-    stop = partial(_is_new, declared=declared) if stop_at_first else None
-    outcomes = _run_all(scenario, vendor, first, workers, bugs, deadline, max_steps, progress, 0,
-                        stop)
-    if stop is not None and any(stop(o) for o in outcomes):
-        second = []
-    else:
-        second = sorted({s for o in outcomes if o.limit is None
-                         for s in itertools.chain(with_save_restores(choices, o.schedule, o.exits),
-                                                  with_vmm_calls(choices, o.schedule, o.exits))},
-                        key=_smallest_first)
-    if deadline is None or time.monotonic() < deadline:
-        outcomes += _run_all(scenario, vendor, second, workers, bugs, deadline, max_steps, progress,
-                             len(first), stop)
-    result.complete = len(outcomes) == len(first) + len(second) and not stop_at_first
-    seen: set[int] = set()
-    for o in outcomes:
-        result.schedules += 1
-        if o.limit is not None:
-            result.met_limit(o.schedule, o.limit)
-            continue
-        result.outcomes.add(o.digest)
-        if o.finding is None:
-            continue
-        match = _explained_by(o.finding, declared)
-        if match is None:
-            result.findings.append(o.finding)
-        else:
-            result.known.append(o.finding)
-            seen.add(match)
-    if result.complete:
-        result.unseen_known = [k for n, k in enumerate(declared)
-                               if n not in seen and _reachable(k, choices)]
-    result.elapsed = time.monotonic() - start
+    search = _Search(result, [k for k in scenario.known_findings if vendor.value in k.vendors],
+                     progress)
+    try:
+        with _faults.switched_on(bugs):
+            runner = Runner(scenario, vendor, max_steps)
+            base = runner.bare(())
+            if base.limit is not None or base.final is None:  # no final state: nothing to bound by
+                why = base.limit or base.hypervisor_error or "the run ended without a final state"
+                result.limit, result.limit_schedule = f"on bare metal: {why}", ()
+                return result
+            resolve = Resolver(scenario, base.program)
+            choices = choices_for(scenario, resolve, bounds, base.final.retired)
+        run = partial(_run_all, scenario, vendor, workers=workers, bugs=bugs, deadline=deadline,
+                      max_steps=max_steps, stop_at_first=stop_at_first, expired=search.expired)
+        keep = second_stage_possible(choices)
+        exits, sizes = array("i"), [0] * (choices.max_async + choices.max_host + 1)
+        stopped = False
+        for o in run(first_schedules(choices)):
+            sizes[len(o.schedule)] += 1
+            if keep:
+                exits.append(-1 if o.limit is not None else o.exits)
+            stopped = search.add(o) and stop_at_first
+            if stopped:
+                break
+        if not stopped and search.finished:
+            for o in run(second_schedules(choices, exits, sizes)):
+                if search.add(o) and stop_at_first:
+                    break
+        result.complete = not stop_at_first and search.finished
+        if result.complete:
+            result.unseen_known = [k for n, k in enumerate(search.declared)
+                                   if n not in search.seen and _reachable(k, choices)]
+    except KeyboardInterrupt:
+        result.interrupted, result.complete = True, False
+    finally:
+        result.elapsed = time.monotonic() - start
     return result
 
 
-def _is_new(outcome: Outcome, declared: list[KnownFinding]) -> bool:
-    """A finding no declaration explains."""
-    return outcome.finding is not None and _explained_by(outcome.finding, declared) is None
+class _Search:
+    """Judged outcomes folded into the result as they come, in schedule order: nothing is kept
+    per schedule but its VM exit count (for the second stage)."""
+
+    def __init__(self, result: ExploreResult, declared: list[KnownFinding],
+                 progress: Progress | None):
+        self.result = result
+        self.declared = declared
+        self.seen: set[int] = set()
+        self.progress = progress
+        self.finished = True  # False once a deadline ended a stage before its last schedule
+        self.last_report = 0.0
+
+    def add(self, o: Outcome) -> bool:
+        """Fold in one outcome; True if it is a new finding."""
+        result = self.result
+        result.schedules += 1
+        new = False
+        if o.limit is not None:
+            result.met_limit(o.schedule, o.limit)
+        else:
+            result.outcomes.add(o.digest)
+            if o.finding is not None:
+                match = _explained_by(o.finding, self.declared)
+                if match is None:
+                    result.findings.append(o.finding)
+                    new = True
+                else:
+                    result.known.append(o.finding)
+                    self.seen.add(match)
+        if self.progress is not None:
+            now = time.monotonic()
+            if now - self.last_report >= 0.1:
+                self.last_report = now
+                self.progress(result)
+        return new
+
+    def expired(self) -> None:
+        """The deadline came before the last schedule."""
+        self.finished = False
 
 
 def _reachable(known: KnownFinding, c: Choices) -> bool:
@@ -489,36 +687,67 @@ def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
     return None
 
 
-def _run_all(scenario: Scenario, vendor: Vendor, schedules: list[Schedule], workers: int,
+def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], *, workers: int,
              bugs: frozenset[str], deadline: float | None, max_steps: int | None,
-             progress: Progress | None, offset: int,
-             stop_at: Callable[[Outcome], bool] | None = None) -> list[Outcome]:
-    """`stop_at`: the outcome that ends the search (run in this process, one by one)."""
-    out: list[Outcome] = []
-    if workers <= 1 or stop_at is not None:
+             stop_at_first: bool = False, expired: Callable[[], None] = lambda: None
+             ) -> Iterator[Outcome]:
+    """The outcomes of `schedules`, in their order, until the deadline (then `expired()` is
+    called); the caller may stop at any point (the generator closes its workers)."""
+    if workers <= 1 or stop_at_first:
         with _faults.switched_on(bugs):
             runner = Runner(scenario, vendor, max_steps)
-            for n, schedule in enumerate(schedules):
+            for schedule in schedules:
                 if deadline is not None and time.monotonic() >= deadline:
-                    break
-                out.append(runner.outcome(schedule))
-                if progress is not None:
-                    progress(offset + n + 1, offset + len(schedules))
-                if stop_at is not None and stop_at(out[-1]):
-                    break
-        return out
-    chunks = [schedules[i:i + 64] for i in range(0, len(schedules), 64)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        jobs = [pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps)
-                for chunk in chunks]
-        for job in jobs:  # in submission order: the result does not depend on `workers`
+                    expired()
+                    return
+                yield runner.outcome(schedule)
+        return
+    chunks = iter(lambda: list(itertools.islice(schedules, CHUNK)), [])
+    with worker_pool(workers) as pool:
+        window: deque = deque()  # a few chunks ahead per worker: memory stays bounded
+        for chunk in itertools.islice(chunks, 2 * workers):
+            window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
+        while window:
             if deadline is not None and time.monotonic() >= deadline:
-                job.cancel()
-                continue
-            out += job.result()
-            if progress is not None:
-                progress(offset + len(out), offset + len(schedules))
-    return out
+                expired()
+                return
+            outcomes = window.popleft().result()  # in submission order: independent of `workers`
+            for chunk in itertools.islice(chunks, 1):
+                window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
+            yield from outcomes
+
+
+CHUNK = 64  # schedules per task sent to a worker process
+
+
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """Worker processes that leave SIGINT to the parent (a terminal's Ctrl-C reaches the whole
+    process group) and die with it: on any exit from the block, KeyboardInterrupt included,
+    queued work is cancelled and running workers are ended, never left orphaned."""
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
+        yield pool
+    except BaseException:
+        _terminate(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    # No public way to end running workers before Python 3.14 (terminate_workers()).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _smallest_first(schedule: Schedule) -> tuple:

@@ -24,7 +24,8 @@ def summary_table(results: list[ExploreResult]) -> Table:
         findings = str(len(r.findings))
         if r.findings or r.unseen_known:
             findings = f"[bold red]{findings}[/]"
-        schedules = f"{r.schedules}" + ("" if r.complete else " [yellow](time limit)[/]")
+        schedules = f"{r.schedules}" + ("" if r.complete else " [yellow](interrupted)[/]"
+                                        if r.interrupted else " [yellow](time limit)[/]")
         if r.limit is not None:
             schedules += f" [bold red]({r.model_limits} limited)[/]" if r.schedules else (
                 " [bold red](model limit)[/]")
@@ -74,6 +75,7 @@ def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]
         "schedules": result.schedules,
         "distinct_outcomes": result.distinct,
         "complete": result.complete,
+        "interrupted": result.interrupted,
         "model_limits": result.model_limits,
         "model_limit": result.limit,
         "model_limit_schedule": None if result.limit_schedule is None else [

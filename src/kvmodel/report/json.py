@@ -1,15 +1,23 @@
-"""The same run as one JSON document (schema version 1)."""
+"""The same run as one JSON document; its JSON Schema ships beside this file (schemas/)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from importlib import resources
 
 from kvmodel.arch.observe import Delivery, Iret, Observation, to_dict
 from kvmodel.check.oracle import Comparison
 from kvmodel.guest.asm import Program
 from kvmodel.scenario.runner import RunResult
 
-JSON_SCHEMA = 1
+SCHEMA_VERSION = 1  # of every --json document: changes when a field changes meaning or goes away
+
+
+def json_schema(command: str) -> dict:
+    """The JSON Schema of `command`'s --json document: "run" (also `replay`) or "explore"."""
+    return json.loads(resources.files("kvmodel.report").joinpath(
+        "schemas", f"{command}.schema.json").read_text())
 
 
 def _entry(obs: Observation, program: Program) -> dict:
@@ -69,6 +77,6 @@ def comparison_dict(c: Comparison) -> dict:
 
 
 def document(results: list[RunResult | Comparison], errors: list[dict]) -> dict:
-    return {"schema": JSON_SCHEMA, "results": [
+    return {"schema_version": SCHEMA_VERSION, "results": [
         comparison_dict(r) if isinstance(r, Comparison) else result_dict(r) for r in results],
         "errors": errors}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from kvmodel.arch.events import vector_name
 from kvmodel.arch.observe import (
@@ -113,7 +114,7 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
         return obs.retired, program.where(obs.rip), arrival_text(obs)
     if isinstance(obs, Iret):
         unblock = " (NMI unblocked)" if obs.nmi_unblocked else ""
-        return obs.retired, program.where(obs.rip), f"IRET -> {program.where(obs.to_rip)}{unblock}"
+        return obs.retired, program.where(obs.rip), f"IRET -> {escape(program.where(obs.to_rip))}{unblock}"
     if isinstance(obs, Halt):
         return obs.retired, program.where(obs.rip), "HLT: halted"
     if isinstance(obs, Shutdown):
@@ -124,19 +125,20 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
         return obs.retired, "", f"port {obs.port:#x} <- {obs.value:#04x} {chr(obs.value)!r}"
     if isinstance(obs, ExitRecord):
         return (obs.retired, program.where(obs.rip),
-                f"[cyan]VM exit {obs.reason}[/] [dim]{escape(obs.detail)}[/]")
+                f"[cyan]VM exit {escape(str(obs.reason))}[/] [dim]{escape(obs.detail)}[/]")
     if isinstance(obs, InjectRecord):
         again = "re-inject" if obs.reinjected else "inject"
         return obs.retired, "", f"[cyan]KVM {again}s {obs.what} {vector_name(obs.vector)}[/]"
     if isinstance(obs, SaveRestoreRecord):
         return (obs.retired, "", "[magenta]save/restore[/]: KVM_GET_VCPU_EVENTS -> fresh vCPU -> "
-                f"KVM_SET_VCPU_EVENTS [dim]{obs.events}[/]")
+                f"KVM_SET_VCPU_EVENTS [dim]{escape(str(obs.events))}[/]")
     if isinstance(obs, NestedExitRecord):
         return (obs.retired, program.where(obs.rip),
-                f"[cyan]nested VM exit {obs.reason}[/] to L1 (L0 fills {obs.control})")
+                f"[cyan]nested VM exit {escape(str(obs.reason))}[/] to L1 "
+                f"(L0 fills {escape(str(obs.control))})")
     if isinstance(obs, VmmStop):
         return (obs.retired, "", f"[magenta]KVM_RUN returns {obs.reason}[/] flags {obs.flags:#x}: "
-                f"the VMM stops the VM ({obs.why})")
+                f"the VMM stops the VM ({escape(obs.why)})")
     if isinstance(obs, VmmRecord):
         result = "0" if obs.result == 0 else f"{obs.result} ({_ERRNO.get(obs.result, '?')})"
         return (obs.retired, "", f"[magenta]VMM {escape(obs.call)}[/] returns {result} "
@@ -254,4 +256,4 @@ def _show(entry, result: RunResult) -> str:
     if isinstance(entry, str):
         return entry
     _, where, what = line_for(entry, result.program, result.scenario.mode)
-    return f"{where}: {what}".replace("[bold]", "").replace("[/]", "").replace("[dim]", "")
+    return f"{where}: {Text.from_markup(what).plain}"  # as text: the caller escapes it
