@@ -405,8 +405,10 @@ class NestedVmx(VmxRoot):
                 return EBUSY
             if vmx.nested_exit_on(Pin.NMI_EXITING):
                 self.exit_to_l1(ExitReason.EXCEPTION_NMI, intr_info(Vec.NMI, EventType.NMI, None))
-                # The NMI-triggered exit counts as injection: consume it, block further NMIs.
-                vcpu.nmi_pending -= 1
+                # The NMI-triggered exit counts as injection: upstream clears every pending
+                # NMI, not one (a second one process_nmi() allowed is lost; bare metal keeps
+                # it latched behind the exit's NMI blocking, SDM 27.5.5)
+                vcpu.nmi_pending = 0
                 if not _faults.on("nested_nmi_exit_leaves_nmis_unblocked"):
                     vmx.set_nmi_mask(True)
             return 0
