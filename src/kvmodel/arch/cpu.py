@@ -34,6 +34,7 @@ from kvmodel.arch.regs import (
     DR6_BS,
     DR6_CONDITIONS,
     DR6_RESET,
+    DR7_GD,
     DR7_RESET,
     IF,
     RF,
@@ -57,6 +58,9 @@ class External(IntEnum):
     HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
     NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
     HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
+    # An exception (`vector`: #DB or #BP) delivered at this boundary from outside the program,
+    # as a hardware debugger would: the counterpart of a VMM's KVM_GUESTDBG_INJECT_DB/BP.
+    EXCEPTION = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +349,19 @@ class Cpu:
 
     def _arrive(self, s: Scheduled) -> None:
         self.scheduled.remove(s)
+        if s.event is External.EXCEPTION:
+            self._update_next_after()
+            if self.host is not None:
+                raise ModelLimit("an exception injected from outside (a VMM's "
+                                 "KVM_GUESTDBG_INJECT_DB/BP) in a nested run is not modelled")
+            # Delivered at this boundary, returning to the instruction not yet run. No debug
+            # condition was met, so DR6 stays as it is (what KVM's payload-less
+            # kvm_queue_exception(DB) leaves; UNVERIFIED for a probe-mode #DB); DR7.GD is
+            # cleared by any #DB delivery (SDM 17.2.4).
+            if s.vector == Vec.DB:
+                self.dr7 &= ~DR7_GD
+            deliver.deliver(self, Event(s.vector, EventType.HW_EXCEPTION, self.rip), injected=True)
+            return
         if self.host is not None:
             fate = self.host.external(self, s.event, s.vector)
             name = s.event.name.lower()

@@ -214,11 +214,13 @@ class Runner:
         self.prepared: Prepared | None = None  # built at the first run: a bad scenario raises there
         self.image: PageImage | None = None
 
-    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, int], ...] = ()) -> RunResult:
-        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)."""
+    def bare(self, schedule: Schedule, vmm_nmis: tuple[tuple[int, ...], ...] = ()) -> RunResult:
+        """`vmm_nmis`: where the VMM's calls in the KVM run made NMIs arrive (retired, delivered)
+        and exceptions be delivered (retired, delivered, vector)."""
         external = tuple(sorted(tuple(p for p in schedule if p.kind.is_async)
-                                + tuple(place(Kind.NMI, at, 1 + delivered)
-                                        for at, delivered in vmm_nmis)))
+                                + tuple(place(Kind.NMI, at, 1 + delivered) if not vector else
+                                        place(Kind.EXCEPTION, at, (1 + delivered) << 8 | vector[0])
+                                        for at, delivered, *vector in vmm_nmis)))
         if external not in self.bare_runs:
             self.bare_runs[external] = self._keep(self.run(external, Vendor.BARE))
         return self.bare_runs[external]

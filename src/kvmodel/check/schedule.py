@@ -29,6 +29,9 @@ class Kind(Enum):
     HOST_FAULT = "host_fault"
     SAVE_RESTORE = "save_restore"
     VMM = "vmm"  # a VMM call (scenario/vmm.py CHOICES) after VM exit `at`
+    # Bare metal only, never explored: the #DB/#BP a VMM's KVM_GUESTDBG_INJECT_DB/BP stands
+    # for, after `at` retired; `value` is (1 + deliveries done there) << 8 | vector.
+    EXCEPTION = "exception"
 
     @property
     def is_async(self) -> bool:
@@ -98,6 +101,9 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
         if p.kind is Kind.NMI:  # `value` 1 + n: a VMM's NMI, after n deliveries (bare metal)
             happenings.append(Happening(External.NMI, Vec.NMI, p.at, None, 0,
                                         p.value - 1 if p.value else None))
+        elif p.kind is Kind.EXCEPTION:
+            happenings.append(Happening(External.EXCEPTION, p.value & 0xFF, p.at, None, 0,
+                                        (p.value >> 8) - 1))
         elif p.kind is Kind.VMM:
             call, args = CHOICES[CHOICE_NAMES[p.value]]
             vmm.append(VmmStep(call, p.at, None, args, 0))

@@ -21,7 +21,18 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
-from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
+from kvmodel.errors import ModelLimit
+from kvmodel.kvm.uapi import (
+    EINTR,
+    GUESTDBG_VALID_MASK,
+    Busy,
+    GuestDebug,
+    InvalidArgument,
+    KvmExit,
+    KvmVcpuEvents,
+    ShadowBits,
+    VcpuEventsFlag,
+)
 from kvmodel.kvm.vm import Vm
 
 DR_TRAP_BITS = 0xF
@@ -215,6 +226,7 @@ class Vcpu:
     warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
     host_problems: list[str] = field(default_factory=list)  # the host's own event handling
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
+    guest_debug: int = 0  # vcpu->guest_debug: KVM_SET_GUEST_DEBUG's control (GuestDebug bits)
 
     @property
     def lapic(self):
@@ -680,6 +692,35 @@ class Vcpu:
             else:
                 self.requests &= ~Request.TRIPLE_FAULT
         self.requests |= Request.EVENT
+
+    # -- KVM_SET_GUEST_DEBUG ----------------------------------------------------
+
+    def set_guest_debug(self, control: int) -> None:
+        """kvm_arch_vcpu_ioctl_set_guest_debug(): InvalidArgument (-EINVAL) or Busy (-EBUSY)
+        before any change.
+
+        KVM_GUESTDBG_INJECT_DB/_BP queue a #DB (INJECT_DB wins if both are set) with no
+        payload, enabled or not, and are refused while an exception is pending or, since
+        "KVM: x86: Check for injected exceptions before queuing a debug exception"
+        (e907b4e72488), injected: kvm_multiple_exception() would merge the two into #DF or
+        a triple fault, or let the new one override the injected one."""
+        if self.ops.guest_state_protected:
+            raise InvalidArgument("KVM_SET_GUEST_DEBUG: the guest's state is protected (SEV-ES)")
+        if control & ~GUESTDBG_VALID_MASK:
+            raise InvalidArgument(f"KVM_SET_GUEST_DEBUG: unknown control bits "
+                                  f"{control & ~GUESTDBG_VALID_MASK:#x}")
+        host_side = GuestDebug.SINGLESTEP | GuestDebug.USE_SW_BP | GuestDebug.USE_HW_BP
+        if control & GuestDebug.ENABLE and control & (host_side | GuestDebug.BLOCKIRQ):
+            raise ModelLimit("KVM_SET_GUEST_DEBUG with single-step, breakpoints or BLOCKIRQ "
+                             "(KVM_EXIT_DEBUG, the #DB/#BP intercepts, the hidden TF) is not "
+                             "modelled")
+        if control & (GuestDebug.INJECT_DB | GuestDebug.INJECT_BP):
+            injected = self.exception.injected and not _faults.on("guest_debug_inject_over_injected")
+            if self.exception_pending() or injected:
+                raise Busy("KVM_SET_GUEST_DEBUG: an exception is already "
+                           + ("pending" if self.exception_pending() else "injected"))
+            self.queue_exception(Vec.DB if control & GuestDebug.INJECT_DB else Vec.BP)
+        self.guest_debug = control if control & GuestDebug.ENABLE else 0
 
 
 def _queued(vector: int, error_code: int | None, payload: int | None) -> QueuedException:

@@ -61,7 +61,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
 )  # fmt: skip
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import EVENT_FIELDS
+from kvmodel.scenario.vmm import ENABLE_CAP_ARGS, EVENT_FIELDS, GUEST_DEBUG_ARGS, NESTED_STATE_ARGS
 
 DEFAULT_MAX_STEPS = 100_000
 MAX_NESTING = 32  # arrays and inline tables inside each other; the format needs 3
@@ -641,6 +641,9 @@ def _qemu_differences(ctx: _Ctx, expect: dict) -> tuple[QemuDifference, ...]:
     return tuple(out)
 
 
+_VMM_ARG_NAMES = tuple(dict.fromkeys(EVENT_FIELDS + GUEST_DEBUG_ARGS + ENABLE_CAP_ARGS + NESTED_STATE_ARGS))
+
+
 def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
     """[[vmm]]: call = "KVM_NMI" | "KVM_SET_VCPU_EVENTS" | "immediate_exit", exit = N or
     at = "label"; a KVM_SET_VCPU_EVENTS may change struct kvm_vcpu_events fields by name."""
@@ -650,8 +653,8 @@ def _vmm_steps(ctx: _Ctx, items: list[dict]) -> tuple[VmmStep, ...]:
         if ("exit" in item) == ("at" in item):
             raise ctx.error("give exactly one of exit = N (after the Nth VM exit) or at = \"label\" "
                             "(the first exit once the guest is there)", t, None, n)
-        # the schema let a field through only for KVM_SET_VCPU_EVENTS, as a bool or a number
-        args = tuple((name, int(item[name])) for name in EVENT_FIELDS if name in item)
+        # the schema let each call's own arguments through, as bools or numbers
+        args = tuple((name, int(item[name])) for name in _VMM_ARG_NAMES if name in item)
         out.append(VmmStep(item["call"], item.get("exit"),
                            _expr(item["at"]) if "at" in item else None, args,
                            ctx.line(t, None, n)))

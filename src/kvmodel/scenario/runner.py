@@ -35,7 +35,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import VmmRecord, action, in_flight
+from kvmodel.scenario.vmm import Performed, VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -83,7 +83,9 @@ class RunResult:
     warnings: tuple[str, ...] = ()  # KVM WARN_ON()s reached
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
-    vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
+    # (retired, delivered) of each NMI the VMM made, (retired, delivered, vector) of each
+    # exception it injected (KVM_GUESTDBG_INJECT_DB/BP): where bare metal gets them
+    vmm_nmis: tuple[tuple[int, ...], ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -276,7 +278,7 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     stats: tuple[Stats, ...] = ()
     warnings: tuple[str, ...] = ()
     host = None
-    vmm_nmis: list[tuple[int, int]] = []
+    vmm_nmis: list[tuple[int, ...]] = []
     try:
         if vendor is Vendor.BARE:
             stop = _run_bare(cpu, scenario, steps).name.lower()
@@ -295,11 +297,13 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
                      tuple(vmm_nmis))
 
 
-def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...]) -> Scenario:
+def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, ...], ...]) -> Scenario:
     """The scenario for bare metal: no VMM, and an NMI for each one the VMM's calls made
     arrive, after (retired, delivered) as the guest stood where the VMM acted."""
     arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
-                     for after, delivered in nmis)
+                     if not vector else Happening(External.EXCEPTION, vector[0], after, None, 0,
+                                                  delivered)
+                     for after, delivered, *vector in nmis)
     return replace(scenario, happenings=scenario.happenings + arrivals, vmm=())
 
 
@@ -333,6 +337,8 @@ def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_S
     stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
     markers = []
     for step in scenario.vmm:
+        if step.exit == 0:
+            continue  # before KVM_CREATE_VCPU (_before_vcpus())
         marker = None
         if step.at is not None:
             marker = Scheduled(External.HOST_INTERRUPT, 0, None, resolve(step.at, step.line))
@@ -351,10 +357,17 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
     return min(later) if later else 0
 
 
-def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None:
-    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now."""
+def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, ...]]) -> None:
+    """One VMM call; the NMIs it makes arrive on bare metal where the guest stands now, and
+    so do the exceptions it injects, after the event in flight before the call: they are
+    appended as (retired, delivered, vector). A result the documented uAPI does not allow
+    is a host problem (a finding)."""
     cpu = vcpu.cpu
+    flying = int(in_flight(vcpu))
     done = action(step.call, step.args).perform(vcpu)
+    vmm_nmis += [(cpu.retired, cpu.delivered + flying, vector) for vector in done.exceptions]
+    if done.contract:
+        vcpu.host_problems.append(done.contract)
     # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
     # instruction runs again), so the NMIs then come before it, as on bare metal.
     delivered = cpu.delivered + int(in_flight(vcpu))
@@ -364,7 +377,7 @@ def _perform(step: VmmStep, vcpu: Vcpu, vmm_nmis: list[tuple[int, int]]) -> None
 
 
 def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int, vmm_nmis: list[tuple[int, int]]
+                   steps: int, vmm_nmis: list[tuple[int, ...]]
                    ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
                               tuple[str, ...], HostTime]:
     """KVM_RUN until the guest halts for good, shuts down, or the budget ends; in between,
@@ -384,7 +397,10 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
         _enable_caps(vm, params)
-        return create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
+        done = _before_vcpus(scenario, vm, core)
+        new = create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
+        new.host_problems += [d.contract for d in done if d.contract]
+        return new
 
     vcpu = make(cpu)
     done: list[Stats] = []
@@ -421,6 +437,18 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     stop, error = _stop_of(vcpu, outcome)
     return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
             HostTime(windowless, limit, tuple(problems)))
+
+
+def _before_vcpus(scenario: Scenario, vm: Vm, cpu: Cpu) -> list[Performed]:
+    """The VMM's calls on the VM before KVM_CREATE_VCPU ([[vmm]] with exit = 0)."""
+    out = []
+    for step in scenario.vmm:
+        if step.exit == 0:
+            done = action(step.call, step.args).perform_on_vm(vm)
+            name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
+            cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
+            out.append(done)
+    return out
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:

@@ -19,7 +19,16 @@ from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import EVENT_FIELDS, KVM_SET_VCPU_EVENTS
+from kvmodel.scenario.vmm import (
+    ENABLE_CAP_ARGS,
+    EVENT_FIELDS,
+    GUEST_DEBUG_ARGS,
+    KVM_ENABLE_CAP,
+    KVM_SET_GUEST_DEBUG,
+    KVM_SET_NESTED_STATE,
+    KVM_SET_VCPU_EVENTS,
+    NESTED_STATE_ARGS,
+)
 
 Expr = str | int
 
@@ -80,7 +89,8 @@ class VmmStep:
 
     At the `exit`-th VM exit, or at the first exit once the guest has reached
     the label `at` (a signal kicks the vCPU out there). `args` are the fields
-    of struct kvm_vcpu_events a crafted KVM_SET_VCPU_EVENTS changes.
+    of struct kvm_vcpu_events a crafted KVM_SET_VCPU_EVENTS changes, or the arguments of
+    the other calls (scenario/vmm.py *_ARGS). `exit` 0: before KVM_CREATE_VCPU.
     """
 
     call: str
@@ -379,8 +389,15 @@ _HAPPEN = Tagged("event", {
 _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 # struct kvm_vcpu_events fields a crafted KVM_SET_VCPU_EVENTS changes, by name
 _EVENT_FIELDS = {name: Either((Bool(), Int()), "true, false or a number") for name in EVENT_FIELDS}
+_VMM_ARGS = {
+    KVM_SET_VCPU_EVENTS: _EVENT_FIELDS,
+    KVM_SET_GUEST_DEBUG: {name: Int(high=0xFFFF_FFFF) for name in GUEST_DEBUG_ARGS},
+    # exit = 0: on the VM, before KVM_CREATE_VCPU (where QEMU enables its caps)
+    KVM_ENABLE_CAP: {name: Int(high=0xFFFF_FFFF) for name in ENABLE_CAP_ARGS} | {"exit": Int(low=0)},
+    KVM_SET_NESTED_STATE: {name: Bool() for name in NESTED_STATE_ARGS},
+}
 _VMM = Tagged("call", {
-    call: Table(_VMM_WHEN | (_EVENT_FIELDS if call == KVM_SET_VCPU_EVENTS else {}))
+    call: Table(_VMM_WHEN | _VMM_ARGS.get(call, {}))
     for call in VMM_CALLS
 }, missing="each [[vmm]] needs call = " + ", ".join(f'"{c}"' for c in VMM_CALLS),
     foreign='unknown key "{key}" in [{name}]: it belongs to {tag} = "{owner}"')
