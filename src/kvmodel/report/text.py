@@ -21,12 +21,12 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
-from kvmodel.kvm.uapi import EINTR, EINVAL
+from kvmodel.kvm.uapi import EINTR, EINVAL, Busy
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
-_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR"}
+_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR", Busy.errno: "-EBUSY"}
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
