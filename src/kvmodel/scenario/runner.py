@@ -35,7 +35,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import Performed, VmmRecord, action, in_flight
+from kvmodel.scenario.vmm import KVM_ENABLE_CAP, Performed, VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -337,7 +337,7 @@ def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_S
     stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
     markers = []
     for step in scenario.vmm:
-        if step.exit == 0:
+        if _on_the_vm(step):
             continue  # before KVM_CREATE_VCPU (_before_vcpus())
         marker = None
         if step.at is not None:
@@ -443,12 +443,18 @@ def _before_vcpus(scenario: Scenario, vm: Vm, cpu: Cpu) -> list[Performed]:
     """The VMM's calls on the VM before KVM_CREATE_VCPU ([[vmm]] with exit = 0)."""
     out = []
     for step in scenario.vmm:
-        if step.exit == 0:
+        if _on_the_vm(step):
             done = action(step.call, step.args).perform_on_vm(vm)
             name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
             cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
             out.append(done)
     return out
+
+
+def _on_the_vm(step: VmmStep) -> bool:
+    """KVM_ENABLE_CAP at exit 0 is made on the VM before KVM_CREATE_VCPU; any other call at
+    exit 0 (an explored placement shrunk that far) before the first KVM_RUN."""
+    return step.exit == 0 and step.call == KVM_ENABLE_CAP
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:

@@ -12,7 +12,7 @@ from kvmodel.kvm.uapi import EINTR, EINVAL, VcpuEventsFlag
 from kvmodel.kvm.x86 import Request
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import Resolver, prepare
-from kvmodel.scenario.vmm import ImmediateExit, KvmNmi, SetVcpuEvents
+from kvmodel.scenario.vmm import CHOICE_NAMES, ImmediateExit, KvmNmi, SetVcpuEvents
 
 GUEST = '''
 [guest]
@@ -138,4 +138,4 @@ def test_vmm_choice_points_are_opt_in():
     offered = _choices('[explore]\nvmm = ["nmi", "events_same_vcpu"]\n', Bounds())
     assert len(list(with_vmm_calls(offered, (), 3))) == 6 + 21  # one or two of 3 exits x 2 calls
     asked = _choices("", Bounds(max_vmm=1))
-    assert len(list(with_vmm_calls(asked, (), 1))) == 6  # every call, once, after the one exit
+    assert len(list(with_vmm_calls(asked, (), 1))) == len(CHOICE_NAMES)  # every call, once
