@@ -54,6 +54,10 @@ def test_one_get_set_round_trip_at_any_entry_changes_nothing(monkeypatch, path, 
         pytest.xfail("finding: KVM_SET_VCPU_EVENTS on a vCPU whose NMI waits in V_NMI_PENDING "
                      "queues it again (nmi.pending counts it, SET does not clear the bit): one "
                      "NMI more (see the closing note of issues 4-6)")
+    if path.stem == "svm_kvm_nmi_in_sti_shadow_before_hlt" and vendor is Vendor.SVM:
+        pytest.skip("the NMI there waits for any KVM_REQ_EVENT after the HLT, and "
+                    "KVM_SET_VCPU_EVENTS raises one: the round trip makes it go in on time "
+                    "(the scenario's declared candidate finding)")
     if path.stem == "nmi_in_sti_shadow" and path.parent.name == "sev_es":
         pytest.skip("the NMI there waits for any KVM_REQ_EVENT, and KVM_SET_VCPU_EVENTS raises "
                     "one: the round trip changes when it goes in (the scenario's declared gap)")

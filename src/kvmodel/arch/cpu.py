@@ -35,6 +35,7 @@ from kvmodel.arch.regs import (
     DR6_BS,
     DR6_CONDITIONS,
     DR6_RESET,
+    DR7_GD,
     DR7_RESET,
     IF,
     RF,
@@ -437,6 +438,14 @@ class Cpu:
         if state.cr2 is not None:
             self.cr2 = state.cr2
         if state.event is not None:
+            if self.host is not None:
+                raise ModelLimit("an event a VMM forced (KVM_SET_VCPU_EVENTS, KVM_GUESTDBG_INJECT_DB/"
+                                 "BP) while L1 runs a guest is not modelled", self.rip)
+            if state.event.vector == Vec.DB:
+                # A debugger's #DB (KVM_GUESTDBG_INJECT_DB): no debug condition was met, so DR6
+                # stays (what KVM's payload-less kvm_queue_exception(DB) leaves; UNVERIFIED for
+                # a probe-mode #DB); DR7.GD is cleared by any #DB delivery (SDM 17.2.4).
+                self.dr7 &= ~DR7_GD
             self.halted = False
             deliver.deliver(self, replace(state.event, rip=self.rip), injected=True)
 

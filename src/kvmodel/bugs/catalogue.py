@@ -268,6 +268,21 @@ CATALOGUE: tuple[Bug, ...] = (
         "Christopherson, [PATCH v4 02/12], Sep 2022; Fixes 5ef8acbdd687 \"KVM: nVMX: Emulate MTF "
         "when performing instruction emulation\"); vmx_update_emulated_instruction()",
         ("vmx",), "scenarios/nested/vmx_l2_mtf_after_io_l0_emulates.toml"),
+    Bug("notify_cap_precedence",
+        "KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT) tests `!(u32)args[0] & ENABLED`, i.e. !flags: "
+        "only flags == 0 is refused, and KVM_X86_NOTIFY_VMEXIT_USER without ENABLED is taken "
+        "(returns 0, stores the window and USER, enables nothing)",
+        "[PATCH v6 3/3] KVM: VMX: Enable Notify VM exit (Chenyi Qiang, 2022-04-21) and Sean "
+        "Christopherson's review (2022-05-19); upstream kvm_vm_ioctl_enable_cap() tests "
+        "`!((u32)cap->args[0] & KVM_X86_NOTIFY_VMEXIT_ENABLED)`",
+        ("vmx",), "scenarios/vmm/notify_cap_every_flags_value.toml"),
+    Bug("guest_debug_inject_over_injected",
+        "KVM_SET_GUEST_DEBUG with KVM_GUESTDBG_INJECT_DB/BP checks only for a pending exception: "
+        "over an injected one (its delivery cut short by an exit) kvm_multiple_exception() "
+        "merges the #DB into it, replacing it (benign) or making a triple fault (after #DF)",
+        "KVM: x86: Check for injected exceptions before queuing a debug exception (Yosry Ahmed, "
+        "upstream e907b4e72488; the check dates from 4f926bf29186, 2009)",
+        ("svm", "vmx"), "scenarios/vmm/guest_debug_inject_db_over_injected_exception.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

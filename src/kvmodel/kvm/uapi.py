@@ -81,6 +81,31 @@ class InvalidArgument(KvmodelError):
     errno = EINVAL
 
 
+class Busy(KvmodelError):
+    """The ioctl would fail with -EBUSY."""
+
+    errno = -16
+
+
+class GuestDebug(IntFlag):
+    """struct kvm_guest_debug control bits: KVM_GUESTDBG_ENABLE and _SINGLESTEP
+    (include/uapi/linux/kvm.h), the rest x86's (arch/x86/include/uapi/asm/kvm.h)."""
+
+    ENABLE = 0x00000001
+    SINGLESTEP = 0x00000002
+    USE_SW_BP = 0x00010000
+    USE_HW_BP = 0x00020000
+    INJECT_DB = 0x00040000
+    INJECT_BP = 0x00080000
+    BLOCKIRQ = 0x00100000
+
+
+# KVM_GUESTDBG_VALID_MASK (arch/x86/include/asm/kvm_host.h): everything above
+GUESTDBG_VALID_MASK = int(GuestDebug.ENABLE | GuestDebug.SINGLESTEP | GuestDebug.USE_SW_BP
+                          | GuestDebug.USE_HW_BP | GuestDebug.INJECT_DB | GuestDebug.INJECT_BP
+                          | GuestDebug.BLOCKIRQ)
+
+
 @dataclass(slots=True)
 class KvmVcpuEvents:
     """struct kvm_vcpu_events, field by field in header order."""

@@ -2,9 +2,11 @@
 
 KVM_CAP_X86_NOTIFY_VMEXIT (Documentation/virt/kvm/api.rst; x86.c
 kvm_vm_ioctl_enable_cap()): args[0] bits 63:32 are the notify window, bits
-31:0 the flags. It is refused once a vCPU exists, for unknown flag bits, and
-where the CPU has no Notify VM exit (SVM). KVM has no default window: 0 is
-allowed, since the CPU adds an internal threshold.
+31:0 the flags. It is refused (-EINVAL) for unknown flag bits, where the CPU
+has no Notify VM exit (SVM), without KVM_X86_NOTIFY_VMEXIT_ENABLED (so
+"USER alone" and "0, off" are refused too: off is the default), and once a
+vCPU exists. KVM has no default window: 0 is allowed, since the CPU adds an
+internal threshold.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+from kvmodel import _faults
 from kvmodel.kvm.uapi import InvalidArgument
 
 
@@ -75,12 +78,23 @@ class Vm:
             raise InvalidArgument(f"KVM_CAP_X86_NOTIFY_VMEXIT: unknown flags {flags:#x}")
         if not self.has_notify_vmexit:
             raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: this CPU has no Notify VM exit")
+        if not _asks_to_enable(flags):
+            raise InvalidArgument(f"KVM_CAP_X86_NOTIFY_VMEXIT: flags {flags:#x} without "
+                                  "KVM_X86_NOTIFY_VMEXIT_ENABLED")
         if self.created_vcpus:
             raise InvalidArgument("KVM_CAP_X86_NOTIFY_VMEXIT: vCPUs exist already")
         self.notify_vmexit_flags = flags
-        if flags & NotifyFlag.ENABLED:
-            self.notify_window = arg0 >> 32
+        self.notify_window = arg0 >> 32
 
     @property
     def notify_enabled(self) -> bool:
         return bool(self.notify_vmexit_flags & NotifyFlag.ENABLED)
+
+
+def _asks_to_enable(flags: int) -> bool:
+    """The ENABLED test of kvm_vm_ioctl_enable_cap()."""
+    if _faults.on("notify_cap_precedence"):
+        # "[PATCH v6 3/3] KVM: VMX: Enable Notify VM exit": `!(u32)cap->args[0] & ENABLED`
+        # tests !flags, so only flags == 0 is refused and USER alone is taken.
+        return not (int(not flags) & NotifyFlag.ENABLED)
+    return bool(flags & NotifyFlag.ENABLED)

@@ -27,7 +27,10 @@ from kvmodel.kvm.uapi import (
     EINTR,
     EINVAL,
     ENXIO,
+    GUESTDBG_VALID_MASK,
     KVM_NR_INTERRUPTS,
+    Busy,
+    GuestDebug,
     InvalidArgument,
     KvmDebugregs,
     KvmExit,
@@ -242,6 +245,7 @@ class Vcpu:
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
     kvm_run: KvmRun = field(default_factory=KvmRun)  # the struct kvm_run fields shared with userspace
     pending_external_vector: int | None = None  # split irqchip: KVM_INTERRUPT's ExtINT vector
+    guest_debug: int = 0  # vcpu->guest_debug: KVM_SET_GUEST_DEBUG's control (GuestDebug bits)
 
     @property
     def lapic(self):
@@ -852,6 +856,35 @@ class Vcpu:
             else:
                 self.requests &= ~Request.TRIPLE_FAULT
         self.requests |= Request.EVENT
+
+    # -- KVM_SET_GUEST_DEBUG ----------------------------------------------------
+
+    def set_guest_debug(self, control: int) -> None:
+        """kvm_arch_vcpu_ioctl_set_guest_debug(): InvalidArgument (-EINVAL) or Busy (-EBUSY)
+        before any change.
+
+        KVM_GUESTDBG_INJECT_DB/_BP queue a #DB (INJECT_DB wins if both are set) with no
+        payload, enabled or not, and are refused while an exception is pending or, since
+        "KVM: x86: Check for injected exceptions before queuing a debug exception"
+        (e907b4e72488), injected: kvm_multiple_exception() would merge the two into #DF or
+        a triple fault, or let the new one override the injected one."""
+        if self.ops.guest_state_protected:
+            raise InvalidArgument("KVM_SET_GUEST_DEBUG: the guest's state is protected (SEV-ES)")
+        if control & ~GUESTDBG_VALID_MASK:
+            raise InvalidArgument(f"KVM_SET_GUEST_DEBUG: unknown control bits "
+                                  f"{control & ~GUESTDBG_VALID_MASK:#x}")
+        host_side = GuestDebug.SINGLESTEP | GuestDebug.USE_SW_BP | GuestDebug.USE_HW_BP
+        if control & GuestDebug.ENABLE and control & (host_side | GuestDebug.BLOCKIRQ):
+            raise ModelLimit("KVM_SET_GUEST_DEBUG with single-step, breakpoints or BLOCKIRQ "
+                             "(KVM_EXIT_DEBUG, the #DB/#BP intercepts, the hidden TF) is not "
+                             "modelled")
+        if control & (GuestDebug.INJECT_DB | GuestDebug.INJECT_BP):
+            injected = self.exception.injected and not _faults.on("guest_debug_inject_over_injected")
+            if self.exception_pending() or injected:
+                raise Busy("KVM_SET_GUEST_DEBUG: an exception is already "
+                           + ("pending" if self.exception_pending() else "injected"))
+            self.queue_exception(Vec.DB if control & GuestDebug.INJECT_DB else Vec.BP)
+        self.guest_debug = control if control & GuestDebug.ENABLE else 0
 
 
     # -- KVM_ENABLE_CAP(KVM_CAP_EXCEPTION_PAYLOAD) and the payload quirk --------

@@ -22,12 +22,12 @@ from kvmodel.check.oracle import Comparison, Divergence
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
-from kvmodel.kvm.uapi import EEXIST, EINTR, EINVAL, ENXIO
+from kvmodel.kvm.uapi import EEXIST, EINTR, EINVAL, ENXIO, Busy
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
-_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR", ENXIO: "-ENXIO", EEXIST: "-EEXIST"}
+_ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR", ENXIO: "-ENXIO", EEXIST: "-EEXIST", Busy.errno: "-EBUSY"}
 
 
 def frame_text(d: Delivery, program: Program, mode: Mode) -> str:

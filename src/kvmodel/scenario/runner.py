@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from kvmodel.arch.cost import DELIVERY_CYCLES
-from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
-from kvmodel.arch.events import EventType, Vec, vector_name
+from kvmodel.arch.cpu import Cpu, External, Forced, Scheduled, Stop
+from kvmodel.arch.events import Event, EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, Mode
@@ -35,7 +35,7 @@ from kvmodel.scenario.schema import (
     VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import KVM_INTERRUPT, Performed, Pic, VmmRecord, action, in_flight
+from kvmodel.scenario.vmm import KVM_ENABLE_CAP, KVM_INTERRUPT, Performed, Pic, VmmRecord, action, in_flight
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -84,8 +84,8 @@ class RunResult:
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
     vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
-    # bare metal's counterparts of the VMM's calls other than NMIs: crafted event states
-    # (External.STATE) and the 8259's vectors on INTR (External.EXTINT), in call order
+    # bare metal's counterparts of the VMM's calls other than NMIs: crafted event states and
+    # a debugger's #DB/#BP (External.STATE) and the 8259's vectors on INTR (External.EXTINT)
     vmm_happenings: tuple[Happening, ...] = ()
     host_bug: str | None = None  # KVM reached a BUG_ON(): the host died, the run ended there
 
@@ -352,6 +352,8 @@ def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_S
     stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
     markers = []
     for step in scenario.vmm:
+        if _on_the_vm(step):
+            continue  # before KVM_CREATE_VCPU (_before_vcpus())
         marker = None
         if step.at is not None:
             marker = Scheduled(External.HOST_INTERRUPT, 0, None, resolve(step.at, step.line))
@@ -373,12 +375,19 @@ def _next_exit(stops: list[_Stop], exits: int) -> int:
 def _perform(step: VmmStep, vcpu: Vcpu, log: _VmmLog, pic: Pic) -> None:
     """One VMM call; the NMIs and INTR it makes arrive on bare metal where the guest stands
     now, and the states it sets hold there (before anything in flight, which a crafted state
-    may not replace: scenario/vmm.py crafted_states())."""
+    may not replace: scenario/vmm.py crafted_states()); the exceptions a debugger injects
+    come after the event in flight. A result the documented uAPI does not allow is a host
+    problem (a finding)."""
     cpu = vcpu.cpu
-    here = cpu.delivered
+    here, flying = cpu.delivered, int(in_flight(vcpu))
     done = action(step.call, step.args).perform(vcpu, pic)
     log.happenings += [Happening(External.STATE, 0, cpu.retired, None, 0, here, state)
                        for state in done.states]
+    log.happenings += [Happening(External.STATE, 0, cpu.retired, None, 0, here + flying,
+                                 Forced(event=Event(vector, EventType.HW_EXCEPTION, 0)))
+                       for vector in done.exceptions]
+    if done.contract:
+        vcpu.host_problems.append(done.contract)
     # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
     # instruction runs again), so the NMIs then come before it, as on bare metal.
     delivered = cpu.delivered + int(in_flight(vcpu))
@@ -418,7 +427,10 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
         _enable_caps(vm, params)
-        return create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
+        done = _before_vcpus(scenario, vm, core)
+        new = create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
+        new.host_problems += [d.contract for d in done if d.contract]
+        return new
 
     vcpu = make(cpu)
     pic = Pic()  # the VMM's 8259 (a userspace or split irqchip): lives across save/restores
@@ -464,6 +476,24 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     stop, error = _stop_of(vcpu, outcome) if log.host_bug is None else (None, None)
     return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
             HostTime(windowless, limit, tuple(problems)))
+
+
+def _before_vcpus(scenario: Scenario, vm: Vm, cpu: Cpu) -> list[Performed]:
+    """The VMM's calls on the VM before KVM_CREATE_VCPU ([[vmm]] with exit = 0)."""
+    out = []
+    for step in scenario.vmm:
+        if _on_the_vm(step):
+            done = action(step.call, step.args).perform_on_vm(vm)
+            name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
+            cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
+            out.append(done)
+    return out
+
+
+def _on_the_vm(step: VmmStep) -> bool:
+    """KVM_ENABLE_CAP at exit 0 is made on the VM before KVM_CREATE_VCPU; any other call at
+    exit 0 (an explored placement shrunk that far) before the first KVM_RUN."""
+    return step.exit == 0 and step.call == KVM_ENABLE_CAP
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:

@@ -20,7 +20,7 @@ from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
 from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import VECTOR_CALLS
+from kvmodel.scenario.vmm import KVM_ENABLE_CAP, VECTOR_CALLS
 
 Expr = str | int
 
@@ -85,7 +85,7 @@ class VmmStep:
     the label `at` (a signal kicks the vCPU out there). `args` are the call's
     arguments (scenario/vmm.py CALL_FIELDS): the fields of struct
     kvm_vcpu_events or kvm_debugregs a crafted SET changes, a capability's
-    `enable`.
+    arguments, KVM_SET_GUEST_DEBUG's control. `exit` 0: before KVM_CREATE_VCPU.
     """
 
     call: str
@@ -385,13 +385,17 @@ _HAPPEN = Tagged("event", {
 }, missing="each [[happen]] needs event = " + ", ".join(f'"{e}"' for e in EVENTS))
 _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 # A call's arguments by name (scenario/vmm.py CALL_FIELDS): struct kvm_vcpu_events or
-# kvm_debugregs fields a crafted SET changes, a capability's args[0]; KVM_INTERRUPT's
-# struct kvm_interrupt.irq is a __u32 (KVM refuses 256 and above with -EINVAL)
-_VECTOR = {"vector": Int(high=0xFFFF_FFFF)}
+# kvm_debugregs fields a crafted SET changes, a capability's args[0], kvm_guest_debug.control;
+# KVM_INTERRUPT's struct kvm_interrupt.irq is a __u32 (KVM refuses 256 and above with -EINVAL)
+_U32 = Int(high=0xFFFF_FFFF)
+_ARG_TYPES = {"control": _U32, "flags": _U32, "window": _U32, "events_first": Bool()}
+_VECTOR = {"vector": _U32}
 _VMM = Tagged("call", {
-    call: Table(_VMM_WHEN | {name: Either((Bool(), Int()), "true, false or a number")
+    call: Table(_VMM_WHEN | {name: _ARG_TYPES.get(name, Either((Bool(), Int()), "true, false or a number"))
                              for name in VMM_CALL_FIELDS.get(call, ())}
-                | (_VECTOR if call in VECTOR_CALLS else {}),
+                | (_VECTOR if call in VECTOR_CALLS else {})
+                # exit = 0: on the VM, before KVM_CREATE_VCPU (where QEMU enables its caps)
+                | ({"exit": Int(low=0)} if call == KVM_ENABLE_CAP else {}),
                 required=(("vector", f'{call} needs vector = N (the 8259\'s vector)'),)
                 if call in VECTOR_CALLS else ())
     for call in VMM_CALLS

@@ -47,11 +47,14 @@ from kvmodel.kvm.uapi import (
     EEXIST,
     EINVAL,
     ENXIO,
+    Busy,
+    GuestDebug,
     InvalidArgument,
     KvmVcpuEvents,
     ShadowBits,
     VcpuEventsFlag,
 )
+from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
 from kvmodel.kvm.x86 import ExceptionType, MpState, Vcpu, exception_type
 
 KVM_NMI = "KVM_NMI"
@@ -63,6 +66,9 @@ KVM_SET_DEBUGREGS = "KVM_SET_DEBUGREGS"
 KVM_ENABLE_CAP_EXCEPTION_PAYLOAD = "KVM_ENABLE_CAP_EXCEPTION_PAYLOAD"
 KVM_INTERRUPT = "KVM_INTERRUPT"
 IRQ_WINDOW = "interrupt_window"  # the protocol: raise INTR, KVM_INTERRUPT once KVM says ready
+KVM_SET_GUEST_DEBUG = "KVM_SET_GUEST_DEBUG"
+KVM_ENABLE_CAP = "KVM_ENABLE_CAP"  # KVM_CAP_X86_NOTIFY_VMEXIT; exit = 0: before KVM_CREATE_VCPU
+KVM_SET_NESTED_STATE = "KVM_SET_NESTED_STATE"  # GET_NESTED_STATE and the events, SET them back
 # kvm_arch_get_registers() then kvm_arch_put_registers() on the same vCPU, in one VMM's order
 GET_PUT_QEMU = "get_put_qemu"
 GET_PUT_QEMU_OLD = "get_put_qemu_old"
@@ -70,7 +76,8 @@ GET_PUT_REGISTERS_FIRST = "get_put_registers_first"
 REGISTER_CALLS = (KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_DEBUGREGS)
 STATE_ORDERS = (GET_PUT_QEMU, GET_PUT_QEMU_OLD, GET_PUT_REGISTERS_FIRST)
 CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT, *REGISTER_CALLS,
-         KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS, KVM_INTERRUPT, IRQ_WINDOW)
+         KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS, KVM_INTERRUPT, IRQ_WINDOW,
+         KVM_SET_GUEST_DEBUG, KVM_ENABLE_CAP, KVM_SET_NESTED_STATE)
 VECTOR_CALLS = (KVM_INTERRUPT, IRQ_WINDOW)  # the calls that take `vector`
 EVENT_FIELDS = tuple(f.name for f in fields(KvmVcpuEvents))
 DEBUGREGS_FIELDS = ("dr6", "dr7", "flags")  # struct kvm_debugregs fields a crafted SET changes
@@ -79,6 +86,9 @@ CALL_FIELDS: dict[str, tuple[str, ...]] = {
     KVM_SET_VCPU_EVENTS: EVENT_FIELDS,
     KVM_SET_DEBUGREGS: DEBUGREGS_FIELDS,
     KVM_ENABLE_CAP_EXCEPTION_PAYLOAD: ("enable",),
+    KVM_SET_GUEST_DEBUG: ("control",),  # struct kvm_guest_debug.control
+    KVM_ENABLE_CAP: ("flags", "window"),  # args[0] bits 31:0 and 63:32
+    KVM_SET_NESTED_STATE: ("events_first",),  # 1: the events go back before the nested state
 }
 
 
@@ -89,6 +99,9 @@ class Performed:
     detail: str = ""
     states: tuple[Forced, ...] = ()  # the state bare metal is in at this boundary
     extints: tuple[int, ...] = ()  # vectors the 8259 presents on INTR from this boundary on
+    # vectors delivered on bare metal after the event in flight, in order (a debugger's #DB/#BP)
+    exceptions: tuple[int, ...] = ()
+    contract: str = ""  # set: the result is not what the documented uAPI says (a finding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,98 @@ class KvmInterrupt:
         result = vcpu.kvm_interrupt(self.vector)
         return Performed(result, 0, "" if result == 0 else _ERRNO.get(result, ""),
                          extints=(self.vector,) if result == 0 else ())
+
+
+# -- KVM_SET_GUEST_DEBUG, KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT), KVM_SET_NESTED_STATE ----
+
+@dataclass(frozen=True, slots=True)
+class SetGuestDebug:
+    """KVM_SET_GUEST_DEBUG with struct kvm_guest_debug.control = `control` (no debug registers).
+
+    Bare-metal counterpart: KVM_GUESTDBG_INJECT_DB (INJECT_BP) is a #DB (#BP) delivered at
+    this boundary, as a hardware debugger would raise it; ENABLE alone or 0 (debugging off)
+    is nothing. Single-step and breakpoints are the host's and must stay invisible to the
+    guest: not modelled yet (kvm/x86.py stops the run with a model limit)."""
+
+    control: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        try:
+            vcpu.set_guest_debug(self.control)
+        except (InvalidArgument, Busy) as e:
+            return Performed(e.errno, 0, str(e))
+        injects = self.control & (GuestDebug.INJECT_DB | GuestDebug.INJECT_BP)
+        vector = Vec.DB if self.control & GuestDebug.INJECT_DB else Vec.BP
+        return Performed(0, 0, f"control={self.control:#x}",
+                         exceptions=(vector,) if injects else ())
+
+
+@dataclass(frozen=True, slots=True)
+class EnableNotifyCap:
+    """KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT) on the VM, args[0] = window << 32 | flags.
+
+    The VMM checks the result against the documented ABI (api.rst "KVM_CAP_X86_NOTIFY_VMEXIT"
+    and kvm_vm_ioctl_enable_cap(), written down here apart from kvm/vm.py): only ENABLED and
+    USER are flags, ENABLED must be among them, the CPU must have Notify VM exits, and no
+    vCPU may exist yet. A result that differs is a finding. Bare-metal counterpart: nothing."""
+
+    flags: int
+    window: int = 0
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        return self.perform_on_vm(vcpu.kvm)
+
+    def perform_on_vm(self, vm: Vm) -> Performed:
+        expected = _documented_notify_result(vm, self.flags)
+        try:
+            vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, self.window << 32 | self.flags)
+            result, detail = 0, f"flags={self.flags:#x} window={self.window}"
+        except InvalidArgument as e:
+            result, detail = e.errno, str(e)
+        contract = ""
+        if result != expected:
+            contract = (f"KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT, flags {self.flags:#x}) returned "
+                        f"{result}, the documented uAPI says {expected}")
+        return Performed(result, 0, detail, contract=contract)
+
+
+def _documented_notify_result(vm: Vm, flags: int) -> int:
+    """What KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT) must return: the VMM's own copy of the
+    rules (api.rst; kvm_vm_ioctl_enable_cap() since v5.19), from what it can see of the VM."""
+    valid = flags & ~(NotifyFlag.ENABLED | NotifyFlag.USER) == 0
+    ok = valid and vm.has_notify_vmexit and flags & NotifyFlag.ENABLED and not vm.created_vcpus
+    return 0 if ok else InvalidArgument.errno
+
+
+@dataclass(frozen=True, slots=True)
+class NestedStateRoundTrip:
+    """KVM_GET_NESTED_STATE and KVM_GET_VCPU_EVENTS, then KVM_SET_NESTED_STATE and
+    KVM_SET_VCPU_EVENTS of what they returned, on the same vCPU. QEMU puts the nested state
+    before the registers and the events (kvm_arch_put_registers(): "must be before
+    kvm_put_nested_state so that EFER.SVME is set"); `events_first` puts the events back
+    first. Bare-metal counterpart: nothing; a vCPU without nested state skips the call."""
+
+    events_first: bool = False
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        nested = vcpu.ops.get_nested_state()
+        events = vcpu.get_vcpu_events().pack()
+        vcpu.ops.sync_guest_state_to_core()  # KVM_GET_REGS; KVM_SET_REGS puts back the same
+        if nested is None:
+            return Performed(0, 0, "no nested state (not in VMX operation / nested off)")
+        try:
+            if self.events_first:
+                vcpu.set_vcpu_events(KvmVcpuEvents.unpack(events))
+                vcpu.ops.set_nested_state(nested)
+            else:
+                vcpu.ops.set_nested_state(nested)
+                vcpu.set_vcpu_events(KvmVcpuEvents.unpack(events))
+        except InvalidArgument as e:
+            return Performed(e.errno, 0, str(e))
+        order = "events, nested state" if self.events_first else "nested state, events"
+        return Performed(0, 0, f"put back {order}: {events.hex()}")
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,7 +572,8 @@ class StateRoundTrip:
 
 
 VmmAction = (KvmNmi | SetVcpuEvents | ImmediateExit | EnableExceptionPayload | RegistersRoundTrip
-             | StateRoundTrip | KvmInterrupt | InterruptWindow)
+             | StateRoundTrip | KvmInterrupt | InterruptWindow | SetGuestDebug | EnableNotifyCap
+             | NestedStateRoundTrip)
 
 
 def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
@@ -486,6 +592,13 @@ def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
         return KvmInterrupt(dict(args)["vector"])
     if call == IRQ_WINDOW:
         return InterruptWindow(dict(args)["vector"])
+    named = dict(args)
+    if call == KVM_SET_GUEST_DEBUG:
+        return SetGuestDebug(named.get("control", 0))
+    if call == KVM_ENABLE_CAP:
+        return EnableNotifyCap(named.get("flags", 0), named.get("window", 0))
+    if call == KVM_SET_NESTED_STATE:
+        return NestedStateRoundTrip(bool(named.get("events_first", 0)))
     return SetVcpuEvents(args)
 
 
@@ -522,6 +635,14 @@ CHOICES: dict[str, tuple[str, tuple[tuple[str, int], ...]]] = {
     "irq_window": (IRQ_WINDOW, (("vector", 0x30),)),
     "kvm_interrupt": (KVM_INTERRUPT, (("vector", 0x30),)),
     "reject_vector_256": (KVM_INTERRUPT, (("vector", 0x100),)),  # -EINVAL
+    # KVM_SET_GUEST_DEBUG: a #DB from the debugger; an unknown control bit (-EINVAL)
+    "inject_db": (KVM_SET_GUEST_DEBUG, (("control", int(GuestDebug.INJECT_DB)),)),
+    "reject_guest_debug": (KVM_SET_GUEST_DEBUG, (("control", 1 << 3),)),
+    # KVM_ENABLE_CAP(KVM_CAP_X86_NOTIFY_VMEXIT) once the vCPU exists: -EINVAL
+    "notify_cap_late": (KVM_ENABLE_CAP, (("flags", int(NotifyFlag.ENABLED)),)),
+    # KVM_GET/SET_NESTED_STATE with the events on the same vCPU, in QEMU's order and reversed
+    "nested_same_vcpu": (KVM_SET_NESTED_STATE, ()),
+    "nested_events_first": (KVM_SET_NESTED_STATE, (("events_first", 1),)),
 }
 CHOICE_NAMES = tuple(CHOICES)
 # Calls that break api.rst's protocol, whose findings are userspace's: only a scenario that

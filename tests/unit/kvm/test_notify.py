@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmodel import _faults
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.check.explore import Runner, stats_problem
 from kvmodel.check.oracle import compare
@@ -31,10 +32,25 @@ def test_cap_stores_window_and_flags():
     assert (vm.notify_window, vm.notify_vmexit_flags) == (1234, NotifyFlag.ENABLED | NotifyFlag.USER)
 
 
-def test_cap_without_enabled_keeps_no_window():
+@pytest.mark.parametrize("flags", [0, NotifyFlag.USER], ids=["off", "user-only"])
+def test_cap_without_enabled_is_einval_and_changes_nothing(flags):
+    """kvm_vm_ioctl_enable_cap(): `if (!((u32)cap->args[0] & KVM_X86_NOTIFY_VMEXIT_ENABLED))
+    break;` with r = -EINVAL: off is the default, and USER alone means nothing."""
     vm = create_vm(Vendor.VMX)
-    vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, 99 << 32)
-    assert vm.notify_window == 0 and not vm.notify_enabled
+    with pytest.raises(InvalidArgument, match="without KVM_X86_NOTIFY_VMEXIT_ENABLED"):
+        vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, 99 << 32 | flags)
+    assert (vm.notify_window, vm.notify_vmexit_flags) == (0, 0)
+
+
+def test_v6_precedence_slip_takes_user_only():
+    """[PATCH v6 3/3]: `!(u32)cap->args[0] & ENABLED` refuses only flags == 0."""
+    vm = create_vm(Vendor.VMX)
+    with _faults.switched_on(frozenset({"notify_cap_precedence"})):
+        vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, 99 << 32 | NotifyFlag.USER)
+        with pytest.raises(InvalidArgument):
+            vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, 99 << 32)
+    assert (vm.notify_window, vm.notify_vmexit_flags) == (99, NotifyFlag.USER)
+    assert not vm.notify_enabled
 
 
 @pytest.mark.parametrize("why,vendor,arg", [

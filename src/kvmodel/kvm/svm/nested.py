@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import DR7_GD, IF, RAX, RCX
+from kvmodel.arch.regs import DR7_GD, EFER_SVME, IF, RAX, RCX
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.svm.root import check_vmcb_for_model, vmrun_failure
 from kvmodel.hw.svm.vmcb import (
@@ -65,6 +65,7 @@ from kvmodel.hw.svm.vmcb import (
     write_exit,
     write_field,
 )  # fmt: skip
+from kvmodel.kvm.uapi import InvalidArgument
 from kvmodel.kvm.x86 import EBUSY, NestedExitRecord, Request, exception_is_soft
 
 if TYPE_CHECKING:
@@ -156,13 +157,22 @@ class NestedSvm:
                               (l1.rip, l1.rsp, l1.rflags, l1.rax), self.l1_idtr)
 
     def set_state(self, state: NestedSvmState) -> None:
-        """GIF first (on vmcb01), then vmcb02 from the cached control area and the vCPU's
-        registers, which are L2's; vmcb01 gets L1's state back."""
+        """svm_set_nested_state(): InvalidArgument (-EINVAL) before any change for a state that
+        does not fit; GIF first (on vmcb01), then vmcb02 from the cached control area and the
+        vCPU's registers, which are L2's; vmcb01 gets L1's state back."""
         svm = self.svm
+        cpu = svm.guest.cpu
+        _check_state(state, cpu)
         svm.set_gif(state.gif)
         if not state.guest_mode:
+            if self.guest_mode:  # svm_leave_nested()
+                svm.guest.vmcb = self.vmcb01
+                cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+                self.guest_mode = self.run_pending = False
             return
-        l2 = self.vmcb01  # what KVM_SET_REGS filled
+        # L2's registers: on a fresh vCPU what KVM_SET_REGS put in vmcb01; on this vCPU in L2,
+        # vmcb02's save area, which svm_leave_nested() leaves as it is.
+        l2 = svm.guest.vmcb
         self.vmcb12_gpa = state.vmcb12_gpa
         self.ctl = replace(state.ctl, intercepts=set(state.ctl.intercepts))
         self.l1_idtr, self.run_pending = state.l1_idtr, state.run_pending
@@ -474,3 +484,21 @@ def _is_soft(word: int) -> bool:
     kind, vector = (word >> 8) & 7, word & 0xFF
     return kind == EventInjType.SOFT or (kind == EventInjType.EXEPT and exception_is_soft(vector))
 
+
+
+def _check_state(state: NestedSvmState, cpu: Cpu) -> None:
+    """The -EINVAL cases of KVM_SET_NESTED_STATE the model's state can express:
+    kvm_arch_vcpu_ioctl() ("nested_run_pending implies guest_mode") and
+    svm_set_nested_state() (with EFER.SVME clear only GIF_SET, no guest mode; vmcb12's address
+    page_address_valid(); the cached controls pass nested_vmcb_check_controls())."""
+    if state.run_pending and not state.guest_mode:
+        raise InvalidArgument("KVM_SET_NESTED_STATE: RUN_PENDING without GUEST_MODE")
+    if not cpu.efer & EFER_SVME and (state.guest_mode or not state.gif):
+        raise InvalidArgument("KVM_SET_NESTED_STATE: EFER.SVME is clear: only GIF_SET allowed")
+    if not state.guest_mode:
+        return
+    if state.vmcb12_gpa & 0xFFF or state.vmcb12_gpa >= cpu.mem_size:
+        raise InvalidArgument(f"KVM_SET_NESTED_STATE: vmcb12 at {state.vmcb12_gpa:#x} is no page")
+    failure = NestedSvm._check_controls(state.ctl)
+    if failure is not None:
+        raise InvalidArgument(f"KVM_SET_NESTED_STATE: {failure}")

@@ -49,7 +49,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm.uapi import ShadowBits
+from kvmodel.kvm.uapi import InvalidArgument, ShadowBits
 from kvmodel.kvm.x86 import (
     DR6_ACTIVE_LOW,
     EBUSY,
@@ -341,7 +341,12 @@ class NestedVmx(VmxRoot):
         vmcs12.entry_intr_info &= ~INTR_INFO_VALID
 
     def set_state(self, state: NestedState) -> None:
-        """vmx_set_nested_state(): rebuild vmcs02 from vmcs12 and this vCPU's vmcs01."""
+        """vmx_set_nested_state(): InvalidArgument (-EINVAL) before any change for a state that
+        does not fit; else back to L1 first if L2 runs (vmx_leave_nested(): the same vCPU), then
+        vmcs02 rebuilt from vmcs12 and this vCPU's vmcs01."""
+        _check_state(state, self.vmx.guest.cpu.mem_size)
+        if self.guest_mode:
+            self._leave_nested()
         self.vmxon_region, self.current = state.vmxon_region, state.current
         self.vmcss = {k: replace(v) for k, v in state.vmcss}
         self.launched, self.errors = set(state.launched), dict(state.errors)
@@ -359,6 +364,16 @@ class NestedVmx(VmxRoot):
         self.mtf_pending = state.mtf_pending
         if self.mtf_pending:
             vmx.vcpu.requests |= Request.EVENT  # vmx_set_nested_state()
+
+    def _leave_nested(self) -> None:
+        """vmx_leave_nested() on a vCPU in L2: vmcs01 is current again. nested_vmx_vmexit()
+        with reason -1 writes nothing into vmcs12; L1's RIP/RSP/RFLAGS are what the next exit
+        to L1 loads from vmcs12's host state anyway."""
+        vmx, cpu = self.vmx, self.vmx.guest.cpu
+        vmx.guest.vmcs = self.vmcs01
+        vmx.guest.cpu_windows_changed()
+        cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        self.guest_mode = self.run_pending = False
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
@@ -490,3 +505,25 @@ def _pending_db_trap(exc: QueuedException) -> int:
 def _low_priority_db_trap(exc: QueuedException) -> bool:
     """vmx_is_low_priority_db_trap(): a debug trap MTF outranks (all but the TSS T-flag's)."""
     return bool(_pending_db_trap(exc) & ~DR6_BT)
+
+
+def _check_state(state: NestedState, mem_size: int) -> None:
+    """The -EINVAL cases of KVM_SET_NESTED_STATE the model's state can express:
+    kvm_arch_vcpu_ioctl() ("nested_run_pending implies guest_mode") and
+    vmx_set_nested_state() (page_address_valid() of the VMXON region and of vmcs12, which
+    must not be the VMXON region; guest mode needs a current vmcs12)."""
+    if state.run_pending and not state.guest_mode:
+        raise InvalidArgument("KVM_SET_NESTED_STATE: RUN_PENDING without GUEST_MODE")
+    if not _page_address_valid(state.vmxon_region, mem_size):
+        raise InvalidArgument(f"KVM_SET_NESTED_STATE: vmxon_pa {state.vmxon_region:#x} is no page")
+    if state.current is not None and (state.current == state.vmxon_region
+                                      or not _page_address_valid(state.current, mem_size)):
+        raise InvalidArgument(f"KVM_SET_NESTED_STATE: vmcs12_pa {state.current:#x} is no page "
+                              "apart from the VMXON region")
+    if state.guest_mode and state.current is None:
+        raise InvalidArgument("KVM_SET_NESTED_STATE: GUEST_MODE without a vmcs12")
+
+
+def _page_address_valid(gpa: int, mem_size: int) -> bool:
+    """page_address_valid(): page aligned and within the guest's physical memory."""
+    return not gpa & 0xFFF and gpa < mem_size
