@@ -8,6 +8,7 @@ naturally aligned; `exception.pending` lives in what was padding, and
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, fields
 from enum import IntEnum, IntFlag
@@ -145,6 +146,18 @@ class KvmVcpuEvents:
 
 # The fields in header order; dataclasses.astuple() would deep-copy each one (16 us a pack).
 _FIELD_VALUES = attrgetter(*(f.name for f in fields(KvmVcpuEvents)))
+
+
+def _field_bits(layout: struct.Struct) -> tuple[int, ...]:
+    """Each field's width in bits, in order, from a struct format (padding left out)."""
+    bits = {"B": 8, "I": 32, "Q": 64}
+    return tuple(bits[kind] for count, kind in re.findall(r"(\d*)([A-Za-z])", layout.format)
+                 if kind != "x" for _ in range(int(count or 1)))
+
+
+# What each struct kvm_vcpu_events field holds: a value beyond it cannot be passed at all.
+EVENT_FIELD_BITS = dict(zip((f.name for f in fields(KvmVcpuEvents)), _field_bits(_LAYOUT),
+                            strict=True))
 
 
 # -- KVM_GET/SET_REGS, KVM_GET/SET_SREGS, KVM_GET/SET_DEBUGREGS ----------------------------

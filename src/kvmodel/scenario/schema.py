@@ -17,10 +17,11 @@ from kvmodel.arch.cpu import External, Forced
 from kvmodel.arch.events import EventType
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
+from kvmodel.kvm.uapi import EVENT_FIELD_BITS
 from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import KVM_ENABLE_CAP, VECTOR_CALLS
+from kvmodel.scenario.vmm import KVM_ENABLE_CAP, KVM_SET_VCPU_EVENTS, VECTOR_CALLS
 
 Expr = str | int
 
@@ -390,9 +391,18 @@ _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 _U32 = Int(high=0xFFFF_FFFF)
 _ARG_TYPES = {"control": _U32, "flags": _U32, "window": _U32, "events_first": Bool()}
 _VECTOR = {"vector": _U32}
+
+
+def _arg_type(call: str, name: str) -> Either | Int | Bool:
+    """A call argument's type: a struct kvm_vcpu_events field holds as many bits as its C type."""
+    if call == KVM_SET_VCPU_EVENTS:
+        bits = EVENT_FIELD_BITS[name]
+        return Either((Bool(), Int(high=(1 << bits) - 1)), f"true, false or a {bits}-bit number")
+    return _ARG_TYPES.get(name, Either((Bool(), Int()), "true, false or a number"))
+
+
 _VMM = Tagged("call", {
-    call: Table(_VMM_WHEN | {name: _ARG_TYPES.get(name, Either((Bool(), Int()), "true, false or a number"))
-                             for name in VMM_CALL_FIELDS.get(call, ())}
+    call: Table(_VMM_WHEN | {name: _arg_type(call, name) for name in VMM_CALL_FIELDS.get(call, ())}
                 | (_VECTOR if call in VECTOR_CALLS else {})
                 # exit = 0: on the VM, before KVM_CREATE_VCPU (where QEMU enables its caps)
                 | ({"exit": Int(low=0)} if call == KVM_ENABLE_CAP else {}),

@@ -291,3 +291,13 @@ def test_bug_on_is_a_finding_of_its_own_kind():
     assert [f.kind for f in found] == ["bug"] and "BUG_ON(!gif_set(svm))" in found[0].message
     fixed = explore(scenario, Vendor.SVM)
     assert fixed.findings == [] and fixed.known
+
+
+@pytest.mark.parametrize("field,value", [("nmi_pending", 0x100), ("exception_error_code", 1 << 32),
+                                         ("exception_payload", 1 << 64)])
+def test_an_event_field_wider_than_its_c_type_is_refused_with_its_line(field, value):
+    """struct kvm_vcpu_events holds nmi.pending in a __u8: 0x100 cannot even be passed (found by
+    the fuzz campaign as a struct.error, exit 4)."""
+    text = GUEST + f'[[vmm]]\ncall = "KVM_SET_VCPU_EVENTS"\nexit = 1\n{field} = {value}\n'
+    with pytest.raises(ScenarioError, match=rf"unit.toml:\d+: {field} must be an integer"):
+        parse(text, "unit.toml")
