@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import RunResult, bare_counterpart, run
+from kvmodel.scenario.runner import SEVERAL_VCPUS, RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import KnownDivergence, Scenario
 
 GUEST_OBSERVABLE = (Delivery, Iret, Halt, Shutdown, Output, Retire)
@@ -106,6 +106,8 @@ def guest_view(trace: tuple) -> list[tuple[int, object]]:
 
 def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
     """Why the scenario cannot run under this hypervisor, if it cannot."""
+    if scenario.cpus is not None:
+        return SEVERAL_VCPUS
     if not scenario.sti_blocks_nmi:
         return ("sti_blocks_nmi = false: KVM's vCPU always holds NMIs in the STI shadow "
                 "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows")

@@ -10,11 +10,13 @@ from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
 from kvmodel.arch.events import EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
+from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine
 from kvmodel.arch.observe import Delivery, Observation, Shutdown
-from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.arch.regs import GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
-from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu, copier
+from kvmodel.guest.layout import CODE_BASE, PAGE, STACK_TOP, Gate, build_cpu, copier
+from kvmodel.guest.layout import Machine as Layout
 from kvmodel.hw.svm.root import SvmRoot
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
@@ -84,6 +86,8 @@ class RunResult:
     host: HostTime | None = None  # how long the guest held the CPU (under a hypervisor)
     apic_used: bool = False  # the guest used the x2APIC's MSRs
     vmm_nmis: tuple[tuple[int, int], ...] = ()  # (retired, delivered) of each NMI the VMM made
+    cpu_of: tuple[int, ...] = ()  # several CPUs: the CPU of each trace entry (empty: one CPU)
+    smp: SmpRun | None = None  # several CPUs: how the run was interleaved
 
     @property
     def passed(self) -> bool:
@@ -92,6 +96,16 @@ class RunResult:
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
         return tuple(o for o in self.trace if isinstance(o, Delivery))
+
+
+@dataclass(frozen=True, slots=True)
+class SmpRun:
+    """How the CPUs of a several-CPU run were interleaved (arch/machine.py)."""
+
+    points: tuple[ChoicePoint, ...]  # where the schedule could have switched
+    steps: int  # steps of all CPUs: where a schedule without the reduction could switch
+    shared: frozenset[int]  # cache lines one CPU wrote and another touched
+    finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +211,7 @@ def _build(scenario: Scenario, record_instructions: bool,
                        max_image=max(scenario.memory_size - CODE_BASE, 0))
     resolve = Resolver(scenario, program)
     names = GPR64 if scenario.mode is Mode.LONG64 else GPR32
-    machine = Machine(
+    machine = Layout(
         mode=scenario.mode,
         image=program.image,
         base=CODE_BASE,
@@ -261,6 +275,9 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
     """
     vendor = vendor or Vendor(scenario.vendor)
+    if scenario.cpus is not None:
+        return run_machine(scenario, vendor=vendor, record_instructions=record_instructions,
+                           max_steps=max_steps, expectations=expectations)
     if vendor is Vendor.BARE and scenario.vmm:
         # Bare metal has no VMM: it gets the counterpart of the script, from where the
         # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
@@ -293,6 +310,68 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
                      tuple(vmm_nmis))
+
+
+SEVERAL_VCPUS = "several vCPUs under KVM: not modelled yet ([cpus] runs on bare metal only)"
+
+
+def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
+                max_steps: int | None = None, expectations: bool = True,
+                schedule: Interleaving = (), shared: frozenset[int] = frozenset()) -> RunResult:
+    """Several CPUs on bare metal ([cpus]), interleaved by `schedule` (arch/machine.py);
+    `shared`: the cache lines earlier runs found shared, where the schedule may switch."""
+    cpus, program, resolve = _build_machine(scenario, record_instructions)
+    cpu = cpus[0]
+    _schedule(cpu, scenario, resolve)  # external events reach the bootstrap CPU
+    limit = None
+    final = None
+    machine = None
+    try:
+        if vendor is not Vendor.BARE:
+            raise ModelLimit(SEVERAL_VCPUS, cpu.rip)
+        machine = Machine(cpus, shared=shared, schedule=schedule)
+        stop = machine.run(max_steps or scenario.max_steps).name.lower()
+        final = _final(cpu, stop, scenario.mode)
+    except ModelLimit as e:
+        limit = str(e)
+    mismatches = []
+    if final is not None and expectations:
+        mismatches = judge(scenario, program, cpu, final, others=tuple(cpus[1:]))
+    trace, cpu_of, smp = tuple(cpu.trace), (), None
+    if machine is not None:
+        trace, cpu_of = tuple(machine.trace), tuple(machine.cpu_of)
+        finals = tuple(_final(c, final.stop, scenario.mode) for c in cpus) if final else ()
+        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals)
+    return RunResult(scenario, program, trace, final, tuple(mismatches), limit, vendor, cpu.mem,
+                     apic_used=any(c.apic.used for c in cpus), cpu_of=cpu_of, smp=smp)
+
+
+def _build_machine(scenario: Scenario, record_instructions: bool
+                   ) -> tuple[list[Cpu], Program, Resolver]:
+    """CPU 0 as for one CPU; the others on its memory, at their entries or waiting for a SIPI."""
+    spec = scenario.cpus
+    cpu, program, resolve = _build(scenario, record_instructions)
+    cpus = [cpu]
+    entries = [resolve(e, spec.line) for e in spec.entries]
+    stacks = [resolve(r, spec.line) for r in spec.rsp]
+    for n in range(1, spec.count):
+        other = replace(scenario, entry=spec.entries[n] if n < len(entries) else scenario.entry,
+                        cpus=None)
+        core, _, _ = _build(other, record_instructions)
+        core.mem = cpu.mem
+        if n >= len(entries):
+            core.wait_for_sipi = True  # started by INIT and SIPI (arch/machine.py)
+        cpus.append(core)
+    if entries:
+        cpu.rip = entries[0]
+    for n, core in enumerate(cpus):
+        core.regs[RSP] = stacks[n] if n < len(stacks) else cpu_stack_top(n)
+    return cpus, program, resolve
+
+
+def cpu_stack_top(n: int) -> int:
+    """CPU n's initial stack top without `[cpus] rsp`: 8 KiB below the one before."""
+    return STACK_TOP - n * 0x2000
 
 
 def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...]) -> Scenario:
@@ -472,15 +551,20 @@ def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:
 
 # -- judging ------------------------------------------------------------------------
 
-def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[Mismatch]:
+def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final,
+          others: tuple[Cpu, ...] = ()) -> list[Mismatch]:
+    """`others`: CPUs 1.. of several ([cpus]); deliveries are judged per CPU."""
     resolve = Resolver(scenario, program)
     out: list[Mismatch] = []
-    deliveries = [o for o in cpu.trace if isinstance(o, Delivery)]
     if scenario.deliveries is not None:
         # The type is what the core delivered; under KVM it is what KVM injected,
         # which the guest cannot see (INT1 comes back as a hardware #DB).
         bare = cpu.host is None
-        out += _judge_deliveries(scenario.deliveries, deliveries, program, resolve, bare)
+        for n, core in enumerate((cpu, *others)):
+            deliveries = [o for o in core.trace if isinstance(o, Delivery)]
+            expected = tuple(e for e in scenario.deliveries if e.cpu == n)
+            found = _judge_deliveries(expected, deliveries, program, resolve, bare)
+            out += [Mismatch(m.line, f"cpu {n}: {m.message}") for m in found] if others else found
     for key, expected in scenario.final:
         out += _judge_final(key, expected, final, resolve)
     size = 8 if scenario.mode is Mode.LONG64 else 4

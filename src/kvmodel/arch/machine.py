@@ -1,0 +1,269 @@
+"""Several CPUs sharing one guest memory: IPIs, INIT and SIPI, and their interleaving.
+
+Each CPU keeps its own registers, local APIC (x2APIC ID n for CPU n) and
+decoded-instruction cache; the bytearray of guest memory is one. An x2APIC
+ICR write that names another CPU comes here (SDM 10.6.1, 10.12.9): fixed
+interrupts land in the target's IRR, NMIs on its NMI pin, INIT puts it in
+wait-for-SIPI (SDM 10.4.7.3) and a SIPI starts a CPU waiting for one at the
+vector's page (SDM 8.4.4.1, 10.6.1 "Start-Up"). A write by one CPU to code
+another has decoded drops the other's decoded instructions: the other sees
+the new bytes at its next fetch (cross-modifying code, SDM 8.1.3: without a
+serializing instruction the other CPU may see either; the model picks one).
+
+DEVIATION: a SIPI starts the CPU in the scenario's mode (64-bit or 32-bit
+flat, paging as the bootstrap CPU's, IDTR the shared IDT) at RIP = vector << 12
+(in the code segment), RFLAGS = 2 and every general register 0; real hardware
+starts it in real mode at CS = vector << 8, IP = 0.
+
+The interleaving. CPUs run one at a time, an instruction (with the
+deliveries before it) per step. A step *interacts* when it writes the ICR
+(an IPI), or touches a cache line that another CPU writes and this one
+touches, or the other way round (fetches count as reads). Only after such a
+step may the schedule switch to another CPU (a choice point): steps that
+interact with nobody commute, so the order among them cannot change any
+outcome (the simplest sound partial-order reduction). Without a switch, the
+CPU goes on; a CPU that halts, waits for a SIPI or has had QUANTUM steps
+in a row hands over round-robin (not a choice). The lines
+shared are learnt from earlier runs (`shared`): the explorer runs again with
+the lines a run discovered until no new ones show (check/interleave.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmodel.arch.apic import IcrDeliveryMode, Ipi
+from kvmodel.arch.cpu import LINE_SHIFT, Cpu, Stop
+from kvmodel.arch.events import Vec
+from kvmodel.arch.faults import Access
+from kvmodel.arch.observe import Arrival, ArrivalFate, Observation
+from kvmodel.arch.regs import DR6_RESET, DR7_RESET, RFLAGS_FIXED, Shadow
+from kvmodel.errors import ModelLimit
+
+QUANTUM = 64  # steps a CPU runs without interacting before the next one gets a turn
+MAX_CPUS = 4
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Switch:
+    """After the `at`-th choice point (1-based), CPU `cpu` runs next."""
+
+    at: int
+    cpu: int
+
+
+Interleaving = tuple[Switch, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ChoicePoint:
+    """Where a schedule could switch: the CPU that just interacted, and who could run next."""
+
+    ran: int
+    runnable: tuple[int, ...]
+
+
+class _Fetches(dict):
+    """A CPU's decoded instructions that tell the machine of every fetch."""
+
+    __slots__ = ("machine", "index")
+
+    def get(self, rip, default=None):
+        self.machine.fetched(self.index, rip)
+        return dict.get(self, rip, default)
+
+
+class Machine:
+    """CPUs 0..n-1 on one memory; CPU 0 is the bootstrap processor."""
+
+    def __init__(self, cpus: list[Cpu], *, shared: frozenset[int] = frozenset(),
+                 schedule: Interleaving = ()):
+        if not 1 < len(cpus) <= MAX_CPUS:
+            raise ValueError(f"a machine has 2..{MAX_CPUS} CPUs")
+        self.cpus = cpus
+        self.trace: list[Observation] = []  # every CPU's observations, in the order they happened
+        self.cpu_of: list[int] = []  # which CPU each trace entry belongs to
+        self.shared = set(shared)
+        self.reads: list[set[int]] = [set() for _ in cpus]
+        self.writes: list[set[int]] = [set() for _ in cpus]
+        self.switches = {s.at: s.cpu for s in schedule}
+        self.points: list[ChoicePoint] = []
+        self.steps = 0  # steps taken by all CPUs: the positions a naive interleaving switches at
+        self.merged = [0] * len(cpus)  # how much of each CPU's trace is in `trace`
+        self.interacted = False
+        for n, cpu in enumerate(cpus):
+            cpu.machine = self
+            cpu.apic.id = n
+            cpu._update_slow_mem()  # every access goes past touched()
+            fetches = _Fetches(cpu.icache)
+            fetches.machine, fetches.index = self, n
+            cpu.icache = fetches
+
+    # -- what the CPUs tell the machine --------------------------------------------
+
+    def index(self, cpu: Cpu) -> int:
+        return cpu.apic.id
+
+    def touched(self, cpu: Cpu, addr: int, end: int, access: Access) -> None:
+        """A data access (or a delivery's push or gate read) of [addr, end)."""
+        n = self.index(cpu)
+        lines = range(addr >> LINE_SHIFT, ((end - 1) >> LINE_SHIFT) + 1)
+        if access is Access.WRITE:
+            self.writes[n].update(lines)
+            for other in self.cpus:
+                if other is not cpu and any(line in other.code_lines for line in lines):
+                    other._forget_code(addr, end)  # cross-modifying code (SDM 8.1.3)
+        else:
+            self.reads[n].update(lines)
+        if not self.interacted and any(line in self.shared for line in lines):
+            self.interacted = True
+
+    def fetched(self, n: int, rip: int) -> None:
+        line = self.cpus[n].linear(rip) >> LINE_SHIFT
+        self.reads[n].add(line)
+        if line in self.shared:
+            self.interacted = True
+
+    def discovered(self) -> frozenset[int]:
+        """Lines one CPU wrote and another touched in this run."""
+        out = set()
+        for n, written in enumerate(self.writes):
+            for m in range(len(self.cpus)):
+                if m != n:
+                    out |= written & (self.reads[m] | self.writes[m])
+        return frozenset(out)
+
+    # -- IPIs ----------------------------------------------------------------------
+
+    def send_ipi(self, sender: Cpu, icr: int) -> bool:
+        """An ICR write naming other CPUs (SDM 10.6.1); False: a mode the model lacks (#GP)."""
+        ipi = Ipi.from_icr(icr)
+        if ipi is None:
+            return False
+        self.interacted = True
+        me = self.index(sender)
+        for target in ipi.targets(me, range(len(self.cpus))):
+            self._accept(self.cpus[target], ipi, sender)
+        return True
+
+    def _accept(self, cpu: Cpu, ipi: Ipi, sender: Cpu) -> None:
+        mode = ipi.mode
+        if mode is IcrDeliveryMode.FIXED:
+            fate, name = cpu.raise_interrupt(ipi.vector), "ipi"
+        elif mode is IcrDeliveryMode.NMI:
+            fate, name = cpu.nmi_from_apic(), "nmi_ipi"
+        elif mode is IcrDeliveryMode.INIT:
+            fate, name = self._init(cpu, sender), "init"
+        else:
+            fate, name = self._sipi(cpu, ipi.vector), "sipi"
+        cpu.trace.append(Arrival(name, ipi.vector if mode is not IcrDeliveryMode.NMI else Vec.NMI,
+                                 cpu.retired, cpu.rip, fate))
+
+    def _init(self, cpu: Cpu, sender: Cpu) -> ArrivalFate:
+        """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1)."""
+        if self.index(cpu) == 0:
+            raise ModelLimit("INIT of the bootstrap CPU (a restart at the reset vector) is not "
+                             "modelled", sender.rip)
+        cpu.regs[:] = [0] * len(cpu.regs)
+        cpu.rflags = RFLAGS_FIXED
+        cpu.cr2 = 0
+        cpu.dr[:] = [0, 0, 0, 0]
+        cpu.dr6, cpu.dr7 = DR6_RESET, DR7_RESET
+        cpu.update_breakpoints()
+        cpu.nmi_blocked = False
+        cpu.nmi_pending = 0
+        cpu.shadow = cpu.shadow_prev = Shadow.NONE
+        cpu.pending_dbg = 0
+        cpu.halted = False
+        # The local APIC resets but keeps its ID (SDM 10.4.7.3).
+        cpu.apic.irr = cpu.apic.isr = cpu.apic.tpr = 0
+        cpu.wait_for_sipi = True
+        cpu.attn = True
+        return ArrivalFate.PENDING
+
+    def _sipi(self, cpu: Cpu, vector: int) -> ArrivalFate:
+        """A SIPI starts a CPU in wait-for-SIPI; any other CPU ignores it (SDM 8.4.4.1)."""
+        if not cpu.wait_for_sipi:
+            return ArrivalFate.DROPPED
+        cpu.wait_for_sipi = False
+        cpu.rip = ((vector << 12) - cpu.cs_base) & cpu.addr_mask  # DEVIATION: see the module
+        cpu.attn = True
+        return ArrivalFate.PENDING
+
+    # -- running -------------------------------------------------------------------
+
+    def runnable(self, n: int) -> bool:
+        cpu = self.cpus[n]
+        if cpu.shutdown or cpu.wait_for_sipi:
+            return False
+        return not cpu.halted or cpu.pending_source() is not None
+
+    def run(self, max_steps: int) -> Stop:
+        """Run the CPUs by the schedule until none can run, or `max_steps` steps were taken."""
+        since = 0  # steps of the current CPU since it last interacted or got its turn
+        current = self._first_runnable(0)
+        while self.steps < max_steps:
+            if current is None:
+                current = self._time_passes()
+                if current is None:
+                    return Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED
+            cpu = self.cpus[current]
+            self.interacted = False
+            cpu.run(1)
+            self.steps += 1
+            self._merge(current)
+            if self.interacted:
+                nxt = self._choose(current)
+            elif not self.runnable(current) or since + 1 >= QUANTUM:
+                nxt = self._first_runnable(current + 1)
+            else:
+                nxt = current
+            since = since + 1 if nxt == current else 0
+            current = nxt
+        return Stop.BUDGET
+
+    def _time_passes(self) -> int | None:
+        """Every CPU waits: the external events scheduled for a halted one arrive (cpu.py
+        next_arrival()), as time passes on a lone halted CPU."""
+        progressed = True
+        while progressed:
+            progressed = False
+            for n, cpu in enumerate(self.cpus):
+                waiting = cpu.halted and not cpu.shutdown and not cpu.wait_for_sipi
+                if waiting and cpu.scheduled and cpu.next_arrival():
+                    progressed = True
+                    self._merge(n)
+                    if self.runnable(n):
+                        return n
+        return None
+
+    def _merge(self, first: int) -> None:
+        """What the step added to the CPUs' traces: the CPU that ran first, then the IPIs'
+        arrivals on the others."""
+        count = len(self.cpus)
+        for n in [first] + [m for m in range(count) if m != first]:
+            trace = self.cpus[n].trace
+            new = trace[self.merged[n]:]
+            if new:
+                self.merged[n] = len(trace)
+                self.trace += new
+                self.cpu_of += [n] * len(new)
+
+    def _first_runnable(self, start: int) -> int | None:
+        count = len(self.cpus)
+        for k in range(count):
+            n = (start + k) % count
+            if self.runnable(n):
+                return n
+        return None
+
+    def _choose(self, ran: int) -> int | None:
+        """A choice point: the schedule's switch here, else the same CPU if it can go on."""
+        runnable = tuple(n for n in range(len(self.cpus)) if self.runnable(n))
+        self.points.append(ChoicePoint(ran, runnable))
+        wanted = self.switches.get(len(self.points))
+        if wanted is not None and wanted in runnable:
+            return wanted
+        if ran in runnable:
+            return ran
+        return self._first_runnable(ran + 1)
