@@ -143,6 +143,9 @@ def _explore_parsers(sub) -> None:
                     help="at most N VMM uAPI calls per schedule, each after any VM exit: those the "
                          "scenario's [explore] vmm lists, or all of them (default: 2 if it lists "
                          "some, else none)")
+    ex.add_argument("--max-switches", type=int, metavar="N",
+                    help="[cpus] scenarios: switches between CPUs per interleaving, at the points "
+                         "where they interact (default 2)")
     ex.add_argument("--workers", type=int, default=1, metavar="N",
                     help="processes to spread each scenario's schedules over")
     ex.add_argument("--time-limit", type=float, metavar="S",
@@ -262,7 +265,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     for name in args.bug:
         lookup(name)
     paths = expand(args.scenarios)
-    bounds = Bounds(args.max_async, args.max_host, args.max_vmm)
+    bounds = Bounds(args.max_async, args.max_host, args.max_vmm, args.max_switches)
     if args.workers < 1:
         raise KvmodelError("--workers must be at least 1")
     done: list[Explored] = []
