@@ -19,9 +19,11 @@ The interleaving. CPUs run one at a time, an instruction (with the
 deliveries before it) per step. A step *interacts* when it writes the ICR
 (an IPI), or touches a cache line that another CPU writes and this one
 touches, or the other way round (fetches count as reads). Only after such a
-step may the schedule switch to another CPU (a choice point): steps that
-interact with nobody commute, so the order among them cannot change any
-outcome (the simplest sound partial-order reduction). Without a switch, the
+step, at the start, or while some CPU's next instruction writes the ICR (its
+IPI may then reach the others at any of their boundaries: each of their steps
+is dependent on it) may the schedule switch to another CPU (a choice point):
+other steps interact with nobody and commute, so the order among them cannot
+change any outcome (the simplest sound partial-order reduction). Without a switch, the
 CPU goes on; a CPU that halts, waits for a SIPI or has had QUANTUM steps
 in a row hands over round-robin (not a choice). The lines
 shared are learnt from earlier runs (`shared`): the explorer runs again with
@@ -32,16 +34,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmodel.arch.apic import IcrDeliveryMode, Ipi
+from kvmodel.arch.apic import IcrDeliveryMode, Ipi, X2ApicMsr
 from kvmodel.arch.cpu import LINE_SHIFT, Cpu, Stop
 from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Access
 from kvmodel.arch.observe import Arrival, ArrivalFate, Observation
-from kvmodel.arch.regs import DR6_RESET, DR7_RESET, RFLAGS_FIXED, Shadow
+from kvmodel.arch.regs import DR6_RESET, DR7_RESET, RCX, RFLAGS_FIXED, Shadow
 from kvmodel.errors import ModelLimit
 
 QUANTUM = 64  # steps a CPU runs without interacting before the next one gets a turn
 MAX_CPUS = 4
+WRMSR = b"\x0f\x30"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -200,8 +203,10 @@ class Machine:
 
     def run(self, max_steps: int) -> Stop:
         """Run the CPUs by the schedule until none can run, or `max_steps` steps were taken."""
-        since = 0  # steps of the current CPU since it last interacted or got its turn
+        since = 0  # steps of the current CPU since it got its turn
         current = self._first_runnable(0)
+        if current is not None:
+            current = self._choose(current)  # any CPU may go first
         while self.steps < max_steps:
             if current is None:
                 current = self._time_passes()
@@ -212,7 +217,7 @@ class Machine:
             cpu.run(1)
             self.steps += 1
             self._merge(current)
-            if self.interacted:
+            if self.interacted or self._ipi_next():
                 nxt = self._choose(current)
             elif not self.runnable(current) or since + 1 >= QUANTUM:
                 nxt = self._first_runnable(current + 1)
@@ -221,6 +226,15 @@ class Machine:
             since = since + 1 if nxt == current else 0
             current = nxt
         return Stop.BUDGET
+
+    def _ipi_next(self) -> bool:
+        """Some CPU's next instruction writes the ICR: every step of the others is then
+        dependent on it (the IPI may reach them at any boundary), so each is a choice point."""
+        for n, cpu in enumerate(self.cpus):
+            if (self.runnable(n) and cpu.regs[RCX] & 0xFFFF_FFFF == X2ApicMsr.ICR
+                    and cpu.fetch_bytes(cpu.linear(cpu.rip), 2) == WRMSR):
+                return True
+        return False
 
     def _time_passes(self) -> int | None:
         """Every CPU waits: the external events scheduled for a halted one arrive (cpu.py
