@@ -80,7 +80,9 @@ class Machine:
     """CPUs 0..n-1 on one memory; CPU 0 is the bootstrap processor."""
 
     def __init__(self, cpus: list[Cpu], *, shared: frozenset[int] = frozenset(),
-                 schedule: Interleaving = ()):
+                 schedule: Interleaving = (), reduce: bool = True):
+        """`reduce`: False makes every step a choice point (the naive interleaving, to measure
+        the reduction against)."""
         if not 1 < len(cpus) <= MAX_CPUS:
             raise ValueError(f"a machine has 2..{MAX_CPUS} CPUs")
         self.cpus = cpus
@@ -91,9 +93,11 @@ class Machine:
         self.writes: list[set[int]] = [set() for _ in cpus]
         self.switches = {s.at: s.cpu for s in schedule}
         self.points: list[ChoicePoint] = []
-        self.steps = 0  # steps taken by all CPUs: the positions a naive interleaving switches at
+        self.steps = 0  # steps taken by all CPUs
+        self.alternatives = 0  # (step, another CPU that could have run then) pairs: naive switches
         self.merged = [0] * len(cpus)  # how much of each CPU's trace is in `trace`
         self.interacted = False
+        self.reduce = reduce
         for n, cpu in enumerate(cpus):
             cpu.machine = self
             cpu.apic.id = n
@@ -216,8 +220,9 @@ class Machine:
             self.interacted = False
             cpu.run(1)
             self.steps += 1
+            self.alternatives += sum(self.runnable(n) for n in range(len(self.cpus))) - 1
             self._merge(current)
-            if self.interacted or self._ipi_next():
+            if self.interacted or not self.reduce or self._ipi_next():
                 nxt = self._choose(current)
             elif not self.runnable(current) or since + 1 >= QUANTUM:
                 nxt = self._first_runnable(current + 1)

@@ -103,7 +103,8 @@ class SmpRun:
     """How the CPUs of a several-CPU run were interleaved (arch/machine.py)."""
 
     points: tuple[ChoicePoint, ...]  # where the schedule could have switched
-    steps: int  # steps of all CPUs: where a schedule without the reduction could switch
+    steps: int  # steps of all CPUs
+    alternatives: int  # (step, another runnable CPU) pairs: switches without the reduction
     shared: frozenset[int]  # cache lines one CPU wrote and another touched
     finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
 
@@ -317,9 +318,11 @@ SEVERAL_VCPUS = "several vCPUs under KVM: not modelled yet ([cpus] runs on bare 
 
 def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
                 max_steps: int | None = None, expectations: bool = True,
-                schedule: Interleaving = (), shared: frozenset[int] = frozenset()) -> RunResult:
+                schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
+                reduce: bool = True) -> RunResult:
     """Several CPUs on bare metal ([cpus]), interleaved by `schedule` (arch/machine.py);
-    `shared`: the cache lines earlier runs found shared, where the schedule may switch."""
+    `shared`: the cache lines earlier runs found shared, where the schedule may switch;
+    `reduce`: False switches anywhere (arch/machine.py)."""
     cpus, program, resolve = _build_machine(scenario, record_instructions)
     cpu = cpus[0]
     _schedule(cpu, scenario, resolve)  # external events reach the bootstrap CPU
@@ -329,7 +332,7 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     try:
         if vendor is not Vendor.BARE:
             raise ModelLimit(SEVERAL_VCPUS, cpu.rip)
-        machine = Machine(cpus, shared=shared, schedule=schedule)
+        machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
         stop = machine.run(max_steps or scenario.max_steps).name.lower()
         final = _final(cpu, stop, scenario.mode)
     except ModelLimit as e:
@@ -341,7 +344,8 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     if machine is not None:
         trace, cpu_of = tuple(machine.trace), tuple(machine.cpu_of)
         finals = tuple(_final(c, final.stop, scenario.mode) for c in cpus) if final else ()
-        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals)
+        smp = SmpRun(tuple(machine.points), machine.steps, machine.alternatives,
+                     machine.discovered(), finals)
     return RunResult(scenario, program, trace, final, tuple(mismatches), limit, vendor, cpu.mem,
                      apic_used=any(c.apic.used for c in cpus), cpu_of=cpu_of, smp=smp)
 
