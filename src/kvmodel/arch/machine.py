@@ -32,10 +32,12 @@ the lines a run discovered until no new ones show (check/interleave.py).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmodel.arch.apic import IcrDeliveryMode, Ipi, X2ApicMsr
-from kvmodel.arch.cpu import LINE_SHIFT, Cpu, Stop
+from kvmodel.arch.cpu import LINE_SHIFT, Cpu, External, Stop
 from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Access
 from kvmodel.arch.observe import Arrival, ArrivalFate, Observation
@@ -45,6 +47,11 @@ from kvmodel.errors import ModelLimit
 QUANTUM = 64  # steps a CPU runs without interacting before the next one gets a turn
 MAX_CPUS = 4
 WRMSR = b"\x0f\x30"
+THREAD_TIMEOUT = 600.0  # seconds: a CPU's thread that is still alive then is a kvmodel bug
+
+
+class _Stopped(BaseException):  # noqa: N818 - not an error: the machine stopped
+    """Unwinds a CPU's thread when the machine stops (BaseException: no model code catches it)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -94,10 +101,19 @@ class Machine:
         self.switches = {s.at: s.cpu for s in schedule}
         self.points: list[ChoicePoint] = []
         self.steps = 0  # steps taken by all CPUs
-        self.alternatives = 0  # (step, another CPU that could have run then) pairs: naive switches
         self.merged = [0] * len(cpus)  # how much of each CPU's trace is in `trace`
         self.interacted = False
         self.reduce = reduce
+        # Threaded (run_threads()): each CPU's own run loop (a vCPU's KVM_RUN) in a thread
+        # of its own; one runs at a time, handing over at its fetches.
+        self.can_run: list[Callable[[], bool]] | None = None
+        self.done = [False] * len(cpus)
+        self.wake: list[threading.Semaphore] = []
+        self.finished = False
+        self.stop = Stop.HALTED
+        self.error: BaseException | None = None
+        self.max_steps = 0
+        self.since = 0  # steps of the running CPU since it got its turn (threaded)
         for n, cpu in enumerate(cpus):
             cpu.machine = self
             cpu.apic.id = n
@@ -126,6 +142,8 @@ class Machine:
             self.interacted = True
 
     def fetched(self, n: int, rip: int) -> None:
+        if self.can_run is not None:
+            self._step_ends(n)
         line = self.cpus[n].linear(rip) >> LINE_SHIFT
         self.reads[n].add(line)
         if line in self.shared:
@@ -155,7 +173,13 @@ class Machine:
 
     def _accept(self, cpu: Cpu, ipi: Ipi, sender: Cpu) -> None:
         mode = ipi.mode
-        if mode is IcrDeliveryMode.FIXED:
+        if cpu.host is not None and mode in (IcrDeliveryMode.INIT, IcrDeliveryMode.STARTUP):
+            raise ModelLimit("INIT and SIPI under KVM (KVM_MP_STATE_INIT_RECEIVED, "
+                             "kvm_apic_accept_events()) are not modelled yet", sender.rip)
+        if mode is IcrDeliveryMode.FIXED and cpu.host is not None:
+            # Under KVM: __apic_accept_irq() sets the IRR, KVM_REQ_EVENT, kvm_vcpu_kick()
+            fate, name = cpu.host.external(cpu, External.INTERRUPT, ipi.vector), "ipi"
+        elif mode is IcrDeliveryMode.FIXED:
             fate, name = cpu.raise_interrupt(ipi.vector), "ipi"
         elif mode is IcrDeliveryMode.NMI:
             fate, name = cpu.nmi_from_apic(), "nmi_ipi"
@@ -203,6 +227,8 @@ class Machine:
         cpu = self.cpus[n]
         if cpu.shutdown or cpu.wait_for_sipi:
             return False
+        if self.can_run is not None:
+            return not self.done[n] and self.can_run[n]()
         return not cpu.halted or cpu.pending_source() is not None
 
     def run(self, max_steps: int) -> Stop:
@@ -220,7 +246,6 @@ class Machine:
             self.interacted = False
             cpu.run(1)
             self.steps += 1
-            self.alternatives += sum(self.runnable(n) for n in range(len(self.cpus))) - 1
             self._merge(current)
             if self.interacted or not self.reduce or self._ipi_next():
                 nxt = self._choose(current)
@@ -240,6 +265,99 @@ class Machine:
                     and cpu.fetch_bytes(cpu.linear(cpu.rip), 2) == WRMSR):
                 return True
         return False
+
+    # -- threaded: CPUs that run their own loop -----------------------------------
+
+    def run_threads(self, bodies: list[Callable[[], object]], can_run: list[Callable[[], bool]],
+                    max_steps: int) -> Stop:
+        """Run `bodies[n]` (CPU n's whole run, e.g. a vCPU's KVM_RUN loop) each in a thread,
+        one at a time: a step of CPU n ends at its next instruction fetch (the core's or
+        KVM's emulation) or when it blocks (block()); the schedule then picks who goes on,
+        as run() does. `can_run[n]`: whether CPU n has something to do."""
+        self.can_run = can_run
+        self.max_steps = max_steps
+        count = len(self.cpus)
+        self.wake = [threading.Semaphore(0) for _ in range(count)]
+        threads = [threading.Thread(target=self._thread, args=(n, bodies[n]), daemon=True)
+                   for n in range(count)]
+        for thread in threads:
+            thread.start()
+        first = self._first_runnable(0)
+        if first is None:
+            self._finish(Stop.HALTED)
+        else:
+            self.wake[self._choose(first)].release()  # any CPU may go first
+        for thread in threads:
+            thread.join(THREAD_TIMEOUT)
+            if thread.is_alive():
+                raise RuntimeError("a CPU's thread did not end: the machine's hand-over is stuck")
+        if self.error is not None:
+            raise self.error
+        return self.stop
+
+    def block(self, cpu: Cpu) -> None:
+        """CPU `cpu` has nothing to do (a halted vCPU in vcpu_block()): another runs until
+        something wakes this one (runnable again), or the machine stops (_Stopped)."""
+        self._step_ends(self.index(cpu), blocked=True)
+
+    def _thread(self, n: int, body: Callable[[], object]) -> None:
+        self.wake[n].acquire()
+        try:
+            if not self.finished:
+                body()
+        except _Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller of run_threads()
+            if self.error is None:
+                self.error = e
+            self._finish(Stop.HALTED)
+        self.done[n] = True
+        self._merge(n)
+        if not self.finished:
+            nxt = self._first_runnable(n + 1)
+            if nxt is None:
+                self._finish(Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED)
+            else:
+                self.since = 0
+                self.wake[nxt].release()
+
+    def _step_ends(self, n: int, blocked: bool = False) -> None:
+        """CPU n finished a step: the schedule decides who takes the next one."""
+        if self.finished:
+            raise _Stopped
+        self.steps += 1
+        self._merge(n)
+        if self.steps >= self.max_steps:
+            self._finish(Stop.BUDGET)
+            raise _Stopped
+        if self.interacted or not self.reduce or self._ipi_next():
+            nxt = self._choose(n)
+        elif not self.runnable(n) or blocked or self.since + 1 >= QUANTUM:
+            nxt = self._first_runnable(n + 1)
+        else:
+            nxt = n
+        self.interacted = False
+        if nxt is None:
+            self._finish(Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED)
+            raise _Stopped
+        if nxt == n:
+            self.since += 1
+            return
+        self.since = 0
+        self.wake[nxt].release()
+        self.wake[n].acquire()
+        if self.finished:
+            raise _Stopped
+
+    def _finish(self, stop: Stop) -> None:
+        """No CPU goes on: every thread still waiting wakes to unwind."""
+        if self.finished:
+            return
+        self.finished = True
+        self.stop = stop
+        for n, wake in enumerate(self.wake):
+            if not self.done[n]:
+                wake.release()
 
     def _time_passes(self) -> int | None:
         """Every CPU waits: the external events scheduled for a halted one arrive (cpu.py

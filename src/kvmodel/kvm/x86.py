@@ -518,8 +518,13 @@ class Vcpu:
         records the HLT in vmcs12's activity state."""
         self.ops.sync_guest_state_to_core()
         while not self.has_events():
-            if not self.cpu.next_arrival():
+            if self.cpu.next_arrival():
+                continue
+            if self.cpu.machine is None:
                 return False
+            # Several vCPUs: the others run until one of them kicks this one awake (an IPI:
+            # kvm_vcpu_kick() -> kvm_vcpu_wake_up()), or none can run any more.
+            self.cpu.machine.block(self.cpu)
         self.warn_on(self.ops.check_nested_events() == EBUSY,
                      "vcpu_block: kvm_check_nested_events() busy while halted")
         self.mp_state = MpState.RUNNABLE

@@ -26,7 +26,7 @@ from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.kvm.x86 import Stats, Vcpu
+from kvmodel.kvm.x86 import MpState, Stats, UserspaceExit, Vcpu
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
@@ -104,7 +104,6 @@ class SmpRun:
 
     points: tuple[ChoicePoint, ...]  # where the schedule could have switched
     steps: int  # steps of all CPUs
-    alternatives: int  # (step, another runnable CPU) pairs: switches without the reduction
     shared: frozenset[int]  # cache lines one CPU wrote and another touched
     finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
 
@@ -326,28 +325,82 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     cpus, program, resolve = _build_machine(scenario, record_instructions)
     cpu = cpus[0]
     _schedule(cpu, scenario, resolve)  # external events reach the bootstrap CPU
-    limit = None
+    limit = error = None
     final = None
     machine = None
+    stats: tuple[Stats, ...] = ()
+    warnings: tuple[str, ...] = ()
+    steps = max_steps or scenario.max_steps
     try:
-        if vendor is not Vendor.BARE:
-            raise ModelLimit(SEVERAL_VCPUS, cpu.rip)
-        machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
-        stop = machine.run(max_steps or scenario.max_steps).name.lower()
-        final = _final(cpu, stop, scenario.mode)
+        if vendor is Vendor.BARE:
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            stop = machine.run(steps).name.lower()
+        else:
+            vcpus = _create_vcpus(scenario, cpus, vendor)
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            stop, error = _run_vcpus(machine, vcpus, steps)
+            stats = tuple(v.stats for v in vcpus)
+            warnings = tuple(w for v in vcpus for w in v.warnings)
+        if stop is not None:
+            final = _final(cpu, stop, scenario.mode)
     except ModelLimit as e:
         limit = str(e)
     mismatches = []
     if final is not None and expectations:
         mismatches = judge(scenario, program, cpu, final, others=tuple(cpus[1:]))
+        mismatches += _judge_stats(scenario, vendor, stats)
     trace, cpu_of, smp = tuple(cpu.trace), (), None
     if machine is not None:
         trace, cpu_of = tuple(machine.trace), tuple(machine.cpu_of)
         finals = tuple(_final(c, final.stop, scenario.mode) for c in cpus) if final else ()
-        smp = SmpRun(tuple(machine.points), machine.steps, machine.alternatives,
-                     machine.discovered(), finals)
+        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals)
     return RunResult(scenario, program, trace, final, tuple(mismatches), limit, vendor, cpu.mem,
-                     apic_used=any(c.apic.used for c in cpus), cpu_of=cpu_of, smp=smp)
+                     stats, error, warnings, apic_used=any(c.apic.used for c in cpus),
+                     cpu_of=cpu_of, smp=smp)
+
+
+def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor) -> list[Vcpu]:
+    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU."""
+    if scenario.host or scenario.vmm or scenario.vmx or scenario.svm:
+        raise ModelLimit("several vCPUs with host happenings, a VMM script or nested "
+                         "virtualization are not modelled yet", cpus[0].rip)
+    if any(c.wait_for_sipi for c in cpus):
+        raise ModelLimit("a vCPU waiting for a SIPI (KVM_MP_STATE_INIT_RECEIVED) is not "
+                         "modelled yet", cpus[0].rip)
+    params, svm, vmx = _vendor_params(scenario)
+    vm = create_vm(vendor)
+    _enable_caps(vm, params)
+    return [create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm) for core in cpus]
+
+
+def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | None, str | None]:
+    """Each vCPU's KVM_RUN loop in a thread of the machine's (arch/machine.py run_threads()):
+    a halted vCPU blocks in vcpu_block() until an IPI kicks it, or nothing can run."""
+    outcomes: list[UserspaceExit | None] = [None] * len(vcpus)
+
+    def body(n: int):
+        def kvm_run() -> None:
+            outcomes[n] = vcpus[n].run(steps)
+        return kvm_run
+
+    def can_run(vcpu: Vcpu):
+        return lambda: not vcpu.cpu.shutdown and not (
+            vcpu.mp_state is MpState.HALTED and not vcpu.has_events())
+
+    stop = machine.run_threads([body(n) for n in range(len(vcpus))],
+                               [can_run(v) for v in vcpus], steps)
+    errors = []
+    for vcpu, outcome in zip(vcpus, outcomes, strict=True):
+        vcpu.ops.sync_guest_state_to_core()
+        vcpu.cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
+        vcpu.cpu.halted = vcpu.mp_state is MpState.HALTED
+        if outcome is not None and outcome.reason is KvmExit.SHUTDOWN:
+            vcpu.cpu.shutdown = True
+        elif outcome is not None and outcome.reason is not KvmExit.HLT:
+            errors.append(f"KVM_RUN returned KVM_EXIT_{outcome.reason.name}: {outcome.detail}")
+    if errors:
+        return None, errors[0]
+    return stop.name.lower(), None
 
 
 def _build_machine(scenario: Scenario, record_instructions: bool
@@ -456,15 +509,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
     stops = _userspace_stops(scenario, cpu, resolve)
-    params = dict(scenario.kvm_params)
-    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
-                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
-                    vgif=params.get("vgif", True), nested=scenario.svm,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
-    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
-                    intercept_db=params.get("intercept_db", True),
-                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
+    params, svm, vmx = _vendor_params(scenario)
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
@@ -506,6 +551,20 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     stop, error = _stop_of(vcpu, outcome)
     return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
             HostTime(windowless, limit, tuple(problems)))
+
+
+def _vendor_params(scenario: Scenario) -> tuple[dict, SvmParams, VmxParams]:
+    """[kvm]: the module parameters and VM capabilities, as given."""
+    params = dict(scenario.kvm_params)
+    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
+                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
+                    vgif=params.get("vgif", True), nested=scenario.svm,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
+    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
+                    intercept_db=params.get("intercept_db", True),
+                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
+    return params, svm, vmx
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:
