@@ -1,4 +1,4 @@
-"""Exploring the interleavings of several CPUs ([cpus]) on bare metal.
+"""Exploring the interleavings of several CPUs ([cpus]), on bare metal and under KVM.
 
 A schedule is a tuple of switches (arch/machine.py Switch): after the k-th
 choice point, CPU c runs next. Choice points are only where a CPU interacts
@@ -14,15 +14,24 @@ hardware is a legal behaviour the guest has to cope with), and stop where the
 default schedule stops. With `reduce=False` every step is a choice point:
 the naive search, which the explorer also runs (for a few seconds at most)
 to report what the reduction saves and to check it finds the same outcomes.
+
+Under KVM (`vendor` svm or vmx) the vCPUs' steps include KVM's own (a step
+ends at each fetch, the core's or KVM's emulation, and when a vCPU blocks), so
+schedules do not map one to one onto bare metal's: the criterion is that what
+the guest saw on each CPU, every CPU's final state and memory (`outcome()`)
+is an outcome some explored bare-metal interleaving shows (`bare`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import IntEnum
 
 from kvmodel.arch.machine import Interleaving, Switch
+from kvmodel.check.oracle import FINAL_FIELDS, guest_view
+from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.runner import RunResult, run_machine
 from kvmodel.scenario.schema import Scenario
 
@@ -33,8 +42,8 @@ DEFAULT_MAX_SWITCHES = 2
 class InterleavingResult:
     explored: int = 0
     rounds: int = 0  # searches: one more each time runs found new shared lines
-    outcomes: set[str] | None = None
-    failures: list[tuple[Interleaving, str]] | None = None  # (schedule, why) of runs that fail
+    outcomes: set[str] = field(default_factory=set)
+    failures: list[tuple[Interleaving, str, str]] = field(default_factory=list)  # (schedule, kind, why)
     limit: tuple[Interleaving, str] | None = None
     complete: bool = True
 
@@ -46,15 +55,18 @@ def describe(schedule: Interleaving) -> str:
 
 
 def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
-                          deadline: float | None = None, reduce: bool = True) -> InterleavingResult:
-    """`reduce`: False puts a choice point at every step (bench/ measures the difference)."""
+                          deadline: float | None = None, reduce: bool = True,
+                          vendor: Vendor = Vendor.BARE,
+                          bare: set[str] | None = None) -> InterleavingResult:
+    """`reduce`: False puts a choice point at every step (bench/ measures the difference);
+    `bare`: under KVM, the outcomes bare metal showed, which each KVM run must be one of."""
     bound = DEFAULT_MAX_SWITCHES if max_switches is None else max_switches
-    result = InterleavingResult(outcomes=set(), failures=[])
+    result = InterleavingResult()
     shared: frozenset[int] = frozenset()
     while True:
         result.rounds += 1
         result.explored, result.outcomes, result.failures = 0, set(), []
-        found = _search(scenario, bound, shared, result, deadline, reduce)
+        found = _search(scenario, bound, shared, result, deadline, reduce, vendor, bare)
         if found <= shared or result.limit is not None or not result.complete:
             break
         shared = shared | found
@@ -62,7 +74,8 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
 
 
 def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: InterleavingResult,
-            deadline: float | None, reduce: bool) -> frozenset[int]:
+            deadline: float | None, reduce: bool, vendor: Vendor,
+            bare: set[str] | None) -> frozenset[int]:
     found: set[int] = set()
     default_stop = None
     stack: list[Interleaving] = [()]
@@ -71,18 +84,22 @@ def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: Inte
             result.complete = False
             break
         schedule = stack.pop()
-        run = run_machine(scenario, schedule=schedule, shared=shared, reduce=reduce)
+        run = run_machine(scenario, vendor=vendor, schedule=schedule, shared=shared, reduce=reduce)
         result.explored += 1
         if run.limit is not None:
             result.limit = (schedule, run.limit)
             break
         found |= run.smp.shared
+        if run.final is None:  # KVM gave up
+            result.failures.append((schedule, "hypervisor_error", run.hypervisor_error))
+            continue
         if not schedule:
             default_stop = run.final.stop
-        result.outcomes.add(_digest(run))
-        why = _failure(run, default_stop)
-        if why is not None:
-            result.failures.append((schedule, why))
+        key = outcome(run)
+        result.outcomes.add(key)
+        failure = _failure(run, default_stop, key, bare)
+        if failure is not None:
+            result.failures.append((schedule, *failure))
         if len(schedule) < bound:
             stack += reversed(list(_children(schedule, run)))
     return frozenset(found)
@@ -97,19 +114,40 @@ def _children(schedule: Interleaving, run: RunResult):
                 yield schedule + (Switch(at, cpu),)
 
 
-def _failure(run: RunResult, default_stop: str | None) -> str | None:
+def _failure(run: RunResult, default_stop: str | None, key: str,
+             bare: set[str] | None) -> tuple[str, str] | None:
+    if run.warnings:
+        return "warn", "KVM WARN_ON reached: " + "; ".join(run.warnings)
     if run.mismatches:
-        return run.mismatches[0].message
+        return "interleaving", run.mismatches[0].message
     if run.final.stop == "budget" and default_stop != "budget":
-        return f"the default interleaving stops ({default_stop}); this one runs out of steps"
+        return "liveness", (f"the default interleaving stops ({default_stop}); this one runs "
+                            "out of steps")
+    if bare is not None and run.final.stop != "budget" and key not in bare:
+        return "divergence", ("the guest saw what no explored bare-metal interleaving shows it "
+                              "(per CPU: deliveries, IRETs, HLTs, output; final state; memory)")
     return None
 
 
-def _digest(run: RunResult) -> str:
-    """What the guest saw on each CPU (arrivals aside), every CPU's final state, and memory:
-    the order in which the CPUs' observations were merged is not an outcome."""
-    per_cpu = tuple(tuple(o for o, c in zip(run.trace, run.cpu_of, strict=True)
-                          if c == n and o.kind != "arrival")
-                    for n in range(run.scenario.cpus.count))
-    return hashlib.blake2b(repr((per_cpu, run.smp.finals)).encode() + bytes(run.memory),
+def outcome(run: RunResult) -> str:
+    """What the guest saw on each CPU (its guest-observable trace), every CPU's final state and
+    memory: the order in which the CPUs' records were merged, and the hypervisor's own records,
+    are not part of it."""
+    count = run.scenario.cpus.count
+    per_cpu = tuple(tuple(entry for _, entry in guest_view(tuple(
+        o for o, c in zip(run.trace, run.cpu_of, strict=True) if c == n))) for n in range(count))
+    finals = tuple((tuple(getattr(f, name) for name in FINAL_FIELDS), f.registers)
+                   for f in run.smp.finals)
+    return hashlib.blake2b(repr(_plain((per_cpu, finals))).encode() + bytes(run.memory),
                            digest_size=12).hexdigest()
+
+
+def _plain(value):
+    """Enums as their numbers (Vec.NMI and 2 are one vector), records as tuples of fields."""
+    if isinstance(value, IntEnum):
+        return int(value)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if is_dataclass(value):
+        return (type(value).__name__, *(_plain(getattr(value, f.name)) for f in fields(value)))
+    return value

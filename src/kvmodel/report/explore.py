@@ -56,10 +56,10 @@ def print_findings(console: Console, result: ExploreResult,
                       f"finding involving {', '.join(known.involves)} did not show up")
     if result.interleavings is not None:
         explored, naive, complete = result.interleavings
-        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: {explored} "
-                      f"interleavings explored (choice points where CPUs interact), "
-                      f"{'' if complete else 'over '}{naive} with a choice point at every step; "
-                      f"{escape(result.note or '')}[/]", highlight=False)
+        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: bare metal "
+                      f"{explored} interleavings (choice points where CPUs interact), "
+                      f"{'over ' if not complete else ''}{naive} with a choice point at every "
+                      f"step; under KVM {result.schedules}[/]", highlight=False)
     if result.limit is not None:
         console.print(f"[bold red]MODEL LIMIT[/] {escape(result.scenario.path)} "
                       f"{escape(f'[{result.vendor.value}]')}: {escape(limit_text(result))}")
@@ -87,7 +87,7 @@ def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]
         "not_applicable": result.not_applicable,
         **({"interleavings": {"explored": result.interleavings[0], "naive": result.interleavings[1],
                               "naive_complete": result.interleavings[2]},
-            "note": result.note} if result.interleavings is not None else {}),
+            } if result.interleavings is not None else {}),
         "elapsed_s": round(result.elapsed, 3),
         "findings": [{"kind": f.kind, "message": f.message,
                       "schedule": [p.to_dict() for p in f.schedule], "replay": replay}
