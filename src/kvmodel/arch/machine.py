@@ -107,6 +107,8 @@ class Machine:
         # Threaded (run_threads()): each CPU's own run loop (a vCPU's KVM_RUN) in a thread
         # of its own; one runs at a time, handing over at its fetches.
         self.can_run: list[Callable[[], bool]] | None = None
+        # INIT and SIPI for CPU n, when a hypervisor's local APIC takes them: (n, mode, vector)
+        self.on_init_sipi: Callable[[int, IcrDeliveryMode, int], ArrivalFate] | None = None
         self.done = [False] * len(cpus)
         self.wake: list[threading.Semaphore] = []
         self.finished = False
@@ -173,10 +175,15 @@ class Machine:
 
     def _accept(self, cpu: Cpu, ipi: Ipi, sender: Cpu) -> None:
         mode = ipi.mode
-        if cpu.host is not None and mode in (IcrDeliveryMode.INIT, IcrDeliveryMode.STARTUP):
-            raise ModelLimit("INIT and SIPI under KVM (KVM_MP_STATE_INIT_RECEIVED, "
-                             "kvm_apic_accept_events()) are not modelled yet", sender.rip)
-        if mode is IcrDeliveryMode.FIXED and cpu.host is not None:
+        init_sipi = mode in (IcrDeliveryMode.INIT, IcrDeliveryMode.STARTUP)
+        if init_sipi and mode is IcrDeliveryMode.INIT and self.index(cpu) == 0:
+            raise ModelLimit("INIT of the bootstrap CPU (a restart at the reset vector) is not "
+                             "modelled", sender.rip)
+        if init_sipi and self.on_init_sipi is not None:
+            # Under a hypervisor: its local APIC takes them (kvm/lapic.py)
+            fate = self.on_init_sipi(self.index(cpu), mode, ipi.vector)
+            name = "init" if mode is IcrDeliveryMode.INIT else "sipi"
+        elif mode is IcrDeliveryMode.FIXED and cpu.host is not None:
             # Under KVM: __apic_accept_irq() sets the IRR, KVM_REQ_EVENT, kvm_vcpu_kick()
             fate, name = cpu.host.external(cpu, External.INTERRUPT, ipi.vector), "ipi"
         elif mode is IcrDeliveryMode.FIXED:
@@ -192,9 +199,6 @@ class Machine:
 
     def _init(self, cpu: Cpu, sender: Cpu) -> ArrivalFate:
         """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1)."""
-        if self.index(cpu) == 0:
-            raise ModelLimit("INIT of the bootstrap CPU (a restart at the reset vector) is not "
-                             "modelled", sender.rip)
         cpu.regs[:] = [0] * len(cpu.regs)
         cpu.rflags = RFLAGS_FIXED
         cpu.cr2 = 0

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kvmodel import _faults
+from kvmodel.check.interleave import NAIVE_SECONDS, explore_interleavings
 from kvmodel.check.interleave import describe as describe_interleaving
-from kvmodel.check.interleave import explore_interleavings
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
 from kvmodel.check.schedule import Kind, Schedule, apply, place
 from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
@@ -56,8 +56,6 @@ from kvmodel.scenario.load import load
 from kvmodel.scenario.runner import Prepared, Resolver, RunResult, run
 from kvmodel.scenario.schema import ExploreSpec, KnownFinding, Scenario
 from kvmodel.scenario.vmm import CHOICE_NAMES
-
-NAIVE_SECONDS = 5.0  # [cpus]: how long the naive search (every step a choice point) may take
 
 
 @dataclass(frozen=True, slots=True)

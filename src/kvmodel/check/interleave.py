@@ -30,12 +30,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import IntEnum
 
 from kvmodel.arch.machine import Interleaving, Switch
-from kvmodel.check.oracle import FINAL_FIELDS, guest_view
+from kvmodel.check.oracle import FINAL_FIELDS, Comparison, Divergence, first_divergence, guest_view
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.runner import RunResult, run_machine
 from kvmodel.scenario.schema import Scenario
 
 DEFAULT_MAX_SWITCHES = 2
+NAIVE_SECONDS = 5.0  # how long a search with a choice point at every step may take
 
 
 @dataclass(slots=True)
@@ -130,12 +131,13 @@ def _failure(run: RunResult, default_stop: str | None, key: str,
 
 
 def outcome(run: RunResult) -> str:
-    """What the guest saw on each CPU (its guest-observable trace), every CPU's final state and
-    memory: the order in which the CPUs' records were merged, and the hypervisor's own records,
-    are not part of it."""
+    """What the guest saw on each CPU (its guest-observable trace, retired instructions aside),
+    every CPU's final state and memory: the order in which the CPUs' records were merged, and
+    the hypervisor's own records, are not part of it."""
     count = run.scenario.cpus.count
     per_cpu = tuple(tuple(entry for _, entry in guest_view(tuple(
-        o for o, c in zip(run.trace, run.cpu_of, strict=True) if c == n))) for n in range(count))
+        o for o, c in zip(run.trace, run.cpu_of, strict=True) if c == n and o.kind != "retire")))
+        for n in range(count))
     finals = tuple((tuple(getattr(f, name) for name in FINAL_FIELDS), f.registers)
                    for f in run.smp.finals)
     return hashlib.blake2b(repr(_plain((per_cpu, finals))).encode() + bytes(run.memory),
@@ -151,3 +153,29 @@ def _plain(value):
     if is_dataclass(value):
         return (type(value).__name__, *(_plain(getattr(value, f.name)) for f in fields(value)))
     return value
+
+
+def compare_cpus(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
+                 max_steps: int | None = None) -> Comparison:
+    """`kvmodel run` of a [cpus] scenario under KVM: the default interleaving under KVM shows
+    what the default one on bare metal shows, or what some other explored bare-metal
+    interleaving shows (for at most NAIVE_SECONDS of search): else the first difference from
+    the default one is the divergence."""
+    virt = run_machine(scenario, vendor=vendor, record_instructions=record_instructions,
+                       max_steps=max_steps)
+    bare = run_machine(scenario, record_instructions=record_instructions, max_steps=max_steps)
+    known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+    if bare.limit or virt.limit or bare.final is None or virt.final is None:
+        return Comparison(bare, virt, None, known)
+    divergence = None
+    key = outcome(virt)
+    if key != outcome(bare):
+        deadline = time.monotonic() + NAIVE_SECONDS
+        shown = explore_interleavings(scenario, deadline=deadline).outcomes
+        if key not in shown:
+            shown |= explore_interleavings(scenario, deadline=deadline, reduce=False).outcomes
+        if key not in shown:
+            divergence = first_divergence(bare, virt) or Divergence(
+                -1, "the outcome of every explored interleaving", "another outcome",
+                len(virt.trace), -1)
+    return Comparison(bare, virt, divergence, known)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvmodel.arch.observe import Delivery, Halt, Iret, Observation, Output, Retire, Shutdown
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import SEVERAL_VCPUS, RunResult, bare_counterpart, run
+from kvmodel.scenario.runner import RunResult, bare_counterpart, run
 from kvmodel.scenario.schema import KnownDivergence, Scenario
 
 GUEST_OBSERVABLE = (Delivery, Iret, Halt, Shutdown, Output, Retire)
@@ -106,8 +106,6 @@ def guest_view(trace: tuple) -> list[tuple[int, object]]:
 
 def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
     """Why the scenario cannot run under this hypervisor, if it cannot."""
-    if scenario.cpus is not None:
-        return SEVERAL_VCPUS
     if not scenario.sti_blocks_nmi:
         return ("sti_blocks_nmi = false: KVM's vCPU always holds NMIs in the STI shadow "
                 "(vmx_nmi_blocked(), svm_nmi_blocked()), one of the two behaviours SDM 6.8.3 allows")
@@ -128,6 +126,10 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
 
     A VMM script runs under KVM first: bare metal gets its counterpart (the NMIs it
     made) where the guest stood when the VMM acted."""
+    if scenario.cpus is not None:  # several CPUs: check/interleave.py (imported here: it uses this module)
+        from kvmodel.check.interleave import compare_cpus
+        return compare_cpus(scenario, vendor, record_instructions=record_instructions,
+                            max_steps=max_steps)
     why = not_applicable(scenario, vendor)
     virt = None
     if why is None:

@@ -21,6 +21,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
 from kvmodel.arch.regs import DR6_BS, DR7_GD, RF, TF
+from kvmodel.kvm import lapic
 from kvmodel.kvm.uapi import EINTR, InvalidArgument, KvmExit, KvmVcpuEvents, ShadowBits, VcpuEventsFlag
 from kvmodel.kvm.vm import Vm
 
@@ -41,6 +42,8 @@ class Request(IntEnum):
 
 class MpState(IntEnum):
     RUNNABLE = 0
+    UNINITIALIZED = 1  # an AP that has had no INIT yet (kvm/lapic.py)
+    INIT_RECEIVED = 2  # waiting for a SIPI
     HALTED = 3  # KVM_MP_STATE_HALTED
 
 
@@ -180,6 +183,7 @@ class VendorOps(Protocol):
     def set_rflags(self, rflags: int) -> None: ...
     def rip_read(self) -> int: ...
     def rip_write(self, rip: int) -> None: ...
+    def rsp_write(self, rsp: int) -> None: ...
     def skip_emulated_instruction(self) -> bool: ...
     def kick(self) -> None: ...
     def sync_guest_state_to_core(self) -> None: ...
@@ -217,6 +221,12 @@ class Vcpu:
     warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
     host_problems: list[str] = field(default_factory=list)  # the host's own event handling
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
+    # The local APIC's pending INIT and SIPI (apic->pending_events, apic->sipi_vector), and
+    # whether this is the bootstrap vCPU (kvm_vcpu_is_bsp()): kvm/lapic.py
+    apic_pending_init: bool = False
+    apic_pending_sipi: bool = False
+    sipi_vector: int = 0
+    bsp: bool = True
 
     @property
     def lapic(self):
@@ -472,7 +482,9 @@ class Vcpu:
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
-            if self.mp_state is MpState.HALTED:
+            if self.apic_pending_init or self.apic_pending_sipi:
+                lapic.accept_events(self)  # vcpu_enter_guest(), on KVM_REQ_EVENT
+            if self.mp_state is not MpState.RUNNABLE:
                 if not self._wait_for_events():
                     return UserspaceExit(KvmExit.HLT, "halted with nothing left to wake it")
                 continue
@@ -517,7 +529,12 @@ class Vcpu:
         nested events are checked before the vCPU leaves HALTED, so an exit to L1
         records the HLT in vmcs12's activity state."""
         self.ops.sync_guest_state_to_core()
-        while not self.has_events():
+        while self.mp_state is not MpState.HALTED or not self.has_events():
+            if lapic.has_pending_init_or_sipi(self):
+                lapic.accept_events(self)  # vcpu_block(): INIT, SIPI (kvm/lapic.py)
+                if self.mp_state is MpState.RUNNABLE:
+                    return True
+                continue
             if self.cpu.next_arrival():
                 continue
             if self.cpu.machine is None:

@@ -99,7 +99,8 @@ def arrival_text(obs: Arrival) -> str:
     if obs.event == "init":
         return f"INIT arrives: {'wait-for-SIPI' if fate == 'pending' else fate}"
     if obs.event == "sipi":
-        return f"SIPI {obs.vector:#x} arrives: {'started' if fate == 'pending' else 'ignored'}"
+        return f"SIPI {obs.vector:#x} arrives: " + {"pending": "started",
+                                                    "dropped": "ignored"}.get(fate, fate)
     source = {"self_nmi": " (self-IPI)", "nmi_ipi": " (IPI)"}.get(obs.event, "")
     return f"NMI arrives{source}: {fate}"
 

@@ -6,12 +6,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from kvmodel.arch.apic import IcrDeliveryMode
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
 from kvmodel.arch.events import EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine
-from kvmodel.arch.observe import Delivery, Observation, Shutdown
+from kvmodel.arch.observe import ArrivalFate, Delivery, Observation, Shutdown
 from kvmodel.arch.regs import GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
@@ -20,6 +21,7 @@ from kvmodel.guest.layout import Machine as Layout
 from kvmodel.hw.svm.root import SvmRoot
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
+from kvmodel.kvm import lapic
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
@@ -312,9 +314,6 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
                      tuple(vmm_nmis))
 
 
-SEVERAL_VCPUS = "several vCPUs under KVM: not modelled yet ([cpus] runs on bare metal only)"
-
-
 def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
                 max_steps: int | None = None, expectations: bool = True,
                 schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
@@ -364,13 +363,16 @@ def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor) -> list[V
     if scenario.host or scenario.vmm or scenario.vmx or scenario.svm:
         raise ModelLimit("several vCPUs with host happenings, a VMM script or nested "
                          "virtualization are not modelled yet", cpus[0].rip)
-    if any(c.wait_for_sipi for c in cpus):
-        raise ModelLimit("a vCPU waiting for a SIPI (KVM_MP_STATE_INIT_RECEIVED) is not "
-                         "modelled yet", cpus[0].rip)
     params, svm, vmx = _vendor_params(scenario)
     vm = create_vm(vendor)
     _enable_caps(vm, params)
-    return [create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm) for core in cpus]
+    vcpus = [create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm) for core in cpus]
+    for n, vcpu in enumerate(vcpus):
+        vcpu.bsp = n == 0
+        if vcpu.cpu.wait_for_sipi:  # an AP as QEMU creates it: waiting for INIT (kvm/lapic.py)
+            vcpu.cpu.wait_for_sipi = False
+            vcpu.mp_state = MpState.UNINITIALIZED
+    return vcpus
 
 
 def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | None, str | None]:
@@ -384,9 +386,20 @@ def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | N
         return kvm_run
 
     def can_run(vcpu: Vcpu):
-        return lambda: not vcpu.cpu.shutdown and not (
-            vcpu.mp_state is MpState.HALTED and not vcpu.has_events())
+        def runnable() -> bool:  # kvm_arch_vcpu_runnable()
+            if vcpu.cpu.shutdown:
+                return False
+            if lapic.has_pending_init_or_sipi(vcpu) or vcpu.mp_state is MpState.RUNNABLE:
+                return True
+            return vcpu.mp_state is MpState.HALTED and vcpu.has_events()
+        return runnable
 
+    def init_sipi(n: int, mode: IcrDeliveryMode, vector: int) -> ArrivalFate:
+        if mode is IcrDeliveryMode.INIT:
+            return lapic.accept_init(vcpus[n])
+        return lapic.accept_sipi(vcpus[n], vector)
+
+    machine.on_init_sipi = init_sipi
     stop = machine.run_threads([body(n) for n in range(len(vcpus))],
                                [can_run(v) for v in vcpus], steps)
     errors = []
@@ -394,6 +407,7 @@ def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | N
         vcpu.ops.sync_guest_state_to_core()
         vcpu.cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
         vcpu.cpu.halted = vcpu.mp_state is MpState.HALTED
+        vcpu.cpu.wait_for_sipi = vcpu.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED)
         if outcome is not None and outcome.reason is KvmExit.SHUTDOWN:
             vcpu.cpu.shutdown = True
         elif outcome is not None and outcome.reason is not KvmExit.HLT:

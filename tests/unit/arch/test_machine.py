@@ -198,7 +198,7 @@ return = "ap_start"
 ''')
     assert run_machine(s).passed  # the default interleaving: CPU 0 first
     found = explore_interleavings(s, 2)
-    assert found.failures and "cpu 1: delivery 1" in found.failures[0][1]
+    assert found.failures and "cpu 1: delivery 1" in found.failures[0][2]
 
 
 def test_cross_modifying_code_drops_the_other_cpus_decoded_instruction():

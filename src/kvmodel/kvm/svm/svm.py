@@ -140,6 +140,9 @@ class Svm:
     def rip_write(self, rip: int) -> None:
         self.vmcb.rip = rip
 
+    def rsp_write(self, rsp: int) -> None:
+        self.vmcb.rsp = rsp
+
     def get_rflags(self) -> int:
         """svm_get_rflags(): hide KVM's own TF/RF while single-stepping for an NMI window."""
         rflags = self.vmcb.rflags

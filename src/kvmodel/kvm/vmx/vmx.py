@@ -116,6 +116,9 @@ class Vmx:
     def rip_write(self, rip: int) -> None:
         self.vmcs.guest_rip = rip
 
+    def rsp_write(self, rsp: int) -> None:
+        self.vmcs.guest_rsp = rsp
+
     def get_rflags(self) -> int:
         return self.vmcs.guest_rflags
 
