@@ -67,9 +67,11 @@ Interleaving = tuple[Switch, ...]
 
 @dataclass(frozen=True, slots=True)
 class ChoicePoint:
-    """Where a schedule could switch: the CPU that just interacted, and who could run next."""
+    """Where a schedule could switch: the CPU that just ran, the one that goes on without a
+    switch, and who could run next."""
 
     ran: int
+    default: int | None
     runnable: tuple[int, ...]
 
 
@@ -240,7 +242,7 @@ class Machine:
         since = 0  # steps of the current CPU since it got its turn
         current = self._first_runnable(0)
         if current is not None:
-            current = self._choose(current)  # any CPU may go first
+            current = self._choose(current, current)  # any CPU may go first
         while self.steps < max_steps:
             if current is None:
                 current = self._time_passes()
@@ -251,12 +253,10 @@ class Machine:
             cpu.run(1)
             self.steps += 1
             self._merge(current)
+            goes_on = self.runnable(current) and since + 1 < QUANTUM
+            nxt = current if goes_on else self._first_runnable(current + 1)
             if self.interacted or not self.reduce or self._ipi_next():
-                nxt = self._choose(current)
-            elif not self.runnable(current) or since + 1 >= QUANTUM:
-                nxt = self._first_runnable(current + 1)
-            else:
-                nxt = current
+                nxt = self._choose(current, nxt)
             since = since + 1 if nxt == current else 0
             current = nxt
         return Stop.BUDGET
@@ -290,7 +290,7 @@ class Machine:
         if first is None:
             self._finish(Stop.HALTED)
         else:
-            self.wake[self._choose(first)].release()  # any CPU may go first
+            self.wake[self._choose(first, first)].release()  # any CPU may go first
         for thread in threads:
             thread.join(THREAD_TIMEOUT)
             if thread.is_alive():
@@ -334,12 +334,10 @@ class Machine:
         if self.steps >= self.max_steps:
             self._finish(Stop.BUDGET)
             raise _Stopped
+        goes_on = not blocked and self.runnable(n) and self.since + 1 < QUANTUM
+        nxt = n if goes_on else self._first_runnable(n + 1)
         if self.interacted or not self.reduce or self._ipi_next():
-            nxt = self._choose(n)
-        elif not self.runnable(n) or blocked or self.since + 1 >= QUANTUM:
-            nxt = self._first_runnable(n + 1)
-        else:
-            nxt = n
+            nxt = self._choose(n, nxt)
         self.interacted = False
         if nxt is None:
             self._finish(Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED)
@@ -398,13 +396,12 @@ class Machine:
                 return n
         return None
 
-    def _choose(self, ran: int) -> int | None:
-        """A choice point: the schedule's switch here, else the same CPU if it can go on."""
+    def _choose(self, ran: int, default: int | None) -> int | None:
+        """A choice point: the schedule's switch here, else `default` (the same CPU while its
+        quantum lasts, then the next one round-robin)."""
         runnable = tuple(n for n in range(len(self.cpus)) if self.runnable(n))
-        self.points.append(ChoicePoint(ran, runnable))
+        self.points.append(ChoicePoint(ran, default, runnable))
         wanted = self.switches.get(len(self.points))
         if wanted is not None and wanted in runnable:
             return wanted
-        if ran in runnable:
-            return ran
-        return self._first_runnable(ran + 1)
+        return default

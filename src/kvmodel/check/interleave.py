@@ -111,7 +111,7 @@ def _children(schedule: Interleaving, run: RunResult):
     for at in range(last + 1, len(run.smp.points) + 1):
         point = run.smp.points[at - 1]
         for cpu in point.runnable:
-            if cpu != point.ran:
+            if cpu != point.default:
                 yield schedule + (Switch(at, cpu),)
 
 
