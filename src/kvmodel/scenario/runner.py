@@ -318,7 +318,8 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
                 max_steps: int | None = None, expectations: bool = True,
                 schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
                 reduce: bool = True) -> RunResult:
-    """Several CPUs on bare metal ([cpus]), interleaved by `schedule` (arch/machine.py);
+    """Several CPUs ([cpus]) on bare metal, or as vCPUs under KVM, interleaved by `schedule`
+    (arch/machine.py);
     `shared`: the cache lines earlier runs found shared, where the schedule may switch;
     `reduce`: False switches anywhere (arch/machine.py)."""
     cpus, program, resolve = _build_machine(scenario, record_instructions)
