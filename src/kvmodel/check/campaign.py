@@ -88,10 +88,6 @@ def explore_one(path: str, vendor: Vendor, bounds: Bounds, time_limit: float | N
     return item
 
 
-def result_of_cpus(scenario: Scenario) -> bool:
-    return scenario.cpus is not None
-
-
 def _shrink_each_kind(scenario: Scenario, vendor: Vendor, findings: list[Finding],
                       bugs: frozenset[str], out_dir: Path | None) -> list[tuple[Finding, str | None]]:
     """One cause per kind and scenario, usually: shrink the first of each kind."""
@@ -101,7 +97,7 @@ def _shrink_each_kind(scenario: Scenario, vendor: Vendor, findings: list[Finding
         if finding.kind in kinds_done:
             continue
         kinds_done.add(finding.kind)
-        if not finding.schedule and result_of_cpus(scenario):  # several CPUs: no replay file yet
+        if scenario.cpus is not None:  # several CPUs: an interleaving, no replay file yet
             out.append((finding, None))
             continue
         small = shrink(scenario, vendor, finding, bugs)
