@@ -176,6 +176,9 @@ def _explore_parsers(sub) -> None:
                     help="at most N VMM uAPI calls per schedule, each after any VM exit: those the "
                          "scenario's [explore] vmm lists, or all of them (default: 2 if it lists "
                          "some, else none)")
+    ex.add_argument("--max-switches", type=int, metavar="N",
+                    help="[cpus] scenarios: switches between CPUs per interleaving, at the points "
+                         "where they interact (default 2)")
     ex.add_argument("--workers", type=_workers, default=1, metavar="N",
                     help="processes to spread the scenarios over")
     ex.add_argument("--time-limit", type=_seconds, metavar="S",
@@ -311,7 +314,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     # A path that is not there is reported like an unreadable file: the others still run.
     missing = [p for p in args.scenarios if not Path(p).exists()]
     paths = expand([p for p in args.scenarios if p not in missing] or args.scenarios)
-    bounds = Bounds(args.max_async, args.max_host, args.max_vmm)
+    bounds = Bounds(args.max_async, args.max_host, args.max_vmm, args.max_switches)
     done: list[Explored] = []
     bad_files: set[str] = set()
 

@@ -2,7 +2,9 @@
 
 Models IRR/ISR/TPR, priority by vector class (SDM 10.8.3.1), EOI and
 self-IPI through x2APIC MSRs (SDM 10.12). The APIC starts enabled in x2APIC
-mode (DEVIATION from the reset state, so guest programs stay short).
+mode (DEVIATION from the reset state, so guest programs stay short). An ICR
+write for another CPU is decoded here (`Ipi`) and carried by the machine
+(arch/machine.py); with one CPU it is #GP as before.
 """
 
 from __future__ import annotations
@@ -31,16 +33,60 @@ class IcrDeliveryMode(IntEnum):
 
     FIXED = 0
     NMI = 4
+    INIT = 5
+    STARTUP = 6  # SIPI
+
+
+class Shorthand(IntEnum):
+    """ICR bits 19:18, the destination shorthand (SDM 10.6.1)."""
+
+    NONE = 0
+    SELF = 1
+    ALL_INCLUDING_SELF = 2
+    ALL_EXCLUDING_SELF = 3
 
 
 APIC_VERSION = 0x50014  # version 0x14, 6 LVT entries (illustrative value)
-ICR_SHORTHAND_SELF = 1  # ICR bits 19:18 (SDM 10.6.1)
+ICR_SHORTHAND_SELF = Shorthand.SELF
+BROADCAST_ID = 0xFFFF_FFFF  # x2APIC destination meaning every APIC (SDM 10.12.9)
+
+
+@dataclass(frozen=True, slots=True)
+class Ipi:
+    """An x2APIC ICR write decoded (SDM 10.6.1, 10.12.9: one 64-bit MSR, the
+    destination x2APIC ID in bits 63:32)."""
+
+    vector: int
+    mode: IcrDeliveryMode
+    shorthand: Shorthand
+    destination: int
+
+    @classmethod
+    def from_icr(cls, value: int) -> Ipi | None:
+        """None for a delivery mode the model does not carry (lowest priority, SMI, ...)."""
+        mode = (value >> 8) & 7
+        if mode not in IcrDeliveryMode._value2member_map_:
+            return None
+        return cls(value & 0xFF, IcrDeliveryMode(mode), Shorthand((value >> 18) & 3), value >> 32)
+
+    def targets(self, sender: int, ids: range) -> list[int]:
+        """The APIC IDs this IPI goes to, of the CPUs `ids` (SDM 10.6.1 Table 10-3)."""
+        if self.shorthand is Shorthand.SELF:
+            return [sender]
+        if self.shorthand is Shorthand.ALL_INCLUDING_SELF:
+            return list(ids)
+        if self.shorthand is Shorthand.ALL_EXCLUDING_SELF:
+            return [i for i in ids if i != sender]
+        if self.destination == BROADCAST_ID:
+            return list(ids)
+        return [self.destination] if self.destination in ids else []  # no such APIC: lost
 
 
 class WriteResult(IntEnum):
     DONE = 0
     GP = 1  # reserved value or read-only register: #GP(0)
     SELF_NMI = 2  # the ICR sent an NMI to this CPU
+    IPI = 3  # the ICR names another CPU: the machine carries it (arch/machine.py)
 
 
 @dataclass(slots=True)
@@ -51,6 +97,7 @@ class Apic:
     isr: int = 0
     tpr: int = 0
     used: bool = False  # the guest read or wrote an x2APIC MSR (a CPU without x2APIC cannot run it)
+    id: int = 0  # x2APIC ID; CPU n of a machine has ID n
 
     def ppr(self) -> int:
         """Processor priority: the higher of TPR and the in-service class (SDM 10.8.3.1)."""
@@ -89,7 +136,7 @@ class Apic:
         if X2ApicMsr.IRR0 <= msr <= X2ApicMsr.IRR0 + 7:
             return (self.irr >> (32 * (msr - X2ApicMsr.IRR0))) & 0xFFFFFFFF
         return {
-            X2ApicMsr.ID: 0,
+            X2ApicMsr.ID: self.id,
             X2ApicMsr.VERSION: APIC_VERSION,
             X2ApicMsr.TPR: self.tpr,
             X2ApicMsr.PPR: self.ppr(),
@@ -114,8 +161,8 @@ class Apic:
     def _write_icr(self, value: int) -> WriteResult:
         destination = value >> 32
         shorthand = (value >> 18) & 3
-        if not (shorthand == ICR_SHORTHAND_SELF or (shorthand == 0 and destination == 0)):
-            return WriteResult.GP  # only this one CPU exists
+        if not (shorthand == ICR_SHORTHAND_SELF or (shorthand == 0 and destination == self.id)):
+            return WriteResult.IPI  # for other CPUs: #GP unless there is a machine
         mode = (value >> 8) & 7
         if mode == IcrDeliveryMode.NMI:
             return WriteResult.SELF_NMI

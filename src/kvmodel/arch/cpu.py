@@ -129,7 +129,7 @@ class Cpu:
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
-        "star", "lstar", "fmask",
+        "star", "lstar", "fmask", "machine", "wait_for_sipi",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -217,6 +217,10 @@ class Cpu:
         self.vtpr: int | None = None
         # SYSCALL/SYSRET's MSRs (IA32_STAR, IA32_LSTAR, IA32_FMASK; SDM Vol.2 SYSCALL)
         self.star = self.lstar = self.fmask = 0
+        # Several CPUs (arch/machine.py): the machine sees this CPU's memory accesses and
+        # carries its IPIs; None for a CPU of its own.
+        self.machine = None
+        self.wait_for_sipi = False  # INIT received: nothing runs until a SIPI (SDM 10.4.7.3)
 
     # -- memory --------------------------------------------------------------
 
@@ -296,6 +300,8 @@ class Cpu:
         for lo, hi, bit, write_only in self.data_bps:
             if addr < hi and lo < end and (access is Access.WRITE or not write_only):
                 self.db_hits |= bit
+        if self.machine is not None:
+            self.machine.touched(self, addr, end, access)
 
     def page_fault(self, addr: int, access: Access) -> Fault:
         """#PF for a not-present page (SDM 4.7): P=0, W/R, U/S, I/D.
@@ -347,7 +353,8 @@ class Cpu:
                 self.db_hits |= bit
 
     def _update_slow_mem(self) -> None:
-        self.slow_mem = bool(self.not_present or self.data_bps or self.host_unmapped)
+        self.slow_mem = bool(self.not_present or self.data_bps or self.host_unmapped
+                             or self.machine is not None)
 
     def set_host_unmapped(self, pages: set[int]) -> None:
         """The host's second-level tables (EPT/NPT) lack these guest-physical pages."""

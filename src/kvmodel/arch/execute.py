@@ -1005,8 +1005,10 @@ def _read_msr(c, msr: int) -> int:
 def _write_msr(c, msr: int, value: int) -> None:
     if 0x800 <= msr <= 0x8FF:
         result = c.apic.write_msr(msr, value)
-        if result is WriteResult.GP:
-            raise Fault(Vec.GP, 0)
+        if result is WriteResult.IPI and c.machine is not None and c.machine.send_ipi(c, value):
+            result = WriteResult.DONE  # the machine carried it (arch/machine.py)
+        if result in (WriteResult.GP, WriteResult.IPI):
+            raise Fault(Vec.GP, 0)  # one CPU: only self-IPIs (apic.py)
         if result is WriteResult.SELF_NMI:
             c.trace.append(Arrival("self_nmi", Vec.NMI, c.retired + 1, c.rip, c.nmi_from_apic()))
         c.attn = True

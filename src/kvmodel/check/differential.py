@@ -173,6 +173,9 @@ def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
     if scenario.vmm:
         return ("a VMM script ([[vmm]]): userspace calls such as KVM_NMI need a hypervisor; the "
                 "image runs the guest alone")
+    if scenario.cpus is not None:
+        return ("several CPUs ([cpus]): the boot stub starts one (the APs' start, and the model's "
+                "64-bit SIPI entry, are not exported yet)")
     if scenario.fred is not None:
         return "FRED: QEMU's CPU model has no FRED"
     if scenario.vmx:

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kvmodel import _faults
+from kvmodel.check.interleave import NAIVE_SECONDS, explore_interleavings
+from kvmodel.check.interleave import describe as describe_interleaving
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply, place
 from kvmodel.errors import KvmodelError
@@ -75,6 +77,7 @@ class Bounds:
     max_async: int | None = None
     max_host: int | None = None
     max_vmm: int | None = None  # VMM calls; None: up to 2 of those the scenario offers, else 0
+    max_switches: int | None = None  # [cpus]: switches between CPUs per interleaving (default 2)
 
 
 FINDING_KINDS = ("divergence", "liveness", "hypervisor_error", "bug", "warn", "stats", "starvation",
@@ -104,6 +107,9 @@ class ExploreResult:
     complete: bool = True  # False: the time limit ended the search (or it was interrupted)
     interrupted: bool = False  # SIGINT/SIGTERM ended it: what is here was explored so far
     not_applicable: str | None = None
+    # [cpus]: interleavings explored on bare metal, the naive search's count there, and whether
+    # it ran to the end; `schedules` counts the interleavings under KVM
+    interleavings: tuple[int, int, bool] | None = None
 
     @property
     def distinct(self) -> int:
@@ -577,6 +583,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     check_bounds(bounds, time_limit)
     if time_limit is not None:
         deadline = start + time_limit if deadline is None else min(deadline, start + time_limit)
+    if scenario.cpus is not None:
+        return _explore_cpus(scenario, vendor, bounds, deadline, bugs, start)
     result = ExploreResult(scenario, vendor)
     result.not_applicable = not_applicable(scenario, vendor)
     if result.not_applicable is not None:
@@ -761,3 +769,43 @@ def _run_chunk(path: str, vendor: Vendor, schedules: list[Schedule], bugs: froze
         runner = Runner(load(path), vendor, max_steps)
         return [runner.outcome(s) for s in schedules]
 
+
+
+def _explore_cpus(scenario: Scenario, vendor: Vendor, bounds: Bounds, deadline: float | None,
+                  bugs: frozenset[str], start: float) -> ExploreResult:
+    """[cpus]: every interleaving at the interaction points (check/interleave.py), on bare
+    metal (each must meet the scenario's expectations; the naive search beside it for at most
+    NAIVE_SECONDS), then under KVM, where each must also show an outcome bare metal showed."""
+    result = ExploreResult(scenario, vendor)
+    with _faults.switched_on(bugs):
+        bare = explore_interleavings(scenario, bounds.max_switches, deadline)
+        naive_deadline = time.monotonic() + NAIVE_SECONDS
+        naive = explore_interleavings(scenario, bounds.max_switches,
+                                      naive_deadline if deadline is None else min(deadline, naive_deadline),
+                                      reduce=False)
+        virt = None
+        if bare.limit is None:
+            virt = explore_interleavings(scenario, bounds.max_switches, deadline, vendor=vendor,
+                                         bare=bare.outcomes | naive.outcomes)
+    result.interleavings = (bare.explored, naive.explored, naive.complete)
+    result.complete = bare.complete and (virt is None or virt.complete)
+    if bare.complete and naive.complete and bare.outcomes != naive.outcomes:
+        result.findings.append(Finding("interleaving", (), "the partial-order reduction misses "
+                                       f"{len(naive.outcomes - bare.outcomes)} outcomes of the "
+                                       "naive search (a kvmodel bug)"))
+    for schedule, kind, why in bare.failures:
+        result.findings.append(Finding(kind, (), f"on bare metal, {describe_interleaving(schedule)}: {why}"))
+    if bare.limit is not None:
+        schedule, why = bare.limit
+        result.met_limit((), f"on bare metal ({describe_interleaving(schedule)}): {why}")
+    if virt is not None:
+        result.schedules = virt.explored
+        result.outcomes = virt.outcomes
+        for schedule, kind, why in virt.failures:
+            result.findings.append(Finding(kind, (), f"under KVM, {describe_interleaving(schedule)}: {why}"))
+        if virt.limit is not None:
+            schedule, why = virt.limit
+            result.met_limit((), f"under KVM on {vendor.value.upper()} "
+                                 f"({describe_interleaving(schedule)}): {why}")
+    result.elapsed = time.monotonic() - start
+    return result

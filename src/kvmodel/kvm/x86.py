@@ -22,6 +22,7 @@ from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
 from kvmodel.arch.regs import DR6_BS, DR7_GD, IF, RF, RSP, TF
 from kvmodel.errors import KvmodelError, ModelLimit
+from kvmodel.kvm import lapic
 from kvmodel.kvm.uapi import (
     EEXIST,
     EINTR,
@@ -64,6 +65,8 @@ class Request(IntEnum):
 
 class MpState(IntEnum):
     RUNNABLE = 0
+    UNINITIALIZED = 1  # an AP that has had no INIT yet (kvm/lapic.py)
+    INIT_RECEIVED = 2  # waiting for a SIPI
     HALTED = 3  # KVM_MP_STATE_HALTED
 
 
@@ -246,6 +249,12 @@ class Vcpu:
     kvm_run: KvmRun = field(default_factory=KvmRun)  # the struct kvm_run fields shared with userspace
     pending_external_vector: int | None = None  # split irqchip: KVM_INTERRUPT's ExtINT vector
     guest_debug: int = 0  # vcpu->guest_debug: KVM_SET_GUEST_DEBUG's control (GuestDebug bits)
+    # The local APIC's pending INIT and SIPI (apic->pending_events, apic->sipi_vector), and
+    # whether this is the bootstrap vCPU (kvm_vcpu_is_bsp()): kvm/lapic.py
+    apic_pending_init: bool = False
+    apic_pending_sipi: bool = False
+    sipi_vector: int = 0
+    bsp: bool = True
 
     @property
     def lapic(self):
@@ -582,7 +591,9 @@ class Vcpu:
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
-            woke = self.mp_state is MpState.HALTED
+            if self.apic_pending_init or self.apic_pending_sipi:
+                lapic.accept_events(self)  # vcpu_enter_guest(), on KVM_REQ_EVENT
+            woke = self.mp_state is not MpState.RUNNABLE
             if woke:
                 if not self._wait_for_events():
                     return self._to_userspace(UserspaceExit(KvmExit.HLT,
@@ -642,9 +653,19 @@ class Vcpu:
         nested events are checked before the vCPU leaves HALTED, so an exit to L1
         records the HLT in vmcs12's activity state."""
         self.ops.sync_guest_state_to_core()
-        while not self.has_events():
-            if not self.cpu.next_arrival():
+        while self.mp_state is not MpState.HALTED or not self.has_events():
+            if lapic.has_pending_init_or_sipi(self):
+                lapic.accept_events(self)  # vcpu_block(): INIT, SIPI (kvm/lapic.py)
+                if self.mp_state is MpState.RUNNABLE:
+                    return True
+                continue
+            if self.cpu.next_arrival():
+                continue
+            if self.cpu.machine is None:
                 return False
+            # Several vCPUs: the others run until one of them kicks this one awake (an IPI:
+            # kvm_vcpu_kick() -> kvm_vcpu_wake_up()), or none can run any more.
+            self.cpu.machine.block(self.cpu)
         self.warn_on(self.ops.check_nested_events() == EBUSY,
                      "vcpu_block: kvm_check_nested_events() busy while halted")
         self.mp_state = MpState.RUNNABLE

@@ -55,6 +55,12 @@ def print_findings(console: Console, result: ExploreResult,
     for known in result.unseen_known:
         console.print(f"[bold red]FAIL[/] {escape(result.scenario.path)}:{known.line}: the known "
                       f"finding involving {', '.join(known.involves)} did not show up")
+    if result.interleavings is not None:
+        explored, naive, complete = result.interleavings
+        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: bare metal "
+                      f"{explored} interleavings (choice points where CPUs interact), "
+                      f"{'over ' if not complete else ''}{naive} with a choice point at every "
+                      f"step; under KVM {result.schedules}[/]", highlight=False)
     if result.limit is not None:
         console.print(f"[bold red]MODEL LIMIT[/] {escape(result.scenario.path)} "
                       f"{escape(f'[{result.vendor.value}]')}: {escape(limit_text(result))}")
@@ -81,6 +87,9 @@ def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]
         "model_limit_schedule": None if result.limit_schedule is None else [
             p.to_dict() for p in result.limit_schedule],
         "not_applicable": result.not_applicable,
+        **({"interleavings": {"explored": result.interleavings[0], "naive": result.interleavings[1],
+                              "naive_complete": result.interleavings[2]},
+            } if result.interleavings is not None else {}),
         "elapsed_s": round(result.elapsed, 3),
         "findings": [{"kind": f.kind, "message": f.message,
                       "schedule": [p.to_dict() for p in f.schedule], "replay": replay}

@@ -43,6 +43,7 @@ def result_dict(result: RunResult) -> dict:
         "scenario": {"path": s.path, "title": s.title, "cite": s.cite, "mode": s.mode.name.lower()},
         "trace": [_entry(o, result.program) for o in result.trace],
         "final": final,
+        **_several_cpus(result),
         "verdict": {
             "passed": result.passed,
             "mismatches": [{"line": m.line, "message": m.message} for m in result.mismatches],
@@ -80,3 +81,12 @@ def document(results: list[RunResult | Comparison], errors: list[dict]) -> dict:
     return {"schema_version": SCHEMA_VERSION, "results": [
         comparison_dict(r) if isinstance(r, Comparison) else result_dict(r) for r in results],
         "errors": errors}
+
+
+def _several_cpus(result: RunResult) -> dict:
+    """[cpus]: the CPU of each trace entry and how the run was interleaved; nothing for one CPU."""
+    if not result.cpu_of:
+        return {}
+    smp = result.smp
+    return {"cpu_of": list(result.cpu_of),
+            "interleaving": {"choice_points": len(smp.points), "steps": smp.steps}}

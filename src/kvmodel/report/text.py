@@ -98,7 +98,14 @@ def arrival_text(obs: Arrival) -> str:
         return f"interrupt {obs.vector:#x} arrives: {fate}"
     if obs.event == "extint":
         return f"8259 INTR with vector {obs.vector:#x} arrives: {fate}"
-    source = " (self-IPI)" if obs.event == "self_nmi" else ""
+    if obs.event == "ipi":
+        return f"IPI {obs.vector:#x} arrives: {fate}"
+    if obs.event == "init":
+        return f"INIT arrives: {'wait-for-SIPI' if fate == 'pending' else fate}"
+    if obs.event == "sipi":
+        return f"SIPI {obs.vector:#x} arrives: " + {"pending": "started",
+                                                    "dropped": "ignored"}.get(fate, fate)
+    source = {"self_nmi": " (self-IPI)", "nmi_ipi": " (IPI)"}.get(obs.event, "")
     return f"NMI arrives{source}: {fate}"
 
 
@@ -154,9 +161,10 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     cite = f"  [dim]({escape(s.cite)})[/]" if s.cite else ""
     console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{heading}{cite}")
     program = result.program
-    for obs in result.trace:
+    for n, obs in enumerate(result.trace):
         retired, where, what = line_for(obs, program, s.mode)
-        console.print(f"  {retired:>7}  {escape(where):<22} {what}", highlight=False)
+        cpu = f"cpu{result.cpu_of[n]} " if result.cpu_of else ""
+        console.print(f"  {cpu}{retired:>7}  {escape(where):<22} {what}", highlight=False)
     if result.limit is not None:
         console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
         return

@@ -34,6 +34,7 @@ from kvmodel.scenario.schema import (
     Address,
     Bool,
     Choice,
+    CpusSpec,
     Either,
     Expected,
     ExpectedDelivery,
@@ -173,6 +174,7 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
         known_findings=_known_findings(ctx, explore),
         vmm=_vmm_steps(ctx, data.get("vmm", [])),
         folder=folder,
+        cpus=_cpus(ctx, data.get("cpus"), expect),
     )
 
 
@@ -706,8 +708,28 @@ def _deliveries(ctx: _Ctx, expect: dict) -> tuple[ExpectedDelivery, ...] | None:
             retired=d.get("retired"),
             line=ctx.line(t, None, n),
             repeats=repeats,
+            cpu=d.get("cpu", 0),
         ))
     return tuple(out)
+
+
+def _cpus(ctx: _Ctx, cpus: dict | None, expect: dict) -> CpusSpec | None:
+    if cpus is None:
+        for n, d in enumerate(expect.get("delivery", [])):
+            if d.get("cpu", 0):
+                raise ctx.error(f"cpu = {d['cpu']}, but there is one CPU", "expect.delivery",
+                                "cpu", n, hint="[cpus] count = N makes several")
+        return None
+    count = cpus["count"]
+    for key in ("entry", "rsp"):
+        if len(cpus.get(key, ())) > count:
+            raise ctx.error(f"[cpus] {key} lists more than count = {count} CPUs", "cpus", key)
+    for n, d in enumerate(expect.get("delivery", [])):
+        if d.get("cpu", 0) >= count:
+            raise ctx.error(f"cpu = {d['cpu']}, but [cpus] count = {count} (CPUs 0..{count - 1})",
+                            "expect.delivery", "cpu", n)
+    return CpusSpec(count, tuple(_expr(e) for e in cpus["entry"]),
+                    tuple(_expr(r) for r in cpus.get("rsp", ())), ctx.line("cpus"))
 
 
 def _final(ctx: _Ctx, expect: dict) -> tuple[tuple[str, Expected], ...]:

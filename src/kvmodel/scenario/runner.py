@@ -6,25 +6,29 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from kvmodel.arch.apic import IcrDeliveryMode
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, External, Forced, Scheduled, Stop
 from kvmodel.arch.events import Event, EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.observe import Delivery, Observation, Shutdown
-from kvmodel.arch.regs import GPR32, GPR64, Mode
+from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine
+from kvmodel.arch.observe import ArrivalFate, Delivery, Observation, Shutdown
+from kvmodel.arch.regs import GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
-from kvmodel.guest.layout import CODE_BASE, PAGE, Gate, Machine, build_cpu, copier
+from kvmodel.guest.layout import CODE_BASE, PAGE, STACK_TOP, Gate, build_cpu, copier
+from kvmodel.guest.layout import Machine as Layout
 from kvmodel.hw.svm.root import SvmRoot
 from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
+from kvmodel.kvm import lapic
 from kvmodel.kvm.migrate import save_restore
 from kvmodel.kvm.svm.svm import SvmParams
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, IrqChip, NotifyFlag, Vm
 from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.kvm.x86 import HostBug, Stats, Vcpu
+from kvmodel.kvm.x86 import HostBug, MpState, Stats, UserspaceExit, Vcpu
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
@@ -88,6 +92,8 @@ class RunResult:
     # a debugger's #DB/#BP (External.STATE) and the 8259's vectors on INTR (External.EXTINT)
     vmm_happenings: tuple[Happening, ...] = ()
     host_bug: str | None = None  # KVM reached a BUG_ON(): the host died, the run ended there
+    cpu_of: tuple[int, ...] = ()  # several CPUs: the CPU of each trace entry (empty: one CPU)
+    smp: SmpRun | None = None  # several CPUs: how the run was interleaved
 
     @property
     def passed(self) -> bool:
@@ -97,6 +103,16 @@ class RunResult:
     @property
     def deliveries(self) -> tuple[Delivery, ...]:
         return tuple(o for o in self.trace if isinstance(o, Delivery))
+
+
+@dataclass(frozen=True, slots=True)
+class SmpRun:
+    """How the CPUs of a several-CPU run were interleaved (arch/machine.py)."""
+
+    points: tuple[ChoicePoint, ...]  # where the schedule could have switched
+    steps: int  # steps of all CPUs
+    shared: frozenset[int]  # cache lines one CPU wrote and another touched
+    finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +218,7 @@ def _build(scenario: Scenario, record_instructions: bool,
                        max_image=max(scenario.memory_size - CODE_BASE, 0))
     resolve = Resolver(scenario, program)
     names = GPR64 if scenario.mode is Mode.LONG64 else GPR32
-    machine = Machine(
+    machine = Layout(
         mode=scenario.mode,
         image=program.image,
         base=CODE_BASE,
@@ -267,6 +283,9 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
     """
     vendor = vendor or Vendor(scenario.vendor)
+    if scenario.cpus is not None:
+        return run_machine(scenario, vendor=vendor, record_instructions=record_instructions,
+                           max_steps=max_steps, expectations=expectations)
     if vendor is Vendor.BARE and scenario.vmm:
         # Bare metal has no VMM: it gets the counterpart of the script, from where the
         # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
@@ -300,6 +319,138 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
                      tuple(vmm.nmis), tuple(vmm.happenings), bug)
+
+
+def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
+                max_steps: int | None = None, expectations: bool = True,
+                schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
+                reduce: bool = True) -> RunResult:
+    """Several CPUs ([cpus]) on bare metal, or as vCPUs under KVM, interleaved by `schedule`
+    (arch/machine.py);
+    `shared`: the cache lines earlier runs found shared, where the schedule may switch;
+    `reduce`: False switches anywhere (arch/machine.py)."""
+    cpus, program, resolve = _build_machine(scenario, record_instructions)
+    cpu = cpus[0]
+    _schedule(cpu, scenario, resolve)  # external events reach the bootstrap CPU
+    limit = error = None
+    final = None
+    machine = None
+    stats: tuple[Stats, ...] = ()
+    warnings: tuple[str, ...] = ()
+    steps = max_steps or scenario.max_steps
+    try:
+        if vendor is Vendor.BARE:
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            stop = machine.run(steps).name.lower()
+        else:
+            vcpus = _create_vcpus(scenario, cpus, vendor)
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            stop, error = _run_vcpus(machine, vcpus, steps)
+            stats = tuple(v.stats for v in vcpus)
+            warnings = tuple(w for v in vcpus for w in v.warnings)
+        if stop is not None:
+            final = _final(cpu, stop, scenario.mode)
+    except ModelLimit as e:
+        limit = str(e)
+    mismatches = []
+    if final is not None and expectations:
+        mismatches = judge(scenario, program, cpu, final, others=tuple(cpus[1:]))
+        mismatches += _judge_stats(scenario, vendor, stats)
+    trace, cpu_of, smp = tuple(cpu.trace), (), None
+    if machine is not None:
+        trace, cpu_of = tuple(machine.trace), tuple(machine.cpu_of)
+        finals = tuple(_final(c, final.stop, scenario.mode) for c in cpus) if final else ()
+        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals)
+    return RunResult(scenario, program, trace, final, tuple(mismatches), limit, vendor, cpu.mem,
+                     stats, error, warnings, apic_used=any(c.apic.used for c in cpus),
+                     cpu_of=cpu_of, smp=smp)
+
+
+def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor) -> list[Vcpu]:
+    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU."""
+    if scenario.host or scenario.vmm or scenario.vmx or scenario.svm:
+        raise ModelLimit("several vCPUs with host happenings, a VMM script or nested "
+                         "virtualization are not modelled yet", cpus[0].rip)
+    params, svm, vmx = _vendor_params(scenario)
+    vm = create_vm(vendor)
+    _enable_caps(vm, params)
+    vcpus = [create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm) for core in cpus]
+    for n, vcpu in enumerate(vcpus):
+        vcpu.bsp = n == 0
+        if vcpu.cpu.wait_for_sipi:  # an AP as QEMU creates it: waiting for INIT (kvm/lapic.py)
+            vcpu.cpu.wait_for_sipi = False
+            vcpu.mp_state = MpState.UNINITIALIZED
+    return vcpus
+
+
+def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | None, str | None]:
+    """Each vCPU's KVM_RUN loop in a thread of the machine's (arch/machine.py run_threads()):
+    a halted vCPU blocks in vcpu_block() until an IPI kicks it, or nothing can run."""
+    outcomes: list[UserspaceExit | None] = [None] * len(vcpus)
+
+    def body(n: int):
+        def kvm_run() -> None:
+            outcomes[n] = vcpus[n].run(steps)
+        return kvm_run
+
+    def can_run(vcpu: Vcpu):
+        def runnable() -> bool:  # kvm_arch_vcpu_runnable()
+            if vcpu.cpu.shutdown:
+                return False
+            if lapic.has_pending_init_or_sipi(vcpu) or vcpu.mp_state is MpState.RUNNABLE:
+                return True
+            return vcpu.mp_state is MpState.HALTED and vcpu.has_events()
+        return runnable
+
+    def init_sipi(n: int, mode: IcrDeliveryMode, vector: int) -> ArrivalFate:
+        if mode is IcrDeliveryMode.INIT:
+            return lapic.accept_init(vcpus[n])
+        return lapic.accept_sipi(vcpus[n], vector)
+
+    machine.on_init_sipi = init_sipi
+    stop = machine.run_threads([body(n) for n in range(len(vcpus))],
+                               [can_run(v) for v in vcpus], steps)
+    errors = []
+    for vcpu, outcome in zip(vcpus, outcomes, strict=True):
+        vcpu.ops.sync_guest_state_to_core()
+        vcpu.cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
+        vcpu.cpu.halted = vcpu.mp_state is MpState.HALTED
+        vcpu.cpu.wait_for_sipi = vcpu.mp_state in (MpState.UNINITIALIZED, MpState.INIT_RECEIVED)
+        if outcome is not None and outcome.reason is KvmExit.SHUTDOWN:
+            vcpu.cpu.shutdown = True
+        elif outcome is not None and outcome.reason is not KvmExit.HLT:
+            errors.append(f"KVM_RUN returned KVM_EXIT_{outcome.reason.name}: {outcome.detail}")
+    if errors:
+        return None, errors[0]
+    return stop.name.lower(), None
+
+
+def _build_machine(scenario: Scenario, record_instructions: bool
+                   ) -> tuple[list[Cpu], Program, Resolver]:
+    """CPU 0 as for one CPU; the others on its memory, at their entries or waiting for a SIPI."""
+    spec = scenario.cpus
+    cpu, program, resolve = _build(scenario, record_instructions)
+    cpus = [cpu]
+    entries = [resolve(e, spec.line) for e in spec.entries]
+    stacks = [resolve(r, spec.line) for r in spec.rsp]
+    for n in range(1, spec.count):
+        other = replace(scenario, entry=spec.entries[n] if n < len(entries) else scenario.entry,
+                        cpus=None)
+        core, _, _ = _build(other, record_instructions)
+        core.mem = cpu.mem
+        if n >= len(entries):
+            core.wait_for_sipi = True  # started by INIT and SIPI (arch/machine.py)
+        cpus.append(core)
+    if entries:
+        cpu.rip = entries[0]
+    for n, core in enumerate(cpus):
+        core.regs[RSP] = stacks[n] if n < len(stacks) else cpu_stack_top(n)
+    return cpus, program, resolve
+
+
+def cpu_stack_top(n: int) -> int:
+    """CPU n's initial stack top without `[cpus] rsp`: 8 KiB below the one before."""
+    return STACK_TOP - n * 0x2000
 
 
 def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
@@ -414,15 +565,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
                            if h.event is HostEvent.FAULT})
     stops = _userspace_stops(scenario, cpu, resolve)
-    params = dict(scenario.kvm_params)
-    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
-                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
-                    vgif=params.get("vgif", True), nested=scenario.svm,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
-    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
-                    intercept_db=params.get("intercept_db", True),
-                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
+    params, svm, vmx = _vendor_params(scenario)
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
@@ -494,6 +637,18 @@ def _on_the_vm(step: VmmStep) -> bool:
     """KVM_ENABLE_CAP at exit 0 is made on the VM before KVM_CREATE_VCPU; any other call at
     exit 0 (an explored placement shrunk that far) before the first KVM_RUN."""
     return step.exit == 0 and step.call == KVM_ENABLE_CAP
+def _vendor_params(scenario: Scenario) -> tuple[dict, SvmParams, VmxParams]:
+    """[kvm]: the module parameters and VM capabilities, as given."""
+    params = dict(scenario.kvm_params)
+    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
+                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
+                    vgif=params.get("vgif", True), nested=scenario.svm,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
+    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
+                    intercept_db=params.get("intercept_db", True),
+                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
+                    vmware_backdoor=params.get("vmware_backdoor", False))
+    return params, svm, vmx
 
 
 def _enable_caps(vm: Vm, params: dict) -> None:
@@ -545,15 +700,20 @@ def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:
 
 # -- judging ------------------------------------------------------------------------
 
-def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final) -> list[Mismatch]:
+def judge(scenario: Scenario, program: Program, cpu: Cpu, final: Final,
+          others: tuple[Cpu, ...] = ()) -> list[Mismatch]:
+    """`others`: CPUs 1.. of several ([cpus]); deliveries are judged per CPU."""
     resolve = Resolver(scenario, program)
     out: list[Mismatch] = []
-    deliveries = [o for o in cpu.trace if isinstance(o, Delivery)]
     if scenario.deliveries is not None:
         # The type is what the core delivered; under KVM it is what KVM injected,
         # which the guest cannot see (INT1 comes back as a hardware #DB).
         bare = cpu.host is None
-        out += _judge_deliveries(scenario.deliveries, deliveries, program, resolve, bare)
+        for n, core in enumerate((cpu, *others)):
+            deliveries = [o for o in core.trace if isinstance(o, Delivery)]
+            expected = tuple(e for e in scenario.deliveries if e.cpu == n)
+            found = _judge_deliveries(expected, deliveries, program, resolve, bare)
+            out += [Mismatch(m.line, f"cpu {n}: {m.message}") for m in found] if others else found
     for key, expected in scenario.final:
         out += _judge_final(key, expected, final, resolve)
     size = 8 if scenario.mode is Mode.LONG64 else 4

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kvmodel.arch.cpu import External, Forced
 from kvmodel.arch.events import EventType
+from kvmodel.arch.machine import MAX_CPUS
 from kvmodel.arch.regs import GPR32, GPR64, Mode
 from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, TSS_BASE, gate_size
 from kvmodel.kvm.uapi import EVENT_FIELD_BITS
@@ -47,6 +48,16 @@ class FredSpec:
     interrupt_level: int
     stack_levels: tuple[tuple[int, int], ...]  # (vector, level) for IA32_FRED_STKLVLS
     rsp: tuple[tuple[int, Expr], ...]  # (level 1-3, stack top) for IA32_FRED_RSP1-3
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class CpusSpec:
+    """[cpus]: several CPUs on one memory (arch/machine.py), running one program."""
+
+    count: int
+    entries: tuple[Expr, ...]  # where CPU n starts; CPUs beyond these wait for a SIPI
+    rsp: tuple[Expr, ...]  # initial RSP of CPU n (default: cpu_stack_top(n))
     line: int
 
 
@@ -131,6 +142,7 @@ class ExpectedDelivery:
     retired: int | None
     line: int
     repeats: bool = False  # the last one only: it recurs until the run ends (an event storm)
+    cpu: int = 0  # the CPU it is delivered on ([cpus])
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +229,7 @@ class Scenario:
     qemu: tuple[QemuDifference, ...] = ()  # known QEMU inaccuracies ([[expect.qemu]])
     vmm: tuple[VmmStep, ...] = ()  # the VMM's script of uAPI calls ([[vmm]])
     folder: Path | None = None  # the file's folder: its guest may include files from there
+    cpus: CpusSpec | None = None  # several CPUs; None: one
 
 
 # -- the document: every table and key a scenario file may hold, and what each takes --------
@@ -442,6 +455,11 @@ DOCUMENT = Table({
                   required=(("entry", '[fred] needs entry = "label" (4 KiB aligned; CPL 0 events '
                                       'enter at +256)'),)),
     "memory": Table({"not_present": List(Address())}),
+    "cpus": Table({"count": Int(low=2, high=MAX_CPUS), "entry": List(Address(), least=1),
+                   "rsp": List(Address())},
+                  required=(("count", "[cpus] needs count = 2..4"),
+                            ("entry", '[cpus] needs entry = ["start", ...] (where each CPU starts; '
+                                      "the CPUs after those listed wait for a SIPI)"))),
     "happen": Tables(_HAPPEN, most=MAX_HAPPENINGS),
     "vmm": Tables(_VMM, most=MAX_HAPPENINGS),
     "expect": Table({
@@ -449,7 +467,7 @@ DOCUMENT = Table({
             {"vector": Vector(), "type": Choice(tuple(EVENT_TYPES)),
              # 32 bits (SDM 6.13; zero-extended in a 64-bit frame, 6.14.2 Figure 6-8)
              "error_code": Int(high=0xFFFF_FFFF), "return": Address(), "retired": Int(),
-             "repeats": Bool()},
+             "repeats": Bool(), "cpu": Int(high=MAX_CPUS - 1)},
             required=(("vector", "each [[expect.delivery]] needs a vector"),))),
         "final": Table(_final_fields),
         "memory": Table(keys=Address(), values=Int(high=word)),  # 8 bytes in long64, 4 in protected32

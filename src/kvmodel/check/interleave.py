@@ -1,0 +1,181 @@
+"""Exploring the interleavings of several CPUs ([cpus]), on bare metal and under KVM.
+
+A schedule is a tuple of switches (arch/machine.py Switch): after the k-th
+choice point, CPU c runs next. Choice points are only where a CPU interacts
+(an IPI, a touch of a cache line another CPU writes): depth-first, every
+schedule with up to `max_switches` switches is run, each child switching at a
+choice point after its parent's last switch, to a CPU other than the one the
+parent ran there. The shared lines come from the runs: when a run finds a
+line shared that no choice point stood for, the search starts again with it
+(until none is new), so no interleaving of interacting steps is missed.
+
+Each run must meet the scenario's expectations (every interleaving on real
+hardware is a legal behaviour the guest has to cope with), and stop where the
+default schedule stops. With `reduce=False` every step is a choice point:
+the naive search, which the explorer also runs (for a few seconds at most)
+to report what the reduction saves and to check it finds the same outcomes.
+
+Under KVM (`vendor` svm or vmx) the vCPUs' steps include KVM's own (a step
+ends at each fetch, the core's or KVM's emulation, and when a vCPU blocks), so
+schedules do not map one to one onto bare metal's: the criterion is that what
+the guest saw on each CPU, every CPU's final state and memory (`outcome()`)
+is an outcome some explored bare-metal interleaving shows (`bare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import IntEnum
+
+from kvmodel.arch.machine import Interleaving, Switch
+from kvmodel.check.oracle import FINAL_FIELDS, Comparison, Divergence, first_divergence, guest_view
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.scenario.runner import RunResult, run_machine
+from kvmodel.scenario.schema import Scenario
+
+DEFAULT_MAX_SWITCHES = 2
+NAIVE_SECONDS = 5.0  # how long a search with a choice point at every step may take
+
+
+@dataclass(slots=True)
+class InterleavingResult:
+    explored: int = 0
+    rounds: int = 0  # searches: one more each time runs found new shared lines
+    outcomes: set[str] = field(default_factory=set)
+    failures: list[tuple[Interleaving, str, str]] = field(default_factory=list)  # (schedule, kind, why)
+    limit: tuple[Interleaving, str] | None = None
+    complete: bool = True
+
+
+def describe(schedule: Interleaving) -> str:
+    if not schedule:
+        return "the default interleaving"
+    return ", ".join(f"cpu{s.cpu} after choice point {s.at}" for s in schedule)
+
+
+def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
+                          deadline: float | None = None, reduce: bool = True,
+                          vendor: Vendor = Vendor.BARE,
+                          bare: set[str] | None = None) -> InterleavingResult:
+    """`reduce`: False puts a choice point at every step (bench/ measures the difference);
+    `bare`: under KVM, the outcomes bare metal showed, which each KVM run must be one of."""
+    bound = DEFAULT_MAX_SWITCHES if max_switches is None else max_switches
+    result = InterleavingResult()
+    shared: frozenset[int] = frozenset()
+    while True:
+        result.rounds += 1
+        result.explored, result.outcomes, result.failures = 0, set(), []
+        found = _search(scenario, bound, shared, result, deadline, reduce, vendor, bare)
+        if found <= shared or result.limit is not None or not result.complete:
+            break
+        shared = shared | found
+    return result
+
+
+def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: InterleavingResult,
+            deadline: float | None, reduce: bool, vendor: Vendor,
+            bare: set[str] | None) -> frozenset[int]:
+    found: set[int] = set()
+    default_stop = None
+    stack: list[Interleaving] = [()]
+    while stack:
+        if deadline is not None and time.monotonic() >= deadline:
+            result.complete = False
+            break
+        schedule = stack.pop()
+        run = run_machine(scenario, vendor=vendor, schedule=schedule, shared=shared, reduce=reduce)
+        result.explored += 1
+        if run.limit is not None:
+            result.limit = (schedule, run.limit)
+            break
+        found |= run.smp.shared
+        if run.final is None:  # KVM gave up
+            result.failures.append((schedule, "hypervisor_error", run.hypervisor_error))
+            continue
+        if not schedule:
+            default_stop = run.final.stop
+        key = outcome(run)
+        result.outcomes.add(key)
+        failure = _failure(run, default_stop, key, bare)
+        if failure is not None:
+            result.failures.append((schedule, *failure))
+        if len(schedule) < bound:
+            stack += reversed(list(_children(schedule, run)))
+    return frozenset(found)
+
+
+def _children(schedule: Interleaving, run: RunResult):
+    last = schedule[-1].at if schedule else 0
+    for at in range(last + 1, len(run.smp.points) + 1):
+        point = run.smp.points[at - 1]
+        for cpu in point.runnable:
+            if cpu != point.default:
+                yield schedule + (Switch(at, cpu),)
+
+
+def _failure(run: RunResult, default_stop: str | None, key: str,
+             bare: set[str] | None) -> tuple[str, str] | None:
+    if run.warnings:
+        return "warn", "KVM WARN_ON reached: " + "; ".join(run.warnings)
+    if run.mismatches:
+        return "interleaving", run.mismatches[0].message
+    if run.final.stop == "budget" and default_stop != "budget":
+        return "liveness", (f"the default interleaving stops ({default_stop}); this one runs "
+                            "out of steps")
+    if bare is not None and run.final.stop != "budget" and key not in bare:
+        return "divergence", ("the guest saw what no explored bare-metal interleaving shows it "
+                              "(per CPU: deliveries, IRETs, HLTs, output; final state; memory)")
+    return None
+
+
+def outcome(run: RunResult) -> str:
+    """What the guest saw on each CPU (its guest-observable trace, retired instructions aside),
+    every CPU's final state and memory: the order in which the CPUs' records were merged, and
+    the hypervisor's own records, are not part of it."""
+    count = run.scenario.cpus.count
+    per_cpu = tuple(tuple(entry for _, entry in guest_view(tuple(
+        o for o, c in zip(run.trace, run.cpu_of, strict=True) if c == n and o.kind != "retire")))
+        for n in range(count))
+    finals = tuple((tuple(getattr(f, name) for name in FINAL_FIELDS), f.registers)
+                   for f in run.smp.finals)
+    return hashlib.blake2b(repr(_plain((per_cpu, finals))).encode() + bytes(run.memory),
+                           digest_size=12).hexdigest()
+
+
+def _plain(value):
+    """Enums as their numbers (Vec.NMI and 2 are one vector), records as tuples of fields."""
+    if isinstance(value, IntEnum):
+        return int(value)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if is_dataclass(value):
+        return (type(value).__name__, *(_plain(getattr(value, f.name)) for f in fields(value)))
+    return value
+
+
+def compare_cpus(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
+                 max_steps: int | None = None) -> Comparison:
+    """`kvmodel run` of a [cpus] scenario under KVM: the default interleaving under KVM shows
+    what the default one on bare metal shows, or what some other explored bare-metal
+    interleaving shows (for at most NAIVE_SECONDS of search): else the first difference from
+    the default one is the divergence."""
+    virt = run_machine(scenario, vendor=vendor, record_instructions=record_instructions,
+                       max_steps=max_steps)
+    bare = run_machine(scenario, record_instructions=record_instructions, max_steps=max_steps)
+    known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
+    if bare.limit or virt.limit or bare.final is None or virt.final is None:
+        return Comparison(bare, virt, None, known)
+    divergence = None
+    key = outcome(virt)
+    if key != outcome(bare):
+        deadline = time.monotonic() + NAIVE_SECONDS
+        shown = explore_interleavings(scenario, deadline=deadline).outcomes
+        if key not in shown:
+            shown |= explore_interleavings(scenario, deadline=deadline, reduce=False).outcomes
+        if key not in shown:
+            divergence = first_divergence(bare, virt) or Divergence(
+                -1, "the outcome of every explored interleaving", "another outcome",
+                len(virt.trace), -1)
+    return Comparison(bare, virt, divergence, known)
