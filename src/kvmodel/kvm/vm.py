@@ -58,6 +58,7 @@ class Vm:
     notify_vmexit_flags: int = 0  # NotifyFlag bits
     created_vcpus: int = 0
     irqchip: IrqChip = IrqChip.KERNEL
+    force_emulation_prefix: bool = False  # kvm.force_emulation_prefix (handle_ud())
 
     @property
     def lapic_in_kernel(self) -> bool:
