@@ -36,7 +36,7 @@ from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt
-from kvmodel.arch.regs import DR6_BS, IF, RF, TF
+from kvmodel.arch.regs import DR6_BS, IF, RF, RSP, TF
 from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import GuestDebug, ShadowBits
 from kvmodel.kvm.x86 import MpState, Request, no_hypercall_patching
@@ -65,6 +65,10 @@ def handle_ud(vcpu: Vcpu, foreign: Exiting) -> None:
     if vcpu.kvm.force_emulation_prefix and reads_forced_prefix(vcpu, rip):
         if vcpu.ops.guest_mode:
             raise ModelLimit("forced emulation of an L2 instruction by L0 is not modelled", rip)
+        if vcpu.kvm.fep_clear_rflags_rf:
+            # KVM_FEP_CLEAR_RFLAGS_RF: the #UD was a fault, saved with RF=1 (SDM 27.3.3),
+            # which would hide a code breakpoint on the emulated instruction
+            vcpu.ops.set_rflags(vcpu.ops.get_rflags() & ~RF)
         vcpu.ops.rip_write((rip + len(FORCED_EMULATION_PREFIX)) & vcpu.cpu.addr_mask)
         emulate_forced(vcpu)
         return
@@ -179,8 +183,10 @@ def _execute(vcpu: Vcpu, insn: Decoded, rip: int, rflags: int) -> tuple[int, int
     """The instruction's semantics on the core, its shadow and halt state left alone (KVM
     applies them its own way); a fault is queued for the guest. (next RIP, RFLAGS)."""
     cpu = vcpu.cpu
+    vcpu.ops.sync_guest_state_to_core()  # RSP lives in the VMCS / VMCB
     kept = cpu.shadow, cpu.shadow_prev, cpu.halted
     cpu.rip, cpu.rflags = rip, rflags
+    rsp = cpu.regs[RSP]
     try:
         event = insn.semantics(cpu)
     except Fault as fault:
@@ -191,6 +197,8 @@ def _execute(vcpu: Vcpu, insn: Decoded, rip: int, rflags: int) -> tuple[int, int
     finally:
         cpu.shadow, cpu.shadow_prev, cpu.halted = kept
     assert event is None  # soft interrupts stopped above
+    if cpu.regs[RSP] != rsp:
+        vcpu.ops.rsp_write(cpu.regs[RSP])  # kvm_rsp_write() at writeback
     next_rip, cpu.rip = cpu.rip, rip
     return next_rip, cpu.rflags
 

@@ -429,6 +429,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
         vm.force_emulation_prefix = params.get("force_emulation_prefix", False)
+        vm.fep_clear_rflags_rf = params.get("fep_clear_rflags_rf", False)
         _enable_caps(vm, params)
         done = _before_vcpus(scenario, vm, core)
         new = create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
