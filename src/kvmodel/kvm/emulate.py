@@ -191,8 +191,12 @@ def _execute(vcpu: Vcpu, insn: Decoded, rip: int, rflags: int) -> tuple[int, int
         event = insn.semantics(cpu)
     except Fault as fault:
         cpu.rip = rip
+        # a #PF carries CR2 and a general-detect #DB DR6.BD as payload (check_dr7_gd(),
+        # emulate_db(): fault-like, RIP at the MOV DR, 5623f751bd9c)
+        payload = fault.cr2 if fault.vector == Vec.PF else (
+            fault.dr6 if fault.vector == Vec.DB else None)
         vcpu.queue_exception(fault.vector, fault.error_code if has_error_code(
-            fault.vector, EventType.HW_EXCEPTION) else None)
+            fault.vector, EventType.HW_EXCEPTION) else None, payload=payload)
         return None
     finally:
         cpu.shadow, cpu.shadow_prev, cpu.halted = kept
