@@ -109,6 +109,10 @@ class Stop(IntEnum):
 _NEVER = 1 << 62
 
 
+# KVM's forced emulation prefix, __KVM_EMULATE_PREFIX: "ud2; .ascii \"kvm\"" (x86.c handle_ud())
+FORCED_EMULATION_PREFIX = bytes((0x0F, 0x0B, 0x6B, 0x76, 0x6D))
+
+
 class Cpu:
     """One logical processor with flat segments at CPL 0 or 3 (CPL is CS.RPL), except that in
     protected mode the code segments may have a base (`cs_base`, constant for the run).
@@ -129,7 +133,7 @@ class Cpu:
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
-        "star", "lstar", "fmask", "machine", "wait_for_sipi",
+        "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -177,6 +181,9 @@ class Cpu:
         # (trace position, count) of the running instruction's Retire, when it retired early
         self.retire_at: tuple[int, int] | None = None
         self.sti_blocks_nmi = sti_blocks_nmi
+        # KVM's forced emulation prefix read as a prefix of the next instruction (see
+        # through_forced_prefix()): the oracle for a guest run with kvm.force_emulation_prefix
+        self.fep_is_prefix = False
         self.attn = True
         self.scheduled: list[Scheduled] = []
         self.next_after = _NEVER
@@ -489,7 +496,11 @@ class Cpu:
         if if_flag & IF and shadow is Shadow.NONE and self.gif and (self.extint or (
                 self.apic_delivers and self.apic.pending_vector() is not None)):
             return Source.INTR
-        if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF):
+        # Intel: a code breakpoint on the instruction after MOV SS / POP SS is suppressed "as
+        # if EFLAGS.RF were 1" (SDM Vol.2 MOV, POP; 6.8.3), as KVM's
+        # kvm_is_code_breakpoint_inhibited() has it for an Intel-compatible guest CPUID
+        if (not self.halted and self.rip in self.exec_bps and not self.rflags & RF
+                and shadow is not Shadow.MOV_SS):
             return Source.CODE_BREAKPOINT
         return None
 
@@ -589,6 +600,10 @@ class Cpu:
             if flags & RF:
                 self.rflags = flags & ~RF  # RF lasts one instruction (SDM 17.3.1.1)
             try:
+                if self.fep_is_prefix and self.at_forced_prefix(rip):
+                    rip = self.through_forced_prefix(rip, flags)
+                    if rip is None:
+                        continue
                 insn = icache.get(rip) or decode(self, rip)
                 software_event = insn.execute(self)
             except Fault as fault:
@@ -619,6 +634,27 @@ class Cpu:
                     self.trace.append(Halt(rip, self.retired))
                 self.attn = True
         return Stop.SHUTDOWN if self.shutdown else Stop.BUDGET
+
+    def at_forced_prefix(self, rip: int) -> bool:
+        """KVM_FEP ("ud2; .ascii \"kvm\"", handle_ud()) is at `rip`."""
+        return self.fetch_bytes(self.linear(rip), len(FORCED_EMULATION_PREFIX)) == (
+            FORCED_EMULATION_PREFIX)
+
+    def through_forced_prefix(self, rip: int, flags: int) -> int | None:
+        """What a guest sees of an instruction KVM emulates on the forced emulation prefix:
+        the instruction after it, run as if KVM had intercepted it without an exception
+        (x86.c kvm_vcpu_check_code_breakpoint()'s comment), so RIP moves past the prefix
+        for good and no instruction retires for it. Hardware checked code breakpoints at the
+        prefix; the one at the instruction is checked here, fault-like (SDM 17.3.1.1) and
+        with RF and the MOV SS suppression of pending_source() as they stood before it.
+        Returns the instruction's RIP, or None when a #DB was delivered instead."""
+        rip = (rip + len(FORCED_EMULATION_PREFIX)) & self.addr_mask
+        self.rip = rip
+        bits = self.exec_bps.get(rip)
+        if bits and not flags & RF and self.shadow_prev is not Shadow.MOV_SS:
+            deliver.deliver(self, Event(Vec.DB, EventType.HW_EXCEPTION, rip, dr6=bits))
+            return None
+        return rip
 
     def _record_retire(self, rip: int, insn: Decoded) -> None:
         if self.retire_at is None:

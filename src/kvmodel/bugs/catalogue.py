@@ -283,6 +283,20 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: x86: Check for injected exceptions before queuing a debug exception (Yosry Ahmed, "
         "upstream e907b4e72488; the check dates from 4f926bf29186, 2009)",
         ("svm", "vmx"), "scenarios/vmm/guest_debug_inject_db_over_injected_exception.toml"),
+    Bug("emulator_code_db_in_mov_ss_shadow",
+        "kvm_vcpu_check_code_breakpoint() inhibits a code #DB on an emulated instruction only for "
+        "RF=1: a breakpoint on the instruction right after MOV SS / POP SS fires although an Intel "
+        "CPU suppresses it \"as if EFLAGS.RF were 1\" (SDM Vol.2 MOV, POP; 6.8.3)",
+        "KVM: x86: Suppress code #DBs on Intel if MOV/POP SS blocking is active (Sean "
+        "Christopherson, upstream baf67ca8e545); kvm_is_code_breakpoint_inhibited()",
+        ("svm", "vmx"), "scenarios/virt/fep_code_breakpoint_after_mov_ss_suppressed.toml"),
+    Bug("emulator_pop_ss_no_shadow",
+        "the emulator's POP SS looks for the segment in the ModR/M reg field, which POP SS (0x17) "
+        "does not have, so it never asks for the MOV SS shadow: an NMI or interrupt is taken "
+        "right after an emulated POP SS, before the instruction the shadow protects",
+        "KVM: x86/emulator: Fix handing of POP SS to correctly set interruptibility (Michal "
+        "Luczaj, upstream 6aa5c47c351b); em_pop_sreg()",
+        ("svm", "vmx"), "scenarios/virt/fep_pop_ss_shadow_holds_nmi.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

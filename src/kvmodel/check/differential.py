@@ -183,6 +183,8 @@ def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
     if scenario.svm:
         return ("an L1 SVM hypervisor: L2 loads IDTR from the VMCB L1 writes, so L2's deliveries "
                 "would go around the logging stubs (not exported yet)")
+    if dict(scenario.kvm_params).get("force_emulation_prefix") and accel == "tcg":
+        return ("the forced emulation prefix (ud2; .ascii \"kvm\"): KVM's, a #UD in QEMU's TCG")
     if dict(scenario.kvm_params).get("sev_es"):
         return "an SEV-ES guest: its GHCB requests (NMI_COMPLETE) need a hypervisor to answer them"
     if scenario.memory_size > CONVENTIONAL_MEMORY:

@@ -58,6 +58,8 @@ class Vm:
     notify_vmexit_flags: int = 0  # NotifyFlag bits
     created_vcpus: int = 0
     irqchip: IrqChip = IrqChip.KERNEL
+    force_emulation_prefix: bool = False  # kvm.force_emulation_prefix (handle_ud())
+    fep_clear_rflags_rf: bool = False  # its KVM_FEP_CLEAR_RFLAGS_RF bit (force_emulation_prefix=3)
 
     @property
     def lapic_in_kernel(self) -> bool:

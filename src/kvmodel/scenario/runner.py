@@ -304,6 +304,8 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     vmm = _VmmLog()
     try:
         if vendor is Vendor.BARE:
+            # bare metal has no forced emulation prefix: it runs the instruction behind it
+            cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
@@ -569,6 +571,8 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
 
     def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
         vm = create_vm(vendor)
+        vm.force_emulation_prefix = params.get("force_emulation_prefix", False)
+        vm.fep_clear_rflags_rf = params.get("fep_clear_rflags_rf", False)
         _enable_caps(vm, params)
         done = _before_vcpus(scenario, vm, core)
         new = create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)

@@ -259,9 +259,11 @@ STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_windo
               "irq_exits", "halt_exits", "notify_window_exits", "request_irq_exits")
 STOPS = ("halted", "shutdown", "budget", "vmm")
 # kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
-# (kvm/vmx/vmx.py), the SEV-ES VM type, and kvm.enable_vmware_backdoor (#GP intercepted)
+# (kvm/vmx/vmx.py), the SEV-ES VM type, kvm.enable_vmware_backdoor (#GP intercepted) and
+# kvm.force_emulation_prefix (KVM emulates the instruction after "ud2; .ascii \"kvm\"") and
+# its KVM_FEP_CLEAR_RFLAGS_RF bit (force_emulation_prefix=3: RF cleared before emulating)
 KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
-              "host_fred", "vmware_backdoor")
+              "host_fred", "vmware_backdoor", "force_emulation_prefix", "fep_clear_rflags_rf")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 # Where the interrupt controllers are (kvm/vm.py IrqChip): KVM_CREATE_IRQCHIP, KVM_CAP_SPLIT_IRQCHIP, none

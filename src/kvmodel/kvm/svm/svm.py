@@ -40,6 +40,7 @@ from kvmodel.hw.svm.vmcb import (
     Intercept,
     encode,
 )  # fmt: skip
+from kvmodel.kvm import emulate
 from kvmodel.kvm.svm import sev
 from kvmodel.kvm.svm.nested import NestedSvm, NestedSvmState
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
@@ -51,7 +52,6 @@ from kvmodel.kvm.x86 import (
     UserspaceExit,
     Vcpu,
     exception_is_soft,
-    no_hypercall_patching,
 )
 
 # init_vmcb(): #UD, #MC, #AC and #DB (CVE-2015-8104) always; #PF only without NPT.
@@ -588,8 +588,7 @@ class Svm:
         elif code == ExitCode.EXCP_BASE + Vec.GP:
             self._gp_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
-            no_hypercall_patching(self.guest.cpu, vmcb.rip, Exiting.VMCALL)
-            vcpu.queue_exception(Vec.UD)  # ud_interception(): UD2 does not emulate
+            emulate.handle_ud(vcpu, Exiting.VMCALL)  # ud_interception()
         elif code == ExitCode.VMMCALL:
             self._vmmcall_interception()
         elif code == ExitCode.INTR:

@@ -37,6 +37,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
+from kvmodel.kvm import emulate
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, InvalidArgument, KvmExit, ShadowBits
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
@@ -48,7 +49,6 @@ from kvmodel.kvm.x86 import (
     UserspaceExit,
     Vcpu,
     exception_is_soft,
-    no_hypercall_patching,
 )
 
 # vmx_update_exception_bitmap(): #UD, #MC, #DB and #AC always; #PF only without EPT.
@@ -469,8 +469,7 @@ class Vmx:
                 vcpu.cpu.retired += 1
             vcpu.queue_exception(Vec.DB, payload=vmcs.exit_qualification)
         elif vector == Vec.UD:
-            no_hypercall_patching(self.guest.cpu, vmcs.guest_rip, Exiting.VMMCALL)
-            vcpu.queue_exception(Vec.UD)  # handle_ud(): UD2 does not emulate, so #UD goes back
+            emulate.handle_ud(vcpu, Exiting.VMMCALL)
         else:
             return UserspaceExit(KvmExit.INTERNAL_ERROR, f"exception {vector} exit not modelled")
         return None
