@@ -105,6 +105,12 @@ def switch(cpu: Cpu, selector: int, reason: Reason, return_eip: int, saved_flags
     after it (loading the new state, pushing the error code) would be the new task's,
     which the model does not deliver (a ModelLimit).
     """
+    if cpu.host is not None:
+        # VMX: a task switch is an unconditional VM exit (SDM 25.1.2, exit reason 9); SVM:
+        # KVM sets the TASK_SWITCH intercept (exit 0x7d). KVM then emulates the switch
+        # (kvm_task_switch(), emulator_task_switch()), which the model does not yet.
+        raise ModelLimit("a task switch under KVM (the task-switch VM exit and KVM's "
+                         "emulator_task_switch()) is not modelled", cpu.rip)
     new_base = cpu.tasks[selector][0]
     image = _read_tss(cpu, new_base)  # a fault reading it is the old task's (step 5)
     _check_loadable(cpu, image)
@@ -131,7 +137,11 @@ def switch(cpu: Cpu, selector: int, reason: Reason, return_eip: int, saved_flags
 def task_return(cpu: Cpu, next_eip: int) -> None:
     """IRET with NT=1 in protected mode: back to the task the back link names (SDM Vol.2
     IRET TASK-RETURN). The link must name a busy TSS in the GDT, else #TS(link)."""
-    base = cpu.tasks[cpu.tr][0]
+    current = cpu.tasks.get(cpu.tr)
+    if current is None:  # a CPU the model built without its GDT (a migration's copy)
+        raise ModelLimit("IRET with NT=1 on a CPU without the model's TSS descriptors",
+                         cpu.rip)
+    base = current[0]
     link = cpu.read(base + Tss32.PREVIOUS_TASK_LINK, 2)
     entry = cpu.tasks.get(link & 0xFFF8) if not link & 4 else None
     if entry is None or not entry[1]:

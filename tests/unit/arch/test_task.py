@@ -152,3 +152,12 @@ def test_delivery_through_a_task_gate_saves_the_return_address_and_rf():
     record = cpu.trace[-1]
     assert (record.vector, record.handler, record.rsp, record.frame) == (
         Vec.GP, NEW_EIP, NEW_ESP - 4, (0x10,))
+
+
+def test_a_task_switch_under_a_hypervisor_is_a_named_limit():
+    """KVM emulates task switches after a VM exit (kvm_task_switch()); the model does not yet."""
+    cpu = _cpu()
+    cpu.host = object()
+    with pytest.raises(ModelLimit, match="emulator_task_switch"):
+        task.switch(cpu, NEW, Reason.GATE, 0x10007, 0x2)
+    assert cpu.tr == OLD and cpu.regs == OLD_GPRS
