@@ -25,7 +25,7 @@ def test_same_as_bare_metal(path, vendor):
     assert comparison.bare.passed, [m.message for m in comparison.bare.mismatches]
     if comparison.not_applicable is not None:
         assert ("sti_blocks_nmi" in comparison.not_applicable
-                or "several vCPUs under KVM" in comparison.not_applicable
+                or "KVM's task-switch emulation" in comparison.not_applicable
                 or ("SEV-ES" in comparison.not_applicable and vendor is Vendor.VMX)
                 or ("FRED" in comparison.not_applicable and vendor is Vendor.SVM)
                 or ("does not run on AMD SVM" in comparison.not_applicable and vendor is Vendor.SVM)

@@ -33,6 +33,7 @@ from kvmodel.arch.regs import (
     CR4_DE,
     DATA_SELECTOR,
     DR6_BS,
+    DR6_BT,
     DR6_CONDITIONS,
     DR6_RESET,
     DR7_GD,
@@ -46,6 +47,7 @@ from kvmodel.arch.regs import (
     Mode,
     Shadow,
 )  # fmt: skip
+from kvmodel.arch.task import TSS_SELECTOR
 from kvmodel.errors import ModelLimit
 
 PAGE_SHIFT = 12
@@ -133,7 +135,7 @@ class Cpu:
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
-        "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix",
+        "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "tr", "tasks",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -228,6 +230,9 @@ class Cpu:
         # carries its IPIs; None for a CPU of its own.
         self.machine = None
         self.wait_for_sipi = False  # INIT received: nothing runs until a SIPI (SDM 10.4.7.3)
+        # TR's selector and the model's TSS descriptors, selector -> (base, busy) (task.py)
+        self.tr = TSS_SELECTOR
+        self.tasks: dict[int, tuple[int, bool]] = {}
 
     # -- memory --------------------------------------------------------------
 
@@ -546,7 +551,7 @@ class Cpu:
     def _take(self, source: Source) -> None:
         if source is Source.DEBUG_TRAP:
             bits, self.pending_dbg = self.pending_dbg, 0
-            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits & DR6_CONDITIONS)
+            event = Event(Vec.DB, EventType.HW_EXCEPTION, self.rip, dr6=bits & (DR6_CONDITIONS | DR6_BT))
         elif source is Source.NMI:
             self.nmi_pending -= 1
             event = Event(Vec.NMI, EventType.NMI, self.rip)

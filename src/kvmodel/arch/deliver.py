@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from kvmodel.arch import fred
+from kvmodel.arch import fred, task
 from kvmodel.arch.events import (
     DfOutcome,
     Event,
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 INTERRUPT_GATE = 0xE  # 32-bit gate in protected mode, 64-bit gate in IA-32e mode
 TRAP_GATE = 0xF
-TASK_GATE = 0x5
 GATES_16BIT = (0x6, 0x7)
 TSS_IST1 = 0x24  # 64-bit TSS: IST slot k at 0x24 + 8*(k-1) (SDM 7.7 Figure 7-11)
 
@@ -159,6 +158,9 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         raise Fault(Vec.GP, event.vector * 8 + 2)
     if not gate.present:
         raise Fault(Vec.NP, idt_error)
+    if gate.type == task.TASK_GATE:
+        _deliver_through_task_gate(cpu, event, gate.selector, ext)
+        return
     target_cpl = _target_privilege(cpu, gate.selector, cpl, ext)
 
     pushed_flags = cpu.rflags | RF if event.push_rf else cpu.rflags
@@ -187,6 +189,33 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
                               gate.offset, rsp, frame,
                               undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
+                              saved_ip_undefined(event.vector, event.type)))
+
+
+def _deliver_through_task_gate(cpu: Cpu, event: Event, selector: int, ext: int) -> None:
+    """A task gate (32-bit IDT only): the event's handler is a task (SDM 6.12.2, task.py).
+
+    The old task keeps the event's return address and EFLAGS (RF as its frame would
+    push it) in its TSS; the error code, if any, is the one word on the new task's
+    stack; the new EFLAGS come from the TSS with NT set (TF, IF are not cleared)."""
+    task.gate_target(cpu, selector, ext)
+    error_code = event.error_code if has_error_code(event.vector, event.type) else None
+    task.switch(cpu, selector & 0xFFF8, task.Reason.GATE, event.rip,
+                task.saved_eflags(cpu.rflags, event.push_rf), error_code)
+    cpu.shadow = Shadow.NONE
+    cpu.halted = False
+    if event.insn_rip is not None:
+        cpu.retired += 1
+    # A data breakpoint hit by the TSS accesses or the push traps as a delivery's pushes do
+    # (UNVERIFIED for the TSS accesses: the SDM does not say whether they match DR0-DR3).
+    if cpu.db_hits:
+        cpu.pending_dbg |= cpu.db_hits
+        cpu.db_hits = 0
+    cpu.attn = True
+    cpu.delivered += 1
+    frame = () if error_code is None else (error_code,)
+    cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
+                              cpu.rip, cpu.regs[RSP], frame, (),
                               saved_ip_undefined(event.vector, event.type)))
 
 
@@ -255,12 +284,9 @@ def _read_gate32(cpu: Cpu, vector: int, idt_error: int) -> _Gate:
         raise Fault(Vec.GP, idt_error)
     gate = cpu.read(cpu.idtr_base + vector * 8, 8)
     gate_type = (gate >> 40) & 0x1F  # bit 4 (S) must be 0 for a gate
-    if gate_type == TASK_GATE:
-        raise ModelLimit(f"task gate for vector {vector} (task switches are not modelled)",
-                         cpu.rip)
     if gate_type in GATES_16BIT:
         raise ModelLimit(f"16-bit gate for vector {vector} is not modelled", cpu.rip)
-    if gate_type not in (INTERRUPT_GATE, TRAP_GATE):
+    if gate_type not in (INTERRUPT_GATE, TRAP_GATE, task.TASK_GATE):
         raise Fault(Vec.GP, idt_error)
     offset = (gate & 0xFFFF) | ((gate >> 32) & 0xFFFF0000)
     return _Gate(offset, gate_type, 0, (gate >> 16) & 0xFFFF, (gate >> 45) & 3,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import iced_x86 as iced
 from iced_x86 import Code, ConditionCode, Mnemonic, OpKind, Register, RegisterExt
 
-from kvmodel.arch import fred, ghcb
+from kvmodel.arch import fred, ghcb, task
 from kvmodel.arch.apic import WriteResult
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Fault
@@ -902,13 +902,15 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
         was_blocked = c.nmi_blocked
         c.nmi_blocked = False
         c.iret_unblocked_nmi = was_blocked
+        if c.rflags & NT:  # before any stack read: a task return pops nothing
+            if c.mode is Mode.LONG64:
+                raise Fault(Vec.GP, 0)  # no task return in IA-32e mode (SDM Vol.2 IRET)
+            task.task_return(c, i.next_ip)  # back to the previous task (SDM Vol.2 IRET)
+            c.trace.append(Iret(rip_here, c.rip, c.retired + 1, was_blocked))
+            return
         sp = c.regs[RSP]
         new_rip, cs, flags = (c.read(sp + size * k, size) for k in range(3))
         cs &= 0xFFFF
-        if c.rflags & NT:
-            if c.mode is Mode.LONG64:
-                raise Fault(Vec.GP, 0)  # no task return in IA-32e mode (SDM Vol.2 IRET)
-            raise ModelLimit("IRET with NT=1 (task return) is not modelled", rip_here)
         if c.mode is Mode.PROTECTED32 and flags & VM and cpl_of(c.cs) == 0:
             raise ModelLimit("IRET to virtual-8086 mode is not modelled", rip_here)
         new_cpl = _iret_code_segment(c, cs)

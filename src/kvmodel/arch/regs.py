@@ -56,6 +56,7 @@ def describe_rflags(value: int) -> str:
 DR6_B0_B3 = 0xF
 DR6_BD = 1 << 13
 DR6_BS = 1 << 14
+DR6_BT = 1 << 15  # task switch into a TSS with the T flag (SDM 17.2.3, 17.3.1.5)
 # What a #DB reports in DR6. A VMX pending-debug-exceptions field (hw/vmx) also holds bit 12,
 # "enabled breakpoint" (SDM Table 24-4): bookkeeping of the field, reserved (0) in DR6.
 DR6_CONDITIONS = DR6_B0_B3 | DR6_BD | DR6_BS

@@ -187,6 +187,10 @@ def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
         return ("the forced emulation prefix (ud2; .ascii \"kvm\"): KVM's, a #UD in QEMU's TCG")
     if dict(scenario.kvm_params).get("sev_es"):
         return "an SEV-ES guest: its GHCB requests (NMI_COMPLETE) need a hypervisor to answer them"
+    if any(g.task is not None for g in scenario.gates):
+        return ("a task gate: the stub logs a delivery by redirecting the gate's offset to a "
+                "logging entry, and a task gate has none (the new task's TSS EIP would need it, and "
+                "its CR3 field the stub's page tables, where the model's CR3 is 0; not exported yet)")
     if scenario.memory_size > CONVENTIONAL_MEMORY:
         return (f"guest memory above {CONVENTIONAL_MEMORY:#x}: a PC has its VGA and BIOS hole "
                 "there, not RAM")

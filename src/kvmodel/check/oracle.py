@@ -117,6 +117,11 @@ def not_applicable(scenario: Scenario, vendor: Vendor) -> str | None:
         return "[cpu] vmx = true: an Intel VMX L1 does not run on AMD SVM"
     if vendor is Vendor.VMX and scenario.svm:
         return "[cpu] svm = true: an AMD SVM L1 does not run on Intel VMX"
+    if any(g.task is not None for g in scenario.gates):
+        # VMX: task switches always exit (SDM 25.1.2, exit reason 9); SVM: KVM intercepts
+        # TASK_SWITCH (0x7d); KVM emulates the switch (kvm_task_switch()), not modelled yet.
+        return ("a task gate: KVM's task-switch emulation (the VM exit, kvm_task_switch(), "
+                "emulator_task_switch()) is not modelled")
     if vendor is Vendor.SVM and scenario.fred is not None:
         return "[fred]: KVM runs FRED guests on VMX only (the model has no SVM FRED)"
     return None

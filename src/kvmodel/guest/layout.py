@@ -23,6 +23,7 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
 from kvmodel.arch.fred import CR4_FRED, FredMsrs
 from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, RSP, TSS_RSP0, TSS_SS0, Mode
+from kvmodel.arch.task import initial_tasks
 
 IDT_BASE = 0x1000
 TSS_BASE = 0x3000
@@ -85,6 +86,7 @@ class Machine:
     sti_blocks_nmi: bool = True
     fred: FredMsrs | None = None  # CR4.FRED=1 with these MSRs
     cs_base: int = 0  # the code segment's base: entry and gate offsets are relative to it
+    tasks: tuple[tuple[int, int], ...] = ()  # (selector, base): 32-bit TSS descriptors (task.py)
 
 
 def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
@@ -111,6 +113,8 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     cpu.idtr_limit = machine.idt_limit if machine.idt_limit is not None else (
         256 * gate_size(mode) - 1)
     cpu.tr_base = TSS_BASE
+    if mode is Mode.PROTECTED32:
+        cpu.tasks = initial_tasks(TSS_BASE) | {sel: (base, False) for sel, base in machine.tasks}
     cpu.cs_base = machine.cs_base
     cpu.rip = machine.entry
     cpu.regs[RSP] = STACK_TOP

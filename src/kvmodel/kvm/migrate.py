@@ -50,6 +50,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.cs_base = old.cs_base
     cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = old.cr0, old.cr2, old.cr3, old.cr4, old.efer
     cpu.idtr_base, cpu.idtr_limit, cpu.tr_base = old.idtr_base, old.idtr_limit, old.tr_base
+    cpu.tr, cpu.tasks = old.tr, dict(old.tasks)  # the model's TSS descriptors (arch/task.py)
     cpu.dr, cpu.dr6, cpu.dr7 = list(old.dr), old.dr6, old.dr7
     cpu.ghcb_msr = old.ghcb_msr
     cpu.vm_hsave_pa = old.vm_hsave_pa  # KVM_GET/SET_MSRS

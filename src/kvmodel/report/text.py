@@ -41,6 +41,8 @@ def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
     if d.error_code is not None:
         parts.append(f"error={words.pop(0):#x}")
         masks.pop(0)
+    if not words:  # through a task gate: the new task's stack holds the error code alone
+        return " ".join(parts + ["(task switch: state saved in the TSS)"])
     if mode is Mode.LONG64:
         rip, cs, rflags, rsp, ss = words
         named = [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",

@@ -16,6 +16,7 @@ from typing import Any
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import EventType, parse_vector, saved_ip_undefined
 from kvmodel.arch.regs import Mode
+from kvmodel.arch.task import FIRST_TASK_SELECTOR, TASK_GATE
 from kvmodel.errors import ScenarioError
 from kvmodel.guest.layout import DEFAULT_MEMORY, IDT_BASE, GateKind
 from kvmodel.scenario.locate import Locator
@@ -144,7 +145,7 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
         code=guest["code"],
         code_line=_code_line(ctx),
         entry=_expr(guest.get("entry", "start")),
-        gates=_gates(ctx, data.get("idt", {})),
+        gates=_gates(ctx, data.get("idt", {}), mode),
         ist=_ist(ctx, data.get("tss", {}), mode),
         fred=_fred(ctx, data.get("fred", {}), mode),
         registers=tuple((k, _expr(v), ctx.line("registers", k))
@@ -451,12 +452,19 @@ def _vector(value: Any) -> int:
 
 # -- sections: the rules that tie keys together (types and ranges are checked) ------------
 
-def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
+def _gates(ctx: _Ctx, idt: dict, mode: Mode) -> tuple[GateSpec, ...]:
     gates = []
     kinds = {"interrupt": GateKind.INTERRUPT, "trap": GateKind.TRAP}
+    task_selectors: dict[str, int] = {}
     for key, spec in idt.items():
         if not isinstance(spec, dict):
             spec = {"handler": spec}
+        if "task" in spec:
+            gates.append(_task_gate(ctx, key, spec, mode, task_selectors))
+            continue
+        if "handler" not in spec:
+            raise ctx.error('a gate needs handler = "label" (or task = "label" for a task gate)',
+                            "idt", key)
         gate = spec.get("gate", "interrupt")
         gates.append(GateSpec(
             vector=_vector(key),
@@ -469,6 +477,24 @@ def _gates(ctx: _Ctx, idt: dict) -> tuple[GateSpec, ...]:
             dpl=spec.get("dpl", 0),
         ))
     return tuple(sorted(gates, key=lambda g: g.vector))
+
+
+def _task_gate(ctx: _Ctx, key: str, spec: dict, mode: Mode,
+               task_selectors: dict[str, int]) -> GateSpec:
+    """A task gate (type 5): the TSS label gets a TSS descriptor in the model's GDT, one per
+    label, at FIRST_TASK_SELECTOR, +8, ... in the order of the [idt] keys (arch/task.py)."""
+    if mode is not Mode.PROTECTED32:
+        raise ctx.error("task = ... (a task gate) needs mode = \"protected32\": IA-32e mode has no "
+                        "task switching", "idt", key,
+                        hint="gate = 5 writes a task gate's type, which a 64-bit IDT refuses with #GP")
+    for other in ("handler", "gate", "ist", "selector"):
+        if other in spec:
+            raise ctx.error(f"a task gate has no {other} (task = \"label\" names its TSS)", "idt", key)
+    label = _expr(spec["task"])
+    selector = task_selectors.setdefault(label, FIRST_TASK_SELECTOR + 8 * len(task_selectors))
+    return GateSpec(vector=_vector(key), handler=0, kind=TASK_GATE, ist=0,
+                    present=spec.get("present", True), selector=selector,
+                    line=ctx.line("idt", key), dpl=spec.get("dpl", 0), task=label)
 
 
 def _cs_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:

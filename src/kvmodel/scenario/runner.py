@@ -235,6 +235,8 @@ def _build(scenario: Scenario, record_instructions: bool,
         not_present=frozenset(resolve.linear(p, line) // PAGE for p, line in scenario.not_present),
         sti_blocks_nmi=scenario.sti_blocks_nmi,
         fred=_fred_msrs(scenario, resolve),
+        tasks=tuple({g.selector: resolve(g.task, g.line) for g in scenario.gates
+                     if g.task is not None}.items()),
     )
     if CODE_BASE + len(program.image) > scenario.memory_size:
         raise ScenarioError(scenario.path, scenario.code_line,

@@ -37,6 +37,7 @@ class GateSpec:
     selector: int
     line: int
     dpl: int = 0  # the gate's DPL: 3 lets INT n, INT3 and INTO through from CPL 3
+    task: Expr | None = None  # a task gate: its TSS (selector holds the TSS descriptor's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,8 +430,9 @@ _VMM = Tagged("call", {
 _GATE = Table({"handler": Address(), "gate": Either((Choice(("interrupt", "trap")), Int(high=15)),
                                                    '"interrupt", "trap" or a type 0-15'),
                "ist": Int(high=7), "present": Bool(), "selector": Int(high=0xFFFF),
-               "dpl": Int(high=3)},
-              required=(("handler", 'a gate needs handler = "label"'),))
+               "dpl": Int(high=3),
+               # a task gate (protected32): the label of the 32-bit TSS of the handler's task
+               "task": Address()})
 
 DOCUMENT = Table({
     "title": Text(),

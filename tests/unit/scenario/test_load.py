@@ -313,3 +313,22 @@ def test_the_locator_indexes_headers_once():
 def test_an_endless_file_is_refused():
     with pytest.raises(ScenarioError, match=r"^/dev/zero: larger than 16 MiB: not a scenario"):
         load("/dev/zero")
+
+
+def test_task_gates_get_one_tss_selector_per_label():
+    text = MINIMAL.replace("[guest]\n", '[guest]\nmode = "protected32"\n') + (
+        '\n[idt]\n"#DF" = { task = "df_tss" }\nNMI = { task = "nmi_tss", dpl = 3 }\n'
+        '"#TS" = { task = "df_tss" }\n')
+    s = parse(text, "s.toml")
+    assert [(g.vector, g.kind, g.selector, g.task, g.dpl) for g in s.gates] == [
+        (2, 5, 0x40, "nmi_tss", 3), (8, 5, 0x38, "df_tss", 0), (10, 5, 0x38, "df_tss", 0)]
+
+
+def test_task_gate_needs_protected_mode_and_no_handler():
+    e = error_of(MINIMAL + '\n[idt]\n"#DF" = { task = "df_tss" }\n')
+    assert e.line == 10 and "IA-32e mode has no task switching" in str(e)
+    protected = MINIMAL.replace("[guest]\n", '[guest]\nmode = "protected32"\n')
+    e = error_of(protected + '\n[idt]\n"#DF" = { task = "t", handler = "h" }\n')
+    assert "a task gate has no handler" in str(e)
+    e = error_of(protected + '\n[idt]\n"#DF" = { dpl = 0 }\n')
+    assert 'a gate needs handler = "label"' in str(e)
