@@ -156,6 +156,13 @@ def saved_ip_undefined(vector: int, type_: EventType) -> bool:
     return vector == Vec.DF and type_ is EventType.HW_EXCEPTION
 
 
+def delivers_error_code(vector: int, type_: EventType, cr0: int) -> bool:
+    """has_error_code() in protected mode; in real mode (CR0.PE=0) no exception pushes one
+    (SDM 20.1.4), and a VM exit's error-code-valid bit follows what delivery would push (SDM
+    27.2.2 "would have delivered an error code on the stack"; for SVM's EXITINFO1 UNVERIFIED)."""
+    return bool(cr0 & 1) and has_error_code(vector, type_)
+
+
 def undefined_frame_bits(vector: int, type_: EventType, words: int, word_mask: int) -> tuple[int, ...]:
     """Per frame word (lowest address first), the bits the architecture leaves undefined.
 
