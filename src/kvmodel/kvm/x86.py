@@ -982,6 +982,9 @@ class Vcpu:
         if not long_mode and sregs.efer & _EFER_LMA:
             raise InvalidArgument("kvm_is_valid_sregs(): EFER.LMA outside long mode")
         cpu = self.cpu
+        if (sregs.cr0 ^ cpu.cr0) & CR0_PE:
+            raise ModelLimit("KVM_SET_SREGS switching between real and protected mode (CR0.PE) "
+                             "is not modelled: the core's mode is fixed for a run", cpu.rip)
         cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = (sregs.cr0, sregs.cr2, sregs.cr3,
                                                         sregs.cr4, sregs.efer)
         cpu.idtr_base, cpu.idtr_limit = sregs.idt_base, sregs.idt_limit
