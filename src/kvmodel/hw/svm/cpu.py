@@ -278,6 +278,7 @@ class SvmGuest(GuestMode):
         vmcb.rip = cpu.rip
         vmcb.rsp = cpu.regs[RSP]
         vmcb.rflags = cpu.rflags
+        vmcb.cs_base = cpu.cs_base  # moves in real mode when CS does (SDM 20.1.1)
 
     # -- arch/host.py hooks ---------------------------------------------------
 
