@@ -158,8 +158,10 @@ def saved_ip_undefined(vector: int, type_: EventType) -> bool:
 
 def delivers_error_code(vector: int, type_: EventType, cr0: int) -> bool:
     """has_error_code() in protected mode; in real mode (CR0.PE=0) no exception pushes one
-    (SDM 20.1.4), and a VM exit's error-code-valid bit follows what delivery would push (SDM
-    27.2.2 "would have delivered an error code on the stack"; for SVM's EXITINFO1 UNVERIFIED)."""
+    (SDM 20.1.4), and a VMX exit's error-code-valid bit "is always 0 if the VM exit occurred
+    while the logical processor was in real-address mode" (SDM, quoted by upstream 80962ec912db
+    "KVM: nVMX: Do not report error code when synthesizing VM-Exit from Real Mode"). SVM's
+    EXITINFO1 follows the same rule here, UNVERIFIED (AMD's paged real mode reports a #PF's)."""
     return bool(cr0 & 1) and has_error_code(vector, type_)
 
 
