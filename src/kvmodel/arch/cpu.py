@@ -39,6 +39,7 @@ from kvmodel.arch.regs import (
     DR7_GD,
     DR7_RESET,
     IF,
+    REAL_ADDR_MASK,
     RF,
     RFLAGS_FIXED,
     RPL_MASK,
@@ -46,6 +47,7 @@ from kvmodel.arch.regs import (
     BreakpointRw,
     Mode,
     Shadow,
+    real_base,
 )  # fmt: skip
 from kvmodel.arch.task import TSS_SELECTOR
 from kvmodel.errors import ModelLimit
@@ -141,14 +143,14 @@ class Cpu:
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
                  sti_blocks_nmi: bool = True, record_instructions: bool = False):
         self.mode = mode
-        self.addr_mask = (1 << mode.value) - 1
+        self.addr_mask = REAL_ADDR_MASK if mode is Mode.REAL16 else (1 << mode.value) - 1
         self.regs = [0] * (16 if mode is Mode.LONG64 else 8)
         self.rip = 0
         self.rflags = RFLAGS_FIXED
         self.cs = CODE_SELECTOR
         self.cs_base = 0  # CODE_SELECTOR's descriptor base; 64-bit mode ignores it (SDM 3.4.4)
         self.ss = DATA_SELECTOR
-        self.cr0 = 0x80000011  # PG, ET, PE
+        self.cr0 = 0x10 if mode is Mode.REAL16 else 0x80000011  # ET; PG, ET, PE
         self.cr2 = 0
         self.cr3 = 0
         self.cr4 = 0x20 if mode is Mode.LONG64 else 0  # PAE in long mode
@@ -263,6 +265,22 @@ class Cpu:
     def linear(self, rip: int) -> int:
         """The linear address of code at `rip` (SDM 3.4.3)."""
         return (self.cs_base + rip) & self.addr_mask
+
+    def load_real_cs(self, segment: int) -> None:
+        """Real mode: CS and its base (segment * 16, SDM 20.1.1) change together. Decoded
+        instructions and code breakpoints are keyed by IP, so a new base forgets them."""
+        if segment & RPL_MASK:
+            # the model reads CPL as CS's low bits (cpl_of()); real mode is always CPL 0
+            raise ModelLimit(f"real mode: a code segment {segment:#x} not a multiple of 4 is "
+                             "not modelled", self.rip)
+        self.cs = segment
+        base = real_base(segment)
+        if base != self.cs_base:
+            self.cs_base = base
+            self.icache.clear()
+            self.code_lines.clear()
+            if self.dr7 & 0xFF:
+                self.update_breakpoints()
 
     def remember_code(self, rip: int, length: int) -> None:
         """Note which cache lines a decoded instruction came from."""

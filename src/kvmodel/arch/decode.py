@@ -69,6 +69,7 @@ _EXITING = {
     iced.Mnemonic.OUT: Exiting.IO,
     iced.Mnemonic.RDMSR: Exiting.RDMSR,
     iced.Mnemonic.WRMSR: Exiting.WRMSR,
+    iced.Mnemonic.IRET: Exiting.IRET,  # 16-bit: real mode's
     iced.Mnemonic.IRETD: Exiting.IRET,
     iced.Mnemonic.IRETQ: Exiting.IRET,
     iced.Mnemonic.INT: Exiting.INT_N,

@@ -1,4 +1,5 @@
-"""Event delivery through the IDT in IA-32e and 32-bit protected mode.
+"""Event delivery through the IDT in IA-32e and 32-bit protected mode, and through the
+interrupt vector table in real-address mode (SDM 20.1.4).
 
 SDM 6.12 (gates), 6.14 (64-bit delivery and frame), 6.15 (exception
 classes and the double-fault rules), 6.7.1 (NMI blocking), 17.3.1 (RF, TF).
@@ -29,12 +30,14 @@ from kvmodel.arch.events import (
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Delivery, Shutdown
 from kvmodel.arch.regs import (
+    AC,
     CODE_SELECTOR,
     DATA_SELECTOR,
     DR6_B0_B3,
     DR7_GD,
     IF,
     NT,
+    REAL_OFFSET_MASK,
     RF,
     RPL_MASK,
     RSP,
@@ -45,6 +48,7 @@ from kvmodel.arch.regs import (
     Mode,
     Shadow,
     cpl_of,
+    real_base,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
 
@@ -147,6 +151,9 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
         cpu.nmi_blocked = True  # blocking starts with delivery, even if it faults (SDM 27.1)
     if fred.enabled(cpu):
         _deliver_fred(cpu, event)
+        return
+    if cpu.mode is Mode.REAL16:
+        _deliver_real(cpu, event)
         return
     ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
     idt_error = event.vector * 8 + 2 + ext
@@ -252,6 +259,57 @@ def _deliver_fred(cpu: Cpu, event: Event) -> None:
     cpu.attn = True
     cpu.delivered += 1
     cpu.trace.append(fred.delivery_record(cpu, event, handler, rsp, frame))
+
+
+IVT_ENTRY = 4  # real mode: a 16-bit offset, then a 16-bit segment (SDM 20.1.4 Figure 20-2)
+REAL_FRAME_WORD = 2
+
+
+def _deliver_real(cpu: Cpu, event: Event) -> None:
+    """Real-address-mode delivery (SDM 20.1.4; Vol.2 INT n REAL-ADDRESS-MODE): the IVT entry
+    at IDTR.base + 4 * vector gives CS:IP; FLAGS, CS and IP are pushed as 16-bit words and
+    IF, TF and AC cleared. No exception pushes an error code in real mode, and there is no
+    privilege check: INT n reaches any vector.
+
+    An entry beyond IDTR.limit is #GP (Table 6-5 then escalates as in protected mode); the
+    model has no SS limit, so a frame that wraps SP is a ModelLimit rather than #SS."""
+    entry = event.vector * IVT_ENTRY
+    if entry + IVT_ENTRY - 1 > cpu.idtr_limit:
+        raise Fault(Vec.GP, 0)
+    ivt = cpu.read(cpu.idtr_base + entry, IVT_ENTRY)
+    handler_ip, handler_cs = ivt & 0xFFFF, ivt >> 16
+    sp = cpu.regs[RSP] & REAL_OFFSET_MASK
+    if sp and sp < 3 * REAL_FRAME_WORD:
+        raise ModelLimit(f"real mode: a frame that wraps SP ({sp:#x}) is not modelled", cpu.rip)
+    new_sp = (sp - 3 * REAL_FRAME_WORD) & REAL_OFFSET_MASK
+    stack = real_base(cpu.ss)
+    words = (cpu.rflags & 0xFFFF, cpu.cs, event.rip & REAL_OFFSET_MASK)
+    for n in range(len(words)):
+        cpu.check_write(stack + ((sp - REAL_FRAME_WORD * (n + 1)) & REAL_OFFSET_MASK), REAL_FRAME_WORD)
+    for n, word in enumerate(words):
+        cpu.write(stack + ((sp - REAL_FRAME_WORD * (n + 1)) & REAL_OFFSET_MASK), REAL_FRAME_WORD, word)
+
+    cpu.regs[RSP] = (cpu.regs[RSP] & ~REAL_OFFSET_MASK) | new_sp
+    cpu.load_real_cs(handler_cs)
+    cpu.rip = handler_ip
+    # SDM 20.1.4 clears IF, TF and AC; RF too, as protected-mode delivery does (the FLAGS image
+    # has no RF bit to carry it; UNVERIFIED: the real-mode pseudocode does not name RF).
+    cpu.rflags &= ~(IF | TF | AC | RF)
+    cpu.shadow = Shadow.NONE
+    cpu.halted = False
+    if event.insn_rip is not None:
+        cpu.retired += 1
+    if cpu.db_hits:
+        cpu.pending_dbg |= cpu.db_hits
+        cpu.db_hits = 0
+    cpu.attn = True
+    cpu.delivered += 1
+    frame = tuple(reversed(words))  # IP, CS, FLAGS from the lowest address
+    undefined_ip = saved_ip_undefined(event.vector, event.type)
+    # #DF's saved CS:IP is undefined (SDM 6.15): its first two words
+    undefined = (REAL_OFFSET_MASK, 0xFFFF, 0) if undefined_ip else ()
+    cpu.trace.append(Delivery(event.vector, event.type, None, event.rip, cpu.retired, handler_ip,
+                              new_sp, frame, undefined, undefined_ip))
 
 
 class _Gate(NamedTuple):

@@ -156,6 +156,15 @@ def saved_ip_undefined(vector: int, type_: EventType) -> bool:
     return vector == Vec.DF and type_ is EventType.HW_EXCEPTION
 
 
+def delivers_error_code(vector: int, type_: EventType, cr0: int) -> bool:
+    """has_error_code() in protected mode; in real mode (CR0.PE=0) no exception pushes one
+    (SDM 20.1.4), and a VMX exit's error-code-valid bit "is always 0 if the VM exit occurred
+    while the logical processor was in real-address mode" (SDM, quoted by upstream 80962ec912db
+    "KVM: nVMX: Do not report error code when synthesizing VM-Exit from Real Mode"). SVM's
+    EXITINFO1 follows the same rule here, UNVERIFIED (AMD's paged real mode reports a #PF's)."""
+    return bool(cr0 & 1) and has_error_code(vector, type_)
+
+
 def undefined_frame_bits(vector: int, type_: EventType, words: int, word_mask: int) -> tuple[int, ...]:
     """Per frame word (lowest address first), the bits the architecture leaves undefined.
 

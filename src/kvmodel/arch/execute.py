@@ -278,6 +278,14 @@ def _check_data_selector(c, selector: int, is_ss: bool = True) -> None:
     raise Fault(Vec.GP, selector & 0xFFFC)
 
 
+def _check_real_segment(c, segment: int) -> None:
+    """Real mode loads any segment value (SDM 20.1.1); the model keeps SS and DS at 0, so their
+    bases are 0 and stack and data offsets are linear addresses."""
+    if segment:
+        raise ModelLimit(f"real mode: a data or stack segment {segment:#x} other than 0 is not "
+                         "modelled", c.rip)
+
+
 def _load_ss(c, selector: int) -> None:
     """MOV SS / POP SS: a shadow for one instruction, unless the previous one set it (SDM 6.8.3)."""
     c.ss = selector
@@ -292,7 +300,9 @@ def _mov_to_sreg(i: iced.Instruction, mode: Mode, reg: int) -> Run:
 
     def run(c):
         selector = get(c) & 0xFFFF
-        if selector & 0xFFFC or is_ss:
+        if c.mode is Mode.REAL16:
+            _check_real_segment(c, selector)
+        elif selector & 0xFFFC or is_ss:
             _check_data_selector(c, selector, is_ss)
         if is_ss:
             _load_ss(c, selector)
@@ -421,7 +431,7 @@ def build_x87_nop(i: iced.Instruction, mode: Mode) -> Run:
 
 def _stack_size(i: iced.Instruction) -> int:
     size = abs(i.stack_pointer_increment)
-    if size == 2:
+    if size == 2 and i.code_size != iced.CodeSize.CODE16:  # real mode's own size is modelled
         raise ModelLimit("16-bit stack operations are not modelled")
     return size
 
@@ -454,7 +464,10 @@ def build_pop(i: iced.Instruction, mode: Mode) -> Run:
     if i.op_kind(0) == OpKind.REGISTER and i.op_register(0) == Register.SS:
         def pop_ss(c):
             selector = c.read(c.regs[RSP], size) & 0xFFFF
-            _check_data_selector(c, selector)
+            if c.mode is Mode.REAL16:
+                _check_real_segment(c, selector)
+            else:
+                _check_data_selector(c, selector)
             c.regs[RSP] = (c.regs[RSP] + size) & c.addr_mask
             _load_ss(c, selector)
             c.rip = nxt
@@ -531,7 +544,7 @@ def build_call(i: iced.Instruction, mode: Mode) -> Run:
 def build_ret(i: iced.Instruction, mode: Mode) -> Run:
     if i.mnemonic != Mnemonic.RET:
         raise ModelLimit("far return is not modelled")
-    size = 8 if mode is Mode.LONG64 else 4
+    size = {Mode.LONG64: 8, Mode.PROTECTED32: 4, Mode.REAL16: 2}[mode]
     extra = i.immediate(0) if i.op_count else 0
 
     def run(c):
@@ -893,6 +906,8 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
     outer privilege level. DS, ES, FS and GS are not nulled on the way out (the model
     does not track them; see _selector()).
     """
+    if mode is Mode.REAL16:
+        return _build_iret_real(i)
     if i.mnemonic == Mnemonic.IRET:
         raise ModelLimit("16-bit IRET is not modelled")
     size = 8 if i.mnemonic == Mnemonic.IRETQ else 4
@@ -930,6 +945,33 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
         c.attn = True
         c.iret_unblocked_nmi = False
         c.trace.append(Iret(rip_here, new_rip, c.retired + 1, was_blocked))
+
+    return run
+
+
+def _build_iret_real(i: iced.Instruction) -> Run:
+    """IRET in real-address mode (SDM Vol.2 IRET, REAL-ADDRESS-MODE): pop IP, CS and FLAGS, 16
+    bits each; at CPL 0 every FLAGS bit loads (IOPL and NT too). NMI blocking ends as in any
+    mode (SDM 6.7.1). IRETD (32-bit operands) in real mode is not modelled."""
+    if i.mnemonic != Mnemonic.IRET:
+        raise ModelLimit("IRETD in real mode is not modelled")
+    rip_here = i.ip
+    word = 2
+
+    def run(c):
+        was_blocked = c.nmi_blocked
+        c.nmi_blocked = False
+        c.iret_unblocked_nmi = was_blocked
+        sp = c.regs[RSP] & 0xFFFF
+        stack = c.ss << 4
+        new_ip, cs, flags = (c.read(stack + ((sp + word * k) & 0xFFFF), word) for k in range(3))
+        c.rflags = (c.rflags & ~0xFFFF) | (flags & POPF_MASK & 0xFFFF) | RFLAGS_FIXED
+        c.regs[RSP] = (c.regs[RSP] & ~0xFFFF) | ((sp + 3 * word) & 0xFFFF)
+        c.load_real_cs(cs)
+        c.rip = new_ip
+        c.attn = True
+        c.iret_unblocked_nmi = False
+        c.trace.append(Iret(rip_here, new_ip, c.retired + 1, was_blocked))
 
     return run
 

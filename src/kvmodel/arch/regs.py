@@ -6,8 +6,9 @@ from enum import IntEnum
 
 
 class Mode(IntEnum):
-    """The two flat modes kvmodel runs guests in; the value is the address width."""
+    """The modes kvmodel runs guests in; the value is the operand and offset width."""
 
+    REAL16 = 16  # real-address mode, CR0.PE=0: segment*16 + offset (SDM 20.1)
     PROTECTED32 = 32  # 32-bit protected mode, flat segments, paging for not-present pages
     LONG64 = 64  # IA-32e 64-bit mode, flat, identity-mapped
 
@@ -100,6 +101,17 @@ USER_CODE_SELECTOR = 0x33  # GDT index 6, RPL 3
 RPL_MASK = 3
 
 
+# Real mode (SDM 20.1.1): linear = segment * 16 + offset. With A20 enabled, as under KVM
+# (no A20 gate), FFFF:FFFF reaches 10FFEFh; the mask covers it without wrapping.
+REAL_ADDR_MASK = 0x1FFFFF
+REAL_OFFSET_MASK = 0xFFFF
+
+
+def real_base(segment: int) -> int:
+    """A real-mode segment's base (SDM 20.1.1)."""
+    return (segment & 0xFFFF) << 4
+
+
 def cpl_of(cs: int) -> int:
     """CPL is CS.RPL in protected and IA-32e mode (SDM 5.5)."""
     return cs & RPL_MASK
@@ -110,6 +122,7 @@ TSS_RSP0 = 0x04  # 64-bit TSS: RSP0; 32-bit TSS: ESP0
 TSS_SS0 = 0x08  # 32-bit TSS only
 
 # CR0 and CR4 bits event delivery depends on (SDM 2.5).
+CR0_PE = 1 << 0  # protected mode; clear: real-address mode (SDM 2.5)
 CR0_MP = 1 << 1
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3

@@ -297,6 +297,23 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: x86/emulator: Fix handing of POP SS to correctly set interruptibility (Michal "
         "Luczaj, upstream 6aa5c47c351b); em_pop_sreg()",
         ("svm", "vmx"), "scenarios/virt/fep_pop_ss_shadow_holds_nmi.toml"),
+    Bug("real_mode_error_code_at_queue",
+        "whether an exception has an error code is decided when it is queued "
+        "(kvm_multiple_exception() drops it outside protected mode), not when it is injected: an "
+        "exception that reaches the queue another way, here a #GP with an error code that "
+        "KVM_SET_VCPU_EVENTS stuffs into a real-mode vCPU, is injected with DELIVER_CODE set, and "
+        "VM entry fails (SDM 26.2.1.3: the bit must be 0 with CR0.PE=0)",
+        "KVM: x86: determine if an exception has an error code only when injecting it. (Maxim "
+        "Levitsky, 2021, upstream b97f07458373; stable 5.10.55): the mode may change between "
+        "queueing and injection, and an intercepted #PF from AMD's paged real mode has an error code",
+        ("vmx",), "scenarios/vmm/real16_crafted_gp_with_error_code.toml"),
+    Bug("real_mode_clears_error_code_value",
+        "kvm_inject_exception() suppresses a real-mode exception's error code by clearing "
+        "error_code instead of has_error_code: a #GP KVM queues for a real-mode guest (RDMSR of an "
+        "unknown MSR) is injected with DELIVER_CODE set and VM entry fails",
+        "KVM: x86: Clear \"has_error_code\", not \"error_code\", for RM exception injection (Sean "
+        "Christopherson, 2023-03-22, upstream 6c41468c7c12; Fixes b97f07458373; Cc stable)",
+        ("vmx",), "scenarios/virt/real16_rdmsr_gp_no_error_code.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -194,6 +194,8 @@ def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
     if scenario.memory_size > CONVENTIONAL_MEMORY:
         return (f"guest memory above {CONVENTIONAL_MEMORY:#x}: a PC has its VGA and BIOS hole "
                 "there, not RAM")
+    if scenario.mode is Mode.REAL16:
+        return "real mode: the boot stub enters protected mode only"
     if scenario.mode is Mode.PROTECTED32 and scenario.rflags & TF:
         return "TF set at reset in 32-bit mode: the stub has no way in that leaves the stack alone"
     return None

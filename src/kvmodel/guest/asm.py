@@ -62,6 +62,7 @@ _LINKER_SCRIPT = """SECTIONS {{
 
 
 class Bits(IntEnum):
+    B16 = 16  # `as --32` with .code16: real-mode code, linked as i386
     B32 = 32
     B64 = 64
 
@@ -247,6 +248,8 @@ def _build(source: str, bits: Bits, base: int, where: _Where,
     with tempfile.TemporaryDirectory(prefix="kvmodel-asm-") as tmp:
         d = Path(tmp)
         src = d / "guest.s"
+        if bits is Bits.B16:
+            source = ".code16; " + source  # on the first line: the line numbers stay
         src.write_text(source if source.endswith("\n") else source + "\n", encoding="utf-8",
                        errors="surrogateescape")
         (d / "link.ld").write_text(_LINKER_SCRIPT.format(base=base))
@@ -256,7 +259,7 @@ def _build(source: str, bits: Bits, base: int, where: _Where,
         limits = max_image * 4 + (16 << 20)
         emulation = "elf_x86_64" if bits is Bits.B64 else "elf_i386"
         defsyms = [arg for name, value in defines for arg in ("--defsym", f"{name}={value:#x}")]
-        result = _tool(["as", f"--{int(bits)}", "-g", "-I", str(INCLUDE_DIR), *defsyms,
+        result = _tool(["as", f"--{max(int(bits), 32)}", "-g", "-I", str(INCLUDE_DIR), *defsyms,
                         "--MD", str(d / "deps.d"), "-o", str(d / "guest.o"), str(src)],
                        cwd, where, limits)
         deps = _dependencies(d / "deps.d", src, cwd, where, roots)

@@ -4,7 +4,8 @@
     0x01000  IDT (256 gates: 16 bytes each in long mode, 8 in protected mode; [cpu] idt_base)
     0x03000  TSS: RSP0 (ESP0, SS0 in protected mode) = 0x30000, and the 64-bit IST slots
     0x10000  guest text, then data and bss (linked at 0x10000 - [cpu] cs_base)
-    0x30000  top of the initial stack (grows down)
+    0x30000  top of the initial stack (grows down); 0xF000 in real mode (SS = 0), where the
+             IVT's 4-byte entries sit at the IDT's place and the code segment is 0x1000
     0x31000+ top of IST stack k at 0x30000 + k * 0x1000, k = 1..7
 
 Memory is flat and identity-mapped; a page the scenario marks not present
@@ -29,6 +30,7 @@ IDT_BASE = 0x1000
 TSS_BASE = 0x3000
 CODE_BASE = 0x10000
 STACK_TOP = 0x30000
+REAL_STACK_TOP = 0xF000  # real mode: SS = 0, so the stack must lie below 64 KiB
 IST_STACK_BASE = 0x30000
 DEFAULT_MEMORY = 0x40000
 PAGE = 0x1000
@@ -64,7 +66,12 @@ def encode_gate(gate: Gate, mode: Mode) -> bytes:
 
 
 def gate_size(mode: Mode) -> int:
-    return 16 if mode is Mode.LONG64 else 8
+    return {Mode.LONG64: 16, Mode.PROTECTED32: 8, Mode.REAL16: 4}[mode]
+
+
+def encode_ivt_entry(handler: int, cs_base: int) -> bytes:
+    """Real mode: IP then CS (SDM 20.1.4 Figure 20-2); handlers are in the guest's code segment."""
+    return ((handler & 0xFFFF) | (cs_base >> 4) << 16).to_bytes(4, "little")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +103,8 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     mem[machine.base:machine.base + len(machine.image)] = machine.image
     for vector, gate in machine.gates:
         at = machine.idt_base + vector * gate_size(mode)
-        mem[at:at + gate_size(mode)] = encode_gate(gate, mode)
+        mem[at:at + gate_size(mode)] = (encode_ivt_entry(gate.handler, machine.cs_base)
+                                        if mode is Mode.REAL16 else encode_gate(gate, mode))
     # The stack a delivery from CPL 3 switches to (SDM 6.12.1, 6.14.4): the initial one.
     if mode is Mode.LONG64:
         mem[TSS_BASE + TSS_RSP0:TSS_BASE + TSS_RSP0 + 8] = STACK_TOP.to_bytes(8, "little")
@@ -118,6 +126,8 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     cpu.cs_base = machine.cs_base
     cpu.rip = machine.entry
     cpu.regs[RSP] = STACK_TOP
+    if mode is Mode.REAL16:
+        cpu.cs, cpu.ss, cpu.regs[RSP] = machine.cs_base >> 4, 0, REAL_STACK_TOP
     for index, value in machine.registers:
         cpu.regs[index] = value
     cpu.rflags = machine.rflags | 0x2

@@ -20,7 +20,7 @@ from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
-from kvmodel.arch.regs import DR6_BS, DR7_GD, IF, RF, RSP, TF
+from kvmodel.arch.regs import CR0_PE, DR6_BS, DR7_GD, IF, RF, RSP, TF
 from kvmodel.errors import KvmodelError, ModelLimit
 from kvmodel.kvm import lapic
 from kvmodel.kvm.uapi import (
@@ -311,6 +311,8 @@ class Vcpu:
         exception_vmexit for the vendor's check_nested_events() to make it L1's VM exit,
         before any merging with what L2 has queued (kvm_queue_exception_vmexit())."""
         self.requests |= Request.EVENT
+        if _faults.on("real_mode_error_code_at_queue") and not self.cpu.cr0 & CR0_PE:
+            error_code = None  # before b97f07458373 the mode at queue time decided
         if _faults.on("exception_morph_at_injection"):
             self._queue_for_late_morph(vector, error_code, payload)
             return
@@ -572,7 +574,17 @@ class Vcpu:
             self.warnings.append(what)
 
     def _inject_exception(self, reinjected: bool) -> None:
-        """kvm_inject_exception()."""
+        """kvm_inject_exception(): a real-mode guest's exception has no error code (SDM 20.1.4),
+        so it is stripped here, at injection, when the mode is known (b97f07458373, "KVM: x86:
+        determine if an exception has an error code only when injecting it."; 6c41468c7c12
+        clears has_error_code, not error_code). The flag stays with the queued exception
+        until then: an intercepted #PF VM exit from AMD's paged real mode reports one."""
+        exc = self.exception
+        if not self.cpu.cr0 & CR0_PE and not _faults.on("real_mode_error_code_at_queue"):
+            if _faults.on("real_mode_clears_error_code_value"):
+                exc.error_code = 0  # the typo b97f07458373 shipped: the flag stays set
+            else:
+                exc.has_error_code = False
         self.ops.inject_exception()
         self._record("exception", self.exception.vector, reinjected)
 
@@ -991,6 +1003,9 @@ class Vcpu:
         if not long_mode and sregs.efer & _EFER_LMA:
             raise InvalidArgument("kvm_is_valid_sregs(): EFER.LMA outside long mode")
         cpu = self.cpu
+        if (sregs.cr0 ^ cpu.cr0) & CR0_PE:
+            raise ModelLimit("KVM_SET_SREGS switching between real and protected mode (CR0.PE) "
+                             "is not modelled: the core's mode is fixed for a run", cpu.rip)
         cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = (sregs.cr0, sregs.cr2, sregs.cr3,
                                                         sregs.cr4, sregs.efer)
         cpu.idtr_base, cpu.idtr_limit = sregs.idt_base, sregs.idt_limit

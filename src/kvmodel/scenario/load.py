@@ -18,7 +18,7 @@ from kvmodel.arch.events import EventType, parse_vector, saved_ip_undefined
 from kvmodel.arch.regs import Mode
 from kvmodel.arch.task import FIRST_TASK_SELECTOR, TASK_GATE
 from kvmodel.errors import ScenarioError
-from kvmodel.guest.layout import DEFAULT_MEMORY, IDT_BASE, GateKind
+from kvmodel.guest.layout import CODE_BASE, DEFAULT_MEMORY, IDT_BASE, GateKind
 from kvmodel.scenario.locate import Locator
 from kvmodel.scenario.schema import (
     CHOICE_KEYS,
@@ -500,6 +500,11 @@ def _task_gate(ctx: _Ctx, key: str, spec: dict, mode: Mode,
 def _cs_base(ctx: _Ctx, cpu: dict, mode: Mode) -> int:
     """The code segment's base: the guest is linked at CODE_BASE - cs_base and loaded at CODE_BASE."""
     base = cpu.get("cs_base", 0)
+    if mode is Mode.REAL16:
+        if "cs_base" in cpu:
+            raise ctx.error("[cpu] cs_base: real16 code runs in segment 0x1000 (base 0x10000)",
+                            "cpu", "cs_base")
+        return CODE_BASE  # real mode: CS = 0x1000, labels are offsets in it (layout.py)
     if base and mode is not Mode.PROTECTED32:
         raise ctx.error("[cpu] cs_base needs protected32 mode (64-bit mode ignores CS.base)",
                         "cpu", "cs_base")

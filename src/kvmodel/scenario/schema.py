@@ -245,7 +245,7 @@ MAX_HAPPENINGS = 1_000  # [[happen]] tables in one file (arch/cpu.py looks at ea
 MIN_MEMORY_KIB = DEFAULT_MEMORY // 1024  # the layout's IST stacks end at 0x38000
 MAX_MEMORY_KIB = 64 * 1024  # a run allocates and copies all of it
 
-MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32}
+MODES = {"long64": Mode.LONG64, "protected32": Mode.PROTECTED32, "real16": Mode.REAL16}
 EVENT_TYPES = {t.name.lower(): t for t in EventType}
 EVENTS = {"nmi": External.NMI, "interrupt": External.INTERRUPT,
           "host_interrupt": External.HOST_INTERRUPT, "host_nmi": External.HOST_NMI,

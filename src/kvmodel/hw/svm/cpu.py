@@ -12,7 +12,7 @@ from collections.abc import Callable
 from kvmodel.arch import deliver
 from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded
-from kvmodel.arch.events import Event, EventType, Vec, has_error_code
+from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.ghcb import MSR_AMD64_SEV_ES_GHCB
 from kvmodel.arch.host import Exiting
@@ -245,7 +245,8 @@ class SvmGuest(GuestMode):
         self._save_vnmi(vectoring, self._where)
         rf = True if self._rf else None
         if vectoring is not None:
-            code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
+            code = (vectoring.error_code if delivers_error_code(vectoring.vector, vectoring.type, cpu.cr0)
+                    else None)
             vmcb.exit_int_info = encode(vectoring.vector, event_inj_type(vectoring.type), code)
             vmcb.exit_int_info_err = code or 0
             rf = frame_rf(vectoring)  # as VMX does (SDM 27.3.3); for SVM UNVERIFIED
@@ -277,6 +278,7 @@ class SvmGuest(GuestMode):
         vmcb.rip = cpu.rip
         vmcb.rsp = cpu.regs[RSP]
         vmcb.rflags = cpu.rflags
+        vmcb.cs_base = cpu.cs_base  # moves in real mode when CS does (SDM 20.1.1)
 
     # -- arch/host.py hooks ---------------------------------------------------
 
@@ -296,7 +298,7 @@ class SvmGuest(GuestMode):
             cpu.rip = event.rip
             cpu.retired += 1
             where = Where.BOUNDARY
-        code = event.error_code if has_error_code(event.vector, event.type) else None
+        code = event.error_code if delivers_error_code(event.vector, event.type, cpu.cr0) else None
         if event.vector == Vec.DB:
             # DR6 is written before the intercept: UNVERIFIED against APM 15.12; KVM's
             # db_interception() takes the #DB's condition from the VMCB's DR6.

@@ -10,10 +10,10 @@ from __future__ import annotations
 from kvmodel.arch import deliver, fred
 from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded, IoAccess
-from kvmodel.arch.events import Event, EventType, Vec, has_error_code, vector_name
+from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.host import Exiting
-from kvmodel.arch.regs import DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.arch.regs import CR0_PE, DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
@@ -188,7 +188,8 @@ class VmxGuest(GuestMode):
         vectoring = cpu.vectoring
         rf = self._rf
         if vectoring is not None:
-            code = vectoring.error_code if has_error_code(vectoring.vector, vectoring.type) else None
+            code = (vectoring.error_code if delivers_error_code(vectoring.vector, vectoring.type, cpu.cr0)
+                    else None)
             nested = vectoring.nested and fred.enabled(cpu)
             vmcs.idt_vectoring_info = intr_info(vectoring.vector, vectoring.type, code, nested)
             vmcs.idt_vectoring_error_code = code or 0
@@ -242,7 +243,7 @@ class VmxGuest(GuestMode):
         if not self.vmcs.exception_bitmap >> event.vector & 1:
             return
         where = event_where(cpu, event)
-        code = event.error_code if has_error_code(event.vector, event.type) else None
+        code = event.error_code if delivers_error_code(event.vector, event.type, cpu.cr0) else None
         info = intr_info(event.vector, event.type, code, event.nested and fred.enabled(cpu))
         if where is Where.INSTRUCTION and cpu.iret_unblocked_nmi and event.vector != Vec.DF:
             info |= INTR_INFO_UNBLOCK_NMI  # a fault on IRET that had unblocked NMIs (27.2.2)
@@ -359,12 +360,16 @@ def check_entry(vmcs: Vmcs, cpu: Cpu) -> None:
     One source for the CPU (VmxGuest.enter()) and for nested KVM, which checks
     vmcs12 before it builds vmcs02 (nested_vmx_run()).
     """
-    check_entry_controls(vmcs, fred.enabled(cpu))
+    check_entry_controls(vmcs, fred.enabled(cpu), protected=bool(cpu.cr0 & CR0_PE))
     check_entry_interruptibility(vmcs)
 
 
-def check_entry_controls(vmcs: Vmcs, fred_on: bool) -> None:
-    """The VM-entry event-injection fields (SDM 26.2.1.3; KVM nested_check_vm_entry_controls())."""
+def check_entry_controls(vmcs: Vmcs, fred_on: bool, protected: bool = True) -> None:
+    """The VM-entry event-injection fields (SDM 26.2.1.3; KVM nested_check_vm_entry_controls()).
+
+    `protected`: the guest's CR0.PE. With it clear (real mode under unrestricted guest, the
+    only real mode the model has) no exception delivers an error code, so the deliver bit
+    must be 0 (SDM 26.2.1.3)."""
     info = vmcs.entry_intr_info
     if not info & INTR_INFO_VALID:
         return
@@ -378,7 +383,8 @@ def check_entry_controls(vmcs: Vmcs, fred_on: bool) -> None:
         raise EntryFailed("NMI injection with a vector other than 2")
     if type_ == EventType.HW_EXCEPTION and vector > 31:
         raise EntryFailed(f"hardware exception vector {vector} > 31")
-    wants_code = type_ == EventType.HW_EXCEPTION and has_error_code(vector, EventType.HW_EXCEPTION)
+    wants_code = (protected and type_ == EventType.HW_EXCEPTION
+                  and has_error_code(vector, EventType.HW_EXCEPTION))
     if bool(info & INTR_INFO_DELIVER_CODE) != wants_code:
         raise EntryFailed(f"deliver-error-code bit wrong for {vector_name(vector)} type {type_}")
     if wants_code and vmcs.entry_exception_error_code >> 16:
