@@ -288,7 +288,7 @@ def _run_limit(state: ResetState, model: RunResult) -> str | None:
         return ("a #DB returns to the place where an NMI or interrupt arrives: the gdbstub "
                 "breakpoint that holds the guest there cannot be told apart from the guest's "
                 "own debug trap or code breakpoint")
-    if any(isinstance(o, Retire) and o.text.startswith("mov cr3,") for o in model.trace):
+    if any(isinstance(o, Retire) and _writes_cr3(o.text) for o in model.trace):
         return ("the guest writes CR3: the stub's page tables are not the model's (reading it is "
                 "fine: the model's CR3 is the stub's paging root, arch/regs.py BOOT_CR3)")
     reason = _logger_reads_absent_page(state, model)
@@ -300,6 +300,11 @@ def _run_limit(state: ResetState, model: RunResult) -> str | None:
     if bytes(model.memory[start:end]) != state.memory[start:end]:
         return "the guest rewrites its IDT: the logging copy would go stale"
     return None
+
+
+def _writes_cr3(text: str) -> bool:
+    """MOV to CR3, in the trace's AT&T syntax (`mov %rax,%cr3`)."""
+    return text.startswith("mov ") and text.endswith(",%cr3")
 
 
 def _logger_reads_absent_page(state: ResetState, model: RunResult) -> str | None:
