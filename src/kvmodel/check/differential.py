@@ -172,7 +172,7 @@ class Exported:
 def export(scenario: Scenario, out: Path) -> Exported:
     """The image and its run script (`kvmodel export`), and the selftests for its findings.
 
-    A scenario that cannot boot as an image (happenings, an L1 hypervisor,
+    A scenario that cannot boot as an image (happenings, an L1 VMX hypervisor,
     ...) still gets its reproducers; with neither, it is a model limit.
     """
     written = write_reproducers(reproducers_for(scenario.path), out)
