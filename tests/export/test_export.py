@@ -371,3 +371,51 @@ def test_a_vmm_script_is_not_realizable():
     sc = scenario("start:\n    nop\nidle:\n    hlt\n",
                   '[[vmm]]\ncall = "KVM_NMI"\nat = "idle"\n')
     assert "VMM script" in static_limit(sc)
+
+
+def test_guest_that_writes_cr3_is_not_realizable(tmp_path):
+    sc = scenario("start:\n    mov %cr3, %rax\n    mov %rax, %cr3\n    hlt\n")
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.NOT_REALIZABLE and "writes CR3" in result.reason
+
+
+@needs_qemu
+def test_cr3_and_gdtr_read_the_same_in_qemu_as_in_the_model(tmp_path):
+    """The model boots with the stub's GDTR and paging root (arch/regs.py BOOT_GDT_BASE, BOOT_CR3):
+    SGDT and MOV from CR3 are realizable, and both sides see the same values."""
+    sc = scenario("start:\n    mov %cr3, %rax\n    sgdt gdtr\n    mov gdtr+2, %rbx\n    hlt\n"
+                  "gdtr:\n    .skip 10\n")
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, (result.reason, result.difference)
+    assert dict(result.model.final.registers)["rbx"] != 0
+
+
+@needs_qemu
+def test_an_svm_l2_delivery_goes_through_the_logging_stub(tmp_path):
+    """L2 loads IDTR from the VMCB (the guest's IDT at 0x1000): the stub patches that IDT in place,
+    so L2's NMI is logged, and the IDT bytes are left out of the memory comparison."""
+    sc = scenario("""\
+        .include "svm.s"
+        start:
+            SVM_START
+            VMCB_SETUP vmcb, l2_start, l2_stack
+            movl $(EVTINJ_VALID | EVTINJ_TYPE_NMI | 2), vmcb+VMCB_EVENT_INJ(%rip)
+            RUN_L2 vmcb
+            mov vmcb+VMCB_EXIT_CODE(%rip), %rbx
+            hlt
+        nmi_handler:
+            hlt
+        l2_start:
+            hlt
+            .balign 4096
+            .skip 4096
+        l2_stack:
+        vmcb:
+            .skip 4096
+        """, '[cpu]\nsvm = true\nvendor = "svm"\n[idt]\nNMI = "nmi_handler"\n'
+             '[[expect.qemu]]\naccel = "tcg"\nentry = "final"\nfield = "memory"\n'
+             'why = "QEMU 7.2 leaves a stale EXITINTINFO (see scenarios/nested/svm_l1_injects_nmi)"\n')
+    result = differential(sc, tmp_path)
+    assert result.verdict is Verdict.AGREE, (result.reason, result.difference)
+    assert [e.vector for e in result.qemu.events] == [2]
+    assert dict(result.model.final.registers)["rbx"] == 0x78  # SVM_EXIT_HLT

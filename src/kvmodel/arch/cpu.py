@@ -28,6 +28,9 @@ from kvmodel.arch.host import Exiting, Host, HostExit, SvmInstructions, VmxInstr
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
+    BOOT_CR3,
+    BOOT_GDT_BASE,
+    BOOT_GDT_LIMIT,
     BREAKPOINT_LEN,
     CODE_SELECTOR,
     CR4_DE,
@@ -129,7 +132,7 @@ class Cpu:
 
     __slots__ = (
         "mode", "addr_mask", "regs", "rip", "rflags", "cs", "ss", "cr0", "cr2", "cr3", "cr4",
-        "efer", "idtr_base", "idtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
+        "efer", "idtr_base", "idtr_limit", "gdtr_base", "gdtr_limit", "tr_base", "dr", "dr6", "dr7", "apic",
         "nmi_blocked", "nmi_pending", "shadow", "shadow_prev", "pending_dbg", "db_hits",
         "halted", "shutdown", "retired", "mem", "mem_size", "not_present", "slow_mem",
         "exec_bps", "data_bps", "io_bps", "icache", "code_lines", "trace", "record_instructions",
@@ -152,11 +155,12 @@ class Cpu:
         self.ss = DATA_SELECTOR
         self.cr0 = 0x10 if mode is Mode.REAL16 else 0x80000011  # ET; PG, ET, PE
         self.cr2 = 0
-        self.cr3 = 0
+        self.cr3 = BOOT_CR3  # the boot's identity map (not walked: memory is flat)
         self.cr4 = 0x20 if mode is Mode.LONG64 else 0  # PAE in long mode
         self.efer = 0xD00 if mode is Mode.LONG64 else 0  # NXE, LMA, LME
         self.idtr_base = 0
         self.idtr_limit = 0xFFFF
+        self.gdtr_base, self.gdtr_limit = BOOT_GDT_BASE, BOOT_GDT_LIMIT  # read by SGDT only
         self.tr_base = 0
         self.dr = [0, 0, 0, 0]
         self.dr6 = DR6_RESET

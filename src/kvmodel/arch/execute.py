@@ -1018,6 +1018,21 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_sgdt(i: iced.Instruction, mode: Mode) -> Run:
+    """SGDT m: the 16-bit limit, then the base, 8 bytes in 64-bit mode and 4 otherwise (SDM
+    Vol.2 SGDT, 32-bit operand size). Any CPL may run it: the model's CR4 has no UMIP."""
+    ea, nxt = address(i, mode), i.next_ip
+    base_size = 8 if mode is Mode.LONG64 else 4
+
+    def run(c):
+        addr = ea(c)
+        c.write(addr, 2, c.gdtr_limit)
+        c.write(addr + 2, base_size, c.gdtr_base)
+        c.rip = nxt
+
+    return run
+
+
 IA32_APIC_BASE = 0x1B
 APIC_BASE_VALUE = 0xFEE00000 | (1 << 11) | (1 << 10) | (1 << 8)  # EN, EXTD (x2APIC), BSP
 IA32_EFER = 0xC0000080
@@ -1195,6 +1210,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
     Mnemonic.INTO: build_into, Mnemonic.UD2: build_ud2,
     Mnemonic.IRET: build_iret, Mnemonic.IRETD: build_iret, Mnemonic.IRETQ: build_iret,
     Mnemonic.LIDT: build_lidt, Mnemonic.RDMSR: build_rdmsr, Mnemonic.WRMSR: build_wrmsr,
+    Mnemonic.SGDT: build_sgdt,
     Mnemonic.IN: build_in, Mnemonic.OUT: build_out, Mnemonic.CPUID: build_cpuid,
     Mnemonic.DIV: build_div, Mnemonic.IDIV: build_div, Mnemonic.CLTS: build_clts,
     Mnemonic.FNOP: build_x87_nop, Mnemonic.WAIT: build_x87_nop,

@@ -94,6 +94,11 @@ class Shadow(IntEnum):
 # base); the selectors carry RPL 3 and are Linux's __USER_DS and __USER_CS, in the
 # order SYSRET needs (SS = STAR[63:48] + 8, CS = + 16). GDT index 3 (and 4 in long
 # mode) is the TSS.
+# The boot's GDT and paging root: outside guest memory, where the exported boot stub puts them
+# (export/boot.py), so that SGDT and MOV from CR3 read the same in the model and in QEMU.
+BOOT_GDT_BASE = 0x1001000
+BOOT_GDT_LIMIT = 7 * 8 - 1  # null, code, data, TSS (two slots in long mode), user data and code
+BOOT_CR3 = 0x1002000
 CODE_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
 USER_DATA_SELECTOR = 0x2B  # GDT index 5, RPL 3

@@ -12,8 +12,16 @@ The stub then reproduces the model's CPU at reset (`reset.py`):
   the IDTR limit and the TSS for IST stacks, DR0-DR7, every general register,
   RFLAGS and RIP, loaded last by IRETQ (long mode) or a far jump (32-bit).
 
+The GDT and the paging root are at the addresses the model's GDTR and CR3
+hold (arch/regs.py BOOT_GDT_BASE, BOOT_CR3), so that an L1 hypervisor's SGDT
+and MOV from CR3 read the same values here as on the model.
+
 Observation: IDTR points at a copy of the guest's IDT in which every present
-gate enters a logging stub instead of the handler (`kv_vec_N`). The stub saves
+gate enters a logging stub instead of the handler (`kv_vec_N`). For an L1
+hypervisor the guest's own IDT is patched in place instead: its L2 loads
+IDTR from the VMCB (the guest's IDT address), and its deliveries must be
+logged too; the memory comparison leaves those IDT bytes out
+(check/qemu_compare.py). The stub saves
 what it touches in memory of its own (never on the guest's stack), switches
 DR7 off while it reads the frame, writes one record to the debug port and
 jumps to the guest's handler with every register, flag and the stack as the
@@ -276,13 +284,17 @@ def _tables(state: ResetState) -> str:
     """GDT, the logging copy of the IDT, the handlers' addresses and the page tables."""
     word = ".quad" if state.mode is Mode.LONG64 else ".long"
     handlers = {g.vector: g.handler for g in state.gates}
-    lines = [".data", ".balign 16", "kv_gdt:", *_gdt(state), "kv_gdt_end:",
+    idt = f"{state.idtr_base:#x}" if state.idt_in_place else "kv_idt"
+    root, tables = _page_tables(state)
+    lines = ['.section .kv_fixed, "aw"', "kv_gdt:", *_gdt(state), "kv_gdt_end:",
+             ".balign 4096", "kv_root:", *root,
+             ".data", ".balign 16",
              "kv_gdtr:", "    .word kv_gdt_end - kv_gdt - 1", "    .quad kv_gdt",
-             ".balign 16", "kv_idtr:", f"    .word {state.idtr_limit:#x}", "    .quad kv_idt",
+             ".balign 16", "kv_idtr:", f"    .word {state.idtr_limit:#x}", f"    .quad {idt}",
              ".balign 16", "kv_handlers:"]
     lines += [f"    {word} {handlers.get(v, 0):#x}" for v in range(256)]
     lines += [".balign 16", "kv_idt:", *_logging_idt(state)]
-    lines += [".balign 4096", *_page_tables(state)]
+    lines += [".balign 4096", *tables]
     return "\n".join(lines)
 
 
@@ -316,11 +328,13 @@ def _logging_idt(state: ResetState) -> list[str]:
 
 
 def _patch_idt(state: ResetState) -> str:
-    """Each present gate's offset becomes its logging entry, relative to CS.base (SDM 6.14.1)."""
+    """Each present gate's offset becomes its logging entry, relative to CS.base (SDM 6.14.1), in
+    the copy or, for an L1 hypervisor, in the guest's IDT just copied into place."""
     size = gate_size(state.mode)
+    idt = f"{state.idtr_base:#x}" if state.idt_in_place else "kv_idt"
     lines = []
     for gate in state.gates:
-        at = f"kv_idt + {gate.vector * size}"
+        at = f"{idt} + {gate.vector * size}"
         lines += [f"    mov $kv_vec_{gate.vector} - {state.cs_base:#x}, %eax",
                   f"    mov %ax, {at}", "    shr $16, %eax", f"    mov %ax, {at} + 6"]
         if size == 16:
@@ -328,16 +342,17 @@ def _patch_idt(state: ResetState) -> str:
     return "\n".join(lines)
 
 
-def _page_tables(state: ResetState) -> list[str]:
+def _page_tables(state: ResetState) -> tuple[list[str], list[str]]:
     """The scenario's absent pages, and every page from the end of guest memory up to the
-    stub: the model's memory ends there, and an access beyond it faults (arch/cpu.py)."""
+    stub: the model's memory ends there, and an access beyond it faults (arch/cpu.py).
+    The root table (CR3's page) apart from the others."""
     holes = state.not_present | frozenset(range(len(state.memory) // PAGE, STUB_BASE // PAGE))
     if state.mode is Mode.LONG64:
         return _paging_long(holes)
     return _paging_32(holes)
 
 
-def _paging_long(holes: frozenset[int]) -> list[str]:
+def _paging_long(holes: frozenset[int]) -> tuple[list[str], list[str]]:
     """Identity map of the first GiB: 2 MiB pages, 4 KiB tables where a page is absent; every
     level user-accessible (U/S=1), as the model's pages are to CPL 3."""
     split = {page >> 9 for page in holes if page < 1 << 18}
@@ -345,8 +360,8 @@ def _paging_long(holes: frozenset[int]) -> list[str]:
                                                                           (region + 1) << 9))}
     split = sorted(split - absent)
     apic_gib, apic_region = APIC_BASE >> 30, (APIC_BASE >> 21) & 511
-    lines = ["kv_pml4:", "    .quad kv_pdpt + 7", "    .fill 511, 8, 0",
-             "kv_pdpt:", "    .quad kv_pd + 7", f"    .fill {apic_gib - 1}, 8, 0",
+    root = ["kv_pml4:", "    .quad kv_pdpt + 7", "    .fill 511, 8, 0"]
+    lines = ["kv_pdpt:", "    .quad kv_pd + 7", f"    .fill {apic_gib - 1}, 8, 0",
              "    .quad kv_pd_apic + 3", f"    .fill {511 - apic_gib}, 8, 0",
              "kv_pd_apic:", f"    .fill {apic_region}, 8, 0",
              f"    .quad {APIC_BASE | _UNCACHED | 0x83:#x}", f"    .fill {511 - apic_region}, 8, 0",
@@ -362,23 +377,23 @@ def _paging_long(holes: frozenset[int]) -> list[str]:
         lines.append(f"kv_pt{region}:")
         lines += [f"    .quad {_pte(page, holes):#x}" for page in range(region << 9,
                                                                        (region + 1) << 9)]
-    return lines
+    return root, lines
 
 
-def _paging_32(holes: frozenset[int]) -> list[str]:
+def _paging_32(holes: frozenset[int]) -> tuple[list[str], list[str]]:
     """32-bit paging without PSE (the model's CR4 is 0): 4 KiB pages up to 32 MiB."""
     tables = (STUB_BASE * 2) >> 22
     apic_table, apic_page = APIC_BASE >> 22, (APIC_BASE >> 12) & 1023
-    lines = ["kv_pd:"]
-    lines += [f"    .long kv_pt{t} + 7" for t in range(tables)]
-    lines += [f"    .fill {apic_table - tables}, 4, 0", "    .long kv_pt_apic + 3",
-              f"    .fill {1023 - apic_table}, 4, 0",
-              "kv_pt_apic:", f"    .fill {apic_page}, 4, 0",
+    root = ["kv_pd:"]
+    root += [f"    .long kv_pt{t} + 7" for t in range(tables)]
+    root += [f"    .fill {apic_table - tables}, 4, 0", "    .long kv_pt_apic + 3",
+             f"    .fill {1023 - apic_table}, 4, 0"]
+    lines = ["kv_pt_apic:", f"    .fill {apic_page}, 4, 0",
               f"    .long {APIC_BASE | _UNCACHED | 3:#x}", f"    .fill {1023 - apic_page}, 4, 0"]
     for t in range(tables):
         lines.append(f"kv_pt{t}:")
         lines += [f"    .long {_pte(page, holes):#x}" for page in range(t << 10, (t + 1) << 10)]
-    return lines
+    return root, lines
 
 
 def _pte(page: int, holes: frozenset[int]) -> int:

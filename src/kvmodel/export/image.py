@@ -12,6 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmodel.arch.regs import BOOT_CR3, BOOT_GDT_BASE
 from kvmodel.errors import ToolMissing
 from kvmodel.export.boot import DEBUG_PORT, STUB_BASE, boot_source
 from kvmodel.export.reset import ResetState
@@ -23,6 +24,8 @@ _LINKER_SCRIPT = f"""ENTRY(kv_start)
 SECTIONS {{
   . = {STUB_BASE:#x};
   .multiboot : {{ *(.multiboot) }}
+  . = {BOOT_GDT_BASE:#x};
+  .kv_fixed : {{ *(.kv_fixed) }}
   .text : {{ *(.text) }}
   .data : {{ *(.data) }}
   .bss : {{ *(.bss) *(COMMON) }}
@@ -54,6 +57,9 @@ def build_image(state: ResetState, out: Path) -> Image:
         parts = line.split()
         if len(parts) == 3:
             symbols[parts[2]] = int(parts[0], 16)
+    if (symbols.get("kv_gdt"), symbols.get("kv_root")) != (BOOT_GDT_BASE, BOOT_CR3):
+        raise RuntimeError("the boot stub's GDT or paging root is not where the model's GDTR and "
+                           "CR3 say (arch/regs.py BOOT_GDT_BASE, BOOT_CR3)")
     script = out / "run.sh"
     script.write_text("#!/bin/sh\n# Boot the exported scenario; the log is written to "
                       f"{LOG}.\ncd \"$(dirname \"$0\")\"\nexec "

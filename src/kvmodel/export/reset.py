@@ -40,6 +40,9 @@ class ResetState:
     efer: int
     not_present: frozenset[int]  # page numbers
     gates: tuple[Gate, ...]
+    # An L1 hypervisor's L2 loads IDTR from the VMCB: the logging entries go into the guest's own
+    # IDT, not a copy of it (boot.py), so that L2's deliveries are logged too.
+    idt_in_place: bool = False
 
     @property
     def word(self) -> int:
@@ -53,7 +56,8 @@ def reset_state(cpu: Cpu) -> ResetState:
         rflags=cpu.rflags, cs_base=cpu.cs_base, idtr_base=cpu.idtr_base,
         idtr_limit=cpu.idtr_limit, tr_base=cpu.tr_base, dr=tuple(cpu.dr), dr6=cpu.dr6,
         dr7=cpu.dr7, cr0=cpu.cr0, cr4=cpu.cr4, efer=cpu.efer,
-        not_present=frozenset(cpu.not_present), gates=_present_gates(cpu))
+        not_present=frozenset(cpu.not_present), gates=_present_gates(cpu),
+        idt_in_place=cpu.svm is not None)
 
 
 def _present_gates(cpu: Cpu) -> tuple[Gate, ...]:

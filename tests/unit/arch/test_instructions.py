@@ -5,7 +5,7 @@ Values come from the SDM Vol.2 instruction pages; each program ends in HLT.
 
 import pytest
 
-from kvmodel.arch.regs import AF, CF, OF, PF, SF, ZF
+from kvmodel.arch.regs import AF, BOOT_CR3, BOOT_GDT_BASE, BOOT_GDT_LIMIT, CF, OF, PF, SF, ZF
 from kvmodel.errors import ModelLimit
 from kvmodel.scenario.load import parse
 from kvmodel.scenario.runner import run
@@ -115,3 +115,17 @@ def test_changing_cr0_is_a_model_limit():
 
 def test_model_limit_is_an_error_type():
     assert issubclass(ModelLimit, Exception)
+
+
+def test_sgdt_stores_the_boot_gdtr_and_cr3_reads_the_boot_root():
+    """SGDT m16&64 (SDM Vol.2 SGDT): limit, then the 8-byte base; the model boots with the
+    exported stub's GDT and paging root (arch/regs.py), so MOV from CR3 reads its address."""
+    got = final("sgdt 0x3000\n mov 0x3000, %ax\n mov 0x3002, %rbx\n mov %cr3, %rcx")
+    assert got["rax"] & 0xFFFF == BOOT_GDT_LIMIT
+    assert (got["rbx"], got["rcx"]) == (BOOT_GDT_BASE, BOOT_CR3)
+
+
+def test_sgdt_in_protected_mode_stores_a_32_bit_base():
+    got = final("movl $-1, 0x3004\n sgdt 0x3000\n mov 0x3002, %ebx\n mov 0x3006, %ecx",
+                mode="protected32")
+    assert (got["ebx"], got["ecx"] & 0xFFFF) == (BOOT_GDT_BASE, 0xFFFF)  # 6 bytes written

@@ -172,7 +172,7 @@ def test_every_tooltip_is_the_text_reports_line():
     assert len(tips) == len(result.trace)
     assert all(tip in lines for tip in tips), [t for t in tips if t not in lines]
     final = next(m for m in marks(root) if "final" in classes(m))
-    assert final.find("s:title", NS).text.startswith("stop: halted after 24 retired; rip=")
+    assert final.find("s:title", NS).text.startswith("stop: halted after 50 retired; rip=")
 
 
 def test_labels_name_vectors_handlers_and_exits():

@@ -18,7 +18,9 @@ no VMCB field holds without vNMI, so it stays as L2 left it at #VMEXIT.
 
 Not modelled: the host save area (VM_HSAVE_PA; the model keeps L1's state
 beside memory), nested paging and ASIDs (L2 shares L1's identity-mapped
-memory), segment and control registers (flat, as L1's), what VMLOAD/VMSAVE
+memory), segment and control registers (L2 runs flat, as L1: VMRUN checks that the VMCB's
+CR0, CR3, CR4 and DR7 are L1's, else a model limit; its segments, GDTR, DR6 and G_PAT are
+not read), what VMLOAD/VMSAVE
 move, vNMI for L2 without the NMI intercept, vGIF for L2 without both the
 INTR and NMI intercepts (ModelLimit). With vGIF (V_GIF_ENABLE in L1's
 VMCB) L2's STGI/CLGI flip V_GIF, which holds its virtual interrupts and
@@ -71,6 +73,10 @@ def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
     rip = cpu.rip
     if vmcb.cs_base or cpu.cs_base:
         raise ModelLimit("code segments with a base (CS.base) in nested SVM are not modelled", rip)
+    theirs = (vmcb.cr0, vmcb.cr3, vmcb.cr4, vmcb.dr7)
+    if theirs != (cpu.cr0, cpu.cr3, cpu.cr4, cpu.dr7):
+        raise ModelLimit("an L2 whose CR0, CR3, CR4 or DR7 differ from L1's is not modelled (L2 "
+                         "runs as L1 does; VMCB_SETUP copies them)", rip)
     if vmcb.int_ctl & V_NMI_ENABLE and Intercept.NMI not in vmcb.intercepts:
         raise ModelLimit("vNMI for L2 without the NMI intercept is not modelled", rip)
     if vmcb.int_ctl & V_GIF_ENABLE and not {Intercept.INTR, Intercept.NMI} <= vmcb.intercepts:
@@ -78,8 +84,12 @@ def check_vmcb_for_model(vmcb: Vmcb, cpu: Cpu) -> None:
 
 
 def vmrun_failure(vmcb: Vmcb) -> str | None:
-    """Consistency checks of the save area the model has (APM 15.5.1): EFER.SVME must be set."""
-    return None if vmcb.efer & EFER_SVME else "EFER.SVME is clear in the guest state"
+    """The consistency checks the model makes (APM 15.5.1 "Canonicalization and Consistency
+    Checks"): EFER.SVME set and a nonzero ASID (KVM: nested_vmcb_check_save() and
+    nested_vmcb_check_controls()). Those on CR0, CR3 and CR4 cannot fail: they are L1's."""
+    if not vmcb.efer & EFER_SVME:
+        return "EFER.SVME is clear in the guest state"
+    return "the ASID is zero" if vmcb.asid == 0 else None
 
 
 class SvmRoot:

@@ -163,6 +163,12 @@ class Vmcb:
     idtr_base: int = 0
     idtr_limit: int = 0
     efer: int = 0
+    # read by VMRUN to check them (hw/svm/root.py): the model runs L2 with L1's values
+    asid: int = 0
+    cr0: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    dr7: int = 0
 
 
 class Offset(IntEnum):
@@ -175,6 +181,7 @@ class Offset(IntEnum):
     INTERCEPT_WORD4 = 0x010
     IOPM_BASE_PA = 0x040
     MSRPM_BASE_PA = 0x048
+    ASID = 0x058
     INT_CTL = 0x060
     INT_VECTOR = 0x064
     INT_STATE = 0x068
@@ -190,6 +197,10 @@ class Offset(IntEnum):
     IDTR_LIMIT = 0x484
     IDTR_BASE = 0x488
     EFER = 0x4D0
+    CR4 = 0x548
+    CR3 = 0x550
+    CR0 = 0x558
+    DR7 = 0x560
     RFLAGS = 0x570
     RIP = 0x578
     RSP = 0x5D8
@@ -198,14 +209,15 @@ class Offset(IntEnum):
 
 _WIDTH = {Offset.INT_CTL: 4, Offset.INT_VECTOR: 4, Offset.INT_STATE: 4, Offset.EXIT_INT_INFO: 4,
           Offset.EXIT_INT_INFO_ERR: 4, Offset.EVENT_INJ: 4, Offset.EVENT_INJ_ERR: 4,
-          Offset.IDTR_LIMIT: 4}  # the rest are 8 bytes wide
+          Offset.IDTR_LIMIT: 4, Offset.ASID: 4}  # the rest are 8 bytes wide
 # Vmcb attribute <- offset, for what VMRUN reads (besides the intercepts) and #VMEXIT writes.
 _VMRUN_READS = {Offset.IOPM_BASE_PA: "iopm_base_pa", Offset.MSRPM_BASE_PA: "msrpm_base_pa",
                 Offset.INT_CTL: "int_ctl", Offset.INT_VECTOR: "int_vector",
                 Offset.INT_STATE: "int_state", Offset.EVENT_INJ: "event_inj",
                 Offset.EVENT_INJ_ERR: "event_inj_err", Offset.NEXT_RIP: "next_rip",
                 Offset.CS_BASE: "cs_base", Offset.IDTR_LIMIT: "idtr_limit",
-                Offset.IDTR_BASE: "idtr_base",
+                Offset.IDTR_BASE: "idtr_base", Offset.ASID: "asid", Offset.CR0: "cr0",
+                Offset.CR3: "cr3", Offset.CR4: "cr4", Offset.DR7: "dr7",
                 Offset.EFER: "efer", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
                 Offset.RSP: "rsp", Offset.RAX: "rax"}
 _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
