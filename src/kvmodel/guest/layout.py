@@ -23,8 +23,8 @@ from kvmodel.arch.apic import Apic
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
 from kvmodel.arch.fred import CR4_FRED, FredMsrs
-from kvmodel.arch.regs import CODE_SELECTOR, DATA_SELECTOR, RSP, TSS_RSP0, TSS_SS0, Mode
-from kvmodel.arch.task import initial_tasks
+from kvmodel.arch.regs import BOOT_CR3, CODE_SELECTOR, DATA_SELECTOR, RSP, TSS_RSP0, TSS_SS0, Mode
+from kvmodel.arch.task import Tss32, initial_tasks
 
 IDT_BASE = 0x1000
 TSS_BASE = 0x3000
@@ -111,6 +111,8 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
     else:
         mem[TSS_BASE + TSS_RSP0:TSS_BASE + TSS_RSP0 + 4] = STACK_TOP.to_bytes(4, "little")
         mem[TSS_BASE + TSS_SS0:TSS_BASE + TSS_SS0 + 2] = DATA_SELECTOR.to_bytes(2, "little")
+    if mode is Mode.PROTECTED32:  # a task switch back to it loads CR3 from here (SDM 7.3)
+        mem[TSS_BASE + Tss32.CR3:TSS_BASE + Tss32.CR3 + 4] = BOOT_CR3.to_bytes(4, "little")
     if mode is Mode.LONG64:
         tops = {k: IST_STACK_BASE + k * PAGE for k in range(1, 8)} | dict(machine.ist)
         for k, top in tops.items():

@@ -13,7 +13,7 @@ from kvmodel.arch.events import Event, EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine
 from kvmodel.arch.observe import ArrivalFate, Delivery, Observation, Shutdown
-from kvmodel.arch.regs import GPR32, GPR64, RSP, Mode
+from kvmodel.arch.regs import BOOT_CR3, GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, STACK_TOP, Gate, build_cpu, copier
@@ -214,7 +214,8 @@ def _build(scenario: Scenario, record_instructions: bool,
            roots: bool = True) -> tuple[Cpu, Program, Resolver]:
     program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE - scenario.cs_base,
                        filename=scenario.path, line_offset=scenario.code_line,
-                       defines=(("CS_BASE", scenario.cs_base),), folder=scenario.folder,
+                       defines=(("CS_BASE", scenario.cs_base), ("BOOT_CR3", BOOT_CR3)),
+                       folder=scenario.folder,
                        max_image=max(scenario.memory_size - CODE_BASE, 0))
     resolve = Resolver(scenario, program)
     names = GPR64 if scenario.mode is Mode.LONG64 else GPR32

@@ -35,6 +35,7 @@ def _cpu(t_flag=False, gates=()):
     cpu = build_cpu(machine)
     _put(cpu, NEW_TSS, Tss32.EIP, NEW_EIP)
     _put(cpu, NEW_TSS, Tss32.EFLAGS, 0x202)
+    _put(cpu, NEW_TSS, Tss32.CR3, cpu.cr3)  # the model's paging root (another is a model limit)
     for n, value in enumerate(NEW_GPRS):
         _put(cpu, NEW_TSS, Tss32.EAX + 4 * n, value)
     for field, selector in zip(task.SEGMENTS, (0x10, 0x8, 0x10, 0x10, 0x10, 0x10), strict=True):
