@@ -22,7 +22,7 @@ from kvmodel.kvm.uapi import EVENT_FIELD_BITS
 from kvmodel.scenario.vmm import CALL_FIELDS as VMM_CALL_FIELDS
 from kvmodel.scenario.vmm import CALLS as VMM_CALLS
 from kvmodel.scenario.vmm import CHOICE_NAMES as VMM_CHOICES
-from kvmodel.scenario.vmm import KVM_ENABLE_CAP, KVM_SET_VCPU_EVENTS, VECTOR_CALLS
+from kvmodel.scenario.vmm import IRQ_WINDOW, KVM_ENABLE_CAP, KVM_SET_VCPU_EVENTS, VECTOR_CALLS
 
 Expr = str | int
 
@@ -407,6 +407,7 @@ _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 _U32 = Int(high=0xFFFF_FFFF)
 _ARG_TYPES = {"control": _U32, "flags": _U32, "window": _U32, "events_first": Bool()}
 _VECTOR = {"vector": _U32}
+_PIC_VECTOR = {"vector": Int(high=0xFF)}  # what an 8259 presents on INTA is one byte
 
 
 def _arg_type(call: str, name: str) -> Either | Int | Bool:
@@ -419,7 +420,7 @@ def _arg_type(call: str, name: str) -> Either | Int | Bool:
 
 _VMM = Tagged("call", {
     call: Table(_VMM_WHEN | {name: _arg_type(call, name) for name in VMM_CALL_FIELDS.get(call, ())}
-                | (_VECTOR if call in VECTOR_CALLS else {})
+                | ((_PIC_VECTOR if call == IRQ_WINDOW else _VECTOR) if call in VECTOR_CALLS else {})
                 # exit = 0: on the VM, before KVM_CREATE_VCPU (where QEMU enables its caps)
                 | ({"exit": Int(low=0)} if call == KVM_ENABLE_CAP else {}),
                 required=(("vector", f'{call} needs vector = N (the 8259\'s vector)'),)

@@ -292,11 +292,12 @@ class Pic:
         done = None
         run = vcpu.kvm_run
         if self.pending and run.ready_for_interrupt_injection and run.if_flag:
-            vector = self.pending[0]
+            # QEMU acknowledged the vector from its 8259 already: a refused KVM_INTERRUPT
+            # loses it ("KVM: injection failed, interrupt lost"), it is never retried.
+            vector = self.pending.pop(0)
             result = vcpu.kvm_interrupt(vector)
-            if result == 0:
-                self.pending.pop(0)
-            done = Performed(result, 0, f"vector {vector:#x}: the guest is ready for it")
+            lost = "" if result == 0 else ", refused: the interrupt is lost, as in QEMU"
+            done = Performed(result, 0, f"vector {vector:#x}: the guest is ready for it{lost}")
         run.request_interrupt_window = bool(self.pending)
         return done
 

@@ -301,3 +301,23 @@ def test_an_event_field_wider_than_its_c_type_is_refused_with_its_line(field, va
     text = GUEST + f'[[vmm]]\ncall = "KVM_SET_VCPU_EVENTS"\nexit = 1\n{field} = {value}\n'
     with pytest.raises(ScenarioError, match=rf"unit.toml:\d+: {field} must be an integer"):
         parse(text, "unit.toml")
+
+
+def test_an_interrupt_window_vector_is_what_an_8259_presents():
+    """One byte on INTA: 0x100 is a scenario error, never a VMM that retries it forever (found
+    by the fuzz campaign as a hang)."""
+    text = GUEST + ('[kvm]\nirqchip = "userspace"\n[[vmm]]\ncall = "interrupt_window"\nexit = 1\n'
+                    'vector = 0x100\n')
+    with pytest.raises(ScenarioError, match=r"unit.toml:\d+: vector must be an integer in \[0x0, 0xff\]"):
+        parse(text, "unit.toml")
+
+
+def test_a_refused_kvm_interrupt_loses_the_vector_as_qemu_does(vcpu):
+    """kvm_arch_pre_run(): the vector came off QEMU's 8259 already; a failed ioctl loses it."""
+    _with_irqchip(vcpu, IrqChip.KERNEL)  # -ENXIO for every KVM_INTERRUPT
+    vcpu.ops.set_rflags(vcpu.ops.get_rflags() | IF)
+    vcpu.post_kvm_run_save()
+    pic = Pic(pending=[0x30])
+    done = pic.pre_run(vcpu)
+    assert done is not None and done.result == ENXIO and "lost" in done.detail
+    assert pic.pending == [] and not vcpu.kvm_run.request_interrupt_window
