@@ -184,15 +184,7 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     cpu.ss = ss
     cleared = TF | NT | RF | (IF if gate.type == INTERRUPT_GATE else 0)
     cpu.rflags &= ~cleared
-    cpu.shadow = Shadow.NONE
-    cpu.halted = False
-    if event.insn_rip is not None:
-        cpu.retired += 1  # the software-event instruction completes with its delivery
-    if cpu.db_hits:  # a data breakpoint hit by the frame pushes traps before the handler runs
-        cpu.pending_dbg |= cpu.db_hits
-        cpu.db_hits = 0
-    cpu.attn = True
-    cpu.delivered += 1
+    _delivered(cpu, event)
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
                               gate.offset, rsp, frame,
                               undefined_frame_bits(event.vector, event.type, len(frame), cpu.addr_mask),
@@ -209,17 +201,9 @@ def _deliver_through_task_gate(cpu: Cpu, event: Event, selector: int, ext: int) 
     error_code = event.error_code if has_error_code(event.vector, event.type) else None
     task.switch(cpu, selector & 0xFFF8, task.Reason.GATE, event.rip,
                 task.saved_eflags(cpu.rflags, event.push_rf), error_code)
-    cpu.shadow = Shadow.NONE
-    cpu.halted = False
-    if event.insn_rip is not None:
-        cpu.retired += 1
-    # A data breakpoint hit by the TSS accesses or the push traps as a delivery's pushes do
-    # (UNVERIFIED for the TSS accesses: the SDM does not say whether they match DR0-DR3).
-    if cpu.db_hits:
-        cpu.pending_dbg |= cpu.db_hits
-        cpu.db_hits = 0
-    cpu.attn = True
-    cpu.delivered += 1
+    # A data breakpoint hit by the TSS accesses traps as a delivery's pushes do (UNVERIFIED:
+    # the SDM does not say whether they match DR0-DR3).
+    _delivered(cpu, event)
     frame = () if error_code is None else (error_code,)
     cpu.trace.append(Delivery(event.vector, event.type, error_code, event.rip, cpu.retired,
                               cpu.rip, cpu.regs[RSP], frame, (),
@@ -250,14 +234,9 @@ def _deliver_fred(cpu: Cpu, event: Event) -> None:
     cpu.regs[RSP] = rsp
     cpu.rip = handler
     cpu.rflags = fred.RFLAGS_AFTER_DELIVERY
-    cpu.shadow = Shadow.NONE
-    cpu.halted = False
-    if event.insn_rip is not None:
-        cpu.retired += 1
-    cpu.pending_dbg = 0  # Bochs fred.cc: the new context starts with no debug trap
     cpu.db_hits = 0
-    cpu.attn = True
-    cpu.delivered += 1
+    cpu.pending_dbg = 0  # Bochs fred.cc: the new context starts with no debug trap
+    _delivered(cpu, event)
     cpu.trace.append(fred.delivery_record(cpu, event, handler, rsp, frame))
 
 
@@ -295,15 +274,7 @@ def _deliver_real(cpu: Cpu, event: Event) -> None:
     # SDM 20.1.4 clears IF, TF and AC; RF too, as protected-mode delivery does (the FLAGS image
     # has no RF bit to carry it; UNVERIFIED: the real-mode pseudocode does not name RF).
     cpu.rflags &= ~(IF | TF | AC | RF)
-    cpu.shadow = Shadow.NONE
-    cpu.halted = False
-    if event.insn_rip is not None:
-        cpu.retired += 1
-    if cpu.db_hits:
-        cpu.pending_dbg |= cpu.db_hits
-        cpu.db_hits = 0
-    cpu.attn = True
-    cpu.delivered += 1
+    _delivered(cpu, event)
     frame = tuple(reversed(words))  # IP, CS, FLAGS from the lowest address
     undefined_ip = saved_ip_undefined(event.vector, event.type)
     # #DF's saved CS:IP is undefined (SDM 6.15): its first two words
@@ -398,3 +369,17 @@ def _push(cpu: Cpu, top: int, words: list[int], size: int) -> tuple[int, tuple[i
     for i, word in enumerate(words):
         cpu.write(top - size * (i + 1), size, word)
     return rsp, tuple(reversed(words))
+
+
+def _delivered(cpu: Cpu, event: Event) -> None:
+    """What every completed delivery leaves: no shadow, no HLT, the software-event instruction
+    retired with it, and a data breakpoint its pushes hit held as a trap before the handler."""
+    cpu.shadow = Shadow.NONE
+    cpu.halted = False
+    if event.insn_rip is not None:
+        cpu.retired += 1
+    if cpu.db_hits:
+        cpu.pending_dbg |= cpu.db_hits
+        cpu.db_hits = 0
+    cpu.attn = True
+    cpu.delivered += 1
