@@ -291,9 +291,8 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
                            max_steps=max_steps, expectations=expectations)
     if vendor is Vendor.BARE and scenario.vmm:
         # Bare metal has no VMM: it gets the counterpart of the script, from where the
-        # VMM acted in a run under the scenario's hypervisor (SVM unless it names one).
-        kvm_vendor = Vendor.SVM if scenario.vendor == "bare" else Vendor(scenario.vendor)
-        virt = run(scenario, vendor=kvm_vendor, max_steps=max_steps, expectations=False)
+        # VMM acted in a run under the scenario's hypervisor.
+        virt = run(scenario, vendor=vmm_host(scenario), max_steps=max_steps, expectations=False)
         scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_happenings)
     if prepared is not None and not record_instructions:
         cpu, program = prepared.prepare(scenario)
@@ -503,6 +502,15 @@ class _Stop:
         return self.exit == exits
 
 
+
+def vmm_host(scenario: Scenario) -> Vendor:
+    """The hypervisor whose VMM script bare metal mirrors: the one the scenario names, else
+    the one its L1 or its guest needs (a VMX L1 or FRED: VMX), else SVM."""
+    if scenario.vendor != "bare":
+        return Vendor(scenario.vendor)
+    return Vendor.VMX if scenario.vmx or scenario.fred is not None else Vendor.SVM
+
+
 def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_Stop]:
     """Save/restores first, then the VMM's calls in file order, sorted by exit."""
     stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
@@ -589,6 +597,7 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     problems: list[str] = []
     windowless = 0
     start = cpu.work
+    rounds = 0  # KVM_RUN calls: each costs the budget a step, so exits alone cannot loop forever
     while True:
         earlier = sum(s.exits for s in done)
         exits = earlier + vcpu.stats.exits
@@ -608,8 +617,9 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
         injected = pic.pre_run(vcpu)
         if injected is not None:
             _record(vcpu, KVM_INTERRUPT, injected)
+        rounds += 1
         try:
-            outcome = vcpu.run(steps - (vcpu.cpu.work - start))
+            outcome = vcpu.run(steps - (vcpu.cpu.work - start) - rounds)
         except HostBug as e:
             log.host_bug, outcome = str(e), None
             break

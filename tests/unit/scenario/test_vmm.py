@@ -16,7 +16,7 @@ from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.vm import IrqChip
 from kvmodel.kvm.x86 import QueuedInterrupt, Request
 from kvmodel.scenario.load import load, parse
-from kvmodel.scenario.runner import Resolver, prepare
+from kvmodel.scenario.runner import Resolver, prepare, run, vmm_host
 from kvmodel.scenario.vmm import (
     CHOICE_NAMES,
     PROTOCOL_BREAKING,
@@ -321,3 +321,18 @@ def test_a_refused_kvm_interrupt_loses_the_vector_as_qemu_does(vcpu):
     done = pic.pre_run(vcpu)
     assert done is not None and done.result == ENXIO and "lost" in done.detail
     assert pic.pending == [] and not vcpu.kvm_run.request_interrupt_window
+
+
+
+def test_bare_metal_mirrors_the_script_of_the_hypervisor_a_vmx_l1_runs_on():
+    """A campaign hang: bare metal took the VMM script of a VMX L1 from a run under SVM,
+    where that L1 cannot run, and KVM_RUN returned without progress forever. It takes it
+    from VMX, and a run whose KVM_RUNs make no progress ends with the budget."""
+    path = Path(__file__).parents[3] / "scenarios/vmm/nested_state_round_trip_vmx_l2.toml"
+    extra = '\n[[happen]]\nevent = "interrupt"\nvector = 0x30\nat = "start"\n' * 50
+    scenario = parse(path.read_text() + extra, str(path), path.parent)
+    assert vmm_host(scenario) is Vendor.VMX
+    bare = run(scenario, vendor=Vendor.BARE, expectations=False)
+    vmx = run(scenario, vendor=Vendor.VMX, expectations=False)
+    assert bare.limit is None and bare.final.halted and vmx.final.halted
+    assert (bare.final.rip, bare.final.retired) == (vmx.final.rip, vmx.final.retired)
