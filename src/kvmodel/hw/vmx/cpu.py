@@ -297,6 +297,8 @@ class VmxGuest(GuestMode):
             unblocked = QUAL_UNBLOCK_NMI if cpu.nmi_blocked else 0
             cpu.nmi_blocked = False
             self._notify_exit(Where.INSTRUCTION, self.notify_due | unblocked)
+        # HLT, RDMSR/WRMSR, CPUID and VMCALL have no exit qualification: "for all other VM
+        # exits, this field is cleared" (SDM 27.2.1).
         if kind is Exiting.HLT and proc & Proc.HLT_EXITING:
             reason, qualification = ExitReason.HLT, 0
         elif kind is Exiting.CR8_WRITE and proc & Proc.CR8_LOAD_EXITING:
@@ -310,9 +312,9 @@ class VmxGuest(GuestMode):
             msr = cpu.regs[RCX] & 0xFFFFFFFF
             if not msr_exits(cpu.mem, self.vmcs, msr, write=kind is Exiting.WRMSR):
                 return
-            reason, qualification = _MSR_EXITS[kind], msr
+            reason, qualification = _MSR_EXITS[kind], 0
         elif kind is Exiting.CPUID:
-            reason, qualification = ExitReason.CPUID, cpu.regs[RCX] & 0xFFFFFFFF
+            reason, qualification = ExitReason.CPUID, 0
         elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
             reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:
