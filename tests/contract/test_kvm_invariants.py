@@ -58,6 +58,10 @@ def test_one_get_set_round_trip_at_any_entry_changes_nothing(monkeypatch, path, 
         pytest.skip("the NMI there waits for any KVM_REQ_EVENT after the HLT, and "
                     "KVM_SET_VCPU_EVENTS raises one: the round trip makes it go in on time "
                     "(the scenario's declared candidate finding)")
+    if path.stem == "nmi_in_sti_shadow_before_int_n" and vendor is Vendor.SVM:
+        pytest.skip("the NMI there waits for the single-step #DB exit, and KVM_SET_VCPU_EVENTS "
+                    "raises KVM_REQ_EVENT: the round trip makes it go in earlier (the scenario's "
+                    "declared candidate finding)")
     if path.stem == "nmi_in_sti_shadow" and path.parent.name == "sev_es":
         pytest.skip("the NMI there waits for any KVM_REQ_EVENT, and KVM_SET_VCPU_EVENTS raises "
                     "one: the round trip changes when it goes in (the scenario's declared gap)")

@@ -163,16 +163,21 @@ class NestedSvm:
         svm = self.svm
         cpu = svm.guest.cpu
         _check_state(state, cpu)
-        svm.set_gif(state.gif)
+        # L2's registers: on a fresh vCPU what KVM_SET_REGS put in vmcb01; on this vCPU in L2,
+        # vmcb02's save area, which svm_leave_nested() leaves as it is.
+        l2 = svm.guest.vmcb
         if not state.guest_mode:
             if self.guest_mode:  # svm_leave_nested()
                 svm.guest.vmcb = self.vmcb01
                 cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
                 self.guest_mode = self.run_pending = False
+            svm.set_gif(state.gif)
             return
-        # L2's registers: on a fresh vCPU what KVM_SET_REGS put in vmcb01; on this vCPU in L2,
-        # vmcb02's save area, which svm_leave_nested() leaves as it is.
-        l2 = svm.guest.vmcb
+        # svm_leave_nested() comes before svm_set_gif(): GIF is written to vmcb01, where
+        # vmcb02 takes L1's GIF from (nested_vmcb02_prepare_control()); written to the old
+        # vmcb02 it would be lost, and L2 would run with L1's GIF as it was at VMRUN.
+        svm.guest.vmcb = self.vmcb01
+        svm.set_gif(state.gif)
         self.vmcb12_gpa = state.vmcb12_gpa
         self.ctl = replace(state.ctl, intercepts=set(state.ctl.intercepts))
         self.l1_idtr, self.run_pending = state.l1_idtr, state.run_pending
