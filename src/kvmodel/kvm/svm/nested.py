@@ -175,8 +175,10 @@ class NestedSvm:
             return
         # svm_leave_nested() comes before svm_set_gif(): GIF is written to vmcb01, where
         # vmcb02 takes L1's GIF from (nested_vmcb02_prepare_control()); written to the old
-        # vmcb02 it would be lost, and L2 would run with L1's GIF as it was at VMRUN.
+        # vmcb02 it would be lost, and L2 would run with L1's GIF as it was at VMRUN. (The
+        # core keeps L2's IDTR: vmcb02's save area, which L2 gets back below.)
         svm.guest.vmcb = self.vmcb01
+        self.guest_mode = self.run_pending = False
         svm.set_gif(state.gif)
         self.vmcb12_gpa = state.vmcb12_gpa
         self.ctl = replace(state.ctl, intercepts=set(state.ctl.intercepts))
