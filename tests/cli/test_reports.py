@@ -14,6 +14,7 @@ from kvmodel.check.replay import write
 from kvmodel.cli import Exit, main
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.report.json import json_schema
+from kvmodel.report.text import MISMATCHES_SHOWN, TRACE_HEAD, TRACE_TAIL
 from kvmodel.scenario.load import load
 
 SCENARIOS = Path(__file__).parents[2] / "scenarios"
@@ -188,3 +189,36 @@ def test_the_shipped_json_schemas_are_schemas_and_not_vacuous(command):
     validator = Draft202012Validator(schema)
     assert not validator.is_valid({"schema_version": 1})
     assert not validator.is_valid({})
+
+
+def test_a_long_run_shows_the_head_and_tail_of_its_trace_and_json_keeps_all(tmp_path, capsys):
+    """A guest looping through #BP 3,000 times: the text shows TRACE_HEAD + TRACE_TAIL trace
+    lines around one elision line and the first mismatches; --json has every entry."""
+    looping = _written(tmp_path, "looping.toml", '''title = "3,000 INT3s"
+[guest]
+code = """
+start:
+    mov $3000, %ecx
+again:
+    int3
+    loop again
+    hlt
+bp_handler:
+    iretq
+"""
+[idt]
+"#BP" = "bp_handler"
+[expect]
+delivery = []
+''')
+    assert main(["run", "--vendor", "bare", str(looping)]) == Exit.FAILED
+    out = capsys.readouterr().out
+    shown = [line for line in out.splitlines()
+             if any(what in line for what in ("#BP delivered", "IRET ->", "HLT: halted"))]
+    assert len(shown) == TRACE_HEAD + TRACE_TAIL
+    assert "... 3,801 trace entries not shown (--json has them all) ..." in out
+    assert out.count("unexpected #BP") == MISMATCHES_SHOWN
+    assert f"and {3000 - MISMATCHES_SHOWN:,} more mismatches (--json has them all)" in out
+    assert main(["run", "--vendor", "bare", "--json", str(looping)]) == Exit.FAILED
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert len(result["trace"]) == 6001 and len(result["verdict"]["mismatches"]) == 3000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
@@ -27,6 +29,10 @@ from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.scenario.runner import RunResult, VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
+# A long run's text report shows the head and tail of its trace and the first mismatches
+# (rich renders some 5,000 lines a second; --json has everything).
+TRACE_HEAD, TRACE_TAIL = 2_000, 200
+MISMATCHES_SHOWN = 50
 _ERRNO = {EINVAL: "-EINVAL", EINTR: "-EINTR", ENXIO: "-ENXIO", EEXIST: "-EEXIST", Busy.errno: "-EBUSY"}
 
 
@@ -163,10 +169,16 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     cite = f"  [dim]({escape(s.cite)})[/]" if s.cite else ""
     console.print(f"[bold]{escape(s.path)}[/]: {escape(s.title)}{heading}{cite}")
     program = result.program
-    for n, obs in enumerate(result.trace):
-        retired, where, what = line_for(obs, program, s.mode)
+    lines = []
+    for n in _shown(len(result.trace), TRACE_HEAD, TRACE_TAIL):
+        if n is None:
+            lines.append(f"  [dim]... {len(result.trace) - TRACE_HEAD - TRACE_TAIL:,} trace entries "
+                         "not shown (--json has them all) ...[/]")
+            continue
+        retired, where, what = line_for(result.trace[n], program, s.mode)
         cpu = f"cpu{result.cpu_of[n]} " if result.cpu_of else ""
-        console.print(f"  {cpu}{retired:>7}  {escape(where):<22} {what}", highlight=False)
+        lines.append(f"  {cpu}{retired:>7}  {escape(where):<22} {what}")
+    _print_lines(console, lines)
     if result.limit is not None:
         console.print(f"  [bold red]MODEL LIMIT[/] {escape(result.limit)}")
         return
@@ -187,9 +199,30 @@ def print_result(console: Console, result: RunResult, heading: str = "",
     if result.passed:
         console.print("  [bold green]PASS[/] every expectation holds")
     label = "[yellow]after the known divergence[/]" if excused else "[bold red]FAIL[/]"
-    for m in result.mismatches:
-        console.print(f"  {label} {escape(s.path)}:{m.line}: {escape(m.message)}",
-                      highlight=False)
+    mismatches = result.mismatches
+    _print_lines(console, [f"  {label} {escape(s.path)}:{m.line}: {escape(m.message)}"
+                           for m in mismatches[:MISMATCHES_SHOWN]])
+    if len(mismatches) > MISMATCHES_SHOWN:
+        console.print(f"  {label} and {len(mismatches) - MISMATCHES_SHOWN:,} more mismatches "
+                      "(--json has them all)")
+
+
+def _shown(count: int, head: int, tail: int) -> Iterator[int | None]:
+    """The indices a long list shows: its head and its tail, None where the rest is left out."""
+    if count <= head + tail:
+        yield from range(count)
+        return
+    yield from range(head)
+    yield None
+    yield from range(count - tail, count)
+
+
+def _print_lines(console: Console, lines: list[str]) -> None:
+    """Markup lines in one print: rich's cost is per call and per line wrapped, and a run
+    can have 100,000 trace entries or mismatches. Long lines are not wrapped (`soft_wrap`):
+    a terminal wraps them, and a file gets them whole."""
+    if lines:
+        console.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 def _print_hypervisor_error(console: Console, result: RunResult) -> None:
