@@ -131,6 +131,11 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
     if cpu.get("vmx") and cpu.get("svm"):
         raise ctx.error("[cpu] vmx and svm are both true: an L1 hypervisor uses one of them",
                         "cpu", "svm")
+    for extension, other in (("svm", "vmx"), ("vmx", "svm")):
+        if cpu.get(extension) and cpu.get("vendor") == other:
+            raise ctx.error(f"[cpu] {extension} = true with vendor = \"{other}\": an "
+                            f"{extension.upper()} L1 hypervisor does not run on {other.upper()}",
+                            "cpu", "vendor")
     expect = data.get("expect", {})
     explore = data.get("explore", {})
     happen = data.get("happen", [])

@@ -146,6 +146,12 @@ def test_based_segments_and_moved_idts_are_refused_with_an_l1_hypervisor(key):
     assert e.line == 12 and "is not modelled with an L1 hypervisor" in str(e)
 
 
+@pytest.mark.parametrize("extension, vendor", [("svm", "vmx"), ("vmx", "svm")])
+def test_an_l1_hypervisor_for_the_other_vendor_is_refused(extension, vendor):
+    e = error_of(MINIMAL + f'\n[cpu]\n{extension} = true\nvendor = "{vendor}"\n')
+    assert e.line == 11 and f"an {extension.upper()} L1 hypervisor does not run on" in str(e)
+
+
 def test_an_expected_return_of_a_double_fault_is_refused():
     # SDM 6.15 Interrupt 8: a #DF's saved CS:EIP are undefined, so no run is judged on them.
     text = MINIMAL + '\n[[expect.delivery]]\nvector = "#DF"\nerror_code = 0\nreturn = "start"\n'
