@@ -314,6 +314,15 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: x86: Clear \"has_error_code\", not \"error_code\", for RM exception injection (Sean "
         "Christopherson, 2023-03-22, upstream 6c41468c7c12; Fixes b97f07458373; Cc stable)",
         ("vmx",), "scenarios/virt/real16_rdmsr_gp_no_error_code.toml"),
+    Bug("svm_skip_replaced_soft_int",
+        "re-injecting an INT3/INTO/INT n whose delivery an exit cut short (no next_rip: a #NPF), "
+        "SVM decodes whatever is at RIP now and skips it: if another vCPU has meanwhile written "
+        "the real instruction over the INT3 (text_poke), KVM skips that unrelated instruction "
+        "and injects a #BP whose return address is past it",
+        "KVM: SVM: Don't skip unrelated instruction if INT3/INTO is replaced (Omar Sandoval, "
+        "2025, upstream 4da3768e1820; Fixes 6ef88d6e36c2); svm_update_soft_interrupt_rip(), "
+        "is_soft_int_instruction()",
+        ("svm",), "scenarios/smp/text_poke_replaces_int3_during_reinjection.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

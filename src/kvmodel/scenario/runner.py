@@ -348,7 +348,7 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
             machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
             stop = machine.run(steps).name.lower()
         else:
-            vcpus = _create_vcpus(scenario, cpus, vendor)
+            vcpus = _create_vcpus(scenario, cpus, vendor, resolve)
             machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
             stop, error = _run_vcpus(machine, vcpus, steps)
             stats = tuple(v.stats for v in vcpus)
@@ -371,11 +371,20 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
                      cpu_of=cpu_of, smp=smp)
 
 
-def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor) -> list[Vcpu]:
-    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU."""
-    if scenario.host or scenario.vmm or scenario.vmx or scenario.svm:
-        raise ModelLimit("several vCPUs with host happenings, a VMM script or nested "
-                         "virtualization are not modelled yet", cpus[0].rip)
+def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor,
+                  resolve: Resolver) -> list[Vcpu]:
+    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU.
+
+    Pages missing from EPT/NPT (host_fault) are missing for every vCPU; each vCPU faults
+    a page in on its own first touch (the model keeps the map per vCPU: a second fault is
+    host time only, nothing the guest sees)."""
+    other_host = [h for h in scenario.host if h.event is not HostEvent.FAULT]
+    if other_host or scenario.vmm or scenario.vmx or scenario.svm:
+        raise ModelLimit("several vCPUs with host interrupts, NMIs or save/restores, a VMM "
+                         "script or nested virtualization are not modelled yet", cpus[0].rip)
+    unmapped = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host}
+    for core in cpus:
+        core.set_host_unmapped(set(unmapped))
     params, svm, vmx = _vendor_params(scenario)
     vm = create_vm(vendor)
     _enable_caps(vm, params)
