@@ -299,6 +299,22 @@ class Machine:
             raise self.error
         return self.stop
 
+    def host_step(self, cpu: Cpu) -> None:
+        """The hypervisor of CPU `cpu` is at a point where another CPU's IPI may arrive
+        (threaded): a choice point while some CPU's next instruction writes the ICR. It is
+        not a step: the quantum and the steps of a run without a switch stay as they were."""
+        if self.can_run is None or self.finished or not (self._ipi_next() or not self.reduce):
+            return
+        n = self.index(cpu)
+        nxt = self._choose(n, n)
+        if nxt is None or nxt == n:
+            return
+        self.since = 0
+        self.wake[nxt].release()
+        self.wake[n].acquire()
+        if self.finished:
+            raise _Stopped
+
     def block(self, cpu: Cpu) -> None:
         """CPU `cpu` has nothing to do (a halted vCPU in vcpu_block()): another runs until
         something wakes this one (runnable again), or the machine stops (_Stopped)."""

@@ -323,6 +323,17 @@ CATALOGUE: tuple[Bug, ...] = (
         "2025, upstream 4da3768e1820; Fixes 6ef88d6e36c2); svm_update_soft_interrupt_rip(), "
         "is_soft_int_instruction()",
         ("svm",), "scenarios/smp/text_poke_replaces_int3_during_reinjection.toml"),
+    Bug("nmi_window_race",
+        "an NMI IPI from another vCPU sets nmi_pending directly (with KVM_REQ_EVENT): landing "
+        "between \"inject an NMI if allowed\" and \"request an NMI window\", it makes KVM request "
+        "a window with NMIs unmasked, which on SVM single-steps the guest (TF|RF in the VMCB); "
+        "the IPI's request cancels the entry, the NMI is injected with KVM's TF in the frame it "
+        "pushes (svm_vcpu_run() of the time had no guard against that), and the guest sees TF "
+        "set in code it never single-stepped",
+        "KVM: Fix race between nmi injection and enabling nmi window (Avi Kivity, 2011, upstream "
+        "f86368493ec0): nmi_pending made synchronous through vcpu->requests; today "
+        "kvm_inject_nmi() queues (nmi_queued, KVM_REQ_NMI) and process_nmi() (7460fb4a3400)",
+        ("svm",), "scenarios/smp/nmi_ipi_between_injection_and_nmi_window.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

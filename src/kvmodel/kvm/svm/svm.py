@@ -500,7 +500,8 @@ class Svm:
 
     def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None:
         """svm_vcpu_run(): never push KVM's TF into a frame; complete interrupts after the exit."""
-        if self.nmi_singlestep and self.vmcb.event_inj & EVTINJ_VALID:
+        if (self.nmi_singlestep and self.vmcb.event_inj & EVTINJ_VALID
+                and not _faults.on("nmi_window_race")):  # the 2011 code had no such guard
             self.disable_nmi_singlestep()
             immediate_exit = True
         if immediate_exit:
