@@ -111,6 +111,9 @@ class Host(Protocol):
     def boundary(self, cpu: Cpu) -> None:
         """An instruction boundary with no debug trap due; raise HostExit for a window exit."""
 
+    def wakes(self, cpu: Cpu) -> bool:
+        """Whether a VM exit waits for the halted guest (for a machine of several CPUs)."""
+
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         """An interceptable instruction is about to execute."""
 

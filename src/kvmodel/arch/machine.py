@@ -89,9 +89,12 @@ class Machine:
     """CPUs 0..n-1 on one memory; CPU 0 is the bootstrap processor."""
 
     def __init__(self, cpus: list[Cpu], *, shared: frozenset[int] = frozenset(),
-                 schedule: Interleaving = (), reduce: bool = True):
+                 schedule: Interleaving = (), reduce: bool = True,
+                 step: Callable[[Cpu], object] | None = None):
         """`reduce`: False makes every step a choice point (the naive interleaving, to measure
-        the reduction against)."""
+        the reduction against); `step`: how a CPU takes one step on bare metal (default
+        cpu.run(1); an L1 hypervisor's CPU goes through its VMX or SVM root's run loop, which
+        turns L2's VM exits back into L1 execution)."""
         if not 1 < len(cpus) <= MAX_CPUS:
             raise ValueError(f"a machine has 2..{MAX_CPUS} CPUs")
         self.cpus = cpus
@@ -106,6 +109,7 @@ class Machine:
         self.merged = [0] * len(cpus)  # how much of each CPU's trace is in `trace`
         self.interacted = False
         self.reduce = reduce
+        self.step = step or (lambda cpu: cpu.run(1))
         # Threaded (run_threads()): each CPU's own run loop (a vCPU's KVM_RUN) in a thread
         # of its own; one runs at a time, handing over at its fetches.
         self.can_run: list[Callable[[], bool]] | None = None
@@ -235,6 +239,8 @@ class Machine:
             return False
         if self.can_run is not None:
             return not self.done[n] and self.can_run[n]()
+        if cpu.halted and cpu.host is not None and cpu.host.wakes(cpu):
+            return True  # a VM exit to the L1 hypervisor ends its guest's HLT
         return not cpu.halted or cpu.pending_source() is not None
 
     def run(self, max_steps: int) -> Stop:
@@ -250,7 +256,7 @@ class Machine:
                     return Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED
             cpu = self.cpus[current]
             self.interacted = False
-            cpu.run(1)
+            self.step(cpu)
             self.steps += 1
             self._merge(current)
             goes_on = self.runnable(current) and since + 1 < QUANTUM

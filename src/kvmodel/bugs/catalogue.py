@@ -334,6 +334,15 @@ CATALOGUE: tuple[Bug, ...] = (
         "f86368493ec0): nmi_pending made synchronous through vcpu->requests; today "
         "kvm_inject_nmi() queues (nmi_queued, KVM_REQ_NMI) and process_nmi() (7460fb4a3400)",
         ("svm",), "scenarios/smp/nmi_ipi_between_injection_and_nmi_window.toml"),
+    Bug("nested_sipi_in_l2_skips_events",
+        "vmx_check_nested_events() drops a SIPI that arrives while the vCPU runs L2 outside "
+        "wait-for-SIPI, as it should, but then returns at once instead of looking at the other "
+        "events: an interrupt L1 exits on that came with it is not turned into a VM exit while "
+        "L2 is halted in vcpu_block(), the vCPU becomes runnable first, and vmcs12 reports the "
+        "later exit with activity state ACTIVE after L2's HLT",
+        "KVM: nVMX: Ignore SIPI that arrives in L2 when vCPU is not in WFS (Sean Christopherson, "
+        "2022, upstream c2086eca8658; Fixes bf0cd88ce363)",
+        ("vmx",), "scenarios/smp/vmx_sipi_to_halted_l2_with_interrupt.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -213,6 +213,7 @@ class VendorOps(Protocol):
     def sync_guest_state_to_core(self) -> None: ...
     def check_nested_events(self) -> int: ...
     def has_nested_events(self) -> bool: ...
+    def apic_init_signal_blocked(self) -> bool: ...
     def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool: ...
     def nested_triple_fault(self) -> None: ...
     @property
@@ -621,7 +622,8 @@ class Vcpu:
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
-            if self.apic_pending_init or self.apic_pending_sipi:
+            running = self.mp_state is MpState.RUNNABLE  # kvm_vcpu_running(); else vcpu_block()
+            if running and (self.apic_pending_init or self.apic_pending_sipi):
                 lapic.accept_events(self)  # vcpu_enter_guest(), on KVM_REQ_EVENT
             woke = self.mp_state is not MpState.RUNNABLE
             if woke:
@@ -685,9 +687,12 @@ class Vcpu:
         self.ops.sync_guest_state_to_core()
         while self.mp_state is not MpState.HALTED or not self.has_events():
             if lapic.has_pending_init_or_sipi(self):
+                in_l2 = self.ops.guest_mode
                 lapic.accept_events(self)  # vcpu_block(): INIT, SIPI (kvm/lapic.py)
                 if self.mp_state is MpState.RUNNABLE:
                     return True
+                if in_l2 and not self.ops.guest_mode:
+                    break  # the nested events it checked made a VM exit to L1: the HLT ends
                 continue
             if self.cpu.next_arrival():
                 continue

@@ -345,7 +345,8 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     steps = max_steps or scenario.max_steps
     try:
         if vendor is Vendor.BARE:
-            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce,
+                              step=lambda core: _run_bare(core, scenario, 1))
             stop = machine.run(steps).name.lower()
         else:
             vcpus = _create_vcpus(scenario, cpus, vendor, resolve)
@@ -379,9 +380,9 @@ def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor,
     a page in on its own first touch (the model keeps the map per vCPU: a second fault is
     host time only, nothing the guest sees)."""
     other_host = [h for h in scenario.host if h.event is not HostEvent.FAULT]
-    if other_host or scenario.vmm or scenario.vmx or scenario.svm:
+    if other_host or scenario.vmm or scenario.svm:
         raise ModelLimit("several vCPUs with host interrupts, NMIs or save/restores, a VMM "
-                         "script or nested virtualization are not modelled yet", cpus[0].rip)
+                         "script or nested SVM are not modelled yet", cpus[0].rip)
     unmapped = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host}
     for core in cpus:
         core.set_host_unmapped(set(unmapped))

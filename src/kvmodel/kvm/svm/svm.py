@@ -486,6 +486,10 @@ class Svm:
     def has_nested_events(self) -> bool:
         return False  # svm_nested_ops has no has_events
 
+    def apic_init_signal_blocked(self) -> bool:
+        """svm_apic_init_signal_blocked(): GIF=0 holds INIT (APM 15.17.1)."""
+        return not self.gif_set()
+
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
