@@ -54,14 +54,20 @@ def has_pending_init_or_sipi(vcpu: Vcpu) -> bool:
     return vcpu.apic_pending_init or vcpu.apic_pending_sipi
 
 
+def init_sipi_allowed(vcpu: Vcpu) -> bool:
+    """kvm_apic_init_sipi_allowed(): not in VMX root operation (vmx_apic_init_signal_blocked())
+    nor, on SVM, with GIF=0. A vCPU whose INIT stays latched is not woken by it."""
+    return not vcpu.ops.apic_init_signal_blocked()
+
+
 def accept_events(vcpu: Vcpu) -> None:
     """kvm_apic_accept_events(): INIT first, then a SIPI if the vCPU now waits for one."""
     from kvmodel.kvm.x86 import MpState
 
     if not has_pending_init_or_sipi(vcpu):
         return
-    if vcpu.ops.apic_init_signal_blocked():
-        # kvm_apic_init_sipi_allowed() false: INIT stays latched, a SIPI is dropped
+    if not init_sipi_allowed(vcpu):
+        # INIT stays latched, a SIPI is dropped
         vcpu.apic_pending_sipi = False
         return
     if vcpu.ops.guest_mode:

@@ -686,7 +686,7 @@ class Vcpu:
         records the HLT in vmcs12's activity state."""
         self.ops.sync_guest_state_to_core()
         while self.mp_state is not MpState.HALTED or not self.has_events():
-            if lapic.has_pending_init_or_sipi(self):
+            if lapic.has_pending_init_or_sipi(self) and lapic.init_sipi_allowed(self):
                 in_l2 = self.ops.guest_mode
                 lapic.accept_events(self)  # vcpu_block(): INIT, SIPI (kvm/lapic.py)
                 if self.mp_state is MpState.RUNNABLE:

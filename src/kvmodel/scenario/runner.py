@@ -412,8 +412,10 @@ def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | N
         def runnable() -> bool:  # kvm_arch_vcpu_runnable()
             if vcpu.cpu.shutdown:
                 return False
-            if lapic.has_pending_init_or_sipi(vcpu) or vcpu.mp_state is MpState.RUNNABLE:
+            if vcpu.mp_state is MpState.RUNNABLE:
                 return True
+            if lapic.has_pending_init_or_sipi(vcpu) and lapic.init_sipi_allowed(vcpu):
+                return True  # kvm_vcpu_has_events()
             return vcpu.mp_state is MpState.HALTED and vcpu.has_events()
         return runnable
 
