@@ -21,7 +21,7 @@ from kvmodel.arch import deliver
 from kvmodel.arch.apic import Apic
 from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.decode import Decoded, decode
-from kvmodel.arch.events import Event, EventType, Vec
+from kvmodel.arch.events import Event, EventType, External, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.host import Exiting, Host, HostExit, SvmInstructions, VmxInstructions
@@ -57,18 +57,6 @@ from kvmodel.errors import ModelLimit
 
 PAGE_SHIFT = 12
 LINE_SHIFT = 6  # 64-byte cache lines: the grain of self-modifying-code checks
-
-
-class External(IntEnum):
-    """What arrives on the CPU's pins from outside."""
-
-    NMI = 0
-    INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
-    HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
-    NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
-    HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
-    STATE = 5  # no arrival: the CPU is in `Scheduled.state` at this boundary (below)
-    EXTINT = 6  # an 8259's interrupt on INTR (LINT0 in virtual-wire mode): the vector it presents
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ naming it and its address; an undefined opcode is #UD, as on hardware.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 import iced_x86 as iced
@@ -13,7 +14,6 @@ import iced_x86 as iced
 from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run, check_io_privilege, require_cpl0
 from kvmodel.arch.faults import Access, Fault
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ModelLimit
 
@@ -22,6 +22,36 @@ if TYPE_CHECKING:
 
 MAX_INSN_LEN = 15
 _FORMATTER = iced.Formatter(iced.FormatterSyntax.GAS)
+
+
+class Exiting(IntEnum):
+    """Instructions a host may intercept before they execute (SDM 25.1.3, APM 15.9)."""
+
+    NONE = 0
+    HLT = 1
+    CPUID = 2
+    IO = 3
+    RDMSR = 4
+    WRMSR = 5
+    CR8_WRITE = 6
+    IRET = 7
+    INT_N = 8
+    VMGEXIT = 9
+    DR7_WRITE = 10
+    VMCLEAR = 11  # the VMX instructions exit unconditionally in VMX non-root (SDM 25.1.2)
+    VMLAUNCH = 12
+    VMPTRLD = 13
+    VMREAD = 14
+    VMRESUME = 15
+    VMWRITE = 16
+    VMXON = 17
+    VMRUN = 18  # the SVM instructions, each with its own intercept (APM 15.5, 15.17)
+    VMLOAD = 19
+    VMSAVE = 20
+    STGI = 21
+    CLGI = 22
+    VMCALL = 23  # exits unconditionally in VMX non-root operation (SDM 25.1.2)
+    VMMCALL = 24  # SVM's hypercall, with its own intercept (APM 15.9)
 
 
 class Decoded:

@@ -12,6 +12,18 @@ from enum import IntEnum
 from kvmodel.arch.regs import RF
 
 
+class External(IntEnum):
+    """What arrives on the CPU's pins from outside."""
+
+    NMI = 0
+    INTERRUPT = 1  # a fixed interrupt accepted by the local APIC
+    HOST_INTERRUPT = 2  # an interrupt for the hypervisor, if there is one; bare metal has none
+    NOTIFY_TIMER = 3  # VMX's notify timer runs out (its internal threshold is not architectural)
+    HOST_NMI = 4  # an NMI for the hypervisor (perf, watchdog); bare metal has none
+    STATE = 5  # no arrival: the CPU is in `Scheduled.state` at this boundary (below)
+    EXTINT = 6  # an 8259's interrupt on INTR (LINT0 in virtual-wire mode): the vector it presents
+
+
 class EventType(IntEnum):
     """Event type; the numbering is VMX's interruption type, also FRED's (SDM Table 24-13)."""
 

@@ -24,49 +24,20 @@ behind (NMI blocking, CR2).
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import TYPE_CHECKING, Protocol
 
+from kvmodel.arch.decode import Exiting as Exiting  # re-exported: it was defined here
+
 if TYPE_CHECKING:
-    from kvmodel.arch.cpu import Cpu, External
+    from kvmodel.arch.cpu import Cpu
     from kvmodel.arch.decode import Decoded
-    from kvmodel.arch.events import Event
+    from kvmodel.arch.events import Event, External
     from kvmodel.arch.faults import Access
     from kvmodel.arch.observe import ArrivalFate
 
 
 class HostExit(Exception):  # noqa: N818 - a control transfer, not an error
     """Leave guest execution now (a VM exit / #VMEXIT)."""
-
-
-class Exiting(IntEnum):
-    """Instructions a host may intercept before they execute (SDM 25.1.3, APM 15.9)."""
-
-    NONE = 0
-    HLT = 1
-    CPUID = 2
-    IO = 3
-    RDMSR = 4
-    WRMSR = 5
-    CR8_WRITE = 6
-    IRET = 7
-    INT_N = 8
-    VMGEXIT = 9
-    DR7_WRITE = 10
-    VMCLEAR = 11  # the VMX instructions exit unconditionally in VMX non-root (SDM 25.1.2)
-    VMLAUNCH = 12
-    VMPTRLD = 13
-    VMREAD = 14
-    VMRESUME = 15
-    VMWRITE = 16
-    VMXON = 17
-    VMRUN = 18  # the SVM instructions, each with its own intercept (APM 15.5, 15.17)
-    VMLOAD = 19
-    VMSAVE = 20
-    STGI = 21
-    CLGI = 22
-    VMCALL = 23  # exits unconditionally in VMX non-root operation (SDM 25.1.2)
-    VMMCALL = 24  # SVM's hypercall, with its own intercept (APM 15.9)
 
 
 class VmxInstructions(Protocol):
@@ -76,6 +47,8 @@ class VmxInstructions(Protocol):
     instructions are #UD then. Each method sets RFLAGS as VMsucceed /
     VMfail do (SDM 30.2).
     """
+
+    vmxon_region: int | None  # set by VMXON: the CPU is in VMX operation
 
     def vmxon(self, cpu: Cpu, region: int) -> None: ...
     def vmclear(self, cpu: Cpu, region: int) -> None: ...
@@ -110,6 +83,9 @@ class Host(Protocol):
 
     def boundary(self, cpu: Cpu) -> None:
         """An instruction boundary with no debug trap due; raise HostExit for a window exit."""
+
+    def wakes(self, cpu: Cpu) -> bool:
+        """Whether a VM exit waits for the halted guest (for a machine of several CPUs)."""
 
     def instruction(self, cpu: Cpu, insn: Decoded) -> None:
         """An interceptable instruction is about to execute."""

@@ -89,9 +89,12 @@ class Machine:
     """CPUs 0..n-1 on one memory; CPU 0 is the bootstrap processor."""
 
     def __init__(self, cpus: list[Cpu], *, shared: frozenset[int] = frozenset(),
-                 schedule: Interleaving = (), reduce: bool = True):
+                 schedule: Interleaving = (), reduce: bool = True,
+                 step: Callable[[Cpu], object] | None = None):
         """`reduce`: False makes every step a choice point (the naive interleaving, to measure
-        the reduction against)."""
+        the reduction against); `step`: how a CPU takes one step on bare metal (default
+        cpu.run(1); an L1 hypervisor's CPU goes through its VMX or SVM root's run loop, which
+        turns L2's VM exits back into L1 execution)."""
         if not 1 < len(cpus) <= MAX_CPUS:
             raise ValueError(f"a machine has 2..{MAX_CPUS} CPUs")
         self.cpus = cpus
@@ -106,6 +109,7 @@ class Machine:
         self.merged = [0] * len(cpus)  # how much of each CPU's trace is in `trace`
         self.interacted = False
         self.reduce = reduce
+        self.step = step or (lambda cpu: cpu.run(1))
         # Threaded (run_threads()): each CPU's own run loop (a vCPU's KVM_RUN) in a thread
         # of its own; one runs at a time, handing over at its fetches.
         self.can_run: list[Callable[[], bool]] | None = None
@@ -201,6 +205,9 @@ class Machine:
 
     def _init(self, cpu: Cpu, sender: Cpu) -> ArrivalFate:
         """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1)."""
+        if cpu.host is not None or (cpu.vmx is not None and cpu.vmx.vmxon_region is not None):
+            raise ModelLimit("INIT for a CPU in VMX operation (held in root operation, a VM exit "
+                             "in non-root operation: SDM 24.8, 25.2) is not modelled", sender.rip)
         cpu.regs[:] = [0] * len(cpu.regs)
         cpu.rflags = RFLAGS_FIXED
         cpu.cr2 = 0
@@ -235,6 +242,8 @@ class Machine:
             return False
         if self.can_run is not None:
             return not self.done[n] and self.can_run[n]()
+        if cpu.halted and cpu.host is not None and cpu.host.wakes(cpu):
+            return True  # a VM exit to the L1 hypervisor ends its guest's HLT
         return not cpu.halted or cpu.pending_source() is not None
 
     def run(self, max_steps: int) -> Stop:
@@ -250,7 +259,7 @@ class Machine:
                     return Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED
             cpu = self.cpus[current]
             self.interacted = False
-            cpu.run(1)
+            self.step(cpu)
             self.steps += 1
             self._merge(current)
             goes_on = self.runnable(current) and since + 1 < QUANTUM
@@ -298,6 +307,22 @@ class Machine:
         if self.error is not None:
             raise self.error
         return self.stop
+
+    def host_step(self, cpu: Cpu) -> None:
+        """The hypervisor of CPU `cpu` is at a point where another CPU's IPI may arrive
+        (threaded): a choice point while some CPU's next instruction writes the ICR. It is
+        not a step: the quantum and the steps of a run without a switch stay as they were."""
+        if self.can_run is None or self.finished or not (self._ipi_next() or not self.reduce):
+            return
+        n = self.index(cpu)
+        nxt = self._choose(n, n)
+        if nxt is None or nxt == n:
+            return
+        self.since = 0
+        self.wake[nxt].release()
+        self.wake[n].acquire()
+        if self.finished:
+            raise _Stopped
 
     def block(self, cpu: Cpu) -> None:
         """CPU `cpu` has nothing to do (a halted vCPU in vcpu_block()): another runs until

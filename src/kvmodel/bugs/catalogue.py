@@ -314,6 +314,35 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: x86: Clear \"has_error_code\", not \"error_code\", for RM exception injection (Sean "
         "Christopherson, 2023-03-22, upstream 6c41468c7c12; Fixes b97f07458373; Cc stable)",
         ("vmx",), "scenarios/virt/real16_rdmsr_gp_no_error_code.toml"),
+    Bug("svm_skip_replaced_soft_int",
+        "re-injecting an INT3/INTO/INT n whose delivery an exit cut short (no next_rip: a #NPF), "
+        "SVM decodes whatever is at RIP now and skips it: if another vCPU has meanwhile written "
+        "the real instruction over the INT3 (text_poke), KVM skips that unrelated instruction "
+        "and injects a #BP whose return address is past it",
+        "KVM: SVM: Don't skip unrelated instruction if INT3/INTO is replaced (Omar Sandoval, "
+        "2025, upstream 4da3768e1820; Fixes 6ef88d6e36c2); svm_update_soft_interrupt_rip(), "
+        "is_soft_int_instruction()",
+        ("svm",), "scenarios/smp/text_poke_replaces_int3_during_reinjection.toml"),
+    Bug("nmi_window_race",
+        "an NMI IPI from another vCPU sets nmi_pending directly (with KVM_REQ_EVENT): landing "
+        "between \"inject an NMI if allowed\" and \"request an NMI window\", it makes KVM request "
+        "a window with NMIs unmasked, which on SVM single-steps the guest (TF|RF in the VMCB); "
+        "the IPI's request cancels the entry, the NMI is injected with KVM's TF in the frame it "
+        "pushes (svm_vcpu_run() of the time had no guard against that), and the guest sees TF "
+        "set in code it never single-stepped",
+        "KVM: Fix race between nmi injection and enabling nmi window (Avi Kivity, 2011, upstream "
+        "f86368493ec0): nmi_pending made synchronous through vcpu->requests; today "
+        "kvm_inject_nmi() queues (nmi_queued, KVM_REQ_NMI) and process_nmi() (7460fb4a3400)",
+        ("svm",), "scenarios/smp/nmi_ipi_between_injection_and_nmi_window.toml"),
+    Bug("nested_sipi_in_l2_skips_events",
+        "vmx_check_nested_events() drops a SIPI that arrives while the vCPU runs L2 outside "
+        "wait-for-SIPI, as it should, but then returns at once instead of looking at the other "
+        "events: an interrupt L1 exits on that came with it is not turned into a VM exit while "
+        "L2 is halted in vcpu_block(), the vCPU becomes runnable first, and vmcs12 reports the "
+        "later exit with activity state ACTIVE after L2's HLT",
+        "KVM: nVMX: Ignore SIPI that arrives in L2 when vCPU is not in WFS (Sean Christopherson, "
+        "2022, upstream c2086eca8658; Fixes bf0cd88ce363)",
+        ("vmx",), "scenarios/smp/vmx_sipi_to_halted_l2_with_interrupt.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

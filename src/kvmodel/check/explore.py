@@ -584,7 +584,7 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
     if time_limit is not None:
         deadline = start + time_limit if deadline is None else min(deadline, start + time_limit)
     if scenario.cpus is not None:
-        return _explore_cpus(scenario, vendor, bounds, deadline, bugs, start)
+        return _explore_cpus(scenario, vendor, bounds, deadline, bugs, start, stop_at_first)
     result = ExploreResult(scenario, vendor)
     result.not_applicable = not_applicable(scenario, vendor)
     if result.not_applicable is not None:
@@ -772,21 +772,27 @@ def _run_chunk(path: str, vendor: Vendor, schedules: list[Schedule], bugs: froze
 
 
 def _explore_cpus(scenario: Scenario, vendor: Vendor, bounds: Bounds, deadline: float | None,
-                  bugs: frozenset[str], start: float) -> ExploreResult:
+                  bugs: frozenset[str], start: float, stop_at_first: bool = False) -> ExploreResult:
     """[cpus]: every interleaving at the interaction points (check/interleave.py), on bare
     metal (each must meet the scenario's expectations; the naive search beside it for at most
-    NAIVE_SECONDS), then under KVM, where each must also show an outcome bare metal showed."""
+    NAIVE_SECONDS), then under KVM, where each must also show an outcome bare metal showed.
+    `stop_at_first` (bugs check): no naive search, which checks the reduction, not KVM, and
+    the search under KVM ends at its first finding."""
     result = ExploreResult(scenario, vendor)
+    result.not_applicable = not_applicable(scenario, vendor)
+    if result.not_applicable is not None:
+        return result
     with _faults.switched_on(bugs):
         bare = explore_interleavings(scenario, bounds.max_switches, deadline)
-        naive_deadline = time.monotonic() + NAIVE_SECONDS
+        naive_deadline = 0.0 if stop_at_first else time.monotonic() + NAIVE_SECONDS
         naive = explore_interleavings(scenario, bounds.max_switches,
                                       naive_deadline if deadline is None else min(deadline, naive_deadline),
                                       reduce=False)
         virt = None
         if bare.limit is None:
             virt = explore_interleavings(scenario, bounds.max_switches, deadline, vendor=vendor,
-                                         bare=bare.outcomes | naive.outcomes)
+                                         bare=bare.outcomes | naive.outcomes,
+                                         stop_at_first=stop_at_first)
     result.interleavings = (bare.explored, naive.explored, naive.complete)
     result.complete = bare.complete and (virt is None or virt.complete)
     if bare.complete and naive.complete and bare.outcomes != naive.outcomes:

@@ -58,16 +58,19 @@ def describe(schedule: Interleaving) -> str:
 def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
                           deadline: float | None = None, reduce: bool = True,
                           vendor: Vendor = Vendor.BARE,
-                          bare: set[str] | None = None) -> InterleavingResult:
+                          bare: set[str] | None = None,
+                          stop_at_first: bool = False) -> InterleavingResult:
     """`reduce`: False puts a choice point at every step (bench/ measures the difference);
-    `bare`: under KVM, the outcomes bare metal showed, which each KVM run must be one of."""
+    `bare`: under KVM, the outcomes bare metal showed, which each KVM run must be one of;
+    `stop_at_first`: end at the first failure (the result is then not complete)."""
     bound = DEFAULT_MAX_SWITCHES if max_switches is None else max_switches
     result = InterleavingResult()
     shared: frozenset[int] = frozenset()
     while True:
         result.rounds += 1
         result.explored, result.outcomes, result.failures = 0, set(), []
-        found = _search(scenario, bound, shared, result, deadline, reduce, vendor, bare)
+        found = _search(scenario, bound, shared, result, deadline, reduce, vendor, bare,
+                        stop_at_first)
         if found <= shared or result.limit is not None or not result.complete:
             break
         shared = shared | found
@@ -76,7 +79,7 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
 
 def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: InterleavingResult,
             deadline: float | None, reduce: bool, vendor: Vendor,
-            bare: set[str] | None) -> frozenset[int]:
+            bare: set[str] | None, stop_at_first: bool = False) -> frozenset[int]:
     found: set[int] = set()
     default_stop = None
     stack: list[Interleaving] = [()]
@@ -93,6 +96,9 @@ def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: Inte
         found |= run.smp.shared
         if run.final is None:  # KVM gave up
             result.failures.append((schedule, "hypervisor_error", run.hypervisor_error))
+            if stop_at_first:
+                result.complete = False
+                break
             continue
         if not schedule:
             default_stop = run.final.stop
@@ -101,6 +107,9 @@ def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: Inte
         failure = _failure(run, default_stop, key, bare)
         if failure is not None:
             result.failures.append((schedule, *failure))
+            if stop_at_first:
+                result.complete = False
+                break
         if len(schedule) < bound:
             stack += reversed(list(_children(schedule, run)))
     return frozenset(found)

@@ -133,11 +133,12 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
 
     A VMM script runs under KVM first: bare metal gets its counterpart (the NMIs it
     made) where the guest stood when the VMM acted."""
-    if scenario.cpus is not None:  # several CPUs: check/interleave.py (imported here: it uses this module)
+    why = not_applicable(scenario, vendor)
+    if scenario.cpus is not None and why is None:
+        # several CPUs: check/interleave.py (imported here: it uses this module)
         from kvmodel.check.interleave import compare_cpus
         return compare_cpus(scenario, vendor, record_instructions=record_instructions,
                             max_steps=max_steps)
-    why = not_applicable(scenario, vendor)
     virt = None
     if why is None:
         virt = run(scenario, vendor=vendor, record_instructions=record_instructions,

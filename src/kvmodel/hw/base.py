@@ -159,6 +159,10 @@ class GuestMode:
         if not self.host_interrupt and self.l1_apic_open() and self.cpu.apic.pending_vector() is not None:
             self.host_interrupt = True
 
+    def wakes(self, cpu: Cpu) -> bool:
+        """Whether a VM exit waits for the halted guest; VMX says (hw/vmx), SVM UNVERIFIED."""
+        return False
+
     def kick(self) -> None:
         """A host interrupt (IPI) for this CPU: it leaves the guest at the next boundary."""
         self.host_interrupt = True

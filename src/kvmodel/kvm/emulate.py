@@ -113,6 +113,19 @@ def x86_decode(vcpu: Vcpu, rip: int) -> iced.Instruction:
     return iced.Decoder(cpu.mode.value, raw, ip=rip).decode()
 
 
+def is_soft_int_instruction(vcpu: Vcpu, rip: int, vector: int) -> bool:
+    """is_soft_int_instruction() (4da3768e1820, "KVM: SVM: Don't skip unrelated instruction
+    if INT3/INTO is replaced"): the instruction now at `rip` raises `vector` as a software
+    interrupt: INT3 (#BP), INTO (#OF) or INT n with n == vector. Another vCPU may have
+    written other bytes there since the CPU executed it (text_poke)."""
+    i = x86_decode(vcpu, rip)
+    if i.mnemonic == Mnemonic.INT3:
+        return vector == Vec.BP
+    if i.mnemonic == Mnemonic.INTO:
+        return vector == Vec.OF
+    return i.mnemonic == Mnemonic.INT and i.immediate8 == vector
+
+
 def interruptibility(i: iced.Instruction) -> int:
     """ctxt->interruptibility: MOV SS (em_mov_sreg()), POP SS (em_pop_sreg(), since
     "KVM: x86/emulator: Fix handing of POP SS to correctly set interruptibility"), and

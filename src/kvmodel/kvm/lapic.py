@@ -6,7 +6,10 @@ before the next entry or while the vCPU blocks, acts on them: INIT resets the
 vCPU (kvm_vcpu_reset(vcpu, true)) into KVM_MP_STATE_INIT_RECEIVED (the BSP
 into RUNNABLE), and a SIPI starts a vCPU in INIT_RECEIVED at the vector's page;
 in any other state it is dropped. An AP vCPU starts UNINITIALIZED (as QEMU
-creates it): a SIPI before any INIT is dropped too.
+creates it): a SIPI before any INIT is dropped too. In VMX root operation (L1
+after VMXON) INIT stays latched and a SIPI is dropped; in L2 they are nested
+events (vmx_check_nested_events(): a SIPI outside wait-for-SIPI is dropped;
+INIT in L2, and either in L2 on SVM, are model limits).
 
 DEVIATION (as on bare metal, arch/machine.py): the SIPI starts the vCPU at
 RIP = vector << 12 in the scenario's mode, not in real mode at CS = vector << 8
@@ -51,15 +54,30 @@ def has_pending_init_or_sipi(vcpu: Vcpu) -> bool:
     return vcpu.apic_pending_init or vcpu.apic_pending_sipi
 
 
+def init_sipi_allowed(vcpu: Vcpu) -> bool:
+    """kvm_apic_init_sipi_allowed(): not in VMX root operation (vmx_apic_init_signal_blocked())
+    nor, on SVM, with GIF=0. A vCPU whose INIT stays latched is not woken by it."""
+    return not vcpu.ops.apic_init_signal_blocked()
+
+
 def accept_events(vcpu: Vcpu) -> None:
     """kvm_apic_accept_events(): INIT first, then a SIPI if the vCPU now waits for one."""
     from kvmodel.kvm.x86 import MpState
 
     if not has_pending_init_or_sipi(vcpu):
         return
+    if not init_sipi_allowed(vcpu):
+        # INIT stays latched, a SIPI is dropped
+        vcpu.apic_pending_sipi = False
+        return
     if vcpu.ops.guest_mode:
-        raise ModelLimit("INIT or SIPI for a vCPU in L2 (latched INIT, nested VM exit) is not "
-                         "modelled yet", vcpu.cpu.rip)
+        # kvm_check_nested_events(): INIT and SIPI are VMX's nested events (a SIPI for L2
+        # outside wait-for-SIPI is dropped there)
+        if vcpu.ops.check_nested_events() < 0:
+            return
+        if vcpu.ops.guest_mode and has_pending_init_or_sipi(vcpu):
+            raise ModelLimit("INIT or SIPI for a vCPU in L2 on SVM is not modelled",
+                             vcpu.cpu.rip)
     init, sipi = vcpu.apic_pending_init, vcpu.apic_pending_sipi
     vcpu.apic_pending_init = vcpu.apic_pending_sipi = False
     if init:

@@ -213,6 +213,7 @@ class VendorOps(Protocol):
     def sync_guest_state_to_core(self) -> None: ...
     def check_nested_events(self) -> int: ...
     def has_nested_events(self) -> bool: ...
+    def apic_init_signal_blocked(self) -> bool: ...
     def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool: ...
     def nested_triple_fault(self) -> None: ...
     @property
@@ -240,6 +241,7 @@ class Vcpu:
     requests: int = Request.EVENT
     mp_state: MpState = MpState.RUNNABLE
     in_guest_mode: bool = False
+    exit_request: bool = False  # kicked while KVM prepared the entry: kvm_vcpu_exit_request()
     stats: Stats = field(default_factory=Stats)
     exception_payload_enabled: bool = True  # KVM_CAP_EXCEPTION_PAYLOAD
     stop_at_exit: int = 0  # userspace wants control after this many exits (0: never)
@@ -269,9 +271,16 @@ class Vcpu:
             self.apic_set_irq(vector)
 
     def inject_nmi(self) -> None:
-        """kvm_inject_nmi(): count it, ask for process_nmi(), kick the vCPU."""
-        self.nmi_queued += 1
-        self.requests |= Request.NMI
+        """kvm_inject_nmi(): count it, ask for process_nmi(), kick the vCPU. Only the vCPU
+        itself turns queued NMIs into pending ones (process_nmi()), so nmi_pending cannot
+        change between "inject if allowed" and "request a window" (f86368493ec0)."""
+        if _faults.on("nmi_window_race"):
+            # before f86368493ec0: the sender sets nmi_pending itself, with KVM_REQ_EVENT
+            self.nmi_pending = max(self.nmi_pending, 1)
+            self.requests |= Request.EVENT
+        else:
+            self.nmi_queued += 1
+            self.requests |= Request.NMI
         self.kick()
 
     def apic_set_irq(self, vector: int) -> None:
@@ -281,9 +290,12 @@ class Vcpu:
         self.kick()
 
     def kick(self) -> None:
-        """kvm_vcpu_kick(): an IPI only matters while the vCPU is in guest mode."""
+        """kvm_vcpu_kick(): an IPI only matters while the vCPU is in guest mode; outside it,
+        the request it came with cancels an entry KVM is preparing (kvm_vcpu_exit_request())."""
         if self.in_guest_mode:
             self.ops.kick()
+        else:
+            self.exit_request = True
 
     # -- NMIs, exceptions, interrupts ---------------------------------------
 
@@ -547,8 +559,9 @@ class Vcpu:
                 can_inject = False
                 self.warn_on(ops.nmi_allowed(True) < 0,
                              "kvm_check_and_inject_events: NMI injected, then not allowed")
-            if self.nmi_pending:
-                ops.enable_nmi_window()
+        self.other_cpus_may_run()  # between "inject if allowed" and "request a window"
+        if self.nmi_pending:
+            ops.enable_nmi_window()
 
         if self.has_injectable_intr():
             allowed = ops.interrupt_allowed(True) if can_inject else EBUSY
@@ -562,6 +575,12 @@ class Vcpu:
                 ops.enable_irq_window()
         self.warn_on(self.exception.pending, "kvm_check_and_inject_events: exception still pending")
         return False
+
+    def other_cpus_may_run(self) -> None:
+        """With several vCPUs, a point inside KVM where another vCPU's IPI may arrive (a step
+        of the machine's interleaving, arch/machine.py)."""
+        if self.cpu.machine is not None:
+            self.cpu.machine.host_step(self.cpu)
 
     def bug_on(self, condition: bool, what: str) -> None:
         """BUG_ON(): the host oopses; nothing of this vCPU runs on."""
@@ -603,7 +622,8 @@ class Vcpu:
         exits_left = max_steps
         while exits_left > 0:
             exits_left -= 1
-            if self.apic_pending_init or self.apic_pending_sipi:
+            running = self.mp_state is MpState.RUNNABLE  # kvm_vcpu_running(); else vcpu_block()
+            if running and (self.apic_pending_init or self.apic_pending_sipi):
                 lapic.accept_events(self)  # vcpu_enter_guest(), on KVM_REQ_EVENT
             woke = self.mp_state is not MpState.RUNNABLE
             if woke:
@@ -666,10 +686,13 @@ class Vcpu:
         records the HLT in vmcs12's activity state."""
         self.ops.sync_guest_state_to_core()
         while self.mp_state is not MpState.HALTED or not self.has_events():
-            if lapic.has_pending_init_or_sipi(self):
+            if lapic.has_pending_init_or_sipi(self) and lapic.init_sipi_allowed(self):
+                in_l2 = self.ops.guest_mode
                 lapic.accept_events(self)  # vcpu_block(): INIT, SIPI (kvm/lapic.py)
                 if self.mp_state is MpState.RUNNABLE:
                     return True
+                if in_l2 and not self.ops.guest_mode:
+                    break  # the nested events it checked made a VM exit to L1: the HLT ends
                 continue
             if self.cpu.next_arrival():
                 continue
@@ -695,6 +718,7 @@ class Vcpu:
 
     def enter_guest(self, max_steps: int) -> UserspaceExit | None:
         """vcpu_enter_guest(): requests, event injection, the vendor run, exit handling."""
+        self.exit_request = False
         self._morph_userspace_exception()
         if self.requests & Request.TRIPLE_FAULT:
             if not _faults.on("nested_triple_fault_kills_l1"):
@@ -716,6 +740,14 @@ class Vcpu:
                 return self.enter_guest(max_steps)
             if req_int_win:
                 self.ops.enable_irq_window()
+        if self.exit_request:
+            # kvm_vcpu_exit_request(): another vCPU's IPI came with a request while KVM was
+            # injecting: cancel the injection and start again (the event goes back to the
+            # queues, svm/vmx cancel_injection())
+            self.ops.cancel_injection()
+            if immediate_exit:
+                self.requests |= Request.EVENT
+            return self.enter_guest(max_steps)
         if immediate_exit:
             self.requests |= Request.EVENT
         self.in_guest_mode = True

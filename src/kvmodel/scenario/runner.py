@@ -344,10 +344,11 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     steps = max_steps or scenario.max_steps
     try:
         if vendor is Vendor.BARE:
-            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce,
+                              step=lambda core: _run_bare(core, scenario, 1))
             stop = machine.run(steps).name.lower()
         else:
-            vcpus = _create_vcpus(scenario, cpus, vendor)
+            vcpus = _create_vcpus(scenario, cpus, vendor, resolve)
             machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
             stop, error = _run_vcpus(machine, vcpus, steps)
             stats = tuple(v.stats for v in vcpus)
@@ -370,11 +371,20 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
                      cpu_of=cpu_of, smp=smp)
 
 
-def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor) -> list[Vcpu]:
-    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU."""
-    if scenario.host or scenario.vmm or scenario.vmx or scenario.svm:
-        raise ModelLimit("several vCPUs with host happenings, a VMM script or nested "
-                         "virtualization are not modelled yet", cpus[0].rip)
+def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor,
+                  resolve: Resolver) -> list[Vcpu]:
+    """One VM, a vCPU per CPU (KVM_CREATE_VCPU in CPU order), set up as for one vCPU.
+
+    Pages missing from EPT/NPT (host_fault) are missing for every vCPU; each vCPU faults
+    a page in on its own first touch (the model keeps the map per vCPU: a second fault is
+    host time only, nothing the guest sees)."""
+    other_host = [h for h in scenario.host if h.event is not HostEvent.FAULT]
+    if other_host or scenario.vmm or scenario.svm:
+        raise ModelLimit("several vCPUs with host interrupts, NMIs or save/restores, a VMM "
+                         "script or nested SVM are not modelled yet", cpus[0].rip)
+    unmapped = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host}
+    for core in cpus:
+        core.set_host_unmapped(set(unmapped))
     params, svm, vmx = _vendor_params(scenario)
     vm = create_vm(vendor)
     _enable_caps(vm, params)
@@ -401,8 +411,10 @@ def _run_vcpus(machine: Machine, vcpus: list[Vcpu], steps: int) -> tuple[str | N
         def runnable() -> bool:  # kvm_arch_vcpu_runnable()
             if vcpu.cpu.shutdown:
                 return False
-            if lapic.has_pending_init_or_sipi(vcpu) or vcpu.mp_state is MpState.RUNNABLE:
+            if vcpu.mp_state is MpState.RUNNABLE:
                 return True
+            if lapic.has_pending_init_or_sipi(vcpu) and lapic.init_sipi_allowed(vcpu):
+                return True  # kvm_vcpu_has_events()
             return vcpu.mp_state is MpState.HALTED and vcpu.has_events()
         return runnable
 

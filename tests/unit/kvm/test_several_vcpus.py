@@ -125,3 +125,74 @@ def test_init_then_sipi_start_the_ap_under_kvm(vendor, monkeypatch):
     count = dict(virt.program.symbols)["count"]
     assert int.from_bytes(virt.memory[count:count + 8], "little") == 1
     assert outcome(virt) == outcome(run_machine(s))
+
+
+# CPU 1's L1 enters VMX root operation, tells CPU 0 and halts; CPU 0 then sends INIT and SIPI.
+INIT_IN_VMX_ROOT = """
+[cpu]
+vmx = true
+
+[cpus]
+count = 2
+entry = ["start", "ap_start"]
+
+[guest]
+code = '''
+    .include "vmx.s"
+start:
+    sti
+    hlt                     # until CPU 1 is in VMX root operation
+    cli
+    mov $0x830, %ecx
+    mov $1, %edx
+    mov $0x4500, %eax       # INIT
+    wrmsr
+    mov $0x4601, %eax       # SIPI, vector 1
+    wrmsr
+    hlt
+wake_handler:
+    mov $0x80b, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    iretq
+ap_start:
+    VMX_START vmxon_region, vmcs_region, vmx_scratch
+    mov $0x1234, %rbx
+    mov $0x830, %ecx
+    xor %edx, %edx
+    mov $0x31, %eax
+    wrmsr
+    hlt
+    .balign 16
+vmx_scratch:
+    .skip 16
+    .balign 4096
+vmxon_region:
+    .skip 4096
+vmcs_region:
+    .skip 4096
+'''
+
+[idt]
+0x31 = "wake_handler"
+"""
+
+
+def test_init_is_latched_and_sipi_dropped_in_vmx_root_operation_under_kvm():
+    """vmx_apic_init_signal_blocked(): after L1's VMXON the INIT stays pending, the vCPU is not
+    reset nor woken by it, and the SIPI is dropped (SDM 24.8: INIT is blocked in VMX root
+    operation)."""
+    virt = run_machine(parse(INIT_IN_VMX_ROOT), vendor=Vendor.VMX)
+    assert virt.limit is None and virt.hypervisor_error is None
+    assert virt.final.stop == "halted"
+    cpu1 = virt.smp.finals[1]
+    assert dict(cpu1.registers)["rbx"] == 0x1234 and cpu1.halted  # no INIT reset
+    arrivals = [o for o, c in zip(virt.trace, virt.cpu_of, strict=True)
+                if c == 1 and o.kind == "arrival"]
+    assert [a.event for a in arrivals] == ["init", "sipi"]
+
+
+def test_init_for_a_cpu_in_vmx_operation_is_a_model_limit_on_bare_metal():
+    bare = run_machine(parse(INIT_IN_VMX_ROOT))
+    assert bare.limit is not None and "INIT for a CPU in VMX operation" in bare.limit

@@ -264,6 +264,12 @@ class VmxGuest(GuestMode):
             self._mtf_exit = True
             self._exit(ExitReason.MONITOR_TRAP_FLAG, Where.BOUNDARY)
 
+    def wakes(self, cpu: Cpu) -> bool:
+        """A halted L2 leaves HLT for an interrupt or NMI that L1 exits on (SDM 25.2)."""
+        self.l1_interrupt_presented()
+        return bool(self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING
+                    or self.host_nmi and self.vmcs.pin_based & Pin.NMI_EXITING)
+
     def boundary(self, cpu: Cpu) -> None:
         """Window exits and a waiting host interrupt, in SDM 25.2 priority order."""
         if self.notify_due is not None and not _iret_at(cpu):

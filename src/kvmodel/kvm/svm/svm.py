@@ -184,8 +184,11 @@ class Svm:
     def skip_emulated_instruction(self) -> bool:
         return self._skip(commit=True)
 
-    def _skip(self, commit: bool) -> bool:
-        """__svm_skip_emulated_instruction(): next_rip when NRIPS gives it, else decode."""
+    def _skip(self, commit: bool, soft_int: int | None = None) -> bool:
+        """__svm_skip_emulated_instruction(): next_rip when NRIPS gives it, else decode.
+
+        `soft_int`: the vector of a soft interrupt being re-injected (EMULTYPE_SKIP_SOFT_INT):
+        False, nothing skipped, if the instruction at RIP no longer raises it."""
         vmcb = self.vmcb
         if self.sev_es:
             pass  # the guest's RIP is not KVM's to move: the CPU or the guest advances it
@@ -194,6 +197,9 @@ class Svm:
         else:
             cpu = self.guest.cpu
             insn = cpu.icache.get(vmcb.rip) or decode(cpu, vmcb.rip)  # EMULTYPE_SKIP
+            if (soft_int is not None and not _faults.on("svm_skip_replaced_soft_int")
+                    and not emulate.is_soft_int_instruction(self.vcpu, vmcb.rip, soft_int)):
+                return False  # x86_emulate_instruction() fails: the event is dropped
             vmcb.rip += insn.length
             if commit:  # x86_emulate_instruction(EMULTYPE_SKIP) also clears RF
                 vmcb.rflags &= ~RF
@@ -382,7 +388,7 @@ class Svm:
         if _faults.on("svm_bug_on_irq_with_gif_clear"):
             self.vcpu.bug_on(not self.gif_set(), "svm_inject_irq: BUG_ON(!gif_set(svm))")
         irq = self.vcpu.interrupt
-        if irq.soft and not self._update_soft_interrupt_rip():
+        if irq.soft and not self._update_soft_interrupt_rip(irq.nr):
             return
         self.vcpu.stats.irq_injections += 1
         kind = EventInjType.SOFT if irq.soft else EventInjType.INTR
@@ -393,16 +399,19 @@ class Svm:
         vcpu = self.vcpu
         exc = vcpu.exception
         vcpu.deliver_exception_payload()
-        if exception_is_soft(exc.vector) and not self._update_soft_interrupt_rip():
+        if exception_is_soft(exc.vector) and not self._update_soft_interrupt_rip(exc.vector):
             return
         self.vmcb.event_inj = encode(exc.vector, EventInjType.EXEPT,
                                      exc.error_code if exc.has_error_code else None)
         self.vmcb.event_inj_err = exc.error_code
 
-    def _update_soft_interrupt_rip(self) -> bool:
-        """svm_update_soft_interrupt_rip(): find the next RIP and remember both ends."""
+    def _update_soft_interrupt_rip(self, vector: int) -> bool:
+        """svm_update_soft_interrupt_rip(): find the next RIP and remember both ends. False:
+        the instruction at RIP is no longer the one that raised `vector` (another vCPU wrote
+        over it); the event is dropped and the guest runs what is there now, as if the write
+        had come first (4da3768e1820)."""
         old_rip = self.vmcb.rip
-        if not self._skip(commit=not self.nrips):
+        if not self._skip(commit=not self.nrips, soft_int=vector):
             return False
         next_rip = self.vmcb.rip
         self.soft_int_injected = True
@@ -477,6 +486,10 @@ class Svm:
     def has_nested_events(self) -> bool:
         return False  # svm_nested_ops has no has_events
 
+    def apic_init_signal_blocked(self) -> bool:
+        """svm_apic_init_signal_blocked(): GIF=0 holds INIT (APM 15.17.1)."""
+        return not self.gif_set()
+
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
@@ -491,7 +504,8 @@ class Svm:
 
     def run(self, max_steps: int, immediate_exit: bool) -> UserspaceExit | None:
         """svm_vcpu_run(): never push KVM's TF into a frame; complete interrupts after the exit."""
-        if self.nmi_singlestep and self.vmcb.event_inj & EVTINJ_VALID:
+        if (self.nmi_singlestep and self.vmcb.event_inj & EVTINJ_VALID
+                and not _faults.on("nmi_window_race")):  # the 2011 code had no such guard
             self.disable_nmi_singlestep()
             immediate_exit = True
         if immediate_exit:

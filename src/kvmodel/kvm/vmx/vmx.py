@@ -221,6 +221,13 @@ class Vmx:
     def check_nested_events(self) -> int:
         return self.nested.check_nested_events() if self.nested is not None else 0
 
+    def apic_init_signal_blocked(self) -> bool:
+        """vmx_apic_init_signal_blocked(): INIT is blocked in VMX root operation, i.e. after
+        L1's VMXON while L1 itself runs (SDM 24.8 "INIT signals are blocked whenever a logical
+        processor is in VMX root operation"); in L2 it is a VM exit instead (SDM 25.2)."""
+        n = self.nested
+        return n is not None and n.vmxon_region is not None and not n.guest_mode
+
     def is_exception_vmexit(self, vector: int, error_code: int | None) -> bool:
         """nested_vmx_is_exception_vmexit(): L2 runs and vmcs12's exception bitmap has the
         vector (#PF's error-code mask and match are not modelled: the bitmap bit decides)."""
