@@ -14,10 +14,13 @@ from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run, check_io_privilege, require_cpl0
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.host import Exiting
+from kvmodel.arch.operands import address
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ModelLimit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kvmodel.arch.cpu import Cpu
 
 MAX_INSN_LEN = 15
@@ -31,10 +34,11 @@ class Decoded:
     the host's intercept check when a host may intercept it (`exiting`).
     """
 
-    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io", "privileged")
+    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io", "privileged", "operand")
 
     def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting,
-                 io: IoAccess | None = None, privileged: bool = False):
+                 io: IoAccess | None = None, privileged: bool = False,
+                 operand: Callable[[Cpu], int] | None = None):
         self.semantics = semantics
         self.execute = semantics
         self.text = text
@@ -42,6 +46,8 @@ class Decoded:
         self.exiting = exiting
         self.io = io
         self.privileged = privileged  # #GP(0) at CPL > 0, before any intercept
+        # INVLPG's linear address, for the exit qualification / EXITINFO1 (SDM 27.2.1, APM 15.33)
+        self.operand = operand
 
 
 class IoAccess(NamedTuple):
@@ -88,6 +94,7 @@ _EXITING = {
     iced.Mnemonic.CLGI: Exiting.CLGI,
     iced.Mnemonic.VMCALL: Exiting.VMCALL,
     iced.Mnemonic.VMMCALL: Exiting.VMMCALL,
+    iced.Mnemonic.INVLPG: Exiting.INVLPG,
 }
 
 
@@ -96,7 +103,7 @@ _EXITING = {
 _PRIVILEGED = frozenset({
     iced.Mnemonic.HLT, iced.Mnemonic.RDMSR, iced.Mnemonic.WRMSR, iced.Mnemonic.VMCLEAR,
     iced.Mnemonic.VMLAUNCH, iced.Mnemonic.VMPTRLD, iced.Mnemonic.VMREAD, iced.Mnemonic.VMRESUME,
-    iced.Mnemonic.VMWRITE, iced.Mnemonic.VMXON,
+    iced.Mnemonic.VMWRITE, iced.Mnemonic.VMXON, iced.Mnemonic.INVLPG,
 })
 
 
@@ -141,8 +148,9 @@ def decode(cpu: Cpu, rip: int) -> Decoded:
     key = (raw, rip, cpu.mode, cpu.host is not None)  # Mode is an IntEnum: hashed as its value
     shared = _SHARED.get(key)
     if shared is not None:
-        cpu.icache[rip] = shared
-        cpu.remember_code(rip, shared.length)
+        if cpu.paging is None:  # with guest paging every fetch walks (Cpu.enable_paging())
+            cpu.icache[rip] = shared
+            cpu.remember_code(rip, shared.length)
         return shared
     decoded = _decode(cpu, rip, raw)
     _SHARED[key] = decoded
@@ -154,7 +162,7 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
     insn = decoder.decode()
     if insn.is_invalid:
         if decoder.last_error == iced.DecoderError.NO_MORE_BYTES:
-            raise cpu.page_fault(cpu.linear(rip) + len(raw), Access.FETCH)
+            raise cpu.fetch_fault(cpu.linear(rip) + len(raw))
         raise Fault(Vec.UD)
     text = _FORMATTER.format(insn)
     builder = BUILDERS.get(insn.mnemonic)
@@ -166,9 +174,11 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
     exiting = _exiting(insn)
     decoded = Decoded(execute, text, insn.len, exiting,
-                      _io_access(insn) if exiting is Exiting.IO else None, _privileged(insn))
+                      _io_access(insn) if exiting is Exiting.IO else None, _privileged(insn),
+                      address(insn, cpu.mode) if exiting is Exiting.INVLPG else None)
     if cpu.host is not None and decoded.exiting:
         decoded.execute = _behind_intercept(decoded)
-    cpu.icache[rip] = decoded
-    cpu.remember_code(rip, insn.len)
+    if cpu.paging is None:
+        cpu.icache[rip] = decoded
+        cpu.remember_code(rip, insn.len)
     return decoded

@@ -67,6 +67,7 @@ class Exiting(IntEnum):
     CLGI = 22
     VMCALL = 23  # exits unconditionally in VMX non-root operation (SDM 25.1.2)
     VMMCALL = 24  # SVM's hypercall, with its own intercept (APM 15.9)
+    INVLPG = 25  # INVLPG exiting (SDM 25.1.3) / the INVLPG intercept (APM 15.9)
 
 
 class VmxInstructions(Protocol):

@@ -147,6 +147,9 @@ class Stats:
     req_event: int = 0
     notify_window_exits: int = 0
     request_irq_exits: int = 0  # KVM_EXIT_IRQ_WINDOW_OPEN
+    pf_fixed: int = 0  # shadow paging: a #PF exit fixed by mapping the page (kvm/mmu.py)
+    pf_guest: int = 0  # shadow paging: a #PF exit that was the guest's, injected
+    invlpg: int = 0  # shadow paging: an INVLPG exit
     exits: int = 0
 
 

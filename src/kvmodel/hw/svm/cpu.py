@@ -60,6 +60,7 @@ _INSTRUCTION_EXITS = {
     Exiting.RDMSR: (Intercept.MSR, ExitCode.MSR),  # MSR_PROT, with the MSR permission map
     Exiting.WRMSR: (Intercept.MSR, ExitCode.MSR),
     Exiting.CR8_WRITE: (Intercept.CR8_WRITE, ExitCode.WRITE_CR8),
+    Exiting.INVLPG: (Intercept.INVLPG, ExitCode.INVLPG),
     Exiting.IRET: (Intercept.IRET, ExitCode.IRET),
     Exiting.INT_N: (Intercept.INTN, ExitCode.SWINT),
     Exiting.VMRUN: (Intercept.VMRUN, ExitCode.VMRUN),
@@ -372,6 +373,8 @@ class SvmGuest(GuestMode):
             if not io_intercepted(cpu.mem, self.vmcb.iopm_base_pa, port, insn.io.size):
                 return
             info_1, info_2 = ioio_info(port, insn.io.size, insn.io.is_in), next_rip  # APM 15.10.2
+        elif kind is Exiting.INVLPG:
+            info_1 = insn.operand(cpu) & cpu.addr_mask  # decode assists: the linear address (APM 15.33.2)
         self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, info_2=info_2, next_rip=next_rip)
 
     def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:

@@ -313,6 +313,9 @@ class VmxGuest(GuestMode):
             reason, qualification = _MSR_EXITS[kind], msr
         elif kind is Exiting.CPUID:
             reason, qualification = ExitReason.CPUID, cpu.regs[RCX] & 0xFFFFFFFF
+        elif kind is Exiting.INVLPG and proc & Proc.INVLPG_EXITING:
+            # the qualification is the operand's linear address (SDM 27.2.1 Table 27-1)
+            reason, qualification = ExitReason.INVLPG, insn.operand(cpu) & cpu.addr_mask
         elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
             reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:
