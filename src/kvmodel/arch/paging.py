@@ -35,7 +35,7 @@ PAGE_SHIFT = 12
 MAXPHYADDR = 36
 _FRAME = ((1 << MAXPHYADDR) - 1) & ~0xFFF  # bits M-1:12 of an entry: the next table or page
 _ABOVE_MAXPHYADDR = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)  # bits 51:M, reserved
-_LARGE_RESERVED = {2: 0x3FFFE000, 1: 0x1FE000}  # 1 GiB PDPTE: bits 29:13; 2 MiB PDE: bits 20:13
+_LARGE_RESERVED = {1: 0x3FFFE000, 2: 0x1FE000}  # 1 GiB PDPTE: bits 29:13; 2 MiB PDE: bits 20:13
 _LEVEL_SHIFTS = (39, 30, 21, 12)  # PML4, PDPT, PD, PT index bits (SDM 4.5.4 Figure 4-8)
 
 
