@@ -6,6 +6,7 @@
 # maps the first 2 MiB to itself with 4 KiB pages, every entry P|R/W|U/S (flags 7).
 # SET_PTE page, flags[, high]: at run time, give the page at label `page` the identity PTE
 # with `flags` (bits 31:0 beyond the frame) and `high` (bits 63:32, e.g. 0x80000000 = XD).
+# MAP_PTE page, frame, flags: the same with another frame (a label).
 # The PTE of the page at label `page` is at pt + ((page - image_base) >> 9) + 0x80.
 
 image_base:
@@ -24,6 +25,13 @@ pt:
         .quad .Lpaging_frame + \flags
         .set .Lpaging_frame, .Lpaging_frame + 0x1000
     .endr
+.endm
+
+# MAP_PTE page, frame, flags: at run time, map the page at label `page` to the frame at label
+# `frame` (bits 63:32 of the entry cleared).
+.macro MAP_PTE page, frame, flags
+    movl $(\frame + \flags), pt + ((\page - image_base) >> 9) + 0x80
+    movl $0, pt + ((\page - image_base) >> 9) + 0x84
 .endm
 
 .macro SET_PTE page, flags, high=0
