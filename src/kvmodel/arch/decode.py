@@ -12,7 +12,7 @@ import iced_x86 as iced
 
 from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run, check_io_privilege, require_cpl0
-from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.operands import address
 from kvmodel.arch.regs import Mode

@@ -18,7 +18,6 @@ from kvmodel.arch.apic import WriteResult
 from kvmodel.arch.events import Event, EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import Arrival, Iret, Output
-from kvmodel.arch.paging import MAXPHYADDR
 from kvmodel.arch.operands import (
     BRANCH_KINDS,
     address,
@@ -28,6 +27,7 @@ from kvmodel.arch.operands import (
     size_of,
     writer,
 )  # fmt: skip
+from kvmodel.arch.paging import MAXPHYADDR
 from kvmodel.arch.regs import (
     AC,
     AF,

@@ -7,7 +7,7 @@ import pytest
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Access, Fault
-from kvmodel.arch.paging import Pte, PfCode
+from kvmodel.arch.paging import PfCode, Pte
 from kvmodel.arch.regs import CR0_WP, EFER_NXE, USER_CODE_SELECTOR, Mode
 from kvmodel.errors import ModelLimit
 
