@@ -1009,8 +1009,8 @@ class Vcpu:
         if (sregs.cr0 ^ cpu.cr0) & CR0_PE:
             raise ModelLimit("KVM_SET_SREGS switching between real and protected mode (CR0.PE) "
                              "is not modelled: the core's mode is fixed for a run", cpu.rip)
-        cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = (sregs.cr0, sregs.cr2, sregs.cr3,
-                                                        sregs.cr4, sregs.efer)
+        cpu.cr0, cpu.cr2, cpu.cr4, cpu.efer = sregs.cr0, sregs.cr2, sregs.cr4, sregs.efer
+        cpu.load_cr3(sregs.cr3)  # with guest paging, a new MMU context: TLB flushed (kvm_mmu_reset_context())
         cpu.idtr_base, cpu.idtr_limit = sregs.idt_base, sregs.idt_limit
         if sregs.interrupt_bitmap is not None:
             self.queue_interrupt(sregs.interrupt_bitmap, soft=False)

@@ -9,7 +9,8 @@ from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.paging import PfCode, Pte
 from kvmodel.arch.regs import CR0_WP, EFER_NXE, USER_CODE_SELECTOR, Mode
-from kvmodel.errors import ModelLimit
+from kvmodel.errors import ModelLimit, ScenarioError
+from kvmodel.scenario.load import parse
 
 PML4, PDPT, PD, PT = 0x20000, 0x21000, 0x22000, 0x23000
 PAGE = 0x5000  # the linear page under test (identity: frame 0x5000)
@@ -210,3 +211,31 @@ def test_access_crossing_pages_faults_before_writing():
 def test_flat_memory_is_untouched_without_paging():
     cpu = Cpu(Mode.LONG64, bytearray(0x40000))
     assert cpu.paging is None and not cpu.slow_mem
+
+
+# -- the scenario side: what [memory] cr3 and [kvm] tdp accept -----------------------------
+
+GUEST = """
+[guest]
+mode = "{mode}"
+code = '''
+start:
+    hlt
+'''
+"""
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('[memory]\ncr3 = "start"\nnot_present = ["start"]\n', "drop not_present"),
+    ('[memory]\ncr3 = "start"\n[cpu]\nvmx = true\n', "nested EPT/NPT"),
+    ('[memory]\ncr3 = "start"\n[fred]\nentry = "start"\n', "FRED"),
+    ('[kvm]\ntdp = false\n', "needs the guest's own page tables"),
+])
+def test_scenario_refuses(extra, message):
+    with pytest.raises(ScenarioError, match=message):
+        parse(GUEST.format(mode="long64") + extra, "t.toml")
+
+
+def test_scenario_refuses_32bit_paging():
+    with pytest.raises(ScenarioError, match="long64 mode only"):
+        parse(GUEST.format(mode="protected32") + '[memory]\ncr3 = "start"\n', "t.toml")
