@@ -20,12 +20,13 @@ from enum import IntEnum
 from kvmodel.arch import deliver
 from kvmodel.arch.apic import Apic
 from kvmodel.arch.cost import DELIVERY_CYCLES
-from kvmodel.arch.decode import Decoded, decode
+from kvmodel.arch.decode import Decoded, Exiting, decode
 from kvmodel.arch.events import Event, EventType, External, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.host import Exiting, Host, HostExit, SvmInstructions, VmxInstructions
+from kvmodel.arch.host import Host, HostExit, SvmInstructions, VmxInstructions
 from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
+from kvmodel.arch.paging import Paging, PfCode, accessed_dirty, error_code, permitted, walk
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
     BOOT_CR3,
@@ -33,6 +34,7 @@ from kvmodel.arch.regs import (
     BOOT_GDT_LIMIT,
     BREAKPOINT_LEN,
     CODE_SELECTOR,
+    CR0_WP,
     CR4_DE,
     DATA_SELECTOR,
     DR6_BS,
@@ -41,6 +43,7 @@ from kvmodel.arch.regs import (
     DR6_RESET,
     DR7_GD,
     DR7_RESET,
+    EFER_NXE,
     IF,
     REAL_ADDR_MASK,
     RF,
@@ -129,6 +132,7 @@ class Cpu:
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
         "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "tr", "tasks",
+        "paging",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -227,6 +231,8 @@ class Cpu:
         # TR's selector and the model's TSS descriptors, selector -> (base, busy) (task.py)
         self.tr = TSS_SELECTOR
         self.tasks: dict[int, tuple[int, bool]] = {}
+        # The guest's own page tables (arch/paging.py; enable_paging()); None: flat memory
+        self.paging: Paging | None = None
 
     # -- memory --------------------------------------------------------------
 
@@ -235,6 +241,8 @@ class Cpu:
         addr &= self.addr_mask
         end = addr + size
         if self.slow_mem or end > self.mem_size:
+            if self.paging is not None:
+                return self._read_paged(addr, size, access)
             self._check(addr, size, access)
         return int.from_bytes(self.mem[addr:end], "little")
 
@@ -242,6 +250,9 @@ class Cpu:
         addr &= self.addr_mask
         end = addr + size
         if self.slow_mem or end > self.mem_size:
+            if self.paging is not None:
+                self._write_paged(addr, size, value)
+                return
             self._check(addr, size, Access.WRITE)
         self.mem[addr:end] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         code_lines = self.code_lines
@@ -291,6 +302,9 @@ class Cpu:
         addr &= self.addr_mask
         if not self.slow_mem and addr + size <= self.mem_size:
             return  # every page is present and mapped
+        if self.paging is not None:
+            self._translate_range(addr, size, Access.WRITE)
+            return
         for page in range(addr >> PAGE_SHIFT, ((addr + size - 1) >> PAGE_SHIFT) + 1):
             if page in self.not_present or (page << PAGE_SHIFT) >= self.mem_size:
                 raise self.page_fault(max(addr, page << PAGE_SHIFT), Access.WRITE)
@@ -301,6 +315,8 @@ class Cpu:
         """Up to `size` code bytes at addr, stopping before a not-present page."""
         if not self.slow_mem and addr + size <= self.mem_size:
             return bytes(self.mem[addr:addr + size])  # no page to check: the common case
+        if self.paging is not None:
+            return self._fetch_paged(addr, size)
         out = bytearray()
         while len(out) < size:
             page = (addr + len(out)) >> PAGE_SHIFT
@@ -324,6 +340,143 @@ class Cpu:
                 self.db_hits |= bit
         if self.machine is not None:
             self.machine.touched(self, addr, end, access)
+
+    # -- the guest's page tables (arch/paging.py) -----------------------------
+
+    def enable_paging(self, cr3: int) -> None:
+        """Walk the guest's own tables from now on, starting at `cr3`. Memory accesses leave
+        the fast path for good, and decoded instructions are no longer cached by RIP: a fetch
+        walks (and checks XD and U/S) every time, and a CR3 write or INVLPG may change the
+        code behind a RIP."""
+        if self.mode is not Mode.LONG64:
+            raise ModelLimit("guest paging outside IA-32e mode (32-bit and PAE paging) is not "
+                             "modelled", self.rip)
+        self.cr3 = cr3
+        self.paging = Paging()
+        self.icache.clear()
+        self.code_lines.clear()
+        self._update_slow_mem()
+
+    def _read_entry(self, address: int) -> int:
+        """A paging-structure entry: an 8-byte physical read (guest-physical under EPT/NPT)."""
+        if address + 8 > self.mem_size:
+            raise ModelLimit(f"a paging-structure entry at {address:#x}, outside the guest's "
+                             "memory, is not modelled", self.rip)
+        if address >> PAGE_SHIFT in self.host_unmapped:
+            self.host.unmapped(self, address, Access.READ)
+        return int.from_bytes(self.mem[address:address + 8], "little")
+
+    def translate(self, linear: int, access: Access) -> int:
+        """The physical address of `linear` for `access`, or Fault(#PF) with its error code
+        and CR2 (SDM 4.5-4.8); A/D flags are set once the access is allowed. An access at CPL
+        3 is a user-mode access unless event delivery makes it (SDM 4.6: IDT, TSS and the
+        handler's stack are implicit supervisor-mode accesses)."""
+        paging = self.paging
+        page = linear >> PAGE_SHIFT
+        user_mode = self.cs & RPL_MASK == 3 and self.vectoring is None
+        nxe = bool(self.efer & EFER_NXE)
+        done = walk(self._read_entry, self.cr3, linear, nxe)
+        cached = paging.tlb.get(page)
+        if isinstance(done, PfCode):
+            if cached is not None:
+                self._stale(linear)
+            raise Fault(Vec.PF, error_code(access, user_mode, nxe, done), cr2=linear)
+        translation = done.translation
+        if cached is not None and cached != translation:
+            self._stale(linear)
+        if not permitted(translation, access, user_mode, bool(self.cr0 & CR0_WP), nxe):
+            paging.invalidate(linear)  # a #PF drops the page's TLB entry (SDM 4.10.4.1)
+            raise Fault(Vec.PF, error_code(access, user_mode, nxe), cr2=linear)
+        missing = paging.shadow_missing
+        if missing and page in missing:
+            # Shadow paging: the tables the CPU really walks lack the page, a not-present #PF
+            # the host intercepts (its exception bitmap) and the guest never sees as such.
+            raise Fault(Vec.PF, error_code(access, user_mode, nxe, PfCode(0)), cr2=linear)
+        frame = translation.frame
+        if frame + (1 << PAGE_SHIFT) > self.mem_size:
+            raise ModelLimit(f"linear {linear:#x} mapped to {frame:#x}, outside the guest's "
+                             "memory, is not modelled", self.rip)
+        if frame >> PAGE_SHIFT in self.host_unmapped:
+            self.host.unmapped(self, frame | (linear & 0xFFF), access)
+        for address, value in accessed_dirty(done.entries, access is Access.WRITE):
+            self.mem[address:address + 8] = value.to_bytes(8, "little")
+        paging.tlb[page] = translation
+        return frame | (linear & 0xFFF)
+
+    def _stale(self, linear: int) -> None:
+        raise ModelLimit(
+            f"the guest changed the paging-structure entries for {linear:#x} without INVLPG "
+            "or a CR3 write and used it again: bare metal may use the old translation or the "
+            "new one (SDM 4.10.4.2); the model refuses to pick", self.rip)
+
+    def _translate_range(self, addr: int, size: int, access: Access) -> list[tuple[int, int]]:
+        """(physical address, length) of each page `addr`..`addr+size` touches, every page
+        translated before any is accessed (a fault on the second leaves the first alone)."""
+        if self.machine is not None:
+            raise ModelLimit("guest paging with several CPUs is not modelled", self.rip)
+        pieces = []
+        end = addr + size
+        while addr < end:
+            stop = min(end, ((addr >> PAGE_SHIFT) + 1) << PAGE_SHIFT)
+            pieces.append((self.translate(addr, access), stop - addr))
+            addr = stop
+        return pieces
+
+    def _match_data_bps(self, addr: int, end: int, access: Access) -> None:
+        for lo, hi, bit, write_only in self.data_bps:  # linear addresses (SDM 17.2.4)
+            if addr < hi and lo < end and (access is Access.WRITE or not write_only):
+                self.db_hits |= bit
+
+    def _read_paged(self, addr: int, size: int, access: Access) -> int:
+        out = bytearray()
+        for phys, length in self._translate_range(addr, size, access):
+            out += self.mem[phys:phys + length]
+        self._match_data_bps(addr, addr + size, access)
+        return int.from_bytes(out, "little")
+
+    def _write_paged(self, addr: int, size: int, value: int) -> None:
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        at = 0
+        for phys, length in self._translate_range(addr, size, Access.WRITE):
+            self.mem[phys:phys + length] = data[at:at + length]
+            at += length
+        self._match_data_bps(addr, addr + size, Access.WRITE)
+
+    def _fetch_paged(self, addr: int, size: int) -> bytes:
+        """Code bytes up to the first page a fetch may not use (decode raises its #PF if the
+        instruction needs bytes from there: fetch_fault())."""
+        out = bytearray()
+        end = addr + size
+        while addr < end:
+            stop = min(end, ((addr >> PAGE_SHIFT) + 1) << PAGE_SHIFT)
+            try:
+                phys = self.translate(addr, Access.FETCH)
+            except Fault:
+                break
+            out += self.mem[phys:phys + stop - addr]
+            addr = stop
+        return bytes(out)
+
+    def fetch_fault(self, addr: int) -> Fault:
+        """The #PF of an instruction fetch at linear `addr` that fetch_bytes() stopped before."""
+        if self.paging is None:
+            return self.page_fault(addr, Access.FETCH)
+        try:
+            self.translate(addr, Access.FETCH)
+        except Fault as fault:
+            return fault
+        raise AssertionError(f"the fetch at {addr:#x} does not fault")
+
+    def invlpg(self, linear: int) -> None:
+        """INVLPG (SDM Vol.2 INVLPG, 4.10.4.1): the page's TLB entry goes; no-op on flat memory."""
+        if self.paging is not None:
+            self.paging.invalidate(linear)
+
+    def load_cr3(self, value: int) -> None:
+        """MOV to CR3: with the guest's tables, the TLB is flushed (SDM 4.10.4.1)."""
+        self.cr3 = value
+        if self.paging is not None:
+            self.paging.flush()
 
     def page_fault(self, addr: int, access: Access) -> Fault:
         """#PF for a not-present page (SDM 4.7): P=0, W/R, U/S, I/D.
@@ -376,7 +529,7 @@ class Cpu:
 
     def _update_slow_mem(self) -> None:
         self.slow_mem = bool(self.not_present or self.data_bps or self.host_unmapped
-                             or self.machine is not None)
+                             or self.machine is not None or self.paging is not None)
 
     def set_host_unmapped(self, pages: set[int]) -> None:
         """The host's second-level tables (EPT/NPT) lack these guest-physical pages."""

@@ -13,11 +13,14 @@ import iced_x86 as iced
 
 from kvmodel.arch.events import Vec
 from kvmodel.arch.execute import BUILDERS, Run, check_io_privilege, require_cpl0
-from kvmodel.arch.faults import Access, Fault
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.operands import address
 from kvmodel.arch.regs import Mode
 from kvmodel.errors import ModelLimit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kvmodel.arch.cpu import Cpu
 
 MAX_INSN_LEN = 15
@@ -52,6 +55,7 @@ class Exiting(IntEnum):
     CLGI = 22
     VMCALL = 23  # exits unconditionally in VMX non-root operation (SDM 25.1.2)
     VMMCALL = 24  # SVM's hypercall, with its own intercept (APM 15.9)
+    INVLPG = 25  # INVLPG exiting (SDM 25.1.3) / the INVLPG intercept (APM 15.9)
 
 
 class Decoded:
@@ -61,10 +65,11 @@ class Decoded:
     the host's intercept check when a host may intercept it (`exiting`).
     """
 
-    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io", "privileged")
+    __slots__ = ("execute", "semantics", "text", "length", "exiting", "io", "privileged", "operand")
 
     def __init__(self, semantics: Run, text: str, length: int, exiting: Exiting,
-                 io: IoAccess | None = None, privileged: bool = False):
+                 io: IoAccess | None = None, privileged: bool = False,
+                 operand: Callable[[Cpu], int] | None = None):
         self.semantics = semantics
         self.execute = semantics
         self.text = text
@@ -72,6 +77,8 @@ class Decoded:
         self.exiting = exiting
         self.io = io
         self.privileged = privileged  # #GP(0) at CPL > 0, before any intercept
+        # INVLPG's linear address, for the exit qualification / EXITINFO1 (SDM 27.2.1, APM 15.33)
+        self.operand = operand
 
 
 class IoAccess(NamedTuple):
@@ -118,6 +125,7 @@ _EXITING = {
     iced.Mnemonic.CLGI: Exiting.CLGI,
     iced.Mnemonic.VMCALL: Exiting.VMCALL,
     iced.Mnemonic.VMMCALL: Exiting.VMMCALL,
+    iced.Mnemonic.INVLPG: Exiting.INVLPG,
 }
 
 
@@ -126,7 +134,7 @@ _EXITING = {
 _PRIVILEGED = frozenset({
     iced.Mnemonic.HLT, iced.Mnemonic.RDMSR, iced.Mnemonic.WRMSR, iced.Mnemonic.VMCLEAR,
     iced.Mnemonic.VMLAUNCH, iced.Mnemonic.VMPTRLD, iced.Mnemonic.VMREAD, iced.Mnemonic.VMRESUME,
-    iced.Mnemonic.VMWRITE, iced.Mnemonic.VMXON,
+    iced.Mnemonic.VMWRITE, iced.Mnemonic.VMXON, iced.Mnemonic.INVLPG,
 })
 
 
@@ -171,8 +179,9 @@ def decode(cpu: Cpu, rip: int) -> Decoded:
     key = (raw, rip, cpu.mode, cpu.host is not None)  # Mode is an IntEnum: hashed as its value
     shared = _SHARED.get(key)
     if shared is not None:
-        cpu.icache[rip] = shared
-        cpu.remember_code(rip, shared.length)
+        if cpu.paging is None:  # with guest paging every fetch walks (Cpu.enable_paging())
+            cpu.icache[rip] = shared
+            cpu.remember_code(rip, shared.length)
         return shared
     decoded = _decode(cpu, rip, raw)
     _SHARED[key] = decoded
@@ -184,7 +193,7 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
     insn = decoder.decode()
     if insn.is_invalid:
         if decoder.last_error == iced.DecoderError.NO_MORE_BYTES:
-            raise cpu.page_fault(cpu.linear(rip) + len(raw), Access.FETCH)
+            raise cpu.fetch_fault(cpu.linear(rip) + len(raw))
         raise Fault(Vec.UD)
     text = _FORMATTER.format(insn)
     builder = BUILDERS.get(insn.mnemonic)
@@ -196,9 +205,11 @@ def _decode(cpu: Cpu, rip: int, raw: bytes) -> Decoded:
         raise ModelLimit(f"{limit} ({text!r})", rip) from None
     exiting = _exiting(insn)
     decoded = Decoded(execute, text, insn.len, exiting,
-                      _io_access(insn) if exiting is Exiting.IO else None, _privileged(insn))
+                      _io_access(insn) if exiting is Exiting.IO else None, _privileged(insn),
+                      address(insn, cpu.mode) if exiting is Exiting.INVLPG else None)
     if cpu.host is not None and decoded.exiting:
         decoded.execute = _behind_intercept(decoded)
-    cpu.icache[rip] = decoded
-    cpu.remember_code(rip, insn.len)
+    if cpu.paging is None:
+        cpu.icache[rip] = decoded
+        cpu.remember_code(rip, insn.len)
     return decoded

@@ -27,6 +27,7 @@ from kvmodel.arch.operands import (
     size_of,
     writer,
 )  # fmt: skip
+from kvmodel.arch.paging import MAXPHYADDR
 from kvmodel.arch.regs import (
     AC,
     AF,
@@ -36,6 +37,7 @@ from kvmodel.arch.regs import (
     CR0_EM,
     CR0_MP,
     CR0_TS,
+    CR0_WP,
     CR4_DE,
     DATA_SELECTOR,
     DF,
@@ -358,8 +360,9 @@ def _dr_access(c, n: int, value: int | None) -> int:
     return 0
 
 
-# CR0 and CR4 bits a guest may flip: those the #NM rule and the debug extensions read.
-CR0_WRITABLE = CR0_TS | CR0_MP | CR0_EM
+# CR0 and CR4 bits a guest may flip: those the #NM rule, the debug extensions and the
+# page walk (CR0.WP, paging.py) read.
+CR0_WRITABLE = CR0_TS | CR0_MP | CR0_EM | CR0_WP
 CR4_WRITABLE = CR4_DE
 
 
@@ -373,7 +376,9 @@ def _cr_access(c, n: int, value: int | None) -> int:
     if n == 2:
         c.cr2 = value
     elif n == 3:
-        c.cr3 = value
+        if c.paging is not None and value >> MAXPHYADDR:
+            raise Fault(Vec.GP, 0)  # reserved bits 63:MAXPHYADDR (SDM Vol.2 MOV CR; 4.5.4)
+        c.load_cr3(value)
     elif n == 8 and c.vtpr is not None:
         c.vtpr = value & 0xF
         c.attn = True
@@ -382,7 +387,7 @@ def _cr_access(c, n: int, value: int | None) -> int:
         c.attn = True
     elif n == 0:
         if (value ^ c.cr0) & ~CR0_WRITABLE & 0xFFFFFFFF:
-            raise ModelLimit(f"changing CR0 bits other than TS, MP and EM is not modelled "
+            raise ModelLimit(f"changing CR0 bits other than TS, MP, EM and WP is not modelled "
                              f"({c.cr0:#x} -> {value:#x})", c.rip)
         c.cr0 = value
     else:
@@ -1018,6 +1023,19 @@ def build_lidt(i: iced.Instruction, mode: Mode) -> Run:
     return run
 
 
+def build_invlpg(i: iced.Instruction, mode: Mode) -> Run:
+    """INVLPG m: drop the TLB entry for the page holding m's linear address (SDM Vol.2 INVLPG,
+    4.10.4.1); privileged (decode.py checks CPL first). It never faults on the address."""
+    ea, nxt = address(i, mode), i.next_ip
+
+    def run(c):
+        require_cpl0(c)
+        c.invlpg(ea(c) & c.addr_mask)
+        c.rip = nxt
+
+    return run
+
+
 def build_sgdt(i: iced.Instruction, mode: Mode) -> Run:
     """SGDT m: the 16-bit limit, then the base, 8 bytes in 64-bit mode and 4 otherwise (SDM
     Vol.2 SGDT, 32-bit operand size). Any CPL may run it: the model's CR4 has no UMIP."""
@@ -1037,8 +1055,7 @@ IA32_APIC_BASE = 0x1B
 APIC_BASE_VALUE = 0xFEE00000 | (1 << 11) | (1 << 10) | (1 << 8)  # EN, EXTD (x2APIC), BSP
 IA32_EFER = 0xC0000080
 VM_HSAVE_PA = 0xC0010117
-# No CPUID leaf 80000008H: MAXPHYADDR is 36 (SDM 4.1.4; KVM's cpuid_query_maxphyaddr() agrees).
-MAXPHYADDR = 36
+# No CPUID leaf 80000008H: MAXPHYADDR is 36 (paging.py; KVM's cpuid_query_maxphyaddr() agrees).
 IA32_STAR, IA32_LSTAR, IA32_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
 _SYSCALL_MSRS = {IA32_STAR: "star", IA32_LSTAR: "lstar", IA32_FMASK: "fmask"}
 
@@ -1210,7 +1227,7 @@ BUILDERS: dict[int, Callable[[iced.Instruction, Mode], Run]] = {
     Mnemonic.INTO: build_into, Mnemonic.UD2: build_ud2,
     Mnemonic.IRET: build_iret, Mnemonic.IRETD: build_iret, Mnemonic.IRETQ: build_iret,
     Mnemonic.LIDT: build_lidt, Mnemonic.RDMSR: build_rdmsr, Mnemonic.WRMSR: build_wrmsr,
-    Mnemonic.SGDT: build_sgdt,
+    Mnemonic.SGDT: build_sgdt, Mnemonic.INVLPG: build_invlpg,
     Mnemonic.IN: build_in, Mnemonic.OUT: build_out, Mnemonic.CPUID: build_cpuid,
     Mnemonic.DIV: build_div, Mnemonic.IDIV: build_div, Mnemonic.CLTS: build_clts,
     Mnemonic.FNOP: build_x87_nop, Mnemonic.WAIT: build_x87_nop,

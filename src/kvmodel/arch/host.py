@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from kvmodel.arch.decode import Exiting as Exiting  # re-exported: it was defined here
-
 if TYPE_CHECKING:
     from kvmodel.arch.cpu import Cpu
     from kvmodel.arch.decode import Decoded

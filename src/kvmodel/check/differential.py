@@ -212,6 +212,9 @@ def static_limit(scenario: Scenario, accel: str = "tcg") -> str | None:
                 "there, not RAM")
     if scenario.mode is Mode.REAL16:
         return "real mode: the boot stub enters protected mode only"
+    if scenario.cr3 is not None:
+        return ("guest page tables ([memory] cr3): the boot stub runs on its own identity map and "
+                "does not load the guest's CR3 (not exported yet)")
     if scenario.mode is Mode.PROTECTED32 and scenario.rflags & TF:
         return "TF set at reset in 32-bit mode: the stub has no way in that leaves the stack alone"
     return None

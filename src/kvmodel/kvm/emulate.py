@@ -31,10 +31,9 @@ from iced_x86 import Mnemonic, OpKind, Register
 
 from kvmodel import _faults
 from kvmodel.arch.cpu import FORCED_EMULATION_PREFIX
-from kvmodel.arch.decode import MAX_INSN_LEN, Decoded, decode
+from kvmodel.arch.decode import MAX_INSN_LEN, Decoded, Exiting, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt
 from kvmodel.arch.regs import DR6_BS, IF, RF, RSP, TF
 from kvmodel.errors import ModelLimit

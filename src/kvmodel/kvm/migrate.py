@@ -62,5 +62,9 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.trace = old.trace
     cpu.schedule(old.scheduled)  # what is still to arrive from outside
     cpu.set_host_unmapped(old.host_unmapped)  # the host's memory map belongs to the VM
+    if old.paging is not None:  # the guest's tables are in memory; a new vCPU's TLB is empty
+        cpu.enable_paging(old.cr3)
+        missing = old.paging.shadow_missing  # the shadow belongs to the VM, like EPT/NPT
+        cpu.paging.shadow_missing = None if missing is None else set(missing)
     cpu.update_breakpoints()
     return cpu

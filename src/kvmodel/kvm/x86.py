@@ -15,10 +15,9 @@ from typing import ClassVar, Protocol
 
 from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu, External
-from kvmodel.arch.decode import Decoded, decode
+from kvmodel.arch.decode import Decoded, Exiting, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire, Shutdown
 from kvmodel.arch.regs import CR0_PE, DR6_BS, DR7_GD, IF, RF, RSP, TF
 from kvmodel.errors import KvmodelError, ModelLimit
@@ -147,6 +146,9 @@ class Stats:
     req_event: int = 0
     notify_window_exits: int = 0
     request_irq_exits: int = 0  # KVM_EXIT_IRQ_WINDOW_OPEN
+    pf_fixed: int = 0  # shadow paging: a #PF exit fixed by mapping the page (kvm/mmu.py)
+    pf_guest: int = 0  # shadow paging: a #PF exit that was the guest's, injected
+    invlpg: int = 0  # shadow paging: an INVLPG exit
     exits: int = 0
 
 
@@ -1038,8 +1040,8 @@ class Vcpu:
         if (sregs.cr0 ^ cpu.cr0) & CR0_PE:
             raise ModelLimit("KVM_SET_SREGS switching between real and protected mode (CR0.PE) "
                              "is not modelled: the core's mode is fixed for a run", cpu.rip)
-        cpu.cr0, cpu.cr2, cpu.cr3, cpu.cr4, cpu.efer = (sregs.cr0, sregs.cr2, sregs.cr3,
-                                                        sregs.cr4, sregs.efer)
+        cpu.cr0, cpu.cr2, cpu.cr4, cpu.efer = sregs.cr0, sregs.cr2, sregs.cr4, sregs.efer
+        cpu.load_cr3(sregs.cr3)  # with guest paging, a new MMU context: TLB flushed (kvm_mmu_reset_context())
         cpu.idtr_base, cpu.idtr_limit = sregs.idt_base, sregs.idt_limit
         if sregs.interrupt_bitmap is not None:
             self.queue_interrupt(sregs.interrupt_bitmap, soft=False)

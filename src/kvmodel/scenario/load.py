@@ -181,6 +181,7 @@ def parse(text: str, path: str = "<scenario>", folder: Path | None = None) -> Sc
         vmm=_vmm_steps(ctx, data.get("vmm", [])),
         folder=folder,
         cpus=_cpus(ctx, data.get("cpus"), expect),
+        cr3=_cr3(ctx, data, mode),
     )
 
 
@@ -561,6 +562,31 @@ def _ist(ctx: _Ctx, tss: dict, mode: Mode) -> tuple[tuple[int, Expr, int], ...]:
     if tss and mode is not Mode.LONG64:
         raise ctx.error("[tss] IST slots exist only in long64 mode", "tss")
     return tuple((int(k[3:]), _expr(v), ctx.line("tss", k)) for k, v in sorted(tss.items()))
+
+
+def _cr3(ctx: _Ctx, data: dict, mode: Mode) -> tuple[Expr, int] | None:
+    """[memory] cr3: the guest's own page tables (arch/paging.py), and what they exclude."""
+    memory, cpu = data.get("memory", {}), data.get("cpu", {})
+    if "cr3" not in memory:
+        if data.get("kvm", {}).get("tdp") is False:
+            raise ctx.error("tdp = false (shadow paging) needs the guest's own page tables",
+                            "kvm", "tdp", hint='add [memory] cr3 = "label"')
+        return None
+    if mode is not Mode.LONG64:
+        raise ctx.error("guest paging is modelled in long64 mode only (4-level paging); 32-bit "
+                        "and PAE paging are not", "memory", "cr3")
+    if memory.get("not_present"):
+        raise ctx.error("with guest page tables, a page is not present by its entry: drop "
+                        "not_present", "memory", "not_present")
+    for key in ("vmx", "svm"):
+        if cpu.get(key):
+            raise ctx.error("guest paging with an L1 hypervisor (nested EPT/NPT) is not modelled",
+                            "cpu", key)
+    if "cpus" in data:
+        raise ctx.error("guest paging with several CPUs is not modelled", "memory", "cr3")
+    if "fred" in data:
+        raise ctx.error("guest paging with FRED is not modelled", "memory", "cr3")
+    return _expr(memory["cr3"]), ctx.line("memory", "cr3")
 
 
 def _not_present(ctx: _Ctx, memory: dict) -> tuple[tuple[Expr, int], ...]:

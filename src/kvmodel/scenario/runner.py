@@ -243,6 +243,8 @@ def _build(scenario: Scenario, record_instructions: bool,
         raise ScenarioError(scenario.path, scenario.code_line,
                             "the guest does not fit in memory", "raise [cpu] memory_kib")
     cpu = build_cpu(machine, record_instructions=record_instructions)
+    if scenario.cr3 is not None:
+        cpu.enable_paging(resolve(*scenario.cr3))
     if roots:
         _attach_roots(cpu, scenario)
     return cpu, program, resolve
@@ -587,8 +589,12 @@ def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendo
     BUG_ON); in between, what userspace does when KVM_RUN returns to it (save/restores, the
     VMM's calls, and its 8259's KVM_INTERRUPT once the guest is ready for it)."""
     resolve = Resolver(scenario, program)
-    cpu.set_host_unmapped({resolve.linear(h.page, h.line) // PAGE for h in scenario.host
-                           if h.event is HostEvent.FAULT})
+    faults = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host
+              if h.event is HostEvent.FAULT}
+    if dict(scenario.kvm_params).get("tdp", True):
+        cpu.set_host_unmapped(faults)  # guest-physical pages EPT/NPT lacks
+    else:
+        cpu.paging.shadow_missing = faults  # linear pages the shadow lacks (kvm/mmu.py)
     stops = _userspace_stops(scenario, cpu, resolve)
     params, svm, vmx = _vendor_params(scenario)
 
@@ -672,11 +678,13 @@ def _vendor_params(scenario: Scenario) -> tuple[dict, SvmParams, VmxParams]:
     svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
                     sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
                     vgif=params.get("vgif", True), nested=scenario.svm,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
+                    vmware_backdoor=params.get("vmware_backdoor", False),
+                    npt=params.get("tdp", True))
     vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
                     intercept_db=params.get("intercept_db", True),
                     host_fred=params.get("host_fred", False), nested=scenario.vmx,
-                    vmware_backdoor=params.get("vmware_backdoor", False))
+                    vmware_backdoor=params.get("vmware_backdoor", False),
+                    ept=params.get("tdp", True))
     return params, svm, vmx
 
 

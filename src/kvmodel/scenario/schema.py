@@ -231,6 +231,7 @@ class Scenario:
     vmm: tuple[VmmStep, ...] = ()  # the VMM's script of uAPI calls ([[vmm]])
     folder: Path | None = None  # the file's folder: its guest may include files from there
     cpus: CpusSpec | None = None  # several CPUs; None: one
+    cr3: tuple[Expr, int] | None = None  # [memory] cr3: the guest's own page tables (arch/paging.py)
 
 
 # -- the document: every table and key a scenario file may hold, and what each takes --------
@@ -257,14 +258,16 @@ FLAGS_FINAL = ("halted", "shutdown", "nmi_blocked")
 NUMBERS_FINAL = ("rip", "rflags", "cr2", "dr6", "dr7")
 # struct kvm_vcpu_stat counters a scenario may pin, summed over the vCPUs of a run
 STAT_NAMES = ("nmi_injections", "irq_injections", "nmi_window_exits", "irq_window_exits",
-              "irq_exits", "halt_exits", "notify_window_exits", "request_irq_exits")
+              "irq_exits", "halt_exits", "notify_window_exits", "request_irq_exits",
+              "pf_fixed", "pf_guest", "invlpg")
 STOPS = ("halted", "shutdown", "budget", "vmm")
 # kvm_amd.nrips/vnmi/vgif/debug_swap, kvm_intel.enable_vnmi, the model's intercept_db
 # (kvm/vmx/vmx.py), the SEV-ES VM type, kvm.enable_vmware_backdoor (#GP intercepted) and
 # kvm.force_emulation_prefix (KVM emulates the instruction after "ud2; .ascii \"kvm\"") and
 # its KVM_FEP_CLEAR_RFLAGS_RF bit (force_emulation_prefix=3: RF cleared before emulating)
+# and tdp (kvm_intel.ept / kvm_amd.npt; false: shadow paging, for a guest with [memory] cr3)
 KVM_PARAMS = ("nrips", "vnmi", "vgif", "enable_vnmi", "intercept_db", "sev_es", "debug_swap",
-              "host_fred", "vmware_backdoor", "force_emulation_prefix", "fep_clear_rflags_rf")
+              "host_fred", "vmware_backdoor", "force_emulation_prefix", "fep_clear_rflags_rf", "tdp")
 # What the VMM asks of the VM, with QEMU's names (-accel kvm,notify-vmexit=...,notify-window=N)
 NOTIFY_MODES = {"run": "run", "internal-error": "internal-error", "disable": "disable"}
 # Where the interrupt controllers are (kvm/vm.py IrqChip): KVM_CREATE_IRQCHIP, KVM_CAP_SPLIT_IRQCHIP, none
@@ -459,7 +462,7 @@ DOCUMENT = Table({
                    "rsp1": Address(), "rsp2": Address(), "rsp3": Address()},
                   required=(("entry", '[fred] needs entry = "label" (4 KiB aligned; CPL 0 events '
                                       'enter at +256)'),)),
-    "memory": Table({"not_present": List(Address())}),
+    "memory": Table({"not_present": List(Address()), "cr3": Address()}),
     "cpus": Table({"count": Int(low=2, high=MAX_CPUS), "entry": List(Address(), least=1),
                    "rsp": List(Address())},
                   required=(("count", "[cpus] needs count = 2..4"),

@@ -109,7 +109,7 @@ def test_outside_the_subset_stops_with_its_name_and_address(code):
 def test_changing_cr0_is_a_model_limit():
     text = "[guest]\ncode = '''\nstart:\n xor %eax, %eax\n mov %rax, %cr0\n'''\n"
     result = run(parse(text, "t.toml"))
-    assert result.limit == ("changing CR0 bits other than TS, MP and EM is not modelled "
+    assert result.limit == ("changing CR0 bits other than TS, MP, EM and WP is not modelled "
                             "(0x80000011 -> 0x0) at 0x10002")
 
 

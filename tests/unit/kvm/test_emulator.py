@@ -6,8 +6,8 @@ single-step trap after (kvm_vcpu_do_singlestep()), row by row."""
 import pytest
 
 from kvmodel import _faults
+from kvmodel.arch.decode import Exiting
 from kvmodel.arch.events import Vec
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import DR6_BS, IF, RF, TF
 from kvmodel.errors import ModelLimit
 from kvmodel.kvm import emulate

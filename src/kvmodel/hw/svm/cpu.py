@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 from kvmodel.arch import deliver
 from kvmodel.arch.cpu import Cpu, Stop
-from kvmodel.arch.decode import Decoded
+from kvmodel.arch.decode import Decoded, Exiting
 from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.ghcb import MSR_AMD64_SEV_ES_GHCB
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.observe import Halt, Retire
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import DR6_B0_B3, IF, RCX, RDX, RF, RSP, Shadow
@@ -60,6 +59,7 @@ _INSTRUCTION_EXITS = {
     Exiting.RDMSR: (Intercept.MSR, ExitCode.MSR),  # MSR_PROT, with the MSR permission map
     Exiting.WRMSR: (Intercept.MSR, ExitCode.MSR),
     Exiting.CR8_WRITE: (Intercept.CR8_WRITE, ExitCode.WRITE_CR8),
+    Exiting.INVLPG: (Intercept.INVLPG, ExitCode.INVLPG),
     Exiting.IRET: (Intercept.IRET, ExitCode.IRET),
     Exiting.INT_N: (Intercept.INTN, ExitCode.SWINT),
     Exiting.VMRUN: (Intercept.VMRUN, ExitCode.VMRUN),
@@ -372,6 +372,8 @@ class SvmGuest(GuestMode):
             if not io_intercepted(cpu.mem, self.vmcb.iopm_base_pa, port, insn.io.size):
                 return
             info_1, info_2 = ioio_info(port, insn.io.size, insn.io.is_in), next_rip  # APM 15.10.2
+        elif kind is Exiting.INVLPG:
+            info_1 = insn.operand(cpu) & cpu.addr_mask  # decode assists: the linear address (APM 15.33.2)
         self._exit(intercept_exit[1], Where.INSTRUCTION, info_1=info_1, info_2=info_2, next_rip=next_rip)
 
     def unmapped(self, cpu: Cpu, addr: int, access: Access) -> None:

@@ -55,6 +55,7 @@ class ExitCode(IntEnum):
     IRET = 0x074
     SWINT = 0x075
     HLT = 0x078
+    INVLPG = 0x079
     IOIO = 0x07B
     MSR = 0x07C
     SHUTDOWN = 0x07F
@@ -84,6 +85,7 @@ class Intercept(IntEnum):
     IRET = 96 + 20
     INTN = 96 + 21
     HLT = 96 + 24
+    INVLPG = 96 + 25
     IOIO = 96 + 27
     MSR = 96 + 28
     SHUTDOWN = 96 + 31

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from kvmodel.arch import deliver, fred
 from kvmodel.arch.cpu import Cpu, Stop
-from kvmodel.arch.decode import Decoded, IoAccess
+from kvmodel.arch.decode import Decoded, Exiting, IoAccess
 from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code, has_error_code, vector_name
 from kvmodel.arch.faults import Access
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import CR0_PE, DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
 from kvmodel.hw.base import (
     HOST_VECTOR,
@@ -321,6 +320,9 @@ class VmxGuest(GuestMode):
             reason, qualification = _MSR_EXITS[kind], 0
         elif kind is Exiting.CPUID:
             reason, qualification = ExitReason.CPUID, 0
+        elif kind is Exiting.INVLPG and proc & Proc.INVLPG_EXITING:
+            # the qualification is the operand's linear address (SDM 27.2.1 Table 27-1)
+            reason, qualification = ExitReason.INVLPG, insn.operand(cpu) & cpu.addr_mask
         elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
             reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:

@@ -32,6 +32,7 @@ class ExitReason(IntEnum):
     NMI_WINDOW = 8
     CPUID = 10
     HLT = 12
+    INVLPG = 14
     VMCALL = 18
     VMCLEAR = 19
     VMLAUNCH = 20
@@ -69,6 +70,7 @@ class Proc(IntEnum):
 
     INTR_WINDOW_EXITING = 1 << 2
     HLT_EXITING = 1 << 7
+    INVLPG_EXITING = 1 << 9
     CR8_LOAD_EXITING = 1 << 19
     NMI_WINDOW_EXITING = 1 << 22
     UNCOND_IO_EXITING = 1 << 24

@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmodel import _faults
-from kvmodel.arch.decode import decode
+from kvmodel.arch.decode import Exiting, decode
 from kvmodel.arch.events import Vec
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import EFER_SVME, IF, RAX, RF, RSP, TF, Mode
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
@@ -40,7 +39,7 @@ from kvmodel.hw.svm.vmcb import (
     Intercept,
     encode,
 )  # fmt: skip
-from kvmodel.kvm import emulate
+from kvmodel.kvm import emulate, mmu
 from kvmodel.kvm.svm import sev
 from kvmodel.kvm.svm.nested import NestedSvm, NestedSvmState
 from kvmodel.kvm.uapi import InvalidArgument, KvmExit, ShadowBits
@@ -72,6 +71,7 @@ class SvmParams:
     vgif: bool = True  # kvm_amd.vgif on a CPU with vGIF: the guest's STGI/CLGI need no exit
     nested: bool = False  # kvm_amd.nested, with SVM in the guest's CPUID (nested.py)
     vmware_backdoor: bool = False  # kvm.enable_vmware_backdoor: #GP is intercepted too
+    npt: bool = True  # kvm_amd.npt; without it, shadow paging (kvm/mmu.py)
 
 
 class Svm:
@@ -109,6 +109,10 @@ class Svm:
         vmcb.exception_intercepts = EXCEPTION_INTERCEPTS
         if params.vmware_backdoor:
             vmcb.exception_intercepts |= 1 << Vec.GP  # init_vmcb()
+        if not params.npt:
+            # shadow paging, init_vmcb(): INVLPG and #PF intercepted (CR3 too, not modelled)
+            vmcb.exception_intercepts |= 1 << Vec.PF
+            vmcb.intercepts.add(Intercept.INVLPG)
         vmcb.int_ctl = V_INTR_MASKING | (V_NMI_ENABLE if params.vnmi else 0) | (
             V_GIF_ENABLE | V_GIF if params.vgif else 0)
         cpu = guest.cpu
@@ -603,6 +607,16 @@ class Svm:
             self._gp_interception()
         elif code == ExitCode.EXCP_BASE + Vec.UD:
             emulate.handle_ud(vcpu, Exiting.VMCALL)  # ud_interception()
+        elif code == ExitCode.EXCP_BASE + Vec.PF:
+            # pf_interception(): kvm_handle_page_fault() with EXITINFO1 the error code and
+            # EXITINFO2 the address; an event being delivered was re-queued by
+            # svm_complete_interrupts() and is re-injected after
+            mmu.handle_page_fault(vcpu, vmcb.exit_info_2, vmcb.exit_info_1)
+        elif code == ExitCode.INVLPG:
+            # invlpg_interception() with decode assists: kvm_mmu_invlpg(EXITINFO1), then skip
+            vcpu.stats.invlpg += 1
+            vcpu.emulate_and_skip()  # first: its fetch must not meet the page zapped below
+            mmu.invlpg(vcpu, vmcb.exit_info_1)
         elif code == ExitCode.VMMCALL:
             self._vmmcall_interception()
         elif code == ExitCode.INTR:

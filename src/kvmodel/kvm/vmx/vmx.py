@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmodel import _faults
+from kvmodel.arch.decode import Exiting
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import IF, RSP
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed
@@ -37,7 +37,7 @@ from kvmodel.hw.vmx.vmcs import (
     info_vector,
     intr_info,
 )  # fmt: skip
-from kvmodel.kvm import emulate
+from kvmodel.kvm import emulate, mmu
 from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, InvalidArgument, KvmExit, ShadowBits
 from kvmodel.kvm.vm import NotifyFlag
 from kvmodel.kvm.vmx.host_events import HostCpu
@@ -66,6 +66,7 @@ class VmxParams:
     host_fred: bool = False  # the host kernel takes its own IRQs and NMIs through FRED
     nested: bool = False  # kvm_intel.nested, with VMX in the guest's CPUID (nested.py)
     vmware_backdoor: bool = False  # kvm.enable_vmware_backdoor: #GP is intercepted too
+    ept: bool = True  # kvm_intel.ept; without it, shadow paging (kvm/mmu.py)
 
 
 class Vmx:
@@ -89,6 +90,11 @@ class Vmx:
             vmcs.exception_bitmap &= ~(1 << Vec.DB)
         if params.vmware_backdoor:
             vmcs.exception_bitmap |= 1 << Vec.GP  # vmx_update_exception_bitmap()
+        if not params.ept:
+            # shadow paging: vmx_update_exception_bitmap() adds #PF, init_vmcs() keeps INVLPG
+            # exiting (and CR3 load/store exiting, not modelled: kvm/mmu.py)
+            vmcs.exception_bitmap |= 1 << Vec.PF
+            vmcs.proc_based |= Proc.INVLPG_EXITING
         if vcpu.kvm.notify_enabled:
             # vmx_secondary_exec_control() and init_vmcs()
             vmcs.secondary_exec |= Secondary.NOTIFY_VM_EXITING
@@ -409,6 +415,11 @@ class Vmx:
                              vmcs.guest_rip)
         elif reason is ExitReason.EPT_VIOLATION:
             self._handle_ept_violation()
+        elif reason is ExitReason.INVLPG:
+            # handle_invlpg(): kvm_mmu_invlpg() on the qualification, then skip the instruction
+            vcpu.stats.invlpg += 1
+            vcpu.emulate_and_skip()  # first: its fetch must not meet the page zapped below
+            mmu.invlpg(vcpu, vmcs.exit_qualification)
         elif reason is ExitReason.TRIPLE_FAULT:
             return UserspaceExit(KvmExit.SHUTDOWN, "triple fault")
         elif reason is ExitReason.NOTIFY:
@@ -466,6 +477,12 @@ class Vmx:
             # backdoor's IN/OUT/RDPMC (EMULTYPE_VMWARE_GP), which never #GP at CPL 0 (the
             # model's only CPL), and queues #GP(0) for anything else.
             vcpu.queue_exception(Vec.GP, vmcs.exit_intr_error_code)
+            return None
+        if vector == Vec.PF:
+            # Shadow paging only (EPT never intercepts #PF), also while vectoring: the IDT or
+            # stack page of a delivery not yet shadowed; the event is re-injected
+            # (vmx_complete_interrupts()). kvm_handle_page_fault(), CR2 in the qualification.
+            mmu.handle_page_fault(vcpu, vmcs.exit_qualification, vmcs.exit_intr_error_code)
             return None
         if vmcs.idt_vectoring_info & INTR_INFO_VALID:
             return UserspaceExit(KvmExit.INTERNAL_ERROR,
