@@ -7,6 +7,7 @@ upper half in 64-bit mode, 8- and 16-bit writes merge (SDM Vol.1 3.4.1.1).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import iced_x86 as iced
 from iced_x86 import OpKind, Register, RegisterExt
@@ -80,8 +81,15 @@ def address(i: iced.Instruction, mode: Mode) -> Callable[[object], int]:
     if i.is_ip_rel_memory_operand:
         target = i.ip_rel_memory_address
         return lambda c: target
-    base, index, scale = i.memory_base, i.memory_index, i.memory_index_scale
-    disp = i.memory_displacement
+    return _address(i.memory_base, i.memory_index, i.memory_index_scale, i.memory_displacement,
+                    mode)
+
+
+@lru_cache(maxsize=4096)
+def _address(base: int, index: int, scale: int, disp: int, mode: Mode) -> Callable[[object], int]:
+    """One function per addressing form: decoding new code (a guest running through memory
+    it never ran) builds the same few forms at every address, and iced's register
+    queries cost more than the rest of a decode."""
     wide = next((r for r in (base, index) if r != Register.NONE), None)
     asize = RegisterExt.size(wide) if wide is not None else mode.value // 8
     mask = (1 << (8 * asize)) - 1
