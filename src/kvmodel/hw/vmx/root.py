@@ -17,7 +17,9 @@ A failed guest-state check is the VM exit with reason 33 (SDM 26.7).
 Events for L1 while L2 runs: with external-interrupt or NMI exiting they exit
 (SDM 25.2); without, L2 takes them through its own IDT, masked by L2's IF and
 blocking. Without virtual NMIs the blocking by NMI L2 leaves is the core's
-after the exit: only an NMI exit changes it (SDM 27.5.5).
+after the exit: only an NMI exit changes it (SDM 27.5.5). With virtual NMIs,
+VM entry unblocks NMIs (26.7.1), so an L1 that VMLAUNCHes from its NMI
+handler is back with NMIs unblocked after any but an NMI exit.
 """
 
 from __future__ import annotations
@@ -228,6 +230,11 @@ class VmxRoot:
         if not vmcs.pin_based & Pin.VIRTUAL_NMIS:
             # L2's blocking by NMI was the physical one; only an NMI exit changes it (SDM 27.5.5)
             cpu.nmi_blocked = l2_blocked
+        else:
+            # With virtual NMIs, VM entry unblocked NMIs (SDM 26.7.1: bit 3 is virtual-NMI
+            # blocking only) and the exit leaves them so (27.5.5): L1 that entered from its NMI
+            # handler comes back with NMIs unblocked (bugzilla 217304, Sean Christopherson).
+            cpu.nmi_blocked = False
         if nmi_exit:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
