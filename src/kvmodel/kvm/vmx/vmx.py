@@ -18,7 +18,7 @@ from kvmodel.arch.faults import Fault
 from kvmodel.arch.host import Exiting
 from kvmodel.arch.regs import IF, RSP
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -79,6 +79,7 @@ class Vmx:
         self.params = params
         self.host_cpu = HostCpu(fred=params.host_fred, problems=vcpu.host_problems)
         self.nested = NestedVmx(guest.cpu, self) if params.nested else None
+        self._late_vmfail = False  # vmx->fail: the last entry of vmcs02 was a VMfail
         vcpu.ops = self
         vmcs = guest.vmcs
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
@@ -313,6 +314,12 @@ class Vmx:
         try:
             stop = self.guest.run(max_steps)
         except EntryFailed as failed:
+            if self.guest_mode and not isinstance(failed, InvalidGuestState):
+                # vmx->fail entering vmcs02: no vmx_complete_interrupts(); L1's VMfail
+                # (nested_vmx_reflect_vmexit(), "Late nested VM-Fail")
+                self.nested.late_entry_failure()
+                self._late_vmfail = True
+                return None
             return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
         if stop is not None:
             self.sync_guest_state_to_core()
@@ -367,6 +374,9 @@ class Vmx:
     def handle_exit(self) -> UserspaceExit | None:
         """__vmx_handle_exit() and the handlers for the exits modelled."""
         vcpu, vmcs = self.vcpu, self.vmcs
+        if self._late_vmfail:  # handled: L1 goes on after its VMLAUNCH/VMRESUME
+            self._late_vmfail = False
+            return None
         reason = EXIT_REASONS[vmcs.exit_reason]
         if self.nested is not None and self.nested.guest_mode and self.nested.reflect():
             return None  # L1 handles it
