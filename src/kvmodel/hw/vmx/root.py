@@ -37,6 +37,7 @@ from kvmodel.hw.vmx.vmcs import (
     ExitReason,
     Interruptibility,
     Pin,
+    Proc,
     Vmcs,
     info_type,
 )
@@ -166,12 +167,14 @@ class VmxRoot:
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
-        cpu.rip = next_rip  # where L1 continues if the entry fails
+        rip, cpu.rip = cpu.rip, next_rip  # where L1 continues if the entry fails
         # The MOV SS shadow the VMLAUNCH/VMRESUME itself executes in (boundary() moved it).
         region = self._entry_region(cpu, launch, blocked_by_mov_ss=cpu.shadow_prev is Shadow.MOV_SS)
         if region is None:
             return
         vmcs = self.vmcss[region]
+        if not vmcs.proc_based & Proc.NMI_WINDOW_EXITING:  # else VMfail (check_nmi_controls())
+            check_vmcs_for_model(vmcs, rip)
         l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked)
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _arrival(guest, event, vector)
@@ -279,6 +282,17 @@ class VmxRoot:
         if nmi_waiting:
             cpu.nmi_pending += 1
             cpu.attn = True
+
+
+def check_vmcs_for_model(vmcs: Vmcs, rip: int) -> None:
+    """The L1 setups the model covers, checked once VM entry would succeed; anything else
+    stops the run with a clear message (on this model and under nested KVM alike)."""
+    if vmcs.pin_based & Pin.NMI_EXITING and not vmcs.pin_based & Pin.VIRTUAL_NMIS:
+        # SDM 26.7.1: blocking by NMI is then the physical one, IRET in L2 leaves it, and an
+        # NMI for L1 waits behind it instead of exiting. KVM's vmcs02 always has L0's virtual
+        # NMIs (prepare_vmcs02_early()), so it would run such an L2 with virtual-NMI blocking.
+        raise ModelLimit('"NMI exiting" without "virtual NMIs" is not modelled (IRET keeps '
+                         'blocking by NMI in L2, SDM 26.7.1)', rip)
 
 
 def _pending_events_exit(guest: VmxGuest) -> None:

@@ -32,7 +32,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import DR6_BD, IF, RCX, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
-from kvmodel.hw.vmx.root import VmxError, VmxRoot
+from kvmodel.hw.vmx.root import VmxError, VmxRoot, check_vmcs_for_model
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     FAILED_VMENTRY,
@@ -148,6 +148,7 @@ class NestedVmx(VmxRoot):
             self._skip_l1(cpu, next_rip)
             self.vmx.vcpu.retire(rip, insn)
             return
+        check_vmcs_for_model(self.vmcss[region], rip)
         self.launched.add(region)
         self._succeed(cpu)
         self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
