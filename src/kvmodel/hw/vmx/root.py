@@ -27,7 +27,7 @@ from __future__ import annotations
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import RSP, Shadow
+from kvmodel.arch.regs import RSP, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
@@ -186,15 +186,22 @@ class VmxRoot:
         _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
+        # An entry that succeeds takes its trap state from the guest's pending debug exceptions
+        # (SDM 26.7.3; Bochs VMenterLoadCheckGuestState() replaces debug_trap, and VM exit
+        # clears it): L1's single-step over VMLAUNCH/VMRESUME traps only if VMfail.
+        cpu.step_trap_replaced = bool(cpu.rflags & TF)
         with entry_retired(cpu):
             try:
                 guest.enter()
             except InvalidGuestState as failed:
+                # no single-step trap: the host state is loaded as at a VM exit (SDM 26.8),
+                # which clears it (Bochs VMexit())
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 self._entry_failure_exit(cpu, vmcs, failed.check)
                 return
             except EntryFailed as failed:
+                cpu.step_trap_replaced = False  # VMfail: an ordinary instruction's trap
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))

@@ -29,7 +29,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import DR6_BD, IF, RCX, Shadow
+from kvmodel.arch.regs import DR6_BD, DR6_BS, IF, RCX, TF, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
 from kvmodel.hw.vmx.root import VmxError, VmxRoot, check_vmcs_for_model
@@ -185,11 +185,14 @@ class NestedVmx(VmxRoot):
             f"INVALID_GUEST_STATE ({check})", vmcs12.host_rip, self.vmx.guest.cpu.retired, "vmcs12"))
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
-        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
+        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow and
+        single-steps (kvm_vcpu_do_singlestep()); a VM entry that succeeds skips nothing."""
         vmcs = self.vmx.vmcs
         vmcs.guest_rip = next_rip
         vmcs.guest_rflags = cpu.rflags
         self.vmx.set_interrupt_shadow(0)
+        if cpu.rflags & TF:
+            self.vmx.vcpu.queue_exception(Vec.DB, payload=DR6_BS)
 
     def _enter_l2(self) -> None:
         vmx, cpu = self.vmx, self.vmx.guest.cpu
