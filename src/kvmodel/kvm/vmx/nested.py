@@ -119,6 +119,7 @@ class NestedVmx(VmxRoot):
         # An MTF VM exit L0 owes L1 after emulating one of L2's instructions (the hardware's
         # monitor trap flag never saw that instruction run): vmx_update_emulated_instruction().
         self.mtf_pending = False
+        self.launching = False  # the entry under way is a VMLAUNCH
 
     @property
     def vmcs12(self) -> Vmcs:
@@ -149,6 +150,7 @@ class NestedVmx(VmxRoot):
             self.vmx.vcpu.retire(rip, insn)
             return
         check_vmcs_for_model(self.vmcss[region], rip)
+        self.launching = launch  # vmcs12's launch state waits for a VM exit that is no failure
         self.launched.add(region)
         self._succeed(cpu)
         self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
@@ -282,7 +284,7 @@ class NestedVmx(VmxRoot):
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
         cpu.shadow = Shadow.NONE
         cpu.shutdown = False  # L1's state is loaded and runnable: a triple fault was L2's
-        self.guest_mode = self.run_pending = False
+        self.guest_mode = self.run_pending = self.launching = False
         vcpu.clear_event_queues()  # prepare_vmcs12(): done for every exit that fills vmcs12
         vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired, "vmcs12"))
@@ -311,6 +313,7 @@ class NestedVmx(VmxRoot):
         vmx, cpu = self.vmx, self.vmx.guest.cpu
         self._discard_pending_mtf()
         self._purge_events()
+        self._not_launched()
         vmcs01 = self.vmcs01
         vmx.guest.vmcs = vmcs01
         vmx.guest.cpu_windows_changed()
@@ -325,6 +328,25 @@ class NestedVmx(VmxRoot):
         vmx.vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord("VM-Fail (late, vmcs02)", vmcs01.guest_rip, cpu.retired,
                                           "vmcs12"))
+
+    def invalid_guest_state_exit(self, check: str) -> None:
+        """The hardware's guest-state checks refused vmcs02 after KVM's software checks of
+        vmcs12 passed: the VM exit with reason 33 and bit 31 (SDM 26.8), which
+        nested_vmx_reflect_vmexit() gives to L1 (nested_vmx_l1_wants_exit():
+        EXIT_REASON_INVALID_STATE is always L1's). prepare_vmcs12() leaves out what only an
+        entry that succeeded does: vmcs12 stays not launched, its injection stays valid."""
+        self._not_launched()
+        self.exit_to_l1(ExitReason.INVALID_GUEST_STATE)
+        self.vmcs12.exit_reason |= FAILED_VMENTRY
+        self.vmx.guest.cpu.trace[-1] = NestedExitRecord(
+            f"INVALID_GUEST_STATE ({check}, vmcs02)", self.vmcs12.guest_rip,
+            self.vmx.guest.cpu.retired, "vmcs12")
+
+    def _not_launched(self) -> None:
+        """An entry that failed leaves a VMLAUNCHed vmcs12 clear (prepare_vmcs12() sets
+        launch_state only for an exit that is no VM-entry failure)."""
+        if self.launching:
+            self.launched.discard(self.current)
 
     def _save_pending_event(self, vmcs12: Vmcs) -> None:
         """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1;

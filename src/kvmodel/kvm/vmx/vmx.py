@@ -79,7 +79,7 @@ class Vmx:
         self.params = params
         self.host_cpu = HostCpu(fred=params.host_fred, problems=vcpu.host_problems)
         self.nested = NestedVmx(guest.cpu, self) if params.nested else None
-        self._late_vmfail = False  # vmx->fail: the last entry of vmcs02 was a VMfail
+        self._exit_handled = False  # the hardware refused vmcs02 and run() gave L1 the outcome
         vcpu.ops = self
         vmcs = guest.vmcs
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
@@ -314,13 +314,16 @@ class Vmx:
         try:
             stop = self.guest.run(max_steps)
         except EntryFailed as failed:
-            if self.guest_mode and not isinstance(failed, InvalidGuestState):
-                # vmx->fail entering vmcs02: no vmx_complete_interrupts(); L1's VMfail
-                # (nested_vmx_reflect_vmexit(), "Late nested VM-Fail")
-                self.nested.late_entry_failure()
-                self._late_vmfail = True
-                return None
-            return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+            if not self.guest_mode:
+                return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+            # vmcs02 refused: no vmx_complete_interrupts(); __vmx_handle_exit() hands it to
+            # nested_vmx_reflect_vmexit() before any KVM_EXIT_FAIL_ENTRY ("L2 is handled above")
+            if isinstance(failed, InvalidGuestState):
+                self.nested.invalid_guest_state_exit(failed.check)
+            else:
+                self.nested.late_entry_failure()  # vmx->fail: "Late nested VM-Fail"
+            self._exit_handled = True
+            return None
         if stop is not None:
             self.sync_guest_state_to_core()
             return BUDGET
@@ -374,8 +377,8 @@ class Vmx:
     def handle_exit(self) -> UserspaceExit | None:
         """__vmx_handle_exit() and the handlers for the exits modelled."""
         vcpu, vmcs = self.vcpu, self.vmcs
-        if self._late_vmfail:  # handled: L1 goes on after its VMLAUNCH/VMRESUME
-            self._late_vmfail = False
+        if self._exit_handled:  # a refused vmcs02, already L1's (run())
+            self._exit_handled = False
             return None
         reason = EXIT_REASONS[vmcs.exit_reason]
         if self.nested is not None and self.nested.guest_mode and self.nested.reflect():
