@@ -325,6 +325,8 @@ class NestedVmx(VmxRoot):
         vmcs01.guest_rflags = cpu.rflags
         vmcs01.guest_rip += vmcs01.exit_instruction_len
         vmx.set_interrupt_shadow(0)
+        if cpu.rflags & TF:  # kvm_skip_emulated_instruction(), after the purge
+            vmx.vcpu.queue_exception(Vec.DB, payload=DR6_BS)
         vmx.vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord("VM-Fail (late, vmcs02)", vmcs01.guest_rip, cpu.retired,
                                           "vmcs12"))
