@@ -318,6 +318,7 @@ class Vmx:
                 return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
             # vmcs02 refused: no vmx_complete_interrupts(); __vmx_handle_exit() hands it to
             # nested_vmx_reflect_vmexit() before any KVM_EXIT_FAIL_ENTRY ("L2 is handled above")
+            self.guest.record("VM_ENTRY_FAILED", failed.check)  # an exit KVM counts
             if isinstance(failed, InvalidGuestState):
                 self.nested.invalid_guest_state_exit(failed.check)
             else:
