@@ -132,7 +132,7 @@ class Cpu:
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
         "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "tr", "tasks",
-        "paging",
+        "paging", "step_trap_replaced",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -195,6 +195,9 @@ class Cpu:
         self.apic_delivers = True  # False when the host injects every interrupt itself
         self.vectoring: Event | None = None  # the event whose delivery is under way
         self.iret_unblocked_nmi = False  # the current IRET unblocked NMIs (SDM 27.2.3 bit 12)
+        # The running instruction, single-stepped, was a VM entry that succeeded: the guest's
+        # pending debug exceptions replace its single-step trap (SDM 26.7.3; hw/vmx/root.py)
+        self.step_trap_replaced = False
         # Cycles since the last event window (cost.py), counted by deliveries: an
         # instruction that completes opens one at the boundary after it.
         self.since_window = 0
@@ -795,8 +798,11 @@ class Cpu:
                 self.db_hits = 0
                 self.attn = True
             if flags & TF:
-                self.pending_dbg |= DR6_BS  # single-step trap (SDM 17.3.1.4)
-                self.attn = True
+                if self.step_trap_replaced:
+                    self.step_trap_replaced = False
+                else:
+                    self.pending_dbg |= DR6_BS  # single-step trap (SDM 17.3.1.4)
+                    self.attn = True
             if self.halted:
                 if insn.exiting is Exiting.HLT:  # not a VM entry into the HLT activity state
                     self.trace.append(Halt(rip, self.retired))

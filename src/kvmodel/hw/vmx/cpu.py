@@ -370,8 +370,20 @@ def check_entry(vmcs: Vmcs, cpu: Cpu) -> None:
     One source for the CPU (VmxGuest.enter()) and for nested KVM, which checks
     vmcs12 before it builds vmcs02 (nested_vmx_run()).
     """
+    check_nmi_controls(vmcs)
     check_entry_controls(vmcs, fred.enabled(cpu), protected=bool(cpu.cr0 & CR0_PE))
     check_entry_interruptibility(vmcs)
+
+
+def check_nmi_controls(vmcs: Vmcs) -> None:
+    """The NMI controls (SDM 26.2.1.1; KVM nested_vmx_check_nmi_controls()): "virtual NMIs"
+    needs "NMI exiting", and "NMI-window exiting" needs "virtual NMIs" (there is no
+    virtual-NMI blocking for the window to watch without them)."""
+    pin = vmcs.pin_based
+    if pin & Pin.VIRTUAL_NMIS and not pin & Pin.NMI_EXITING:
+        raise EntryFailed('"virtual NMIs" set with "NMI exiting" clear')
+    if vmcs.proc_based & Proc.NMI_WINDOW_EXITING and not pin & Pin.VIRTUAL_NMIS:
+        raise EntryFailed('"NMI-window exiting" set with "virtual NMIs" clear')
 
 
 def check_entry_controls(vmcs: Vmcs, fred_on: bool, protected: bool = True) -> None:

@@ -17,7 +17,9 @@ A failed guest-state check is the VM exit with reason 33 (SDM 26.7).
 Events for L1 while L2 runs: with external-interrupt or NMI exiting they exit
 (SDM 25.2); without, L2 takes them through its own IDT, masked by L2's IF and
 blocking. Without virtual NMIs the blocking by NMI L2 leaves is the core's
-after the exit: only an NMI exit changes it (SDM 27.5.5).
+after the exit: only an NMI exit changes it (SDM 27.5.5). With virtual NMIs,
+VM entry unblocks NMIs (26.7.1), so an L1 that VMLAUNCHes from its NMI
+handler is back with NMIs unblocked after any but an NMI exit.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import RSP, Shadow
+from kvmodel.arch.regs import RSP, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
@@ -35,6 +37,7 @@ from kvmodel.hw.vmx.vmcs import (
     ExitReason,
     Interruptibility,
     Pin,
+    Proc,
     Vmcs,
     info_type,
 )
@@ -164,12 +167,14 @@ class VmxRoot:
 
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
-        cpu.rip = next_rip  # where L1 continues if the entry fails
+        rip, cpu.rip = cpu.rip, next_rip  # where L1 continues if the entry fails
         # The MOV SS shadow the VMLAUNCH/VMRESUME itself executes in (boundary() moved it).
         region = self._entry_region(cpu, launch, blocked_by_mov_ss=cpu.shadow_prev is Shadow.MOV_SS)
         if region is None:
             return
         vmcs = self.vmcss[region]
+        if not vmcs.proc_based & Proc.NMI_WINDOW_EXITING:  # else VMfail (check_nmi_controls())
+            check_vmcs_for_model(vmcs, rip)
         l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked)
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _arrival(guest, event, vector)
@@ -181,15 +186,22 @@ class VmxRoot:
         _pending_events_exit(guest)
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
+        # An entry that succeeds takes its trap state from the guest's pending debug exceptions
+        # (SDM 26.7.3; Bochs VMenterLoadCheckGuestState() replaces debug_trap, and VM exit
+        # clears it): L1's single-step over VMLAUNCH/VMRESUME traps only if VMfail.
+        cpu.step_trap_replaced = bool(cpu.rflags & TF)
         with entry_retired(cpu):
             try:
                 guest.enter()
             except InvalidGuestState as failed:
+                # no single-step trap: the host state is loaded as at a VM exit (SDM 26.8),
+                # which clears it (Bochs VMexit())
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 self._entry_failure_exit(cpu, vmcs, failed.check)
                 return
             except EntryFailed as failed:
+                cpu.step_trap_replaced = False  # VMfail: an ordinary instruction's trap
                 self._leave_guest(cpu, l1, guest.host_nmi)
                 self._l2 = None
                 cpu.trace.append(ExitRecord("VM_ENTRY_FAILED", cpu.rip, cpu.retired, failed.check))
@@ -228,6 +240,11 @@ class VmxRoot:
         if not vmcs.pin_based & Pin.VIRTUAL_NMIS:
             # L2's blocking by NMI was the physical one; only an NMI exit changes it (SDM 27.5.5)
             cpu.nmi_blocked = l2_blocked
+        else:
+            # With virtual NMIs, VM entry unblocked NMIs (SDM 26.7.1: bit 3 is virtual-NMI
+            # blocking only) and the exit leaves them so (27.5.5): L1 that entered from its NMI
+            # handler comes back with NMIs unblocked (bugzilla 217304, Sean Christopherson).
+            cpu.nmi_blocked = False
         if nmi_exit:
             cpu.nmi_blocked = True  # an NMI that exits leaves NMIs blocked for L1 (SDM 27.5.5)
         cpu.rip, cpu.regs[RSP] = vmcs.host_rip, vmcs.host_rsp
@@ -272,6 +289,17 @@ class VmxRoot:
         if nmi_waiting:
             cpu.nmi_pending += 1
             cpu.attn = True
+
+
+def check_vmcs_for_model(vmcs: Vmcs, rip: int) -> None:
+    """The L1 setups the model covers, checked once VM entry would succeed; anything else
+    stops the run with a clear message (on this model and under nested KVM alike)."""
+    if vmcs.pin_based & Pin.NMI_EXITING and not vmcs.pin_based & Pin.VIRTUAL_NMIS:
+        # SDM 26.7.1: blocking by NMI is then the physical one, IRET in L2 leaves it, and an
+        # NMI for L1 waits behind it instead of exiting. KVM's vmcs02 always has L0's virtual
+        # NMIs (prepare_vmcs02_early()), so it would run such an L2 with virtual-NMI blocking.
+        raise ModelLimit('"NMI exiting" without "virtual NMIs" is not modelled (IRET keeps '
+                         'blocking by NMI in L2, SDM 26.7.1)', rip)
 
 
 def _pending_events_exit(guest: VmxGuest) -> None:

@@ -29,11 +29,11 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import DR6_BD, IF, RCX, Shadow
+from kvmodel.arch.regs import DR6_BD, DR6_BS, IF, RCX, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
-from kvmodel.hw.vmx.root import VmxError, VmxRoot
+from kvmodel.hw.vmx.root import VmxError, VmxRoot, check_vmcs_for_model
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
     FAILED_VMENTRY,
@@ -120,6 +120,7 @@ class NestedVmx(VmxRoot):
         # An MTF VM exit L0 owes L1 after emulating one of L2's instructions (the hardware's
         # monitor trap flag never saw that instruction run): vmx_update_emulated_instruction().
         self.mtf_pending = False
+        self.launching = False  # the entry under way is a VMLAUNCH
 
     @property
     def vmcs12(self) -> Vmcs:
@@ -149,6 +150,8 @@ class NestedVmx(VmxRoot):
             self._skip_l1(cpu, next_rip)
             self.vmx.vcpu.retire(rip, insn)
             return
+        check_vmcs_for_model(self.vmcss[region], rip)
+        self.launching = launch  # vmcs12's launch state waits for a VM exit that is no failure
         self.launched.add(region)
         self._succeed(cpu)
         self.vmx.vcpu.retire(rip, insn)  # before L2's injection, as on the model's CPU
@@ -185,11 +188,14 @@ class NestedVmx(VmxRoot):
             f"INVALID_GUEST_STATE ({check})", vmcs12.host_rip, self.vmx.guest.cpu.retired, "vmcs12"))
 
     def _skip_l1(self, cpu: Cpu, next_rip: int) -> None:
-        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow."""
+        """VMfail: kvm_skip_emulated_instruction(), which also ends an interrupt shadow and
+        single-steps (kvm_vcpu_do_singlestep()); a VM entry that succeeds skips nothing."""
         vmcs = self.vmx.vmcs
         vmcs.guest_rip = next_rip
         vmcs.guest_rflags = cpu.rflags
         self.vmx.set_interrupt_shadow(0)
+        if cpu.rflags & TF:
+            self.vmx.vcpu.queue_exception(Vec.DB, payload=DR6_BS)
 
     def _enter_l2(self) -> None:
         vmx, cpu = self.vmx, self.vmx.guest.cpu
@@ -262,10 +268,7 @@ class NestedVmx(VmxRoot):
                    vectoring_error: int = 0) -> None:
         """nested_vmx_vmexit(): fill vmcs12 as hardware would, then run L1 from HOST_RIP."""
         vmx, cpu, vcpu = self.vmx, self.vmx.guest.cpu, self.vmx.vcpu
-        # A pending MTF is a property of this run of L2 ("KVM: nVMX: Unconditionally clear
-        # mtf_pending on nested VM-Exit"; before it, only an unblocked vmx_check_nested_events()
-        # cleared it, which always runs between the emulation that sets it and any exit here).
-        self.mtf_pending = False
+        self._discard_pending_mtf()
         vmcs12 = self.vmcs12
         vmcs12.exit_reason, vmcs12.exit_intr_info = reason, info
         vmcs12.exit_intr_error_code, vmcs12.exit_qualification = error_code, qualification
@@ -282,10 +285,71 @@ class NestedVmx(VmxRoot):
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
         cpu.shadow = Shadow.NONE
         cpu.shutdown = False  # L1's state is loaded and runnable: a triple fault was L2's
-        self.guest_mode = self.run_pending = False
-        vcpu.clear_event_queues()
+        self.guest_mode = self.run_pending = self.launching = False
+        vcpu.clear_event_queues()  # prepare_vmcs12(): done for every exit that fills vmcs12
         vcpu.requests |= Request.EVENT
         cpu.trace.append(NestedExitRecord(reason.name, vmcs12.guest_rip, cpu.retired, "vmcs12"))
+
+    def _discard_pending_mtf(self) -> None:
+        """nested_vmx_vmexit(), every kind of exit: a pending MTF is a property of this run of L2
+        (593a5c2e3c12 "KVM: nVMX: Unconditionally clear mtf_pending on nested VM-Exit"). Before
+        it, only an unblocked vmx_check_nested_events() cleared it (check_nested_events())."""
+        if not _faults.on("nested_mtf_pending_survives_exit"):
+            self.mtf_pending = False
+
+    def _purge_events(self) -> None:
+        """nested_vmx_vmexit(), every kind of exit, after vmcs12_save_pending_event(): what was
+        queued or re-injected for L2 is not L1's (d953540430c5 "KVM: nVMX: Unconditionally purge
+        queued/injected events on nested "exit""). Before it the purge was prepare_vmcs12()'s,
+        skipped by a late VM-Fail and by a forced exit (vmx_leave_nested())."""
+        if not _faults.on("nested_exit_keeps_queued_events"):
+            self.vmx.vcpu.clear_event_queues()
+
+    def late_entry_failure(self) -> None:
+        """The hardware refused vmcs02 with VMfail (a control check KVM left to it, or one KVM's
+        own part of vmcs02 broke): nested_vmx_reflect_vmexit()'s "late nested VM-Fail", i.e.
+        nested_vmx_vmexit() with vmx->fail. vmcs12 stays as it was; L1 is back at its
+        VMLAUNCH/VMRESUME from vmcs01 (nested_vmx_restore_host_state()), which then fails with
+        VMfailValid(7) and is skipped (nested_vmx_fail(VMXERR_ENTRY_INVALID_CONTROL_FIELD))."""
+        vmx, cpu = self.vmx, self.vmx.guest.cpu
+        self._discard_pending_mtf()
+        self._purge_events()
+        self._not_launched()
+        vmcs01 = self.vmcs01
+        vmx.guest.vmcs = vmcs01
+        vmx.guest.cpu_windows_changed()
+        cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        cpu.shadow = Shadow.NONE
+        self.guest_mode = self.run_pending = False
+        cpu.rflags = vmcs01.guest_rflags
+        self._fail_valid(cpu, VmxError.ENTRY_INVALID_CONTROL)
+        vmcs01.guest_rflags = cpu.rflags
+        vmcs01.guest_rip += vmcs01.exit_instruction_len
+        vmx.set_interrupt_shadow(0)
+        if cpu.rflags & TF:  # kvm_skip_emulated_instruction(), after the purge
+            vmx.vcpu.queue_exception(Vec.DB, payload=DR6_BS)
+        vmx.vcpu.requests |= Request.EVENT
+        cpu.trace.append(NestedExitRecord("VM-Fail (late, vmcs02)", vmcs01.guest_rip, cpu.retired,
+                                          "vmcs12"))
+
+    def invalid_guest_state_exit(self, check: str) -> None:
+        """The hardware's guest-state checks refused vmcs02 after KVM's software checks of
+        vmcs12 passed: the VM exit with reason 33 and bit 31 (SDM 26.8), which
+        nested_vmx_reflect_vmexit() gives to L1 (nested_vmx_l1_wants_exit():
+        EXIT_REASON_INVALID_STATE is always L1's). prepare_vmcs12() leaves out what only an
+        entry that succeeded does: vmcs12 stays not launched, its injection stays valid."""
+        self._not_launched()
+        self.exit_to_l1(ExitReason.INVALID_GUEST_STATE)
+        self.vmcs12.exit_reason |= FAILED_VMENTRY
+        self.vmx.guest.cpu.trace[-1] = NestedExitRecord(
+            f"INVALID_GUEST_STATE ({check}, vmcs02)", self.vmcs12.guest_rip,
+            self.vmx.guest.cpu.retired, "vmcs12")
+
+    def _not_launched(self) -> None:
+        """An entry that failed leaves a VMLAUNCHed vmcs12 clear (prepare_vmcs12() sets
+        launch_state only for an exit that is no VM-entry failure)."""
+        if self.launching:
+            self.launched.discard(self.current)
 
     def _save_pending_event(self, vmcs12: Vmcs) -> None:
         """vmcs12_save_pending_event(): what L0 was about to (re-)inject into L2 goes to L1;
@@ -369,8 +433,12 @@ class NestedVmx(VmxRoot):
     def _leave_nested(self) -> None:
         """vmx_leave_nested() on a vCPU in L2: vmcs01 is current again. nested_vmx_vmexit()
         with reason -1 writes nothing into vmcs12; L1's RIP/RSP/RFLAGS are what the next exit
-        to L1 loads from vmcs12's host state anyway."""
+        to L1 loads from vmcs12's host state anyway. It drops L2's pending MTF and what was
+        queued for L2 (d953540430c5): a VMM that puts the events back first loses them
+        (vmx_set_nested_state() calls this before anything else)."""
         vmx, cpu = self.vmx, self.vmx.guest.cpu
+        self._discard_pending_mtf()
+        self._purge_events()
         vmx.guest.vmcs = self.vmcs01
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
@@ -390,6 +458,10 @@ class NestedVmx(VmxRoot):
             return 0
         vmx, vcpu = self.vmx, self.vmx.vcpu
         block_events = self.run_pending or vcpu.event_needs_reinjection()
+        mtf_pending = self.mtf_pending
+        if _faults.on("nested_mtf_pending_survives_exit") and not block_events:
+            self.mtf_pending = False  # before 593a5c2e3c12: "If a higher priority VM-exit is
+            # delivered first, this state is discarded", so only when nothing blocks
         block_exceptions = block_events if _faults.on(
             "nested_exception_blocked_by_injected_event") else self.run_pending
         if vcpu.apic_pending_init:
@@ -415,7 +487,7 @@ class NestedVmx(VmxRoot):
             return 0
         if exc.pending and not _low_priority_db_trap(exc):
             return EBUSY if block_exceptions else 0
-        if self.mtf_pending:
+        if mtf_pending:
             if block_events:
                 return EBUSY
             self._update_pending_dbg()

@@ -18,7 +18,7 @@ from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.regs import IF, RSP
 from kvmodel.errors import ModelLimit
-from kvmodel.hw.base import EntryFailed
+from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import VmxGuest
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -80,6 +80,7 @@ class Vmx:
         self.params = params
         self.host_cpu = HostCpu(fred=params.host_fred, problems=vcpu.host_problems)
         self.nested = NestedVmx(guest.cpu, self) if params.nested else None
+        self._exit_handled = False  # the hardware refused vmcs02 and run() gave L1 the outcome
         vcpu.ops = self
         vmcs = guest.vmcs
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
@@ -326,7 +327,17 @@ class Vmx:
         try:
             stop = self.guest.run(max_steps)
         except EntryFailed as failed:
-            return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+            if not self.guest_mode:
+                return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+            # vmcs02 refused: no vmx_complete_interrupts(); __vmx_handle_exit() hands it to
+            # nested_vmx_reflect_vmexit() before any KVM_EXIT_FAIL_ENTRY ("L2 is handled above")
+            self.guest.record("VM_ENTRY_FAILED", failed.check)  # an exit KVM counts
+            if isinstance(failed, InvalidGuestState):
+                self.nested.invalid_guest_state_exit(failed.check)
+            else:
+                self.nested.late_entry_failure()  # vmx->fail: "Late nested VM-Fail"
+            self._exit_handled = True
+            return None
         if stop is not None:
             self.sync_guest_state_to_core()
             return BUDGET
@@ -380,6 +391,9 @@ class Vmx:
     def handle_exit(self) -> UserspaceExit | None:
         """__vmx_handle_exit() and the handlers for the exits modelled."""
         vcpu, vmcs = self.vcpu, self.vmcs
+        if self._exit_handled:  # a refused vmcs02, already L1's (run())
+            self._exit_handled = False
+            return None
         reason = EXIT_REASONS[vmcs.exit_reason]
         if self.nested is not None and self.nested.guest_mode and self.nested.reflect():
             return None  # L1 handles it
