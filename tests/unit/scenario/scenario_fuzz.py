@@ -307,11 +307,12 @@ def crash_class(outcome: Outcome) -> str:
     return f"{last} @ {where}"
 
 
-def _chunk(seeds: list[int], seconds: float) -> tuple[Counter, Counter, dict]:
+def _chunk(seeds: list[int], seconds: float) -> tuple[Counter, Counter, dict, dict]:
     """Some inputs, in a process of their own: a long campaign's memory stays that of one chunk."""
     outcomes: Counter = Counter()
     crashes: Counter = Counter()
     examples: dict[str, dict] = {}
+    seeds_of: dict[str, list[int]] = {}  # every input of each class, to triage them all
     with tempfile.TemporaryDirectory(prefix="kvmodel-fuzz-") as tmp:
         path = Path(tmp) / "fuzzed.toml"
         for seed in seeds:
@@ -323,11 +324,12 @@ def _chunk(seeds: list[int], seconds: float) -> tuple[Counter, Counter, dict]:
                     f"{outcome.kind}: " + re.sub(r"0x[0-9a-f]+|\d+", "N", outcome.detail.replace(
                         str(path), "FILE"))[:100])
                 crashes[key] += 1
+                seeds_of.setdefault(key, []).append(seed)
                 examples.setdefault(key, {
                     "seed": seed, "source": source, "mutations": applied,
                     "input": path.read_bytes()[:20000].decode("utf-8", "replace"),
                     "seconds": round(time.monotonic() - began, 1)})
-    return outcomes, crashes, examples
+    return outcomes, crashes, examples, seeds_of
 
 
 def campaign(inputs: int, seed: int, seconds: float, out: Path | None, chunk: int = 1000) -> dict:
@@ -337,6 +339,7 @@ def campaign(inputs: int, seed: int, seconds: float, out: Path | None, chunk: in
     outcomes: Counter = Counter()
     crashes: Counter = Counter()
     examples: dict[str, dict] = {}
+    seeds_of: dict[str, list[int]] = {}
     start = time.monotonic()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
@@ -346,9 +349,11 @@ def campaign(inputs: int, seed: int, seconds: float, out: Path | None, chunk: in
             crashes.update(part[1])
             for key, example in part[2].items():
                 examples.setdefault(key, example)
+            for key, more in part[3].items():
+                seeds_of.setdefault(key, []).extend(more)
             report = {"inputs": min(done + chunk, inputs), "seconds": round(time.monotonic() - start),
                       "outcomes": dict(outcomes), "classes": dict(crashes.most_common()),
-                      "examples": examples}
+                      "examples": examples, "seeds": seeds_of}
             if out is not None:
                 out.write_text(json.dumps(report, indent=1))
             print(f"{report['inputs']} inputs, {report['seconds']} s: {dict(outcomes)}", flush=True)
