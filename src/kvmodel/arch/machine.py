@@ -318,11 +318,7 @@ class Machine:
         nxt = self._choose(n, n)
         if nxt is None or nxt == n:
             return
-        self.since = 0
-        self.wake[nxt].release()
-        self.wake[n].acquire()
-        if self.finished:
-            raise _Stopped
+        self._hand_over(n, nxt)
 
     def block(self, cpu: Cpu) -> None:
         """CPU `cpu` has nothing to do (a halted vCPU in vcpu_block()): another runs until
@@ -370,6 +366,10 @@ class Machine:
         if nxt == n:
             self.since += 1
             return
+        self._hand_over(n, nxt)
+
+    def _hand_over(self, n: int, nxt: int) -> None:
+        """CPU n's thread lets CPU nxt's run and waits for its own turn again."""
         self.since = 0
         self.wake[nxt].release()
         self.wake[n].acquire()

@@ -2,34 +2,17 @@
 nested_vmx_vmexit()): made pending when L0 completes an instruction of an L2 that L1 single-steps
 with the monitor trap flag, outranking a debug trap, gone with any nested VM exit."""
 
+from nested_vmx_vcpu import VMCS12, vcpu_in_l2
+
 from kvmodel.arch.events import Vec
 from kvmodel.arch.regs import DR6_BS
 from kvmodel.hw.vmx.vmcs import ExitReason, Proc, Vmcs
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
-from kvmodel.kvm.vmx.vmx import VmxParams
 from kvmodel.kvm.x86 import Request
-from kvmodel.scenario.load import parse
-from kvmodel.scenario.runner import prepare
-
-GUEST = '''
-[guest]
-code = """
-start:
-    hlt
-"""
-'''
-VMCS12 = 0x6000
 
 
 def in_l2(proc_based: int):
-    cpu, _ = prepare(parse(GUEST, "unit.toml"))
-    vcpu = create_vcpu(cpu, Vendor.VMX, vmx=VmxParams(nested=True))
-    nested = vcpu.ops.nested
-    nested.vmxon_region, nested.current = 0x5000, VMCS12
-    nested.vmcss[VMCS12] = Vmcs(proc_based=proc_based, host_rip=0x1234)
-    nested.vmcs01 = Vmcs()
-    nested.guest_mode = True
-    vcpu.requests = 0
+    vcpu = vcpu_in_l2(Vmcs(proc_based=proc_based, host_rip=0x1234))
+    vcpu.ops.nested.vmcs01 = Vmcs()
     return vcpu
 
 

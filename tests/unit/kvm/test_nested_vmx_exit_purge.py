@@ -11,42 +11,26 @@ L2 queued at a moment only a crafted uAPI call creates (upstream: "this is likel
 from dataclasses import replace
 
 import pytest
+from nested_vmx_vcpu import VMCS12, vcpu_in_l2
 
 from kvmodel import _faults
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.hw.vmx.root import VmxError
 from kvmodel.hw.vmx.vmcs import ExitReason, Proc, Vmcs, intr_info
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
-from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.scenario.load import parse
-from kvmodel.scenario.runner import prepare
 
-GUEST = '''
-[guest]
-code = """
-start:
-    hlt
-"""
-'''
-VMCS12 = 0x6000
 L1_RIP, VMLAUNCH_LEN = 0x10100, 3
 ZF = 1 << 6
 
 
 def in_l2(proc_based: int = 0, exception_bitmap: int = 0):
-    cpu, _ = prepare(parse(GUEST, "unit.toml"))
-    vcpu = create_vcpu(cpu, Vendor.VMX, vmx=VmxParams(nested=True))
+    vcpu = vcpu_in_l2(Vmcs(proc_based=proc_based, exception_bitmap=exception_bitmap,
+                           host_rip=0x1234))
     nested = vcpu.ops.nested
-    nested.vmxon_region, nested.current = 0x5000, VMCS12
-    nested.vmcss[VMCS12] = Vmcs(proc_based=proc_based, exception_bitmap=exception_bitmap,
-                                host_rip=0x1234)
     nested.launched.add(VMCS12)
     vmcs01 = vcpu.ops.vmcs
     vmcs01.guest_rip, vmcs01.exit_instruction_len = L1_RIP, VMLAUNCH_LEN  # L1 at its VMLAUNCH
     nested.vmcs01 = vmcs01
     vcpu.ops.guest.vmcs = Vmcs(pin_based=vmcs01.pin_based, guest_rip=0x20000)  # vmcs02
-    nested.guest_mode = True
-    vcpu.requests = 0
     return vcpu
 
 

@@ -2,36 +2,18 @@
 own blocking: vmx_nmi_blocked() and vmx_interrupt_blocked() in guest mode."""
 
 import pytest
+from nested_vmx_vcpu import vcpu_in_l2
 
 from kvmodel.hw.vmx.vmcs import Interruptibility, Pin, Vmcs
-from kvmodel.kvm.vcpu import Vendor, create_vcpu
-from kvmodel.kvm.vmx.vmx import VmxParams
 from kvmodel.kvm.x86 import MpState
-from kvmodel.scenario.load import parse
-from kvmodel.scenario.runner import prepare
-
-GUEST = '''
-[guest]
-code = """
-start:
-    hlt
-"""
-'''
-VMCS12 = 0x6000
 
 
 def halted_l2(pin_based: int):
     """A vCPU halted by L0 in L2, which runs with IF=0, in an STI shadow and NMIs blocked."""
-    cpu, _ = prepare(parse(GUEST, "unit.toml"))
-    vcpu = create_vcpu(cpu, Vendor.VMX, vmx=VmxParams(nested=True))
-    nested = vcpu.ops.nested
-    nested.vmxon_region, nested.current = 0x5000, VMCS12
-    nested.vmcss[VMCS12] = Vmcs(pin_based=pin_based)
-    nested.guest_mode = True
+    vcpu = vcpu_in_l2(Vmcs(pin_based=pin_based))
     vmcs02 = vcpu.ops.vmcs
     vmcs02.guest_rflags = 0x2
     vmcs02.guest_interruptibility = Interruptibility.STI | Interruptibility.NMI
-    vcpu.requests = 0
     vcpu.mp_state = MpState.HALTED
     return vcpu
 
