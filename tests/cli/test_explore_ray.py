@@ -193,3 +193,23 @@ def test_engine_ray_without_ray_is_bad_input_naming_the_extra(tmp_path, capsys, 
 def test_an_address_without_engine_ray_is_bad_input(tmp_path, capsys):
     assert main(["explore", "--address", "auto", "--out", str(tmp_path), str(SCENARIOS[0])]) == Exit.BAD_INPUT
     assert "--address" in capsys.readouterr().err
+
+
+@needs_ray
+def test_a_signal_while_ray_starts_waits_for_it_then_reaches_the_callers_handler():
+    """ray.init() cut short crashed the process at exit, and it sets a SIGTERM handler of its
+    own (sys.exit): the signal waits, and then it is the caller's handler that gets it."""
+    from kvmodel.check.engine import _signals_held
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_held(ray):
+            ray._private.utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # delivered here, and held
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, before)

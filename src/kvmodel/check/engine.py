@@ -16,10 +16,11 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
+from unittest.mock import patch
 
 from kvmodel.errors import KvmodelError
 
@@ -157,33 +158,56 @@ def _run_in(cwd: str, fn: Callable[..., Any], *args: Any) -> Any:
 @contextmanager
 def _ray_pool(workers: int, address: str | None) -> Iterator[_RayPool]:
     """Ray as the caller connected it (ray.init() before), else connected to `address`, else a
-    local instance of `workers` CPUs started here and shut down at the end. Either way the
-    signal handlers stay the caller's (ray.init() sets its own for SIGTERM), so SIGTERM still
-    ends the search with the summary so far."""
+    local instance of `workers` CPUs started here and shut down at the end."""
     ray = _import_ray()
     ours = not ray.is_initialized()
-    if ours:
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+    try:
+        if ours:
             options = dict(address=address, logging_level=logging.ERROR, log_to_driver=False)
             if address is None:  # "local": never attach to some instance left running here
                 options |= dict(address="local", num_cpus=workers, include_dashboard=False,
                                 object_store_memory=RAY_OBJECT_STORE)
-            ray.init(**options)
-        except BaseException as e:
-            ray.shutdown()
-            if isinstance(e, ConnectionError | ValueError | RuntimeError):
+            try:
+                with _signals_held(ray):
+                    ray.init(**options)
+            except (ConnectionError, ValueError, RuntimeError) as e:
                 raise KvmodelError(f"cannot start or reach Ray ({address or 'local'}): {e}") from None
+        pool = _RayPool(ray)
+        try:
+            yield pool
+        except BaseException:
+            pool.cancel_all()
             raise
-        finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
-    pool = _RayPool(ray)
-    try:
-        yield pool
-    except BaseException:
-        pool.cancel_all()
-        raise
     finally:
         if ours:
             ray.shutdown()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_held(ray) -> Iterator[None]:
+    """SIGINT and SIGTERM wait while Ray starts, then go to the caller's handlers: a ray.init()
+    cut short leaves a half-started instance that crashed the process at exit (SIGSEGV and
+    SIGABRT seen, Ray 2.60), and the SIGTERM handler ray.init() sets (sys.exit) would replace
+    the caller's (the CLI's: the summary so far, exit 143)."""
+    pending: list[int] = []
+    handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+    for s in _SIGNALS:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    keep_off = (patch.object(utils, "set_sigterm_handler", lambda handler: None)
+                if hasattr(utils, "set_sigterm_handler") else nullcontext())
+    try:
+        with keep_off:
+            yield
+    except SystemExit as e:  # Ray's handler was set after all (another version of Ray)
+        if e.code != signal.SIGTERM:
+            raise
+        pending.append(signal.SIGTERM)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if pending:
+        signal.raise_signal(pending[0])
