@@ -126,26 +126,28 @@ class _RayPool:
         self.ray = ray
         self.unit = ray.remote(num_cpus=1, max_retries=0)(_run_in)
         self.cwd = os.getcwd()
-        self.submitted: list = []
+        self.pending: set = set()  # submitted, result not taken yet: what cancel_all() ends
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> _RayPending:
         ref = self.unit.remote(self.cwd, fn, *args)
-        self.submitted.append(ref)
-        return _RayPending(self.ray, ref)
+        self.pending.add(ref)
+        return _RayPending(self, ref)
 
     def cancel_all(self) -> None:
-        for ref in self.submitted:
+        for ref in self.pending:
             with suppress(Exception):  # finished or already gone: nothing to end
                 self.ray.cancel(ref, force=True)
 
 
 @dataclass(frozen=True, slots=True)
 class _RayPending:
-    ray: Any
+    pool: _RayPool
     ref: Any
 
     def result(self) -> Any:
-        return self.ray.get(self.ref)
+        value = self.pool.ray.get(self.ref)
+        self.pool.pending.discard(self.ref)  # no reference left: Ray may free the result
+        return value
 
 
 def _run_in(cwd: str, fn: Callable[..., Any], *args: Any) -> Any:
