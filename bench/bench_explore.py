@@ -1,24 +1,33 @@
 """Explorer throughput.
 
-    .venv/bin/python bench/bench_explore.py [--skip-suite] [--repeat N]
+    .venv/bin/python bench/bench_explore.py [--skip-suite] [--skip-ray] [--repeat N]
 
 1. Schedules per second on one core for bench/explore20.toml (about 20 guest
    instructions, one NMI and one interrupt placed anywhere, no host choices), per
    vendor. Every schedule is a complete KVM run plus a (shared) bare-metal run.
    The search takes a fifth of a second: the figure is the best of `--repeat`
    searches, timed in process CPU time, so other work on the machine moves it less.
-2. Wall time of `kvmodel explore --vendor both scenarios/` at the default bounds
-   with 1 and 2 worker processes.
+2. Wall time and schedules/s of `kvmodel explore --vendor both` on bench/explore20.toml
+   (no host choices) and on the shipped suite (scenarios/, default bounds), with 1 and 2
+   worker processes and with `--engine ray` on a local instance of 2 CPUs (its start-up
+   included: the command starts and ends it); the time Ray takes to start and stop on its
+   own is printed beside. The unit of work is one scenario on one vendor, so explore20 has
+   two units: one per worker.
+3. explore20's schedules sharded in chunks (the API's explore(..., engine=...)): 2 worker
+   processes and 2 Ray CPUs (Ray started before the clock, the processes' start-up counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from kvmodel.check.engine import Engine, EngineKind
 from kvmodel.check.explore import Bounds, explore
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.load import load
@@ -40,23 +49,84 @@ def one_core(repeat: int) -> None:
               f"in {best:.3f} s (best of {repeat}): {result.schedules / best:,.0f} schedules/s")
 
 
-def suite(workers: int) -> float:
+ENGINES = {"1 worker": ["--workers", "1"], "2 worker processes": ["--workers", "2"],
+           "Ray, 2 local CPUs": ["--engine", "ray", "--workers", "2"]}
+TARGETS = {"explore20": [str(ROOT / "bench" / "explore20.toml"), "--max-host", "0"],
+           "shipped suite": [str(ROOT / "scenarios")]}
+
+
+def command(target: list[str], engine: list[str]) -> tuple[float, int]:
+    """Wall time of one `kvmodel explore --json` and the schedules it ran."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kvmodel", "explore", "--vendor", "both", "--workers",
-                    str(workers), "--out", "/tmp/kvmodel-bench-findings", str(ROOT / "scenarios")],
-                   check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "kvmodel", "explore", "--json", "--vendor", "both",
+                           *engine, "--out", "/tmp/kvmodel-bench-findings", *target],
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"kvmodel explore exited {done.returncode}: {done.stderr}")
+    return elapsed, sum(item["schedules"] for item in json.loads(done.stdout)["explored"])
+
+
+def ray_start_stop() -> float:
+    """A local Ray instance of 2 CPUs started and shut down, as `--engine ray` does."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False, object_store_memory=100 * 2**20)
+    ray.shutdown()
     return time.perf_counter() - start
+
+
+def commands(targets: list[str], engines: list[str]) -> None:
+    for name in targets:
+        for engine in engines:
+            elapsed, schedules = command(TARGETS[name], ENGINES[engine])
+            print(f"{name}, both vendors, {engine}: {schedules:,} schedules in {elapsed:.1f} s: "
+                  f"{schedules / elapsed:,.0f} schedules/s")
+
+
+def chunks(with_ray: bool) -> None:
+    scenario = load(ROOT / "bench" / "explore20.toml")
+    engines = {"2 worker processes": Engine(workers=2)}
+    if with_ray:
+        import ray
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False, object_store_memory=100 * 2**20)
+        engines["Ray, 2 local CPUs"] = Engine(EngineKind.RAY, 2)
+    try:
+        for name, engine in engines.items():
+            start, schedules = time.perf_counter(), 0
+            for vendor in (Vendor.SVM, Vendor.VMX):
+                schedules += explore(scenario, vendor, Bounds(max_host=0), engine=engine).schedules
+            elapsed = time.perf_counter() - start
+            print(f"explore20 in chunks of schedules, {name}: {schedules:,} schedules in "
+                  f"{elapsed:.2f} s: {schedules / elapsed:,.0f} schedules/s")
+    finally:
+        if with_ray:
+            ray.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-suite", action="store_true")
+    parser.add_argument("--skip-ray", action="store_true", help="also skipped without Ray installed")
     parser.add_argument("--repeat", type=int, default=5, metavar="N")
     args = parser.parse_args()
+    with_ray = not args.skip_ray
+    if with_ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("Ray is not installed (pip install 'kvmodel[ray]'): no --engine ray figures")
+            with_ray = False
     one_core(args.repeat)
-    if not args.skip_suite:
-        for workers in (1, 2):
-            print(f"all shipped scenarios, both vendors, {workers} worker(s): {suite(workers):.1f} s")
+    engines = [name for name in ENGINES if with_ray or not name.startswith("Ray")]
+    if with_ray:
+        print(f"a local Ray instance of 2 CPUs started and shut down: {ray_start_stop():.1f} s")
+    commands(["explore20"] + ([] if args.skip_suite else ["shipped suite"]), engines)
+    chunks(with_ray)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from rich.console import Console
 from kvmodel import _faults
 from kvmodel.bugs.catalogue import lookup
 from kvmodel.check.campaign import Explored, explore_all, vendors_for
+from kvmodel.check.engine import Engine, EngineKind
 from kvmodel.check.explore import Bounds, ExploreResult, Finding
 from kvmodel.check.explore import explore as _explore
 from kvmodel.check.oracle import Comparison, compare
@@ -41,9 +42,9 @@ from kvmodel.scenario.runner import RunResult
 from kvmodel.scenario.runner import run as _run
 from kvmodel.scenario.schema import Scenario
 
-__all__ = ["Bounds", "Explored", "ExploreResult", "Finding", "KvmodelError", "Outcome", "Replay",
-           "Scenario", "Vendor", "check_bugs", "explore", "explore_all", "load", "read_replay",
-           "replay", "run", "vendors_for"]
+__all__ = ["Bounds", "Engine", "EngineKind", "Explored", "ExploreResult", "Finding", "KvmodelError",
+           "Outcome", "Replay", "Scenario", "Vendor", "check_bugs", "explore", "explore_all", "load",
+           "read_replay", "replay", "run", "vendors_for"]
 
 
 def load(path: str | Path) -> Scenario:
@@ -122,16 +123,17 @@ def run(scenario: Scenario, vendor: str | Vendor | None = None, *, bugs: Iterabl
 
 def explore(scenario: Scenario, vendor: str | Vendor, bounds: Bounds | None = None, *,
             bugs: Iterable[str] = (), time_limit: float | None = None, workers: int = 1,
-            stop_at_first: bool = False) -> ExploreResult:
+            engine: Engine | None = None, stop_at_first: bool = False) -> ExploreResult:
     """Every schedule of the scenario's choice points within the bounds, under KVM on `vendor`
     ("svm" or "vmx"): `findings` (new), `known` (declared), `complete` (False if the time
     limit or an interrupt ended it), `limit` (a model limit met). Findings are not shrunk or
-    written: explore_all() does that."""
+    written: explore_all() does that. `engine` (default: `workers` processes) says where
+    chunks of schedules run, e.g. Engine(EngineKind.RAY): the results are the same."""
     vendor = Vendor(vendor)
     if vendor is Vendor.BARE:
         raise KvmodelError("explore runs under KVM: vendor svm or vmx")
     return _explore(scenario, vendor, bounds, bugs=check_bugs(bugs), time_limit=time_limit,
-                    workers=workers, stop_at_first=stop_at_first)
+                    workers=workers, engine=engine, stop_at_first=stop_at_first)
 
 
 def read_replay(path: str | Path) -> Replay:

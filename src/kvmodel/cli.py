@@ -24,6 +24,7 @@ from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.bugs.check import check_all
 from kvmodel.check.campaign import Explored, expand, vendors_for
 from kvmodel.check.differential import Verdict, differential, export, show
+from kvmodel.check.engine import Engine, EngineKind
 from kvmodel.check.explore import Bounds, ExploreResult
 from kvmodel.check.schedule import describe
 from kvmodel.errors import KvmodelError
@@ -180,7 +181,15 @@ def _explore_parsers(sub) -> None:
                     help="[cpus] scenarios: switches between CPUs per interleaving, at the points "
                          "where they interact (default 2)")
     ex.add_argument("--workers", type=_workers, default=1, metavar="N",
-                    help="processes to spread the scenarios over")
+                    help="processes to spread the scenarios over (with --engine ray and no "
+                         "--address: the CPUs of the local Ray instance)")
+    ex.add_argument("--engine", choices=[k.value for k in EngineKind], default="processes",
+                    help="where the explorations run: worker processes on this machine (default), "
+                         "or Ray tasks (needs pip install 'kvmodel[ray]'); the results are the same")
+    ex.add_argument("--address", metavar="ADDR",
+                    help="--engine ray: an existing Ray cluster (as ray.init() takes it, e.g. "
+                         "auto or ray://host:10001; its nodes need kvmodel and the scenario files "
+                         "at the same paths) instead of a local instance started for the command")
     ex.add_argument("--time-limit", type=_seconds, metavar="S",
                     help="stop the whole search after S seconds, reporting what was covered "
                          "(exit 3 if that was not everything)")
@@ -311,6 +320,8 @@ def _limit(result) -> str | None:
 
 def _explore(args: argparse.Namespace, console: Console) -> int:
     api.check_bugs(args.bug)
+    engine = Engine(EngineKind(args.engine), args.workers, args.address)
+    engine.check()  # Ray missing, --address without it: bad input before anything runs
     # A path that is not there is reported like an unreadable file: the others still run.
     missing = [p for p in args.scenarios if not Path(p).exists()]
     paths = expand([p for p in args.scenarios if p not in missing] or args.scenarios)
@@ -347,7 +358,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
     with _signals_as_interrupts() as caught:
         try:
             with bar.live:
-                api.explore_all(paths, vendors, bounds, workers=args.workers, time_limit=args.time_limit,
+                api.explore_all(paths, vendors, bounds, engine=engine, time_limit=args.time_limit,
                             bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
                             done=advance, progress=bar.running)
         except KeyboardInterrupt:

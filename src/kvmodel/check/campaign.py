@@ -7,15 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmodel.check.explore import (
-    Bounds,
-    ExploreResult,
-    Finding,
-    Progress,
-    check_bounds,
-    explore,
-    worker_pool,
-)  # fmt: skip
+from kvmodel.check.engine import Engine
+from kvmodel.check.explore import Bounds, ExploreResult, Finding, Progress, check_bounds, explore
 from kvmodel.check.replay import shrink, write
 from kvmodel.errors import KvmodelError
 from kvmodel.kvm.vcpu import Vendor
@@ -53,19 +46,20 @@ class Explored:
 
 
 def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, *, workers: int = 1,
-                time_limit: float | None = None, bugs: frozenset[str] = frozenset(),
-                out_dir: Path | None = None, known: bool = False,
+                engine: Engine | None = None, time_limit: float | None = None,
+                bugs: frozenset[str] = frozenset(), out_dir: Path | None = None, known: bool = False,
                 done: Callable[[Explored], None] | None = None,
                 progress: Progress | None = None) -> list[Explored]:
     """Explore each scenario on each vendor; new findings are shrunk and written as replays.
 
     `time_limit` bounds the whole call: every exploration stops at the same deadline. A
     scenario file that cannot be read is an item with its error; the others still run.
-    With several workers, whole (scenario, vendor) explorations go to worker processes
-    and come back in the order they were given, so the result does not depend on
-    `workers`. On KeyboardInterrupt (SIGINT; the CLI raises it for SIGTERM too) the worker
-    processes are ended, `done` has had every exploration finished so far (and, with one
-    worker, the interrupted one, `result.interrupted` set), and the interrupt goes on up.
+    With several workers (or `engine` Ray), whole (scenario, vendor) explorations go to
+    worker processes (or Ray tasks: check/engine.py) and come back in the order they were
+    given, so the result does not depend on `workers` or the engine. On KeyboardInterrupt
+    (SIGINT; the CLI raises it for SIGTERM too) the workers (or tasks) are ended, `done` has
+    had every exploration finished so far (and, with one worker, the interrupted one,
+    `result.interrupted` set), and the interrupt goes on up.
     `progress` (one worker only) sees the running exploration's result as it grows.
     """
     check_bounds(bounds, time_limit)
@@ -80,16 +74,26 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
         if item.result is not None and item.result.interrupted:
             raise KeyboardInterrupt
 
-    if workers <= 1:
+    engine = engine or Engine(workers=workers)
+    if engine.in_process:
         for path, vendor in jobs:
             finished(explore_one(path, vendor, bounds, deadline, bugs, out_dir, known, progress))
         return explored
-    with worker_pool(workers) as pool:
-        futures = [pool.submit(explore_one, path, vendor, bounds, deadline, bugs, out_dir, known)
+    # The deadline travels as wall-clock time: time.monotonic() means nothing on another node.
+    wall = None if deadline is None else time.time() + (deadline - time.monotonic())
+    with engine.pool() as pool:
+        futures = [pool.submit(_explore_elsewhere, path, vendor, bounds, wall, bugs, out_dir, known)
                    for path, vendor in jobs]
         for future in futures:
             finished(future.result())
     return explored
+
+
+def _explore_elsewhere(path: str, vendor: Vendor, bounds: Bounds, wall_deadline: float | None,
+                       bugs: frozenset[str], out_dir: Path | None, known: bool) -> Explored:
+    """explore_one() in a worker process or a Ray task, with the deadline as time.time()."""
+    deadline = None if wall_deadline is None else time.monotonic() + (wall_deadline - time.time())
+    return explore_one(path, vendor, bounds, deadline, bugs, out_dir, known)
 
 
 def explore_one(path: str, vendor: Vendor, bounds: Bounds, deadline: float | None,

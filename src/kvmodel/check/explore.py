@@ -45,18 +45,17 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-import signal
 import time
 import zlib
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 
 from kvmodel import _faults
+from kvmodel.check.engine import Engine, Pool
 from kvmodel.check.interleave import NAIVE_SECONDS, explore_interleavings
 from kvmodel.check.interleave import describe as describe_interleaving
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
@@ -569,10 +568,12 @@ def check_bounds(bounds: Bounds, time_limit: float | None = None) -> None:
 
 
 def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
-            workers: int = 1, time_limit: float | None = None, deadline: float | None = None,
-            bugs: frozenset[str] = frozenset(), progress: Progress | None = None,
-            max_steps: int | None = None, stop_at_first: bool = False) -> ExploreResult:
-    """Run every schedule within the bounds; findings in schedule order, whatever `workers` is.
+            workers: int = 1, engine: Engine | None = None, time_limit: float | None = None,
+            deadline: float | None = None, bugs: frozenset[str] = frozenset(),
+            progress: Progress | None = None, max_steps: int | None = None,
+            stop_at_first: bool = False) -> ExploreResult:
+    """Run every schedule within the bounds; findings in schedule order, whatever `workers` or
+    the engine is (`engine`: where chunks of schedules run; default: `workers` processes).
 
     `time_limit` (seconds from now) or `deadline` (a time.monotonic() value, shared by the
     explorations of one command) ends the search early: `complete` is then False. A
@@ -601,26 +602,29 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
                 return result
             resolve = Resolver(scenario, base.program)
             choices = choices_for(scenario, resolve, bounds, base.final.retired)
-        run = partial(_run_all, scenario, vendor, workers=workers, bugs=bugs, deadline=deadline,
-                      max_steps=max_steps, stop_at_first=stop_at_first, expired=search.expired)
-        keep = second_stage_possible(choices)
-        exits, sizes = array("i"), [0] * (choices.max_async + choices.max_host + 1)
-        stopped = False
-        for o in run(first_schedules(choices)):
-            sizes[len(o.schedule)] += 1
-            if keep:
-                exits.append(-1 if o.limit is not None else o.exits)
-            stopped = search.add(o) and stop_at_first
-            if stopped:
-                break
-        if not stopped and search.finished:
-            for o in run(second_schedules(choices, exits, sizes)):
-                if search.add(o) and stop_at_first:
+        engine = engine or Engine(workers=workers)
+        parallel = not (engine.in_process or stop_at_first)
+        with engine.pool() if parallel else nullcontext() as pool:  # one pool for both stages
+            run = partial(_run_all, scenario, vendor, pool=pool, workers=engine.workers, bugs=bugs,
+                          deadline=deadline, max_steps=max_steps, expired=search.expired)
+            keep = second_stage_possible(choices)
+            exits, sizes = array("i"), [0] * (choices.max_async + choices.max_host + 1)
+            stopped = False
+            for o in run(first_schedules(choices)):
+                sizes[len(o.schedule)] += 1
+                if keep:
+                    exits.append(-1 if o.limit is not None else o.exits)
+                stopped = search.add(o) and stop_at_first
+                if stopped:
                     break
-        result.complete = not stop_at_first and search.finished
-        if result.complete:
-            result.unseen_known = [k for n, k in enumerate(search.declared)
-                                   if n not in search.seen and _reachable(k, choices)]
+            if not stopped and search.finished:
+                for o in run(second_schedules(choices, exits, sizes)):
+                    if search.add(o) and stop_at_first:
+                        break
+            result.complete = not stop_at_first and search.finished
+            if result.complete:
+                result.unseen_known = [k for n, k in enumerate(search.declared)
+                                       if n not in search.seen and _reachable(k, choices)]
     except KeyboardInterrupt:
         result.interrupted, result.complete = True, False
     finally:
@@ -695,13 +699,13 @@ def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
     return None
 
 
-def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], *, workers: int,
-             bugs: frozenset[str], deadline: float | None, max_steps: int | None,
-             stop_at_first: bool = False, expired: Callable[[], None] = lambda: None
-             ) -> Iterator[Outcome]:
+def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], *, pool: Pool | None,
+             workers: int, bugs: frozenset[str], deadline: float | None, max_steps: int | None,
+             expired: Callable[[], None] = lambda: None) -> Iterator[Outcome]:
     """The outcomes of `schedules`, in their order, until the deadline (then `expired()` is
-    called); the caller may stop at any point (the generator closes its workers)."""
-    if workers <= 1 or stop_at_first:
+    called): here, or in chunks on `pool` (an engine's, with `workers`); the caller may stop
+    at any point."""
+    if pool is None:
         with _faults.switched_on(bugs):
             runner = Runner(scenario, vendor, max_steps)
             for schedule in schedules:
@@ -711,51 +715,20 @@ def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], 
                 yield runner.outcome(schedule)
         return
     chunks = iter(lambda: list(itertools.islice(schedules, CHUNK)), [])
-    with worker_pool(workers) as pool:
-        window: deque = deque()  # a few chunks ahead per worker: memory stays bounded
-        for chunk in itertools.islice(chunks, 2 * workers):
+    window: deque = deque()  # a few chunks ahead per worker: memory stays bounded
+    for chunk in itertools.islice(chunks, 2 * workers):
+        window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
+    while window:
+        if deadline is not None and time.monotonic() >= deadline:
+            expired()
+            return
+        outcomes = window.popleft().result()  # in submission order: independent of the engine
+        for chunk in itertools.islice(chunks, 1):
             window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
-        while window:
-            if deadline is not None and time.monotonic() >= deadline:
-                expired()
-                return
-            outcomes = window.popleft().result()  # in submission order: independent of `workers`
-            for chunk in itertools.islice(chunks, 1):
-                window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
-            yield from outcomes
+        yield from outcomes
 
 
 CHUNK = 64  # schedules per task sent to a worker process
-
-
-@contextmanager
-def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
-    """Worker processes that leave SIGINT to the parent (a terminal's Ctrl-C reaches the whole
-    process group) and die with it: on any exit from the block, KeyboardInterrupt included,
-    queued work is cancelled and running workers are ended, never left orphaned."""
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
-    try:
-        yield pool
-    except BaseException:
-        _terminate(pool)
-        raise
-    else:
-        pool.shutdown(wait=True)
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    # No public way to end running workers before Python 3.14 (terminate_workers()).
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(timeout=5)
 
 
 def _smallest_first(schedule: Schedule) -> tuple:
