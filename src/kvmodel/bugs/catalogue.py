@@ -232,6 +232,14 @@ CATALOGUE: tuple[Bug, ...] = (
         "the nested SVM rework; upstream hash not found here): nested_vmcb_save_pending_event(), "
         "svm_complete_interrupts() moved before the nested exit; APM 15.7.2",
         ("svm",), "scenarios/nested/svm_l1_intercepts_pf_during_reinjected_nmi.toml"),
+    Bug("nested_svm_vmexit_cr2_from_vmcb02",
+        "nested_svm_vmexit() writes vmcb12's CR2 from vmcb02's save area, which svm_vcpu_run() "
+        "syncs with vcpu->arch.cr2 only around a run of L2: a #VMEXIT KVM synthesizes before L2 "
+        "runs again (after a restore, whose KVM_SET_SREGS put CR2 in vcpu->arch.cr2 only, or "
+        "after KVM injected a #PF into L2) hands L1 a stale CR2, which its next VMRUN loads into L2",
+        "KVM: nSVM: Use vcpu->arch.cr2 when updating vmcb12 on nested #VMEXIT (Yosry Ahmed, "
+        "2026, upstream 5c247d08bc81, Cc: stable); APM 15.5.1 and 15.6",
+        ("svm",), "scenarios/nested/svm_l2_cr2_saved_at_exit_after_restore.toml"),
     Bug("payload_quirk_events_only",
         "without KVM_CAP_EXCEPTION_PAYLOAD, only KVM_GET_VCPU_EVENTS delivers a pending exception's "
         "payload for userspace: a VMM that reads KVM_GET_SREGS / KVM_GET_DEBUGREGS before the events "

@@ -36,6 +36,7 @@
 .set VMCB_RIP, 0x578
 .set VMCB_RSP, 0x5d8
 .set VMCB_RAX, 0x5f8
+.set VMCB_CR2, 0x640
 .set VMCB_G_PAT, 0x668
 
 # VMCB segment attributes (APM 15.5.1 "Segment state"; kvm-unit-tests x86/svm.c vmcb_ident()):

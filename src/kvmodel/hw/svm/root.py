@@ -124,6 +124,7 @@ class SvmRoot:
         guest.l1_apic_open = lambda: self._l1_interrupts_open(guest, l1)
         self._l2 = (guest, vmcb_pa, l1)
         cpu.regs[RAX] = vmcb.rax
+        cpu.cr2 = vmcb.cr2  # VMRUN loads CR2 (APM 15.5.1); #VMEXIT does not restore L1's
         cpu.idtr_base, cpu.idtr_limit = vmcb.idtr_base, vmcb.idtr_limit & 0xFFFF
         cpu.nmi_pending, cpu.nmi_blocked = 0, False
         if Intercept.INTR not in vmcb.intercepts:
@@ -197,7 +198,7 @@ class SvmRoot:
         l2_nmis = None if Intercept.NMI in guest.vmcb.intercepts else (cpu.nmi_pending, cpu.nmi_blocked)
         guest.complete_exit()
         vmcb = guest.vmcb
-        vmcb.rax = cpu.regs[RAX]
+        vmcb.rax, vmcb.cr2 = cpu.regs[RAX], cpu.cr2  # #VMEXIT saves CR2 (APM 15.6)
         vmcb.idtr_base, vmcb.idtr_limit = cpu.idtr_base, cpu.idtr_limit
         # The exit clears EVENTINJ.V (APM 15.20; Bochs). Whether the other bits survive is
         # UNVERIFIED; the model clears the word, as KVM's nested_svm_vmexit() does, since

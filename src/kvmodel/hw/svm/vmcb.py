@@ -162,6 +162,7 @@ class Vmcb:
     cs_base: int = 0  # the core's CS.base, which never changes in the model; KVM reads it
     # save-area fields VMRUN and #VMEXIT move for an L1's VMCB; the core holds them otherwise
     rax: int = 0
+    cr2: int = 0  # loaded by VMRUN, saved by #VMEXIT (APM 15.5.1, 15.6); KVM: synced around a run
     idtr_base: int = 0
     idtr_limit: int = 0
     efer: int = 0
@@ -203,6 +204,7 @@ class Offset(IntEnum):
     CR3 = 0x550
     CR0 = 0x558
     DR7 = 0x560
+    CR2 = 0x640
     RFLAGS = 0x570
     RIP = 0x578
     RSP = 0x5D8
@@ -221,7 +223,7 @@ _VMRUN_READS = {Offset.IOPM_BASE_PA: "iopm_base_pa", Offset.MSRPM_BASE_PA: "msrp
                 Offset.IDTR_BASE: "idtr_base", Offset.ASID: "asid", Offset.CR0: "cr0",
                 Offset.CR3: "cr3", Offset.CR4: "cr4", Offset.DR7: "dr7",
                 Offset.EFER: "efer", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
-                Offset.RSP: "rsp", Offset.RAX: "rax"}
+                Offset.RSP: "rsp", Offset.RAX: "rax", Offset.CR2: "cr2"}
 _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
                   Offset.EXIT_CODE: "exit_code", Offset.EXIT_INFO_1: "exit_info_1",
                   Offset.EXIT_INFO_2: "exit_info_2", Offset.EXIT_INT_INFO: "exit_int_info",
@@ -229,7 +231,7 @@ _VMEXIT_WRITES = {Offset.INT_CTL: "int_ctl", Offset.INT_STATE: "int_state",
                   Offset.EVENT_INJ_ERR: "event_inj_err",
                   Offset.NEXT_RIP: "next_rip", Offset.IDTR_LIMIT: "idtr_limit",
                   Offset.IDTR_BASE: "idtr_base", Offset.RFLAGS: "rflags", Offset.RIP: "rip",
-                  Offset.RSP: "rsp", Offset.RAX: "rax"}
+                  Offset.RSP: "rsp", Offset.RAX: "rax", Offset.CR2: "cr2"}
 VMCB_SIZE = 0x1000
 
 

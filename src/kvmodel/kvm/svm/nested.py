@@ -185,6 +185,7 @@ class NestedSvm:
         self.l1_idtr, self.run_pending = state.l1_idtr, state.run_pending
         vmcb02 = self._prepare_vmcb02(self.ctl, l2.rip)
         vmcb02.rip, vmcb02.rsp, vmcb02.rflags = l2.rip, l2.rsp, l2.rflags
+        vmcb02.cr2 = l2.cr2  # the save area's copy, which only a run of L2 syncs with CR2
         vmcb02.int_state = l2.int_state
         l1 = self.vmcb01
         l1.rip, l1.rsp, l1.rflags, l1.rax = state.l1
@@ -222,6 +223,7 @@ class NestedSvm:
         vmcb02.rip, vmcb02.rsp, vmcb02.rflags = vmcb12.rip, vmcb12.rsp, vmcb12.rflags | 0x2
         svm.guest.vmcb = vmcb02
         cpu.regs[RAX] = vmcb12.rax
+        cpu.cr2 = vmcb12.cr2  # nested_vmcb02_prepare_save(): vcpu->arch.cr2
         cpu.idtr_base, cpu.idtr_limit = vmcb12.idtr_base, vmcb12.idtr_limit & 0xFFFF
         self.guest_mode = True
         svm.vcpu.requests |= Request.EVENT  # kvm_set_rflags() of L2's RFLAGS
@@ -391,6 +393,7 @@ class NestedSvm:
         vmcb12 = Vmcb()
         vmcb12.rip, vmcb12.rsp, vmcb12.rflags = vmcb02.rip, vmcb02.rsp, svm.get_rflags()
         vmcb12.rax = cpu.regs[RAX]
+        vmcb12.cr2 = self._l2_cr2(vmcb02, cpu)
         vmcb12.idtr_base, vmcb12.idtr_limit = cpu.idtr_base, cpu.idtr_limit
         vmcb12.int_state = vmcb02.int_state
         vmcb12.exit_code = vmcb02.exit_code
@@ -399,6 +402,14 @@ class NestedSvm:
         vmcb12.next_rip = vmcb02.next_rip if svm.nrips else 0
         vmcb12.int_ctl = self._int_ctl_for_l1(vmcb02)
         return vmcb12
+
+    @staticmethod
+    def _l2_cr2(vmcb02: Vmcb, cpu: Cpu) -> int:
+        """vcpu->arch.cr2 (5c247d08bc81 "KVM: nSVM: Use vcpu->arch.cr2 when updating vmcb12 on
+        nested #VMEXIT"). Before it, vmcb02's CR2, which svm_vcpu_run() syncs only around a run
+        of L2: stale when the exit is synthesized before L2 ran, e.g. right after a restore
+        (KVM_SET_SREGS put CR2 in vcpu->arch.cr2 only) or after KVM injected a #PF into L2."""
+        return vmcb02.cr2 if _faults.on("nested_svm_vmexit_cr2_from_vmcb02") else cpu.cr2
 
     def _pending_event(self) -> tuple[int, int]:
         """nested_save_pending_event_to_vmcb12(): what L0 was about to (re-)inject into L2 goes

@@ -520,6 +520,7 @@ class Svm:
             stop = self.guest.run(max_steps)
         except EntryFailed as failed:
             return UserspaceExit(KvmExit.FAIL_ENTRY, failed.check)
+        self.vmcb.cr2 = self.guest.cpu.cr2  # vcpu->arch.cr2 <-> save.cr2 around the run
         if self.guest_mode:
             self.nested.run_pending = False  # the VMRUN's injection went in
         if stop is not None:
