@@ -2,10 +2,12 @@
 nested_vmx_vmexit()): made pending when L0 completes an instruction of an L2 that L1 single-steps
 with the monitor trap flag, outranking a debug trap, gone with any nested VM exit."""
 
+import pytest
 from nested_vmx_vcpu import VMCS12, vcpu_in_l2
 
+from kvmodel import _faults
 from kvmodel.arch.events import Vec
-from kvmodel.arch.regs import DR6_BS
+from kvmodel.arch.regs import DR6_BD, DR6_BS
 from kvmodel.hw.vmx.vmcs import ExitReason, Proc, Vmcs
 from kvmodel.kvm.x86 import Request
 
@@ -42,6 +44,27 @@ def test_mtf_exit_outranks_a_single_step_trap_and_saves_it_as_pending_debug_exce
     assert not nested.guest_mode and vmcs12.exit_reason == ExitReason.MONITOR_TRAP_FLAG
     assert vmcs12.guest_pending_dbg_exceptions == DR6_BS
     assert not vcpu.exception.pending and not nested.mtf_pending
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_a_general_detect_db_outranks_a_pending_mtf_exit(bug):
+    """vmx_get_pending_dbg_trap() (8d178f460772): a #DB with DR6.BD (handle_dr() and the #DB
+    intercept queue it with that payload, RIP at the MOV DR) is fault-like, so it goes to L2
+    before the MTF VM exit. Before the fix any payload made it a trap: the MTF exit came
+    first and saved BD, a reserved bit (SDM 26.3.1.5), as L2's pending debug exceptions."""
+    vcpu = in_l2(Proc.MONITOR_TRAP_FLAG)
+    nested = vcpu.ops.nested
+    nested.mtf_pending = True  # no scenario has both: see README "general-detect"
+    vcpu.queue_exception(Vec.DB, payload=DR6_BD)
+    with _faults.switched_on(frozenset({"nested_gd_db_as_trap"} if bug else ())):
+        assert vcpu.ops.check_nested_events() == 0
+    vmcs12 = nested.vmcss[VMCS12]
+    if bug:
+        assert not nested.guest_mode and vmcs12.exit_reason == ExitReason.MONITOR_TRAP_FLAG
+        assert vmcs12.guest_pending_dbg_exceptions == DR6_BD
+    else:
+        assert nested.guest_mode and vcpu.exception.pending and vcpu.exception.payload == DR6_BD
+        assert vmcs12.guest_pending_dbg_exceptions == 0
 
 
 def test_any_nested_exit_discards_a_pending_mtf_exit():

@@ -581,9 +581,11 @@ class NestedVmx(VmxRoot):
 
 def _pending_db_trap(exc: QueuedException) -> int:
     """vmx_get_pending_dbg_trap(): the DR6 bits of a pending #DB, a general-detect #DB aside
-    (always fault-like)."""
+    (always fault-like, 8d178f460772)."""
     if not exc.pending or exc.vector != Vec.DB:
         return 0
+    if _faults.on("nested_gd_db_as_trap"):
+        return exc.payload  # before 8d178f460772: any payload, DR6.BD too, made it a trap
     return exc.payload & ~DR6_BD
 
 
