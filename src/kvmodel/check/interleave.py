@@ -2,12 +2,14 @@
 
 A schedule is a tuple of switches (arch/machine.py Switch): after the k-th
 choice point, CPU c runs next. Choice points are only where a CPU interacts
-(an IPI, a touch of a cache line another CPU writes): depth-first, every
+(an IPI, a touch of a cache line another CPU writes) or while another is on
+its way to an IPI: depth-first, every
 schedule with up to `max_switches` switches is run, each child switching at a
 choice point after its parent's last switch, to a CPU other than the one the
-parent ran there. The shared lines come from the runs: when a run finds a
-line shared that no choice point stood for, the search starts again with it
-(until none is new), so no interleaving of interacting steps is missed.
+parent ran there. The shared lines and the positions on a CPU's way to an IPI
+come from the runs: when a run finds one that no choice point stood for, the
+search starts again with it (until none is new), so no interleaving of
+interacting steps is missed.
 
 Each run must meet the scenario's expectations (every interleaving on real
 hardware is a legal behaviour the guest has to cope with), and stop where the
