@@ -19,15 +19,29 @@ The interleaving. CPUs run one at a time, an instruction (with the
 deliveries before it) per step. A step *interacts* when it writes the ICR
 (an IPI), or touches a cache line that another CPU writes and this one
 touches, or the other way round (fetches count as reads). Only after such a
-step, at the start, or while some CPU's next instruction writes the ICR (its
-IPI may then reach the others at any of their boundaries: each of their steps
-is dependent on it) may the schedule switch to another CPU (a choice point):
-other steps interact with nobody and commute, so the order among them cannot
-change any outcome (the simplest sound partial-order reduction). Without a switch, the
-CPU goes on; a CPU that halts, waits for a SIPI or has had QUANTUM steps
-in a row hands over round-robin (not a choice). The lines
-shared are learnt from earlier runs (`shared`): the explorer runs again with
-the lines a run discovered until no new ones show (check/interleave.py).
+step, at the start, or while another CPU is on its way to an ICR write may
+the schedule switch to another CPU (a choice point): other steps interact
+with nobody and commute, so the order among them cannot change any outcome.
+Without a switch, the CPU goes on; a CPU that halts, waits for a SIPI or has
+had QUANTUM steps in a row hands over round-robin (not a choice).
+
+"On its way to an ICR write": its next instruction writes the ICR, or it is
+at a position (`ahead`) from which, in an earlier run, it went on to write
+the ICR without depending on another CPU in between (no interaction, no
+IPI arrived). The IPI is dependent on every step of its targets (it may
+reach them at any boundary), so a switch before any of their steps must be
+open; and the switches are bounded, so waiting until the sender's next
+instruction is the WRMSR is not enough: reaching "target at boundary i,
+sender at its WRMSR" then costs two switches more than a schedule with a
+choice point at every step spends (issue 22). This is the persistent-set
+idea (Godefroid 1996, LNCS 1032, ch. 4) with the sender's whole way to its
+IPI in the dependence, as preemption bounding needs (Coons, Musuvathi,
+McKinley: "Bounded partial-order reduction", OOPSLA 2013): the running CPU's
+own way counts only in a turn it got because the last one's QUANTUM ran out
+(blocks that end by QUANTUM cannot be merged for free). The lines shared
+(`shared`) and the positions on the way to an IPI (`ahead`) are learnt from
+earlier runs: the explorer runs again with what a run discovered until
+nothing new shows (check/interleave.py).
 """
 
 from __future__ import annotations
@@ -63,6 +77,7 @@ class Switch:
 
 
 Interleaving = tuple[Switch, ...]
+Position = tuple[int, int, bool]  # a CPU, its RIP, whether it is halted or has an event waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +104,11 @@ class Machine:
     """CPUs 0..n-1 on one memory; CPU 0 is the bootstrap processor."""
 
     def __init__(self, cpus: list[Cpu], *, shared: frozenset[int] = frozenset(),
+                 ahead: frozenset[Position] = frozenset(),
                  schedule: Interleaving = (), reduce: bool = True,
                  step: Callable[[Cpu], object] | None = None):
-        """`reduce`: False makes every step a choice point (the naive interleaving, to measure
+        """`ahead`: the positions earlier runs found on a CPU's way to an IPI (run_up);
+        `reduce`: False makes every step a choice point (the naive interleaving, to measure
         the reduction against); `step`: how a CPU takes one step on bare metal (default
         cpu.run(1); an L1 hypervisor's CPU goes through its VMX or SVM root's run loop, which
         turns L2's VM exits back into L1 execution)."""
@@ -101,6 +118,12 @@ class Machine:
         self.trace: list[Observation] = []  # every CPU's observations, in the order they happened
         self.cpu_of: list[int] = []  # which CPU each trace entry belongs to
         self.shared = set(shared)
+        self.ahead = set(ahead)
+        # Each CPU's positions since its last dependent step (an interaction, an IPI's
+        # arrival); those before an ICR write go into `ahead_found`.
+        self.run_up: list[list[Position]] = [[] for _ in cpus]
+        self.ahead_found: set[Position] = set()
+        self.quantum_turn = False  # the running CPU got its turn because the last one's QUANTUM ran out
         self.reads: list[set[int]] = [set() for _ in cpus]
         self.writes: list[set[int]] = [set() for _ in cpus]
         self.switches = {s.at: s.cpu for s in schedule}
@@ -152,6 +175,7 @@ class Machine:
     def fetched(self, n: int, rip: int) -> None:
         if self.can_run is not None:
             self._step_ends(n)
+            self._note(n)
         line = self.cpus[n].linear(rip) >> LINE_SHIFT
         self.reads[n].add(line)
         if line in self.shared:
@@ -175,8 +199,10 @@ class Machine:
             return False
         self.interacted = True
         me = self.index(sender)
+        self.ahead_found.update(self.run_up[me])
         for target in ipi.targets(me, range(len(self.cpus))):
             self._accept(self.cpus[target], ipi, sender)
+            self.run_up[target] = []  # what it does next depends on the arrival
         return True
 
     def _accept(self, cpu: Cpu, ipi: Ipi, sender: Cpu) -> None:
@@ -259,25 +285,46 @@ class Machine:
                     return Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED
             cpu = self.cpus[current]
             self.interacted = False
+            self._note(current)
             self.step(cpu)
             self.steps += 1
             self._merge(current)
-            goes_on = self.runnable(current) and since + 1 < QUANTUM
+            if self.interacted:
+                self.run_up[current] = []
+            expired = since + 1 >= QUANTUM
+            goes_on = self.runnable(current) and not expired
             nxt = current if goes_on else self._first_runnable(current + 1)
-            if self.interacted or not self.reduce or self._ipi_next():
+            if self.interacted or not self.reduce or self._ipi_next(current):
                 nxt = self._choose(current, nxt)
+            if nxt != current:
+                self.quantum_turn = expired
             since = since + 1 if nxt == current else 0
             current = nxt
         return Stop.BUDGET
 
-    def _ipi_next(self) -> bool:
-        """Some CPU's next instruction writes the ICR: every step of the others is then
-        dependent on it (the IPI may reach them at any boundary), so each is a choice point."""
+    def _ipi_next(self, ran: int) -> bool:
+        """Some CPU is on its way to an ICR write (see the module): every step of the others is
+        then dependent on that write, so each is a choice point. `ran`: the CPU that just took
+        a step, whose own way counts only in a turn it got by a QUANTUM hand-over."""
         for n, cpu in enumerate(self.cpus):
-            if (self.runnable(n) and cpu.regs[RCX] & 0xFFFF_FFFF == X2ApicMsr.ICR
+            if not self.runnable(n):
+                continue
+            if (n != ran or self.quantum_turn) and self._position(n) in self.ahead:
+                return True
+            if (cpu.regs[RCX] & 0xFFFF_FFFF == X2ApicMsr.ICR
                     and cpu.fetch_bytes(cpu.linear(cpu.rip), 2) == WRMSR):
                 return True
         return False
+
+    def _position(self, n: int) -> Position:
+        """Where CPU n is: with an event waiting or halted, the same RIP leads elsewhere."""
+        cpu = self.cpus[n]
+        return n, cpu.rip, bool(cpu.nmi_pending or cpu.apic.irr or cpu.extint or cpu.halted)
+
+    def _note(self, n: int) -> None:
+        """CPU n is about to take a step: its position joins its run-up to the next IPI."""
+        if self.reduce:
+            self.run_up[n].append(self._position(n))
 
     # -- threaded: CPUs that run their own loop -----------------------------------
 
@@ -310,11 +357,11 @@ class Machine:
 
     def host_step(self, cpu: Cpu) -> None:
         """The hypervisor of CPU `cpu` is at a point where another CPU's IPI may arrive
-        (threaded): a choice point while some CPU's next instruction writes the ICR. It is
+        (threaded): a choice point while another CPU is on its way to an ICR write. It is
         not a step: the quantum and the steps of a run without a switch stay as they were."""
-        if self.can_run is None or self.finished or not (self._ipi_next() or not self.reduce):
-            return
         n = self.index(cpu)
+        if self.can_run is None or self.finished or not (self._ipi_next(n) or not self.reduce):
+            return
         nxt = self._choose(n, n)
         if nxt is None or nxt == n:
             return
@@ -355,10 +402,15 @@ class Machine:
         if self.steps >= self.max_steps:
             self._finish(Stop.BUDGET)
             raise _Stopped
-        goes_on = not blocked and self.runnable(n) and self.since + 1 < QUANTUM
+        expired = self.since + 1 >= QUANTUM
+        goes_on = not blocked and self.runnable(n) and not expired
         nxt = n if goes_on else self._first_runnable(n + 1)
-        if self.interacted or not self.reduce or self._ipi_next():
+        if self.interacted or not self.reduce or self._ipi_next(n):
             nxt = self._choose(n, nxt)
+        if nxt != n:
+            self.quantum_turn = expired
+        if self.interacted:
+            self.run_up[n] = []
         self.interacted = False
         if nxt is None:
             self._finish(Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED)

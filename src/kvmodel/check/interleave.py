@@ -2,12 +2,14 @@
 
 A schedule is a tuple of switches (arch/machine.py Switch): after the k-th
 choice point, CPU c runs next. Choice points are only where a CPU interacts
-(an IPI, a touch of a cache line another CPU writes): depth-first, every
+(an IPI, a touch of a cache line another CPU writes) or while another is on
+its way to an IPI: depth-first, every
 schedule with up to `max_switches` switches is run, each child switching at a
 choice point after its parent's last switch, to a CPU other than the one the
-parent ran there. The shared lines come from the runs: when a run finds a
-line shared that no choice point stood for, the search starts again with it
-(until none is new), so no interleaving of interacting steps is missed.
+parent ran there. The shared lines and the positions on a CPU's way to an IPI
+come from the runs: when a run finds one that no choice point stood for, the
+search starts again with it (until none is new), so no interleaving of
+interacting steps is missed.
 
 Each run must meet the scenario's expectations (every interleaving on real
 hardware is a legal behaviour the guest has to cope with), and stop where the
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import IntEnum
 
-from kvmodel.arch.machine import Interleaving, Switch
+from kvmodel.arch.machine import Interleaving, Position, Switch
 from kvmodel.check.oracle import FINAL_FIELDS, Comparison, Divergence, first_divergence, guest_view
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.scenario.runner import RunResult, run_machine
@@ -66,21 +68,28 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
     bound = DEFAULT_MAX_SWITCHES if max_switches is None else max_switches
     result = InterleavingResult()
     shared: frozenset[int] = frozenset()
+    ahead: frozenset[Position] = frozenset()
     while True:
         result.rounds += 1
         result.explored, result.outcomes, result.failures = 0, set(), []
-        found = _search(scenario, bound, shared, result, deadline, reduce, vendor, bare,
-                        stop_at_first)
-        if found <= shared or result.limit is not None or not result.complete:
+        found, found_ahead = _search(scenario, bound, (shared, ahead), result, deadline, reduce,
+                                     vendor, bare, stop_at_first)
+        if (found <= shared and found_ahead <= ahead) or result.limit is not None or (
+                not result.complete):
             break
-        shared = shared | found
+        shared, ahead = shared | found, ahead | found_ahead
     return result
 
 
-def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: InterleavingResult,
-            deadline: float | None, reduce: bool, vendor: Vendor,
-            bare: set[str] | None, stop_at_first: bool = False) -> frozenset[int]:
+def _search(scenario: Scenario, bound: int, learnt: tuple[frozenset[int], frozenset[Position]],
+            result: InterleavingResult, deadline: float | None, reduce: bool, vendor: Vendor,
+            bare: set[str] | None,
+            stop_at_first: bool = False) -> tuple[frozenset[int], frozenset[Position]]:
+    """`learnt`: the shared lines and the positions on a CPU's way to an IPI that earlier
+    rounds found; returns those this round's runs found."""
+    shared, ahead = learnt
     found: set[int] = set()
+    found_ahead: set[Position] = set()
     default_stop = None
     stack: list[Interleaving] = [()]
     while stack:
@@ -88,12 +97,14 @@ def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: Inte
             result.complete = False
             break
         schedule = stack.pop()
-        run = run_machine(scenario, vendor=vendor, schedule=schedule, shared=shared, reduce=reduce)
+        run = run_machine(scenario, vendor=vendor, schedule=schedule, shared=shared, ahead=ahead,
+                          reduce=reduce)
         result.explored += 1
         if run.limit is not None:
             result.limit = (schedule, run.limit)
             break
         found |= run.smp.shared
+        found_ahead |= run.smp.ahead
         if run.final is None:  # KVM gave up
             result.failures.append((schedule, "hypervisor_error", run.hypervisor_error))
             if stop_at_first:
@@ -112,7 +123,7 @@ def _search(scenario: Scenario, bound: int, shared: frozenset[int], result: Inte
                 break
         if len(schedule) < bound:
             stack += reversed(list(_children(schedule, run)))
-    return frozenset(found)
+    return frozenset(found), frozenset(found_ahead)
 
 
 def _children(schedule: Interleaving, run: RunResult):

@@ -11,7 +11,7 @@ from kvmodel.arch.cost import DELIVERY_CYCLES
 from kvmodel.arch.cpu import Cpu, External, Forced, Scheduled, Stop
 from kvmodel.arch.events import Event, EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
-from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine
+from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine, Position
 from kvmodel.arch.observe import ArrivalFate, Delivery, Observation, Shutdown
 from kvmodel.arch.regs import BOOT_CR3, GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
@@ -113,6 +113,7 @@ class SmpRun:
     steps: int  # steps of all CPUs
     shared: frozenset[int]  # cache lines one CPU wrote and another touched
     finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
+    ahead: frozenset[Position] = frozenset()  # positions on a CPU's way to an IPI (machine.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +331,11 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
 def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
                 max_steps: int | None = None, expectations: bool = True,
                 schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
-                reduce: bool = True) -> RunResult:
+                ahead: frozenset[Position] = frozenset(), reduce: bool = True) -> RunResult:
     """Several CPUs ([cpus]) on bare metal, or as vCPUs under KVM, interleaved by `schedule`
     (arch/machine.py);
     `shared`: the cache lines earlier runs found shared, where the schedule may switch;
+    `ahead`: the positions earlier runs found on a CPU's way to an IPI (likewise);
     `reduce`: False switches anywhere (arch/machine.py)."""
     cpus, program, resolve = _build_machine(scenario, record_instructions)
     cpu = cpus[0]
@@ -346,12 +348,13 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     steps = max_steps or scenario.max_steps
     try:
         if vendor is Vendor.BARE:
-            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce,
+            machine = Machine(cpus, shared=shared, ahead=ahead, schedule=schedule, reduce=reduce,
                               step=lambda core: _run_bare(core, scenario, 1))
             stop = machine.run(steps).name.lower()
         else:
             vcpus = _create_vcpus(scenario, cpus, vendor, resolve)
-            machine = Machine(cpus, shared=shared, schedule=schedule, reduce=reduce)
+            machine = Machine(cpus, shared=shared, ahead=ahead, schedule=schedule,
+                              reduce=reduce)
             stop, error = _run_vcpus(machine, vcpus, steps)
             stats = tuple(v.stats for v in vcpus)
             warnings = tuple(w for v in vcpus for w in v.warnings)
@@ -367,7 +370,8 @@ def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_inst
     if machine is not None:
         trace, cpu_of = tuple(machine.trace), tuple(machine.cpu_of)
         finals = tuple(_final(c, final.stop, scenario.mode) for c in cpus) if final else ()
-        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals)
+        smp = SmpRun(tuple(machine.points), machine.steps, machine.discovered(), finals,
+                     frozenset(machine.ahead_found))
     return RunResult(scenario, program, trace, final, tuple(mismatches), limit, vendor, cpu.mem,
                      stats, error, warnings, apic_used=any(c.apic.used for c in cpus),
                      cpu_of=cpu_of, smp=smp)
