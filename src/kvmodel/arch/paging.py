@@ -51,6 +51,12 @@ class Pte(IntFlag):
     XD = 1 << 63  # execute-disable; reserved unless IA32_EFER.NXE = 1
 
 
+# The walk runs on every linear access: plain ints, since an IntFlag operation builds an enum
+# member each time (it was most of a paged run's time).
+_P, _RW, _US, _A, _D, _PS, _XD = (int(bit) for bit in (Pte.P, Pte.RW, Pte.US, Pte.A, Pte.D,
+                                                       Pte.PS, Pte.XD))
+
+
 class PfCode(IntFlag):
     """The #PF error code (SDM 4.7 Figure 4-12)."""
 
@@ -84,23 +90,23 @@ def walk(read_entry: Callable[[int], int], cr3: int, linear: int, nxe: bool) -> 
 
     `read_entry(address)` reads an 8-byte entry from physical memory (under EPT/NPT a
     guest-physical access the host may intercept)."""
-    reserved = _ABOVE_MAXPHYADDR | (0 if nxe else Pte.XD)
+    reserved = _ABOVE_MAXPHYADDR | (0 if nxe else _XD)
     table = cr3 & _FRAME
     writable = user = executable = True
     entries = []
     for level, shift in enumerate(_LEVEL_SHIFTS):
         address = table | ((linear >> shift) & 0x1FF) << 3
         entry = read_entry(address)
-        if not entry & Pte.P:
+        if not entry & _P:
             return PfCode(0)
         entries.append((address, entry))
-        large = level in (1, 2) and entry & Pte.PS
-        bad = reserved | (Pte.PS if level == 0 else 0) | (_LARGE_RESERVED[level] if large else 0)
+        large = level in (1, 2) and entry & _PS
+        bad = reserved | (_PS if level == 0 else 0) | (_LARGE_RESERVED[level] if large else 0)
         if entry & bad:
             return PfCode.P | PfCode.RSVD
-        writable = writable and bool(entry & Pte.RW)
-        user = user and bool(entry & Pte.US)
-        executable = executable and not (nxe and entry & Pte.XD)
+        writable = writable and bool(entry & _RW)
+        user = user and bool(entry & _US)
+        executable = executable and not (nxe and entry & _XD)
         if large or level == 3:
             size_mask = (1 << shift) - 1
             frame = (entry & _FRAME & ~size_mask) | (linear & size_mask & ~0xFFF)
@@ -140,9 +146,9 @@ def accessed_dirty(entries: tuple[tuple[int, int], ...], write: bool) -> list[tu
     out = []
     last = len(entries) - 1
     for n, (address, entry) in enumerate(entries):
-        new = entry | Pte.A | (Pte.D if write and n == last else 0)
+        new = entry | _A | (_D if write and n == last else 0)
         if new != entry:
-            out.append((address, int(new)))
+            out.append((address, new))
     return out
 
 
