@@ -121,7 +121,8 @@ class Machine:
         self.ahead = set(ahead)
         # Each CPU's positions since its last dependent step (an interaction, an IPI's
         # arrival); those before an ICR write go into `ahead_found`.
-        self.run_up: list[list[Position]] = [[] for _ in cpus]
+        # (a set: a CPU spinning without interacting revisits the same few positions)
+        self.run_up: list[set[Position]] = [set() for _ in cpus]
         self.ahead_found: set[Position] = set()
         self.quantum_turn = False  # the running CPU got its turn because the last one's QUANTUM ran out
         self.reads: list[set[int]] = [set() for _ in cpus]
@@ -202,7 +203,7 @@ class Machine:
         self.ahead_found.update(self.run_up[me])
         for target in ipi.targets(me, range(len(self.cpus))):
             self._accept(self.cpus[target], ipi, sender)
-            self.run_up[target] = []  # what it does next depends on the arrival
+            self.run_up[target] = set()  # what it does next depends on the arrival
         return True
 
     def _accept(self, cpu: Cpu, ipi: Ipi, sender: Cpu) -> None:
@@ -290,7 +291,7 @@ class Machine:
             self.steps += 1
             self._merge(current)
             if self.interacted:
-                self.run_up[current] = []
+                self.run_up[current] = set()
             expired = since + 1 >= QUANTUM
             goes_on = self.runnable(current) and not expired
             nxt = current if goes_on else self._first_runnable(current + 1)
@@ -324,7 +325,7 @@ class Machine:
     def _note(self, n: int) -> None:
         """CPU n is about to take a step: its position joins its run-up to the next IPI."""
         if self.reduce:
-            self.run_up[n].append(self._position(n))
+            self.run_up[n].add(self._position(n))
 
     # -- threaded: CPUs that run their own loop -----------------------------------
 
@@ -410,7 +411,7 @@ class Machine:
         if nxt != n:
             self.quantum_turn = expired
         if self.interacted:
-            self.run_up[n] = []
+            self.run_up[n] = set()
         self.interacted = False
         if nxt is None:
             self._finish(Stop.SHUTDOWN if self.cpus[0].shutdown else Stop.HALTED)
