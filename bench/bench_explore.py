@@ -1,18 +1,22 @@
 """Explorer throughput.
 
-    .venv/bin/python bench/bench_explore.py [--skip-suite] [--skip-ray] [--repeat N]
+    .venv/bin/python bench/bench_explore.py [--skip-suite] [--skip-ray] [--bound3] [--repeat N]
 
 1. Schedules per second on one core for bench/explore20.toml (about 20 guest
    instructions, one NMI and one interrupt placed anywhere, no host choices), per
-   vendor. Every schedule is a complete KVM run plus a (shared) bare-metal run.
-   The search takes a fifth of a second: the figure is the best of `--repeat`
-   searches, timed in process CPU time, so other work on the machine moves it less.
+   vendor, and for one nested scenario (NESTED: an L1 on the hardware model runs an L2
+   that ends each stage with VMCALL; host interrupts and save/restores placed too).
+   Every schedule is a complete KVM run plus a (shared) bare-metal run.
+   The figure is the best of `--repeat` searches, timed in process CPU time, so other
+   work on the machine moves it less.
 2. Wall time and schedules/s of `kvmodel explore --vendor both` on bench/explore20.toml
-   (no host choices) and on the shipped suite (scenarios/, default bounds), with 1 and 2
+   (no host choices) and on the shipped suite (scenarios/, default bounds; with
+   `--bound3` also at --max-async 3 --max-host 3), with 1 and 2
    worker processes and with `--engine ray` on a local instance of 2 CPUs (its start-up
    included: the command starts and ends it); the time Ray takes to start and stop on its
    own is printed beside. The unit of work is one scenario on one vendor, so explore20 has
-   two units: one per worker.
+   two units: one per worker. For the suite, the scenarios that took longest are listed
+   with their rate: what limits the figure.
 3. explore20's schedules sharded in chunks (the API's explore(..., engine=...)): 2 worker
    processes and 2 Ray CPUs (Ray started before the clock, the processes' start-up counted).
 """
@@ -35,28 +39,37 @@ from kvmodel.scenario.load import load
 ROOT = Path(__file__).parents[1]
 
 
+NESTED = ROOT / "scenarios" / "nested" / "vmx_l2_vmcall_exits_to_l1.toml"
+
+
 def one_core(repeat: int) -> None:
-    scenario = load(ROOT / "bench" / "explore20.toml")
-    explore(scenario, Vendor.VMX, Bounds(max_host=0))  # warm the assembler cache
-    for vendor in (Vendor.SVM, Vendor.VMX):
+    explore20 = load(ROOT / "bench" / "explore20.toml")
+    explore(explore20, Vendor.VMX, Bounds(max_host=0))  # warm the assembler cache
+    for name, scenario, vendor, bounds in (
+            ("explore20", explore20, Vendor.SVM, Bounds(max_host=0)),
+            ("explore20", explore20, Vendor.VMX, Bounds(max_host=0)),
+            (NESTED.stem, load(NESTED), Vendor.VMX, Bounds())):
         times = []
         for _ in range(repeat):
             start = time.process_time()
-            result = explore(scenario, vendor, Bounds(max_host=0))
+            result = explore(scenario, vendor, bounds)
             times.append(time.process_time() - start)
         best = min(times)
-        print(f"{vendor.value}: {result.schedules} schedules, {result.distinct} distinct outcomes "
-              f"in {best:.3f} s (best of {repeat}): {result.schedules / best:,.0f} schedules/s")
+        print(f"{name} on {vendor.value}: {result.schedules} schedules, {result.distinct} distinct "
+              f"outcomes in {best:.3f} s (best of {repeat}): {result.schedules / best:,.0f} schedules/s")
 
 
 ENGINES = {"1 worker": ["--workers", "1"], "2 worker processes": ["--workers", "2"],
            "Ray, 2 local CPUs": ["--engine", "ray", "--workers", "2"]}
 TARGETS = {"explore20": [str(ROOT / "bench" / "explore20.toml"), "--max-host", "0"],
-           "shipped suite": [str(ROOT / "scenarios")]}
+           "shipped suite": [str(ROOT / "scenarios")],
+           "shipped suite at bound 3": ["--max-async", "3", "--max-host", "3", str(ROOT / "scenarios")]}
+SLOWEST = 5  # scenarios listed per suite run
 
 
 def command(target: list[str], engine: list[str]) -> tuple[float, int]:
-    """Wall time of one `kvmodel explore --json` and the schedules it ran."""
+    """Wall time of one `kvmodel explore --json` and the schedules it ran; for a run of
+    several scenarios, the slowest are printed."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "kvmodel", "explore", "--json", "--vendor", "both",
                            *engine, "--out", "/tmp/kvmodel-bench-findings", *target],
@@ -64,7 +77,14 @@ def command(target: list[str], engine: list[str]) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     if done.returncode not in (0, 1):
         raise SystemExit(f"kvmodel explore exited {done.returncode}: {done.stderr}")
-    return elapsed, sum(item["schedules"] for item in json.loads(done.stdout)["explored"])
+    explored = json.loads(done.stdout)["explored"]
+    if len(explored) > 2:
+        for item in sorted(explored, key=lambda i: -i["elapsed_s"])[:SLOWEST]:
+            rate = item["schedules"] / max(item["elapsed_s"], 1e-6)
+            print(f"    {item['elapsed_s']:6.2f} s  {item['schedules']:7,} schedules "
+                  f"({rate:6,.0f}/s, {item['distinct_outcomes']} distinct)  "
+                  f"{item['vendor']} {Path(item['scenario']).relative_to(ROOT / 'scenarios')}")
+    return elapsed, sum(item["schedules"] for item in explored)
 
 
 def ray_start_stop() -> float:
@@ -112,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-suite", action="store_true")
     parser.add_argument("--skip-ray", action="store_true", help="also skipped without Ray installed")
+    parser.add_argument("--bound3", action="store_true",
+                        help="also the suite at --max-async 3 --max-host 3 (minutes)")
     parser.add_argument("--repeat", type=int, default=5, metavar="N")
     args = parser.parse_args()
     with_ray = not args.skip_ray
@@ -125,7 +147,9 @@ def main() -> None:
     engines = [name for name in ENGINES if with_ray or not name.startswith("Ray")]
     if with_ray:
         print(f"a local Ray instance of 2 CPUs started and shut down: {ray_start_stop():.1f} s")
-    commands(["explore20"] + ([] if args.skip_suite else ["shipped suite"]), engines)
+    suites = [] if args.skip_suite else ["shipped suite"] + (
+        ["shipped suite at bound 3"] if args.bound3 else [])
+    commands(["explore20"] + suites, engines)
     chunks(with_ray)
 
 
