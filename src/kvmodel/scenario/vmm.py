@@ -28,7 +28,10 @@ given at the guest boundary where the VMM acted (`Performed.nmis`):
   (SDM 10.5.1 ExtINT; taken at a boundary with IF=1, no shadow, GIF=1);
 - the interrupt-window protocol (`Pic`, QEMU's kvm_arch_pre_run()): the same, at the
   boundary where the VMM's 8259 raised INTR; KVM_INTERRUPT comes later, when KVM says
-  the guest is ready.
+  the guest is ready;
+- a snapshot of the vCPU (every GET) and a rollback to it (VcpuSnapshotTake, VcpuRollback):
+  the CPU keeps its own state where the VMM took the snapshot and continues from it where
+  the VMM rolled back (`Performed.states`, Forced.snapshot / Forced.rollback).
 
 A crafted state the oracle has no counterpart for stops the run with a model
 limit naming what is missing.
