@@ -110,13 +110,10 @@ class VmxRoot:
                          tuple((k, replace(v)) for k, v in self.vmcss.items()),
                          frozenset(self.launched), tuple(self.errors.items()))
 
-    def restore_root(self, cpu: Cpu, saved: RootState | None) -> None:
+    def restore_root(self, cpu: Cpu, saved: RootState) -> None:
         """Back to `saved`: an L2 that runs is left with no VM exit (its VMCS keeps what it
         had), L1's view of the core restored; an NMI for L1 that had yet to exit L2 stays
         pending, as the core's latch keeps it."""
-        if saved is None:
-            raise ModelLimit("a rollback to a snapshot taken outside VMX operation is not "
-                             "modelled", cpu.rip)
         if self._l2 is not None:
             guest, _, l1 = self._l2
             self._l2 = None
