@@ -78,6 +78,29 @@ class Forced:
     shadow: Shadow | None = None
     event: Event | None = None
     cr2: int | None = None
+    # A VMM's snapshot of the vCPU and its rollback to it (scenario/vmm.py VcpuSnapshotTake,
+    # VcpuRollback): `snapshot` n keeps the CPU's state here; `rollback` n puts it back; with
+    # `rollback_events` (the VMM SET the events too) blocking by NMI is the snapshot's as
+    # well and the NMIs the CPU holds are dropped (nmi.pending 0).
+    snapshot: int | None = None
+    rollback: int | None = None
+    rollback_events: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """What a rollback puts back: the registers KVM_GET_REGS, _SREGS and _DEBUGREGS carry,
+    NMI blocking, and the VMX root's state (KVM_GET_NESTED_STATE outside guest mode). Not
+    memory, the local APIC, or NMIs and interrupts waiting outside the core."""
+
+    regs: tuple[int, ...]
+    rip: int
+    rflags: int
+    control: tuple[int, int, int, int, int]  # CR0, CR2, CR3, CR4, EFER
+    idtr: tuple[int, int]
+    debug: tuple[tuple[int, ...], int, int]  # DR0-DR3, DR6, DR7
+    nmi_blocked: bool
+    vmx: object | None  # VmxInstructions.snapshot_root()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +155,7 @@ class Cpu:
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
         "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "tr", "tasks",
-        "paging", "step_trap_replaced",
+        "paging", "step_trap_replaced", "snapshots",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -186,6 +209,7 @@ class Cpu:
         self.fep_is_prefix = False
         self.attn = True
         self.scheduled: list[Scheduled] = []
+        self.snapshots: dict[int, CpuSnapshot] = {}  # taken where a VMM took its (Forced)
         self.next_after = _NEVER
         self.at_rip_scheduled = False  # an event arrives by RIP: every boundary must look
         # Virtualization (see host.py); bare metal leaves these alone.
@@ -616,6 +640,10 @@ class Cpu:
 
     def _force(self, state: Forced) -> None:
         """Put the CPU in `state` at this boundary (Forced)."""
+        if state.snapshot is not None:
+            self.snapshots[state.snapshot] = self._snapshot()
+        if state.rollback is not None:
+            self._roll_back(self.snapshots[state.rollback], state.rollback_events)
         if state.nmi_blocked is not None:
             self.nmi_blocked = state.nmi_blocked
         if state.shadow is not None:
@@ -633,6 +661,39 @@ class Cpu:
                 self.dr7 &= ~DR7_GD
             self.halted = False
             deliver.deliver(self, replace(state.event, rip=self.rip), injected=True)
+
+    def _snapshot(self) -> CpuSnapshot:
+        if self.shadow is not Shadow.NONE or self.pending_dbg or self.halted:
+            raise ModelLimit("a snapshot at a boundary in a shadow, with a debug trap pending or "
+                             "halted is not modelled", self.rip)
+        return CpuSnapshot(tuple(self.regs), self.rip, self.rflags,
+                           (self.cr0, self.cr2, self.cr3, self.cr4, self.efer),
+                           (self.idtr_base, self.idtr_limit), (tuple(self.dr), self.dr6, self.dr7),
+                           self.nmi_blocked, self.vmx.snapshot_root() if self.vmx else None)
+
+    def _roll_back(self, snap: CpuSnapshot, events: bool) -> None:
+        """The CPU continues from `snap`: an L2 it runs is left without a VM exit (nothing is
+        written to its VMCS), what the instruction stream before left waiting at this boundary
+        (a debug trap, a shadow) goes, memory stays as it is. Blocking by NMI and the NMI
+        latch are event state: the snapshot's only with `events`."""
+        if self.svm is not None and self.host is not None:
+            raise ModelLimit("a rollback while an SVM guest runs on the model is not modelled",
+                             self.rip)
+        if self.vmx is not None:
+            self.vmx.restore_root(self, snap.vmx)
+        self.regs = list(snap.regs)
+        self.rip, self.rflags = snap.rip, snap.rflags
+        self.cr0, self.cr2, cr3, self.cr4, self.efer = snap.control
+        if cr3 != self.cr3:
+            self.load_cr3(cr3)
+        self.idtr_base, self.idtr_limit = snap.idtr
+        dr, self.dr6, self.dr7 = snap.debug
+        self.dr = list(dr)
+        self.update_breakpoints()
+        self.shadow, self.pending_dbg, self.halted = Shadow.NONE, 0, False
+        if events:
+            self.nmi_blocked, self.nmi_pending = snap.nmi_blocked, 0
+        self.attn = True
 
     def _fire_due(self) -> None:
         for s in list(self.scheduled):

@@ -351,6 +351,26 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: nVMX: Ignore SIPI that arrives in L2 when vCPU is not in WFS (Sean Christopherson, "
         "2022, upstream c2086eca8658; Fixes bf0cd88ce363)",
         ("vmx",), "scenarios/smp/vmx_sipi_to_halted_l2_with_interrupt.toml"),
+    Bug("nested_exit_keeps_queued_events",
+        "nested_vmx_vmexit() purges what was queued or injected for L2 only on a VM exit that "
+        "fills vmcs12 (prepare_vmcs12()), not on a late VM-Fail or a forced exit: a VMM that rolls "
+        "the vCPU back to a snapshot of L1 with KVM_SET_NESTED_STATE (vmx_leave_nested()) while "
+        "L2's #UD waits for re-injection, and leaves KVM_SET_VCPU_EVENTS out (the snapshot holds "
+        "no events), gets L2's #UD injected into L1",
+        "KVM: nVMX: Unconditionally purge queued/injected events on nested \"exit\" (Sean "
+        "Christopherson, 2022, upstream d953540430c5): \"Forced exit is definitely buggy, but has "
+        "likely gone unnoticed because userspace probably follows the forced exit with "
+        "KVM_SET_VCPU_EVENTS\"",
+        ("vmx",), "scenarios/nested/vmx_rollback_purges_l2_reinjected_exception.toml"),
+    Bug("nested_mtf_pending_survives_exit",
+        "mtf_pending is cleared only by a vmx_check_nested_events() that nothing blocks, not on "
+        "every nested VM exit: a VMM that rolls the vCPU back to a snapshot of L1 "
+        "(KVM_SET_NESTED_STATE, vmx_leave_nested()) while L0 owes L1 an MTF VM exit for an "
+        "instruction of L2 it emulated leaves it pending, and L1's next VMLAUNCH, without MTF, "
+        "exits with MONITOR_TRAP_FLAG before L2 ran an instruction",
+        "KVM: nVMX: Unconditionally clear mtf_pending on nested VM-Exit (Sean Christopherson, "
+        "2022, upstream 593a5c2e3c12); SDM Vol.3 25.5.2",
+        ("vmx",), "scenarios/nested/vmx_rollback_discards_pending_mtf.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

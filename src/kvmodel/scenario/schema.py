@@ -408,7 +408,8 @@ _VMM_WHEN = {"call": Choice(VMM_CALLS), "exit": Int(low=1), "at": Address()}
 # kvm_debugregs fields a crafted SET changes, a capability's args[0], kvm_guest_debug.control;
 # KVM_INTERRUPT's struct kvm_interrupt.irq is a __u32 (KVM refuses 256 and above with -EINVAL)
 _U32 = Int(high=0xFFFF_FFFF)
-_ARG_TYPES = {"control": _U32, "flags": _U32, "window": _U32, "events_first": Bool()}
+_ARG_TYPES = {"control": _U32, "flags": _U32, "window": _U32, "events_first": Bool(),
+              "slot": Int(high=0xFF), "events": Bool()}
 _VECTOR = {"vector": _U32}
 _PIC_VECTOR = {"vector": Int(high=0xFF)}  # what an 8259 presents on INTA is one byte
 

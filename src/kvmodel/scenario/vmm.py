@@ -28,7 +28,10 @@ given at the guest boundary where the VMM acted (`Performed.nmis`):
   (SDM 10.5.1 ExtINT; taken at a boundary with IF=1, no shadow, GIF=1);
 - the interrupt-window protocol (`Pic`, QEMU's kvm_arch_pre_run()): the same, at the
   boundary where the VMM's 8259 raised INTR; KVM_INTERRUPT comes later, when KVM says
-  the guest is ready.
+  the guest is ready;
+- a snapshot of the vCPU (every GET) and a rollback to it (VcpuSnapshotTake, VcpuRollback):
+  the CPU keeps its own state where the VMM took the snapshot and continues from it where
+  the VMM rolled back (`Performed.states`, Forced.snapshot / Forced.rollback).
 
 A crafted state the oracle has no counterpart for stops the run with a model
 limit naming what is missing.
@@ -43,6 +46,7 @@ from kvmodel.arch.cpu import Forced
 from kvmodel.arch.events import VECTORS, Event, EventType, Vec
 from kvmodel.arch.regs import IF, Shadow
 from kvmodel.errors import ModelLimit
+from kvmodel.hw.vmx.vmcs import INTR_INFO_VALID
 from kvmodel.kvm.uapi import (
     EEXIST,
     EINVAL,
@@ -50,11 +54,15 @@ from kvmodel.kvm.uapi import (
     Busy,
     GuestDebug,
     InvalidArgument,
+    KvmDebugregs,
+    KvmRegs,
+    KvmSregs,
     KvmVcpuEvents,
     ShadowBits,
     VcpuEventsFlag,
 )
 from kvmodel.kvm.vm import Cap, NotifyFlag, Vm
+from kvmodel.kvm.vmx.nested import NestedState
 from kvmodel.kvm.x86 import ExceptionType, MpState, Vcpu, exception_type
 
 KVM_NMI = "KVM_NMI"
@@ -69,6 +77,9 @@ IRQ_WINDOW = "interrupt_window"  # the protocol: raise INTR, KVM_INTERRUPT once 
 KVM_SET_GUEST_DEBUG = "KVM_SET_GUEST_DEBUG"
 KVM_ENABLE_CAP = "KVM_ENABLE_CAP"  # KVM_CAP_X86_NOTIFY_VMEXIT; exit = 0: before KVM_CREATE_VCPU
 KVM_SET_NESTED_STATE = "KVM_SET_NESTED_STATE"  # GET_NESTED_STATE and the events, SET them back
+# A VMM's snapshot of the vCPU (every KVM_GET_*) and its rollback to it later (the KVM_SET_*)
+VCPU_SNAPSHOT = "vcpu_snapshot"
+VCPU_ROLLBACK = "vcpu_rollback"
 # kvm_arch_get_registers() then kvm_arch_put_registers() on the same vCPU, in one VMM's order
 GET_PUT_QEMU = "get_put_qemu"
 GET_PUT_QEMU_OLD = "get_put_qemu_old"
@@ -77,7 +88,7 @@ REGISTER_CALLS = (KVM_SET_REGS, KVM_SET_SREGS, KVM_SET_DEBUGREGS)
 STATE_ORDERS = (GET_PUT_QEMU, GET_PUT_QEMU_OLD, GET_PUT_REGISTERS_FIRST)
 CALLS = (KVM_NMI, KVM_SET_VCPU_EVENTS, IMMEDIATE_EXIT, *REGISTER_CALLS,
          KVM_ENABLE_CAP_EXCEPTION_PAYLOAD, *STATE_ORDERS, KVM_INTERRUPT, IRQ_WINDOW,
-         KVM_SET_GUEST_DEBUG, KVM_ENABLE_CAP, KVM_SET_NESTED_STATE)
+         KVM_SET_GUEST_DEBUG, KVM_ENABLE_CAP, KVM_SET_NESTED_STATE, VCPU_SNAPSHOT, VCPU_ROLLBACK)
 VECTOR_CALLS = (KVM_INTERRUPT, IRQ_WINDOW)  # the calls that take `vector`
 EVENT_FIELDS = tuple(f.name for f in fields(KvmVcpuEvents))
 DEBUGREGS_FIELDS = ("dr6", "dr7", "flags")  # struct kvm_debugregs fields a crafted SET changes
@@ -89,6 +100,8 @@ CALL_FIELDS: dict[str, tuple[str, ...]] = {
     KVM_SET_GUEST_DEBUG: ("control",),  # struct kvm_guest_debug.control
     KVM_ENABLE_CAP: ("flags", "window"),  # args[0] bits 31:0 and 63:32
     KVM_SET_NESTED_STATE: ("events_first",),  # 1: the events go back before the nested state
+    VCPU_SNAPSHOT: ("slot",),  # the VMM's name for the snapshot (a number)
+    VCPU_ROLLBACK: ("slot", "events"),  # events = 1: KVM_SET_VCPU_EVENTS too
 }
 
 
@@ -262,6 +275,123 @@ class NestedStateRoundTrip:
 
 
 
+# -- a snapshot of the vCPU and a rollback to it (VCPU_SNAPSHOT, VCPU_ROLLBACK) ---------------
+
+@dataclass(frozen=True, slots=True)
+class VcpuSnapshot:
+    """What the VMM keeps of a vCPU: the GET ioctls' results, KVM_GET_VCPU_EVENTS packed."""
+
+    regs: KvmRegs
+    sregs: KvmSregs
+    debugregs: KvmDebugregs
+    events: bytes
+    nested: NestedState | None
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuSnapshotTake:
+    """KVM_GET_VCPU_EVENTS, _REGS, _SREGS, _DEBUGREGS and _NESTED_STATE, kept as snapshot
+    `slot` for a rollback later (VcpuRollback): what a VMM that rolls a running VM back to
+    a snapshot takes. Bare-metal counterpart: nothing happens; the CPU's state at this
+    boundary is what a rollback to it restores (Forced.snapshot).
+
+    Modelled for a vCPU with nothing to deliver and no blocking by NMI or shadow (the events
+    a rollback may leave out then hold nothing but NMIs waiting, which stay where they are
+    on both sides), running, outside L2 (VMX only)."""
+
+    slot: int
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        if pic is None:
+            raise ModelLimit("a snapshot needs the VMM's memory (Pic)")
+        events = vcpu.get_vcpu_events()
+        busy = [name for name in _SNAPSHOT_EMPTY if getattr(events, name)]
+        if busy or vcpu.mp_state is not MpState.RUNNABLE:
+            raise ModelLimit(f"a snapshot of a vCPU with {', '.join(busy) or vcpu.mp_state.name}: "
+                             "a rollback without KVM_SET_VCPU_EVENTS or KVM_SET_MP_STATE would "
+                             "not restore it, which is not modelled")
+        nested = vcpu.ops.get_nested_state()
+        if nested is not None and not isinstance(nested, NestedState):
+            raise ModelLimit("a snapshot of nested SVM state: its rollback is not modelled")
+        if nested is not None and nested.guest_mode:
+            raise ModelLimit("a snapshot while L2 runs: the bare-metal counterpart of a rollback "
+                             "into L2 is not modelled")
+        pic.saved[self.slot] = VcpuSnapshot(vcpu.get_regs(), vcpu.get_sregs(),
+                                            vcpu.get_debugregs(), events.pack(), nested)
+        return Performed(0, 0, f"snapshot {self.slot}: rip {vcpu.ops.rip_read():#x}",
+                         (Forced(snapshot=self.slot),))
+
+
+# Fields of struct kvm_vcpu_events a snapshot must have clear (VcpuSnapshotTake).
+# Not nmi.pending: NMIs waiting stay where they are unless the events are SET (VcpuRollback).
+_SNAPSHOT_EMPTY = ("exception_injected", "exception_pending", "interrupt_injected",
+                   "interrupt_shadow", "nmi_injected", "nmi_masked")
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuRollback:
+    """The vCPU back to snapshot `slot`, as a VMM that rolls a running VM back: the nested
+    state first (outside guest mode: vmx_set_nested_state() leaves L2 with vmx_leave_nested(),
+    a forced nested exit), then KVM_SET_SREGS, KVM_SET_REGS, KVM_SET_VCPU_EVENTS if `events`,
+    KVM_SET_DEBUGREGS. The snapshot holds no events, so a VMM may leave KVM_SET_VCPU_EVENTS
+    out; with it, the events' SET purges whatever KVM queued meanwhile (and would hide
+    d953540430c5's bug, as upstream says). Neither restores guest memory or the local APIC.
+
+    Bare-metal counterpart: the CPU continues from the snapshot's state at this boundary
+    (Forced.rollback), before an event whose delivery the exit cut short (the rollback
+    discards it); blocking by NMI stays as the CPU has it (L1's, if it ran L2), unless
+    `events` puts the snapshot's back and drops the NMIs it holds (nmi.pending 0). A VMM
+    with no such snapshot makes no call."""
+
+    slot: int
+    events: bool = False
+
+    def perform(self, vcpu: Vcpu, pic: Pic | None = None) -> Performed:
+        snap = pic.saved.get(self.slot) if pic is not None else None
+        if snap is None:
+            return Performed(0, 0, f"no snapshot {self.slot} yet: nothing restored")
+        _check_rollback(vcpu, snap)
+        if self.events and KvmVcpuEvents.unpack(snap.events).nmi_pending:
+            raise ModelLimit("a rollback that SETs a snapshot's pending NMI: the bare-metal "
+                             "counterpart (NMIs arriving again) is not modelled")
+        try:
+            if snap.nested is not None:
+                vcpu.ops.set_nested_state(snap.nested)
+            vcpu.set_sregs(snap.sregs)
+            vcpu.set_regs(snap.regs)
+            if self.events:
+                vcpu.set_vcpu_events(KvmVcpuEvents.unpack(snap.events))
+            vcpu.set_debugregs(snap.debugregs)
+        except InvalidArgument as e:
+            raise ModelLimit(f"a rollback refused half-way ({e}): what it changed before has no "
+                             "bare-metal counterpart") from e
+        if not self.events and vcpu.ops.get_interrupt_shadow():
+            raise ModelLimit("a rollback without KVM_SET_VCPU_EVENTS leaves KVM's interrupt "
+                             "shadow, which the snapshot did not have: userspace's own doing")
+        sets = "nested state, sregs, regs" + (", events" if self.events else "") + ", debugregs"
+        return Performed(0, 0, f"snapshot {self.slot}: set {sets}",
+                         (Forced(rollback=self.slot, rollback_events=self.events),))
+
+
+def _check_rollback(vcpu: Vcpu, snap: VcpuSnapshot) -> None:
+    """The rollbacks the oracle has a counterpart for (VcpuRollback)."""
+    if vcpu.mp_state is not MpState.RUNNABLE:
+        raise ModelLimit(f"a rollback of a vCPU in {vcpu.mp_state.name}: KVM_SET_MP_STATE is "
+                         "not modelled")
+    if vcpu.nmi_injected or vcpu.interrupt.injected:
+        raise ModelLimit("a rollback while an NMI or interrupt is in delivery: the bare-metal "
+                         "counterpart of discarding it is not modelled")
+    nested = getattr(vcpu.ops, "nested", None)
+    if in_flight(vcpu) and nested is not None and nested.guest_mode and (
+            nested.vmcs12.entry_intr_info & INTR_INFO_VALID):
+        raise ModelLimit("a rollback while L1's VM-entry injection may be in delivery: on bare "
+                         "metal no boundary comes before it")
+    current = vcpu.ops.get_nested_state()
+    if (snap.nested is None) != (current is None):
+        raise ModelLimit("a rollback into or out of VMX operation (KVM_SET_NESTED_STATE with "
+                         "vmxon_pa -1) is not modelled")
+
+
 @dataclass(frozen=True, slots=True)
 class InterruptWindow:
     """The VMM's 8259 raises INTR with `vector`: userspace keeps it until KVM says the guest
@@ -284,6 +414,7 @@ class Pic:
     not yet handed to KVM, oldest first (no priorities, masks or EOI)."""
 
     pending: list[int] = field(default_factory=list)
+    saved: dict[int, VcpuSnapshot] = field(default_factory=dict)  # the VMM's vCPU snapshots
 
     def pre_run(self, vcpu: Vcpu) -> Performed | None:
         """Before each KVM_RUN, as QEMU's kvm_arch_pre_run(): KVM_INTERRUPT if the last exit
@@ -574,7 +705,7 @@ class StateRoundTrip:
 
 VmmAction = (KvmNmi | SetVcpuEvents | ImmediateExit | EnableExceptionPayload | RegistersRoundTrip
              | StateRoundTrip | KvmInterrupt | InterruptWindow | SetGuestDebug | EnableNotifyCap
-             | NestedStateRoundTrip)
+             | NestedStateRoundTrip | VcpuSnapshotTake | VcpuRollback)
 
 
 def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
@@ -600,6 +731,10 @@ def action(call: str, args: tuple[tuple[str, int], ...] = ()) -> VmmAction:
         return EnableNotifyCap(named.get("flags", 0), named.get("window", 0))
     if call == KVM_SET_NESTED_STATE:
         return NestedStateRoundTrip(bool(named.get("events_first", 0)))
+    if call == VCPU_SNAPSHOT:
+        return VcpuSnapshotTake(named.get("slot", 0))
+    if call == VCPU_ROLLBACK:
+        return VcpuRollback(named.get("slot", 0), bool(named.get("events", 0)))
     return SetVcpuEvents(args)
 
 

@@ -4,9 +4,10 @@ events on nested "exit"") and a pending MTF VM exit (593a5c2e3c12 "KVM: nVMX: Un
 clear mtf_pending on nested VM-Exit"), also for the exits that do not fill vmcs12: a late
 VM-Fail of vmcs02 and a forced exit (vmx_leave_nested() from KVM_SET_NESTED_STATE).
 
-No shipped scenario reaches these paths against the bare-metal oracle: each needs an event for
-L2 queued at a moment only a crafted uAPI call creates (upstream: "this is likely a nop",
-"should never happen for VM-Fail"), so these tests craft it."""
+The forced exit is reached against the bare-metal oracle by a VMM that rolls the vCPU back to a
+snapshot of L1 (scenarios/nested/vmx_rollback_*, tests/unit/scenario/test_vmm_rollback.py). The
+other paths need an event for L2 queued at a moment only a crafted uAPI call creates (upstream:
+"this is likely a nop", "should never happen for VM-Fail"), so these tests craft it."""
 
 from dataclasses import replace
 

@@ -24,6 +24,8 @@ handler is back with NMIs unblocked after any but an NMI exit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
@@ -75,6 +77,18 @@ class VmxError:
     WRITE_READ_ONLY = 13
 
 
+@dataclass(frozen=True, slots=True)
+class RootState:
+    """The VMX state a snapshot keeps (what KVM_GET_NESTED_STATE reports outside guest mode):
+    the VMXON region, the current VMCS, each VMCS's data, launch states and error numbers."""
+
+    vmxon_region: int | None
+    current: int | None
+    vmcss: tuple[tuple[int, Vmcs], ...]
+    launched: frozenset[int]
+    errors: tuple[tuple[int, int], ...]
+
+
 class VmxRoot:
     """The CPU's VMX state: VMXON, the current VMCS, the VMCSs it has seen."""
 
@@ -86,6 +100,28 @@ class VmxRoot:
         self.launched: set[int] = set()
         self.errors: dict[int, int] = {}  # VM-instruction error field, per VMCS
         self._l2: tuple[VmxGuest, Vmcs, tuple[int, int, bool]] | None = None  # while L2 runs
+
+    # -- a VMM's snapshot and rollback (Cpu._roll_back()) --------------------------------
+
+    def snapshot_root(self) -> RootState:
+        if self._l2 is not None:
+            raise ModelLimit("a snapshot while L2 runs on the model is not modelled")
+        return RootState(self.vmxon_region, self.current,
+                         tuple((k, replace(v)) for k, v in self.vmcss.items()),
+                         frozenset(self.launched), tuple(self.errors.items()))
+
+    def restore_root(self, cpu: Cpu, saved: RootState) -> None:
+        """Back to `saved`: an L2 that runs is left with no VM exit (its VMCS keeps what it
+        had), L1's view of the core restored; an NMI for L1 that had yet to exit L2 stays
+        pending, as the core's latch keeps it."""
+        if self._l2 is not None:
+            guest, _, l1 = self._l2
+            self._l2 = None
+            cpu.step_trap_replaced = False
+            self._leave_guest(cpu, l1, guest.host_nmi)
+        self.vmxon_region, self.current = saved.vmxon_region, saved.current
+        self.vmcss = {k: replace(v) for k, v in saved.vmcss}
+        self.launched, self.errors = set(saved.launched), dict(saved.errors)
 
     # -- results (SDM 30.2) ------------------------------------------------------
 
