@@ -55,6 +55,9 @@ class VmxInstructions(Protocol):
     def vmread(self, cpu: Cpu, field: int) -> int | None: ...
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None: ...
     def vmcall(self, cpu: Cpu) -> None: ...
+    def init_signal(self, cpu: Cpu) -> ArrivalFate:
+        """An INIT in VMX operation: latched in root operation, a VM exit in non-root
+        (SDM 24.8, 25.2)."""
 
 
 class SvmInstructions(Protocol):

@@ -231,10 +231,13 @@ class Machine:
                                  cpu.retired, cpu.rip, fate))
 
     def _init(self, cpu: Cpu, sender: Cpu) -> ArrivalFate:
-        """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1)."""
-        if cpu.host is not None or (cpu.vmx is not None and cpu.vmx.vmxon_region is not None):
-            raise ModelLimit("INIT for a CPU in VMX operation (held in root operation, a VM exit "
-                             "in non-root operation: SDM 24.8, 25.2) is not modelled", sender.rip)
+        """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1); in VMX
+        operation it is held (root) or a VM exit (non-root), the VMX model's to say."""
+        if cpu.vmx is not None and cpu.vmx.vmxon_region is not None:
+            return cpu.vmx.init_signal(cpu)  # held in root operation, a VM exit in non-root
+        if cpu.host is not None:
+            raise ModelLimit("INIT for a CPU in SVM guest mode (the INIT intercept, APM 15.13) is "
+                             "not modelled", sender.rip)
         cpu.regs[:] = [0] * len(cpu.regs)
         cpu.rflags = RFLAGS_FIXED
         cpu.cr2 = 0
