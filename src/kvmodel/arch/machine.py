@@ -4,7 +4,8 @@ Each CPU keeps its own registers, local APIC (x2APIC ID n for CPU n) and
 decoded-instruction cache; the bytearray of guest memory is one. An x2APIC
 ICR write that names another CPU comes here (SDM 10.6.1, 10.12.9): fixed
 interrupts land in the target's IRR, NMIs on its NMI pin, INIT puts it in
-wait-for-SIPI (SDM 10.4.7.3) and a SIPI starts a CPU waiting for one at the
+wait-for-SIPI (SDM 10.4.7.3; in VMX operation it is held or a VM exit, SDM
+24.8, 25.2: hw/vmx) and a SIPI starts a CPU waiting for one at the
 vector's page (SDM 8.4.4.1, 10.6.1 "Start-Up"). A write by one CPU to code
 another has decoded drops the other's decoded instructions: the other sees
 the new bytes at its next fetch (cross-modifying code, SDM 8.1.3: without a
