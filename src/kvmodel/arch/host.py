@@ -58,6 +58,9 @@ class VmxInstructions(Protocol):
     # A VMM's snapshot of the CPU's VMX state and its rollback to it (Cpu._roll_back()).
     def snapshot_root(self) -> object: ...
     def restore_root(self, cpu: Cpu, saved: object) -> None: ...
+    def init_signal(self, cpu: Cpu) -> ArrivalFate:
+        """An INIT in VMX operation: latched in root operation, a VM exit in non-root
+        (SDM 24.8, 25.2)."""
 
 
 class SvmInstructions(Protocol):

@@ -4,7 +4,8 @@ Each CPU keeps its own registers, local APIC (x2APIC ID n for CPU n) and
 decoded-instruction cache; the bytearray of guest memory is one. An x2APIC
 ICR write that names another CPU comes here (SDM 10.6.1, 10.12.9): fixed
 interrupts land in the target's IRR, NMIs on its NMI pin, INIT puts it in
-wait-for-SIPI (SDM 10.4.7.3) and a SIPI starts a CPU waiting for one at the
+wait-for-SIPI (SDM 10.4.7.3; in VMX operation it is held or a VM exit, SDM
+24.8, 25.2: hw/vmx) and a SIPI starts a CPU waiting for one at the
 vector's page (SDM 8.4.4.1, 10.6.1 "Start-Up"). A write by one CPU to code
 another has decoded drops the other's decoded instructions: the other sees
 the new bytes at its next fetch (cross-modifying code, SDM 8.1.3: without a
@@ -231,10 +232,13 @@ class Machine:
                                  cpu.retired, cpu.rip, fate))
 
     def _init(self, cpu: Cpu, sender: Cpu) -> ArrivalFate:
-        """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1)."""
-        if cpu.host is not None or (cpu.vmx is not None and cpu.vmx.vmxon_region is not None):
-            raise ModelLimit("INIT for a CPU in VMX operation (held in root operation, a VM exit "
-                             "in non-root operation: SDM 24.8, 25.2) is not modelled", sender.rip)
+        """INIT: the CPU resets and waits for a SIPI (SDM 10.4.7.3; 9.1.1 Table 9-1); in VMX
+        operation it is held (root) or a VM exit (non-root), the VMX model's to say."""
+        if cpu.vmx is not None and cpu.vmx.vmxon_region is not None:
+            return cpu.vmx.init_signal(cpu)  # held in root operation, a VM exit in non-root
+        if cpu.host is not None:
+            raise ModelLimit("INIT for a CPU in SVM guest mode (the INIT intercept, APM 15.13) is "
+                             "not modelled", sender.rip)
         cpu.regs[:] = [0] * len(cpu.regs)
         cpu.rflags = RFLAGS_FIXED
         cpu.cr2 = 0

@@ -371,6 +371,17 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: nVMX: Unconditionally clear mtf_pending on nested VM-Exit (Sean Christopherson, "
         "2022, upstream 593a5c2e3c12); SDM Vol.3 25.5.2",
         ("vmx",), "scenarios/nested/vmx_rollback_discards_pending_mtf.toml"),
+    Bug("nested_gd_db_as_trap",
+        "vmx_get_pending_dbg_trap() takes any #DB queued for L2 as a debug trap, a "
+        "general-detect one (payload DR6.BD, from the #DB intercept or handle_dr(), RIP still at "
+        "the MOV DR) too: an INIT that lands while it is queued makes vmx_check_nested_events() "
+        "save BD (bit 13, reserved in that field, SDM 24.4.2) as the INIT_SIGNAL exit's pending "
+        "debug exceptions in vmcs12, where hardware, whose INIT exits at a boundary with no "
+        "debug exception pending, saves 0",
+        "KVM: nVMX: Treat General Detect #DB (DR7.GD=1) as fault-like (Sean Christopherson, "
+        "2022, upstream 8d178f460772; Fixes 684c0422da71 \"KVM: nVMX: Handle pending #DB when "
+        "injecting INIT VM-exit\")",
+        ("vmx",), "scenarios/smp/vmx_init_exits_l2_with_general_detect_db_queued.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

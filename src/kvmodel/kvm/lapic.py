@@ -8,8 +8,9 @@ into RUNNABLE), and a SIPI starts a vCPU in INIT_RECEIVED at the vector's page;
 in any other state it is dropped. An AP vCPU starts UNINITIALIZED (as QEMU
 creates it): a SIPI before any INIT is dropped too. In VMX root operation (L1
 after VMXON) INIT stays latched and a SIPI is dropped; in L2 they are nested
-events (vmx_check_nested_events(): a SIPI outside wait-for-SIPI is dropped;
-INIT in L2, and either in L2 on SVM, are model limits).
+events (vmx_check_nested_events(): INIT is L1's INIT_SIGNAL VM exit, a SIPI
+outside wait-for-SIPI is dropped; wait-for-SIPI in L2, and INIT or SIPI in L2
+on SVM, are model limits).
 
 DEVIATION (as on bare metal, arch/machine.py): the SIPI starts the vCPU at
 RIP = vector << 12 in the scenario's mode, not in real mode at CS = vector << 8

@@ -73,3 +73,36 @@ def test_any_nested_exit_discards_a_pending_mtf_exit():
     nested.mtf_pending = True
     nested.exit_to_l1(ExitReason.CPUID)
     assert not nested.mtf_pending
+
+
+@pytest.mark.parametrize(("payload", "bug", "saved"), [
+    (DR6_BS, False, DR6_BS),  # a single-step trap: pending at the exit (684c0422da71)
+    (DR6_BD, False, 0),  # general detect: a fault, dropped (8d178f460772)
+    (DR6_BD, True, DR6_BD),  # before 8d178f460772: saved as a trap, a reserved bit
+])
+def test_init_in_l2_is_l1s_init_signal_exit_with_a_queued_debug_trap_pending(payload, bug, saved):
+    """vmx_check_nested_events(): INIT for a vCPU in L2 is the INIT_SIGNAL VM exit (SDM 25.2),
+    which saves a #DB trap queued for L2 as pending debug exceptions (27.3.4); the queued #DB
+    goes with the exit, as does a pending MTF exit."""
+    vcpu = in_l2(Proc.MONITOR_TRAP_FLAG)
+    nested = vcpu.ops.nested
+    nested.mtf_pending = True
+    vcpu.queue_exception(Vec.DB, payload=payload)
+    vcpu.apic_pending_init = True
+    with _faults.switched_on(frozenset({"nested_gd_db_as_trap"} if bug else ())):
+        assert vcpu.ops.check_nested_events() == 0
+    vmcs12 = nested.vmcss[VMCS12]
+    assert not nested.guest_mode and vmcs12.exit_reason == ExitReason.INIT_SIGNAL
+    assert vmcs12.exit_qualification == 0 and vmcs12.exit_intr_info == 0
+    assert vmcs12.guest_pending_dbg_exceptions == saved
+    assert not vcpu.apic_pending_init and not vcpu.exception.pending and not nested.mtf_pending
+
+
+def test_init_in_l2_waits_for_vmlaunchs_injection():
+    """EBUSY while nested_run_pending: the INIT stays pending for the next check."""
+    vcpu = in_l2(0)
+    nested = vcpu.ops.nested
+    nested.run_pending = True
+    vcpu.apic_pending_init = True
+    assert vcpu.ops.check_nested_events() < 0
+    assert nested.guest_mode and vcpu.apic_pending_init

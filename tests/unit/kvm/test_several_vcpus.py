@@ -193,6 +193,99 @@ def test_init_is_latched_and_sipi_dropped_in_vmx_root_operation_under_kvm():
     assert [a.event for a in arrivals] == ["init", "sipi"]
 
 
-def test_init_for_a_cpu_in_vmx_operation_is_a_model_limit_on_bare_metal():
+def test_init_is_latched_and_sipi_dropped_in_vmx_root_operation_on_bare_metal():
+    """SDM 24.8: INIT is blocked in VMX root operation; a SIPI finds no CPU waiting for one."""
     bare = run_machine(parse(INIT_IN_VMX_ROOT))
-    assert bare.limit is not None and "INIT for a CPU in VMX operation" in bare.limit
+    assert bare.limit is None and bare.final.stop == "halted"
+    cpu1 = bare.smp.finals[1]
+    assert dict(cpu1.registers)["rbx"] == 0x1234 and cpu1.halted
+    assert outcome(bare) == outcome(run_machine(parse(INIT_IN_VMX_ROOT), vendor=Vendor.VMX))
+
+
+# CPU 0 sends INIT while CPU 1's L1 is in VMX root operation, then lets it VMLAUNCH: the latched
+# INIT exits L2 at its first boundary.
+INIT_BEFORE_VMLAUNCH = """
+[cpu]
+vmx = true
+
+[cpus]
+count = 2
+entry = ["start", "ap_start"]
+
+[guest]
+code = '''
+    .include "vmx.s"
+start:
+    sti
+    hlt                     # until CPU 1 is in VMX root operation
+    cli
+    mov $0x830, %ecx
+    mov $1, %edx
+    mov $0x4500, %eax       # INIT
+    wrmsr
+    movq $1, go
+    hlt
+wake_handler:
+    mov $0x80b, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    iretq
+ap_start:
+    VMX_START vmxon_region, vmcs_region, vmx_scratch
+    mov $0x830, %ecx
+    xor %edx, %edx
+    mov $0x31, %eax
+    wrmsr
+1:  pause
+    cmpq $0, go
+    je 1b
+    L2_SETUP l2_start, l2_stack, l1_exit
+    vmlaunch
+    hlt
+l1_exit:
+    VMREAD_ VMCS_EXIT_REASON, %rbx
+    VMREAD_ VMCS_GUEST_RIP, %rsi
+    mov %rbx, exit_reason
+    mov %rsi, guest_rip
+    hlt
+l2_start:
+    nop
+    hlt
+    .balign 16
+vmx_scratch:
+    .skip 16
+    .skip 256
+l2_stack:
+    .balign 4096
+vmxon_region:
+    .skip 4096
+vmcs_region:
+    .skip 4096
+.data
+.balign 64
+go: .quad 0
+.balign 64
+exit_reason: .quad 0
+.balign 64
+guest_rip: .quad 0
+'''
+
+[idt]
+0x31 = "wake_handler"
+"""
+
+
+@pytest.mark.parametrize("vendor", [Vendor.BARE, Vendor.VMX], ids=lambda v: v.value)
+def test_an_init_latched_in_vmx_root_operation_exits_l2_at_its_first_boundary(vendor):
+    """SDM 24.8, 25.2: the INIT held in root operation is no longer blocked in L2 and exits it
+    before its first instruction. Under KVM: vmx_check_nested_events() once VMLAUNCH's entry
+    is done (EBUSY while nested_run_pending)."""
+    result = run_machine(parse(INIT_BEFORE_VMLAUNCH), vendor=vendor)
+    assert result.limit is None and result.hypervisor_error is None
+    symbols = dict(result.program.symbols)
+
+    def word(name):
+        return int.from_bytes(result.memory[symbols[name]:symbols[name] + 8], "little")
+    assert word("exit_reason") == 3  # INIT_SIGNAL
+    assert word("guest_rip") == symbols["l2_start"]

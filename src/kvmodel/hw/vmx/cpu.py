@@ -80,7 +80,8 @@ class VmxGuest(GuestMode):
         self.notify_due: int | None = None  # the notify timer ran out: the exit qualification
         self.ack_interrupt_on_exit = False  # VM-exit control bit 15 (KVM sets it)
         self._mtf_from = 0  # cpu.work at the last VM entry: the monitor trap flag's start
-        self._mtf_exit = False  # the exit being made is an MTF VM exit
+        self._keeps_pending_dbg = False  # the exit being made is an MTF or INIT VM exit
+        self.init_pending = False  # an INIT arrived: it exits at the next boundary (SDM 25.2)
 
     # -- VM entry (SDM 26) ----------------------------------------------------
 
@@ -224,11 +225,11 @@ class VmxGuest(GuestMode):
             state |= Interruptibility.MOV_SS
         vmcs.guest_interruptibility = state
         vmcs.guest_activity_state = Activity.HLT if cpu.halted else Activity.ACTIVE
-        # Pending debug exceptions survive where MOV SS holds them back, and in an MTF VM exit,
-        # which outranks the debug trap (27.3.4); every other exit saves the field clear.
-        keep = shadow is Shadow.MOV_SS or self._mtf_exit
+        # Pending debug exceptions survive where MOV SS holds them back, and in an MTF or INIT
+        # VM exit, which outrank the debug trap (27.3.4); every other exit saves the field clear.
+        keep = shadow is Shadow.MOV_SS or self._keeps_pending_dbg
         vmcs.guest_pending_dbg_exceptions = cpu.pending_dbg if keep else 0
-        self._mtf_exit = False
+        self._keeps_pending_dbg = False
         cpu.pending_dbg = 0
         cpu.halted = False
 
@@ -252,21 +253,36 @@ class VmxGuest(GuestMode):
         self._exit(ExitReason.EXCEPTION_NMI, where, qualification=qualification, info=info,
                    error_code=code or 0, insn_len=soft_length(event), rf=frame_rf(event))
 
+    def init_signal(self) -> None:
+        """An INIT in VMX non-root operation: none of its usual effects, a VM exit instead
+        (SDM 24.8, 25.2 "INIT signals"), at the next instruction boundary."""
+        self.init_pending = True
+        self.cpu.attn = True
+
     def before_traps(self, cpu: Cpu) -> None:
-        """The monitor trap flag (SDM 25.5.2): an MTF VM exit is pending at the boundary after the
+        """An INIT VM exit, then the monitor trap flag, outrank debug traps (SDM 6.9 Table 6-2:
+        INIT is class 3, traps on the previous instruction class 4; 25.5.2 puts MTF between
+        them). Both save the debug traps as pending debug exceptions (27.3.4); an INIT exit
+        from HLT saves activity state HLT and RIP after the HLT (27.3.3, 27.3.4).
+
+        The monitor trap flag (SDM 25.5.2): an MTF VM exit is pending at the boundary after the
         guest's first instruction since the entry, after the delivery of an event the entry
         injected, or of a fault or other event taken before an instruction could complete (all
         counted by cpu.work). It outranks debug traps (KVM's vmx_update_emulated_instruction():
         "MTF takes priority over debug-trap exceptions besides T-bit traps"), which it saves as
         pending debug exceptions (SDM 27.3.4), and every lower-priority event."""
+        if self.init_pending:
+            self.init_pending = False
+            self._keeps_pending_dbg = True
+            self._exit(ExitReason.INIT_SIGNAL, Where.BOUNDARY)
         if self.vmcs.proc_based & Proc.MONITOR_TRAP_FLAG and cpu.work != self._mtf_from:
-            self._mtf_exit = True
+            self._keeps_pending_dbg = True
             self._exit(ExitReason.MONITOR_TRAP_FLAG, Where.BOUNDARY)
 
     def wakes(self, cpu: Cpu) -> bool:
-        """A halted L2 leaves HLT for an interrupt or NMI that L1 exits on (SDM 25.2)."""
+        """A halted L2 leaves HLT for an INIT, or an interrupt or NMI that L1 exits on (SDM 25.2)."""
         self.l1_interrupt_presented()
-        return bool(self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING
+        return bool(self.init_pending or self.host_interrupt and self.vmcs.pin_based & Pin.EXT_INTR_EXITING
                     or self.host_nmi and self.vmcs.pin_based & Pin.NMI_EXITING)
 
     def boundary(self, cpu: Cpu) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
+from kvmodel.arch.observe import ArrivalFate
 from kvmodel.arch.regs import RSP, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
@@ -100,6 +101,7 @@ class VmxRoot:
         self.launched: set[int] = set()
         self.errors: dict[int, int] = {}  # VM-instruction error field, per VMCS
         self._l2: tuple[VmxGuest, Vmcs, tuple[int, int, bool]] | None = None  # while L2 runs
+        self.init_latched = False  # an INIT blocked in root operation (SDM 24.8)
 
     # -- a VMM's snapshot and rollback (Cpu._roll_back()) --------------------------------
 
@@ -201,6 +203,17 @@ class VmxRoot:
         self._require_vmxon(cpu)
         self._fail_valid(cpu, VmxError.VMCALL_IN_ROOT)
 
+    def init_signal(self, cpu: Cpu) -> ArrivalFate:
+        """INIT in VMX operation (SDM 24.8: "INIT signals are blocked whenever a logical
+        processor is in VMX root operation. They are not blocked in VMX non-root operation.
+        Instead, INITs cause VM exits"): L2's VM exit, or latched until L1 enters L2 (VMXOFF,
+        which would unblock it in root operation, is not modelled)."""
+        if self._l2 is not None:
+            self._l2[0].init_signal()
+        else:
+            self.init_latched = True
+        return ArrivalFate.PENDING
+
     def vmentry(self, cpu: Cpu, launch: bool, next_rip: int) -> None:
         """VMLAUNCH/VMRESUME: the core goes on in L2 until a VM exit (SDM 26); see run()."""
         rip, cpu.rip = cpu.rip, next_rip  # where L1 continues if the entry fails
@@ -220,6 +233,9 @@ class VmxRoot:
         else:
             cpu.apic_delivers = True  # L2 takes them through its own IDT (SDM 25.2: no exit)
         _pending_events_exit(guest)
+        if self.init_latched:  # no longer blocked: it exits at L2's first boundary (SDM 24.8)
+            self.init_latched = False
+            guest.init_signal()
         cpu.idtr_base, cpu.idtr_limit = vmcs.guest_idtr_base, vmcs.guest_idtr_limit
         self._l2 = (guest, vmcs, l1)
         # An entry that succeeds takes its trap state from the guest's pending debug exceptions

@@ -28,6 +28,7 @@ class ExitReason(IntEnum):
     EXCEPTION_NMI = 0
     EXTERNAL_INTERRUPT = 1
     TRIPLE_FAULT = 2
+    INIT_SIGNAL = 3
     INTERRUPT_WINDOW = 7
     NMI_WINDOW = 8
     CPUID = 10

@@ -30,7 +30,6 @@ from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.regs import DR6_BD, DR6_BS, IF, RCX, TF, Shadow
-from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
 from kvmodel.hw.vmx.root import VmxError, VmxRoot, check_vmcs_for_model
@@ -447,13 +446,14 @@ class NestedVmx(VmxRoot):
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
 
     def check_nested_events(self) -> int:
-        """vmx_check_nested_events(), for the events modelled, in its order: an exception for L2
-        goes in first (it arose in L2's instruction: an NMI or interrupt for L1 exits at the
-        boundary after its delivery, KVM asking for an immediate exit), unless it is a debug
-        trap, which a pending MTF VM exit outranks; then the MTF VM exit; then an NMI, then an
-        interrupt, that L2 does not block. Such an NMI that L1 does not exit on ends the
-        search: it is L2's to take. EBUSY while VMLAUNCH's injection is still to go in, and
-        for NMIs and interrupts while an event is to be re-injected into L2."""
+        """vmx_check_nested_events(), for the events modelled, in its order: INIT (the
+        INIT_SIGNAL VM exit) and a SIPI first; then an exception for L2 goes in (it arose in
+        L2's instruction: an NMI or interrupt for L1 exits at the boundary after its delivery,
+        KVM asking for an immediate exit), unless it is a debug trap, which a pending MTF VM
+        exit outranks; then the MTF VM exit; then an NMI, then an interrupt, that L2 does not
+        block. Such an NMI that L1 does not exit on ends the search: it is L2's to take. EBUSY
+        while VMLAUNCH's injection is still to go in, and for INIT, SIPI, NMIs and interrupts
+        while an event is to be re-injected into L2."""
         if not self.guest_mode:
             return 0
         vmx, vcpu = self.vmx, self.vmx.vcpu
@@ -465,8 +465,16 @@ class NestedVmx(VmxRoot):
         block_exceptions = block_events if _faults.on(
             "nested_exception_blocked_by_injected_event") else self.run_pending
         if vcpu.apic_pending_init:
-            raise ModelLimit("INIT for a vCPU in L2 (its INIT_SIGNAL VM exit to L1, SDM 25.2) is "
-                             "not modelled", vcpu.cpu.rip)
+            # SDM 25.2: INIT exits L2 unconditionally. A debug trap queued for L2 goes into the
+            # exit's pending debug exceptions (27.3.4; 684c0422da71), a general-detect #DB not
+            # (8d178f460772): it is a fault, dropped with the other queued events, and the
+            # MOV DR runs again. L2 in wait-for-SIPI (no exit, the INIT consumed) is not modelled.
+            if block_events:
+                return EBUSY
+            self._update_pending_dbg()
+            vcpu.apic_pending_init = False
+            self.exit_to_l1(ExitReason.INIT_SIGNAL)
+            return 0
         if vcpu.apic_pending_sipi:
             # SDM 25.2: a SIPI exits L2 only in wait-for-SIPI (KVM_MP_STATE_INIT_RECEIVED, which
             # needs an INIT in L2 first: not modelled); otherwise it is discarded, and the
@@ -521,7 +529,7 @@ class NestedVmx(VmxRoot):
 
     def _update_pending_dbg(self) -> None:
         """nested_vmx_update_pending_dbg(): a debug trap KVM queued for L2 goes into the pending
-        debug exceptions that the MTF VM exit saves for L1 (SDM 27.3.4), not into L2."""
+        debug exceptions that the MTF or INIT VM exit saves for L1 (SDM 27.3.4), not into L2."""
         trap = _pending_db_trap(self.vmx.vcpu.exception)
         if trap:
             self.vmx.vmcs.guest_pending_dbg_exceptions = trap
