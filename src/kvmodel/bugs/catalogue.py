@@ -351,6 +351,16 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: nVMX: Ignore SIPI that arrives in L2 when vCPU is not in WFS (Sean Christopherson, "
         "2022, upstream c2086eca8658; Fixes bf0cd88ce363)",
         ("vmx",), "scenarios/smp/vmx_sipi_to_halted_l2_with_interrupt.toml"),
+    Bug("nested_exit_error_code_in_real_mode",
+        "nested_vmx_inject_exception_vmexit() reports an error code (bit 11 of the VM-exit "
+        "interruption information, and the error-code field) whenever the exception has one in "
+        "protected mode: a #GP L0 queues for a real-mode L2 (RDMSR of an MSR no one has) that L1 "
+        "intercepts reaches L1 with DELIVER_CODE set, where the CPU never sets it from real mode "
+        "(SDM 27.2.2)",
+        "KVM: nVMX: Do not report error code when synthesizing VM-Exit from Real Mode (Sean "
+        "Christopherson, 2023-03-22, upstream 80962ec912db; Fixes b97f07458373, which moved the "
+        "real-mode suppression from queueing to injection and missed this path)",
+        ("vmx",), "scenarios/nested/vmx_l2_real_mode_gp_exit_no_error_code.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}
