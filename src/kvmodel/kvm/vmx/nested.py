@@ -29,7 +29,7 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import CR0_PE, DR6_BD, DR6_BS, IF, RCX, TF, Shadow
+from kvmodel.arch.regs import CR0_PE, DR6_BD, DR6_BS, IF, RCX, TF, Mode, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
@@ -456,7 +456,11 @@ class NestedVmx(VmxRoot):
         cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
         self.guest_mode, self.run_pending = True, state.run_pending
         self.mtf_pending = state.mtf_pending
-        self.l1_mode = state.l1_mode  # the vCPU's registers (KVM_SET_SREGS) are already L2's
+        self.l1_mode = state.l1_mode
+        if state.l1_mode is not None and cpu.mode is not Mode.REAL16:
+            # this vCPU was in L2 and vmx_leave_nested() gave it L1's mode; the VMM's
+            # KVM_SET_SREGS that follows puts L2's back (a fresh vCPU has it already)
+            load_real_mode(cpu, self.vmcs12, cpu.rip)
         if self.mtf_pending:
             vmx.vcpu.requests |= Request.EVENT  # vmx_set_nested_state()
 
