@@ -13,6 +13,7 @@ from kvmodel.arch.decode import Decoded, Exiting, IoAccess
 from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code, has_error_code, vector_name
 from kvmodel.arch.faults import Access
 from kvmodel.arch.regs import CR0_PE, CR0_PG, DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
@@ -326,6 +327,9 @@ class VmxGuest(GuestMode):
         elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
             reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:
+            if not cpu.cr0 & CR0_PE:
+                raise ModelLimit("VMX instructions in a real-mode guest (#UD before any VM exit, "
+                                 "SDM 30.3) are not modelled", cpu.rip)
             reason, qualification = _VMX_INSTRUCTION_EXITS[kind], 0
         else:
             return
