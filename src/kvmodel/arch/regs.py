@@ -132,6 +132,7 @@ CR0_MP = 1 << 1
 CR0_EM = 1 << 2
 CR0_TS = 1 << 3
 CR0_WP = 1 << 16  # supervisor writes obey R/W (SDM 4.6.1)
+CR0_PG = 1 << 31
 CR4_DE = 1 << 3
 EFER_NXE = 1 << 11
 EFER_SCE = 1 << 0  # SYSCALL/SYSRET enabled

@@ -382,6 +382,16 @@ CATALOGUE: tuple[Bug, ...] = (
         "2022, upstream 8d178f460772; Fixes 684c0422da71 \"KVM: nVMX: Handle pending #DB when "
         "injecting INIT VM-exit\")",
         ("vmx",), "scenarios/smp/vmx_init_exits_l2_with_general_detect_db_queued.toml"),
+    Bug("nested_exit_error_code_in_real_mode",
+        "nested_vmx_inject_exception_vmexit() reports an error code (bit 11 of the VM-exit "
+        "interruption information, and the error-code field) whenever the exception has one in "
+        "protected mode: a #GP L0 queues for a real-mode L2 (RDMSR of an MSR no one has) that L1 "
+        "intercepts reaches L1 with DELIVER_CODE set, where the CPU never sets it from real mode "
+        "(SDM 27.2.2)",
+        "KVM: nVMX: Do not report error code when synthesizing VM-Exit from Real Mode (Sean "
+        "Christopherson, 2023-03-22, upstream 80962ec912db; Fixes b97f07458373, which moved the "
+        "real-mode suppression from queueing to injection and missed this path)",
+        ("vmx",), "scenarios/nested/vmx_l2_real_mode_gp_exit_no_error_code.toml"),
 )
 
 BY_NAME = {bug.name: bug for bug in CATALOGUE}

@@ -49,6 +49,8 @@ def frame_text(d: Delivery, program: Program, mode: Mode) -> str:
         masks.pop(0)
     if not words:  # through a task gate: the new task's stack holds the error code alone
         return " ".join(parts + ["(task switch: state saved in the TSS)"])
+    if mode is Mode.LONG64 and len(words) == 3:
+        mode = Mode.REAL16  # a real-mode L2's frame under a 64-bit L1 (hw/vmx/real_l2.py)
     if mode is Mode.LONG64:
         rip, cs, rflags, rsp, ss = words
         named = [f"rip={program.where(rip)}", f"cs={cs:#x}", f"rflags={describe_rflags(rflags)}",

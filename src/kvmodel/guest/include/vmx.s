@@ -7,6 +7,7 @@
 .set VMCS_PIN_BASED, 0x4000
 .set VMCS_PROC_BASED, 0x4002
 .set VMCS_EXCEPTION_BITMAP, 0x4004
+.set VMCS_SECONDARY, 0x401e
 .set VMCS_ENTRY_INTR_INFO, 0x4016
 .set VMCS_ENTRY_ERROR_CODE, 0x4018
 .set VMCS_ENTRY_INSTRUCTION_LEN, 0x401a
@@ -17,10 +18,13 @@
 .set VMCS_IDT_VECTORING_INFO, 0x4408
 .set VMCS_IDT_VECTORING_ERROR_CODE, 0x440a
 .set VMCS_EXIT_INSTRUCTION_LEN, 0x440c
+.set VMCS_GUEST_CS_SELECTOR, 0x0802
 .set VMCS_GUEST_IDTR_LIMIT, 0x4812
 .set VMCS_GUEST_INTERRUPTIBILITY, 0x4824
 .set VMCS_GUEST_ACTIVITY_STATE, 0x4826
 .set VMCS_EXIT_QUALIFICATION, 0x6400
+.set VMCS_GUEST_CR0, 0x6800
+.set VMCS_GUEST_CS_BASE, 0x6808
 .set VMCS_GUEST_IDTR_BASE, 0x6818
 .set VMCS_GUEST_RSP, 0x681c
 .set VMCS_GUEST_RIP, 0x681e
@@ -37,6 +41,8 @@
 .set PROC_USE_IO_BITMAPS, 1 << 25
 .set PROC_MONITOR_TRAP_FLAG, 1 << 27
 .set PROC_USE_MSR_BITMAPS, 1 << 28
+.set PROC_ACTIVATE_SECONDARY, 1 << 31
+.set SECONDARY_UNRESTRICTED_GUEST, 1 << 7
 
 # basic exit reasons (SDM Appendix C)
 .set EXIT_REASON_EXCEPTION_NMI, 0
@@ -83,4 +89,17 @@
     VMWRITE_ VMCS_GUEST_IDTR_LIMIT, $0xfff
     VMWRITE_ VMCS_HOST_RIP, $\host_rip
     VMWRITE_ VMCS_HOST_RSP, %rsp
+.endm
+
+# L2_REAL_MODE entry, cs: L2 in real-address mode under unrestricted guest (guest CR0.PE=PG=0,
+# NE and ET set) with CS = cs (base cs * 16); `entry` is the label of `.code16` code in the CS
+# segment. L2's SS, DS and ES are 0 on the model: pass a stack below 64 KiB with VMWRITE_
+# VMCS_GUEST_RSP, and set PROC_ACTIVATE_SECONDARY in VMCS_PROC_BASED, as a CPU needs (the
+# model does not check it). Clobbers RAX, RDX.
+.macro L2_REAL_MODE entry, cs
+    VMWRITE_ VMCS_SECONDARY, $SECONDARY_UNRESTRICTED_GUEST
+    VMWRITE_ VMCS_GUEST_CR0, $0x30
+    VMWRITE_ VMCS_GUEST_CS_SELECTOR, $\cs
+    VMWRITE_ VMCS_GUEST_CS_BASE, $(\cs << 4)
+    VMWRITE_ VMCS_GUEST_RIP, $(\entry - (\cs << 4))
 .endm

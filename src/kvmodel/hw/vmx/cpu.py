@@ -12,7 +12,8 @@ from kvmodel.arch.cpu import Cpu, Stop
 from kvmodel.arch.decode import Decoded, Exiting, IoAccess
 from kvmodel.arch.events import Event, EventType, Vec, delivers_error_code, has_error_code, vector_name
 from kvmodel.arch.faults import Access
-from kvmodel.arch.regs import CR0_PE, DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.arch.regs import CR0_PE, CR0_PG, DR6_CONDITIONS, IF, RCX, RDX, RF, RSP, Shadow
+from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import (
     HOST_VECTOR,
     EntryFailed,
@@ -342,6 +343,9 @@ class VmxGuest(GuestMode):
         elif kind is Exiting.VMCALL:  # unconditional, whatever the CPL (SDM 25.1.2)
             reason, qualification = ExitReason.VMCALL, 0
         elif kind in _VMX_INSTRUCTION_EXITS:
+            if not cpu.cr0 & CR0_PE:
+                raise ModelLimit("VMX instructions in a real-mode guest (#UD before any VM exit, "
+                                 "SDM 30.3) are not modelled", cpu.rip)
             reason, qualification = _VMX_INSTRUCTION_EXITS[kind], 0
         else:
             return
@@ -380,15 +384,29 @@ class VmxGuest(GuestMode):
         self._exit(ExitReason.NOTIFY, where, qualification=qualification)
 
 
-def check_entry(vmcs: Vmcs, cpu: Cpu) -> None:
+def check_entry(vmcs: Vmcs, cpu: Cpu, guest_cr0: int | None = None) -> None:
     """The VM-entry checks the model makes, EntryFailed for the first that fails.
 
     One source for the CPU (VmxGuest.enter()) and for nested KVM, which checks
-    vmcs12 before it builds vmcs02 (nested_vmx_run()).
+    vmcs12 before it builds vmcs02 (nested_vmx_run()). `guest_cr0`: the guest's CR0
+    when the core does not hold it yet (vmcs12's); None: the core's.
     """
+    cr0 = cpu.cr0 if guest_cr0 is None else guest_cr0
     check_nmi_controls(vmcs)
-    check_entry_controls(vmcs, fred.enabled(cpu), protected=bool(cpu.cr0 & CR0_PE))
+    check_entry_controls(vmcs, fred.enabled(cpu), protected=bool(cr0 & CR0_PE))
+    check_guest_cr0(vmcs, cr0)
     check_entry_interruptibility(vmcs)
+
+
+def check_guest_cr0(vmcs: Vmcs, cr0: int) -> None:
+    """CR0.PE and PG are fixed to 1 in VMX operation except under "unrestricted guest", and
+    PG=1 needs PE=1 (SDM 26.3.1.1, 23.8; KVM nested_guest_cr0_valid() in
+    nested_vmx_check_guest_state()). The "enable EPT" control unrestricted guest needs
+    (26.2.1.1) is not modelled: L2's memory is L1's, as under an identity EPT."""
+    if cr0 & CR0_PG and not cr0 & CR0_PE:
+        raise InvalidGuestState("guest CR0: PG set with PE clear")
+    if not cr0 & CR0_PE and not vmcs.secondary_exec & Secondary.UNRESTRICTED_GUEST:
+        raise InvalidGuestState('guest CR0: PE clear without "unrestricted guest"')
 
 
 def check_nmi_controls(vmcs: Vmcs) -> None:

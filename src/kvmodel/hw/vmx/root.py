@@ -30,10 +30,17 @@ from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import EventType, Vec
 from kvmodel.arch.faults import Fault
 from kvmodel.arch.observe import ArrivalFate
-from kvmodel.arch.regs import RSP, TF, Shadow
+from kvmodel.arch.regs import CR0_PE, CR0_PG, RSP, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, InvalidGuestState, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.vmx.cpu import VmxGuest
+from kvmodel.hw.vmx.real_l2 import (
+    HostMode,
+    enters_real_mode,
+    load_real_mode,
+    restore_host_mode,
+    save_real_mode,
+)
 from kvmodel.hw.vmx.vmcs import (
     FAILED_VMENTRY,
     INTR_INFO_VALID,
@@ -44,6 +51,10 @@ from kvmodel.hw.vmx.vmcs import (
     Vmcs,
     info_type,
 )
+
+# L1's state a VM exit gives back: IDTR base and limit, blocking by NMI, and its mode when L2
+# runs in real mode (real_l2.py)
+L1State = tuple[int, int, bool, HostMode | None]
 
 CF, ZF = 1 << 0, 1 << 6
 _STATUS = 0x8D5  # CF PF AF ZF SF OF: what VMsucceed/VMfail define (SDM 30.2)
@@ -61,6 +72,7 @@ FIELDS = {
     0x6818: "guest_idtr_base", 0x681C: "guest_rsp", 0x681E: "guest_rip", 0x6820: "guest_rflags",
     0x6822: "guest_pending_dbg_exceptions", 0x6C14: "host_rsp", 0x6C16: "host_rip",
     0x2000: "io_bitmap_a", 0x2002: "io_bitmap_b", 0x2004: "msr_bitmap",
+    0x6800: "guest_cr0", 0x0802: "guest_cs_selector", 0x6808: "guest_cs_base",
 }
 READ_ONLY = {0x4400, 0x4402, 0x4404, 0x4406, 0x4408, 0x440A, 0x440C, 0x6400, 0x2400}
 
@@ -100,7 +112,7 @@ class VmxRoot:
         self.vmcss: dict[int, Vmcs] = {}
         self.launched: set[int] = set()
         self.errors: dict[int, int] = {}  # VM-instruction error field, per VMCS
-        self._l2: tuple[VmxGuest, Vmcs, tuple[int, int, bool]] | None = None  # while L2 runs
+        self._l2: tuple[VmxGuest, Vmcs, L1State] | None = None  # while L2 runs
         self.init_latched = False  # an INIT blocked in root operation (SDM 24.8)
 
     # -- a VMM's snapshot and rollback (Cpu._roll_back()) --------------------------------
@@ -224,7 +236,9 @@ class VmxRoot:
         vmcs = self.vmcss[region]
         if not vmcs.proc_based & Proc.NMI_WINDOW_EXITING:  # else VMfail (check_nmi_controls())
             check_vmcs_for_model(vmcs, rip)
-        l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked)
+        # a real-mode L2 (unrestricted guest): its mode now, for the entry checks and the run
+        host_mode = load_real_mode(cpu, vmcs, rip) if enters_real_mode(vmcs) else None
+        l1 = (cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked, host_mode)
         guest = VmxGuest(cpu, vmcs)
         guest.on_external = lambda event, vector: _arrival(guest, event, vector)
         guest.on_nmi_from_apic = lambda: _arrival(guest, External.NMI, Vec.NMI)
@@ -285,6 +299,8 @@ class VmxRoot:
         self._l2 = None
         nmi_waiting = guest.host_nmi  # an NMI for L1 that had yet to exit L2
         guest.complete_exit()
+        if l1[3] is not None:
+            save_real_mode(cpu, vmcs)
         nmi_exit = vmcs.exit_reason == ExitReason.EXCEPTION_NMI and bool(
             vmcs.exit_intr_info & INTR_INFO_VALID) and info_type(vmcs.exit_intr_info) == EventType.NMI
         l2_blocked = cpu.nmi_blocked
@@ -333,11 +349,13 @@ class VmxRoot:
         return region
 
     @staticmethod
-    def _leave_guest(cpu: Cpu, l1: tuple[int, int, bool], nmi_waiting: bool) -> None:
+    def _leave_guest(cpu: Cpu, l1: L1State, nmi_waiting: bool) -> None:
         """Back to L1's state; an NMI that L2 left before it could exit is L1's, pending."""
         back_to_l1(cpu)
         cpu.shutdown = False  # a triple fault that exited was L2's
-        cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked = l1
+        cpu.idtr_base, cpu.idtr_limit, cpu.nmi_blocked, host_mode = l1
+        if host_mode is not None:
+            restore_host_mode(cpu, host_mode)
         if nmi_waiting:
             cpu.nmi_pending += 1
             cpu.attn = True
@@ -352,6 +370,10 @@ def check_vmcs_for_model(vmcs: Vmcs, rip: int) -> None:
         # NMIs (prepare_vmcs02_early()), so it would run such an L2 with virtual-NMI blocking.
         raise ModelLimit('"NMI exiting" without "virtual NMIs" is not modelled (IRET keeps '
                          'blocking by NMI in L2, SDM 26.7.1)', rip)
+    if vmcs.guest_cr0 & CR0_PE and not vmcs.guest_cr0 & CR0_PG:
+        # L2 runs in L1's mode unless it is in real mode (real_l2.py)
+        raise ModelLimit("an L2 in protected mode without paging (guest CR0.PE=1, PG=0) is "
+                         "not modelled", rip)
 
 
 def _pending_events_exit(guest: VmxGuest) -> None:

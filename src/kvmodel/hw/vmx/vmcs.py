@@ -52,6 +52,10 @@ class ExitReason(IntEnum):
     NOTIFY = 75  # the SDM's "instruction timeout"
 
 
+# GUEST_CR0 until L1 writes it: the model's CR0 in long and protected mode (PG, ET, PE),
+# so an L1 that never writes the field runs L2 in its own mode.
+L1_MODE_CR0 = 0x80000011
+
 FAILED_VMENTRY = 1 << 31  # exit reason bit 31: VM entry failed (SDM 26.7)
 
 # ExitReason(n) by a dict lookup: Enum.__call__ costs most of a microsecond, twice per exit.
@@ -83,6 +87,7 @@ class Proc(IntEnum):
 class Secondary(IntEnum):
     """Secondary processor-based VM-execution controls (SDM Table 24-7)."""
 
+    UNRESTRICTED_GUEST = 1 << 7  # CR0.PE and PG may be 0 in the guest (SDM 26.3.1.1)
     NOTIFY_VM_EXITING = 1 << 31
 
 
@@ -117,7 +122,11 @@ class Vmcs:
     entry_exception_error_code: int = 0
     entry_instruction_len: int = 0
     injected_event_data: int = 0  # FRED: the event data a FRED guest's frame gets (0x2052)
-    # guest state (SDM 24.4); GPRs, CR2 and DR6 stay in the CPU as on hardware
+    # guest state (SDM 24.4); GPRs, CR2 and DR6 stay in the CPU as on hardware. Guest CR0
+    # decides only real mode (PE=0, hw/vmx/real_l2.py); with PE=1 L2 runs in L1's mode.
+    guest_cr0: int = L1_MODE_CR0
+    guest_cs_selector: int = 0  # CS, read for a real-mode guest only
+    guest_cs_base: int = 0
     guest_rip: int = 0
     guest_rsp: int = 0
     guest_rflags: int = 0x2

@@ -29,9 +29,16 @@ from kvmodel import _faults
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.decode import decode
 from kvmodel.arch.events import EventType, Vec
-from kvmodel.arch.regs import DR6_BD, DR6_BS, IF, RCX, TF, Shadow
+from kvmodel.arch.regs import CR0_PE, DR6_BD, DR6_BS, IF, RCX, TF, Mode, Shadow
 from kvmodel.hw.base import EntryFailed, InvalidGuestState
 from kvmodel.hw.vmx.cpu import check_entry, io_exits, msr_exits
+from kvmodel.hw.vmx.real_l2 import (
+    HostMode,
+    enters_real_mode,
+    load_real_mode,
+    restore_host_mode,
+    save_real_mode,
+)
 from kvmodel.hw.vmx.root import VmxError, VmxRoot, check_vmcs_for_model
 from kvmodel.hw.vmx.vmcs import (
     EXIT_REASONS,
@@ -104,6 +111,7 @@ class NestedState:
     run_pending: bool
     l1_idtr: tuple[int, int]  # stands for vmcs12's HOST_IDTR_BASE (host state the model keeps apart)
     mtf_pending: bool = False  # KVM_STATE_NESTED_MTF_PENDING
+    l1_mode: HostMode | None = None  # a real-mode L2's L1 mode (vmcs12's host state, as l1_idtr)
 
 
 class NestedVmx(VmxRoot):
@@ -120,6 +128,8 @@ class NestedVmx(VmxRoot):
         # monitor trap flag never saw that instruction run): vmx_update_emulated_instruction().
         self.mtf_pending = False
         self.launching = False  # the entry under way is a VMLAUNCH
+        # L1's mode while L2 runs in real mode (hw/vmx/real_l2.py), None otherwise
+        self.l1_mode: HostMode | None = None
 
     @property
     def vmcs12(self) -> Vmcs:
@@ -137,7 +147,7 @@ class NestedVmx(VmxRoot):
             try:
                 # nested_vmx_check_controls() and the guest-state checks, in software on
                 # vmcs12 before vmcs02 exists: the hardware model's own checks.
-                check_entry(self.vmcss[region], cpu)
+                check_entry(self.vmcss[region], cpu, guest_cr0=self.vmcss[region].guest_cr0)
             except InvalidGuestState as failed:
                 self._entry_failure_exit(self.vmcss[region], failed.check)
                 self.vmx.vcpu.retire(rip, insn)
@@ -202,6 +212,9 @@ class NestedVmx(VmxRoot):
         vmcs01.guest_rflags = cpu.rflags  # L1 stays at its VMLAUNCH; VMsucceed flags
         self.vmcs01, self.l1_idtr = vmcs01, (cpu.idtr_base, cpu.idtr_limit)
         vmcs02 = self._prepare_vmcs02(vmcs01, self.vmcs12)
+        # prepare_vmcs02(): vmcs12's CR0 and segments into the vCPU (vmx_set_cr0(), ...)
+        self.l1_mode = (load_real_mode(cpu, self.vmcs12, vmcs01.guest_rip)
+                        if enters_real_mode(self.vmcs12) else None)
         vmx.guest.vmcs = vmcs02
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
@@ -221,8 +234,12 @@ class NestedVmx(VmxRoot):
             # prepare_vmcs02_constant_state(): L0's window, or L1 escapes it by running its loop in L2
             vmcs02.secondary_exec = vmcs01.secondary_exec & Secondary.NOTIFY_VM_EXITING
             vmcs02.notify_window = vmcs01.notify_window
+        # prepare_vmcs02_early(): L0's secondary controls (its unrestricted guest) and L1's
+        secondary = vmcs01.secondary_exec | vmcs12.secondary_exec
+        vmcs02.secondary_exec |= secondary & Secondary.UNRESTRICTED_GUEST
         for name in _L2_STATE + ("guest_idtr_base", "guest_idtr_limit", "entry_intr_info",
-                                 "entry_exception_error_code", "entry_instruction_len"):
+                                 "entry_exception_error_code", "entry_instruction_len",
+                                 "guest_cr0", "guest_cs_selector", "guest_cs_base"):
             setattr(vmcs02, name, getattr(vmcs12, name))
         return vmcs02
 
@@ -282,6 +299,7 @@ class NestedVmx(VmxRoot):
         vmx.guest.vmcs = vmcs01
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        self._restore_l1_mode()
         cpu.shadow = Shadow.NONE
         cpu.shutdown = False  # L1's state is loaded and runnable: a triple fault was L2's
         self.guest_mode = self.run_pending = self.launching = False
@@ -318,6 +336,7 @@ class NestedVmx(VmxRoot):
         vmx.guest.vmcs = vmcs01
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        self._restore_l1_mode()
         cpu.shadow = Shadow.NONE
         self.guest_mode = self.run_pending = False
         cpu.rflags = vmcs01.guest_rflags
@@ -343,6 +362,13 @@ class NestedVmx(VmxRoot):
         self.vmx.guest.cpu.trace[-1] = NestedExitRecord(
             f"INVALID_GUEST_STATE ({check}, vmcs02)", self.vmcs12.guest_rip,
             self.vmx.guest.cpu.retired, "vmcs12")
+
+    def _restore_l1_mode(self) -> None:
+        """load_vmcs12_host_state() / nested_vmx_restore_host_state(): L1's mode after a
+        real-mode L2 (hw/vmx/real_l2.py)."""
+        if self.l1_mode is not None:
+            restore_host_mode(self.vmx.guest.cpu, self.l1_mode)
+            self.l1_mode = None
 
     def _not_launched(self) -> None:
         """An entry that failed leaves a VMLAUNCHed vmcs12 clear (prepare_vmcs12() sets
@@ -388,7 +414,8 @@ class NestedVmx(VmxRoot):
                            tuple((k, replace(v)) for k, v in self.vmcss.items()),
                            frozenset(self.launched), tuple(self.errors.items()),
                            self.guest_mode, self.run_pending, self.l1_idtr,
-                           self.guest_mode and self.mtf_pending)
+                           self.guest_mode and self.mtf_pending,
+                           self.l1_mode if self.guest_mode else None)
 
     def _sync_vmcs02_to_vmcs12(self) -> None:
         """sync_vmcs02_to_vmcs12(): L2's state as it stands, and the entry's injection done.
@@ -398,6 +425,8 @@ class NestedVmx(VmxRoot):
         vmcs02, vmcs12 = self.vmx.vmcs, self.vmcs12
         for name in _L2_STATE:
             setattr(vmcs12, name, getattr(vmcs02, name))
+        if self.l1_mode is not None:
+            save_real_mode(self.vmx.guest.cpu, vmcs12)
         halted = self.vmx.vcpu.mp_state is MpState.HALTED
         vmcs12.guest_activity_state = Activity.HLT if halted else Activity.ACTIVE
         if self.run_pending:  # the entry's injection has not happened yet: it is still vmcs12's
@@ -426,6 +455,11 @@ class NestedVmx(VmxRoot):
         cpu.idtr_base, cpu.idtr_limit = vmcs02.guest_idtr_base, vmcs02.guest_idtr_limit
         self.guest_mode, self.run_pending = True, state.run_pending
         self.mtf_pending = state.mtf_pending
+        self.l1_mode = state.l1_mode
+        if state.l1_mode is not None and cpu.mode is not Mode.REAL16:
+            # this vCPU was in L2 and vmx_leave_nested() gave it L1's mode; the VMM's
+            # KVM_SET_SREGS that follows puts L2's back (a fresh vCPU has it already)
+            load_real_mode(cpu, self.vmcs12, cpu.rip)
         if self.mtf_pending:
             vmx.vcpu.requests |= Request.EVENT  # vmx_set_nested_state()
 
@@ -441,6 +475,7 @@ class NestedVmx(VmxRoot):
         vmx.guest.vmcs = self.vmcs01
         vmx.guest.cpu_windows_changed()
         cpu.idtr_base, cpu.idtr_limit = self.l1_idtr
+        self._restore_l1_mode()
         self.guest_mode = self.run_pending = False
 
     # -- events for L1 while L2 runs (vmx_check_nested_events()) --------------------------
@@ -567,7 +602,10 @@ class NestedVmx(VmxRoot):
         else:
             qualification = 0
         type_ = EventType.SW_EXCEPTION if exception_is_soft(exc.vector) else EventType.HW_EXCEPTION
-        code = exc.error_code & 0xFFFF if exc.has_error_code else None
+        # 80962ec912db: no error code from real mode, where VMX never reports one (SDM 27.2.2)
+        reports_code = exc.has_error_code and (
+            bool(vcpu.cpu.cr0 & CR0_PE) or _faults.on("nested_exit_error_code_in_real_mode"))
+        code = exc.error_code & 0xFFFF if reports_code else None
         info = intr_info(exc.vector, type_, code)
         if vmx.get_nmi_mask() and not vcpu.event_needs_reinjection():
             info |= INTR_INFO_UNBLOCK_NMI

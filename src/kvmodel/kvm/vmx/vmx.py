@@ -86,6 +86,8 @@ class Vmx:
         vmcs.pin_based = Pin.EXT_INTR_EXITING | Pin.NMI_EXITING | Pin.VIRTUAL_NMIS
         vmcs.proc_based = Proc.HLT_EXITING | Proc.UNCOND_IO_EXITING | Proc.CR8_LOAD_EXITING
         vmcs.exception_bitmap = EXCEPTION_BITMAP
+        # enable_unrestricted_guest (vmx_secondary_exec_control()): real mode runs natively
+        vmcs.secondary_exec = Secondary.UNRESTRICTED_GUEST
         guest.ack_interrupt_on_exit = True  # VM_EXIT_ACK_INTR_ON_EXIT
         if not params.intercept_db:
             vmcs.exception_bitmap &= ~(1 << Vec.DB)
