@@ -18,7 +18,7 @@ from kvmodel.arch.cpu import Cpu, External
 from kvmodel.arch.decode import Decoded, Exiting, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.observe import Halt, Retire, Shutdown
+from kvmodel.arch.observe import NO_VECTOR, Halt, Retire, Shutdown
 from kvmodel.arch.regs import CR0_PE, DR6_BS, DR7_GD, IF, RF, RSP, TF
 from kvmodel.errors import KvmodelError, ModelLimit
 from kvmodel.kvm import lapic
@@ -919,6 +919,8 @@ class Vcpu:
                                   "were applied)")
         if ev.flags & VcpuEventsFlag.VALID_TRIPLE_FAULT:
             if ev.triple_fault_pending:
+                if not self.requests & Request.TRIPLE_FAULT:  # userspace's, not a merge
+                    self.triple_fault_cause = (NO_VECTOR, NO_VECTOR)
                 self.requests |= Request.TRIPLE_FAULT
             else:
                 self.requests &= ~Request.TRIPLE_FAULT
