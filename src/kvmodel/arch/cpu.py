@@ -629,8 +629,6 @@ class Cpu:
             self.nmi_blocked = state.nmi_blocked
         if state.shadow is not None:
             self.shadow = state.shadow
-        if state.cr2 is not None:
-            self.cr2 = state.cr2
         if state.shutdown:
             self.shutdown, self.halted, self.attn = True, False, True
             self.trace.append(Shutdown(self.rip, self.retired, NO_VECTOR, NO_VECTOR))
@@ -645,10 +643,20 @@ class Cpu:
                 # a probe-mode #DB); DR7.GD is cleared by any #DB delivery (SDM 17.2.4).
                 self.dr7 &= ~DR7_GD
             self.halted = False
-            # In a guest, a raised event meets the host's intercepts; an injected one does not
-            # (SDM 26.5.1.2, APM 15.20) but the faults of its delivery do.
-            injected = not (state.raised and self.host is not None)
-            deliver.deliver(self, replace(state.event, rip=self.rip), injected=injected)
+            event = replace(state.event, rip=self.rip, fault_address=state.cr2)
+            screened = False
+            if state.raised and self.host is not None:
+                # In a guest, a raised event meets the host's intercepts first: an intercepted
+                # #PF leaves CR2 alone (SDM 27.1, APM 15.12.15); an injected event does not
+                # meet them (SDM 26.5.1.2, APM 15.20), only the faults of its delivery do.
+                self.host.event(self, event)
+                screened = True
+            if state.cr2 is not None:
+                self.cr2 = state.cr2
+            deliver.deliver(self, event, injected=not screened, screened=screened)
+            return
+        if state.cr2 is not None:
+            self.cr2 = state.cr2
 
     def _fire_due(self) -> None:
         for s in list(self.scheduled):
