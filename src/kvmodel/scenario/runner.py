@@ -313,7 +313,8 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         if vendor is Vendor.BARE:
             # bare metal has no forced emulation prefix: it runs the instruction behind it
             cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)
-            cpu.amd_ext = amd or scenario.vendor == "svm" or scenario.svm
+            cpu.amd_ext = scenario.svm or (  # a VMX L1 runs on an Intel CPU only
+                (amd or scenario.vendor == "svm") and not scenario.vmx)
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
