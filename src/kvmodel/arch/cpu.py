@@ -25,7 +25,7 @@ from kvmodel.arch.events import Event, EventType, External, Vec
 from kvmodel.arch.faults import Access, Fault
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.host import Host, HostExit, SvmInstructions, VmxInstructions
-from kvmodel.arch.observe import Arrival, ArrivalFate, Halt, Observation, Retire
+from kvmodel.arch.observe import NO_VECTOR, Arrival, ArrivalFate, Halt, Observation, Retire, Shutdown
 from kvmodel.arch.paging import Paging, PfCode, accessed_dirty, error_code, permitted, walk
 from kvmodel.arch.priority import Source
 from kvmodel.arch.regs import (
@@ -71,13 +71,20 @@ class Forced:
     as after its IRET (False). `shadow`: the boundary is in an STI or MOV SS shadow (SDM
     6.8.3). `event`: delivered here before anything else, with the return address of this
     boundary and RF as `push_rf` says, leaving DR6/DR7 alone (as a VM entry injects it, SDM
-    26.6.1); `cr2`: a #PF's address, written first (SDM 4.7).
+    26.6.1); `cr2`: a #PF's address, written first (SDM 4.7). `raised`: the event is raised
+    here rather than injected, so a host's intercepts see it (an exception KVM_SET_VCPU_EVENTS
+    made pending for L2, which KVM morphs into L1's VM exit if L1 intercepts it:
+    kvm_vcpu_ioctl_x86_set_vcpu_events() sets exception_from_userspace). `shutdown`: the CPU
+    shuts down here (a pending triple fault, KVM_VCPUEVENT_VALID_TRIPLE_FAULT), which in a
+    guest is the host's VM exit, as a triple fault of its own (SDM 25.2, APM 15.13.5).
     """
 
     nmi_blocked: bool | None = None
     shadow: Shadow | None = None
     event: Event | None = None
     cr2: int | None = None
+    raised: bool = False
+    shutdown: bool = False
     # A VMM's snapshot of the vCPU and its rollback to it (scenario/vmm.py VcpuSnapshotTake,
     # VcpuRollback): `snapshot` n keeps the CPU's state here; `rollback` n puts it back; with
     # `rollback_events` (the VMM SET the events too) blocking by NMI is the snapshot's as
@@ -154,7 +161,7 @@ class Cpu:
         "host", "host_attn", "host_unmapped", "apic_delivers", "vectoring", "iret_unblocked_nmi",
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
-        "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "tr", "tasks",
+        "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "amd_ext", "tr", "tasks",
         "paging", "step_trap_replaced", "snapshots",
     )  # fmt: skip
 
@@ -229,6 +236,8 @@ class Cpu:
         self.deliveries = 0  # started, like `retired` an observer's count
         self.delivered = 0  # completed (a Delivery in the trace)
         self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB (arch/ghcb.py)
+        # An AMD CPU's EXT bit in error codes (deliver.py ext_bit()): set by the SVM models
+        self.amd_ext = False
         self.vm_hsave_pa = 0  # VM_HSAVE_PA (APM 15.30.4), on a CPU with SVM
         self.fred: FredMsrs | None = None  # the FRED MSRs, when CR4.FRED is set (arch/fred.py)
         self.csl = 0  # FRED's current stack level
@@ -648,19 +657,34 @@ class Cpu:
             self.nmi_blocked = state.nmi_blocked
         if state.shadow is not None:
             self.shadow = state.shadow
-        if state.cr2 is not None:
-            self.cr2 = state.cr2
+        if state.shutdown:
+            self.shutdown, self.halted, self.attn = True, False, True
+            self.trace.append(Shutdown(self.rip, self.retired, NO_VECTOR, NO_VECTOR))
+            return
         if state.event is not None:
-            if self.host is not None:
-                raise ModelLimit("an event a VMM forced (KVM_SET_VCPU_EVENTS, KVM_GUESTDBG_INJECT_DB/"
-                                 "BP) while L1 runs a guest is not modelled", self.rip)
+            if self.host is not None and state.event.vector == Vec.DB:
+                raise ModelLimit("a #DB a VMM forced (KVM_SET_VCPU_EVENTS, KVM_GUESTDBG_INJECT_DB) "
+                                 "while L1 runs a guest is not modelled", self.rip)
             if state.event.vector == Vec.DB:
                 # A debugger's #DB (KVM_GUESTDBG_INJECT_DB): no debug condition was met, so DR6
                 # stays (what KVM's payload-less kvm_queue_exception(DB) leaves; UNVERIFIED for
                 # a probe-mode #DB); DR7.GD is cleared by any #DB delivery (SDM 17.2.4).
                 self.dr7 &= ~DR7_GD
             self.halted = False
-            deliver.deliver(self, replace(state.event, rip=self.rip), injected=True)
+            event = replace(state.event, rip=self.rip, fault_address=state.cr2)
+            screened = False
+            if state.raised and self.host is not None:
+                # In a guest, a raised event meets the host's intercepts first: an intercepted
+                # #PF leaves CR2 alone (SDM 27.1, APM 15.12.15); an injected event does not
+                # meet them (SDM 26.5.1.2, APM 15.20), only the faults of its delivery do.
+                self.host.event(self, event)
+                screened = True
+            if state.cr2 is not None:
+                self.cr2 = state.cr2
+            deliver.deliver(self, event, injected=not screened, screened=screened)
+            return
+        if state.cr2 is not None:
+            self.cr2 = state.cr2
 
     def _snapshot(self) -> CpuSnapshot:
         if self.shadow is not Shadow.NONE or self.pending_dbg or self.halted:

@@ -146,6 +146,20 @@ def _shutdown(cpu: Cpu, event: Event, second: int) -> None:
     cpu.trace.append(Shutdown(event.rip, cpu.retired, event.vector, second))
 
 
+def ext_bit(cpu: Cpu, event: Event) -> int:
+    """EXT (bit 0) of the error codes the faults of this delivery push.
+
+    Intel (SDM 6.13): set for an event external to the program, "such as an interrupt or an
+    earlier exception": every event but INT n, INT3 and INTO. AMD (APM Vol.2 8.4.1: set when
+    "the exception source is external to the processor"): set for NMI and INTR only; a fault
+    while delivering an exception leaves it clear, as AMD hardware shows in the KVM selftest
+    nested_exceptions_test.c (GP_ERROR_CODE_AMD: the #GP of an injected #SS's delivery
+    through an empty IDT is #SS * 8 + IDT, no EXT). NMI/INTR on AMD: UNVERIFIED."""
+    if cpu.amd_ext:
+        return 1 if event.type in (EventType.NMI, EventType.EXT_INT) else 0
+    return 0 if event.type.is_software else 1
+
+
 def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     if event.type is EventType.NMI:
         cpu.nmi_blocked = True  # blocking starts with delivery, even if it faults (SDM 27.1)
@@ -155,7 +169,7 @@ def _deliver_once(cpu: Cpu, event: Event, injected: bool) -> None:
     if cpu.mode is Mode.REAL16:
         _deliver_real(cpu, event)
         return
-    ext = 0 if event.type.is_software else 1  # EXT bit of IDT error codes (SDM 6.13)
+    ext = ext_bit(cpu, event)
     idt_error = event.vector * 8 + 2 + ext
     gate = (_read_gate64 if cpu.mode is Mode.LONG64 else _read_gate32)(cpu, event.vector, idt_error)
     cpl = cpl_of(cpu.cs)

@@ -78,9 +78,13 @@ class Iret:
     nmi_unblocked: bool
 
 
+NO_VECTOR = -1  # Shutdown.first/second: no event's delivery led to it
+
+
 @dataclass(frozen=True, slots=True)
 class Shutdown:
-    """Triple fault: the processor stops (SDM 6.15 Interrupt 8)."""
+    """Triple fault: the processor stops (SDM 6.15 Interrupt 8). `first` and `second` are
+    NO_VECTOR for a triple fault no delivery caused (one a VMM set, KVM_VCPUEVENT_VALID_TRIPLE_FAULT)."""
 
     kind: ClassVar[str] = "shutdown"
     rip: int

@@ -434,7 +434,7 @@ class Runner:
         if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule, or here
             scenario = bare_counterpart(scenario, (), vmm_happenings)
         return run(scenario, vendor=vendor, max_steps=self.max_steps,
-                   prepared=self.prepared, expectations=first)
+                   prepared=self.prepared, expectations=first, amd=self.vendor is Vendor.SVM)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
               view: list | None = None) -> Finding | None:

@@ -147,7 +147,7 @@ def compare(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = F
     if virt is not None and scenario.vmm:
         bare_scenario = bare_counterpart(scenario, virt.vmm_nmis, virt.vmm_happenings)
     bare = run(bare_scenario, vendor=Vendor.BARE, record_instructions=record_instructions,
-               max_steps=max_steps)
+               max_steps=max_steps, amd=vendor is Vendor.SVM)
     if why is not None:
         return Comparison(bare, None, None, not_applicable=why)
     known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)

@@ -84,6 +84,7 @@ NOT_REPRODUCED: dict[str, str] = {
     "fred/page_fault_event_data": _FRED,
     "nested/svm_l1_injects_int3_without_instruction": _NESTED_INJECTION,
     "nested/svm_l1_injects_soft_int": _NESTED_INJECTION,
+    "nested/selftest_svm_nested_soft_inject_int": _NESTED_INJECTION,
     "nested/vmx_l1_injects_int3_without_instruction": _NESTED_INJECTION,
     "nested/svm_l1_injects_nmi": _NESTED_INJECTION,
     "virt/nmi_in_sti_shadow_before_int_n": (

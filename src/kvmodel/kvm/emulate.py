@@ -38,7 +38,7 @@ from kvmodel.arch.observe import Halt
 from kvmodel.arch.regs import DR6_BS, IF, RF, RSP, TF
 from kvmodel.errors import ModelLimit
 from kvmodel.kvm.uapi import GuestDebug, ShadowBits
-from kvmodel.kvm.x86 import MpState, Request, no_hypercall_patching
+from kvmodel.kvm.x86 import MpState, Request, fix_hypercall
 
 if TYPE_CHECKING:
     from kvmodel.kvm.x86 import Vcpu
@@ -59,7 +59,7 @@ def reads_forced_prefix(vcpu: Vcpu, rip: int) -> bool:
 
 def handle_ud(vcpu: Vcpu, foreign: Exiting) -> None:
     """handle_ud(): emulate behind the forced emulation prefix, else #UD goes back to the
-    guest (`foreign` is the other vendor's hypercall, see no_hypercall_patching())."""
+    guest (`foreign` is the other vendor's hypercall, which KVM rewrites: fix_hypercall())."""
     rip = vcpu.ops.rip_read()
     if vcpu.kvm.force_emulation_prefix and reads_forced_prefix(vcpu, rip):
         if vcpu.ops.guest_mode:
@@ -71,7 +71,8 @@ def handle_ud(vcpu: Vcpu, foreign: Exiting) -> None:
         vcpu.ops.rip_write((rip + len(FORCED_EMULATION_PREFIX)) & vcpu.cpu.addr_mask)
         emulate_forced(vcpu)
         return
-    no_hypercall_patching(vcpu.cpu, rip, foreign)
+    if fix_hypercall(vcpu, rip, foreign):
+        return  # the guest runs the native hypercall at the same RIP
     vcpu.queue_exception(Vec.UD)  # UD2 and the like do not emulate: #UD goes back
 
 

@@ -18,8 +18,8 @@ from kvmodel.arch.cpu import Cpu, External
 from kvmodel.arch.decode import Decoded, Exiting, decode
 from kvmodel.arch.events import EventType, Vec, has_error_code
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.observe import Halt, Retire, Shutdown
-from kvmodel.arch.regs import CR0_PE, DR6_BS, DR7_GD, IF, RF, RSP, TF
+from kvmodel.arch.observe import NO_VECTOR, Halt, Retire, Shutdown
+from kvmodel.arch.regs import CR0_PE, DR6_BS, DR7_GD, IF, RF, RSP, TF, cpl_of
 from kvmodel.errors import KvmodelError, ModelLimit
 from kvmodel.kvm import lapic
 from kvmodel.kvm.uapi import (
@@ -919,6 +919,8 @@ class Vcpu:
                                   "were applied)")
         if ev.flags & VcpuEventsFlag.VALID_TRIPLE_FAULT:
             if ev.triple_fault_pending:
+                if not self.requests & Request.TRIPLE_FAULT:  # userspace's, not a merge
+                    self.triple_fault_cause = (NO_VECTOR, NO_VECTOR)
                 self.requests |= Request.TRIPLE_FAULT
             else:
                 self.requests &= ~Request.TRIPLE_FAULT
@@ -1084,15 +1086,35 @@ _ALL_FLAGS = (VcpuEventsFlag.VALID_NMI_PENDING | VcpuEventsFlag.VALID_SIPI_VECTO
               | VcpuEventsFlag.VALID_PAYLOAD | VcpuEventsFlag.VALID_TRIPLE_FAULT)
 
 
-def no_hypercall_patching(cpu: Cpu, rip: int, foreign: Exiting) -> None:
-    """handle_ud() emulates the other vendor's hypercall instruction: with
-    KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default) emulator_fix_hypercall() rewrites it in
-    guest memory into the native one and restarts it, a hypercall to KVM then; without the
-    quirk the guest gets #UD. Neither is modelled: stop rather than give the #UD hardware gives."""
+# The native hypercall patch_hypercall() writes over the other vendor's: VMMCALL on SVM
+# (svm_patch_hypercall()), VMCALL on VMX (vmx_patch_hypercall()), by the instruction found
+_NATIVE_HYPERCALL = {Exiting.VMCALL: b"\x0f\x01\xd9", Exiting.VMMCALL: b"\x0f\x01\xc1"}
+
+
+def fix_hypercall(vcpu: Vcpu, rip: int, foreign: Exiting) -> bool:
+    """handle_ud() emulating the other vendor's hypercall instruction (EmulateOnUD,
+    em_hypercall()): with KVM_X86_QUIRK_FIX_HYPERCALL_INSN (on by default; the model has no
+    way to turn it off) emulator_fix_hypercall() writes the native one over it in guest
+    memory and the guest runs it again (a hypercall to KVM, or in L2 what L1's intercepts
+    make of it). True: patched. False: not that instruction, or the emulator refuses it: in
+    L2 on VMX, VMMCALL's intercept check (vmx_check_intercept() has no case for
+    x86_intercept_vmmcall) is X86EMUL_UNHANDLEABLE, and handle_emulation_failure() queues a
+    #UD for L2. Either way the caller queues the #UD."""
+    cpu = vcpu.cpu
     try:
         insn = cpu.icache.get(rip) or decode(cpu, rip)
     except Fault:
-        return  # no instruction there (UD2's invalid opcode, say)
-    if insn.exiting is foreign:
-        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD (emulator_fix_hypercall(), "
-                         "KVM_X86_QUIRK_FIX_HYPERCALL_INSN) is not modelled", rip)
+        return False  # no instruction there (UD2's invalid opcode, say)
+    if insn.exiting is not foreign:
+        return False
+    if vcpu.ops.guest_mode and foreign is Exiting.VMMCALL:
+        return False
+    if cpl_of(cpu.cs) != 0:
+        raise ModelLimit(f"KVM's emulation of {insn.text!r} on #UD above CPL 0 (VMCALL is Priv in "
+                         "the emulator's table: #GP) is not modelled", rip)
+    try:
+        for n, byte in enumerate(_NATIVE_HYPERCALL[foreign]):  # emulator_write_emulated()
+            cpu.write(cpu.linear(rip) + n, 1, byte)
+    except Fault as e:
+        raise ModelLimit(f"emulator_fix_hypercall()'s write faulting ({e}) is not modelled", rip) from None
+    return True

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from kvmodel.arch.events import vector_name
 from kvmodel.arch.observe import (
+    NO_VECTOR,
     Arrival,
     Delivery,
     Halt,
@@ -134,6 +135,8 @@ def line_for(obs: Observation, program: Program, mode: Mode) -> tuple[int, str, 
         return obs.retired, program.where(obs.rip), f"IRET -> {escape(program.where(obs.to_rip))}{unblock}"
     if isinstance(obs, Halt):
         return obs.retired, program.where(obs.rip), "HLT: halted"
+    if isinstance(obs, Shutdown) and obs.first == NO_VECTOR:
+        return obs.retired, program.where(obs.rip), "[bold red]triple fault[/] set from outside: shutdown"
     if isinstance(obs, Shutdown):
         return (obs.retired, program.where(obs.rip),
                 f"[bold red]triple fault[/]: {vector_name(obs.second)} while delivering "

@@ -50,7 +50,7 @@ from xml.sax.saxutils import escape, quoteattr
 from rich.text import Text
 
 from kvmodel.arch.events import EventType, vector_name
-from kvmodel.arch.observe import Arrival, Delivery, Halt, Iret, Output, Retire, Shutdown
+from kvmodel.arch.observe import NO_VECTOR, Arrival, Delivery, Halt, Iret, Output, Retire, Shutdown
 from kvmodel.arch.regs import describe_rflags
 from kvmodel.check.oracle import GUEST_OBSERVABLE, Comparison, Divergence
 from kvmodel.hw.base import ExitRecord
@@ -151,6 +151,8 @@ def label(obs, program) -> str:
         return f"IRET -> {program.where(obs.to_rip)}"
     if isinstance(obs, Halt):
         return "HLT"
+    if isinstance(obs, Shutdown) and obs.first == NO_VECTOR:
+        return "shutdown (set from outside)"
     if isinstance(obs, Shutdown):
         return f"shutdown ({vector_name(obs.second)} in {vector_name(obs.first)})"
     if isinstance(obs, Output):

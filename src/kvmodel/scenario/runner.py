@@ -282,11 +282,13 @@ def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
 
 def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,
         max_steps: int | None = None, prepared: Prepared | None = None,
-        expectations: bool = True) -> RunResult:
+        expectations: bool = True, amd: bool = False) -> RunResult:
     """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations.
 
     `prepared`: the scenario's CPU at reset, built before (not with record_instructions).
     `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
+    `amd`: bare metal is an AMD CPU (the counterpart of a run under KVM on SVM; also with
+    `[cpu] vendor = "svm"` or `svm = true`), for what differs by vendor (deliver.ext_bit()).
     """
     vendor = vendor or Vendor(scenario.vendor)
     if scenario.cpus is not None:
@@ -311,6 +313,8 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
         if vendor is Vendor.BARE:
             # bare metal has no forced emulation prefix: it runs the instruction behind it
             cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)
+            cpu.amd_ext = scenario.svm or (  # a VMX L1 runs on an Intel CPU only
+                (amd or scenario.vendor == "svm") and not scenario.vmx)
             stop = _run_bare(cpu, scenario, steps).name.lower()
         else:
             cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,

@@ -466,7 +466,8 @@ def _added_nmis(before: KvmVcpuEvents, crafted: KvmVcpuEvents, covered: bool) ->
 _STATE_FIELDS = frozenset({
     "exception_injected", "exception_pending", "exception_nr", "exception_has_error_code",
     "exception_error_code", "exception_has_payload", "exception_payload", "interrupt_injected",
-    "interrupt_nr", "interrupt_soft", "interrupt_shadow", "nmi_injected", "nmi_masked"})
+    "interrupt_nr", "interrupt_soft", "interrupt_shadow", "nmi_injected", "nmi_masked",
+    "triple_fault_pending"})
 _IGNORED_FIELDS = frozenset({"sipi_vector", "nmi_pad", "smi_latched_init"})
 
 
@@ -508,10 +509,18 @@ def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
     - nmi.injected: an NMI delivered here; interrupt.injected (hard): its vector delivered
       as an external interrupt from outside the local APIC (an 8259 in ExtINT mode: no ISR);
     - interrupt.injected (soft) where the guest stands at that very INT n: nothing, the CPU
-      runs it.
+      runs it;
+    - triple_fault.pending set: a shutdown here (in L2, L1's VM exit if it asks for one);
+    - in L2, a pending exception is raised where L2 stands, so L1's intercepts see it (KVM
+      morphs it into L1's VM exit, exception_from_userspace); an injected one is past them.
     None: no such change. Anything else is a ModelLimit naming what the oracle lacks.
     """
     state = Forced()
+    if after.triple_fault_pending and not before.triple_fault_pending:
+        return (Forced(shutdown=True),)
+    if before.triple_fault_pending and not after.triple_fault_pending:
+        raise ModelLimit("KVM_SET_VCPU_EVENTS cleared a pending triple fault: bare metal has no "
+                         "counterpart for a shutdown called off")
     if_set = bool(vcpu.ops.get_rflags() & IF)
     if after.interrupt_shadow & ShadowBits.STI and not before.interrupt_shadow and not if_set:
         raise ModelLimit("a crafted STI shadow with RFLAGS.IF=0: no state bare metal can be in "
@@ -528,8 +537,8 @@ def crafted_states(vcpu: Vcpu, before: KvmVcpuEvents, after: KvmVcpuEvents,
         raise ModelLimit("a crafted event for a halted vCPU: KVM wakes it for a pending exception "
                          "only (kvm_vcpu_has_events()), and a VMM says which with "
                          "KVM_SET_MP_STATE, which is not modelled")
-    state = replace(state, event=event, cr2=cr2)
-    if state == Forced():
+    state = replace(state, event=event, cr2=cr2, raised=bool(after.exception_pending))
+    if state == Forced() or state == Forced(raised=True):
         return () if soft else None
     if flying:
         raise ModelLimit("KVM_SET_VCPU_EVENTS crafted a new event state while an event was in "

@@ -82,6 +82,7 @@ class SvmGuest(GuestMode):
 
     def __init__(self, cpu: Cpu):
         super().__init__(cpu)
+        cpu.amd_ext = True  # an AMD CPU (deliver.py ext_bit())
         self.vmcb = Vmcb()
         self._saved_shadow = Shadow.NONE  # the shadow kind behind int_state at the last exit
         self._where = Where.BOUNDARY

@@ -98,6 +98,7 @@ class SvmRoot:
     def __init__(self, cpu: Cpu):
         cpu.svm = self
         cpu.has_svm = True
+        cpu.amd_ext = True  # an AMD CPU (deliver.py ext_bit())
         self._l2: tuple[SvmGuest, int, L1State] | None = None
 
     def vmrun(self, cpu: Cpu, vmcb_pa: int, next_rip: int) -> None:
