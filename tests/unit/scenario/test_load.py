@@ -347,6 +347,7 @@ def test_a_known_finding_without_happenings_only_for_several_cpus():
     # One CPU: it would explain every finding. [cpus]: it is how an interleaving is declared.
     e = error_of(MINIMAL + KNOWN_WITHOUT_HAPPENINGS)
     assert "names at least one happening kind" in e.message
-    cpus = MINIMAL.replace("    hlt\n", "    hlt\nap:\n    hlt\n") + '\n[cpus]\ncount = 2\nentry = ["start", "ap"]\n'
+    cpus = (MINIMAL.replace("    hlt\n", "    hlt\nap:\n    hlt\n")
+            + '\n[cpus]\ncount = 2\nentry = ["start", "ap"]\n')
     s = parse(cpus + KNOWN_WITHOUT_HAPPENINGS, "s.toml")
     assert s.known_findings[0].involves == ()
