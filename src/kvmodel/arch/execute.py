@@ -364,6 +364,10 @@ def _dr_access(c, n: int, value: int | None) -> int:
 # page walk (CR0.WP, paging.py) read.
 CR0_WRITABLE = CR0_TS | CR0_MP | CR0_EM | CR0_WP
 CR4_WRITABLE = CR4_DE
+# CR4 bits no processor defines (bit 15, bits 31:29, bits 63:33; bit 32 is FRED): setting
+# one is #GP(0) before anything else (SDM Vol.3 2.5, Vol.2 MOV CR; KVM kvm_is_valid_cr4()).
+# The bits a CPU reserves for features it lacks are not modelled: changing them is a limit.
+CR4_RESERVED = 1 << 15 | 0b111 << 29 | ~((1 << 33) - 1)
 
 
 def _cr_access(c, n: int, value: int | None) -> int:
@@ -391,6 +395,8 @@ def _cr_access(c, n: int, value: int | None) -> int:
                              f"({c.cr0:#x} -> {value:#x})", c.rip)
         c.cr0 = value
     else:
+        if value & CR4_RESERVED:
+            raise Fault(Vec.GP, 0)
         if (value ^ c.cr4) & ~CR4_WRITABLE:
             raise ModelLimit(f"changing CR4 bits other than DE is not modelled "
                              f"({c.cr4:#x} -> {value:#x})", c.rip)

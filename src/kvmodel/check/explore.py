@@ -780,8 +780,20 @@ def _explore_cpus(scenario: Scenario, vendor: Vendor, bounds: Bounds, deadline: 
     if virt is not None:
         result.schedules = virt.explored
         result.outcomes = virt.outcomes
+        # A divergence of an interleaving has no happenings: a declaration with `involves = []`
+        # explains it (the why must say which interleavings); other kinds are never known.
+        declared = [k for k in scenario.known_findings if vendor.value in k.vendors and not k.involves]
+        seen: set[int] = set()
         for schedule, kind, why in virt.failures:
-            result.findings.append(Finding(kind, (), f"under KVM, {describe_interleaving(schedule)}: {why}"))
+            finding = Finding(kind, (), f"under KVM, {describe_interleaving(schedule)}: {why}")
+            match = _explained_by(finding, declared)
+            if match is None:
+                result.findings.append(finding)
+            else:
+                result.known.append(finding)
+                seen.add(match)
+        if result.complete:
+            result.unseen_known = [k for n, k in enumerate(declared) if n not in seen]
         if virt.limit is not None:
             schedule, why = virt.limit
             result.met_limit((), f"under KVM on {vendor.value.upper()} "

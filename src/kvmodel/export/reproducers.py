@@ -44,7 +44,8 @@ REPRODUCERS = (
         "int_n_sti_shadow_save_restore",
         "INT n in an STI shadow with an interrupt pending: a save/restore between the exit during "
         "its delivery and its re-injection lets the interrupt in first",
-        ("softint/int_n_in_sti_shadow_interrupt_pending",),
+        ("softint/int_n_in_sti_shadow_interrupt_pending",
+         "virt/eventinj_sti_int_n_before_pending_irq"),
     ),
     Reproducer(
         "soft_event_retried_after_restore",
@@ -58,7 +59,8 @@ REPRODUCERS = (
         "mov_ss_pending_db_lost",
         "a debug trap held back by a MOV SS shadow has no field in struct kvm_vcpu_events: a "
         "save/restore at that boundary loses it",
-        ("arch/mov_ss_then_int3_db_in_handler", "arch/mov_ss_data_breakpoint_then_int_1"),
+        ("arch/mov_ss_then_int3_db_in_handler", "arch/mov_ss_data_breakpoint_then_int_1",
+         "arch/debug_mov_ss_watchpoint_prefixed_int3"),
     ),
     Reproducer(
         "masked_nmi_wakes_hlt",

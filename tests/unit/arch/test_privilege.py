@@ -191,6 +191,22 @@ def test_changing_other_cr4_bits_is_a_named_model_limit():
     assert result.limit is not None and result.limit.startswith("changing CR4 bits other than DE")
 
 
+@pytest.mark.parametrize("bit", [15, 29, 31, 33, 63])
+def test_a_reserved_cr4_bit_is_gp0_before_the_model_limit(bit):
+    # SDM Vol.2 MOV CR: #GP(0) for a 1 in a reserved CR4 bit (kvm-unit-tests idt_test.c test_gp())
+    result = final_of(f"""\
+    mov %cr4, %rax
+    mov ${1 << bit:#x}, %rbx
+    or %rbx, %rax
+    mov %rax, %cr4
+    hlt
+gp:
+    hlt""", '[idt]\n"#GP" = "gp"\n')
+    assert result.limit is None, result.limit
+    d = [o for o in result.trace if isinstance(o, Delivery)][0]
+    assert d.vector == Vec.GP and d.error_code == 0
+
+
 def test_in_out_above_iopl_is_a_model_limit():
     result = final_of("""\
     pushq $0x2b

@@ -338,3 +338,16 @@ def test_task_gate_needs_protected_mode_and_no_handler():
     assert "a task gate has no handler" in str(e)
     e = error_of(protected + '\n[idt]\n"#DF" = { dpl = 0 }\n')
     assert 'a gate needs handler = "label"' in str(e)
+
+
+KNOWN_WITHOUT_HAPPENINGS = '\n[[explore.known]]\nvendor = "any"\ninvolves = []\nwhy = "w"\n'
+
+
+def test_a_known_finding_without_happenings_only_for_several_cpus():
+    # One CPU: it would explain every finding. [cpus]: it is how an interleaving is declared.
+    e = error_of(MINIMAL + KNOWN_WITHOUT_HAPPENINGS)
+    assert "names at least one happening kind" in e.message
+    cpus = (MINIMAL.replace("    hlt\n", "    hlt\nap:\n    hlt\n")
+            + '\n[cpus]\ncount = 2\nentry = ["start", "ap"]\n')
+    s = parse(cpus + KNOWN_WITHOUT_HAPPENINGS, "s.toml")
+    assert s.known_findings[0].involves == ()

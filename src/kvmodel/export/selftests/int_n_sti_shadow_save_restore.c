@@ -10,7 +10,8 @@
  * authors (no kernel tree, no hardware here).  See README.md beside it.
  *
  * Scenario: softint/int_n_in_sti_shadow_interrupt_pending (its
- * [[explore.known]] save_restore finding).
+ * [[explore.known]] save_restore finding); the same finding in
+ * virt/eventinj_sti_int_n_before_pending_irq (kvm-unit-tests eventinj).
  *
  *   The INT n's frame push exits (EPT violation / #NPF).  An exit during
  *   delivery leaves no STI blocking (SDM 27.1), so the STI shadow over the

@@ -9,8 +9,9 @@
  * authors (no kernel tree, no hardware here).  See README.md beside it.
  *
  * Scenarios (their [[explore.known]] save_restore findings):
- * arch/mov_ss_then_int3_db_in_handler and
- * arch/mov_ss_data_breakpoint_then_int_1.  Those scenarios follow the MOV SS
+ * arch/mov_ss_then_int3_db_in_handler,
+ * arch/mov_ss_data_breakpoint_then_int_1 and
+ * arch/debug_mov_ss_watchpoint_prefixed_int3.  Those scenarios follow the MOV SS
  * with INT3 / INT1; here the instruction after it is an OUT to a port no
  * device claims, which gives userspace an exit at exactly that boundary.
  *
