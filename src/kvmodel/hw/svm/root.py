@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from kvmodel.arch.cpu import Cpu, External, Stop
 from kvmodel.arch.events import Vec
 from kvmodel.arch.faults import Fault
-from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF
+from kvmodel.arch.regs import EFER_SVME, IF, RAX, RSP, TF, Shadow
 from kvmodel.errors import ModelLimit
 from kvmodel.hw.base import EntryFailed, ExitRecord, VmExit, back_to_l1, entry_retired
 from kvmodel.hw.svm.cpu import SvmGuest
@@ -162,9 +162,12 @@ class SvmRoot:
     @staticmethod
     def _l1_interrupts_open(guest: SvmGuest, l1: L1State) -> bool:
         """Whether a physical interrupt is unmasked in L2, so that its intercept exits (15.21.1):
-        with V_INTR_MASKING L1's IF at VMRUN decides, else L2's own IF."""
-        if Intercept.INTR not in guest.vmcb.intercepts:
-            return False  # L2 takes it (the core's hif)
+        with V_INTR_MASKING L1's IF at VMRUN decides, else L2's own IF. Interrupts are not
+        recognized in L2's interrupt shadow either (15.21.5), so the intercept waits for its
+        end (Bochs event.cc: the shadow gates the INTR intercept check; under KVM the VINTR
+        window L0 opens for L2 waits for it in hardware)."""
+        if Intercept.INTR not in guest.vmcb.intercepts or guest.cpu.shadow is not Shadow.NONE:
+            return False  # L2 takes it (the core's hif), or not yet
         if guest.vmcb.int_ctl & V_INTR_MASKING:
             return bool(l1.rflags & IF)
         return bool(guest.cpu.rflags & IF)
