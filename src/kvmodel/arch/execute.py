@@ -380,8 +380,10 @@ def _cr_access(c, n: int, value: int | None) -> int:
     if n == 2:
         c.cr2 = value
     elif n == 3:
-        if c.paging is not None and value >> MAXPHYADDR:
-            raise Fault(Vec.GP, 0)  # reserved bits 63:MAXPHYADDR (SDM Vol.2 MOV CR; 4.5.4)
+        # Reserved bits 63:MAXPHYADDR (SDM Vol.2 MOV CR; 4.5.4): checked in long mode, where
+        # paging is always on, also when the model keeps memory flat (no [memory] cr3)
+        if (c.paging is not None or c.mode is Mode.LONG64) and value >> MAXPHYADDR:
+            raise Fault(Vec.GP, 0)
         c.load_cr3(value)
     elif n == 8 and c.vtpr is not None:
         c.vtpr = value & 0xF

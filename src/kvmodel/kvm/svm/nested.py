@@ -194,9 +194,12 @@ class NestedSvm:
 
     @staticmethod
     def _check_controls(vmcb12: Vmcb) -> str | None:
-        """nested_vmcb_check_controls(): the VMRUN intercept, and a valid EVENTINJ."""
+        """nested_vmcb_check_controls(): the VMRUN intercept, vNMI only with the NMI intercept,
+        and a valid EVENTINJ."""
         if Intercept.VMRUN not in vmcb12.intercepts:
             return "the VMRUN intercept is clear"
+        if vmcb12.int_ctl & V_NMI_ENABLE and Intercept.NMI not in vmcb12.intercepts:
+            return "V_NMI_ENABLE without the NMI intercept"  # "KVM: nSVM: Implement support for nested VNMI"
         word = vmcb12.event_inj
         if not word & EVTINJ_VALID:
             return None
