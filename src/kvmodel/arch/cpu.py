@@ -53,6 +53,7 @@ from kvmodel.arch.regs import (
     BreakpointRw,
     Mode,
     Shadow,
+    canonical,
     real_base,
 )  # fmt: skip
 from kvmodel.arch.task import TSS_SELECTOR
@@ -277,6 +278,7 @@ class Cpu:
         addr &= self.addr_mask
         end = addr + size
         if self.slow_mem or end > self.mem_size:
+            self._check_canonical(addr, size)
             if self.paging is not None:
                 return self._read_paged(addr, size, access)
             self._check(addr, size, access)
@@ -286,6 +288,7 @@ class Cpu:
         addr &= self.addr_mask
         end = addr + size
         if self.slow_mem or end > self.mem_size:
+            self._check_canonical(addr, size)
             if self.paging is not None:
                 self._write_paged(addr, size, value)
                 return
@@ -294,6 +297,13 @@ class Cpu:
         code_lines = self.code_lines
         if addr >> LINE_SHIFT in code_lines or (end - 1) >> LINE_SHIFT in code_lines:
             self._forget_code(addr, end)
+
+    def _check_canonical(self, addr: int, size: int) -> None:
+        """A data access at a non-canonical address in 64-bit mode is #GP(0) (SDM Vol.1
+        3.3.7.1, Vol.3 6.15 "#GP"), before any paging check; one through SS is #SS(0), which
+        the stack operations raise first (execute.py stack_address(), operands.py)."""
+        if self.mode is Mode.LONG64 and not canonical(addr, size):
+            raise Fault(Vec.GP, 0)
 
     def _forget_code(self, addr: int, end: int) -> None:
         """Self-modifying code: drop decoded instructions in the written cache lines."""
@@ -338,6 +348,7 @@ class Cpu:
         addr &= self.addr_mask
         if not self.slow_mem and addr + size <= self.mem_size:
             return  # every page is present and mapped
+        self._check_canonical(addr, size)
         if self.paging is not None:
             self._translate_range(addr, size, Access.WRITE)
             return

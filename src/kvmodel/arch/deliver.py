@@ -47,6 +47,7 @@ from kvmodel.arch.regs import (
     USER_CODE_SELECTOR,
     Mode,
     Shadow,
+    canonical,
     cpl_of,
     real_base,
 )  # fmt: skip
@@ -378,6 +379,10 @@ def _push_frame32(cpu: Cpu, event: Event, inner: bool, eflags: int, error_code: 
 def _push(cpu: Cpu, top: int, words: list[int], size: int) -> tuple[int, tuple[int, ...]]:
     """Write the frame below `top`; every slot is checked before any is written."""
     rsp = (top - size * len(words)) & cpu.addr_mask
+    if cpu.mode is Mode.LONG64 and not canonical(rsp, size * len(words)):
+        # SDM 6.14: #SS with its own error code rules, perhaps through the TSS or IST
+        raise ModelLimit("an event frame pushed at a non-canonical stack address is not "
+                         "modelled", cpu.rip)
     for i in range(len(words)):
         cpu.check_write(top - size * (i + 1), size)
     for i, word in enumerate(words):

@@ -70,6 +70,7 @@ from kvmodel.arch.regs import (
     ZF,
     Mode,
     Shadow,
+    canonical,
     cpl_of,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
@@ -449,8 +450,16 @@ def _stack_size(i: iced.Instruction) -> int:
     return size
 
 
+def stack_address(c, addr: int, size: int) -> int:
+    """`addr` for a stack access: non-canonical in 64-bit mode, #SS(0) rather than the
+    #GP(0) of other references (SDM Vol.2 PUSH, POP, RET, IRET "64-Bit Mode Exceptions")."""
+    if c.mode is Mode.LONG64 and not canonical(addr, size):
+        raise Fault(Vec.SS, 0)
+    return addr
+
+
 def push(c, size: int, value: int) -> None:
-    sp = (c.regs[RSP] - size) & c.addr_mask
+    sp = stack_address(c, (c.regs[RSP] - size) & c.addr_mask, size)
     c.write(sp, size, value)
     c.regs[RSP] = sp
 
@@ -476,7 +485,7 @@ def build_pop(i: iced.Instruction, mode: Mode) -> Run:
     nxt = i.next_ip
     if i.op_kind(0) == OpKind.REGISTER and i.op_register(0) == Register.SS:
         def pop_ss(c):
-            selector = c.read(c.regs[RSP], size) & 0xFFFF
+            selector = c.read(stack_address(c, c.regs[RSP], size), size) & 0xFFFF
             if c.mode is Mode.REAL16:
                 _check_real_segment(c, selector)
             else:
@@ -490,7 +499,7 @@ def build_pop(i: iced.Instruction, mode: Mode) -> Run:
     put = writer(i, 0, mode)
 
     def run(c):
-        value = c.read(c.regs[RSP], size)
+        value = c.read(stack_address(c, c.regs[RSP], size), size)
         c.regs[RSP] = (c.regs[RSP] + size) & c.addr_mask
         put(c, value)
         c.rip = nxt
@@ -513,7 +522,7 @@ def build_popf(i: iced.Instruction, mode: Mode) -> Run:
     size, nxt = _stack_size(i), i.next_ip
 
     def run(c):
-        image = c.read(c.regs[RSP], size)
+        image = c.read(stack_address(c, c.regs[RSP], size), size)
         c.regs[RSP] = (c.regs[RSP] + size) & c.addr_mask
         mask = loadable_flags(c, POPF_MASK)
         c.rflags = (c.rflags & ~mask) | (image & mask) | RFLAGS_FIXED
@@ -561,7 +570,7 @@ def build_ret(i: iced.Instruction, mode: Mode) -> Run:
     extra = i.immediate(0) if i.op_count else 0
 
     def run(c):
-        target = c.read(c.regs[RSP], size)
+        target = c.read(stack_address(c, c.regs[RSP], size), size)
         c.regs[RSP] = (c.regs[RSP] + size + extra) & c.addr_mask
         c.rip = target
 
@@ -937,6 +946,8 @@ def build_iret(i: iced.Instruction, mode: Mode) -> Run:
             c.trace.append(Iret(rip_here, c.rip, c.retired + 1, was_blocked))
             return
         sp = c.regs[RSP]
+        if c.mode is Mode.LONG64:
+            stack_address(c, sp, 5 * size)  # the whole frame: RIP, CS, RFLAGS, RSP, SS
         new_rip, cs, flags = (c.read(sp + size * k, size) for k in range(3))
         cs &= 0xFFFF
         if c.mode is Mode.PROTECTED32 and flags & VM and cpl_of(c.cs) == 0:

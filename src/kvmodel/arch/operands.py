@@ -12,7 +12,9 @@ from functools import lru_cache
 import iced_x86 as iced
 from iced_x86 import OpKind, Register, RegisterExt
 
-from kvmodel.arch.regs import Mode
+from kvmodel.arch.events import Vec
+from kvmodel.arch.faults import Fault
+from kvmodel.arch.regs import Mode, canonical
 from kvmodel.errors import ModelLimit
 
 Read = Callable[[object], int]
@@ -105,6 +107,22 @@ def _address(base: int, index: int, scale: int, disp: int, mode: Mode) -> Callab
     return lambda c: (c.regs[b] + c.regs[x] * scale + disp) & mask
 
 
+def _through_stack_segment(i: iced.Instruction, mode: Mode, ea: Callable[[object], int],
+                           size: int) -> Callable[[object], int]:
+    """A 64-bit memory operand through SS (an RSP or RBP base, or an SS override) at a
+    non-canonical address is #SS(0), not #GP(0) (SDM Vol.2 MOV "64-Bit Mode Exceptions")."""
+    if mode is not Mode.LONG64 or i.memory_segment != Register.SS:
+        return ea
+
+    def checked(c) -> int:
+        addr = ea(c)
+        if not canonical(addr, size):
+            raise Fault(Vec.SS, 0)
+        return addr
+
+    return checked
+
+
 def reader(i: iced.Instruction, n: int, mode: Mode) -> Read:
     """Value of operand n: register, immediate or memory."""
     kind = i.op_kind(n)
@@ -119,6 +137,7 @@ def reader(i: iced.Instruction, n: int, mode: Mode) -> Read:
     if kind == OpKind.MEMORY:
         ea = address(i, mode)
         size = iced.MemorySizeExt.size(i.memory_size)
+        ea = _through_stack_segment(i, mode, ea, size)
         return lambda c: c.read(ea(c), size)
     raise ModelLimit(f"operand kind {kind} is not modelled")
 
@@ -131,5 +150,6 @@ def writer(i: iced.Instruction, n: int, mode: Mode) -> Write:
     if kind == OpKind.MEMORY:
         ea = address(i, mode)
         size = iced.MemorySizeExt.size(i.memory_size)
+        ea = _through_stack_segment(i, mode, ea, size)
         return lambda c, v: c.write(ea(c), size, v)
     raise ModelLimit(f"operand kind {kind} cannot be written")

@@ -108,6 +108,18 @@ RPL_MASK = 3
 
 # Real mode (SDM 20.1.1): linear = segment * 16 + offset. With A20 enabled, as under KVM
 # (no A20 gate), FFFF:FFFF reaches 10FFEFh; the mask covers it without wrapping.
+# 64-bit mode: a linear address is canonical when bits 63:47 are all equal (48-bit linear
+# addresses, no 5-level paging; SDM Vol.1 3.3.7.1)
+_NONCANONICAL_LOW, _NONCANONICAL_HIGH = 1 << 47, (1 << 64) - (1 << 47)
+
+
+def canonical(addr: int, size: int = 1) -> bool:
+    """Every byte of the `size`-byte access at `addr` (a 64-bit linear address) is canonical."""
+    last = (addr + size - 1) & ((1 << 64) - 1)
+    return not (_NONCANONICAL_LOW <= addr < _NONCANONICAL_HIGH
+                or _NONCANONICAL_LOW <= last < _NONCANONICAL_HIGH)
+
+
 REAL_ADDR_MASK = 0x1FFFFF
 REAL_OFFSET_MASK = 0xFFFF
 
