@@ -362,6 +362,11 @@ class Cpu:
         """Up to `size` code bytes at addr, stopping before a not-present page."""
         if not self.slow_mem and addr + size <= self.mem_size:
             return bytes(self.mem[addr:addr + size])  # no page to check: the common case
+        if self.mode is Mode.LONG64 and not canonical(addr):
+            # #GP(0), on the branch, IRET or RET that loaded it on Intel (SDM Vol.2 JMP,
+            # IRET, RET): where AMD reports it was not found, so no answer is guessed
+            raise ModelLimit(f"a fetch from the non-canonical address {addr:#x} is not modelled",
+                             self.rip)
         if self.paging is not None:
             return self._fetch_paged(addr, size)
         out = bytearray()

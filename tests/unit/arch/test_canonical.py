@@ -2,7 +2,11 @@
 
 import pytest
 
+from kvmodel.arch.events import Vec
+from kvmodel.arch.observe import Delivery
 from kvmodel.arch.regs import canonical
+from kvmodel.scenario.load import parse
+from kvmodel.scenario.runner import run
 
 
 @pytest.mark.parametrize(("addr", "size", "expected"), [
@@ -19,3 +23,30 @@ from kvmodel.arch.regs import canonical
 ])
 def test_canonical(addr: int, size: int, expected: bool) -> None:
     assert canonical(addr, size) is expected
+
+
+def _run(code: str, extra: str = ""):
+    return run(parse(f"[guest]\ncode = '''\nstart:\n{code}\n'''\n{extra}", "t.toml"))
+
+
+def test_a_write_through_rsp_is_ss_and_through_rax_gp():
+    result = _run("""\
+    movabs $0xaaaaaaaaaaaaaaaa, %rax
+    mov %rax, %rbx
+    movq $1, 8(%rax)
+    hlt
+gp:
+    movq $1, (%rsp, %rbx)
+    hlt
+ss:
+    hlt""", '[idt]\n"#GP" = "gp"\n"#SS" = "ss"\n')
+    assert result.limit is None, result.limit
+    assert [(d.vector, d.error_code) for d in result.trace if isinstance(d, Delivery)] == [
+        (Vec.GP, 0), (Vec.SS, 0)]
+
+
+def test_a_fetch_from_a_non_canonical_address_is_a_model_limit():
+    result = _run("""\
+    movabs $0xaaaaaaaaaaaaaaaa, %rax
+    jmp *%rax""")
+    assert "non-canonical" in result.limit
