@@ -204,6 +204,16 @@ def test_explore_json(tmp_path, capsys):
     assert all(e["schedules"] > 10 and e["findings"] == [] for e in doc["explored"])
 
 
+def test_explore_json_of_several_cpus_meets_the_schema(tmp_path, capsys):
+    # [cpus] scenarios add the bare-metal interleaving counts, which the schema once refused
+    assert main(["explore", "--json", "--vendor", "vmx", "--out", str(tmp_path),
+                 str(VIRT.parent / "smp" / "apic_nmi_never_in_sti_shadow.toml")]) == Exit.OK
+    doc = json.loads(capsys.readouterr().out)
+    Draft202012Validator(json_schema("explore")).validate(doc)
+    interleavings = doc["explored"][0]["interleavings"]
+    assert interleavings["explored"] > 1 and interleavings["naive"] >= interleavings["explored"]
+
+
 def test_unknown_bug_is_bad_input(capsys):
     assert main(["explore", "--bug", "no_such_bug", str(EXPLORE)]) == Exit.BAD_INPUT
     assert "no catalogued bug named 'no_such_bug'" in capsys.readouterr().err
