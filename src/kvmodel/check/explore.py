@@ -56,7 +56,13 @@ from functools import partial
 
 from kvmodel import _faults
 from kvmodel.check.engine import Engine, Pool
-from kvmodel.check.interleave import NAIVE_SECONDS, explore_interleavings
+from kvmodel.check.interleave import (
+    DEFAULT_MAX_SWITCHES,
+    NAIVE_SECONDS,
+    Deeper,
+    confirm_with_bare,
+    explore_interleavings,
+)
 from kvmodel.check.interleave import describe as describe_interleaving
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply, place
@@ -109,6 +115,7 @@ class ExploreResult:
     # [cpus]: interleavings explored on bare metal, the naive search's count there, and whether
     # it ran to the end; `schedules` counts the interleavings under KVM
     interleavings: tuple[int, int, bool] | None = None
+    deeper: Deeper | None = None  # [cpus]: bare metal searched one switch deeper (interleave.py)
 
     @property
     def distinct(self) -> int:
@@ -748,7 +755,8 @@ def _explore_cpus(scenario: Scenario, vendor: Vendor, bounds: Bounds, deadline: 
                   bugs: frozenset[str], start: float, stop_at_first: bool = False) -> ExploreResult:
     """[cpus]: every interleaving at the interaction points (check/interleave.py), on bare
     metal (each must meet the scenario's expectations; the naive search beside it for at most
-    NAIVE_SECONDS), then under KVM, where each must also show an outcome bare metal showed.
+    NAIVE_SECONDS), then under KVM, where each must also show an outcome bare metal showed
+    (or, for a divergence, bare metal with one switch more: interleave.confirm_with_bare()).
     `stop_at_first` (bugs check): no naive search, which checks the reduction, not KVM, and
     the search under KVM ends at its first finding."""
     result = ExploreResult(scenario, vendor)
@@ -766,6 +774,9 @@ def _explore_cpus(scenario: Scenario, vendor: Vendor, bounds: Bounds, deadline: 
             virt = explore_interleavings(scenario, bounds.max_switches, deadline, vendor=vendor,
                                          bare=bare.outcomes | naive.outcomes,
                                          stop_at_first=stop_at_first)
+            if bare.complete and virt.complete:
+                bound = DEFAULT_MAX_SWITCHES if bounds.max_switches is None else bounds.max_switches
+                result.deeper = confirm_with_bare(scenario, bound, virt, deadline)
     result.interleavings = (bare.explored, naive.explored, naive.complete)
     result.complete = bare.complete and (virt is None or virt.complete)
     if bare.complete and naive.complete and bare.outcomes != naive.outcomes:

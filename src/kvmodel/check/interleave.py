@@ -47,6 +47,8 @@ class InterleavingResult:
     rounds: int = 0  # searches: one more each time runs found new shared lines
     outcomes: set[str] = field(default_factory=set)
     failures: list[tuple[Interleaving, str, str]] = field(default_factory=list)  # (schedule, kind, why)
+    # under KVM, the outcome of each "divergence" failure, by schedule (confirm_with_bare())
+    unmatched: dict[Interleaving, str] = field(default_factory=dict)
     limit: tuple[Interleaving, str] | None = None
     complete: bool = True
 
@@ -72,6 +74,7 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
     while True:
         result.rounds += 1
         result.explored, result.outcomes, result.failures = 0, set(), []
+        result.unmatched = {}
         found, found_ahead = _search(scenario, bound, (shared, ahead), result, deadline, reduce,
                                      vendor, bare, stop_at_first)
         if (found <= shared and found_ahead <= ahead) or result.limit is not None or (
@@ -118,12 +121,41 @@ def _search(scenario: Scenario, bound: int, learnt: tuple[frozenset[int], frozen
         failure = _failure(run, default_stop, key, bare)
         if failure is not None:
             result.failures.append((schedule, *failure))
+            if failure[0] == "divergence":
+                result.unmatched[schedule] = key
             if stop_at_first:
                 result.complete = False
                 break
         if len(schedule) < bound:
             stack += reversed(list(_children(schedule, run)))
     return frozenset(found), frozenset(found_ahead)
+
+
+@dataclass(frozen=True, slots=True)
+class Deeper:
+    """Bare metal searched one switch deeper for the KVM outcomes it had not shown."""
+
+    explored: int  # bare-metal interleavings of the deeper search
+    matched: int  # KVM divergences whose outcome it showed: dropped
+    complete: bool  # False: DEEPER_SECONDS ended it, so some divergences may still be artefacts
+
+
+DEEPER_SECONDS = 60.0
+
+
+def confirm_with_bare(scenario: Scenario, bound: int, virt: InterleavingResult,
+                      deadline: float | None) -> Deeper | None:
+    """A vCPU's step is finer than a bare-metal CPU's (it ends at each fetch and when the
+    vCPU blocks), so KVM reaches within `bound` switches orders that bare metal needs more
+    for: each divergence is kept only if bare metal with one more switch does not show its
+    outcome either (within DEEPER_SECONDS; any outcome a search shows is a real one)."""
+    if not virt.unmatched:
+        return None
+    end = time.monotonic() + DEEPER_SECONDS
+    deeper = explore_interleavings(scenario, bound + 1, end if deadline is None else min(end, deadline))
+    shown = {schedule for schedule, key in virt.unmatched.items() if key in deeper.outcomes}
+    virt.failures = [f for f in virt.failures if not (f[1] == "divergence" and f[0] in shown)]
+    return Deeper(deeper.explored, len(shown), deeper.complete)
 
 
 def _children(schedule: Interleaving, run: RunResult):

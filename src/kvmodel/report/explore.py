@@ -61,6 +61,12 @@ def print_findings(console: Console, result: ExploreResult,
                       f"{explored} interleavings (choice points where CPUs interact), "
                       f"{'over ' if not complete else ''}{naive} with a choice point at every "
                       f"step; under KVM {result.schedules}[/]", highlight=False)
+    if result.deeper is not None:
+        d = result.deeper
+        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: bare metal one "
+                      f"switch deeper, {'over ' if not d.complete else ''}{d.explored} "
+                      f"interleavings, shows {d.matched} of the KVM outcomes the bound did not "
+                      f"(dropped as bound artefacts)[/]", highlight=False)
     if result.limit is not None:
         console.print(f"[bold red]MODEL LIMIT[/] {escape(result.scenario.path)} "
                       f"{escape(f'[{result.vendor.value}]')}: {escape(limit_text(result))}")
@@ -88,7 +94,11 @@ def explore_dict(result: ExploreResult, shrunk: list[tuple[Finding, str | None]]
             p.to_dict() for p in result.limit_schedule],
         "not_applicable": result.not_applicable,
         **({"interleavings": {"explored": result.interleavings[0], "naive": result.interleavings[1],
-                              "naive_complete": result.interleavings[2]},
+                              "naive_complete": result.interleavings[2],
+                              **({"deeper": {"explored": result.deeper.explored,
+                                             "matched": result.deeper.matched,
+                                             "complete": result.deeper.complete}}
+                                 if result.deeper is not None else {})},
             } if result.interleavings is not None else {}),
         "elapsed_s": round(result.elapsed, 3),
         "findings": [{"kind": f.kind, "message": f.message,
