@@ -57,14 +57,15 @@ def print_findings(console: Console, result: ExploreResult,
                       f"finding involving {', '.join(known.involves)} did not show up")
     if result.interleavings is not None:
         explored, naive, complete = result.interleavings
-        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: bare metal "
+        console.print(f"[dim]{escape(result.scenario.path)} {escape(f'[{result.vendor.value}]')}: bare metal "
                       f"{explored} interleavings (choice points where CPUs interact), "
                       f"{'over ' if not complete else ''}{naive} with a choice point at every "
                       f"step; under KVM {result.schedules}[/]", highlight=False)
     if result.deeper is not None:
         d = result.deeper
-        console.print(f"[dim]{escape(result.scenario.path)} [{result.vendor.value}]: bare metal one "
-                      f"switch deeper, {'over ' if not d.complete else ''}{d.explored} "
+        where = f"{escape(result.scenario.path)} {escape(f'[{result.vendor.value}]')}"
+        over = "over " if not d.complete else ""
+        console.print(f"[dim]{where}: bare metal one switch deeper, {over}{d.explored} "
                       f"interleavings, shows {d.matched} of the KVM outcomes the bound did not "
                       f"(dropped as bound artefacts)[/]", highlight=False)
     if result.limit is not None:
