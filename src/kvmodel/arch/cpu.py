@@ -301,7 +301,7 @@ class Cpu:
     def _check_canonical(self, addr: int, size: int) -> None:
         """A data access at a non-canonical address in 64-bit mode is #GP(0) (SDM Vol.1
         3.3.7.1, Vol.3 6.15 "#GP"), before any paging check; one through SS is #SS(0), which
-        the stack operations raise first (execute.py stack_address(), operands.py)."""
+        the stack operations raise first (operands.py stack_address())."""
         if self.mode is Mode.LONG64 and not canonical(addr, size):
             raise Fault(Vec.GP, 0)
 

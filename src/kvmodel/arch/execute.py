@@ -25,6 +25,7 @@ from kvmodel.arch.operands import (
     reg_reader,
     reg_writer,
     size_of,
+    stack_address,
     writer,
 )  # fmt: skip
 from kvmodel.arch.paging import MAXPHYADDR
@@ -70,7 +71,6 @@ from kvmodel.arch.regs import (
     ZF,
     Mode,
     Shadow,
-    canonical,
     cpl_of,
 )  # fmt: skip
 from kvmodel.errors import ModelLimit
@@ -448,14 +448,6 @@ def _stack_size(i: iced.Instruction) -> int:
     if size == 2 and i.code_size != iced.CodeSize.CODE16:  # real mode's own size is modelled
         raise ModelLimit("16-bit stack operations are not modelled")
     return size
-
-
-def stack_address(c, addr: int, size: int) -> int:
-    """`addr` for a stack access: non-canonical in 64-bit mode, #SS(0) rather than the
-    #GP(0) of other references (SDM Vol.2 PUSH, POP, RET, IRET "64-Bit Mode Exceptions")."""
-    if c.mode is Mode.LONG64 and not canonical(addr, size):
-        raise Fault(Vec.SS, 0)
-    return addr
 
 
 def push(c, size: int, value: int) -> None:

@@ -107,20 +107,21 @@ def _address(base: int, index: int, scale: int, disp: int, mode: Mode) -> Callab
     return lambda c: (c.regs[b] + c.regs[x] * scale + disp) & mask
 
 
+def stack_address(c, addr: int, size: int) -> int:
+    """`addr` for an access through SS: non-canonical in 64-bit mode, #SS(0) rather than the
+    #GP(0) of other references (SDM Vol.2 MOV, PUSH, POP, RET, IRET "64-Bit Mode
+    Exceptions"). A non-canonical address always lies beyond the guest's memory."""
+    if addr + size > c.mem_size and c.mode is Mode.LONG64 and not canonical(addr, size):
+        raise Fault(Vec.SS, 0)
+    return addr
+
+
 def _through_stack_segment(i: iced.Instruction, mode: Mode, ea: Callable[[object], int],
                            size: int) -> Callable[[object], int]:
-    """A 64-bit memory operand through SS (an RSP or RBP base, or an SS override) at a
-    non-canonical address is #SS(0), not #GP(0) (SDM Vol.2 MOV "64-Bit Mode Exceptions")."""
+    """A 64-bit memory operand through SS: an RSP or RBP base, or an SS override."""
     if mode is not Mode.LONG64 or i.memory_segment != Register.SS:
         return ea
-
-    def checked(c) -> int:
-        addr = ea(c)
-        if not canonical(addr, size):
-            raise Fault(Vec.SS, 0)
-        return addr
-
-    return checked
+    return lambda c: stack_address(c, ea(c), size)
 
 
 def reader(i: iced.Instruction, n: int, mode: Mode) -> Read:
