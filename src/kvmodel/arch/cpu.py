@@ -163,7 +163,7 @@ class Cpu:
         "since_window", "window_retired", "deliveries", "delivered", "ghcb_msr", "fred", "csl", "vmx", "svm",
         "vm_hsave_pa", "has_svm", "gif", "cs_base", "retire_at", "extint", "hif", "vtpr",
         "star", "lstar", "fmask", "machine", "wait_for_sipi", "fep_is_prefix", "amd_ext", "tr", "tasks",
-        "paging", "step_trap_replaced", "snapshots",
+        "paging", "step_trap_replaced", "snapshots", "waits",
     )  # fmt: skip
 
     def __init__(self, mode: Mode, mem: bytearray, *, not_present: frozenset[int] = frozenset(),
@@ -220,6 +220,7 @@ class Cpu:
         self.snapshots: dict[int, CpuSnapshot] = {}  # taken where a VMM took its (Forced)
         self.next_after = _NEVER
         self.at_rip_scheduled = False  # an event arrives by RIP: every boundary must look
+        self.waits = 0  # times time passed while halted (next_arrival()): see check/resume.py
         # Virtualization (see host.py); bare metal leaves these alone.
         self.host: Host | None = None
         self.host_attn = False  # the host watches every boundary (an open window)
@@ -744,6 +745,7 @@ class Cpu:
     def next_arrival(self) -> bool:
         """Time passes while nothing runs (HLT): an event placed at this RIP arrives now,
         else the next one scheduled by count."""
+        self.waits += 1
         here = [s for s in self.scheduled if s.at_rip == self.rip]
         if here:
             self._arrive(here[0])

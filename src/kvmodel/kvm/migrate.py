@@ -59,6 +59,7 @@ def copy_registers(old: Cpu) -> Cpu:
     cpu.apic = Apic(old.apic.irr, old.apic.isr, old.apic.tpr)
     cpu.retired, cpu.deliveries = old.retired, old.deliveries  # the observer's counts
     cpu.delivered = old.delivered
+    cpu.waits = old.waits
     cpu.trace = old.trace
     cpu.schedule(old.scheduled)  # what is still to arrive from outside
     cpu.set_host_unmapped(old.host_unmapped)  # the host's memory map belongs to the VM

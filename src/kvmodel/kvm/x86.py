@@ -9,6 +9,7 @@ Vendor code (svm/svm.py, vmx/vmx.py) implements `VendorOps`, the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import ClassVar, Protocol
@@ -247,6 +248,10 @@ class Vcpu:
     stats: Stats = field(default_factory=Stats)
     exception_payload_enabled: bool = True  # KVM_CAP_EXCEPTION_PAYLOAD
     stop_at_exit: int = 0  # userspace wants control after this many exits (0: never)
+    # KVM_RUN's budget while it runs: cpu.work when it began, steps allowed, exits left
+    run_start: int = 0
+    run_budget: int = 0
+    exits_left: int = 0
     warnings: list[str] = field(default_factory=list)  # KVM WARN_ON()s reached
     host_problems: list[str] = field(default_factory=list)  # the host's own event handling
     triple_fault_cause: tuple[int, int] = (0, 0)  # (first, second) when KVM merged into shutdown
@@ -618,12 +623,25 @@ class Vcpu:
 
     # -- the run loop ----------------------------------------------------------
 
-    def run(self, max_steps: int) -> UserspaceExit | None:
-        """KVM_RUN: enter and handle exits until userspace must act; None when the budget ends."""
-        start = self.cpu.work
-        exits_left = max_steps
-        while exits_left > 0:
-            exits_left -= 1
+    def run(self, max_steps: int, at_exit: Callable[[], None] | None = None
+            ) -> UserspaceExit | None:
+        """KVM_RUN: enter and handle exits until userspace must act; None when the budget ends.
+
+        `at_exit` is called after each exit KVM handled, where it looks whether userspace
+        wants control: the explorer copies the run there, and resume_run() continues a copy."""
+        self.run_start, self.run_budget, self.exits_left = self.cpu.work, max_steps, max_steps
+        return self._run_loop(at_exit)
+
+    def resume_run(self, at_exit: Callable[[], None] | None = None) -> UserspaceExit | None:
+        """KVM_RUN, continued where `at_exit` was called (on a copy of the vCPU, with the
+        exit after which userspace wants control set anew in stop_at_exit)."""
+        if self.stats.exits == self.stop_at_exit:
+            return self._to_userspace(UserspaceExit(KvmExit.INTR, "userspace asked for control"))
+        return self._run_loop(at_exit)
+
+    def _run_loop(self, at_exit: Callable[[], None] | None) -> UserspaceExit | None:
+        while self.exits_left > 0:
+            self.exits_left -= 1
             running = self.mp_state is MpState.RUNNABLE  # kvm_vcpu_running(); else vcpu_block()
             if running and (self.apic_pending_init or self.apic_pending_sipi):
                 lapic.accept_events(self)  # vcpu_enter_guest(), on KVM_REQ_EVENT
@@ -633,7 +651,7 @@ class Vcpu:
                     return self._to_userspace(UserspaceExit(KvmExit.HLT,
                                                             "halted with nothing left to wake it"))
             else:
-                budget = max_steps - (self.cpu.work - start)
+                budget = self.run_budget - (self.cpu.work - self.run_start)
                 if budget <= 0:
                     return self._to_userspace(None)
                 outcome = self.enter_guest(budget)
@@ -648,6 +666,8 @@ class Vcpu:
                 return self._to_userspace(UserspaceExit(KvmExit.IRQ_WINDOW_OPEN))
             if woke:
                 continue
+            if at_exit is not None:
+                at_exit()
             if self.stats.exits == self.stop_at_exit:
                 return self._to_userspace(UserspaceExit(KvmExit.INTR, "userspace asked for control"))
         return self._to_userspace(None)

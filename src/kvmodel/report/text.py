@@ -27,7 +27,8 @@ from kvmodel.hw.base import ExitRecord
 from kvmodel.kvm.migrate import SaveRestoreRecord
 from kvmodel.kvm.uapi import EEXIST, EINTR, EINVAL, ENXIO, Busy
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
-from kvmodel.scenario.runner import RunResult, VmmStop
+from kvmodel.scenario.runner import RunResult
+from kvmodel.scenario.session import VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
 # A long run's text report shows the head and tail of its trace and the first mismatches

@@ -58,7 +58,8 @@ from kvmodel.kvm.migrate import SaveRestoreRecord
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
 from kvmodel.report.text import arrival_text, line_for
-from kvmodel.scenario.runner import RunResult, VmmStop
+from kvmodel.scenario.runner import RunResult
+from kvmodel.scenario.session import VmmStop
 from kvmodel.scenario.vmm import VmmRecord
 
 COL_W = 24  # px per column; rotated labels need COL_W * sin(ANGLE) > the font's height

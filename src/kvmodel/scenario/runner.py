@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from kvmodel.arch.apic import IcrDeliveryMode
-from kvmodel.arch.cost import DELIVERY_CYCLES
-from kvmodel.arch.cpu import Cpu, External, Forced, Scheduled, Stop
-from kvmodel.arch.events import Event, EventType, Vec, vector_name
+from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
+from kvmodel.arch.events import EventType, Vec, vector_name
 from kvmodel.arch.fred import FredMsrs
 from kvmodel.arch.machine import ChoicePoint, Interleaving, Machine, Position
-from kvmodel.arch.observe import ArrivalFate, Delivery, Observation, Shutdown
+from kvmodel.arch.observe import ArrivalFate, Delivery, Observation
 from kvmodel.arch.regs import BOOT_CR3, GPR32, GPR64, RSP, Mode
 from kvmodel.errors import ModelLimit, ScenarioError
 from kvmodel.guest.asm import Bits, Program, assemble
 from kvmodel.guest.layout import CODE_BASE, PAGE, STACK_TOP, Gate, build_cpu, copier
 from kvmodel.guest.layout import Machine as Layout
 from kvmodel.hw.svm.root import SvmRoot
-from kvmodel.hw.vmx.cpu import NOTIFY_THRESHOLD
 from kvmodel.hw.vmx.root import VmxRoot
 from kvmodel.kvm import lapic
-from kvmodel.kvm.migrate import save_restore
-from kvmodel.kvm.svm.svm import SvmParams
-from kvmodel.kvm.uapi import KVM_NOTIFY_CONTEXT_INVALID, KvmExit
+from kvmodel.kvm.uapi import KvmExit
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
-from kvmodel.kvm.vm import Cap, IrqChip, NotifyFlag, Vm
-from kvmodel.kvm.vmx.vmx import VmxParams
-from kvmodel.kvm.x86 import HostBug, MpState, Stats, UserspaceExit, Vcpu
+from kvmodel.kvm.x86 import MpState, Stats, UserspaceExit, Vcpu
 from kvmodel.scenario.schema import (
     Expected,
     ExpectedDelivery,
@@ -36,10 +30,16 @@ from kvmodel.scenario.schema import (
     Happening,
     HostEvent,
     Scenario,
-    VmmStep,
     word,
 )
-from kvmodel.scenario.vmm import KVM_ENABLE_CAP, KVM_INTERRUPT, Performed, Pic, VmmRecord, action, in_flight
+from kvmodel.scenario.session import (
+    HostTime,
+    KvmSession,
+    SessionResult,
+    VmmLog,
+    enable_caps,
+    vendor_params,
+)
 
 _EXPR = re.compile(r"^([A-Za-z_.$][\w.$]*)(?:([+-])(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -114,30 +114,6 @@ class SmpRun:
     shared: frozenset[int]  # cache lines one CPU wrote and another touched
     finals: tuple[Final, ...] = ()  # every CPU's final state, CPU 0 first
     ahead: frozenset[Position] = frozenset()  # positions on a CPU's way to an IPI (machine.py)
-
-
-@dataclass(frozen=True, slots=True)
-class VmmStop:
-    """KVM_RUN returned an exit the VMM does not resume from (trace only)."""
-
-    kind: ClassVar[str] = "vmm_stop"
-    reason: str
-    flags: int
-    retired: int
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class HostTime:
-    """The host's side of the run: can it always take the CPU back?"""
-
-    longest_windowless: int  # cycles the guest held the CPU with no event window, at most
-    notify_limit: int | None  # with Notify VM exits on: the window, the threshold, one delivery
-    problems: tuple[str, ...] = ()  # the host's dispatch of its own NMIs and IRQs went wrong
-
-    @property
-    def starved(self) -> bool:
-        return self.notify_limit is not None and self.longest_windowless > self.notify_limit
 
 
 class Resolver:
@@ -304,32 +280,54 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     else:
         cpu, program = prepare(scenario, record_instructions=record_instructions)
     steps = max_steps or scenario.max_steps
-    limit = error = None
-    stats: tuple[Stats, ...] = ()
-    warnings: tuple[str, ...] = ()
-    host = bug = None
-    vmm = _VmmLog()
+    if vendor is not Vendor.BARE:
+        log = VmmLog()
+        return _under_kvm(scenario, program, cpu, vendor, log, expectations,
+                          lambda: KvmSession(scenario, Resolver(scenario, program), cpu, vendor,
+                                             steps, log).run())
+    limit = None
+    # bare metal has no forced emulation prefix: it runs the instruction behind it
+    cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)
+    cpu.amd_ext = scenario.svm or (  # a VMX L1 runs on an Intel CPU only
+        (amd or scenario.vendor == "svm") and not scenario.vmx)
     try:
-        if vendor is Vendor.BARE:
-            # bare metal has no forced emulation prefix: it runs the instruction behind it
-            cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)
-            cpu.amd_ext = scenario.svm or (  # a VMX L1 runs on an Intel CPU only
-                (amd or scenario.vendor == "svm") and not scenario.vmx)
-            stop = _run_bare(cpu, scenario, steps).name.lower()
-        else:
-            cpu, stop, stats, error, warnings, host = _run_under_kvm(scenario, program, cpu,
-                                                                     vendor, steps, vmm)
-            bug = vmm.host_bug
+        stop = _run_bare(cpu, scenario, steps).name.lower()
     except ModelLimit as e:
-        limit = str(e)
-        stop = None
+        limit, stop = str(e), None
+    return _result(scenario, program, cpu, stop, limit, expectations)
+
+
+def resume(session: KvmSession, scenario: Scenario, program: Program) -> RunResult:
+    """The run of `scenario` under KVM, from a copy of another run's session taken where the
+    two cannot yet differ (check/resume.py); judged against bare metal only."""
+    session.scenario = scenario
+    return _under_kvm(scenario, program, session.first_cpu, session.vendor, session.log, False,
+                      session.resume)
+
+
+def _under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor, log: VmmLog,
+               expectations: bool, go: Callable[[], SessionResult]) -> RunResult:
+    """`go` runs the session; `cpu` is what a model limit reports (the first vCPU's)."""
+    try:
+        cpu, stop, stats, error, warnings, host = go()
+    except ModelLimit as e:
+        return _result(scenario, program, cpu, None, str(e), expectations, vendor, log=log)
+    return _result(scenario, program, cpu, stop, None, expectations, vendor, stats, error,
+                   warnings, host, log, log.host_bug)
+
+
+def _result(scenario: Scenario, program: Program, cpu: Cpu, stop: str | None, limit: str | None,
+            expectations: bool, vendor: Vendor = Vendor.BARE, stats: tuple[Stats, ...] = (),
+            error: str | None = None, warnings: tuple[str, ...] = (), host: HostTime | None = None,
+            log: VmmLog | None = None, bug: str | None = None) -> RunResult:
     final = _final(cpu, stop, scenario.mode) if stop is not None else None
     mismatches = []
     if final is not None and expectations:
         mismatches = judge(scenario, program, cpu, final) + _judge_stats(scenario, vendor, stats)
+    nmis, happenings = (tuple(log.nmis), tuple(log.happenings)) if log is not None else ((), ())
     return RunResult(scenario, program, tuple(cpu.trace), final, tuple(mismatches), limit,
                      vendor, cpu.mem, stats, error, warnings, host, cpu.apic.used,
-                     tuple(vmm.nmis), tuple(vmm.happenings), bug)
+                     nmis, happenings, bug)
 
 
 def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
@@ -395,9 +393,9 @@ def _create_vcpus(scenario: Scenario, cpus: list[Cpu], vendor: Vendor,
     unmapped = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host}
     for core in cpus:
         core.set_host_unmapped(set(unmapped))
-    params, svm, vmx = _vendor_params(scenario)
+    params, svm, vmx = vendor_params(scenario)
     vm = create_vm(vendor)
-    _enable_caps(vm, params)
+    enable_caps(vm, params)
     vcpus = [create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm) for core in cpus]
     for n, vcpu in enumerate(vcpus):
         vcpu.bsp = n == 0
@@ -490,15 +488,6 @@ def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
     return replace(scenario, happenings=scenario.happenings + happenings + arrivals, vmm=())
 
 
-@dataclass(slots=True)
-class _VmmLog:
-    """What the VMM's calls in a run under KVM stand for on bare metal, and how it ended."""
-
-    nmis: list[tuple[int, int]] = field(default_factory=list)
-    happenings: list[Happening] = field(default_factory=list)
-    host_bug: str | None = None
-
-
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
     """An L1 hypervisor's VM exits return to it inside the root's run loop."""
     if scenario.vmx:
@@ -508,229 +497,12 @@ def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
     return cpu.run(steps)
 
 
-@dataclass(slots=True)
-class _Stop:
-    """Something userspace does when KVM_RUN returns to it: a save/restore or a VMM call,
-    after VM exit `exit` or, `marker` set, at the first exit once the guest reached a label
-    (the marker, a host interrupt placed there, has arrived: a signal kicked the vCPU out)."""
-
-    exit: int | None
-    marker: Scheduled | None
-    call: VmmStep | None  # None: a save/restore
-
-    def due(self, exits: int, cpu: Cpu) -> bool:
-        if self.marker is not None:
-            return self.marker not in cpu.scheduled
-        return self.exit == exits
-
-
-
 def vmm_host(scenario: Scenario) -> Vendor:
     """The hypervisor whose VMM script bare metal mirrors: the one the scenario names, else
     the one its L1 or its guest needs (a VMX L1 or FRED: VMX), else SVM."""
     if scenario.vendor != "bare":
         return Vendor(scenario.vendor)
     return Vendor.VMX if scenario.vmx or scenario.fred is not None else Vendor.SVM
-
-
-def _userspace_stops(scenario: Scenario, cpu: Cpu, resolve: Resolver) -> list[_Stop]:
-    """Save/restores first, then the VMM's calls in file order, sorted by exit."""
-    stops = [_Stop(h.exit, None, None) for h in scenario.host if h.event is HostEvent.SAVE_RESTORE]
-    markers = []
-    for step in scenario.vmm:
-        if _on_the_vm(step):
-            continue  # before KVM_CREATE_VCPU (_before_vcpus())
-        marker = None
-        if step.at is not None:
-            marker = Scheduled(External.HOST_INTERRUPT, 0, None, resolve(step.at, step.line))
-            markers.append(marker)
-        stops.append(_Stop(step.exit, marker, step))
-    if markers:
-        cpu.schedule(cpu.scheduled + markers)
-    return sorted(stops, key=lambda s: s.exit if s.exit is not None else 0)
-
-
-def _next_exit(stops: list[_Stop], exits: int) -> int:
-    """The VM exit after which KVM_RUN must return next (0: none)."""
-    if any(s.marker is not None for s in stops):
-        return exits + 1  # watching for the label: every exit returns to userspace
-    later = [s.exit for s in stops if s.exit > exits]
-    return min(later) if later else 0
-
-
-def _perform(step: VmmStep, vcpu: Vcpu, log: _VmmLog, pic: Pic) -> None:
-    """One VMM call; the NMIs and INTR it makes arrive on bare metal where the guest stands
-    now, and the states it sets hold there (before anything in flight, which a crafted state
-    may not replace: scenario/vmm.py crafted_states()); the exceptions a debugger injects
-    come after the event in flight. A result the documented uAPI does not allow is a host
-    problem (a finding)."""
-    cpu = vcpu.cpu
-    here, flying = cpu.delivered, int(in_flight(vcpu))
-    done = action(step.call, step.args).perform(vcpu, pic)
-    log.happenings += [Happening(External.STATE, 0, cpu.retired, None, 0, here, state)
-                       for state in done.states]
-    log.happenings += [Happening(External.STATE, 0, cpu.retired, None, 0, here + flying,
-                                 Forced(event=Event(vector, EventType.HW_EXCEPTION, 0)))
-                       for vector in done.exceptions]
-    if done.contract:
-        vcpu.host_problems.append(done.contract)
-    # After the call: a KVM_SET_VCPU_EVENTS drops a soft event in flight (GET hides it; the
-    # instruction runs again), so the NMIs then come before it, as on bare metal.
-    delivered = cpu.delivered + int(in_flight(vcpu))
-    name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
-    _record(vcpu, name, done)
-    log.nmis += [(cpu.retired, delivered)] * done.nmis
-    log.happenings += [Happening(External.EXTINT, vector, cpu.retired, None, 0, delivered)
-                       for vector in done.extints]
-
-
-def _record(vcpu: Vcpu, name: str, done: Performed) -> None:
-    cpu = vcpu.cpu
-    cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
-
-
-def _run_under_kvm(scenario: Scenario, program: Program, cpu: Cpu, vendor: Vendor,
-                   steps: int, log: _VmmLog
-                   ) -> tuple[Cpu, str | None, tuple[Stats, ...], str | None,
-                              tuple[str, ...], HostTime]:
-    """KVM_RUN until the guest halts for good, shuts down, or the budget ends (or KVM hits a
-    BUG_ON); in between, what userspace does when KVM_RUN returns to it (save/restores, the
-    VMM's calls, and its 8259's KVM_INTERRUPT once the guest is ready for it)."""
-    resolve = Resolver(scenario, program)
-    faults = {resolve.linear(h.page, h.line) // PAGE for h in scenario.host
-              if h.event is HostEvent.FAULT}
-    if dict(scenario.kvm_params).get("tdp", True):
-        cpu.set_host_unmapped(faults)  # guest-physical pages EPT/NPT lacks
-    else:
-        cpu.paging.shadow_missing = faults  # linear pages the shadow lacks (kvm/mmu.py)
-    stops = _userspace_stops(scenario, cpu, resolve)
-    params, svm, vmx = _vendor_params(scenario)
-
-    def make(core: Cpu) -> Vcpu:  # a migration target is a new VM, set up the same way
-        vm = create_vm(vendor)
-        vm.force_emulation_prefix = params.get("force_emulation_prefix", False)
-        vm.fep_clear_rflags_rf = params.get("fep_clear_rflags_rf", False)
-        _enable_caps(vm, params)
-        done = _before_vcpus(scenario, vm, core)
-        new = create_vcpu(core, vendor, svm=svm, vmx=vmx, vm=vm)
-        new.host_problems += [d.contract for d in done if d.contract]
-        return new
-
-    vcpu = make(cpu)
-    pic = Pic()  # the VMM's 8259 (a userspace or split irqchip): lives across save/restores
-    done: list[Stats] = []
-    warnings: list[str] = []
-    problems: list[str] = []
-    windowless = 0
-    start = cpu.work
-    rounds = 0  # KVM_RUN calls: each costs the budget a step, so exits alone cannot loop forever
-    while True:
-        earlier = sum(s.exits for s in done)
-        exits = earlier + vcpu.stats.exits
-        for stop in [s for s in stops if s.due(exits, vcpu.cpu)]:
-            stops.remove(stop)
-            if stop.call is not None:
-                _perform(stop.call, vcpu, log, pic)
-                continue
-            done.append(vcpu.stats)
-            warnings += vcpu.warnings
-            windowless = max(windowless, vcpu.ops.guest.longest_windowless)
-            problems += vcpu.host_problems
-            vcpu = save_restore(vcpu, make)
-            earlier = exits
-        following = _next_exit(stops, exits)
-        vcpu.stop_at_exit = following - earlier if following else 0
-        injected = pic.pre_run(vcpu)
-        if injected is not None:
-            _record(vcpu, KVM_INTERRUPT, injected)
-        rounds += 1
-        try:
-            outcome = vcpu.run(steps - (vcpu.cpu.work - start) - rounds)
-        except HostBug as e:
-            log.host_bug, outcome = str(e), None
-            break
-        if outcome is not None and (outcome.reason is KvmExit.IRQ_WINDOW_OPEN
-                                    or outcome.reason is KvmExit.INTR and stops):
-            continue
-        break
-    done.append(vcpu.stats)
-    warnings += vcpu.warnings
-    windowless = max(windowless, vcpu.ops.guest.longest_windowless)
-    problems += vcpu.host_problems
-    kvm = vcpu.kvm
-    limit = kvm.notify_window + NOTIFY_THRESHOLD + DELIVERY_CYCLES if kvm.notify_enabled else None
-    stop, error = _stop_of(vcpu, outcome) if log.host_bug is None else (None, None)
-    return (vcpu.cpu, stop, tuple(done), error, tuple(warnings),
-            HostTime(windowless, limit, tuple(problems)))
-
-
-def _before_vcpus(scenario: Scenario, vm: Vm, cpu: Cpu) -> list[Performed]:
-    """The VMM's calls on the VM before KVM_CREATE_VCPU ([[vmm]] with exit = 0)."""
-    out = []
-    for step in scenario.vmm:
-        if _on_the_vm(step):
-            done = action(step.call, step.args).perform_on_vm(vm)
-            name = step.call + "".join(f" {k}={v:#x}" for k, v in step.args)
-            cpu.trace.append(VmmRecord(name, done.result, cpu.retired, done.detail))
-            out.append(done)
-    return out
-
-
-def _on_the_vm(step: VmmStep) -> bool:
-    """KVM_ENABLE_CAP at exit 0 is made on the VM before KVM_CREATE_VCPU; any other call at
-    exit 0 (an explored placement shrunk that far) before the first KVM_RUN."""
-    return step.exit == 0 and step.call == KVM_ENABLE_CAP
-def _vendor_params(scenario: Scenario) -> tuple[dict, SvmParams, VmxParams]:
-    """[kvm]: the module parameters and VM capabilities, as given."""
-    params = dict(scenario.kvm_params)
-    svm = SvmParams(nrips=params.get("nrips", True), vnmi=params.get("vnmi", False),
-                    sev_es=params.get("sev_es", False), debug_swap=params.get("debug_swap", False),
-                    vgif=params.get("vgif", True), nested=scenario.svm,
-                    vmware_backdoor=params.get("vmware_backdoor", False),
-                    npt=params.get("tdp", True))
-    vmx = VmxParams(enable_vnmi=params.get("enable_vnmi", True),
-                    intercept_db=params.get("intercept_db", True),
-                    host_fred=params.get("host_fred", False), nested=scenario.vmx,
-                    vmware_backdoor=params.get("vmware_backdoor", False),
-                    ept=params.get("tdp", True))
-    return params, svm, vmx
-
-
-def _enable_caps(vm: Vm, params: dict) -> None:
-    """What QEMU does before KVM_CREATE_VCPU: the irqchip it asked for (KVM_CREATE_IRQCHIP,
-    KVM_CAP_SPLIT_IRQCHIP, or none), notify exits if the host has them."""
-    vm.irqchip = IrqChip(params.get("irqchip", IrqChip.KERNEL.value))
-    mode = params.get("notify_vmexit", "disable")
-    if mode == "disable" or not vm.has_notify_vmexit:  # KVM_CHECK_EXTENSION says no: skip
-        return
-    flags = NotifyFlag.ENABLED | (NotifyFlag.USER if mode == "internal-error" else 0)
-    vm.enable_cap(Cap.X86_NOTIFY_VMEXIT, params.get("notify_window", 0) << 32 | flags)
-
-
-def _stop_of(vcpu: Vcpu, outcome) -> tuple[str | None, str | None]:
-    """Turn KVM_RUN's last exit into the bare-metal stop it stands for."""
-    cpu = vcpu.cpu
-    vcpu.ops.sync_guest_state_to_core()
-    cpu.nmi_blocked = vcpu.ops.get_nmi_mask()
-    if outcome is None:
-        return "budget", None
-    if outcome.reason is KvmExit.HLT:
-        cpu.halted = True
-        return "halted", None
-    if outcome.reason is KvmExit.SHUTDOWN:
-        if not cpu.shutdown:  # KVM merged a fault onto a queued #DF: no core-level record
-            first, second = vcpu.triple_fault_cause
-            cpu.trace.append(Shutdown(cpu.rip, cpu.retired, first, second))
-            cpu.shutdown = True
-        return "shutdown", None
-    if outcome.reason is KvmExit.NOTIFY:
-        # QEMU (kvm_arch_handle_exit) stops the VM on KVM_EXIT_NOTIFY: userspace asked
-        # for it (notify-vmexit=internal-error) or the VM context is invalid.
-        why = ("the VM context is invalid" if outcome.flags & KVM_NOTIFY_CONTEXT_INVALID
-               else "notify-vmexit=internal-error")
-        cpu.trace.append(VmmStop("KVM_EXIT_NOTIFY", outcome.flags, cpu.retired, why))
-        return "vmm", None
-    return None, f"KVM_RUN returned KVM_EXIT_{outcome.reason.name}: {outcome.detail}"
 
 
 def _final(cpu: Cpu, stop: str, mode: Mode) -> Final:

@@ -15,7 +15,8 @@ from kvmodel.kvm.uapi import InvalidArgument
 from kvmodel.kvm.vcpu import Vendor, create_vcpu, create_vm
 from kvmodel.kvm.vm import Cap, NotifyFlag
 from kvmodel.scenario.load import load, parse
-from kvmodel.scenario.runner import HostTime, VmmStop, prepare, run
+from kvmodel.scenario.runner import prepare, run
+from kvmodel.scenario.session import HostTime, VmmStop
 
 NOTIFY = Path(__file__).parents[3] / "scenarios" / "notify"
 
