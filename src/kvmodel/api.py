@@ -123,17 +123,20 @@ def run(scenario: Scenario, vendor: str | Vendor | None = None, *, bugs: Iterabl
 
 def explore(scenario: Scenario, vendor: str | Vendor, bounds: Bounds | None = None, *,
             bugs: Iterable[str] = (), time_limit: float | None = None, workers: int = 1,
-            engine: Engine | None = None, stop_at_first: bool = False) -> ExploreResult:
+            engine: Engine | None = None, stop_at_first: bool = False,
+            from_reset: bool = False) -> ExploreResult:
     """Every schedule of the scenario's choice points within the bounds, under KVM on `vendor`
     ("svm" or "vmx"): `findings` (new), `known` (declared), `complete` (False if the time
     limit or an interrupt ended it), `limit` (a model limit met). Findings are not shrunk or
     written: explore_all() does that. `engine` (default: `workers` processes) says where
-    chunks of schedules run, e.g. Engine(EngineKind.RAY): the results are the same."""
+    chunks of schedules run, e.g. Engine(EngineKind.RAY): the results are the same, as they are
+    with `from_reset` (every run under KVM from reset, none resumed from a shorter one's)."""
     vendor = Vendor(vendor)
     if vendor is Vendor.BARE:
         raise KvmodelError("explore runs under KVM: vendor svm or vmx")
     return _explore(scenario, vendor, bounds, bugs=check_bugs(bugs), time_limit=time_limit,
-                    workers=workers, engine=engine, stop_at_first=stop_at_first)
+                    workers=workers, engine=engine, stop_at_first=stop_at_first,
+                    from_reset=from_reset)
 
 
 def read_replay(path: str | Path) -> Replay:

@@ -190,6 +190,10 @@ def _explore_parsers(sub) -> None:
                     help="--engine ray: an existing Ray cluster (as ray.init() takes it, e.g. "
                          "auto or ray://host:10001; its nodes need kvmodel and the scenario files "
                          "at the same paths) instead of a local instance started for the command")
+    ex.add_argument("--from-reset", action="store_true",
+                    help="run every schedule under KVM from reset instead of resuming it from a "
+                         "copy of a shorter schedule's run (the same results, slower: for checking "
+                         "the resumption)")
     ex.add_argument("--time-limit", type=_seconds, metavar="S",
                     help="stop the whole search after S seconds, reporting what was covered "
                          "(exit 3 if that was not everything)")
@@ -360,7 +364,7 @@ def _explore(args: argparse.Namespace, console: Console) -> int:
             with bar.live:
                 api.explore_all(paths, vendors, bounds, engine=engine, time_limit=args.time_limit,
                             bugs=frozenset(args.bug), out_dir=Path(args.out), known=args.known,
-                            done=advance, progress=bar.running)
+                            done=advance, progress=bar.running, from_reset=args.from_reset)
         except KeyboardInterrupt:
             caught.setdefault("signal", signal.SIGINT)
     interrupted = caught.get("signal")

@@ -49,7 +49,7 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
                 engine: Engine | None = None, time_limit: float | None = None,
                 bugs: frozenset[str] = frozenset(), out_dir: Path | None = None, known: bool = False,
                 done: Callable[[Explored], None] | None = None,
-                progress: Progress | None = None) -> list[Explored]:
+                progress: Progress | None = None, from_reset: bool = False) -> list[Explored]:
     """Explore each scenario on each vendor; new findings are shrunk and written as replays.
 
     `time_limit` bounds the whole call: every exploration stops at the same deadline. A
@@ -61,6 +61,7 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
     had every exploration finished so far (and, with one worker, the interrupted one,
     `result.interrupted` set), and the interrupt goes on up.
     `progress` (one worker only) sees the running exploration's result as it grows.
+    `from_reset`: every run under KVM from reset (explore()'s), for comparison.
     """
     check_bounds(bounds, time_limit)
     deadline = None if time_limit is None else time.monotonic() + time_limit
@@ -77,12 +78,14 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
     engine = engine or Engine(workers=workers)
     if engine.in_process:
         for path, vendor in jobs:
-            finished(explore_one(path, vendor, bounds, deadline, bugs, out_dir, known, progress))
+            finished(explore_one(path, vendor, bounds, deadline, bugs, out_dir, known, progress,
+                                 from_reset))
         return explored
     # The deadline travels as wall-clock time: time.monotonic() means nothing on another node.
     wall = None if deadline is None else time.time() + (deadline - time.monotonic())
     with engine.pool() as pool:
-        futures = [pool.submit(_explore_elsewhere, path, vendor, bounds, wall, bugs, out_dir, known)
+        futures = [pool.submit(_explore_elsewhere, path, vendor, bounds, wall, bugs, out_dir, known,
+                               from_reset)
                    for path, vendor in jobs]
         for future in futures:
             finished(future.result())
@@ -90,19 +93,21 @@ def explore_all(paths: list[Path], vendors: tuple[Vendor, ...], bounds: Bounds, 
 
 
 def _explore_elsewhere(path: str, vendor: Vendor, bounds: Bounds, wall_deadline: float | None,
-                       bugs: frozenset[str], out_dir: Path | None, known: bool) -> Explored:
+                       bugs: frozenset[str], out_dir: Path | None, known: bool,
+                       from_reset: bool) -> Explored:
     """explore_one() in a worker process or a Ray task, with the deadline as time.time()."""
     deadline = None if wall_deadline is None else time.monotonic() + (wall_deadline - time.time())
-    return explore_one(path, vendor, bounds, deadline, bugs, out_dir, known)
+    return explore_one(path, vendor, bounds, deadline, bugs, out_dir, known, from_reset=from_reset)
 
 
 def explore_one(path: str, vendor: Vendor, bounds: Bounds, deadline: float | None,
                 bugs: frozenset[str], out_dir: Path | None, known: bool = False,
-                progress: Progress | None = None) -> Explored:
+                progress: Progress | None = None, from_reset: bool = False) -> Explored:
     """`known`: also shrink and write the declared findings, e.g. to report them upstream."""
     try:
         scenario = load(path)
-        result = explore(scenario, vendor, bounds, deadline=deadline, bugs=bugs, progress=progress)
+        result = explore(scenario, vendor, bounds, deadline=deadline, bugs=bugs, progress=progress,
+                         from_reset=from_reset)
     except KvmodelError as e:
         return Explored(path, vendor, None, error=str(e))
     item = Explored(path, vendor, result)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import os
 import time
 import zlib
 from array import array
@@ -65,6 +66,7 @@ from kvmodel.check.interleave import (
 )
 from kvmodel.check.interleave import describe as describe_interleaving
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
+from kvmodel.check.resume import Resumer
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply, place
 from kvmodel.errors import KvmodelError
 from kvmodel.guest.layout import IST_STACK_BASE, PAGE, STACK_TOP, gate_size
@@ -367,10 +369,14 @@ class Outcome:
 class Runner:
     """Runs schedules of one scenario on one vendor, sharing bare-metal runs."""
 
-    def __init__(self, scenario: Scenario, vendor: Vendor, max_steps: int | None = None):
+    def __init__(self, scenario: Scenario, vendor: Vendor, max_steps: int | None = None,
+                 from_reset: bool = False):
+        """`from_reset`: every run under KVM from reset, none resumed (check/resume.py)."""
         self.scenario = scenario
         self.vendor = vendor
         self.max_steps = max_steps
+        self.from_reset = from_reset
+        self.resumer: Resumer | None = None
         # Bare runs, kept with their guest view and, instead of their memory, its changed
         # pages (by id() of the kept result): keeping a whole memory per distinct bare run
         # costs a page fault per fresh page.
@@ -437,6 +443,10 @@ class Runner:
         if first:
             self.prepared = Prepared(self.scenario)
             self.image = PageImage(self.prepared.cpu.mem)
+        if vendor is not Vendor.BARE and not (self.from_reset or first):
+            if self.resumer is None:
+                self.resumer = Resumer(self.scenario, vendor, self.max_steps, self.prepared)
+            return self.resumer.run(schedule)
         scenario = apply(self.scenario, schedule)
         if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule, or here
             scenario = bare_counterpart(scenario, (), vmm_happenings)
@@ -578,7 +588,7 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
             workers: int = 1, engine: Engine | None = None, time_limit: float | None = None,
             deadline: float | None = None, bugs: frozenset[str] = frozenset(),
             progress: Progress | None = None, max_steps: int | None = None,
-            stop_at_first: bool = False) -> ExploreResult:
+            stop_at_first: bool = False, from_reset: bool = False) -> ExploreResult:
     """Run every schedule within the bounds; findings in schedule order, whatever `workers` or
     the engine is (`engine`: where chunks of schedules run; default: `workers` processes).
 
@@ -613,7 +623,8 @@ def explore(scenario: Scenario, vendor: Vendor, bounds: Bounds | None = None, *,
         parallel = not (engine.in_process or stop_at_first)
         with engine.pool() if parallel else nullcontext() as pool:  # one pool for both stages
             run = partial(_run_all, scenario, vendor, pool=pool, workers=engine.workers, bugs=bugs,
-                          deadline=deadline, max_steps=max_steps, expired=search.expired)
+                          deadline=deadline, max_steps=max_steps, expired=search.expired,
+                          from_reset=from_reset)
             keep = second_stage_possible(choices)
             exits, sizes = array("i"), [0] * (choices.max_async + choices.max_host + 1)
             stopped = False
@@ -708,13 +719,14 @@ def _explained_by(finding: Finding, declared: list[KnownFinding]) -> int | None:
 
 def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], *, pool: Pool | None,
              workers: int, bugs: frozenset[str], deadline: float | None, max_steps: int | None,
-             expired: Callable[[], None] = lambda: None) -> Iterator[Outcome]:
+             expired: Callable[[], None] = lambda: None, from_reset: bool = False
+             ) -> Iterator[Outcome]:
     """The outcomes of `schedules`, in their order, until the deadline (then `expired()` is
     called): here, or in chunks on `pool` (an engine's, with `workers`); the caller may stop
     at any point."""
     if pool is None:
         with _faults.switched_on(bugs):
-            runner = Runner(scenario, vendor, max_steps)
+            runner = Runner(scenario, vendor, max_steps, from_reset)
             for schedule in schedules:
                 if deadline is not None and time.monotonic() >= deadline:
                     expired()
@@ -724,14 +736,16 @@ def _run_all(scenario: Scenario, vendor: Vendor, schedules: Iterator[Schedule], 
     chunks = iter(lambda: list(itertools.islice(schedules, CHUNK)), [])
     window: deque = deque()  # a few chunks ahead per worker: memory stays bounded
     for chunk in itertools.islice(chunks, 2 * workers):
-        window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
+        window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps,
+                                  from_reset))
     while window:
         if deadline is not None and time.monotonic() >= deadline:
             expired()
             return
         outcomes = window.popleft().result()  # in submission order: independent of the engine
         for chunk in itertools.islice(chunks, 1):
-            window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps))
+            window.append(pool.submit(_run_chunk, scenario.path, vendor, chunk, bugs, max_steps,
+                                  from_reset))
         yield from outcomes
 
 
@@ -744,10 +758,23 @@ def _smallest_first(schedule: Schedule) -> tuple:
 
 
 def _run_chunk(path: str, vendor: Vendor, schedules: list[Schedule], bugs: frozenset[str],
-               max_steps: int | None) -> list[Outcome]:
+               max_steps: int | None, from_reset: bool) -> list[Outcome]:
     with _faults.switched_on(bugs):
-        runner = Runner(load(path), vendor, max_steps)
+        runner = _worker_runner(path, vendor, bugs, max_steps, from_reset)
         return [runner.outcome(s) for s in schedules]
+
+
+_last_runner: list = []  # a worker's (key, Runner) for the scenario its last chunk was of
+
+
+def _worker_runner(path: str, vendor: Vendor, bugs: frozenset[str], max_steps: int | None,
+                   from_reset: bool) -> Runner:
+    """The worker's Runner for this scenario: its bare runs and trunks (check/resume.py) serve
+    the next chunk of the same scenario too."""
+    key = (path, os.stat(path).st_mtime_ns, vendor, bugs, max_steps, from_reset)
+    if not _last_runner or _last_runner[0][0] != key:
+        _last_runner[:] = [(key, Runner(load(path), vendor, max_steps, from_reset))]
+    return _last_runner[0][1]
 
 
 

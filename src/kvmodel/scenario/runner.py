@@ -258,13 +258,15 @@ def _fred_msrs(scenario: Scenario, resolve: Resolver) -> FredMsrs | None:
 
 def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions: bool = False,
         max_steps: int | None = None, prepared: Prepared | None = None,
-        expectations: bool = True, amd: bool = False) -> RunResult:
+        expectations: bool = True, amd: bool = False,
+        watch: Callable[[KvmSession], None] | None = None) -> RunResult:
     """Run on bare metal, or under KVM on SVM or VMX; judge the file's expectations.
 
     `prepared`: the scenario's CPU at reset, built before (not with record_instructions).
     `expectations`: False leaves `mismatches` empty (the explorer judges against bare metal).
     `amd`: bare metal is an AMD CPU (the counterpart of a run under KVM on SVM; also with
     `[cpu] vendor = "svm"` or `svm = true`), for what differs by vendor (deliver.ext_bit()).
+    `watch`: under KVM, the session's (scenario/session.py).
     """
     vendor = vendor or Vendor(scenario.vendor)
     if scenario.cpus is not None:
@@ -282,9 +284,13 @@ def run(scenario: Scenario, *, vendor: Vendor | None = None, record_instructions
     steps = max_steps or scenario.max_steps
     if vendor is not Vendor.BARE:
         log = VmmLog()
-        return _under_kvm(scenario, program, cpu, vendor, log, expectations,
-                          lambda: KvmSession(scenario, Resolver(scenario, program), cpu, vendor,
-                                             steps, log).run())
+
+        def go() -> SessionResult:
+            session = KvmSession(scenario, Resolver(scenario, program), cpu, vendor, steps, log)
+            session.watch = watch
+            return session.run()
+
+        return _under_kvm(scenario, program, cpu, vendor, log, expectations, go)
     limit = None
     # bare metal has no forced emulation prefix: it runs the instruction behind it
     cpu.fep_is_prefix = dict(scenario.kvm_params).get("force_emulation_prefix", False)

@@ -7,7 +7,7 @@ KVM_INTERRUPT once the guest is ready for it.
 
 A session keeps everything it needs in attributes, never in the frames of a
 running call: where KVM looks whether userspace wants control after an exit
-(Vcpu.run()'s `at_exit`), a copy of the session (kvmodel._util.snapshot) can be
+(`watch`, Vcpu.run()'s `at_exit`), a copy of the session (kvmodel._util.snapshot) can be
 resumed with resume(). check/resume.py branches the explorer's runs there.
 """
 
@@ -111,7 +111,9 @@ class KvmSession:
         self.start = cpu.work
         self.rounds = 0  # KVM_RUN calls: each costs the budget a step, so exits alone cannot loop forever
         self.outcome: UserspaceExit | None = None
-        self.at_exit: Callable[[], None] | None = None  # Vcpu.run()'s: check/resume.py's snapshots
+        # called where KVM looks whether userspace wants control (Vcpu.run()'s `at_exit`):
+        # check/resume.py copies the session there
+        self.watch: Callable[[KvmSession], None] | None = None
 
     def make(self, core: Cpu) -> Vcpu:
         """A vCPU on `core`; a migration target is a new VM, set up the same way."""
@@ -136,7 +138,7 @@ class KvmSession:
         return self._finish()
 
     def resume(self) -> SessionResult:
-        """Go on from where `at_exit` was called, on a copy of the session."""
+        """Go on from where `watch` was called, on a copy of the session."""
         if self._returned(self.vcpu.resume_run):
             while self._userspace_turn():
                 pass
@@ -167,13 +169,16 @@ class KvmSession:
     def _returned(self, kvm_run: Callable) -> bool:
         """KVM_RUN (`kvm_run(at_exit)`) returns: True if userspace goes on."""
         try:
-            self.outcome = kvm_run(self.at_exit)
+            self.outcome = kvm_run(self._at_exit if self.watch is not None else None)
         except HostBug as e:
             self.log.host_bug, self.outcome = str(e), None
             return False
         outcome = self.outcome
         return outcome is not None and (outcome.reason is KvmExit.IRQ_WINDOW_OPEN
                                         or outcome.reason is KvmExit.INTR and bool(self.stops))
+
+    def _at_exit(self) -> None:
+        self.watch(self)
 
     def _retire(self, vcpu: Vcpu) -> None:
         """What the session keeps of a vCPU it is done with."""

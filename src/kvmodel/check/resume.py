@@ -1,0 +1,191 @@
+"""Runs under KVM resumed from copies of another run, instead of from reset (issue 24).
+
+Two schedules of one scenario run alike until the first happening one of them
+has and the other lacks. A trunk is a run of the shorter one that copies itself
+(kvmodel._util.snapshot) at every branch point: each time KVM has handled a VM
+exit and looks whether userspace wants control (Vcpu.run()'s `at_exit`). A
+schedule with more happenings then starts from the trunk's last copy that none
+of them could have touched yet, adds them, and goes on (scenario/session.py
+KvmSession.resume()).
+
+Which run is a schedule's trunk (trunk_of()): for a schedule with save/restores
+or VMM calls (the explorer's second stage), its first-stage part, whose VM exits
+those come after; otherwise the part that acts from the start (pages missing
+from EPT/NPT), so every NMI, interrupt and host interrupt placed by retired
+instructions branches off the scenario's own run.
+
+A copy is usable for a happening that has not happened yet in it:
+- placed after `at` retired instructions: the copy stands before that count, and
+  the vCPU never waited while halted before it (time passing while halted brings
+  every event scheduled by count, however late: Cpu.next_arrival());
+- after VM exit `at` (save/restore, VMM call): the copy has seen at most `at`
+  exits; at exactly `at`, userspace takes control right where the copy was made.
+
+Bare-metal runs are not resumed: the explorer shares them already (Runner.bare()).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kvmodel._util.snapshot import copy_graph, shared
+from kvmodel.arch import observe
+from kvmodel.arch.cpu import Forced, Scheduled
+from kvmodel.arch.decode import Decoded
+from kvmodel.check.schedule import Kind, Placement, Schedule, apply
+from kvmodel.guest.asm import Program
+from kvmodel.hw.base import ExitRecord
+from kvmodel.kvm.migrate import SaveRestoreRecord
+from kvmodel.kvm.vcpu import Vendor
+from kvmodel.kvm.x86 import InjectRecord, NestedExitRecord
+from kvmodel.scenario.runner import Prepared, Resolver, RunResult, resume, run
+from kvmodel.scenario.schema import Happening, Scenario, VmmStep
+from kvmodel.scenario.session import KvmSession, UserspaceStop, VmmStop
+from kvmodel.scenario.vmm import VmmRecord
+
+# Made once and never changed: a copy of a run shares them.
+shared(Decoded, Scheduled, Forced, Scenario, Happening, VmmStep, Program, Resolver,
+       observe.Delivery, observe.Arrival, observe.Halt, observe.Iret, observe.Shutdown,
+       observe.Output, observe.Retire, ExitRecord, NestedExitRecord, InjectRecord, VmmRecord,
+       SaveRestoreRecord, VmmStop)
+
+AFTER_EXIT = (Kind.SAVE_RESTORE, Kind.VMM)
+FROM_THE_START = (Kind.HOST_FAULT,)
+TRUNKS_KEPT = 4  # trunks whose copies a worker keeps (chunks of schedules share a few)
+
+
+def trunk_of(schedule: Schedule) -> Schedule:
+    """The schedule whose run `schedule` branches off (see the module's docstring)."""
+    if any(p.kind in AFTER_EXIT for p in schedule):
+        return tuple(p for p in schedule if p.kind not in AFTER_EXIT)
+    return tuple(p for p in schedule if p.kind in FROM_THE_START)
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A copy of a trunk's session where KVM looked whether userspace wants control."""
+
+    exits: int  # VM exits so far, over every vCPU of the run
+    retired: int
+    waits: int  # times the vCPU waited while halted (Cpu.waits)
+    session: KvmSession  # never run itself: each resumption copies it again
+
+    def usable_for(self, placements: list[Placement]) -> bool:
+        for p in placements:
+            if p.kind in AFTER_EXIT:
+                if self.exits > p.at:
+                    return False
+            elif self.waits or self.retired >= p.at:
+                return False
+        return True
+
+
+class Trunk:
+    """A run that copies itself at every branch point."""
+
+    def __init__(self, happenings: int) -> None:
+        self.branches: list[Branch] = []
+        self.happenings = happenings  # its scenario's: a branch's arrivals come after them
+
+    def watch(self, session: KvmSession) -> None:
+        """KvmSession.watch: called at each branch point of the trunk's run."""
+        watch, session.watch = session.watch, None  # the copy must not refer to the trunk
+        try:
+            copy = copy_graph(session)
+        finally:
+            session.watch = watch
+        cpu = session.vcpu.cpu
+        self.branches.append(Branch(session.earlier_exits + session.vcpu.stats.exits, cpu.retired,
+                                    cpu.waits, copy))
+
+    def last_usable(self, placements: list[Placement]) -> Branch | None:
+        """The latest copy none of `placements` could have touched (usability is monotonic:
+        counts only grow along a run)."""
+        found = None
+        for branch in self.branches:
+            if not branch.usable_for(placements):
+                break
+            found = branch
+        return found
+
+
+class Resumer:
+    """Runs a scenario's schedules under KVM from the copies of their trunks (one vendor)."""
+
+    def __init__(self, scenario: Scenario, vendor: Vendor, max_steps: int | None,
+                 prepared: Prepared):
+        self.scenario, self.vendor, self.max_steps, self.prepared = scenario, vendor, max_steps, prepared
+        self.trunks: OrderedDict[Schedule, Trunk] = OrderedDict()
+        self.resumed = 0  # schedules run from a copy (the rest from reset)
+
+    def run(self, schedule: Schedule) -> RunResult:
+        trunk_schedule = trunk_of(schedule)
+        trunk = self.trunks.get(trunk_schedule)
+        if trunk is None:
+            trunk, result = self._record(trunk_schedule)
+            if trunk_schedule == schedule:
+                return result
+        else:
+            self.trunks.move_to_end(trunk_schedule)
+        extra = list(schedule)
+        for p in trunk_schedule:
+            extra.remove(p)
+        branch = trunk.last_usable(extra)
+        if branch is None:
+            return self._fresh(schedule)
+        self.resumed += 1
+        session = copy_graph(branch.session)
+        scenario = apply(self.scenario, schedule)
+        _add_happenings(session, scenario.happenings[trunk.happenings:])
+        _add_stops(session, scenario, extra)
+        return resume(session, scenario, self.prepared.program)
+
+    def _record(self, schedule: Schedule) -> tuple[Trunk, RunResult]:
+        scenario = apply(self.scenario, schedule)
+        trunk = Trunk(len(scenario.happenings))
+        result = run(scenario, vendor=self.vendor, max_steps=self.max_steps,
+                     prepared=self.prepared, expectations=False, watch=trunk.watch)
+        self.trunks[schedule] = trunk
+        if len(self.trunks) > TRUNKS_KEPT:
+            self.trunks.popitem(last=False)
+        return trunk, result
+
+    def _fresh(self, schedule: Schedule) -> RunResult:
+        return run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps,
+                   prepared=self.prepared, expectations=False)
+
+
+def _add_happenings(session: KvmSession, happenings: tuple[Happening, ...]) -> None:
+    """The schedule's arrivals, where runner._schedule() put them in a run from reset: after
+    the scenario's own, before the markers of the VMM's label-placed calls."""
+    if not happenings:
+        return
+    cpu = session.vcpu.cpu
+    markers = {id(stop.marker) for stop in session.stops if stop.marker is not None}
+    new = [Scheduled(h.event, h.vector, h.after, None, h.delivered, h.state) for h in happenings]
+    cpu.schedule([s for s in cpu.scheduled if id(s) not in markers] + new
+                 + [s for s in cpu.scheduled if id(s) in markers])
+
+
+def _add_stops(session: KvmSession, scenario: Scenario, extra: list[Placement]) -> None:
+    """The schedule's save/restores and VMM calls, in the order of a run from reset
+    (session.userspace_stops(): save/restores, then calls, stably sorted by exit), and the
+    exit after which the current KVM_RUN returns, as the VMM set it before the run."""
+    added = [p for p in extra if p.kind in AFTER_EXIT]
+    if not added:
+        return
+    calls = iter(scenario.vmm[len(scenario.vmm) - sum(p.kind is Kind.VMM for p in added):])
+    new = [UserspaceStop(p.at, None, None if p.kind is Kind.SAVE_RESTORE else next(calls))
+           for p in sorted(added, key=lambda p: p.kind is Kind.VMM)]
+    old = session.stops
+    ordered = ([s for s in old if s.call is None] + [s for s in new if s.call is None]
+               + [s for s in old if s.call is not None] + [s for s in new if s.call is not None])
+    session.stops = sorted(ordered, key=lambda s: s.exit if s.exit is not None else 0)
+    if any(s.marker is not None for s in old):
+        return  # every exit returns to userspace already
+    vcpu = session.vcpu
+    earlier = session.earlier_exits
+    following = [p.at for p in added] + ([vcpu.stop_at_exit + earlier] if vcpu.stop_at_exit else [])
+    vcpu.stop_at_exit = min(following) - earlier
+
