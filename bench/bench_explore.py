@@ -4,11 +4,13 @@
 
 1. Schedules per second on one core for bench/explore20.toml (about 20 guest
    instructions, one NMI and one interrupt placed anywhere, no host choices), per
-   vendor, and for one nested scenario (NESTED: an L1 on the hardware model runs an L2
-   that ends each stage with VMCALL; host interrupts and save/restores placed too).
-   Every schedule is a complete KVM run plus a (shared) bare-metal run.
-   The figure is the best of `--repeat` searches, timed in process CPU time, so other
-   work on the machine moves it less.
+   vendor, and for nested scenarios (NESTED: an L1 on the hardware model runs an L2
+   that ends each stage with VMCALL; host interrupts and save/restores placed too; and
+   SLOW_NESTED, among the suite's slowest), each with runs under KVM resumed from a
+   shorter schedule's copies (check/resume.py, the default) and with --from-reset. Every
+   schedule is a KVM run plus a (shared) bare-metal run. The figure is the best of
+   `--repeat` searches, timed in process CPU time, so other work on the machine moves
+   it less; "copies" are the trunks' copies taken and the runs resumed from them.
 2. Wall time and schedules/s of `kvmodel explore --vendor both` on bench/explore20.toml
    (no host choices) and on the shipped suite (scenarios/, default bounds; with
    `--bound3` also at --max-async 3 --max-host 3), with 1 and 2
@@ -31,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvmodel.check import resume
 from kvmodel.check.engine import Engine, EngineKind
 from kvmodel.check.explore import Bounds, explore
 from kvmodel.kvm.vcpu import Vendor
@@ -40,26 +43,59 @@ ROOT = Path(__file__).parents[1]
 
 
 NESTED = ROOT / "scenarios" / "nested" / "vmx_l2_vmcall_exits_to_l1.toml"
+SLOW_NESTED = [ROOT / "scenarios" / "nested" / name for name in (
+    "vmx_vmlaunch_invalid_event_injection.toml", "vmx_l1_injects_int3_without_instruction.toml")]
+
+
+class Counting:
+    """Counts the copies trunks take and the runs resumed from them (check/resume.py)."""
+
+    def __enter__(self) -> Counting:
+        self.copies = self.resumed = 0
+        self.watch, self.resume = resume.Trunk.watch, resume.Resumer._resume
+        counting = self
+
+        def watch(trunk, session):
+            counting.copies += 1
+            return counting.watch(trunk, session)
+
+        def resumed(resumer, *args):
+            counting.resumed += 1
+            return counting.resume(resumer, *args)
+
+        resume.Trunk.watch, resume.Resumer._resume = watch, resumed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        resume.Trunk.watch, resume.Resumer._resume = self.watch, self.resume
 
 
 def one_core(repeat: int) -> None:
     explore20 = load(ROOT / "bench" / "explore20.toml")
     explore(explore20, Vendor.VMX, Bounds(max_host=0))  # warm the assembler cache
-    for name, scenario, vendor, bounds in (
-            ("explore20", explore20, Vendor.SVM, Bounds(max_host=0)),
-            ("explore20", explore20, Vendor.VMX, Bounds(max_host=0)),
-            (NESTED.stem, load(NESTED), Vendor.VMX, Bounds())):
-        times = []
-        for _ in range(repeat):
-            start = time.process_time()
-            result = explore(scenario, vendor, bounds)
-            times.append(time.process_time() - start)
-        best = min(times)
-        print(f"{name} on {vendor.value}: {result.schedules} schedules, {result.distinct} distinct "
-              f"outcomes in {best:.3f} s (best of {repeat}): {result.schedules / best:,.0f} schedules/s")
+    cases = [("explore20", explore20, Vendor.SVM, Bounds(max_host=0)),
+             ("explore20", explore20, Vendor.VMX, Bounds(max_host=0)),
+             (NESTED.stem, load(NESTED), Vendor.VMX, Bounds())]
+    cases += [(path.stem, load(path), Vendor.VMX, Bounds()) for path in SLOW_NESTED]
+    for name, scenario, vendor, bounds in cases:
+        runs = 1 if scenario.path in map(str, SLOW_NESTED) else repeat  # these take seconds
+        for from_reset in (False, True):
+            times = []
+            for _ in range(runs):
+                start = time.process_time()
+                with Counting() as counted:
+                    result = explore(scenario, vendor, bounds, from_reset=from_reset)
+                times.append(time.process_time() - start)
+            best = min(times)
+            how = "from reset" if from_reset else (f"resumed ({counted.copies:,} copies, "
+                                                    f"{counted.resumed:,} runs resumed)")
+            print(f"{name} on {vendor.value}, {how}: {result.schedules:,} schedules, "
+                  f"{result.distinct} distinct outcomes in {best:.3f} s (best of {runs}): "
+                  f"{result.schedules / best:,.0f} schedules/s")
 
 
 ENGINES = {"1 worker": ["--workers", "1"], "2 worker processes": ["--workers", "2"],
+           "2 worker processes, --from-reset": ["--workers", "2", "--from-reset"],
            "Ray, 2 local CPUs": ["--engine", "ray", "--workers", "2"]}
 TARGETS = {"explore20": [str(ROOT / "bench" / "explore20.toml"), "--max-host", "0"],
            "shipped suite": [str(ROOT / "scenarios")],

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmodel.bugs.catalogue import CATALOGUE
+from kvmodel.bugs.check import check_bug
 from kvmodel.check import explore as explore_module
 from kvmodel.check import resume as resume_module
 from kvmodel.check.explore import Bounds, explore
@@ -74,10 +76,39 @@ def test_the_trunk_of_a_schedule():
 
 
 def test_a_copy_is_usable_only_before_what_it_would_have_seen():
-    branch = Branch(exits=4, retired=10, waits=0, session=None)
+    branch = Branch(exits=4, retired=10, waits=0, session=None, memory=bytearray(), pages={})
     assert branch.usable_for([place(Kind.NMI, 11), place(Kind.SAVE_RESTORE, 4)])
     assert not branch.usable_for([place(Kind.NMI, 10)])  # its boundary 10 was looked at
     assert not branch.usable_for([place(Kind.SAVE_RESTORE, 3)])
-    waited = Branch(exits=4, retired=10, waits=1, session=None)
+    waited = Branch(exits=4, retired=10, waits=1, session=None, memory=bytearray(), pages={})
     assert not waited.usable_for([place(Kind.HOST_INTERRUPT, 50)])  # a halt brings it early
     assert waited.usable_for([place(Kind.VMM, 5)])
+
+
+def test_every_catalogued_bug_gives_the_same_replay_file_either_way(tmp_path):
+    """`kvmodel bugs check`, resumed and from reset: found alike, the same shrunk
+    counterexample, byte for byte."""
+    rows = 0
+    for bug in CATALOGUE:
+        for vendor in bug.vendors:
+            checks = [check_bug(bug, Vendor(vendor), tmp_path / f"{bug.name}-{vendor}-{mode}",
+                                from_reset=mode == "reset")
+                      for mode in ("reset", "resumed")]
+            got = [(c.found, c.happenings, c.retired, c.reproduced,
+                    Path(c.replay).read_bytes() if c.replay else None) for c in checks]
+            assert got[0] == got[1], f"{bug.name} on {vendor}"
+            rows += 1
+    assert rows >= 60
+
+
+@pytest.mark.slow
+def test_the_whole_shipped_suite_explores_alike_either_way(monkeypatch):
+    """Every schedule of every shipped scenario, on both vendors (about 10 minutes)."""
+    for path in sorted(ROOT.rglob("*.toml")):
+        if load(path).cpus is not None:
+            continue  # several CPUs: interleavings (check/interleave.py), nothing resumed
+        for vendor in (Vendor.SVM, Vendor.VMX):
+            rel = str(path.relative_to(ROOT))
+            fresh, _ = _outcomes(monkeypatch, rel, vendor, Bounds(), from_reset=True)
+            again, _ = _outcomes(monkeypatch, rel, vendor, Bounds(), from_reset=False)
+            assert again == fresh, f"{rel} on {vendor.value}"

@@ -22,7 +22,20 @@ from typing import Any
 
 _ATOMIC: set[type] = {int, bool, float, str, bytes, type(None), range, frozenset,
                       types.FunctionType, types.BuiltinFunctionType, type}
-_COPIERS: dict[type, Callable[[Any, dict], Any]] = {}
+_SPARES = -1  # the memo's entry for reusable buffers (no id() is negative)
+
+
+class _Copiers(dict):
+    """The copy function of each class, made the first time one is met."""
+
+    def __missing__(self, cls: type) -> Callable[[Any, dict], Any]:
+        copier = self[cls] = _copier_for(cls)
+        if copier is _share:
+            _ATOMIC.add(cls)
+        return copier
+
+
+_COPIERS = _Copiers()
 
 
 def shared(*classes: type) -> None:
@@ -32,25 +45,24 @@ def shared(*classes: type) -> None:
         _COPIERS.pop(cls, None)
 
 
-def copy_graph(root: Any, memo: dict | None = None) -> Any:
+def copy_graph(root: Any, memo: dict | None = None,
+               spares: list[bytearray] | None = None) -> Any:
     """A copy of everything `root` reaches that can change; `memo` maps id() to copies
-    made so far (pass one dict to copy several roots that share objects)."""
-    return _copy(root, {} if memo is None else memo)
+    made so far (pass one dict to copy several roots that share objects). A bytearray is
+    copied into one of `spares` of its size, if there is one (which it takes from the
+    list): a fresh one costs a page fault per page, more than the copy."""
+    memo = {} if memo is None else memo
+    memo[_SPARES] = spares or []
+    return _copy(root, memo)
 
 
 def _copy(value: Any, memo: dict) -> Any:
-    cls = type(value)
-    if cls in _ATOMIC:
+    if value.__class__ in _ATOMIC:
         return value
     done = memo.get(id(value))
     if done is not None:
         return done
-    copier = _COPIERS.get(cls)
-    if copier is None:
-        copier = _COPIERS[cls] = _copier_for(cls)
-        if copier is _share:
-            _ATOMIC.add(cls)
-    return copier(value, memo)
+    return _COPIERS[value.__class__](value, memo)
 
 
 def _share(value: Any, memo: dict) -> Any:
@@ -110,7 +122,13 @@ def _copy_set(value: set, memo: dict) -> set:
 
 
 def _copy_bytearray(value: bytearray, memo: dict) -> bytearray:
-    new = bytearray(value)
+    spares = memo[_SPARES]
+    fitting = next((n for n, spare in enumerate(spares) if len(spare) == len(value)), None)
+    if fitting is None:
+        new = bytearray(value)
+    else:
+        new = spares.pop(fitting)
+        new[:] = value
     memo[id(value)] = new
     return new
 
@@ -145,7 +163,11 @@ def _object_copier(cls: type, slots: tuple[str, ...], has_dict: bool
                    ) -> Callable[[Any, dict], Any]:
     """Straight-line code per class: one line per slot, so a CPU's hundred registers copy
     in microseconds (a loop over names with getattr/setattr costs four times as much)."""
-    lines = [f"    v = value.{name}\n    new.{name} = v if v.__class__ in atomic else deep(v, memo)"
+    lines = [f"    v = value.{name}\n"
+             f"    if v.__class__ not in atomic:\n"
+             f"        done = memo.get(id(v))\n"
+             f"        v = done if done is not None else copiers[v.__class__](v, memo)\n"
+             f"    new.{name} = v"
              for name in slots]
     if has_dict:
         lines.append("    attrs = value.__dict__.copy()\n"
@@ -155,15 +177,15 @@ def _object_copier(cls: type, slots: tuple[str, ...], has_dict: bool
                      "    new.__dict__ = attrs")
     if not lines:
         return _share  # nothing in it can change
-    source = ("def copy_object(value, memo):\n"
+    source = (f"def copy_{cls.__name__}(value, memo):\n"
               "    new = make(cls)\n    memo[id(value)] = new\n"
               "    try:\n" + "\n".join("    " + line.replace("\n", "\n    ") for line in lines)
               + "\n    except AttributeError:\n        return unset(value, new, memo)\n"
               "    return new\n")
-    scope = {"make": object.__new__, "cls": cls, "atomic": _ATOMIC, "deep": _copy,
+    scope = {"make": object.__new__, "cls": cls, "atomic": _ATOMIC, "deep": _copy, "copiers": _COPIERS,
              "unset": _with_unset_slots(slots, has_dict)}
     exec(source, scope)  # noqa: S102 - generated from the class's own slot names
-    return scope["copy_object"]
+    return scope[f"copy_{cls.__name__}"]
 
 
 def _with_unset_slots(slots: tuple[str, ...], has_dict: bool) -> Callable[[Any, Any, dict], Any]:

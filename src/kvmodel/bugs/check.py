@@ -26,11 +26,13 @@ class BugCheck:
     reproduced: bool  # the replay file shows the finding again
 
 
-def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
+def check_bug(bug: Bug, vendor: Vendor, out_dir: Path, from_reset: bool = False) -> BugCheck:
+    """`from_reset`: explore and shrink running every schedule from reset (explore()'s)."""
     start = time.monotonic()
     bugs = frozenset({bug.name})
     scenario = load(bug.scenario)
-    result = explore(scenario, vendor, Bounds(), bugs=bugs, stop_at_first=True)
+    result = explore(scenario, vendor, Bounds(), bugs=bugs, stop_at_first=True,
+                     from_reset=from_reset)
     if not result.findings:
         return BugCheck(bug, vendor, False, 0, 0, time.monotonic() - start, None, False)
     if scenario.cpus is not None:
@@ -40,7 +42,7 @@ def check_bug(bug: Bug, vendor: Vendor, out_dir: Path) -> BugCheck:
         again = explore(scenario, vendor, Bounds(), bugs=bugs, stop_at_first=True)
         reproduced = any(f.kind == kind for f in again.findings)
         return BugCheck(bug, vendor, True, 0, 0, time.monotonic() - start, None, reproduced)
-    small = shrink(scenario, vendor, result.findings[0], bugs)
+    small = shrink(scenario, vendor, result.findings[0], bugs, from_reset)
     path = write(out_dir, scenario, vendor, small, bugs)
     comparison = read(path).run()
     elapsed = time.monotonic() - start

@@ -47,7 +47,6 @@ import heapq
 import itertools
 import os
 import time
-import zlib
 from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -66,6 +65,7 @@ from kvmodel.check.interleave import (
 )
 from kvmodel.check.interleave import describe as describe_interleaving
 from kvmodel.check.oracle import first_divergence, guest_view, not_applicable
+from kvmodel.check.pages import PageImage
 from kvmodel.check.resume import Resumer
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply, place
 from kvmodel.errors import KvmodelError
@@ -445,7 +445,8 @@ class Runner:
             self.image = PageImage(self.prepared.cpu.mem)
         if vendor is not Vendor.BARE and not (self.from_reset or first):
             if self.resumer is None:
-                self.resumer = Resumer(self.scenario, vendor, self.max_steps, self.prepared)
+                self.resumer = Resumer(self.scenario, vendor, self.max_steps, self.prepared,
+                                       self.image)
             return self.resumer.run(schedule)
         scenario = apply(self.scenario, schedule)
         if vendor is Vendor.BARE:  # the VMM's counterpart is in the schedule, or here
@@ -516,56 +517,6 @@ def stats_problem(virt: RunResult) -> str | None:
     if notify != sum(o.kind == "vmexit" and o.reason == "NOTIFY" for o in virt.trace):
         return f"notify_window_exits = {notify} disagrees with the Notify VM exits taken"
     return None
-
-
-class PageImage:
-    """Memory as the pages that differ from the scenario's initial image.
-
-    Memory is compared in place (bytearray.startswith is a memcmp), a block
-    of pages at a time and then page by page inside the blocks that differ:
-    runs touch a few stack pages, so most blocks are skipped with one compare.
-    """
-
-    BLOCK = 16 * PAGE
-
-    def __init__(self, initial: bytes | bytearray):
-        self.size = len(initial)
-        self.pages = {at: bytes(initial[at:at + PAGE]) for at in range(0, self.size, PAGE)}
-        self.blocks = [(at, bytes(initial[at:at + self.BLOCK]), self._pages_of(at))
-                       for at in range(0, self.size, self.BLOCK)]
-
-    def _pages_of(self, block: int) -> list[tuple[int, bytes]]:
-        return [(at, page) for at, page in self.pages.items() if block <= at < block + self.BLOCK]
-
-    def changed(self, memory: bytes | bytearray) -> dict[int, bytes]:
-        """The pages (by address, ascending) where `memory`, of the image's size, differs."""
-        out = {}
-        for start, block, pages in self.blocks:
-            if memory.startswith(block, start):
-                continue
-            for at, page in pages:
-                if not memory.startswith(page, at):
-                    out[at] = bytes(memory[at:at + PAGE])
-        return out
-
-    def digest(self, memory: bytes | bytearray, changed: dict[int, bytes] | None = None) -> bytes:
-        """A CRC over the changed pages only (a tenth of the time of one over all of memory)."""
-        if len(memory) != self.size:
-            return zlib.crc32(memory).to_bytes(4, "little")
-        crc = 0
-        for at, page in (self.changed(memory) if changed is None else changed).items():
-            crc = zlib.crc32(page, zlib.crc32(at.to_bytes(8, "little"), crc))
-        return crc.to_bytes(4, "little")
-
-    def first_difference(self, a: dict[int, bytes], b: dict[int, bytes]) -> tuple[int, int, int] | None:
-        """The first byte where two memories, given by their changed pages, differ:
-        (address, a's byte, b's byte). Pages neither changed are the image's in both."""
-        for at in sorted(a.keys() | b.keys()):
-            page_a, page_b = a.get(at, self.pages[at]), b.get(at, self.pages[at])
-            if page_a != page_b:
-                n = next(i for i, (x, y) in enumerate(zip(page_a, page_b, strict=True)) if x != y)
-                return at + n, page_a[n], page_b[n]
-        return None
 
 
 # -- the search ----------------------------------------------------------------------------

@@ -34,10 +34,11 @@ REPLAY_FORMAT = 1
 
 
 def shrink(scenario: Scenario, vendor: Vendor, finding: Finding,
-           bugs: frozenset[str] = frozenset()) -> Finding:
-    """The smallest schedule, earliest placements, that still shows a finding of this kind."""
+           bugs: frozenset[str] = frozenset(), from_reset: bool = False) -> Finding:
+    """The smallest schedule, earliest placements, that still shows a finding of this kind
+    (`from_reset`: as explore()'s)."""
     with _faults.switched_on(bugs):
-        runner = Runner(scenario, vendor)
+        runner = Runner(scenario, vendor, from_reset=from_reset)
 
         def still(schedule: Schedule) -> Finding | None:
             found = runner.outcome(schedule).finding

@@ -27,12 +27,14 @@ Bare-metal runs are not resumed: the explorer shares them already (Runner.bare()
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmodel._util.snapshot import copy_graph, shared
 from kvmodel.arch import observe
 from kvmodel.arch.cpu import Forced, Scheduled
 from kvmodel.arch.decode import Decoded
+from kvmodel.check.pages import PageImage
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply
 from kvmodel.guest.asm import Program
 from kvmodel.hw.base import ExitRecord
@@ -52,7 +54,7 @@ shared(Decoded, Scheduled, Forced, Scenario, Happening, VmmStep, Program, Resolv
 
 AFTER_EXIT = (Kind.SAVE_RESTORE, Kind.VMM)
 FROM_THE_START = (Kind.HOST_FAULT,)
-TRUNKS_KEPT = 4  # trunks whose copies a worker keeps (chunks of schedules share a few)
+TRUNKS_KEPT = 8  # first-stage schedules' trunks kept (the second stage takes them in order)
 
 
 def trunk_of(schedule: Schedule) -> Schedule:
@@ -70,6 +72,8 @@ class Branch:
     retired: int
     waits: int  # times the vCPU waited while halted (Cpu.waits)
     session: KvmSession  # never run itself: each resumption copies it again
+    memory: bytearray  # what stands for the guest's memory in `session` (empty)
+    pages: dict[int, bytes]  # the memory's pages that differ from the scenario's image
 
     def usable_for(self, placements: list[Placement]) -> bool:
         for p in placements:
@@ -84,20 +88,23 @@ class Branch:
 class Trunk:
     """A run that copies itself at every branch point."""
 
-    def __init__(self, happenings: int) -> None:
+    def __init__(self, happenings: int, image: PageImage) -> None:
         self.branches: list[Branch] = []
         self.happenings = happenings  # its scenario's: a branch's arrivals come after them
+        self.image = image
 
     def watch(self, session: KvmSession) -> None:
-        """KvmSession.watch: called at each branch point of the trunk's run."""
+        """KvmSession.watch: called at each branch point of the trunk's run. The copy keeps
+        the memory as its changed pages (a copy of all of it would cost a page fault a page)."""
+        cpu = session.vcpu.cpu
+        memory = bytearray()
         watch, session.watch = session.watch, None  # the copy must not refer to the trunk
         try:
-            copy = copy_graph(session)
+            copy = copy_graph(session, {id(cpu.mem): memory})
         finally:
             session.watch = watch
-        cpu = session.vcpu.cpu
         self.branches.append(Branch(session.earlier_exits + session.vcpu.stats.exits, cpu.retired,
-                                    cpu.waits, copy))
+                                    cpu.waits, copy, memory, self.image.changed(cpu.mem)))
 
     def last_usable(self, placements: list[Placement]) -> Branch | None:
         """The latest copy none of `placements` could have touched (usability is monotonic:
@@ -114,46 +121,89 @@ class Resumer:
     """Runs a scenario's schedules under KVM from the copies of their trunks (one vendor)."""
 
     def __init__(self, scenario: Scenario, vendor: Vendor, max_steps: int | None,
-                 prepared: Prepared):
+                 prepared: Prepared, image: PageImage):
         self.scenario, self.vendor, self.max_steps, self.prepared = scenario, vendor, max_steps, prepared
-        self.trunks: OrderedDict[Schedule, Trunk] = OrderedDict()
+        self.image = image
+        self.bases: dict[Schedule, Trunk] = {}  # by what acts from the start: a few
+        self.trunks: OrderedDict[Schedule, Trunk] = OrderedDict()  # first-stage schedules'
         self.resumed = 0  # schedules run from a copy (the rest from reset)
 
     def run(self, schedule: Schedule) -> RunResult:
-        trunk_schedule = trunk_of(schedule)
-        trunk = self.trunks.get(trunk_schedule)
-        if trunk is None:
-            trunk, result = self._record(trunk_schedule)
-            if trunk_schedule == schedule:
+        start = _start_of(schedule)
+        base = self.bases.get(start)
+        if base is None:
+            base, result = self._record(start, None, None)
+            if start == schedule:
                 return result
-        else:
-            self.trunks.move_to_end(trunk_schedule)
-        extra = list(schedule)
-        for p in trunk_schedule:
-            extra.remove(p)
-        branch = trunk.last_usable(extra)
+        extra = _minus(schedule, start)
+        branch = base.last_usable(extra)
+        top = trunk_of(schedule)
+        if top != start:
+            # Save/restores and VMM calls after exits: if the first-stage part's own
+            # placements, not theirs, end the base trunk's usable copies, that part's trunk
+            # (branched off the base) has later ones.
+            before_top = base.last_usable(_minus(top, start))
+            if branch is before_top:
+                trunk = self.trunks.get(top)
+                if trunk is None:
+                    trunk, _ = self._record(top, base, before_top)
+                self.trunks.move_to_end(top)
+                after = _minus(schedule, top)
+                deeper = trunk.last_usable(after)
+                if deeper is not None:
+                    return self._resume(trunk, deeper, schedule, after)
         if branch is None:
             return self._fresh(schedule)
+        return self._resume(base, branch, schedule, extra)
+
+    def _resume(self, trunk: Trunk, branch: Branch, schedule: Schedule, extra: list[Placement],
+                watch: Callable[[KvmSession], None] | None = None) -> RunResult:
+        """`schedule`'s run from `branch` of `trunk`, whose own happenings it has, and
+        `extra` ones besides (their copy: `watch`)."""
         self.resumed += 1
-        session = copy_graph(branch.session)
+        spares = self.prepared.spare
+        memory = self.image.restore(branch.pages, spares.pop() if spares else None)
+        session = copy_graph(branch.session, {id(branch.memory): memory})
         scenario = apply(self.scenario, schedule)
         _add_happenings(session, scenario.happenings[trunk.happenings:])
         _add_stops(session, scenario, extra)
+        session.watch = watch
         return resume(session, scenario, self.prepared.program)
 
-    def _record(self, schedule: Schedule) -> tuple[Trunk, RunResult]:
+    def _record(self, schedule: Schedule, parent: Trunk | None, branch: Branch | None
+                ) -> tuple[Trunk, RunResult]:
+        """`schedule`'s trunk: its run from reset, or from `branch` of `parent`."""
         scenario = apply(self.scenario, schedule)
-        trunk = Trunk(len(scenario.happenings))
-        result = run(scenario, vendor=self.vendor, max_steps=self.max_steps,
-                     prepared=self.prepared, expectations=False, watch=trunk.watch)
-        self.trunks[schedule] = trunk
-        if len(self.trunks) > TRUNKS_KEPT:
-            self.trunks.popitem(last=False)
+        trunk = Trunk(len(scenario.happenings), self.image)
+        if branch is None:
+            result = run(scenario, vendor=self.vendor, max_steps=self.max_steps,
+                         prepared=self.prepared, expectations=False, watch=trunk.watch)
+        else:
+            result = self._resume(parent, branch, schedule, _minus(schedule, _start_of(schedule)),
+                                  trunk.watch)
+        if parent is None:
+            self.bases[schedule] = trunk
+        else:
+            self.trunks[schedule] = trunk
+            if len(self.trunks) > TRUNKS_KEPT:
+                self.trunks.popitem(last=False)
         return trunk, result
 
     def _fresh(self, schedule: Schedule) -> RunResult:
         return run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps,
                    prepared=self.prepared, expectations=False)
+
+
+def _start_of(schedule: Schedule) -> Schedule:
+    return tuple(p for p in schedule if p.kind in FROM_THE_START)
+
+
+def _minus(schedule: Schedule, part: Schedule) -> list[Placement]:
+    """The placements of `schedule` that `part` (a part of it) lacks."""
+    rest = list(schedule)
+    for p in part:
+        rest.remove(p)
+    return rest
 
 
 def _add_happenings(session: KvmSession, happenings: tuple[Happening, ...]) -> None:
