@@ -116,7 +116,9 @@ def _copy_dict(value: dict, memo: dict) -> dict:
 
 
 def _copy_set(value: set, memo: dict) -> set:
-    new = value.copy()  # members are hashable: shared
+    # members hashed by identity (objects) are copied too
+    new = (value.copy() if _ATOMIC.issuperset(map(type, value))
+           else {_copy(item, memo) for item in value})
     memo[id(value)] = new
     return new
 

@@ -8,11 +8,12 @@ schedule with more happenings then starts from the trunk's last copy that none
 of them could have touched yet, adds them, and goes on (scenario/session.py
 KvmSession.resume()).
 
-Which run is a schedule's trunk (trunk_of()): for a schedule with save/restores
-or VMM calls (the explorer's second stage), its first-stage part, whose VM exits
-those come after; otherwise the part that acts from the start (pages missing
-from EPT/NPT), so every NMI, interrupt and host interrupt placed by retired
-instructions branches off the scenario's own run.
+Which runs are trunks: the base, the scenario's run with what acts from the
+start (pages missing from EPT/NPT), from which every NMI, interrupt and host
+interrupt placed by retired instructions branches off; and for a schedule with
+save/restores or VMM calls (the explorer's second stage), its first-stage part
+(trunk_of()), branched off the base in turn, when that part's own happenings
+end the base's usable copies before the exits those come after.
 
 A copy is usable for a happening that has not happened yet in it:
 - placed after `at` retired instructions: the copy stands before that count, and
@@ -126,7 +127,6 @@ class Resumer:
         self.image = image
         self.bases: dict[Schedule, Trunk] = {}  # by what acts from the start: a few
         self.trunks: OrderedDict[Schedule, Trunk] = OrderedDict()  # first-stage schedules'
-        self.resumed = 0  # schedules run from a copy (the rest from reset)
 
     def run(self, schedule: Schedule) -> RunResult:
         start = _start_of(schedule)
@@ -160,7 +160,6 @@ class Resumer:
                 watch: Callable[[KvmSession], None] | None = None) -> RunResult:
         """`schedule`'s run from `branch` of `trunk`, whose own happenings it has, and
         `extra` ones besides (their copy: `watch`)."""
-        self.resumed += 1
         spares = self.prepared.spare
         memory = self.image.restore(branch.pages, spares.pop() if spares else None)
         session = copy_graph(branch.session, {id(branch.memory): memory})

@@ -101,3 +101,11 @@ def test_frozen_dataclasses_are_copied_only_when_they_hold_something_mutable():
 def test_registered_classes_are_shared():
     record = Record(1)
     assert copy_graph([record])[0] is record
+
+
+def test_set_members_that_are_objects_are_copied_too():
+    a = Slotted(1, [])
+    holder = Slotted(0, [{a}], a)
+    copy = copy_graph(holder)
+    (member,) = copy.items[0]
+    assert member is copy.other is not a
