@@ -14,6 +14,7 @@ import pytest
 from kvmodel.bugs.catalogue import CATALOGUE
 from kvmodel.bugs.check import check_bug
 from kvmodel.check import explore as explore_module
+from kvmodel.check import merge as merge_module
 from kvmodel.check import resume as resume_module
 from kvmodel.check.explore import Bounds, explore
 from kvmodel.check.resume import Branch, trunk_of
@@ -52,8 +53,15 @@ def _outcomes(monkeypatch, path: str, vendor: Vendor, bounds: Bounds, from_reset
     return seen, result
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["resumed", "merged"])
 @pytest.mark.parametrize(("path", "vendor", "bounds"), CASES, ids=[c[0] for c in CASES])
-def test_resumed_runs_are_the_runs_from_reset(monkeypatch, path, vendor, bounds):
+def test_resumed_runs_are_the_runs_from_reset(monkeypatch, path, vendor, bounds, merge):
+    """With check/merge.py too: runs that reach an earlier run's state end as it did."""
+    monkeypatch.setattr(resume_module, "MERGE_STATES", merge)
+    merged = []
+    probe_merged = merge_module.Probe.merged
+    monkeypatch.setattr(merge_module.Probe, "merged",
+                        lambda *a: merged.append(1) or probe_merged(*a))
     resumed = []
     original = resume_module.resume
     monkeypatch.setattr(resume_module, "resume",
@@ -65,6 +73,7 @@ def test_resumed_runs_are_the_runs_from_reset(monkeypatch, path, vendor, bounds)
     assert again_result.findings == fresh_result.findings
     assert again_result.outcomes == fresh_result.outcomes
     assert len(resumed) > len(fresh) // 3
+    assert bool(merged) == merge or path.startswith("vmm/kvm_nmi_at_label")
 
 
 def test_the_trunk_of_a_schedule():
@@ -85,9 +94,11 @@ def test_a_copy_is_usable_only_before_what_it_would_have_seen():
     assert waited.usable_for([place(Kind.VMM, 5)])
 
 
-def test_every_catalogued_bug_gives_the_same_replay_file_either_way(tmp_path):
-    """`kvmodel bugs check`, resumed and from reset: found alike, the same shrunk
-    counterexample, byte for byte."""
+@pytest.mark.parametrize("merge", [False, True], ids=["resumed", "merged"])
+def test_every_catalogued_bug_gives_the_same_replay_file_either_way(monkeypatch, tmp_path, merge):
+    """`kvmodel bugs check`, resumed (and merged) and from reset: found alike, the same
+    shrunk counterexample, byte for byte."""
+    monkeypatch.setattr(resume_module, "MERGE_STATES", merge)
     rows = 0
     for bug in CATALOGUE:
         for vendor in bug.vendors:

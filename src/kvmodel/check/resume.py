@@ -35,6 +35,7 @@ from kvmodel._util.snapshot import copy_graph, shared
 from kvmodel.arch import observe
 from kvmodel.arch.cpu import Forced, Scheduled
 from kvmodel.arch.decode import Decoded
+from kvmodel.check.merge import Merged, States
 from kvmodel.check.pages import PageImage
 from kvmodel.check.schedule import Kind, Placement, Schedule, apply
 from kvmodel.guest.asm import Program
@@ -55,6 +56,9 @@ shared(Decoded, Scheduled, Forced, Scenario, Happening, VmmStep, Program, Resolv
 
 AFTER_EXIT = (Kind.SAVE_RESTORE, Kind.VMM)
 FROM_THE_START = (Kind.HOST_FAULT,)
+# Resumed runs stop at a state an earlier one reached (check/merge.py). Off: the same results,
+# but a key costs more than the runs it ends save (README, "Search").
+MERGE_STATES = False
 TRUNKS_KEPT = 8  # first-stage schedules' trunks kept (the second stage takes them in order)
 
 
@@ -125,6 +129,7 @@ class Resumer:
                  prepared: Prepared, image: PageImage):
         self.scenario, self.vendor, self.max_steps, self.prepared = scenario, vendor, max_steps, prepared
         self.image = image
+        self.states = States(image) if MERGE_STATES else None  # check/merge.py
         self.bases: dict[Schedule, Trunk] = {}  # by what acts from the start: a few
         self.trunks: OrderedDict[Schedule, Trunk] = OrderedDict()  # first-stage schedules'
 
@@ -166,8 +171,16 @@ class Resumer:
         scenario = apply(self.scenario, schedule)
         _add_happenings(session, scenario.happenings[trunk.happenings:])
         _add_stops(session, scenario, extra)
-        session.watch = watch
-        return resume(session, scenario, self.prepared.program)
+        if watch is not None or self.states is None:
+            session.watch = watch
+            return resume(session, scenario, self.prepared.program)
+        probe = session.watch = self.states.probe()
+        try:
+            result = resume(session, scenario, self.prepared.program)
+        except Merged as merged:
+            return probe.merged(merged, session, scenario, memory)
+        probe.finished(result)
+        return result
 
     def _record(self, schedule: Schedule, parent: Trunk | None, branch: Branch | None
                 ) -> tuple[Trunk, RunResult]:
