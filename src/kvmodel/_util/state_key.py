@@ -88,7 +88,7 @@ def _flattener_for(cls: type, flatteners: _Flatteners) -> _Flatten:
     def walk(value: Any, out: list, memo: dict) -> None:
         _flatten(value, out, memo, flatteners)
 
-    if cls in (list, tuple):
+    if cls in (list, tuple, set, frozenset):  # a set in its iteration order (the docstring)
         def sequence(value, out, memo):
             out.append((cls.__name__, len(value)))
             for item in value:
@@ -101,12 +101,6 @@ def _flattener_for(cls: type, flatteners: _Flatteners) -> _Flatten:
                 walk(key, out, memo)
                 walk(item, out, memo)
         return mapping
-    if cls in (set, frozenset):
-        def members(value, out, memo):
-            out.append((cls.__name__, len(value)))
-            for item in value:
-                walk(item, out, memo)
-        return members
     if cls is bytearray:
         def buffer(value, out, memo):
             out.append(bytes(value))
