@@ -75,9 +75,10 @@ class States:
 
     def visited(self, session: KvmSession) -> bool:
         """Whether a run stood here before, by a cheap measure (and note that one did)."""
-        cpu = session.vcpu.cpu
-        place = (cpu.retired, cpu.work, cpu.rip, cpu.rflags, session.earlier_exits,
-                 session.vcpu.stats.exits, *cpu.regs)
+        cpu, vcpu = session.vcpu.cpu, session.vcpu
+        place = (cpu.retired, cpu.work, cpu.rip, cpu.rflags, cpu.window_retired,
+                 session.earlier_exits, vcpu.stats.exits, vcpu.requests, vcpu.nmi_pending,
+                 tuple(cpu.scheduled), tuple(cpu.regs))
         if place in self.places:
             return True
         if len(self.places) > KEPT:
