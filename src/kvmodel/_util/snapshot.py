@@ -45,6 +45,11 @@ def shared(*classes: type) -> None:
         _COPIERS.pop(cls, None)
 
 
+def is_shared(cls: type) -> bool:
+    """Whether copies share objects of `cls` (as far as the copier has met it)."""
+    return cls in _ATOMIC
+
+
 def copy_graph(root: Any, memo: dict | None = None,
                spares: list[bytearray] | None = None) -> Any:
     """A copy of everything `root` reaches that can change; `memo` maps id() to copies

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
-from kvmodel._util.snapshot import _ATOMIC
+from kvmodel._util.snapshot import is_shared
 
 _PLAIN = (int, bool, float, str, bytes, type(None))
 
@@ -72,7 +72,7 @@ def _flatten(value: Any, out: list, memo: dict, flatteners: _Flatteners) -> None
         return
     by_identity = _BY_IDENTITY.get(cls)
     if by_identity is None:
-        by_identity = _BY_IDENTITY[cls] = (issubclass(cls, Enum) or cls in _ATOMIC
+        by_identity = _BY_IDENTITY[cls] = (issubclass(cls, Enum) or is_shared(cls)
                                            and not dataclasses.is_dataclass(cls))
     if by_identity:
         out.append(("#", id(value)))

@@ -185,11 +185,9 @@ class Resumer:
     def _record(self, schedule: Schedule, parent: Trunk | None, branch: Branch | None
                 ) -> tuple[Trunk, RunResult]:
         """`schedule`'s trunk: its run from reset, or from `branch` of `parent`."""
-        scenario = apply(self.scenario, schedule)
-        trunk = Trunk(len(scenario.happenings), self.image)
+        trunk = Trunk(len(apply(self.scenario, schedule).happenings), self.image)
         if branch is None:
-            result = run(scenario, vendor=self.vendor, max_steps=self.max_steps,
-                         prepared=self.prepared, expectations=False, watch=trunk.watch)
+            result = self._fresh(schedule, trunk.watch)
         else:
             result = self._resume(parent, branch, schedule, _minus(schedule, _start_of(schedule)),
                                   trunk.watch)
@@ -201,9 +199,11 @@ class Resumer:
                 self.trunks.popitem(last=False)
         return trunk, result
 
-    def _fresh(self, schedule: Schedule) -> RunResult:
+    def _fresh(self, schedule: Schedule,
+               watch: Callable[[KvmSession], None] | None = None) -> RunResult:
+        """`schedule`'s run from reset (`watch`: its session's)."""
         return run(apply(self.scenario, schedule), vendor=self.vendor, max_steps=self.max_steps,
-                   prepared=self.prepared, expectations=False)
+                   prepared=self.prepared, expectations=False, watch=watch)
 
 
 def _start_of(schedule: Schedule) -> Schedule:
@@ -232,7 +232,7 @@ def _add_happenings(session: KvmSession, happenings: tuple[Happening, ...]) -> N
 
 def _add_stops(session: KvmSession, scenario: Scenario, extra: list[Placement]) -> None:
     """The schedule's save/restores and VMM calls, in the order of a run from reset
-    (session.userspace_stops(): save/restores, then calls, stably sorted by exit), and the
+    (session.py _userspace_stops(): save/restores, then calls, stably sorted by exit), and the
     exit after which the current KVM_RUN returns, as the VMM set it before the run."""
     added = [p for p in extra if p.kind in AFTER_EXIT]
     if not added:
