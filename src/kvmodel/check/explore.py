@@ -420,19 +420,23 @@ class Runner:
             outcome = Outcome(schedule, "limit", exits, None, limit)
         else:
             view = guest_view(virt.trace)
-            outcome = Outcome(schedule, self.digest(virt, view), exits,
-                              self.judge(schedule, bare, virt, view), None)
+            pages = self._pages(virt.memory)
+            outcome = Outcome(schedule, self.digest(virt, view, pages), exits,
+                              self.judge(schedule, bare, virt, view, pages), None)
         self.prepared.recycle(virt.memory)  # nothing refers to `virt` any more
         return outcome
 
-    def digest(self, result: RunResult, view: list | None = None) -> str:
-        """The outcome: guest-observable trace, final state, and memory (its changed pages)."""
+    def _pages(self, memory: bytes | bytearray) -> dict[int, bytes] | None:
+        """A run's memory as its changed pages (PageImage), taken once for digest and judge."""
+        return self.image.changed(memory) if len(memory) == self.image.size else None
+
+    def digest(self, result: RunResult, view: list, pages: dict[int, bytes] | None) -> str:
+        """The outcome: guest-observable trace, final state, and memory (`pages`: its
+        changed pages, None if it is not of the image's size)."""
         h = hashlib.blake2b(digest_size=12)
-        if view is None:
-            view = guest_view(result.trace)
         h.update(repr([o for _, o in view]).encode())
         h.update(repr(result.final).encode())
-        h.update(self.image.digest(result.memory))
+        h.update(self.image.digest(result.memory, pages))
         return h.hexdigest()
 
     def run(self, schedule: Schedule, vendor: Vendor,
@@ -455,8 +459,9 @@ class Runner:
                    prepared=self.prepared, expectations=first, amd=self.vendor is Vendor.SVM)
 
     def judge(self, schedule: Schedule, bare: RunResult, virt: RunResult,
-              view: list | None = None) -> Finding | None:
-        """`view`: guest_view() of the KVM run's trace, when the caller has it already."""
+              view: list | None = None, pages: dict[int, bytes] | None = None) -> Finding | None:
+        """`view`: guest_view() of the KVM run's trace, and `pages`: its memory's changed
+        pages, when the caller has them already."""
         if virt.host_bug is not None:
             return Finding("bug", schedule, virt.host_bug)
         if virt.hypervisor_error is not None:
@@ -468,7 +473,7 @@ class Runner:
             views = (self.bare_views[id(bare)], view)
         memory = None
         if id(bare) in self.bare_pages:
-            memory = partial(self._memory_difference, self.bare_pages[id(bare)], virt.memory)
+            memory = partial(self._memory_difference, self.bare_pages[id(bare)], virt.memory, pages)
         d = first_divergence(bare, virt, views, memory)
         if d is not None and not (self.known is not None and d.event_index + 1 == self.known.entry):
             where = f"entry {d.index + 1}" if d.index >= 0 else "the final state"
@@ -488,10 +493,10 @@ class Runner:
             return Finding("stats", schedule, problem)
         return None
 
-
-    def _memory_difference(self, bare_pages: dict[int, bytes],
-                           memory: bytes | bytearray) -> tuple[int, int, int] | None:
-        return self.image.first_difference(bare_pages, self.image.changed(memory))
+    def _memory_difference(self, bare_pages: dict[int, bytes], memory: bytes | bytearray,
+                           pages: dict[int, bytes] | None) -> tuple[int, int, int] | None:
+        return self.image.first_difference(bare_pages,
+                                           self.image.changed(memory) if pages is None else pages)
 
 
 def limit_of(bare: RunResult, virt: RunResult) -> str | None:

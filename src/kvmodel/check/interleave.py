@@ -33,8 +33,9 @@ from enum import IntEnum
 
 from kvmodel.arch.machine import Interleaving, Position, Switch
 from kvmodel.check.oracle import FINAL_FIELDS, Comparison, Divergence, first_divergence, guest_view
+from kvmodel.check.pages import PageImage
 from kvmodel.kvm.vcpu import Vendor
-from kvmodel.scenario.runner import RunResult, run_machine
+from kvmodel.scenario.runner import PreparedMachine, RunResult, run_machine
 from kvmodel.scenario.schema import Scenario
 
 DEFAULT_MAX_SWITCHES = 2
@@ -71,12 +72,14 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
     result = InterleavingResult()
     shared: frozenset[int] = frozenset()
     ahead: frozenset[Position] = frozenset()
+    prepared = PreparedMachine(scenario)
+    image = PageImage(prepared.memory)
     while True:
         result.rounds += 1
         result.explored, result.outcomes, result.failures = 0, set(), []
         result.unmatched = {}
         found, found_ahead = _search(scenario, bound, (shared, ahead), result, deadline, reduce,
-                                     vendor, bare, stop_at_first)
+                                     vendor, bare, (prepared, image), stop_at_first)
         if (found <= shared and found_ahead <= ahead) or result.limit is not None or (
                 not result.complete):
             break
@@ -86,11 +89,13 @@ def explore_interleavings(scenario: Scenario, max_switches: int | None = None,
 
 def _search(scenario: Scenario, bound: int, learnt: tuple[frozenset[int], frozenset[Position]],
             result: InterleavingResult, deadline: float | None, reduce: bool, vendor: Vendor,
-            bare: set[str] | None,
+            bare: set[str] | None, reset: tuple[PreparedMachine, PageImage],
             stop_at_first: bool = False) -> tuple[frozenset[int], frozenset[Position]]:
     """`learnt`: the shared lines and the positions on a CPU's way to an IPI that earlier
-    rounds found; returns those this round's runs found."""
+    rounds found; returns those this round's runs found. `reset`: the scenario's CPUs and
+    memory at reset."""
     shared, ahead = learnt
+    prepared, image = reset
     found: set[int] = set()
     found_ahead: set[Position] = set()
     default_stop = None
@@ -101,7 +106,7 @@ def _search(scenario: Scenario, bound: int, learnt: tuple[frozenset[int], frozen
             break
         schedule = stack.pop()
         run = run_machine(scenario, vendor=vendor, schedule=schedule, shared=shared, ahead=ahead,
-                          reduce=reduce)
+                          reduce=reduce, prepared=prepared)
         result.explored += 1
         if run.limit is not None:
             result.limit = (schedule, run.limit)
@@ -116,7 +121,7 @@ def _search(scenario: Scenario, bound: int, learnt: tuple[frozenset[int], frozen
             continue
         if not schedule:
             default_stop = run.final.stop
-        key = outcome(run)
+        key = outcome(run, image)
         result.outcomes.add(key)
         failure = _failure(run, default_stop, key, bare)
         if failure is not None:
@@ -182,29 +187,51 @@ def _failure(run: RunResult, default_stop: str | None, key: str,
     return None
 
 
-def outcome(run: RunResult) -> str:
+def outcome(run: RunResult, image: PageImage) -> str:
     """What the guest saw on each CPU (its guest-observable trace, retired instructions aside),
     every CPU's final state and memory: the order in which the CPUs' records were merged, and
-    the hypervisor's own records, are not part of it."""
-    count = run.scenario.cpus.count
-    per_cpu = tuple(tuple(entry for _, entry in guest_view(tuple(
-        o for o, c in zip(run.trace, run.cpu_of, strict=True) if c == n and o.kind != "retire")))
-        for n in range(count))
+    the hypervisor's own records, are not part of it. `image`: the scenario's memory at reset
+    (PreparedMachine.memory); memory goes in as the pages that differ from it, every call
+    taking the same image so that keys compare across searches."""
+    seen: list[list] = [[] for _ in range(run.scenario.cpus.count)]
+    for entry, cpu in zip(run.trace, run.cpu_of, strict=True):
+        if entry.kind != "retire":
+            seen[cpu].append(entry)
+    per_cpu = tuple(tuple(entry for _, entry in guest_view(tuple(records))) for records in seen)
     finals = tuple((tuple(getattr(f, name) for name in FINAL_FIELDS), f.registers)
                    for f in run.smp.finals)
-    return hashlib.blake2b(repr(_plain((per_cpu, finals))).encode() + bytes(run.memory),
-                           digest_size=12).hexdigest()
+    h = hashlib.blake2b(repr(_plain((per_cpu, finals))).encode(), digest_size=12)
+    if len(run.memory) != image.size:
+        h.update(run.memory)
+        return h.hexdigest()
+    for at, page in image.changed(run.memory).items():
+        h.update(at.to_bytes(8, "little"))
+        h.update(page)
+    return h.hexdigest()
+
+
+# A class's field names if it is a record (a dataclass), else None: looked up once a class.
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
+_ATOMS = frozenset({int, str, bool, bytes, type(None)})
 
 
 def _plain(value):
     """Enums as their numbers (Vec.NMI and 2 are one vector), records as tuples of fields."""
+    cls = type(value)
+    if cls in _ATOMS:
+        return value
+    if isinstance(value, tuple):
+        return tuple(map(_plain, value))
     if isinstance(value, IntEnum):
         return int(value)
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if is_dataclass(value):
-        return (type(value).__name__, *(_plain(getattr(value, f.name)) for f in fields(value)))
-    return value
+    if cls not in _FIELDS:
+        _FIELDS[cls] = tuple(f.name for f in fields(value)) if is_dataclass(value) else None
+    names = _FIELDS[cls]
+    if names is None:
+        return value
+    return (cls.__name__, *(_plain(getattr(value, name)) for name in names))
 
 
 def compare_cpus(scenario: Scenario, vendor: Vendor, *, record_instructions: bool = False,
@@ -213,15 +240,18 @@ def compare_cpus(scenario: Scenario, vendor: Vendor, *, record_instructions: boo
     what the default one on bare metal shows, or what some bare-metal interleaving of the
     reduced search shows (or of the naive one, within NAIVE_SECONDS): else the first
     difference from the default one is the divergence."""
+    prepared = PreparedMachine(scenario)
+    image = PageImage(prepared.memory)
     virt = run_machine(scenario, vendor=vendor, record_instructions=record_instructions,
-                       max_steps=max_steps)
-    bare = run_machine(scenario, record_instructions=record_instructions, max_steps=max_steps)
+                       max_steps=max_steps, prepared=prepared)
+    bare = run_machine(scenario, record_instructions=record_instructions, max_steps=max_steps,
+                       prepared=prepared)
     known = next((k for k in scenario.divergences if vendor.value in k.vendors), None)
     if bare.limit or virt.limit or bare.final is None or virt.final is None:
         return Comparison(bare, virt, None, known)
     divergence = None
-    key = outcome(virt)
-    if key != outcome(bare):
+    key = outcome(virt, image)
+    if key != outcome(bare, image):
         # The reduced search runs to its end (the verdict must not depend on the machine's
         # speed); the naive one, which it stands for, only for what time is left.
         started = time.monotonic()

@@ -187,6 +187,28 @@ class Prepared:
             self.spare.append(memory)
 
 
+class PreparedMachine:
+    """A [cpus] scenario's CPUs at reset, built once and copied for each interleaving run
+    (Prepared for several CPUs: they share one memory). Every run given to it must be of
+    the same scenario; a CPU that is not plain data (an L1's root) is built afresh instead."""
+
+    def __init__(self, scenario: Scenario):
+        self.cpus, self.program, self.resolve = _build_machine(scenario, False)
+        copiers = [copier(cpu) for cpu in self.cpus]
+        self.copiers = None if any(c is None for c in copiers) else copiers
+
+    @property
+    def memory(self) -> bytearray:
+        """The memory at reset."""
+        return self.cpus[0].mem
+
+    def machine(self, scenario: Scenario) -> list[Cpu]:
+        if self.copiers is None:
+            return _build_machine(scenario, False)[0]
+        first = self.copiers[0]()
+        return [first] + [copy(first.mem) for copy in self.copiers[1:]]
+
+
 def _build(scenario: Scenario, record_instructions: bool,
            roots: bool = True) -> tuple[Cpu, Program, Resolver]:
     program = assemble(scenario.code, Bits(scenario.mode.value), CODE_BASE - scenario.cs_base,
@@ -339,13 +361,18 @@ def _result(scenario: Scenario, program: Program, cpu: Cpu, stop: str | None, li
 def run_machine(scenario: Scenario, *, vendor: Vendor = Vendor.BARE, record_instructions: bool = False,
                 max_steps: int | None = None, expectations: bool = True,
                 schedule: Interleaving = (), shared: frozenset[int] = frozenset(),
-                ahead: frozenset[Position] = frozenset(), reduce: bool = True) -> RunResult:
+                ahead: frozenset[Position] = frozenset(), reduce: bool = True,
+                prepared: PreparedMachine | None = None) -> RunResult:
     """Several CPUs ([cpus]) on bare metal, or as vCPUs under KVM, interleaved by `schedule`
     (arch/machine.py);
     `shared`: the cache lines earlier runs found shared, where the schedule may switch;
     `ahead`: the positions earlier runs found on a CPU's way to an IPI (likewise);
-    `reduce`: False switches anywhere (arch/machine.py)."""
-    cpus, program, resolve = _build_machine(scenario, record_instructions)
+    `reduce`: False switches anywhere (arch/machine.py);
+    `prepared`: the scenario's CPUs at reset, built before (not with record_instructions)."""
+    if prepared is not None and not record_instructions:
+        cpus, program, resolve = prepared.machine(scenario), prepared.program, prepared.resolve
+    else:
+        cpus, program, resolve = _build_machine(scenario, record_instructions)
     cpu = cpus[0]
     _schedule(cpu, scenario, resolve)  # external events reach the bootstrap CPU
     limit = error = None

@@ -5,12 +5,18 @@ import pytest
 
 from kvmodel.check.explore import Bounds, explore
 from kvmodel.check.interleave import explore_interleavings, outcome
+from kvmodel.check.pages import PageImage
 from kvmodel.kvm.vcpu import Vendor
 from kvmodel.kvm.x86 import MpState, Vcpu
 from kvmodel.scenario.load import parse
-from kvmodel.scenario.runner import run_machine
+from kvmodel.scenario.runner import PreparedMachine, run_machine
 
 VENDORS = pytest.mark.parametrize("vendor", [Vendor.SVM, Vendor.VMX], ids=lambda v: v.value)
+
+
+def _at_reset(scenario):
+    """The scenario's memory at reset, which outcome() keys memory against."""
+    return PageImage(PreparedMachine(scenario).memory)
 
 # CPU 1 spins with interrupts on; CPU 0's IPI must reach it in guest mode: the kick makes it exit.
 RUNNING_TARGET = """
@@ -56,7 +62,7 @@ def test_an_ipi_kicks_a_vcpu_in_guest_mode(vendor):
     # the IPI arrives, the kick's host interrupt exits the guest, KVM injects the vector
     assert cpu1.index("arrival") < cpu1.index("vmexit") < cpu1.index("inject") < cpu1.index("delivery")
     bare = explore_interleavings(s, 2).outcomes
-    assert outcome(virt) in bare
+    assert outcome(virt, _at_reset(s)) in bare
 
 
 @VENDORS
@@ -124,7 +130,7 @@ def test_init_then_sipi_start_the_ap_under_kvm(vendor, monkeypatch):
     assert MpState.UNINITIALIZED in states
     count = dict(virt.program.symbols)["count"]
     assert int.from_bytes(virt.memory[count:count + 8], "little") == 1
-    assert outcome(virt) == outcome(run_machine(s))
+    assert outcome(virt, _at_reset(s)) == outcome(run_machine(s), _at_reset(s))
 
 
 # CPU 1's L1 enters VMX root operation, tells CPU 0 and halts; CPU 0 then sends INIT and SIPI.
@@ -199,7 +205,9 @@ def test_init_is_latched_and_sipi_dropped_in_vmx_root_operation_on_bare_metal():
     assert bare.limit is None and bare.final.stop == "halted"
     cpu1 = bare.smp.finals[1]
     assert dict(cpu1.registers)["rbx"] == 0x1234 and cpu1.halted
-    assert outcome(bare) == outcome(run_machine(parse(INIT_IN_VMX_ROOT), vendor=Vendor.VMX))
+    image = _at_reset(parse(INIT_IN_VMX_ROOT))
+    assert outcome(bare, image) == outcome(run_machine(parse(INIT_IN_VMX_ROOT), vendor=Vendor.VMX),
+                                           image)
 
 
 # CPU 0 sends INIT while CPU 1's L1 is in VMX root operation, then lets it VMLAUNCH: the latched
