@@ -51,10 +51,11 @@ from array import array
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 from kvmodel import _faults
+from kvmodel._util.records import replacer
 from kvmodel.check.engine import Engine, Pool
 from kvmodel.check.interleave import (
     DEFAULT_MAX_SWITCHES,
@@ -366,6 +367,9 @@ class Outcome:
     limit: str | None  # the model limit that stopped a run, and on which side
 
 
+_without_memory = replacer(RunResult, "memory")
+
+
 class Runner:
     """Runs schedules of one scenario on one vendor, sharing bare-metal runs."""
 
@@ -403,7 +407,7 @@ class Runner:
     def _keep(self, result: RunResult) -> RunResult:
         if len(result.memory) != self.image.size:
             return result
-        kept = replace(result, memory=b"")
+        kept = _without_memory(result, b"")
         self.bare_views[id(kept)] = guest_view(result.trace)
         self.bare_pages[id(kept)] = self.image.changed(result.memory)
         self.prepared.recycle(result.memory)

@@ -12,9 +12,10 @@ in CHOICES order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
+from kvmodel._util.records import replacer
 from kvmodel.arch.cpu import External
 from kvmodel.arch.events import Vec
 from kvmodel.scenario.schema import Happening, HostEvent, HostHappening, Scenario, VmmStep
@@ -89,8 +90,13 @@ def describe(schedule: Schedule) -> str:
     return "; ".join(p.describe() for p in schedule) or "no happenings"
 
 
+_with_events = replacer(Scenario, "happenings", "host", "vmm")
+
+
 def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
     """The scenario with the schedule's happenings added to its own."""
+    if not schedule:
+        return scenario
     happenings = list(scenario.happenings)
     host = list(scenario.host)
     vmm = list(scenario.vmm)
@@ -111,4 +117,4 @@ def apply(scenario: Scenario, schedule: Schedule) -> Scenario:
             host.append(HostHappening(HostEvent.FAULT, p.value, None, 0))
         else:
             host.append(HostHappening(HostEvent.SAVE_RESTORE, None, p.at, 0))
-    return replace(scenario, happenings=tuple(happenings), host=tuple(host), vmm=tuple(vmm))
+    return _with_events(scenario, tuple(happenings), tuple(host), tuple(vmm))

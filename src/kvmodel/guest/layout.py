@@ -14,11 +14,11 @@ raises #PF on any access.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from kvmodel._util.records import replacer
 from kvmodel.arch.apic import Apic
 from kvmodel.arch.cpu import Cpu
 from kvmodel.arch.deliver import INTERRUPT_GATE, TRAP_GATE
@@ -144,7 +144,7 @@ def build_cpu(machine: Machine, *, record_instructions: bool = False) -> Cpu:
 _UNSET = object()
 # How each kind of mutable part is copied; a CPU as built holds plain values in its containers.
 _COPY: dict[type, Callable] = {list: list.copy, dict: dict.copy, set: set.copy,
-                               bytearray: bytearray.copy, Apic: dataclasses.replace}
+                               bytearray: bytearray.copy, Apic: replacer(Apic)}
 _IMMUTABLE = (int, str, bytes, tuple, frozenset, FredMsrs, type(None))
 
 

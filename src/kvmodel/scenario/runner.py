@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from kvmodel._util.records import replacer
 from kvmodel.arch.apic import IcrDeliveryMode
 from kvmodel.arch.cpu import Cpu, External, Scheduled, Stop
 from kvmodel.arch.events import EventType, Vec, vector_name
@@ -510,15 +511,20 @@ def cpu_stack_top(n: int) -> int:
     return STACK_TOP - n * 0x2000
 
 
+_for_bare_metal = replacer(Scenario, "happenings", "vmm")
+
+
 def bare_counterpart(scenario: Scenario, nmis: tuple[tuple[int, int], ...],
                      happenings: tuple[Happening, ...] = ()) -> Scenario:
     """The scenario for bare metal: no VMM; the CPU put in each state a crafted
     KVM_SET_VCPU_EVENTS set and the 8259's vectors on INTR, where the VMM acted
     (`happenings`, first); and an NMI for each one the VMM's calls made arrive, after
     (retired, delivered) as the guest stood where the VMM acted."""
+    if not (nmis or happenings or scenario.vmm):
+        return scenario
     arrivals = tuple(Happening(External.NMI, Vec.NMI, after, None, 0, delivered)
                      for after, delivered in nmis)
-    return replace(scenario, happenings=scenario.happenings + happenings + arrivals, vmm=())
+    return _for_bare_metal(scenario, scenario.happenings + happenings + arrivals, ())
 
 
 def _run_bare(cpu: Cpu, scenario: Scenario, steps: int) -> Stop:
