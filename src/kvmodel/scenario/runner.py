@@ -204,6 +204,7 @@ class PreparedMachine:
         return self.cpus[0].mem
 
     def machine(self, scenario: Scenario) -> list[Cpu]:
+        """Fresh CPUs at reset for one run of `scenario`, on a fresh copy of the memory."""
         if self.copiers is None:
             return _build_machine(scenario, False)[0]
         first = self.copiers[0]()
