@@ -240,6 +240,14 @@ CATALOGUE: tuple[Bug, ...] = (
         "KVM: nSVM: Use vcpu->arch.cr2 when updating vmcb12 on nested #VMEXIT (Yosry Ahmed, "
         "2026, upstream 5c247d08bc81, Cc: stable); APM 15.5.1 and 15.6",
         ("svm",), "scenarios/nested/svm_l2_cr2_saved_at_exit_after_restore.toml"),
+    Bug("nested_svm_vmexit_no_vmrun_single_step",
+        "nested_svm_vmexit() queues no #DB when L1 single-stepped its VMRUN: L1's trap, which the CPU "
+        "takes right after the #VMEXIT, comes one instruction late, from the single-step of the "
+        "instruction after VMRUN (the trap of VMRUN itself is lost); put back on today's "
+        "nested_svm_vmrun(), which no longer single-steps VMRUN itself",
+        "KVM: nSVM: If VMRUN is single-stepped, queue the #DB intercept in nested_svm_vmexit() "
+        "(Krish Sadhukhan, 2021, upstream 9a7de6ecc3ed); kvm-unit-tests svm host_rflags",
+        ("svm",), "scenarios/nested/svm_vmrun_single_step_traps_after_vmexit.toml"),
     Bug("payload_quirk_events_only",
         "without KVM_CAP_EXCEPTION_PAYLOAD, only KVM_GET_VCPU_EVENTS delivers a pending exception's "
         "payload for userspace: a VMM that reads KVM_GET_SREGS / KVM_GET_DEBUGREGS before the events "

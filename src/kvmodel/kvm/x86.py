@@ -807,12 +807,14 @@ class Vcpu:
         self.ops.set_rflags(cpu.rflags)  # e.g. VMX instructions report through CF/ZF
         return insn
 
-    def skip_emulated_instruction(self, insn: Decoded) -> None:
-        """kvm_skip_emulated_instruction(): advance RIP; TF makes it a single-step (#DB, BS)."""
+    def skip_emulated_instruction(self, insn: Decoded, single_step: bool = True) -> None:
+        """kvm_skip_emulated_instruction(): advance RIP; TF makes it a single-step (#DB, BS).
+        `single_step` False: the vendor's skip alone (as nested_svm_vmrun() calls
+        svm_skip_emulated_instruction()), which leaves TF's trap to the caller."""
         rflags, rip = self.ops.get_rflags(), self.ops.rip_read()
         self.ops.skip_emulated_instruction()
         self.retire(rip, insn)
-        if rflags & TF:
+        if single_step and rflags & TF:
             self.queue_exception(Vec.DB, payload=DR6_BS)  # kvm_vcpu_do_singlestep()
 
     def retire(self, rip: int, insn: Decoded) -> None:

@@ -664,18 +664,16 @@ class Svm:
         self.vcpu.queue_exception(Vec.UD)
         return False
 
-    def skip_svm_instruction(self) -> None:
+    def skip_svm_instruction(self, single_step: bool = True) -> None:
         cpu = self.guest.cpu
         rip = self.vmcb.rip
-        self.vcpu.skip_emulated_instruction(cpu.icache.get(rip) or decode(cpu, rip))
+        self.vcpu.skip_emulated_instruction(cpu.icache.get(rip) or decode(cpu, rip), single_step)
 
     def _vmrun_interception(self) -> None:
         """vmrun_interception() -> nested_svm_vmrun()."""
         if not self._svm_permitted():
             return
         cpu = self.guest.cpu
-        if self.get_rflags() & TF:
-            raise ModelLimit("single-stepping VMRUN is not modelled", self.vmcb.rip)
         if self.get_nmi_mask():
             raise ModelLimit("VMRUN with NMIs blocked (in an NMI handler) is not modelled", self.vmcb.rip)
         self.nested.vmrun(cpu, cpu.regs[RAX] & cpu.addr_mask)
