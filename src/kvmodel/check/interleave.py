@@ -210,11 +210,9 @@ def outcome(run: RunResult, image: PageImage) -> str:
     return h.hexdigest()
 
 
+_ATOMS = frozenset({int, str, bool, bytes, type(None)})  # plain already
 # A class's field names if it is a record (a dataclass), else None: looked up once a class.
 _FIELDS: dict[type, tuple[str, ...] | None] = {}
-
-
-_ATOMS = frozenset({int, str, bool, bytes, type(None)})
 
 
 def _plain(value):
